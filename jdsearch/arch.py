@@ -1,0 +1,343 @@
+"""Backbone architecture: stages → blocks → conv output widths, and the paper's text encoding.
+
+A ``BackboneArch`` describes every backbone the search can produce: a ResNet/ResNeXt stem, four
+stages, each an ordered list of residual blocks, each block the output widths of its convs —
+``(c1, c_out)`` for a basic block, ``(c1, c2, c_out)`` for a bottleneck — plus the block's
+convolution groups (ResNeXt), each stage's stride (carried by its first block) and the FPN width.
+
+Widths are free per block: channel pruning gives every block its own inner widths, and rearrange
+moves a block with its widths into the neighbouring stage, so a stage may mix output widths
+(appendix B's R101 student starts stage 4 with two 321-wide blocks from stage 3). A block's input
+width is the previous block's output (the stem's for the first block), and a block has a projection
+shortcut exactly when its input width differs from its output width or it is strided.
+
+Encoding (appendix B): blocks are written ``(c1, c2, c_out)`` and joined by ``-`` inside a stage;
+stages are wrapped in ``[...]`` and joined by ``, ``::
+
+    [(64, 64, 256)-(64, 64, 256)-(64, 64, 256)], [(128, 128, 512)-...], [...], [...]
+
+The encoding carries only block widths; the stem width, groups, strides and FPN width come from
+the detector spec (they are keyword arguments of :meth:`BackboneArch.parse`). ``to_dict`` carries
+everything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from jdsearch.errors import SpecError
+
+BASIC = "basic"
+BOTTLENECK = "bottleneck"
+NUM_STAGES = 4
+DEFAULT_STRIDES = (1, 2, 2, 2)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block: the output width of each of its convs, and the 3×3 conv's groups."""
+
+    channels: tuple[int, ...]
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def kind(self) -> str:
+        return BASIC if len(self.channels) == 2 else BOTTLENECK
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+    def encode(self) -> str:
+        return "(" + ", ".join(str(c) for c in self.channels) + ")"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An ordered list of blocks; the first block carries the stage's stride."""
+
+    blocks: tuple[Block, ...]
+    stride: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def out_channels(self) -> int:
+        return self.blocks[-1].out_channels
+
+    def encode(self) -> str:
+        return "[" + "-".join(b.encode() for b in self.blocks) + "]"
+
+
+@dataclass(frozen=True)
+class BlockSlot:
+    """A block seen in context: where it is, what it receives, and whether it projects."""
+
+    stage: int  # 0-based stage index
+    index: int  # 0-based block index inside the stage
+    block: Block
+    in_channels: int
+    stride: int
+
+    @property
+    def has_projection(self) -> bool:
+        return self.in_channels != self.block.out_channels or self.stride != 1
+
+    @property
+    def name(self) -> str:
+        """Human name used in messages: ``stage 2 block 3`` (1-based, like the paper's stages)."""
+        return f"stage {self.stage + 1} block {self.index + 1}"
+
+
+@dataclass(frozen=True)
+class BackboneArch:
+    """A ResNet/ResNeXt backbone for an FPN detector.
+
+    ``stem`` is the width of the 7×7 stem conv; ``fpn`` the FPN (neck) width. Construct from the
+    paper's encoding with :meth:`parse`, or from a dict with :meth:`from_dict`. Instances are
+    validated on construction and immutable; actions return new instances.
+    """
+
+    stages: tuple[Stage, ...]
+    stem: int = 64
+    fpn: int = 256
+    _slots: tuple[BlockSlot, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "_slots", tuple(self._validate()))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def kind(self) -> str:
+        return self.stages[0].blocks[0].kind
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        return tuple(s.depth for s in self.stages)
+
+    @property
+    def stage_out_channels(self) -> tuple[int, ...]:
+        """Output width of each stage: the inputs of the FPN's lateral convs."""
+        return tuple(s.out_channels for s in self.stages)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(s.stride for s in self.stages)
+
+    def slots(self) -> Iterator[BlockSlot]:
+        """Every block with its stage/index, input width, stride and shortcut type, in order."""
+        return iter(self._slots)
+
+    def slot(self, stage: int, index: int) -> BlockSlot:
+        for s in self._slots:
+            if s.stage == stage and s.index == index:
+                return s
+        raise IndexError(f"no block {index} in stage {stage}")
+
+    def num_blocks(self) -> int:
+        return len(self._slots)
+
+    def _validate(self) -> list[BlockSlot]:
+        if len(self.stages) != NUM_STAGES:
+            raise SpecError(f"backbone arch: expected {NUM_STAGES} stages, got {len(self.stages)}")
+        for name, value in (("stem", self.stem), ("fpn", self.fpn)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SpecError(f"backbone arch: {name} width must be a positive integer, got {value!r}")
+        slots: list[BlockSlot] = []
+        kind: str | None = None
+        in_ch = self.stem
+        for si, stage in enumerate(self.stages):
+            if stage.stride not in (1, 2):
+                raise SpecError(f"backbone arch: stage {si + 1} stride must be 1 or 2, got {stage.stride}")
+            if not stage.blocks:
+                raise SpecError(f"backbone arch: stage {si + 1} has no blocks")
+            for bi, block in enumerate(stage.blocks):
+                where = f"backbone arch: stage {si + 1} block {bi + 1} {block.encode()}"
+                if len(block.channels) not in (2, 3):
+                    raise SpecError(f"{where}: a block has 2 (basic) or 3 (bottleneck) conv widths")
+                if any(c <= 0 for c in block.channels):
+                    raise SpecError(f"{where}: every conv needs at least one channel")
+                if kind is None:
+                    kind = block.kind
+                elif block.kind != kind:
+                    raise SpecError(f"{where}: {block.kind} block in a {kind} backbone")
+                if block.groups < 1:
+                    raise SpecError(f"{where}: groups must be ≥ 1, got {block.groups}")
+                if block.groups > 1:
+                    if block.kind != BOTTLENECK:
+                        raise SpecError(f"{where}: grouped convs need a bottleneck block")
+                    c1, c2 = block.channels[0], block.channels[1]
+                    if c1 % block.groups or c2 % block.groups:
+                        raise SpecError(
+                            f"{where}: widths {c1} and {c2} are not divisible by groups {block.groups}"
+                        )
+                stride = stage.stride if bi == 0 else 1
+                slots.append(BlockSlot(si, bi, block, in_ch, stride))
+                in_ch = block.out_channels
+        return slots
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self) -> str:
+        """The paper's appendix-B encoding: block widths only."""
+        return ", ".join(s.encode() for s in self.stages)
+
+    @classmethod
+    def parse(
+        cls,
+        text: str,
+        *,
+        stem: int = 64,
+        fpn: int = 256,
+        strides: Sequence[int] = DEFAULT_STRIDES,
+        group_width: Sequence[int] | int | None = None,
+    ) -> BackboneArch:
+        """Parse the paper's encoding.
+
+        The stage brackets are optional at the two ends (the paper's own R18 and R50 strings drop
+        one of them). ``group_width`` (ResNeXt) gives the channels per group of each stage's
+        grouped 3×3 conv — e.g. ``(4, 8, 16, 32)`` for X101-32x4d — so a block's groups are its
+        middle width divided by it; ``None`` means plain ResNet (groups 1).
+        """
+        body = text.strip()
+        if not body:
+            raise SpecError("arch encoding: empty text")
+        body = body.removeprefix("[").removesuffix("]")
+        stage_texts = re.split(r"\]\s*,\s*\[", body)
+        if len(stage_texts) != NUM_STAGES:
+            raise SpecError(
+                f"arch encoding: expected {NUM_STAGES} stages separated by '], [', got {len(stage_texts)}"
+            )
+        if len(strides) != NUM_STAGES:
+            raise SpecError(f"arch encoding: strides needs {NUM_STAGES} values, got {list(strides)}")
+        if group_width is None or isinstance(group_width, int):
+            gws: list[int | None] = [group_width] * NUM_STAGES
+        else:
+            gws = list(group_width)
+            if len(gws) != NUM_STAGES:
+                raise SpecError(f"arch encoding: group_width needs {NUM_STAGES} values, got {gws}")
+        stages = []
+        for si, stage_text in enumerate(stage_texts):
+            block_texts = stage_text.strip().split("-")
+            blocks = []
+            for bi, bt in enumerate(block_texts):
+                m = re.fullmatch(r"\s*\(\s*(\d+(?:\s*,\s*\d+)*)\s*\)\s*", bt)
+                if m is None:
+                    raise SpecError(
+                        f"arch encoding: stage {si + 1} block {bi + 1}: cannot read {bt.strip()!r}"
+                        " (expected '(c1, c_out)' or '(c1, c2, c_out)')"
+                    )
+                chans = tuple(int(x) for x in m.group(1).split(","))
+                groups = 1
+                gw = gws[si]
+                if gw:
+                    if len(chans) != 3 or chans[1] % gw:
+                        raise SpecError(
+                            f"arch encoding: stage {si + 1} block {bi + 1} {bt.strip()}: middle width "
+                            f"must be a multiple of group width {gw}"
+                        )
+                    groups = chans[1] // gw
+                blocks.append(Block(chans, groups))
+            stages.append(Stage(tuple(blocks), int(strides[si])))
+        return cls(tuple(stages), stem=stem, fpn=fpn)
+
+    # ------------------------------------------------------------------ dict / JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stem": self.stem,
+            "fpn": self.fpn,
+            "stages": [
+                {
+                    "stride": s.stride,
+                    "blocks": [
+                        {"channels": list(b.channels), **({"groups": b.groups} if b.groups != 1 else {})}
+                        for b in s.blocks
+                    ],
+                }
+                for s in self.stages
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BackboneArch:
+        if not isinstance(d, Mapping):
+            raise SpecError(f"backbone arch: expected a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"stem", "fpn", "stages"}
+        if unknown:
+            raise SpecError(f"backbone arch: unknown key(s) {sorted(unknown)}")
+        if "stages" not in d:
+            raise SpecError("backbone arch: missing key 'stages'")
+        stages = []
+        for si, sd in enumerate(d["stages"]):
+            try:
+                blocks = tuple(
+                    Block(tuple(bd["channels"]), int(bd.get("groups", 1))) for bd in sd["blocks"]
+                )
+                stages.append(Stage(blocks, int(sd.get("stride", DEFAULT_STRIDES[min(si, 3)]))))
+            except (KeyError, TypeError, ValueError) as e:
+                raise SpecError(f"backbone arch: stage {si + 1} is malformed ({e!r})") from None
+        return cls(tuple(stages), stem=int(d.get("stem", 64)), fpn=int(d.get("fpn", 256)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> BackboneArch:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"backbone arch: invalid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def resnet(
+        cls,
+        depths: Sequence[int],
+        *,
+        kind: str = BOTTLENECK,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        expansion: int | None = None,
+        stem: int = 64,
+        fpn: int = 256,
+        groups: int = 1,
+        width_per_group: int | None = None,
+        strides: Sequence[int] = DEFAULT_STRIDES,
+    ) -> BackboneArch:
+        """A uniform ResNet/ResNeXt: ``depths`` blocks per stage, ``widths`` inner widths.
+
+        For bottlenecks the output width is ``expansion × width`` (default 4); for basic blocks
+        the output equals the width (default expansion 1). ResNeXt: ``groups`` and
+        ``width_per_group`` scale the inner width as ``width × width_per_group/64 × groups``
+        (X101-32x4d: groups 32, width_per_group 4).
+        """
+        if kind not in (BASIC, BOTTLENECK):
+            raise SpecError(f"backbone: kind must be '{BASIC}' or '{BOTTLENECK}', got {kind!r}")
+        if len(depths) != NUM_STAGES or len(widths) != NUM_STAGES:
+            raise SpecError(f"backbone: depths and widths need {NUM_STAGES} values each")
+        exp = expansion if expansion is not None else (4 if kind == BOTTLENECK else 1)
+        stages = []
+        for si, (d, w) in enumerate(zip(depths, widths, strict=True)):
+            inner = w * width_per_group * groups // 64 if width_per_group else w
+            out = w * exp
+            chans = (inner, inner, out) if kind == BOTTLENECK else (inner, out)
+            stages.append(Stage(tuple(Block(chans, groups) for _ in range(int(d))), int(strides[si])))
+        return cls(tuple(stages), stem=stem, fpn=fpn)
+
+    def with_fpn(self, fpn: int) -> BackboneArch:
+        return replace(self, fpn=fpn)
+
+    def with_stages(self, stages: Sequence[Stage]) -> BackboneArch:
+        return replace(self, stages=tuple(stages))

@@ -1,0 +1,27 @@
+"""Project exceptions: every error a user can cause is one of these, with a one-line message.
+
+The message names the file, field or record at fault and the offending value, so that a user can
+fix the input without reading a traceback. Internal invariants use ``assert`` instead.
+"""
+
+from __future__ import annotations
+
+
+class JDSearchError(Exception):
+    """Base class for errors caused by user input (specs, data, checkpoints, storage)."""
+
+    def __init__(self, message: str) -> None:
+        # One line, always: a multi-line message hides the part that names the culprit.
+        super().__init__(" ".join(str(message).split()))
+
+
+class SpecError(JDSearchError):
+    """A detector/study spec or an architecture encoding is malformed or inconsistent."""
+
+
+class DataError(JDSearchError):
+    """A dataset (annotation file, image folder) is malformed."""
+
+
+class CheckpointError(JDSearchError):
+    """A checkpoint is missing, corrupt, tampered with, or does not match its architecture."""
