@@ -1,0 +1,206 @@
+"""Tests for the synthetic shapes generator (jdsearch.synth)."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jdsearch.data import CocoDataset, validate
+from jdsearch.errors import SpecError
+from jdsearch.synth import CLASS_NAMES, SynthInfo, _shape_mask, generate
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def synth100(tmp_path_factory: pytest.TempPathFactory) -> SynthInfo:
+    return generate(tmp_path_factory.mktemp("synth100"), images=100, seed=7)
+
+
+def test_same_arguments_give_identical_bytes(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", images=12, seed=11, size=(48, 80))
+    b = generate(tmp_path / "b", images=12, seed=11, size=(48, 80))
+    files_a, files_b = _all_files(a.out_dir), _all_files(b.out_dir)
+    assert set(files_a) == {"train.json", "val.json"} | {
+        f"images/{i:06d}.png" for i in range(1, 13)
+    }
+    assert files_a == files_b
+
+
+def test_different_seed_gives_different_data(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", images=6, seed=1, size=64)
+    b = generate(tmp_path / "b", images=6, seed=2, size=64)
+    assert a.train_json.read_bytes() != b.train_json.read_bytes()
+    assert (a.image_dir / "000001.png").read_bytes() != (b.image_dir / "000001.png").read_bytes()
+
+
+def test_info_matches_files(synth100: SynthInfo) -> None:
+    train, val = _load(synth100.train_json), _load(synth100.val_json)
+    assert synth100.images == 100
+    assert synth100.train_images == len(train["images"]) == 75
+    assert synth100.val_images == len(val["images"]) == 25
+    assert synth100.train_annotations == len(train["annotations"])
+    assert synth100.val_annotations == len(val["annotations"])
+    assert synth100.class_names == CLASS_NAMES
+    assert [c["name"] for c in train["categories"]] == list(CLASS_NAMES)
+    assert train["categories"] == val["categories"]
+    assert len(CLASS_NAMES) >= 5
+
+
+def test_splits_are_disjoint_and_ids_unique(synth100: SynthInfo) -> None:
+    train, val = _load(synth100.train_json), _load(synth100.val_json)
+    train_ids = {im["id"] for im in train["images"]}
+    val_ids = {im["id"] for im in val["images"]}
+    assert not train_ids & val_ids
+    assert train_ids | val_ids == set(range(1, 101))
+    ann_ids = [a["id"] for a in train["annotations"] + val["annotations"]]
+    assert len(ann_ids) == len(set(ann_ids))
+    assert {a["image_id"] for a in train["annotations"]} <= train_ids
+    assert {a["image_id"] for a in val["annotations"]} <= val_ids
+
+
+def test_boxes_are_positive_and_inside_their_image(synth100: SynthInfo) -> None:
+    for path in (synth100.train_json, synth100.val_json):
+        doc = _load(path)
+        sizes = {im["id"]: (im["width"], im["height"]) for im in doc["images"]}
+        for ann in doc["annotations"]:
+            x, y, w, h = ann["bbox"]
+            width, height = sizes[ann["image_id"]]
+            assert all(isinstance(c, int) for c in ann["bbox"])
+            assert w > 0 and h > 0, ann
+            assert x >= 0 and y >= 0 and x + w <= width and y + h <= height, ann
+            assert ann["area"] == w * h
+            assert ann["iscrowd"] == 0
+
+
+def test_every_class_and_some_empty_images_in_100(synth100: SynthInfo) -> None:
+    docs = [_load(synth100.train_json), _load(synth100.val_json)]
+    anns = [a for d in docs for a in d["annotations"]]
+    counts = np.bincount([a["category_id"] for a in anns], minlength=len(CLASS_NAMES) + 1)
+    assert counts[0] == 0
+    assert (counts[1:] >= 10).all(), counts
+    images_with_objects = {a["image_id"] for a in anns}
+    empty = 100 - len(images_with_objects)
+    assert empty == synth100.empty_images
+    assert 1 <= empty <= 15
+    per_image = np.bincount([a["image_id"] for a in anns], minlength=101)[1:]
+    assert len(set(per_image.tolist())) >= 4, "number of objects per image should vary"
+
+
+def test_object_sizes_overlaps_and_aspect_ratios_vary(synth100: SynthInfo) -> None:
+    doc = _load(synth100.train_json)
+    areas = np.array([a["area"] for a in doc["annotations"]])
+    assert (areas < 32**2).sum() >= 20  # COCO "small"
+    assert ((areas >= 32**2) & (areas < 96**2)).sum() >= 20  # COCO "medium"
+    assert (areas >= 64**2).sum() >= 3
+    ratios = np.array([a["bbox"][2] / a["bbox"][3] for a in doc["annotations"]])
+    assert ratios.min() < 0.4 and ratios.max() > 2.5  # bars, both orientations
+    by_image: dict[int, list[list[int]]] = {}
+    for a in doc["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["bbox"])
+    overlapping = 0
+    for boxes in by_image.values():
+        for (x1, y1, w1, h1), (x2, y2, w2, h2) in combinations(boxes, 2):
+            if min(x1 + w1, x2 + w2) > max(x1, x2) and min(y1 + h1, y2 + h2) > max(y1, y2):
+                overlapping += 1
+    assert overlapping >= 5
+
+
+def test_colour_does_not_determine_class(synth100: SynthInfo) -> None:
+    doc = _load(synth100.train_json)
+    mean_colour: dict[int, list[np.ndarray]] = {}
+    for im in doc["images"][:40]:
+        pixels = np.asarray(Image.open(synth100.image_dir / im["file_name"]), dtype=np.float64)
+        for a in doc["annotations"]:
+            if a["image_id"] == im["id"]:
+                x, y, w, h = a["bbox"]
+                centre = pixels[y + h // 2, x + w // 2]
+                mean_colour.setdefault(a["category_id"], []).append(centre)
+    for colours in mean_colour.values():
+        spread = np.std(np.stack(colours), axis=0)
+        assert (spread > 30).all(), spread  # each class appears in many colours
+
+
+@pytest.mark.parametrize("cls", range(len(CLASS_NAMES)))
+def test_shape_masks_touch_all_four_window_edges(cls: int) -> None:
+    # Unoccluded shapes therefore get a box equal to their window: tight boxes.
+    rng = np.random.default_rng(0)
+    for h, w in [(8, 8), (10, 23), (31, 12), (60, 60)]:
+        mask = _shape_mask(rng, cls, h, w)
+        assert mask.shape == (h, w)
+        assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
+
+
+def test_shapes_are_distinct() -> None:
+    rng = np.random.default_rng(0)
+    masks = [_shape_mask(rng, cls, 40, 40) for cls in range(len(CLASS_NAMES))]
+    fills = [float(m.mean()) for m in masks]
+    assert fills[CLASS_NAMES.index("square")] == 1.0
+    assert fills[CLASS_NAMES.index("ring")] < fills[CLASS_NAMES.index("disc")] < 0.85
+    assert 0.4 < fills[CLASS_NAMES.index("triangle")] < 0.6
+    ring = masks[CLASS_NAMES.index("ring")]
+    assert not ring[20, 20], "a ring has a hole"
+
+
+def test_size_range_varies_image_shapes(tmp_path: Path) -> None:
+    info = generate(tmp_path, images=16, seed=3, size=(96, 160))
+    doc = _load(info.train_json)
+    shapes = set()
+    for im in doc["images"]:
+        with Image.open(info.image_dir / im["file_name"]) as img:
+            assert img.size == (im["width"], im["height"])
+            assert img.mode == "RGB"
+        assert 96 <= im["width"] <= 160 and 96 <= im["height"] <= 160
+        shapes.add((im["width"], im["height"]))
+    assert len(shapes) >= 5
+
+
+def test_generated_set_loads_through_coco_dataset(tmp_path: Path) -> None:
+    info = generate(tmp_path, images=8, seed=0, size=64)
+    summary = validate(info.train_json, info.image_dir)
+    assert summary.images == info.train_images
+    assert summary.annotations == info.train_annotations
+    assert summary.categories == len(CLASS_NAMES)
+    ds = CocoDataset(info.train_json, info.image_dir)
+    assert len(ds) == info.train_images
+    assert ds.class_names == list(CLASS_NAMES)
+    assert ds.num_classes == len(CLASS_NAMES) + 1
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert target["boxes"].shape[1] == 4
+    assert target["labels"].dtype == torch.int64
+    assert all(1 <= label <= len(CLASS_NAMES) for label in target["labels"].tolist())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"images": 1, "seed": 0},
+        {"images": 4, "seed": -1},
+        {"images": 4, "seed": 0, "size": 16},
+        {"images": 4, "seed": 0, "size": (128, 64)},
+        {"images": 4, "seed": 0, "size": (64, 96, 128)},
+        {"images": 4, "seed": 0, "val_fraction": 0.0},
+        {"images": 4, "seed": 0, "val_fraction": 1.0},
+        {"images": 4, "seed": 0, "max_objects": 0},
+    ],
+)
+def test_bad_arguments_raise_spec_error(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(SpecError, match="synth"):
+        generate(tmp_path, **kwargs)
+    assert not (tmp_path / "train.json").exists()
