@@ -1,0 +1,351 @@
+"""Multiply-add ("FLOPs") counting for a built detector: total, per part and per backbone stage.
+
+Like the detection literature (mmcv's ``get_model_complexity_info``, used by mmdetection's
+``tools/get_flops.py`` and by the paper), "FLOPs" here are **multiply-adds**, counted on the modules
+of the model actually built — a pruned or morphed detector is counted as it is, not re-derived from
+its arch.
+
+How it counts
+-------------
+The detector is run on a ``1×3×h×w`` input of exactly the requested size (no resize, no padding to
+32, as ``get_flops.py`` does) with forward hooks on its leaf modules. The pass runs on the ``meta``
+device through :func:`torch.func.functional_call`, so no activation is allocated and the model's
+own weights are neither copied nor touched (a paper-sized count takes 0.05–0.3 s on a CPU). The
+backbone, FPN and RPN head see the whole image (the RPN head on all five levels P2–P6); the RoI box
+head and predictor are counted for ``rpn.post_nms_top_n_test`` RoIs (1000 for the paper presets),
+i.e. a ``num_rois × C × 7 × 7`` pooled tensor.
+
+Convention (mmcv's), per call of a module:
+
+* ``Conv*d``: ``k_h·k_w·c_in/groups · c_out · h_out·w_out`` (+ one add per output if it has a bias);
+* ``Linear``: ``in_features · out_features`` per row (bias not counted);
+* norm layers (BN, GN, LN, frozen BN): ``numel`` of the input, ×2 when affine;
+* ReLU-family activations: ``numel`` of the output; pooling / ``Upsample`` modules: ``numel`` of the
+  input / output;
+* functional ops are free: residual adds, ``F.interpolate`` / ``F.max_pool2d`` in the FPN, ``F.relu``
+  in the box head, RoIAlign, anchor decoding and NMS.
+
+Why this convention: it reproduces every figure of the paper we can check to ≤0.1 %, while pure
+conv+linear MACs alone fall 0.2–0.5 % short (the "elementwise" part — BN, ReLU, pooling, conv bias —
+is 0.2 % of R18-FPN, 0.4 % of R50-FPN and 0.5 % of X101-FPN)::
+
+    model (81 classes)        input      ours (G)  weights only  paper (G)
+    R18-FPN                   1333×800   160.56    160.29        160.5   (table 4)
+    R50-FPN                   1333×800   215.84    215.06        215.8   (table 4)
+    R101-FPN                  1333×800   295.72    294.60        295.7   (table 4)
+    X101-32x4d-FPN            1280×800   286.91    285.53        286.9   (table 4, see below)
+    R18 student  (app. B)     1080×720   117.30    117.13        117.3   (table 4)
+    R50 student  (app. B)     1080×720   145.79    145.31        145.7   (table 4)
+    R101 student (app. B)     1080×720   153.78    153.25        153.9   (table 4)
+    R50 / R101 backbone       1280×800   84.08 / 160.15        84.1 / 160.2 (table 2)
+    R101 student backbone     1080×720   58.73                 58.9  (table 5)
+
+The paper's X101-FPN baseline (and its table-2 backbone column) match mmdetection's default
+``get_flops.py`` shape 1280×800, not the 1333×800 its table states: at 1333×800 X101-32x4d-FPN
+counts 299.64 G (+4.4 %). Two tiny known differences from mmdetection's model, both ≤0.02 G:
+torchvision's RPN head has a ``ReLU`` module (counted) where mmdetection calls ``F.relu``, and its
+box regressor has 4·81 outputs instead of 4·80.
+
+Orientation: a count depends on each spatial side separately, so ``(1333, 800)`` and ``(800, 1333)``
+give identical numbers (``get_flops.py`` feeds ``(1, 3, 1333, 800)``, i.e. height 1333). At
+1333×800 the FPN + RPN head are 67 % of R18-FPN and 53 % of R50-FPN: they scale with pixels, not
+with the backbone, which is why the input resolution is searched too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from jdsearch.errors import JDSearchError
+
+log = logging.getLogger(__name__)
+
+COCO_NUM_CLASSES = 81  # 80 classes + background: the paper's (and the default CLI's) head size
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    FrozenBatchNorm2d,
+)
+_ACT = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU)
+_POOL = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool2d,
+)
+# Leaf modules that hold parameters but cost nothing under the convention (lookup tables).
+_FREE = (nn.Embedding,)
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Multiply-adds of one detector at one input size (all counts are plain ints).
+
+    ``backbone`` is the ResNet body incl. the stem, ``per_stage`` splits it as (stem, stage 1..4) and
+    sums to it; ``backbone + fpn + rpn + roi_heads == total``. ``elementwise`` is the part of
+    ``total`` that is not conv/linear weight MACs (conv bias, norm, activation, pooling).
+    """
+
+    name: str
+    size: tuple[int, int]  # (h, w) of the counted input
+    num_rois: int
+    total: int
+    backbone: int
+    per_stage: tuple[int, ...]
+    fpn: int
+    rpn: int
+    roi_heads: int
+    elementwise: int
+    params: int
+    backbone_params: int
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+    @property
+    def backbone_gflops(self) -> float:
+        return self.backbone / 1e9
+
+    @property
+    def per_stage_gflops(self) -> tuple[float, ...]:
+        return tuple(s / 1e9 for s in self.per_stage)
+
+    @property
+    def mparams(self) -> float:
+        return self.params / 1e6
+
+    @property
+    def backbone_mparams(self) -> float:
+        return self.backbone_params / 1e6
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: every field plus ``gflops`` / ``backbone_gflops``."""
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["per_stage"] = list(self.per_stage)
+        d["gflops"] = self.gflops
+        d["backbone_gflops"] = self.backbone_gflops
+        return d
+
+
+# ---------------------------------------------------------------------------- the hooked pass
+class _Tally:
+    """Per-module-name ``[weight MACs, elementwise ops]``, accumulated over calls."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        self.uncounted: set[str] = set()
+
+    def add(self, name: str, weights: int, elementwise: int) -> None:
+        c = self.counts.setdefault(name, [0, 0])
+        c[0] += int(weights)
+        c[1] += int(elementwise)
+
+    def total(self, prefix: str = "") -> int:
+        return sum(w + e for n, (w, e) in self.counts.items() if _under(n, prefix))
+
+    def elementwise(self) -> int:
+        return sum(e for _, e in self.counts.values())
+
+
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def _module_cost(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> tuple[int, int] | None:
+    """(weight MACs, elementwise ops) of one call, or None for a module the convention ignores."""
+    if isinstance(m, _CONV):
+        k = 1
+        for s in m.kernel_size:
+            k *= s
+        per_out = k * (m.in_channels // m.groups)
+        return output.numel() * per_out, output.numel() if m.bias is not None else 0
+    if isinstance(m, nn.Linear):
+        return inputs[0].numel() * m.out_features, 0
+    if isinstance(m, _NORM):
+        affine = isinstance(m, FrozenBatchNorm2d) or bool(
+            getattr(m, "affine", getattr(m, "elementwise_affine", False))
+        )
+        return 0, inputs[0].numel() * (2 if affine else 1)
+    if isinstance(m, _ACT):
+        return 0, output.numel()
+    if isinstance(m, _POOL):
+        return 0, inputs[0].numel()
+    if isinstance(m, nn.Upsample):
+        return 0, output.numel()
+    return None
+
+
+def _make_hook(tally: _Tally, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        cost = _module_cost(module, inputs, output)
+        if cost is None:
+            if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _FREE):
+                tally.uncounted.add(f"{name} ({type(module).__name__})")
+            return
+        tally.add(name, *cost)
+
+    return hook
+
+
+@contextmanager
+def _hooked(model: nn.Module, tally: _Tally) -> Iterator[None]:
+    handles = []
+    try:
+        for name, m in model.named_modules():
+            if next(m.children(), None) is None:  # leaf modules only: no double counting
+                handles.append(m.register_forward_hook(_make_hook(tally, name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    if tally.uncounted:
+        log.warning("flops: modules with parameters not counted: %s", ", ".join(sorted(tally.uncounted)))
+
+
+def _meta_call(module: nn.Module, *args: Any) -> Any:
+    """Run ``module`` with meta stand-ins for its parameters and buffers (its own are untouched)."""
+    state = {
+        k: torch.empty_like(v, device="meta") for k, v in module.state_dict(keep_vars=True).items()
+    }
+    return functional_call(module, state, args, strict=False)
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def _check_size(size: Sequence[int]) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise JDSearchError(f"flops: size must be (height, width), got {size!r}") from None
+    if h <= 0 or w <= 0 or (h, w) != tuple(size):
+        raise JDSearchError(f"flops: size must be two positive integers (height, width), got {size!r}")
+    return h, w
+
+
+# ---------------------------------------------------------------------------- public API
+def count_module(module: nn.Module, *input_shapes: Sequence[int]) -> int:
+    """Multiply-adds (same convention) of one forward of ``module`` on inputs of these shapes."""
+    tally = _Tally()
+    dtype = _dtype(module)
+    with torch.no_grad(), _hooked(module, tally):
+        _meta_call(module, *(torch.empty(*s, device="meta", dtype=dtype) for s in input_shapes))
+    return tally.total()
+
+
+def count_flops(
+    detector: nn.Module,
+    size: Sequence[int] | None = None,
+    *,
+    num_rois: int | None = None,
+) -> FlopsReport:
+    """Count a built jdsearch :class:`~jdsearch.models.detector.Detector` on a ``1×3×h×w`` input.
+
+    ``size`` is ``(h, w)``; it defaults to the spec's base size as ``(long, short)``. ``num_rois``
+    (the box head's batch) defaults to the spec's ``rpn.post_nms_top_n_test``. Safe on a model on
+    any device (including ``meta``); do not run it concurrently with a forward of the same model.
+    """
+    spec = getattr(detector, "spec", None)
+    if size is None:
+        assert spec is not None, "count_flops: a detector without a spec needs an explicit size"
+        size = (spec.input.size.long, spec.input.size.short)
+    h, w = _check_size(size)
+    if num_rois is None:
+        assert spec is not None, "count_flops: a detector without a spec needs num_rois"
+        num_rois = spec.rpn.post_nms_top_n_test
+    if num_rois < 0:
+        raise JDSearchError(f"flops: num_rois must be >= 0, got {num_rois}")
+
+    backbone = detector.backbone
+    body = backbone.body
+    roi_heads = detector.roi_heads
+    tally = _Tally()
+    dtype = _dtype(detector)
+    with torch.no_grad(), _hooked(detector, tally):
+        feats = _meta_call(backbone, torch.empty(1, 3, h, w, device="meta", dtype=dtype))
+        _meta_call(detector.rpn.head, list(feats.values()))
+        if num_rois:
+            ph, pw = roi_heads.box_roi_pool.output_size
+            pooled = torch.empty(num_rois, backbone.out_channels, ph, pw, device="meta", dtype=dtype)
+            _meta_call(roi_heads.box_predictor, _meta_call(roi_heads.box_head, pooled))
+
+    stages = [tally.total(f"backbone.body.stages.{i}") for i in range(len(body.stages))]
+    per_stage = (tally.total("backbone.body.stem"), *stages)
+    report = FlopsReport(
+        name=spec.name if spec is not None else type(detector).__name__,
+        size=(h, w),
+        num_rois=num_rois,
+        total=tally.total(),
+        backbone=tally.total("backbone.body"),
+        per_stage=per_stage,
+        fpn=tally.total("backbone.fpn"),
+        rpn=tally.total("rpn"),
+        roi_heads=tally.total("roi_heads"),
+        elementwise=tally.elementwise(),
+        params=sum(p.numel() for p in detector.parameters()),
+        backbone_params=sum(p.numel() for p in body.parameters()),
+    )
+    assert sum(report.per_stage) == report.backbone, "flops: body modules outside stem/stages"
+    assert report.backbone + report.fpn + report.rpn + report.roi_heads == report.total, (
+        "flops: counted modules outside backbone/rpn/roi_heads"
+    )
+    return report
+
+
+def count_spec_flops(
+    spec: Any,
+    size: Sequence[int] | None = None,
+    *,
+    num_classes: int | None = None,
+    num_rois: int | None = None,
+) -> FlopsReport:
+    """Build the spec's detector on the ``meta`` device (no weights allocated) and count it.
+
+    ``num_classes`` (incl. background) defaults to the spec's, else COCO's 81 as in the paper.
+    """
+    from jdsearch.models.detector import build_detector
+
+    n = num_classes if num_classes is not None else (spec.num_classes or COCO_NUM_CLASSES)
+    with torch.device("meta"):
+        detector = build_detector(spec, n)
+    return count_flops(detector, size, num_rois=num_rois)
+
+
+def format_report(report: FlopsReport) -> str:
+    """A short human table: GFLOPs and share per part and per backbone stage, then parameters."""
+    h, w = report.size
+    total = report.total or 1
+    rows: list[tuple[str, int]] = [("backbone", report.backbone)]
+    labels = ["stem"] + [f"stage {i}" for i in range(1, len(report.per_stage))]
+    rows += [(f"  {lab}", v) for lab, v in zip(labels, report.per_stage, strict=True)]
+    rows += [("fpn", report.fpn), ("rpn head", report.rpn), ("roi heads", report.roi_heads)]
+    lines = [
+        f"{report.name}: input {h}x{w} (h x w), {report.num_rois} RoIs, multiply-adds",
+        f"{'part':<12}{'GFLOPs':>10}{'share':>9}",
+    ]
+    lines += [f"{lab:<12}{v / 1e9:>10.2f}{100 * v / total:>8.1f}%" for lab, v in rows]
+    lines.append(f"{'total':<12}{report.gflops:>10.2f}{100.0 if report.total else 0.0:>8.1f}%")
+    lines.append(f"params: {report.mparams:.2f} M (backbone {report.backbone_mparams:.2f} M)")
+    return "\n".join(lines)
+
