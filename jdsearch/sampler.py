@@ -1,0 +1,205 @@
+"""Hill climbing over (student, teacher) pairs as an Optuna sampler (paper algorithm 1, A.1.4).
+
+Each Optuna trial is one iteration of algorithm 1. For a new trial the sampler
+
+1. builds the top-k list (k = 5) from the study's COMPLETE trials ranked by value (the score H);
+2. samples a parent from it, **rank-weighted** (weight k − rank: the best pair is picked k times as
+   often as the k-th). The paper samples "according to the score ranking"; rank weights keep
+   pressure on the best pair without letting one lucky score (values differ by fractions of a
+   point early on) take every draw, as value-proportional weights would;
+3. chooses to evolve the student or mutate the teacher — the student is frozen for the first
+   ``freeze_student`` iterations (5 in the paper) so the teacher adapts to the base student first;
+4. picks a move not yet tried from that parent (while untried ones remain), uniformly.
+
+The move is an ordinary categorical trial parameter ``move`` over a fixed vocabulary (the
+student actions plus the teacher mutations the pool's space allows), so ``optuna trials`` and
+optuna-dashboard show and filter it; the parent's trial number is the user attribute ``parent``.
+Trial 0 (no COMPLETE trial yet) is the root, move ``base``: the base detector with the pool's
+super-net as teacher. Workers that start while the root is still running wait for it.
+
+The sampler is pure decision logic: what moves are feasible for a parent is asked of a callback
+(``feasible(parent_trial) -> (student_moves, teacher_moves)``), so it is unit-tested with fake
+trials. Decisions are reproducible: trial n's draws come from ``(seed, n)`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+MOVE_PARAM = "move"
+BASE_MOVE = "base"
+PARENT_ATTR = "parent"
+KIND_ATTR = "move_kind"
+STUDENT, TEACHER = "student", "teacher"
+
+Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the sampler chose for one trial."""
+
+    parent: int | None  # trial number of the parent; None for the root
+    move: str
+    kind: str  # "base", "student" or "teacher"
+
+
+def top_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
+    """COMPLETE trials ranked by value (best first; ties: the older trial first)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    done.sort(key=lambda t: (-float(t.value), t.number))  # type: ignore[arg-type]
+    return done[:k]
+
+
+def tried_moves(trials: Sequence[FrozenTrial], parent: int) -> set[str]:
+    """Moves already taken from ``parent`` by any trial (running, failed or finished)."""
+    out = set()
+    for t in trials:
+        if t.user_attrs.get(PARENT_ATTR) == parent and MOVE_PARAM in t.params:
+            out.add(t.params[MOVE_PARAM])
+    return out
+
+
+def student_iterations(trials: Sequence[FrozenTrial]) -> int:
+    """Finished iterations after the root (the freeze period counts these)."""
+    return sum(
+        1
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.params.get(MOVE_PARAM, BASE_MOVE) != BASE_MOVE
+    )
+
+
+class HillClimbingSampler(BaseSampler):
+    """Joint-DetNAS hill climbing. See the module docstring for the algorithm.
+
+    ``moves`` is the fixed vocabulary of the ``move`` parameter (it must contain ``base``);
+    ``feasible(parent)`` returns the student actions and the teacher mutations legal for a parent
+    trial. ``p_student`` is the chance of evolving the student once it is no longer frozen.
+    """
+
+    def __init__(
+        self,
+        moves: Sequence[str],
+        feasible: Feasible,
+        *,
+        top_k: int = 5,
+        freeze_student: int = 5,
+        p_student: float = 0.5,
+        seed: int | None = None,
+        root_wait_s: float = 2.0,
+        root_timeout_s: float = 24 * 3600.0,
+    ) -> None:
+        if BASE_MOVE not in moves:
+            raise ValueError(f"the move vocabulary must contain {BASE_MOVE!r}")
+        if len(set(moves)) != len(moves):
+            raise ValueError("the move vocabulary has duplicates")
+        if top_k < 1 or not 0.0 <= p_student <= 1.0 or freeze_student < 0:
+            raise ValueError("top_k ≥ 1, 0 ≤ p_student ≤ 1 and freeze_student ≥ 0 are required")
+        self.moves = tuple(moves)
+        self.feasible = feasible
+        self.k = top_k
+        self.freeze_student = freeze_student
+        self.p_student = p_student
+        self.seed = 0 if seed is None else int(seed)
+        self.root_wait_s = root_wait_s
+        self.root_timeout_s = root_timeout_s
+        self._fallback = RandomSampler(seed=seed)
+
+    # ------------------------------------------------------------ Optuna sampler contract
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return {MOVE_PARAM: CategoricalDistribution(self.moves)}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if MOVE_PARAM not in search_space:
+            return {}
+        if PARENT_ATTR in trial.user_attrs:  # a retried trial: same parent, same (fixed) move
+            return {}
+        decision = self.decide(study, trial)
+        # Written to the storage (what other workers and the dashboard see) and to the frozen
+        # trial that optuna's `Trial` caches (what the objective reads via `trial.user_attrs`).
+        for key, value in ((PARENT_ATTR, decision.parent), (KIND_ATTR, decision.kind)):
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+            trial.set_user_attr(key, value)
+        log.info("trial %d: parent %s, move %s", trial.number, decision.parent, decision.move)
+        return {MOVE_PARAM: decision.move}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        # Only parameters other than `move` get here (none in jdsearch's objective).
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    # ------------------------------------------------------------ decision logic
+    def decide(self, study: optuna.Study, trial: FrozenTrial) -> Decision:
+        """Choose the parent and the move of ``trial`` (waits while the root is running)."""
+        deadline = time.monotonic() + self.root_timeout_s
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            others = [t for t in trials if t.number != trial.number]
+            if top_k(others, 1):
+                return self.choose(others, trial.number)
+            root_pending = any(
+                t.params.get(MOVE_PARAM) == BASE_MOVE
+                and t.state in (TrialState.RUNNING, TrialState.WAITING)
+                for t in others
+            )
+            if not root_pending:
+                return Decision(None, BASE_MOVE, BASE_MOVE)
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out waiting for the root trial (the base detector) to finish")
+            time.sleep(self.root_wait_s)
+
+    def choose(self, trials: Sequence[FrozenTrial], number: int) -> Decision:
+        """The hill-climbing step over the other trials of the study, for trial ``number``."""
+        rng = np.random.default_rng([self.seed, number])
+        ranked = top_k(trials, self.k)
+        assert ranked, "choose() needs at least one COMPLETE trial"
+        frozen = student_iterations(trials) < self.freeze_student
+        weights = np.arange(len(ranked), 0, -1, dtype=float)
+        order = list(rng.choice(len(ranked), size=len(ranked), replace=False, p=weights / weights.sum()))
+        # Try parents in a rank-weighted random order until one has an untried move.
+        fallback: Decision | None = None
+        for i in order:
+            parent = ranked[i]
+            students, teachers = self.feasible(parent)
+            students = [m for m in students if m in self.moves]
+            teachers = [m for m in teachers if m in self.moves]
+            if frozen:
+                students = []
+            tried = tried_moves(trials, parent.number)
+            fresh = {STUDENT: [m for m in students if m not in tried], TEACHER: [m for m in teachers if m not in tried]}
+            kinds = [STUDENT, TEACHER] if rng.random() < self.p_student else [TEACHER, STUDENT]
+            for kind in kinds:
+                if fresh[kind]:
+                    return Decision(parent.number, str(rng.choice(fresh[kind])), kind)
+            if fallback is None:
+                pool = [(STUDENT, m) for m in students] + [(TEACHER, m) for m in teachers]
+                if pool:
+                    kind, move = pool[int(rng.integers(len(pool)))]
+                    fallback = Decision(parent.number, move, kind)
+        if fallback is None:
+            raise RuntimeError("no feasible move from any pair in the top-k list")
+        return fallback  # every move of every top-k pair was tried: repeat one (new seed, new data order)

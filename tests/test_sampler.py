@@ -1,0 +1,180 @@
+"""HillClimbingSampler: the decision logic of algorithm 1 on fake trials."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from jdsearch.sampler import (
+    BASE_MOVE,
+    KIND_ATTR,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    HillClimbingSampler,
+    top_k,
+)
+
+STUDENT_MOVES = ["channel_prune", "layer_prune", "add_layer:1", "add_layer:2"]
+TEACHER_MOVES = ["teacher:fpn=16", "teacher:depth1=1", "teacher:width2=1.5"]
+VOCAB = [BASE_MOVE, *STUDENT_MOVES, *TEACHER_MOVES]
+DIST = {MOVE_PARAM: CategoricalDistribution(VOCAB)}
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def feasible(parent: FrozenTrial) -> tuple[list[str], list[str]]:
+    return STUDENT_MOVES, TEACHER_MOVES
+
+
+def add(study: optuna.Study, move: str, parent: int | None, value: float | None, state: TrialState = TrialState.COMPLETE) -> None:
+    study.add_trial(
+        create_trial(
+            state=state,
+            value=value if state == TrialState.COMPLETE else None,
+            params={MOVE_PARAM: move},
+            distributions=DIST,
+            user_attrs={PARENT_ATTR: parent},
+        )
+    )
+
+
+def make(**kw: object) -> tuple[optuna.Study, HillClimbingSampler]:
+    sampler = HillClimbingSampler(VOCAB, feasible, seed=kw.pop("seed", 0), root_wait_s=0.01, **kw)  # type: ignore[arg-type]
+    return optuna.create_study(direction="maximize", sampler=sampler), sampler
+
+
+def ask_move(study: optuna.Study) -> optuna.Trial:
+    trial = study.ask()
+    trial.suggest_categorical(MOVE_PARAM, VOCAB)
+    return trial
+
+
+def test_first_trial_is_the_root() -> None:
+    study, _ = make()
+    trial = ask_move(study)
+    assert trial.params[MOVE_PARAM] == BASE_MOVE
+    assert trial.user_attrs[PARENT_ATTR] is None
+    assert trial.user_attrs[KIND_ATTR] == BASE_MOVE
+
+
+def test_student_frozen_for_the_first_iterations() -> None:
+    study, _ = make(freeze_student=3, p_student=1.0)
+    add(study, BASE_MOVE, None, 0.5)
+    moves = []
+    for _ in range(3):
+        trial = ask_move(study)
+        moves.append(trial.params[MOVE_PARAM])
+        study.tell(trial, 0.4)
+    assert all(m in TEACHER_MOVES for m in moves)
+    trial = ask_move(study)  # freeze over, p_student = 1
+    assert trial.params[MOVE_PARAM] in STUDENT_MOVES
+    assert trial.user_attrs[KIND_ATTR] == "student"
+
+
+def test_top_k_ranks_complete_trials_only() -> None:
+    study, _ = make()
+    add(study, BASE_MOVE, None, 0.1)
+    add(study, "channel_prune", 0, 0.9)
+    add(study, "layer_prune", 0, None, TrialState.FAIL)
+    add(study, "add_layer:1", 0, 0.5)
+    add(study, "add_layer:2", 0, 0.9)
+    ranked = top_k(study.get_trials(), 2)
+    assert [t.number for t in ranked] == [1, 4]
+
+
+def test_parent_is_rank_weighted_from_top_k() -> None:
+    study, sampler = make(top_k=3, freeze_student=0)
+    add(study, BASE_MOVE, None, 0.1)  # rank 4: never a parent
+    add(study, "channel_prune", 0, 0.9)  # rank 1
+    add(study, "layer_prune", 0, 0.7)  # rank 2
+    add(study, "add_layer:1", 0, 0.5)  # rank 3
+    trials = study.get_trials()
+    parents = Counter(sampler.choose(trials, n).parent for n in range(100, 1300))
+    assert set(parents) == {1, 2, 3}
+    # weights 3 : 2 : 1 for 1200 draws -> 600 / 400 / 200
+    assert parents[1] > parents[2] > parents[3]
+    assert 520 < parents[1] < 680 and 140 < parents[3] < 260
+
+
+def test_moves_not_repeated_from_the_same_parent_while_untried_remain() -> None:
+    study, _ = make(top_k=1, freeze_student=0, p_student=0.5)
+    add(study, BASE_MOVE, None, 1.0)
+    seen = []
+    for _ in range(len(STUDENT_MOVES) + len(TEACHER_MOVES)):
+        trial = ask_move(study)
+        assert trial.user_attrs[PARENT_ATTR] == 0
+        seen.append(trial.params[MOVE_PARAM])
+        study.tell(trial, 0.5)  # worse than the root: the root stays the only top-1 parent
+    assert sorted(seen) == sorted(STUDENT_MOVES + TEACHER_MOVES)
+    trial = ask_move(study)  # all tried: a repeat is allowed rather than stopping the search
+    assert trial.params[MOVE_PARAM] in STUDENT_MOVES + TEACHER_MOVES
+
+
+def test_infeasible_moves_are_never_chosen() -> None:
+    def only_some(parent: FrozenTrial) -> tuple[list[str], list[str]]:
+        return ["add_layer:2"], ["teacher:fpn=16"]
+
+    sampler = HillClimbingSampler(VOCAB, only_some, freeze_student=0, seed=1)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    add(study, BASE_MOVE, None, 1.0)
+    for _ in range(10):
+        trial = ask_move(study)
+        assert trial.params[MOVE_PARAM] in ("add_layer:2", "teacher:fpn=16")
+        study.tell(trial, 0.1)
+
+
+def test_seeded_runs_are_reproducible() -> None:
+    def run(seed: int) -> list[tuple[object, str]]:
+        study, _ = make(seed=seed, freeze_student=1)
+        add(study, BASE_MOVE, None, 0.5)
+        out = []
+        for i in range(8):
+            trial = ask_move(study)
+            out.append((trial.user_attrs[PARENT_ATTR], trial.params[MOVE_PARAM]))
+            study.tell(trial, 0.5 + 0.01 * ((i * 7) % 5))
+        return out
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_retried_trial_keeps_parent_and_move() -> None:
+    study, _ = make(freeze_student=0)
+    add(study, BASE_MOVE, None, 0.5)
+    trial = ask_move(study)
+    move, parent = trial.params[MOVE_PARAM], trial.user_attrs[PARENT_ATTR]
+    study.tell(trial, state=TrialState.FAIL)
+    # What optuna's RetryFailedTrialCallback does with a failed trial:
+    optuna.storages.RetryFailedTrialCallback()(study, study.trials[-1])
+    retry = ask_move(study)
+    assert retry.params[MOVE_PARAM] == move
+    assert retry.user_attrs[PARENT_ATTR] == parent
+    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(study.trials[-1]) == trial.number
+
+
+def test_second_worker_waits_for_the_running_root() -> None:
+    study, sampler = make()
+    root = ask_move(study)
+    assert root.params[MOVE_PARAM] == BASE_MOVE
+    sampler.root_timeout_s = 0.05
+    with pytest.raises(RuntimeError, match="waiting for the root"):
+        ask_move(study)
+
+
+def test_failed_root_is_retried_as_root() -> None:
+    study, _ = make()
+    root = ask_move(study)
+    study.tell(root, state=TrialState.FAIL)
+    again = ask_move(study)
+    assert again.params[MOVE_PARAM] == BASE_MOVE
+
+
+def test_vocabulary_validation() -> None:
+    with pytest.raises(ValueError, match="base"):
+        HillClimbingSampler(STUDENT_MOVES, feasible)
+    with pytest.raises(ValueError, match="duplicates"):
+        HillClimbingSampler([*VOCAB, "layer_prune"], feasible)
