@@ -127,7 +127,7 @@ def test_validation_names_stage_and_block_for_direct_construction() -> None:
     stages[1] = Stage(stages[1].blocks, 3)
     with pytest.raises(SpecError, match="stage 2 stride"):
         good.with_stages(stages)
-    with pytest.raises(SpecError, match="stage 1 block 1 .*grouped convs need a bottleneck"):
+    with pytest.raises(SpecError, match=r"stage 1 block 1 .*grouped convs need a bottleneck"):
         BackboneArch.resnet([1, 1, 1, 1], kind=BASIC, groups=2)
 
 
