@@ -148,12 +148,12 @@ def test_retried_trial_keeps_parent_and_move() -> None:
     trial = ask_move(study)
     move, parent = trial.params[MOVE_PARAM], trial.user_attrs[PARENT_ATTR]
     study.tell(trial, state=TrialState.FAIL)
-    # What optuna's RetryFailedTrialCallback does with a failed trial:
-    optuna.storages.RetryFailedTrialCallback()(study, study.trials[-1])
+    # What optuna's RetryHeartbeatStaleTrialCallback does with a failed trial:
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[-1])
     retry = ask_move(study)
     assert retry.params[MOVE_PARAM] == move
     assert retry.user_attrs[PARENT_ATTR] == parent
-    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(study.trials[-1]) == trial.number
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[-1]) == trial.number
 
 
 def test_second_worker_waits_for_the_running_root() -> None:

@@ -1,0 +1,233 @@
+"""The search: an Optuna study on an RDB storage, prepared once, then as many workers as you like.
+
+``prepare`` makes sure the study's storage holds what every worker needs — the study spec, the
+base detector and the elastic teacher pool (trained here when the storage has none; the local
+files under ``runs/<study>/`` are only caches) — and ``run_search`` adds trials. Workers started
+on several machines with the same storage URL cooperate on one study: Optuna hands out trials,
+heartbeats mark a killed worker's trial failed and ``RetryHeartbeatStaleTrialCallback`` re-queues it with
+the same parent and move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from jdsearch import synth
+from jdsearch.artifacts import make_artifact_store
+from jdsearch.checkpoint import checkpoint_from_bytes, save_checkpoint
+from jdsearch.data import CocoDataset
+from jdsearch.errors import JDSearchError, SpecError
+from jdsearch.flops import count_flops
+from jdsearch.models import build_detector
+from jdsearch.objective import Objective, SearchContext, hw, move_vocabulary, train_config
+from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
+from jdsearch.pruning import BNSparsity
+from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, HillClimbingSampler
+from jdsearch.spec import load_spec
+from jdsearch.study import StudySpec
+from jdsearch.train import train
+
+log = logging.getLogger(__name__)
+
+BASE_ATTR = "base_artifact"
+POOL_ATTR = "pool_artifact"
+SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too long to print)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_dir(spec: StudySpec) -> Path:
+    return Path("runs") / spec.name
+
+
+def ensure_data(spec: StudySpec) -> tuple[CocoDataset, CocoDataset]:
+    d = spec.data.dir
+    if not (d / "train.json").is_file() or not (d / "val.json").is_file():
+        if spec.data.synth is None:
+            raise SpecError(f"{spec.source}: data.dir {d} has no train.json/val.json and no data.synth to generate them")
+        s = spec.data.synth
+        _say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
+        synth.generate(d, images=s.images, seed=s.seed, size=s.size)
+    train_set = CocoDataset(d / "train.json", d / "images")
+    val_set = CocoDataset(d / "val.json", d / "images", max_images=spec.data.max_val_images)
+    return train_set, val_set
+
+
+def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
+    url = url or spec.storage_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    hb = spec.search.heartbeat_s
+    return RDBStorage(
+        url,
+        heartbeat_interval=hb,
+        grace_period=2 * hb,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.search.max_retry),
+        engine_kwargs={"pool_pre_ping": True},
+    )
+
+
+def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> str:
+    from optuna.artifacts import upload_artifact
+
+    artifact_id = upload_artifact(study_or_trial=study, file_path=str(path), artifact_store=store)
+    study.set_user_attr(key, artifact_id)
+    return artifact_id
+
+
+def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, val_set: CocoDataset, progress: bool) -> Path:
+    """The base detector's checkpoint file: given, cached, or trained now."""
+    if spec.base.checkpoint is not None:
+        if not spec.base.checkpoint.is_file():
+            raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
+        return spec.base.checkpoint
+    path = run_dir(spec) / "base.safetensors"
+    if path.is_file():
+        return path
+    det_spec = load_spec(spec.base.detector)
+    detector = build_detector(det_spec, train_set.num_classes)
+    _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
+    config = train_config(spec.base.train, seed=spec.search.seed, resolutions=spec.resolutions, device=spec.device, amp=spec.amp)
+    terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
+    result = train(detector, train_set, config, loss_terms=terms, progress=progress)
+    _say(f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)")
+    return save_checkpoint(path, detector, class_names=train_set.class_names, extra={"train": result.to_dict()})
+
+
+def _pool_file(spec: StudySpec, pool_spec: PoolSpec, train_set: CocoDataset, progress: bool) -> Path:
+    path = run_dir(spec) / "pool.safetensors"
+    _say(f"training the elastic teacher pool (cache {path}) ...")
+    train_and_save_pool(pool_spec, train_set, path, device=spec.device, progress=progress)
+    return path
+
+
+def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool = True) -> tuple[optuna.Study, SearchContext]:
+    """Open (or create) the study and make sure its storage holds the base detector and pool."""
+    storage = storage_for(spec, storage_url)
+    url = storage_url or spec.storage_url
+    store = make_artifact_store(spec.search.artifacts, url)
+    train_set, val_set = ensure_data(spec)
+    pool_spec = PoolSpec.from_dict(spec.pool, source=f"{spec.source}: pool")
+    vocabulary = move_vocabulary()
+    holder: dict[str, SearchContext] = {}
+
+    def feasible(parent: optuna.trial.FrozenTrial) -> tuple[list[str], list[str]]:
+        return holder["ctx"].feasible(parent)
+
+    sampler = HillClimbingSampler(
+        vocabulary, feasible, top_k=spec.search.top_k, freeze_student=spec.search.freeze_student,
+        p_student=spec.search.p_student, seed=spec.search.seed,
+    )
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+    stored_spec = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
+    if stored_spec is not None and stored_spec != spec.to_dict():
+        log.warning("study %s was created with a different spec; the stored base and pool are kept", spec.name)
+    if stored_spec is None:
+        storage.set_study_system_attr(study._study_id, SPEC_SYSATTR, spec.to_dict())
+        study.set_user_attr("spec_file", spec.source)
+
+    if BASE_ATTR not in study.user_attrs:
+        path = _base_checkpoint(spec, train_set, val_set, progress)
+        _study_artifact(study, store, BASE_ATTR, path)
+    base_id = study.user_attrs[BASE_ATTR]
+    if POOL_ATTR not in study.user_attrs:
+        cache = run_dir(spec) / "pool.safetensors"
+        path = cache if cache.is_file() and _pool_matches(cache, pool_spec) else _pool_file(spec, pool_spec, train_set, progress)
+        _study_artifact(study, store, POOL_ATTR, path)
+    with store.open_reader(study.user_attrs[POOL_ATTR]) as reader:
+        pool = pool_from_bytes(reader.read(), source=f"study {spec.name}: pool", device=spec.device)
+    with store.open_reader(base_id) as reader:
+        base = checkpoint_from_bytes(reader.read(), source=f"study {spec.name}: base", device=spec.device)
+    if base.num_classes != train_set.num_classes:
+        raise JDSearchError(f"base detector has {base.num_classes - 1} classes, the dataset {train_set.num_classes - 1}")
+    base_res = base.spec.input.size
+    base_flops = count_flops(base.detector, size=hw(base_res)).total
+    study.set_user_attr("base_flops", base_flops)
+    study.set_user_attr("base_resolution", str(base_res))
+    ctx = SearchContext(spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress)
+    holder["ctx"] = ctx
+    return study, ctx
+
+
+def _pool_matches(path: Path, pool_spec: PoolSpec) -> bool:
+    try:
+        return load_pool(path).spec.same_architecture(pool_spec)
+    except JDSearchError:
+        return False
+
+
+def run_search(spec: StudySpec, storage_url: str | None = None, *, n_trials: int | None = None, progress: bool = True) -> optuna.Study:
+    study, ctx = prepare(spec, storage_url, progress=progress)
+    n = n_trials if n_trials is not None else spec.search.n_trials
+    _say(f"searching: study {spec.name!r} on {storage_url or spec.storage_url}, {n} trials in this worker")
+    started = time.perf_counter()
+    study.optimize(
+        Objective(ctx), n_trials=n, catch=(JDSearchError,), callbacks=[_print_trial], gc_after_trial=True
+    )
+    _say(f"done in {time.perf_counter() - started:.0f} s")
+    return study
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    move = str(trial.params.get(MOVE_PARAM))
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        _say(f"trial {trial.number:3d}  {move:<20} {trial.state.name}")
+        return
+    c = _cells(trial)
+    parent = trial.user_attrs.get(PARENT_ATTR)
+    _say(
+        f"trial {trial.number:3d}  {move:<20} from {'-' if parent is None else parent:>3}: H {c['H']}  "
+        f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {trial.user_attrs.get('teacher')}"
+    )
+
+
+def lineage(study: optuna.Study, number: int) -> list[optuna.trial.FrozenTrial]:
+    """Trials from the root to ``number`` following ``parent`` links."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    path = []
+    current: int | None = number
+    while current is not None:
+        t = by_number[current]
+        path.append(t)
+        current = t.user_attrs.get(PARENT_ATTR)
+    return path[::-1]
+
+
+def _cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
+    a = t.user_attrs
+    res = a.get("best_resolution", "")
+    return {
+        "H": f"{t.value:.4f}",
+        "AP": f"{100 * a.get('ap', {}).get(res, float('nan')):.1f}",
+        "GFLOPs": f"{a.get('flops', 0) / 1e9:.3f}",
+        "params (M)": f"{a.get('params', 0) / 1e6:.3f}",
+        "resolution": str(res),
+    }
+
+
+def summary(study: optuna.Study) -> str:
+    """Base vs best student: H, AP, FLOPs, resolution, and the lineage path of moves."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    roots = [t for t in complete if t.params.get(MOVE_PARAM) == BASE_MOVE]
+    if not roots:
+        return "no completed trial yet"
+    root, best = roots[0], study.best_trial
+    base, top = _cells(root), _cells(best)
+    lines = [f"{'':<12}{f'base (trial {root.number})':<20}best (trial {best.number})"]
+    lines += [f"{k:<12}{base[k]:<20}{top[k]}" for k in base]
+    lines.append(f"student     {root.user_attrs.get('student', '')}")
+    lines.append(f"        ->  {best.user_attrs.get('student', '')}")
+    lines.append(f"teacher     {root.user_attrs.get('teacher', '')}  ->  {best.user_attrs.get('teacher', '')}")
+    path = lineage(study, best.number)
+    lines.append("lineage     " + " -> ".join(f"{t.params.get(MOVE_PARAM)} (#{t.number})" for t in path))
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""End to end: a short real search on synthetic data, its lineage, resume, and the optuna CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from jdsearch.checkpoint import checkpoint_from_bytes
+from jdsearch.morph import MorphConfig, evolve
+from jdsearch.objective import ARCH_SYSATTR, CHECKPOINT_ATTR, STUDENT_ATTR, TEACHER_ATTR, score_h
+from jdsearch.pool import SubnetConfig
+from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search import prepare, run_search, summary
+from jdsearch.study import study_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_study(tmp: Path, n_trials: int) -> dict:
+    spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
+    spec["data"] = {"dir": str(tmp / "data"), "synth": {"images": 32, "seed": 1, "size": 96}, "max_val_images": 8}
+    spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 5}
+    for phase in spec["pool"]["phases"]:
+        phase["epochs"] = 0.25
+    spec["pool"]["train"]["recalibration_batches"] = 2
+    spec["resolutions"] = ["64x64", "96x96"]
+    spec["fast_eval"] = {"epochs": 0.25, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
+    spec["search"].update({"n_trials": n_trials, "freeze_student": 1, "storage": f"sqlite:///{tmp / 'study.db'}"})
+    return spec
+
+
+@pytest.mark.slow
+def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # runs/<name>/ caches land here
+    spec = study_from_dict(tiny_study(tmp_path, 4), source="test-study")
+    study = run_search(spec, progress=False)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4, [t.state for t in trials]
+
+    _, ctx = prepare(spec, progress=False)
+    by_number = {t.number: t for t in trials}
+    root = by_number[0]
+    assert root.params[MOVE_PARAM] == BASE_MOVE and root.user_attrs[PARENT_ATTR] is None
+    assert root.user_attrs[TEACHER_ATTR] == str(ctx.pool.space.largest())
+    for t in complete:
+        if t.number == 0:
+            continue
+        parent = by_number[t.user_attrs[PARENT_ATTR]]
+        assert parent.state == optuna.trial.TrialState.COMPLETE
+        move = t.params[MOVE_PARAM]
+        parent_teacher = SubnetConfig.parse(parent.user_attrs[TEACHER_ATTR])
+        if move.startswith("teacher."):
+            assert t.user_attrs[STUDENT_ATTR] == parent.user_attrs[STUDENT_ATTR]
+            assert SubnetConfig.parse(t.user_attrs[TEACHER_ATTR]) == ctx.pool.space.apply_move(parent_teacher, move)
+        else:
+            # The child's arch is exactly the parent's checkpoint evolved by the move.
+            with ctx.store.open_reader(parent.user_attrs[CHECKPOINT_ATTR]) as r:
+                parent_det = checkpoint_from_bytes(r.read()).detector
+            expected = evolve(parent_det, move, config=MorphConfig(channel_fraction=spec.search.channel_fraction))
+            assert t.user_attrs[STUDENT_ATTR] == expected.arch.encode()
+            assert t.system_attrs[ARCH_SYSATTR] == expected.arch.to_dict()
+            assert t.user_attrs[TEACHER_ATTR] == parent.user_attrs[TEACHER_ATTR]
+        # the trial's checkpoint is in the study's database and is the student it describes
+        with ctx.store.open_reader(t.user_attrs[CHECKPOINT_ATTR]) as r:
+            assert checkpoint_from_bytes(r.read()).detector.arch.encode() == t.user_attrs[STUDENT_ATTR]
+        # H is recomputed from the recorded AP and FLOPs
+        best = t.user_attrs["best_resolution"]
+        from jdsearch.data import Resolution
+
+        h = score_h(
+            t.user_attrs["ap"][best], t.user_attrs["flops"], ctx.base_flops, Resolution.parse(best),
+            ctx.base_resolution, spec.score.alpha, spec.score.beta,
+        )
+        assert h == pytest.approx(t.value)
+    assert study.best_value >= root.value
+
+    text = summary(study)
+    assert "lineage" in text and "base (#0)" in text
+
+    # Resume: the same command adds trials to the same study and lineage.
+    study2 = run_search(spec, n_trials=2, progress=False)
+    trials2 = study2.get_trials(deepcopy=False)
+    assert len(trials2) == len(trials) + 2
+    assert all(t.user_attrs.get(PARENT_ATTR) in {u.number for u in trials2} for t in trials2[len(trials):])
+
+    # The optuna CLI sees the study.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())", "trials", "--study-name", spec.name, "--storage", spec.storage_url, "-f", "json"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout
+    rows = json.loads(out)
+    assert len(rows) == len(trials2)
+    assert {r["params"]["move"] for r in rows} >= {BASE_MOVE}
+    assert all("h" in r["user_attrs"] for r in rows if r["state"] == "COMPLETE")
