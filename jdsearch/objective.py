@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,12 @@ TEACHER_ATTR = "teacher"  # SubnetConfig string
 # System attributes (internal state, hidden from `optuna trials`).
 ARCH_SYSATTR = "jdsearch:student_arch"  # BackboneArch.to_dict() of the trial's student
 STUDENT_MOVES_SYSATTR = "jdsearch:student_moves"  # feasible student actions from this student
+WORKER_SYSATTR = "jdsearch:worker"  # "hostname:pid" of the worker that ran (the last attempt of) a trial
+
+
+def worker_id() -> str:
+    """This process as a worker: ``hostname:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def move_vocabulary() -> list[str]:
@@ -148,6 +156,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         ctx, spec = self.ctx, self.ctx.spec
+        # Set first (a retried trial inherits the killed attempt's system attrs, this one included).
+        trial.storage.set_trial_system_attr(trial._trial_id, WORKER_SYSATTR, worker_id())
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
         parent_no = trial.user_attrs.get(PARENT_ATTR)
         t0 = time.perf_counter()

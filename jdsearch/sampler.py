@@ -15,7 +15,8 @@ The move is an ordinary categorical trial parameter ``move`` over a fixed vocabu
 student actions plus the teacher mutations the pool's space allows), so ``optuna trials`` and
 optuna-dashboard show and filter it; the parent's trial number is the user attribute ``parent``.
 Trial 0 (no COMPLETE trial yet) is the root, move ``base``: the base detector with the pool's
-super-net as teacher. Workers that start while the root is still running wait for it.
+super-net as teacher. Workers that start while the root is still running wait for it; when
+several trials start at once, the lowest-numbered one takes the root.
 
 The sampler is pure decision logic: what moves are feasible for a parent is asked of a callback
 (``feasible(parent_trial) -> (student_moves, teacher_moves)``), so it is unit-tested with fake
@@ -161,9 +162,11 @@ class HillClimbingSampler(BaseSampler):
             others = [t for t in trials if t.number != trial.number]
             if top_k(others, 1):
                 return self.choose(others, trial.number)
+            # The root is (being) taken by a live base trial, or by a lower-numbered trial that
+            # is still choosing its move: two workers starting together must not both take it.
             root_pending = any(
-                t.params.get(MOVE_PARAM) == BASE_MOVE
-                and t.state in (TrialState.RUNNING, TrialState.WAITING)
+                (t.params.get(MOVE_PARAM) == BASE_MOVE and t.state in (TrialState.RUNNING, TrialState.WAITING))
+                or (MOVE_PARAM not in t.params and t.state == TrialState.RUNNING and t.number < trial.number)
                 for t in others
             )
             if not root_pending:

@@ -40,7 +40,6 @@ from jdsearch.artifacts import (
 )
 from jdsearch.errors import CheckpointError, SpecError
 
-PG_BASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 CHUNK = 64
 RUN = uuid.uuid4().hex[:8]
 PREFIX = f"t{RUN}_"
@@ -53,28 +52,6 @@ def payload(n: int, seed: int = 0) -> bytes:
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    try:
-        import psycopg2
-    except ImportError as e:  # pragma: no cover - psycopg2 is a dev dependency
-        pytest.skip(f"psycopg2 not installed ({e})")
-    try:
-        conn = psycopg2.connect(
-            host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3
-        )
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432/test unreachable: {str(e).strip()}")
-    schema = f"jdsearch_test_{RUN}"
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    finally:
-        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":

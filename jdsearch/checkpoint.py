@@ -1,0 +1,319 @@
+"""Detector checkpoints: one safetensors file = weights + a JSON description of the detector.
+
+Layout of a checkpoint (a plain safetensors file, readable by any safetensors tool):
+
+* tensors — the detector's ``state_dict()`` (moved to CPU, contiguous);
+* metadata (safetensors allows ``str → str`` only) — two keys:
+
+  - ``jdsearch`` — a JSON document::
+
+        {"format": "jdsearch-checkpoint", "version": 1,
+         "spec": {... DetectorSpec.to_dict(), includes the backbone arch ...},
+         "num_classes": 6, "class_names": ["circle", ...] | null,
+         "extra": {... free-form, JSON-serialisable: training record, lineage ...},
+         "tensors_sha256": "<hex>"}
+
+  - ``jdsearch.sha256`` — the sha256 of the ``jdsearch`` text, so that an edited or damaged
+    document is detected even when it still parses.
+
+``tensors_sha256`` hashes every tensor in name order — name, dtype, shape and raw bytes — so it
+does not depend on how safetensors lays the payload out, and it is verified on every load.
+
+Loading never unpickles anything. Every failure a user can cause — missing file, truncated or
+corrupt file, edited metadata, hash mismatch, weights that do not fit the architecture the spec
+describes — raises :class:`~jdsearch.errors.CheckpointError` with a one-line message naming the
+file. Only the detector is stored: optimizer/scheduler state is deliberately left out (a trial
+trains from inherited weights with a fresh optimizer, so nothing needs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from jdsearch.errors import CheckpointError, JDSearchError
+from jdsearch.models.detector import Detector, build_detector
+from jdsearch.spec import DetectorSpec, spec_from_dict
+
+FORMAT_NAME = "jdsearch-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "jdsearch"
+META_HASH_KEY = "jdsearch.sha256"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_MAX_LISTED = 3  # names listed in a mismatch message before "and N more"
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A loaded checkpoint. ``detector`` is rebuilt from ``spec`` and is in eval mode."""
+
+    detector: Detector
+    spec: DetectorSpec
+    num_classes: int
+    class_names: tuple[str, ...] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = "<bytes>"
+    format_version: int = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------------- hashing
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """Layout-independent sha256 over (name, dtype, shape, bytes) of every tensor, name-sorted."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(b"\0" + str(t.dtype).encode() + b"\0")
+        h.update(",".join(str(d) for d in t.shape).encode() + b"\0")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- saving
+def checkpoint_to_bytes(
+    detector: Detector,
+    *,
+    class_names: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    source: str = "<bytes>",
+) -> bytes:
+    """Serialise ``detector`` (weights + spec + class names + ``extra``) to safetensors bytes."""
+    spec = getattr(detector, "spec", None)
+    if not isinstance(spec, DetectorSpec):
+        raise CheckpointError(
+            f"{source}: the model has no DetectorSpec (build it with build_detector)"
+        )
+    num_classes = detector.roi_heads.box_predictor.cls_score.out_features
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) not in (num_classes, num_classes - 1):
+            raise CheckpointError(
+                f"{source}: {len(class_names)} class names for a detector with {num_classes} classes "
+                f"(give {num_classes - 1} foreground names, or {num_classes} with the background)"
+            )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
+    doc = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "extra": dict(extra or {}),
+        "tensors_sha256": tensors_sha256(tensors),
+    }
+    try:
+        text = json.dumps(doc, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: 'extra' is not JSON-serialisable: {e}") from None
+    return st_save(tensors, metadata={META_KEY: text, META_HASH_KEY: _text_sha256(text)})
+
+
+def save_checkpoint(
+    path: str | Path,
+    detector: Detector,
+    *,
+    class_names: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, then rename)."""
+    p = Path(path)
+    data = checkpoint_to_bytes(detector, class_names=class_names, extra=extra, source=str(p))
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot write checkpoint: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{p}: cannot write checkpoint: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+# ---------------------------------------------------------------------- loading
+def _read_metadata(data: bytes, source: str) -> dict[str, Any]:
+    """Parse the safetensors header ourselves (the bytes API of safetensors drops metadata)."""
+    if len(data) < 8:
+        raise CheckpointError(f"{source}: not a checkpoint (file too short: {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER or 8 + n > len(data):
+        raise CheckpointError(f"{source}: corrupt or truncated checkpoint (bad header length {n})")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{source}: corrupt checkpoint (header is not valid JSON)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or META_KEY not in meta:
+        raise CheckpointError(f"{source}: not a jdsearch checkpoint (no '{META_KEY}' metadata)")
+    text = meta[META_KEY]
+    if not isinstance(text, str) or meta.get(META_HASH_KEY) != _text_sha256(text):
+        raise CheckpointError(
+            f"{source}: checkpoint metadata was modified or damaged (sha256 mismatch)"
+        )
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{source}: corrupt checkpoint metadata (not valid JSON)") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{source}: not a jdsearch checkpoint (format {doc.get('format')!r})")
+    if doc.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: unsupported checkpoint version {doc.get('version')!r} (this jdsearch reads {FORMAT_VERSION})"
+        )
+    for key, kind in (
+        ("spec", dict),
+        ("num_classes", int),
+        ("extra", dict),
+        ("tensors_sha256", str),
+    ):
+        if not isinstance(doc.get(key), kind):
+            raise CheckpointError(
+                f"{source}: checkpoint metadata field '{key}' is missing or malformed"
+            )
+    names = doc.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(c, str) for c in names)
+    ):
+        raise CheckpointError(f"{source}: checkpoint metadata field 'class_names' is malformed")
+    return doc
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def _check_fits(detector: Detector, tensors: Mapping[str, Tensor], source: str) -> None:
+    expected = detector.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch {_listing(wrong)} (file vs spec)")
+    if problems:
+        raise CheckpointError(
+            f"{source}: weights do not match the checkpoint's architecture: " + "; ".join(problems)
+        )
+
+
+def checkpoint_from_bytes(
+    data: bytes, source: str = "<bytes>", *, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Rebuild a detector from checkpoint bytes; ``source`` names them in error messages."""
+    doc = _read_metadata(data, source)
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{source}: corrupt or truncated checkpoint ({reason})") from None
+    if tensors_sha256(tensors) != doc["tensors_sha256"]:
+        raise CheckpointError(
+            f"{source}: weights do not match their recorded sha256 (corrupt or modified)"
+        )
+    try:
+        spec = spec_from_dict(doc["spec"], source=f"{source}: spec")
+    except JDSearchError as e:
+        raise CheckpointError(f"{source}: invalid detector spec in metadata: {e}") from None
+    num_classes = doc["num_classes"]
+    if num_classes < 2:
+        raise CheckpointError(
+            f"{source}: num_classes must be ≥ 2 (it counts the background), got {num_classes}"
+        )
+    try:
+        detector = build_detector(spec, num_classes)
+    except (JDSearchError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{source}: cannot build the detector its spec describes: {e}"
+        ) from None
+    _check_fits(detector, tensors, source)
+    detector.load_state_dict(tensors, strict=True)
+    detector.to(device)
+    detector.eval()
+    names = doc["class_names"]
+    return Checkpoint(
+        detector=detector,
+        spec=detector.spec,
+        num_classes=num_classes,
+        class_names=tuple(names) if names is not None else None,
+        extra=doc["extra"],
+        source=source,
+    )
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (safetensors only, never pickle)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
+    return checkpoint_from_bytes(data, str(p), device=device)
+
+
+def read_checkpoint_metadata(
+    path_or_bytes: str | Path | bytes, source: str | None = None
+) -> dict[str, Any]:
+    """The metadata document (spec, num_classes, class_names, extra), verified against its own
+    sha256 but without reading or verifying the weights — cheap enough for listings."""
+    if isinstance(path_or_bytes, bytes):
+        return _read_metadata(path_or_bytes, source or "<bytes>")
+    p = Path(path_or_bytes)
+    try:
+        with p.open("rb") as f:  # the header only: the weights are not read (nor verified)
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            data = head + f.read(min(n, _MAX_HEADER + 1))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
+    return _read_metadata(data, source or str(p))
+
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "checkpoint_from_bytes",
+    "checkpoint_to_bytes",
+    "load_checkpoint",
+    "read_checkpoint_metadata",
+    "save_checkpoint",
+    "tensors_sha256",
+]

@@ -1,0 +1,345 @@
+"""The ``jdsearch`` command line: parse, call the modules, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jdsearch.errors import JDSearchError
+
+log = logging.getLogger("jdsearch")
+
+DEFAULT_DATA = Path("runs/synth")
+DEFAULT_SYNTH_IMAGES = 640
+DEFAULT_SYNTH_SEED = 0
+
+
+# ---------------------------------------------------------------------- helpers
+def _sizes(texts: Sequence[str] | None) -> tuple[Any, ...] | None:
+    from jdsearch.data import parse_resolutions
+
+    return parse_resolutions(texts) if texts else None
+
+
+def ensure_data(data: str | None) -> Path:
+    """``--data DIR`` or, when absent, the embedded synthetic dataset (generated once)."""
+    from jdsearch import synth
+
+    if data is not None:
+        return Path(data)
+    if not (DEFAULT_DATA / "train.json").is_file() or not (DEFAULT_DATA / "val.json").is_file():
+        print(f"generating the embedded synthetic dataset in {DEFAULT_DATA} ...", flush=True)
+        info = synth.generate(DEFAULT_DATA, images=DEFAULT_SYNTH_IMAGES, seed=DEFAULT_SYNTH_SEED)
+        print(f"  {info.train_images} train / {info.val_images} val images, classes: {', '.join(info.class_names)}")
+    return DEFAULT_DATA
+
+
+def open_split(data_dir: Path, split: str) -> Any:
+    from jdsearch.data import CocoDataset
+
+    return CocoDataset(data_dir / f"{split}.json", data_dir / "images")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    print(f"{'size':>10}  {'AP':>6} {'AP50':>6} {'AP75':>6} {'APs':>6} {'APm':>6} {'APl':>6}  {'img/s':>7}")
+    for size, m in metrics.items():
+        vals = " ".join(f"{100 * v:6.1f}" for v in (m.AP, m.AP50, m.AP75, m.APs, m.APm, m.APl))
+        print(f"{size:>10}  {vals}  {m.images_per_s:7.1f}")
+
+
+def _describe(detector: Any, size: tuple[int, int]) -> str:
+    from jdsearch.flops import count_flops
+
+    report = count_flops(detector, size=size)
+    return (
+        f"arch: {detector.arch.encode()}\n"
+        f"params: {report.params / 1e6:.3f} M   FLOPs at {size[1]}x{size[0]}: {report.total / 1e9:.3f} G"
+        f" (backbone {report.backbone / 1e9:.3f} G)"
+    )
+
+
+def _hw(res: Any) -> tuple[int, int]:
+    """A ``LONGxSHORT`` resolution as the landscape ``(height, width)`` image it bounds."""
+    return (res.short, res.long)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_flops(args: argparse.Namespace) -> int:
+    from jdsearch.checkpoint import load_checkpoint
+    from jdsearch.data import Resolution
+    from jdsearch.flops import count_flops, count_spec_flops, format_report
+    from jdsearch.spec import load_spec
+
+    if args.spec.endswith(".safetensors"):
+        detector = load_checkpoint(args.spec).detector
+        spec = detector.spec
+        size = Resolution.parse(args.size) if args.size else spec.input.size
+        report = count_flops(detector, size=_hw(size))
+    else:  # a spec: counted on the meta device, no weights allocated
+        spec = load_spec(args.spec)
+        size = Resolution.parse(args.size) if args.size else spec.input.size
+        report = count_spec_flops(spec, size=_hw(size), num_classes=args.num_classes)
+    encoding = spec.arch.encode()
+    print(f"{spec.name}: {encoding if len(encoding) <= 90 else encoding[:87] + '...'}")
+    print(format_report(report))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from jdsearch import synth
+
+    if len(args.size) not in (1, 2):
+        raise JDSearchError(f"--size: give one side or MIN MAX, got {args.size}")
+    size = args.size[0] if len(args.size) == 1 else (args.size[0], args.size[1])
+    info = synth.generate(args.out, images=args.images, seed=args.seed, size=size)
+    print(f"wrote {info.images} images to {info.image_dir}")
+    print(f"  {info.train_json}: {info.train_images} images, {info.train_annotations} objects")
+    print(f"  {info.val_json}: {info.val_images} images, {info.val_annotations} objects")
+    print(f"  classes: {', '.join(info.class_names)}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from jdsearch.data import validate
+
+    summary = validate(args.ann, args.images)
+    print("\n".join(summary.lines()))
+    print("ok")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jdsearch.checkpoint import load_checkpoint, save_checkpoint
+    from jdsearch.evaluate import evaluate
+    from jdsearch.models import build_detector
+    from jdsearch.spec import load_spec
+    from jdsearch.train import TrainConfig, train
+
+    data_dir = ensure_data(args.data)
+    train_set = open_split(data_dir, "train")
+    if args.init:
+        detector = load_checkpoint(args.init).detector
+        spec = detector.spec
+    else:
+        spec = load_spec(args.spec)
+        detector = build_detector(spec, train_set.num_classes)
+    if detector.roi_heads.box_predictor.cls_score.out_features != train_set.num_classes:
+        raise JDSearchError(
+            f"{data_dir / 'train.json'}: {train_set.num_classes - 1} categories but the detector has "
+            f"{detector.roi_heads.box_predictor.cls_score.out_features - 1} classes"
+        )
+    resolutions = _sizes(args.resolutions) or spec.input.resolutions
+    config = TrainConfig(
+        epochs=args.epochs,
+        max_iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_iters=args.warmup,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        resolutions=() if args.fixed_size else tuple(resolutions),
+        grad_clip=args.grad_clip,
+        num_workers=args.workers,
+    )
+    loss_terms: list[Any] = []
+    if args.bn_sparsity > 0:
+        from jdsearch.pruning import BNSparsity
+
+        loss_terms.append(BNSparsity(args.bn_sparsity))
+    if args.teacher:
+        from jdsearch.distill import KDConfig, make_distiller
+
+        teacher = load_checkpoint(args.teacher, device=args.device).detector
+        loss_terms.append(make_distiller(detector, teacher, KDConfig()))
+        print(f"distilling from {args.teacher} ({teacher.arch.encode()[:60]}...)")
+    print(f"training {spec.name} on {data_dir} ({len(train_set)} images), {config.epochs} epochs")
+    result = train(detector, train_set, config, loss_terms=loss_terms, progress=not args.quiet)
+    print(
+        f"trained {result.iterations} iterations in {result.seconds:.1f} s "
+        f"({result.images_per_s:.1f} img/s); final losses: "
+        + ", ".join(f"{k}={v:.3f}" for k, v in result.final_losses.items())
+    )
+    extra = {"train": result.to_dict(), "data": str(data_dir)}
+    if not args.no_eval:
+        val_set = open_split(data_dir, "val")
+        metrics = evaluate(detector, val_set, resolutions, device=args.device)
+        _print_metrics(metrics)
+        extra["eval"] = {k: v.to_dict() for k, v in metrics.items()}
+    out = save_checkpoint(args.out, detector, class_names=train_set.class_names, extra=extra)
+    print(f"saved {out}")
+    print(_describe(detector, _hw(spec.input.size)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jdsearch.checkpoint import load_checkpoint
+    from jdsearch.evaluate import evaluate
+
+    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    dataset = open_split(ensure_data(args.data), args.split)
+    sizes = _sizes(args.sizes) or ckpt.spec.input.resolutions
+    metrics = evaluate(ckpt.detector, dataset, sizes, device=args.device, batch_size=args.batch_size)
+    _print_metrics(metrics)
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v.to_dict() for k, v in metrics.items()}, indent=1))
+    return 0
+
+
+def cmd_evolve(args: argparse.Namespace) -> int:
+    from jdsearch.checkpoint import load_checkpoint, save_checkpoint
+    from jdsearch.morph import MorphConfig, evolve_with_report
+
+    ckpt = load_checkpoint(args.checkpoint)
+    parent = ckpt.detector
+    config = MorphConfig(channel_fraction=args.fraction)
+    child, report = evolve_with_report(parent, args.action, config=config)
+    size = _hw(ckpt.spec.input.size)
+    print(f"parent {_describe(parent, size)}")
+    print(
+        f"action {args.action}: {report.inherited_params:,} parameters inherited, "
+        f"{report.new_params:,} new, {report.dropped_params:,} dropped"
+    )
+    print(f"child  {_describe(child, size)}")
+    extra = dict(ckpt.extra)
+    extra["lineage"] = [*extra.get("lineage", []), args.action]
+    out = save_checkpoint(args.out, child, class_names=ckpt.class_names, extra=extra)
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from jdsearch.search import run_search, summary
+    from jdsearch.study import load_study
+
+    spec = load_study(args.study)
+    study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
+    print(summary(study))
+    return 0
+
+
+def cmd_pool_train(args: argparse.Namespace) -> int:
+    from jdsearch.pool import PoolSpec, train_and_save_pool
+    from jdsearch.search import ensure_data, run_dir
+    from jdsearch.study import load_study
+
+    spec = load_study(args.study)
+    pool_spec = PoolSpec.from_dict(spec.pool, source=f"{spec.source}: pool")
+    train_set, _ = ensure_data(spec)
+    out = Path(args.out) if args.out else run_dir(spec) / "pool.safetensors"
+    pool = train_and_save_pool(pool_spec, train_set, out, device=spec.device, progress=not args.quiet)
+    print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jdsearch",
+        description="Upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("flops", help="count multiply-adds and parameters of a detector")
+    f.add_argument("spec", help="detector spec YAML, preset name, or checkpoint (.safetensors)")
+    f.add_argument("--size", help="input LONGxSHORT, e.g. 1333x800 (default: the spec's size)")
+    f.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default 81)")
+    f.set_defaults(func=cmd_flops)
+
+    d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("synth", help="write a deterministic synthetic COCO dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--images", type=int, default=DEFAULT_SYNTH_IMAGES)
+    s.add_argument("--seed", type=int, default=DEFAULT_SYNTH_SEED)
+    s.add_argument("--size", type=int, nargs="+", default=[128], help="side, or MIN MAX")
+    s.set_defaults(func=cmd_data_synth)
+    c = d.add_parser("check", help="validate a COCO annotation file and its images")
+    c.add_argument("--ann", required=True)
+    c.add_argument("--images", required=True)
+    c.set_defaults(func=cmd_data_check)
+
+    t = sub.add_parser("train", help="train a detector (plain, or distilled with --teacher)")
+    t.add_argument("spec", nargs="?", default="tiny-r18-fpn", help="spec YAML or preset name")
+    t.add_argument("--data", help="dataset dir with images/, train.json, val.json (default: embedded synthetic)")
+    t.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    t.add_argument("--init", help="start from this checkpoint's weights and architecture")
+    t.add_argument("--teacher", help="checkpoint of a teacher detector: knowledge distillation")
+    t.add_argument("--epochs", type=float, default=12)
+    t.add_argument("--iters", type=int, default=None, help="iterations (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=0.02)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--grad-clip", type=float, default=10.0)
+    t.add_argument("--bn-sparsity", type=float, default=1e-5, help="λ of the BN-γ L1 penalty (0: off)")
+    t.add_argument("--resolutions", nargs="+", help="dynamic-resolution set (default: the spec's)")
+    t.add_argument("--fixed-size", action="store_true", help="train at the spec's size only")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--no-eval", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="COCO AP of a checkpoint at one or more sizes")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="dataset dir (default: embedded synthetic)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--sizes", nargs="+", help="LONGxSHORT sizes (default: the spec's resolutions)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", help="also write the metrics here")
+    e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("evolve", help="apply one weight-inheriting action to a checkpoint")
+    v.add_argument("checkpoint")
+    v.add_argument("action", help="channel_prune | layer_prune | add_layer:S | rearrange:S->T")
+    v.add_argument("--out", required=True)
+    v.add_argument("--fraction", type=float, default=0.1, help="channel_prune: share of prunable channels")
+    v.set_defaults(func=cmd_evolve)
+
+    q = sub.add_parser("search", help="run (or resume, or join) a Joint-DetNAS search")
+    q.add_argument("study", help="study spec YAML (e.g. studies/quickstart.yaml)")
+    q.add_argument("--storage", help="Optuna storage URL (default: the spec's, sqlite:///runs/NAME.db)")
+    q.add_argument("--n-trials", type=int, default=None, help="trials this worker adds (default: the spec's)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_search)
+
+    pl = sub.add_parser("pool", help="elastic teacher pool").add_subparsers(dest="pool_command", required=True)
+    pt = pl.add_parser("train", help="train a study's teacher pool with integrated progressive shrinking")
+    pt.add_argument("study")
+    pt.add_argument("--out", help="pool file (default runs/NAME/pool.safetensors)")
+    pt.add_argument("--quiet", action="store_true")
+    pt.set_defaults(func=cmd_pool_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import warnings
+
+    # optuna marks heartbeats and artifacts experimental; the CLI relies on them on purpose.
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
+    warnings.filterwarnings("ignore", message=".*experimental feature.*")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except JDSearchError as e:
+        print(f"jdsearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jdsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""COCO box mAP of a detector at one or several input resolutions.
+
+With dynamic-resolution training (paper 3.1.2) one trained student is evaluated at every
+resolution of its set, and the search scores each ``(student, resolution)`` pair. Inference runs in
+eval mode under ``torch.no_grad``; the detector's resize sizes and train/eval mode are restored
+afterwards. Metrics come from ``pycocotools`` (its console output is swallowed).
+
+Size-bucket APs (``APs``/``APm``/``APl``) for which the ground truth has no object are reported
+as ``NaN`` — not pycocotools' ``-1``, which would silently drag down any average it enters.
+Overall ``AP``/``AP50``/``AP75`` are ``0.0`` when the detector finds nothing (and ``NaN`` only if
+the dataset itself has no annotated object).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from jdsearch.data import CocoDataset, Resolution, make_loader, using_resolution
+
+__all__ = ["CocoMetrics", "Detections", "coco_metrics", "evaluate", "predict"]
+
+logger = logging.getLogger(__name__)
+
+# Indices into COCOeval.stats for the box metrics we keep.
+_STATS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5}
+
+
+@dataclass(frozen=True)
+class CocoMetrics:
+    """COCO box metrics in ``[0, 1]`` (``NaN``: no ground-truth object of that size) + speed."""
+
+    AP: float
+    AP50: float
+    AP75: float
+    APs: float
+    APm: float
+    APl: float
+    seconds: float = 0.0  # wall time of inference over the dataset (data loading included)
+    images_per_s: float = 0.0
+    detections: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections in original-image pixels: boxes ``xyxy`` ``[N, 4]``, scores, labels."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+
+def _run(
+    detector: nn.Module, images: Sequence[Tensor], device: torch.device
+) -> list[dict[str, Tensor]]:
+    outputs = detector([im.to(device, non_blocking=True) for im in images])
+    return [{k: v.detach().cpu() for k, v in out.items()} for out in outputs]
+
+
+@contextlib.contextmanager
+def _inference(detector: nn.Module, size: Resolution | None) -> Any:
+    was_training = detector.training
+    detector.eval()
+    try:
+        with (
+            torch.no_grad(),
+            using_resolution(detector, size) if size else contextlib.nullcontext(),
+        ):
+            yield
+    finally:
+        detector.train(was_training)
+
+
+def predict(
+    detector: nn.Module,
+    images: Sequence[Tensor],
+    size: Resolution | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> list[Detections]:
+    """Detections for ``images`` (float CHW in ``[0, 1]``) at ``size`` (default: current size)."""
+    dev = torch.device(device) if device is not None else next(detector.parameters()).device
+    detector.to(dev)
+    with _inference(detector, size):
+        outputs = _run(detector, images, dev)
+    return [Detections(o["boxes"], o["scores"], o["labels"]) for o in outputs]
+
+
+def coco_metrics(
+    coco_gt: Any, results: list[dict[str, Any]], image_ids: Sequence[int]
+) -> CocoMetrics:
+    """Run ``COCOeval`` (bbox) on ``results`` (COCO result dicts, ``xywh``) over ``image_ids``."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not coco_gt.getAnnIds(imgIds=list(image_ids)):
+        nan = float("nan")
+        return CocoMetrics(nan, nan, nan, nan, nan, nan, detections=len(results))
+    with contextlib.redirect_stdout(io.StringIO()):
+        # Build the detection COCO by hand: ``loadRes`` crashes on an empty list.
+        dt = COCO()
+        anns = []
+        for i, r in enumerate(results, start=1):
+            _, _, w, h = r["bbox"]
+            anns.append({**r, "id": i, "area": w * h, "iscrowd": 0})
+        dt.dataset = {
+            "images": [dict(im) for im in coco_gt.dataset["images"]],
+            "categories": [dict(c) for c in coco_gt.dataset["categories"]],
+            "annotations": anns,
+        }
+        dt.createIndex()
+        ev = COCOeval(coco_gt, dt, iouType="bbox")
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {k: float(ev.stats[i]) for k, i in _STATS.items()}
+    clean = {k: (v if v >= 0 else math.nan) for k, v in stats.items()}
+    return CocoMetrics(**clean, detections=len(results))
+
+
+def _results(dataset: CocoDataset, image_id: int, out: dict[str, Tensor]) -> list[dict[str, Any]]:
+    boxes = out["boxes"].numpy().astype(np.float64)
+    scores = out["scores"].numpy().astype(np.float64)
+    labels = out["labels"].numpy()
+    category_ids = dataset.category_ids
+    rows = []
+    for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True):
+        rows.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[int(label) - 1]),
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                "score": float(score),
+            }
+        )
+    return rows
+
+
+def evaluate(
+    detector: nn.Module,
+    dataset: CocoDataset,
+    sizes: Sequence[Resolution],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> dict[str, CocoMetrics]:
+    """COCO box metrics of ``detector`` on ``dataset`` at each of ``sizes`` (key: ``str(size)``).
+
+    The detector is moved to ``device`` and stays there; its sizes and mode are restored.
+    Labels ``1..K`` are mapped back to the dataset's category ids; boxes go ``xyxy → xywh``.
+    """
+    dev = torch.device(device)
+    detector.to(dev)
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
+    coco_gt = dataset.coco_gt()
+    image_ids = dataset.image_ids
+    metrics: dict[str, CocoMetrics] = {}
+    for size in sizes:
+        size = Resolution.parse(size)
+        results: list[dict[str, Any]] = []
+        start = time.perf_counter()
+        with _inference(detector, size):
+            for images, targets in loader:
+                for target, out in zip(targets, _run(detector, images, dev), strict=True):
+                    results.extend(_results(dataset, target["image_id"], out))
+        seconds = time.perf_counter() - start
+        m = coco_metrics(coco_gt, results, image_ids)
+        m = CocoMetrics(
+            **{
+                **m.to_dict(),
+                "seconds": seconds,
+                "images_per_s": len(dataset) / seconds if seconds > 0 else 0.0,
+            }
+        )
+        logger.info(
+            "eval %s at %s: AP %.4f AP50 %.4f (%d detections, %.1f img/s)",
+            getattr(dataset, "ann_file", "dataset"),
+            size,
+            m.AP,
+            m.AP50,
+            len(results),
+            m.images_per_s,
+        )
+        metrics[str(size)] = m
+    return metrics

@@ -1,0 +1,110 @@
+"""Assemble a torchvision Faster R-CNN FPN from a detector spec.
+
+torchvision supplies the detector family (``GeneralizedRCNNTransform``, RPN, ``RoIHeads``,
+``MultiScaleRoIAlign``, FPN); jdsearch supplies the backbone body built from a
+:class:`~jdsearch.arch.BackboneArch`. The returned detector carries its spec (``detector.spec``) and
+architecture (``detector.arch``) so that every later step — FLOPs, morph actions, checkpoints —
+reads the architecture from the model it acts on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from jdsearch.arch import BackboneArch
+from jdsearch.models.heads import RecordingRoIHeads
+from jdsearch.models.resnet import ResNet
+from jdsearch.spec import DetectorSpec
+
+FEATURE_NAMES = ["0", "1", "2", "3"]
+
+
+class ResNetFPN(nn.Module):
+    """ResNet body + FPN (P2–P5 from the four stages, P6 by max-pooling P5)."""
+
+    def __init__(self, arch: BackboneArch) -> None:
+        super().__init__()
+        self.body = ResNet(arch)
+        self.fpn = FeaturePyramidNetwork(
+            list(arch.stage_out_channels), arch.fpn, extra_blocks=LastLevelMaxPool()
+        )
+        self.out_channels = arch.fpn
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(self.body(x))
+
+
+class Detector(FasterRCNN):
+    """torchvision's ``FasterRCNN`` that knows its spec and architecture."""
+
+    spec: DetectorSpec
+
+    @property
+    def arch(self) -> BackboneArch:
+        return self.spec.arch
+
+
+def build_detector(spec_or_arch: DetectorSpec | BackboneArch, num_classes: int | None = None) -> Detector:
+    """Build a Faster R-CNN FPN detector.
+
+    ``spec_or_arch`` is a :class:`DetectorSpec` (from :func:`jdsearch.load_spec`) or a bare
+    :class:`BackboneArch`, which gets the default (paper-sized) heads. ``num_classes`` counts the
+    background; it defaults to the spec's.
+    """
+    spec = (
+        spec_or_arch
+        if isinstance(spec_or_arch, DetectorSpec)
+        else DetectorSpec(name="custom", arch=spec_or_arch)
+    )
+    n = num_classes if num_classes is not None else spec.num_classes
+    if n is None:
+        raise ValueError("build_detector: num_classes is required (the spec does not set it)")
+    arch, rpn, roi, inp = spec.arch, spec.rpn, spec.roi, spec.input
+    backbone = ResNetFPN(arch)
+    anchor_gen = AnchorGenerator(
+        sizes=tuple((s,) for s in rpn.anchor_sizes),
+        aspect_ratios=(tuple(rpn.aspect_ratios),) * len(rpn.anchor_sizes),
+    )
+    pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=roi.pool_size, sampling_ratio=roi.sampling_ratio)
+    box_head = TwoMLPHead(arch.fpn * roi.pool_size**2, roi.representation_size)
+    det = Detector(
+        backbone,
+        num_classes=None,
+        min_size=inp.size.short,
+        max_size=inp.size.long,
+        image_mean=list(inp.image_mean),
+        image_std=list(inp.image_std),
+        rpn_anchor_generator=anchor_gen,
+        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
+        rpn_nms_thresh=rpn.nms_thresh,
+        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
+        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
+        rpn_batch_size_per_image=rpn.batch_size_per_image,
+        rpn_positive_fraction=rpn.positive_fraction,
+        box_roi_pool=pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(roi.representation_size, n),
+        box_score_thresh=roi.score_thresh,
+        box_nms_thresh=roi.nms_thresh,
+        box_detections_per_img=roi.detections_per_img,
+        box_fg_iou_thresh=roi.fg_iou_thresh,
+        box_bg_iou_thresh=roi.bg_iou_thresh,
+        box_batch_size_per_image=roi.batch_size_per_image,
+        box_positive_fraction=roi.positive_fraction,
+    )
+    det.transform.size_divisible = inp.size_divisible
+    # Same modules and settings; records sampled proposals/outputs for distillation when asked.
+    det.roi_heads = RecordingRoIHeads.from_heads(det.roi_heads)
+    det.spec = spec if spec.num_classes == n else dataclasses.replace(spec, num_classes=n)
+    return det

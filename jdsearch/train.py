@@ -1,0 +1,487 @@
+"""The training loop: SGD + warm-up + cosine/step schedule, dynamic resolution, pluggable losses.
+
+One loop serves every training in jdsearch — base detectors, the fast evaluation of a searched
+student (paper A.1.4: 3 epochs, cosine schedule, lr 0.01, batch 4) and the teacher pool. Extra
+objectives (the BN-sparsity penalty of pruning, knowledge distillation) plug in as *loss terms*,
+see :func:`train`.
+
+Dynamic resolution (paper 3.1.2, A.1.3): with ``TrainConfig.resolutions`` set, one resolution is
+drawn per iteration by a seeded :class:`~jdsearch.data.ResolutionSampler` and applied to the
+detector's transform with :func:`~jdsearch.data.set_resolution`; the transform's original sizes are
+restored when training ends (also on error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from jdsearch.data import (
+    Resolution,
+    ResolutionSampler,
+    get_resolution,
+    make_loader,
+    set_resolution,
+    targets_to,
+    using_resolution,
+)
+from jdsearch.errors import DataError, JDSearchError, SpecError
+
+__all__ = [
+    "COSINE",
+    "STEP",
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "lr_factor",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+COSINE = "cosine"
+STEP = "step"
+_FINAL_WINDOW = 20  # final losses average the last this-many iterations
+
+
+class TrainingDiverged(JDSearchError):
+    """The total loss became NaN or infinite; the message names the iteration and the culprits."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Invalid values raise :class:`SpecError` naming the field.
+
+    * Length: ``max_iters`` when set, else ``epochs`` passes over the data (fractions allowed;
+      at least one iteration).
+    * Schedule (per iteration): linear warm-up from ``lr * warmup_factor`` to ``lr`` over
+      ``warmup_iters``, multiplied by either ``cosine`` decay to 0 at the last iteration, or
+      ``step`` decay by ``gamma`` at each milestone. ``milestones`` are *fractions* of the total
+      iterations (e.g. ``(2/3, 8/9)``, mmdetection's 1x schedule), so they hold for any length.
+    * ``grad_clip``: max global grad norm (``None`` = off).
+    * ``amp``: mixed precision (``torch.autocast`` float16 + ``GradScaler``); only on CUDA, ignored
+      (with a log line) on CPU.
+    * ``resolutions``: dynamic-resolution set; empty = keep the detector's current size.
+    * ``hflip``: probability of flipping each training image (and its boxes) left-right, the
+      standard detection augmentation (mmdetection's ``RandomFlip(0.5)``); 0 disables it.
+    * ``history_points``: at most this many points in :attr:`TrainResult.loss_history`.
+    """
+
+    epochs: float = 1.0
+    max_iters: int | None = None
+    batch_size: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    schedule: str = COSINE
+    milestones: tuple[float, ...] = (2 / 3, 8 / 9)
+    gamma: float = 0.1
+    grad_clip: float | None = None
+    amp: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    resolutions: tuple[Resolution, ...] = ()
+    hflip: float = 0.5
+    num_workers: int = 0
+    log_every: int = 50
+    history_points: int = 200
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise SpecError(f"TrainConfig.{name}: {why}, got {getattr(self, name)!r}")
+
+        if self.max_iters is None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            bad("epochs", "must be a positive number")
+        if self.max_iters is not None and self.max_iters < 1:
+            bad("max_iters", "must be ≥ 1")
+        if self.batch_size < 1:
+            bad("batch_size", "must be ≥ 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "must be a positive number")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", "must lie in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be ≥ 0")
+        if self.warmup_iters < 0:
+            bad("warmup_iters", "must be ≥ 0")
+        if not 0 < self.warmup_factor <= 1:
+            bad("warmup_factor", "must lie in (0, 1]")
+        if self.schedule not in (COSINE, STEP):
+            bad("schedule", f"must be '{COSINE}' or '{STEP}'")
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(
+            self.milestones
+        ):
+            bad("milestones", "must be increasing fractions of the run in (0, 1)")
+        if not 0 < self.gamma <= 1:
+            bad("gamma", "must lie in (0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad("grad_clip", "must be positive or None")
+        if not 0 <= self.hflip <= 1:
+            bad("hflip", "must be a probability in [0, 1]")
+        if self.num_workers < 0:
+            bad("num_workers", "must be ≥ 0")
+        if self.log_every < 1:
+            bad("log_every", "must be ≥ 1")
+        if self.history_points < 1:
+            bad("history_points", "must be ≥ 1")
+        if self.seed < 0:
+            bad("seed", "must be ≥ 0")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            bad("device", "is not a torch device such as 'cpu', 'cuda' or 'cuda:1'")
+        # Accept strings ("128x96") for convenience; store Resolution values.
+        object.__setattr__(
+            self, "resolutions", tuple(Resolution.parse(r) for r in self.resolutions)
+        )
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+
+    def total_iters(self, batches_per_epoch: int) -> int:
+        """Iterations this config runs over a loader of ``batches_per_epoch`` batches."""
+        if self.max_iters is not None:
+            return self.max_iters
+        return max(1, math.ceil(self.epochs * batches_per_epoch))
+
+
+def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
+    """Multiplier of ``config.lr`` at 0-based ``iteration`` of ``total`` (warm-up × schedule)."""
+    if iteration < config.warmup_iters:
+        alpha = iteration / config.warmup_iters
+        warm = config.warmup_factor * (1 - alpha) + alpha
+    else:
+        warm = 1.0
+    progress = iteration / total
+    if config.schedule == COSINE:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = config.gamma ** sum(1 for m in config.milestones if progress >= m)
+    return warm * decay
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the optional ``callback`` of :func:`train` receives after every iteration."""
+
+    iteration: int  # 1-based: iterations done
+    total_iters: int
+    epoch: int  # 0-based epoch of this iteration's batch
+    lr: float
+    resolution: Resolution | None
+    losses: dict[str, float]  # every term, detached
+    loss: float  # their sum
+    images: int  # images seen so far
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Summary of one training run (JSON-friendly through :meth:`to_dict`)."""
+
+    iterations: int
+    images: int
+    seconds: float
+    images_per_s: float
+    final_losses: dict[str, float]  # mean of each term over the last ≤ 20 iterations
+    loss_history: tuple[float, ...]  # total loss, each point the mean of `history_stride` iters
+    history_stride: int = 1
+    resolutions: tuple[str, ...] = field(default=())  # the set sampled from ("" = fixed size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["loss_history"] = list(self.loss_history)
+        d["resolutions"] = list(self.resolutions)
+        return d
+
+
+LossTerm = nn.Module
+Callback = Callable[[StepInfo], None]
+
+
+def _cycle(loader: Any) -> Iterator[tuple[int, Any]]:
+    """Endless ``(epoch, batch)``; each pass reshuffles with the loader's own seeded generator."""
+    epoch = 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield epoch, batch
+        if empty:
+            raise DataError("training dataset yielded no batch")
+        epoch += 1
+
+
+def _hflip(
+    images: list[Tensor], targets: list[dict[str, Any]], p: float, gen: torch.Generator
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Flip each image left-right with probability ``p`` (boxes follow; inputs untouched)."""
+    if p <= 0:
+        return images, targets
+    flips = (torch.rand(len(images), generator=gen) < p).tolist()
+    out_images, out_targets = [], []
+    for image, target, flip in zip(images, targets, flips, strict=True):
+        if flip:
+            width = image.shape[-1]
+            boxes = target["boxes"]
+            target = {
+                **target,
+                "boxes": torch.stack(
+                    [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1
+                ),
+            }
+            image = image.flip(-1)
+        out_images.append(image)
+        out_targets.append(target)
+    return out_images, out_targets
+
+
+def _trainable(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _fmt(losses: Mapping[str, Tensor | float]) -> str:
+    return ", ".join(
+        f"{k}={float(v.detach() if isinstance(v, Tensor) else v):.4g}" for k, v in losses.items()
+    )
+
+
+def _compress(values: Sequence[float], points: int) -> tuple[tuple[float, ...], int]:
+    stride = max(1, math.ceil(len(values) / points))
+    out = tuple(
+        sum(values[i : i + stride]) / len(values[i : i + stride])
+        for i in range(0, len(values), stride)
+    )
+    return out, stride
+
+
+def train(
+    detector: nn.Module,
+    dataset: Dataset[Any],
+    config: TrainConfig,
+    *,
+    loss_terms: Sequence[nn.Module] = (),
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> TrainResult:
+    """Train ``detector`` (a torchvision ``GeneralizedRCNN``, in place) on ``dataset``.
+
+    The detector is moved to ``config.device`` and stays there. Its training/eval mode and its
+    transform's resize sizes are restored on return. Batches may mix image sizes (the detector's
+    transform resizes and pads them). Deterministic on CPU for a given ``config.seed``: the data
+    order, the resolution draws and torchvision's RPN/RoI sampling (which use torch's global RNG,
+    seeded inside a ``torch.random.fork_rng`` scope so the caller's RNG state is left untouched).
+
+    **Loss-term contract.** Each element of ``loss_terms`` is an ``nn.Module`` whose
+    ``forward(model) -> dict[str, Tensor]`` is called right after
+    ``loss_dict = model(images, targets)`` in every step, with the model that just ran its forward
+    pass; the returned scalar losses are added to the total (their names must not clash with the
+    detector's or each other's). A term may read what the model recorded during that forward
+    (e.g. a distiller reads the student's sampled proposals and features) and may own trainable
+    parameters (e.g. an adaptation conv): the optimizer covers every ``requires_grad`` parameter of
+    the detector *and* of the terms (de-duplicated, so a term may hold a reference to the
+    detector). The trainer moves the terms to the device and calls ``.train()`` on them; a term
+    that holds a frozen teacher must keep it frozen itself — ``requires_grad_(False)`` and an
+    overridden ``train()`` that leaves the teacher in eval mode.
+
+    A non-finite total loss raises :class:`TrainingDiverged` naming the iteration and the terms
+    that were non-finite. ``callback(StepInfo)`` runs after every optimizer step (an exception in
+    it stops training and propagates, e.g. Optuna's ``TrialPruned``).
+    """
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(
+            f"TrainConfig.device: {config.device!r} requested but CUDA is not available"
+        )
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError(
+            f"{getattr(dataset, 'ann_file', 'training dataset')}: no images to train on"
+        )
+    use_amp = config.amp and device.type == "cuda"
+    if config.amp and not use_amp:
+        logger.info("amp requested but device is %s: training in float32", device)
+    terms = list(loss_terms)
+    detector.to(device)
+    for term in terms:
+        term.to(device)
+
+    loader = make_loader(
+        dataset, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
+    )
+    total = config.total_iters(len(loader))
+    params = _trainable([detector, *terms])
+    if not params:
+        raise JDSearchError(
+            "nothing to train: no parameter of the detector or loss terms requires grad"
+        )
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sampler = ResolutionSampler(config.resolutions, config.seed) if config.resolutions else None
+
+    was_training = detector.training
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        # using_resolution restores the transform's original sizes (also on error).
+        stack.enter_context(using_resolution(detector, get_resolution(detector)))
+        torch.manual_seed(config.seed)
+        detector.train()
+        for term in terms:
+            term.train()
+        try:
+            return _loop(
+                detector,
+                terms,
+                loader,
+                optimizer,
+                scaler,
+                sampler,
+                config,
+                total,
+                use_amp,
+                device,
+                progress,
+                callback,
+            )
+        finally:
+            detector.train(was_training)
+
+
+def _loop(
+    detector: nn.Module,
+    terms: list[nn.Module],
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    sampler: ResolutionSampler | None,
+    config: TrainConfig,
+    total: int,
+    use_amp: bool,
+    device: torch.device,
+    progress: bool,
+    callback: Callback | None,
+) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    history: list[float] = []
+    recent: list[dict[str, float]] = []
+    images_seen = 0
+    resolution: Resolution | None = None
+    bar = tqdm(total=total, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+    start = time.perf_counter()
+    batches = _cycle(loader)
+    flip_gen = torch.Generator().manual_seed(config.seed)
+    try:
+        for it in range(total):
+            epoch, (images, targets) = next(batches)
+            lr = config.lr * lr_factor(config, it, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if sampler is not None:
+                resolution = sampler.next()
+                set_resolution(detector, resolution)
+            images, targets = _hflip(list(images), list(targets), config.hflip, flip_gen)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = targets_to(targets, device)
+
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                losses: dict[str, Tensor] = dict(detector(images, targets))
+                for term in terms:
+                    extra = term(detector)
+                    clash = set(extra) & set(losses)
+                    assert not clash, (
+                        f"loss term {type(term).__name__} reuses names {sorted(clash)}"
+                    )
+                    losses.update(extra)
+            loss = sum(v.float() for v in losses.values())
+            assert isinstance(loss, Tensor)
+            if not torch.isfinite(loss):
+                bad = {k: v for k, v in losses.items() if not torch.isfinite(v).all()}
+                raise TrainingDiverged(
+                    f"training diverged at iteration {it + 1}/{total} (lr {lr:.3g}): total loss "
+                    f"{float(loss.detach())}; non-finite terms: {_fmt(bad) or 'none (the sum overflowed)'}"
+                )
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+
+            images_seen += len(images)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            total_value = float(loss.detach())
+            history.append(total_value)
+            recent.append(values)
+            del recent[:-_FINAL_WINDOW]
+            elapsed = time.perf_counter() - start
+            if progress:
+                bar.set_postfix(loss=f"{total_value:.3f}", img_s=f"{images_seen / elapsed:.1f}")
+            bar.update(1)
+            if (it + 1) % config.log_every == 0 or it + 1 == total:
+                logger.info(
+                    "iter %d/%d epoch %d lr %.4g res %s loss %.4f (%s) %.1f img/s",
+                    it + 1,
+                    total,
+                    epoch,
+                    lr,
+                    resolution or "-",
+                    total_value,
+                    _fmt(values),
+                    images_seen / elapsed,
+                )
+            if callback is not None:
+                callback(
+                    StepInfo(
+                        iteration=it + 1,
+                        total_iters=total,
+                        epoch=epoch,
+                        lr=lr,
+                        resolution=resolution,
+                        losses=values,
+                        loss=total_value,
+                        images=images_seen,
+                        seconds=elapsed,
+                    )
+                )
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    names = dict.fromkeys(k for r in recent for k in r)
+    final = {
+        k: sum(r[k] for r in recent if k in r) / sum(1 for r in recent if k in r) for k in names
+    }
+    points, stride = _compress(history, config.history_points)
+    return TrainResult(
+        iterations=total,
+        images=images_seen,
+        seconds=seconds,
+        images_per_s=images_seen / seconds if seconds > 0 else float("inf"),
+        final_losses=final,
+        loss_history=points,
+        history_stride=stride,
+        resolutions=tuple(str(r) for r in config.resolutions),
+    )

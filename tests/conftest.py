@@ -1,0 +1,106 @@
+"""Shared fixtures: an isolated PostgreSQL schema, and tiny prepared search assets.
+
+``pg_url`` points at ``postgresql+psycopg2://postgres@127.0.0.1:5432/test`` inside a fresh schema
+(selected through ``search_path`` in the URL, so Optuna's own tables and the artifact tables land
+there too); the schema is dropped at the end of the module. Tests that need it are skipped when
+psycopg2 or the server is missing.
+
+``search_assets`` trains, once per session, the smallest base detector and elastic teacher pool
+that a search runs with, so that each search test only prepares its study (uploads the two files
+to its storage) and runs trials.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PG_BASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    try:
+        import psycopg2
+    except ImportError as e:  # pragma: no cover - psycopg2 is a dev dependency
+        pytest.skip(f"psycopg2 not installed ({e})")
+    try:
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3
+        )
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432/test unreachable: {str(e).strip()}")
+    schema = f"jdsearch_test_{uuid.uuid4().hex[:8]}"
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        # A connection left idle in a transaction must not hang the session's teardown.
+        conn.cursor().execute("SET lock_timeout = '20s'")
+        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        conn.close()
+
+
+@dataclass(frozen=True)
+class SearchAssets:
+    """A synthetic dataset, a trained tiny base checkpoint and a trained tiny teacher pool."""
+
+    data_dir: Path
+    base: Path
+    pool: Path
+
+    def study(self, name: str, storage: str, *, n_trials: int = 3, **search: Any) -> dict[str, Any]:
+        """A study spec (as a dict) over these assets; ``search`` overrides ``search.*`` fields."""
+        spec = tiny_study_dict(self.data_dir, name)
+        spec["base"]["checkpoint"] = str(self.base)
+        spec["search"].update({"n_trials": n_trials, "storage": storage, **search})
+        return spec
+
+    def install_pool(self, workdir: Path, name: str) -> None:
+        """Put the pool where ``prepare`` looks for its cache (``runs/<name>/`` under ``workdir``)."""
+        cache = workdir / "runs" / name / "pool.safetensors"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.pool, cache)
+
+
+def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
+    """``studies/quickstart.yaml`` shrunk to seconds per trial on a CPU."""
+    spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
+    spec["name"] = name
+    spec["data"] = {"dir": str(data_dir), "synth": {"images": 32, "seed": 1, "size": 96}, "max_val_images": 8}
+    spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 1}
+    for phase in spec["pool"]["phases"]:
+        phase["epochs"] = 0.25
+    spec["pool"]["train"]["recalibration_batches"] = 2
+    spec["resolutions"] = ["64x64", "96x96"]
+    spec["fast_eval"] = {"epochs": 0.25, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
+    spec["search"].update({"freeze_student": 1})
+    return spec
+
+
+@pytest.fixture(scope="session")
+def search_assets(tmp_path_factory: pytest.TempPathFactory) -> SearchAssets:
+    import optuna
+
+    from jdsearch.search import prepare
+    from jdsearch.study import study_from_dict
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = tmp_path_factory.mktemp("search_assets")
+    spec = study_from_dict(tiny_study_dict(root / "data", "assets"), source="conftest")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # runs/assets/{base,pool}.safetensors land here
+        prepare(spec, f"sqlite:///{root / 'assets.db'}", progress=False)
+    runs = root / "runs" / "assets"
+    assets = SearchAssets(root / "data", runs / "base.safetensors", runs / "pool.safetensors")
+    assert assets.base.is_file() and assets.pool.is_file()
+    return assets
