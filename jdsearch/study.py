@@ -56,7 +56,7 @@ class TrainSpec:
 class BaseSpec:
     detector: str  # preset name or YAML path
     checkpoint: Path | None = None  # trained with `train` when absent
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=12, lr=0.02))
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=12.0, lr=0.02))
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def study_from_dict(data: Any, source: str = "<study>") -> StudySpec:
     bf = top.sub("base")
     detector = bf.pop("detector", str)
     ckpt = bf.pop("checkpoint", str, None)
-    base_train = _dataclass_from(bf.sub("train"), TrainSpec, epochs=12, lr=0.02)
+    base_train = _dataclass_from(bf.sub("train"), TrainSpec, epochs=12.0, lr=0.02)
     bf.done()
     pool = top.data.pop("pool", None)
     if not isinstance(pool, dict):

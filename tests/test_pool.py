@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from jdsearch.checkpoint import load_checkpoint, save_checkpoint
-from jdsearch.data import CocoDataset, Resolution, make_loader
+from jdsearch.data import CocoDataset, Resolution, make_loader, using_resolution
 from jdsearch.elastic import ElasticBatchNorm2d, make_elastic, reorder_channels
 from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.evaluate import evaluate
@@ -394,8 +394,6 @@ def test_recalibrate_bn_uses_data_statistics(pool: ElasticPool, data: CocoDatase
         assert torch.equal(v, params[k]), k
     # The stem BN's statistics are exactly the batch's (cumulative average of one batch).
     det.eval()
-    from jdsearch.data import using_resolution
-
     with torch.no_grad(), using_resolution(det, Resolution(64, 48)):
         x = det.backbone.body.stem.conv(det.transform(batch[0])[0].tensors)
     torch.testing.assert_close(stem_bn.running_mean, x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
