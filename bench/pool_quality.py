@@ -12,10 +12,10 @@ prints the validation AP
 
 Defaults (160 images, 8/4/4 epochs) took about 6 minutes on one core of a loaded CPU; ``--quick``
 about 1.5 minutes (a smoke run). Both are far too short for tiny from-scratch detectors to learn
-much: expect AP of a few tenths of a point, i.e. noise. ``--images 400`` (about 16 minutes) gives
-standalone baselines of 1–6 AP; ``--epochs 16 4 4`` on top trains the super-net longer. Threads
-default to 1: on a shared, loaded CPU, OpenMP threads spin against each other and training gets
-tens of times slower.
+much: expect AP of a few tenths of a point, i.e. noise. ``--images 400 --epochs 16 4 4`` (15–25
+minutes) is where the standalone baselines reach 7–16 AP and the table starts to mean
+something. Threads default to 1: on a shared, loaded CPU, OpenMP threads spin against each other
+and training gets tens of times slower.
 
     python bench/pool_quality.py --quick
     python bench/pool_quality.py --images 400 --epochs 16 4 4
