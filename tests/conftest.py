@@ -104,3 +104,15 @@ def search_assets(tmp_path_factory: pytest.TempPathFactory) -> SearchAssets:
     assets = SearchAssets(root / "data", runs / "base.safetensors", runs / "pool.safetensors")
     assert assets.base.is_file() and assets.pool.is_file()
     return assets
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and a second thread competing with any
+    other process on a 2-core machine slows training by an order of magnitude (measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
