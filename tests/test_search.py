@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,18 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     trials2 = study2.get_trials(deepcopy=False)
     assert len(trials2) == len(trials) + 2
     assert all(t.user_attrs.get(PARENT_ATTR) in {u.number for u in trials2} for t in trials2[len(trials):])
+
+    # A copy of the SQLite file elsewhere, with no local caches, continues the same lineage:
+    # the storage alone carries the base detector, the pool and every checkpoint.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(tmp_path / "study.db", elsewhere / "copy.db")
+    monkeypatch.chdir(elsewhere)
+    study3 = run_search(spec, f"sqlite:///{elsewhere / 'copy.db'}", n_trials=1, progress=False)
+    trials3 = study3.get_trials(deepcopy=False)
+    assert len(trials3) == len(trials2) + 1 and not (elsewhere / "runs").exists()
+    assert trials3[-1].state == optuna.trial.TrialState.COMPLETE
+    assert trials3[-1].user_attrs[PARENT_ATTR] in {t.number for t in trials2}
 
     # The optuna CLI sees the study.
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -1,0 +1,76 @@
+"""The command line as a user runs it: every command on tiny inputs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jdsearch.checkpoint import load_checkpoint
+from jdsearch.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_flops_prints_the_paper_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "flops", "r50-fpn", "--size", "1333x800")
+    assert code == 0
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert abs(float(total.split()[1]) - 215.8) / 215.8 < 0.02
+
+
+def test_errors_are_one_line_with_exit_code_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "flops", "no-such-detector")
+    assert code == 2 and err.startswith("jdsearch: error: no-such-detector") and err.count("\n") == 1
+    bad = tmp_path / "ann.json"
+    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}))
+    code, _, err = run(capsys, "data", "check", "--ann", str(bad), "--images", str(tmp_path))
+    assert code == 2 and "ann.json" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "eval", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path))
+    assert code == 2 and "missing.safetensors" in err
+
+
+@pytest.mark.slow
+def test_synth_train_eval_evolve_and_distil(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    code, out, _ = run(capsys, "data", "synth", "--out", str(data), "--images", "24", "--seed", "3", "--size", "96")
+    assert code == 0 and (data / "train.json").is_file() and "classes:" in out
+    code, out, _ = run(capsys, "data", "check", "--ann", str(data / "train.json"), "--images", str(data / "images"))
+    assert code == 0 and out.strip().endswith("ok")
+
+    base = tmp_path / "base.safetensors"
+    code, out, _ = run(
+        capsys, "train", "tiny-r18-fpn", "--data", str(data), "--iters", "4", "--out", str(base),
+        "--quiet", "--resolutions", "64x64", "96x96",
+    )
+    assert code == 0, out
+    assert "96x96" in out and "saved" in out
+    ckpt = load_checkpoint(base)
+    assert ckpt.extra["train"]["iterations"] == 4 and "eval" in ckpt.extra
+
+    code, out, _ = run(capsys, "eval", str(base), "--data", str(data), "--sizes", "64x64", "--json", str(tmp_path / "m.json"))
+    assert code == 0 and "64x64" in out
+    assert set(json.loads((tmp_path / "m.json").read_text())) == {"64x64"}
+
+    child = tmp_path / "child.safetensors"
+    code, out, _ = run(capsys, "evolve", str(base), "add_layer:3", "--out", str(child))
+    assert code == 0 and "new" in out
+    child_ckpt = load_checkpoint(child)
+    assert child_ckpt.spec.arch.depths == (2, 2, 3, 2)
+    assert child_ckpt.extra["lineage"] == ["add_layer:3"]
+    code, _, err = run(capsys, "evolve", str(base), "rearrange:1->3", "--out", str(child))
+    assert code == 2 and "rearrange" in err
+
+    student = tmp_path / "student.safetensors"
+    code, out, _ = run(
+        capsys, "train", "--init", str(child), "--teacher", str(base), "--data", str(data), "--iters", "3",
+        "--out", str(student), "--quiet", "--no-eval", "--fixed-size",
+    )
+    assert code == 0, out
+    losses = load_checkpoint(student).extra["train"]["final_losses"]
+    assert {"loss_kd_feat", "loss_kd_cls", "loss_kd_loc", "loss_bn_sparsity"} <= set(losses)
