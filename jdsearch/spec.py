@@ -289,10 +289,14 @@ def load_spec(path: str | Path) -> DetectorSpec:
     if not p.is_file():
         known = ", ".join(sorted(q.stem for q in DETECTORS_DIR.glob("*.yaml")))
         raise SpecError(f"{path}: no such detector spec file (presets: {known})")
+    return spec_from_dict(read_yaml(p), source=str(p))
+
+
+def read_yaml(p: Path) -> Any:
+    """Parse a YAML file; a syntax error becomes one :class:`SpecError` line with its line number."""
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return spec_from_dict(data, source=str(p))

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jdsearch.data import Resolution, parse_resolutions
 from jdsearch.errors import SpecError
-from jdsearch.spec import _Fields
+from jdsearch.spec import _Fields, read_yaml
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -206,10 +204,4 @@ def load_study(path: str | Path) -> StudySpec:
         p = STUDIES_DIR / f"{p.name}.yaml"
     if not p.is_file():
         raise SpecError(f"{path}: no such study spec file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return study_from_dict(data, source=str(p))
+    return study_from_dict(read_yaml(p), source=str(p))

@@ -1,0 +1,71 @@
+"""Study specs: the quickstart loads; bad keys and values name the file and the dotted field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jdsearch.data import Resolution
+from jdsearch.errors import SpecError
+from jdsearch.objective import score_h
+from jdsearch.pool import PoolSpec
+from jdsearch.study import load_study
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
+
+
+def test_quickstart_loads_with_its_pool() -> None:
+    spec = load_study(QUICKSTART)
+    assert spec.name == "quickstart" and spec.storage_url == "sqlite:///runs/quickstart.db"
+    assert spec.score.alpha == 0.4 and spec.score.beta == 0.8
+    assert [str(r) for r in spec.resolutions] == ["80x80", "128x96", "176x112", "208x128"]
+    assert PoolSpec.from_dict(spec.pool).space.size() > 1
+    assert load_study("quickstart") == spec  # by name from studies/
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"serch": {}}, "serch: unknown key"),
+        ({"search": {"top_k": 0}}, "search: top_k and n_trials"),
+        ({"search": {"p_student": 1.5}}, "search.p_student"),
+        ({"score": {"alpha": "big"}}, "score.alpha: expected float"),
+        ({"score": {"metric": "AR"}}, "score.metric"),
+        ({"resolutions": ["80x80", "80x80"]}, "resolutions:"),
+        ({"base": {"train": {"epochs": 1}}}, "base.detector: required field is missing"),
+        ({"name": "bad name!"}, "name: use letters"),
+        ({"fast_eval": {"epochs": -1}}, "fast_eval.epochs: must not be negative"),
+    ],
+)
+def test_bad_study_specs_name_file_and_field(tmp_path: Path, patch: dict, needle: str) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data.update(patch)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as info:
+        load_study(p)
+    assert str(p) in str(info.value) and needle in str(info.value), str(info.value)
+
+
+def test_missing_pool_and_fractional_epochs(tmp_path: Path) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["base"]["train"]["epochs"] = 0.5
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    assert load_study(p).base.train.epochs == 0.5
+    del data["pool"]
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match="pool: required mapping"):
+        load_study(p)
+
+
+def test_score_h_follows_the_paper() -> None:
+    base = Resolution(1333, 800)
+    # the base detector at the base resolution scores its own AP
+    assert score_h(0.395, 215.8, 215.8, base, base, 0.4, 0.8) == pytest.approx(0.395)
+    # paper table 4, R50: 42.3 AP with 145.7 vs 215.8 GFLOPs at a smaller input: H rewards it
+    h = score_h(0.423, 145.7, 215.8, Resolution(1080, 720), base, 0.4, 0.8)
+    assert h == pytest.approx(0.423 * ((145.7 / 215.8) * (1080 * 720 / (1333 * 800)) ** 0.8) ** -0.4)
+    assert h > 0.423 > 0.395
