@@ -9,7 +9,10 @@ Each Optuna trial is one iteration of algorithm 1. For a new trial the sampler
    point early on) take every draw, as value-proportional weights would;
 3. chooses to evolve the student or mutate the teacher — the student is frozen for the first
    ``freeze_student`` iterations (5 in the paper) so the teacher adapts to the base student first;
-4. picks a move not yet tried from that parent (while untried ones remain), uniformly.
+4. picks a move not yet tried from that parent (while untried ones remain): first an action
+   family uniformly (channel_prune, layer_prune, add_layer, rearrange; teacher depth, width,
+   FPN), then one of its variants — uniform over raw moves would give rearrange's six variants
+   half of all student moves and leave channel pruning, the paper's most useful action, 1 in 12.
 
 The move is an ordinary categorical trial parameter ``move`` over a fixed vocabulary (the
 student actions plus the teacher mutations the pool's space allows), so ``optuna trials`` and
@@ -55,6 +58,20 @@ class Decision:
     parent: int | None  # trial number of the parent; None for the root
     move: str
     kind: str  # "base", "student" or "teacher"
+
+
+def family(move: str) -> str:
+    """The action family of a move: ``add_layer:3`` → ``add_layer``, ``teacher.depth3+`` →
+    ``teacher.depth``."""
+    return move.split(":")[0].rstrip("+-").rstrip("0123456789")
+
+
+def pick_by_family(moves: Sequence[str], rng: np.random.Generator) -> str:
+    """A family uniformly, then a move of it uniformly."""
+    families = sorted({family(m) for m in moves})
+    chosen = families[int(rng.integers(len(families)))]
+    options = [m for m in moves if family(m) == chosen]
+    return options[int(rng.integers(len(options)))]
 
 
 def top_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
@@ -197,7 +214,7 @@ class HillClimbingSampler(BaseSampler):
             kinds = [STUDENT, TEACHER] if rng.random() < self.p_student else [TEACHER, STUDENT]
             for kind in kinds:
                 if fresh[kind]:
-                    return Decision(parent.number, str(rng.choice(fresh[kind])), kind)
+                    return Decision(parent.number, pick_by_family(fresh[kind], rng), kind)
             if fallback is None:
                 pool = [(STUDENT, m) for m in students] + [(TEACHER, m) for m in teachers]
                 if pool:

@@ -178,3 +178,18 @@ def test_vocabulary_validation() -> None:
         HillClimbingSampler(STUDENT_MOVES, feasible)
     with pytest.raises(ValueError, match="duplicates"):
         HillClimbingSampler([*VOCAB, "layer_prune"], feasible)
+
+
+def test_action_families_are_equally_likely() -> None:
+    """rearrange has six variants and channel_prune one; each family is still picked ~1/4."""
+    import numpy as np
+
+    from jdsearch.sampler import family, pick_by_family
+
+    moves = ["channel_prune", "layer_prune", *[f"add_layer:{s}" for s in range(1, 5)]]
+    moves += [f"rearrange:{a}->{b}" for a, b in ((1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3))]
+    rng = np.random.default_rng(0)
+    counts = Counter(family(pick_by_family(moves, rng)) for _ in range(4000))
+    assert set(counts) == {"channel_prune", "layer_prune", "add_layer", "rearrange"}
+    assert all(850 < c < 1150 for c in counts.values()), counts
+    assert family("teacher.depth3+") == "teacher.depth" and family("teacher.fpn-") == "teacher.fpn"
