@@ -215,6 +215,11 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
     url = f"sqlite:///{tmp_path / 'study.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     hb = 2
     spec_file, spec = write_spec(tmp_path, search_assets, f"killed-{backend}", url, heartbeat_s=hb)
+    # Trials long enough (seconds) that the kill lands inside one, even on a quiet machine.
+    doc = yaml.safe_load(spec_file.read_text())
+    doc["fast_eval"]["epochs"] = 2
+    spec_file.write_text(yaml.safe_dump(doc))
+    spec = load_study(spec_file)
     study = run_search(spec, n_trials=1, progress=False)  # prepare + the root, in-process
     ctx = prepare(spec, progress=False)[1]
     command = ["search", str(spec_file), "--storage", url, "--quiet", "--n-trials"]
@@ -228,12 +233,15 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
                     return t
             return None
 
-        victim = wait_for("the first worker's trial to run", first_running, WORKER_TIMEOUT_S, alive=first)
-        time.sleep(0.5)  # into its training
+        wait_for("the first worker's trial to run", first_running, WORKER_TIMEOUT_S, alive=first)
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(timeout=30)
+        # The dead worker's trial is whichever of its trials is still RUNNING (normally the one
+        # seen above; the next one if that finished between the poll and the kill).
+        victim = first_running()
+        assert victim is not None, "the first worker was killed between two trials"
         killed = study._storage.get_trial(victim._trial_id)
-        assert killed.state == TrialState.RUNNING, "the trial finished before the kill"
+        assert killed.state == TrialState.RUNNING
 
         # Its heartbeat goes stale after the grace period (2 × heartbeat_s) …
         probe = RDBStorage(url, heartbeat_interval=hb, grace_period=2 * hb)
