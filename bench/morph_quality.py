@@ -11,7 +11,7 @@ the detection loss over the last ≤ 20 training iterations, a less noisy signal
 scale (APs of a few hundred CPU iterations sit near the noise floor: read differences below ~0.005
 as noise). Prints a table; asserts nothing.
 
-    python bench/morph_quality.py                      # ~4-5 min on a shared 2-core CPU
+    python bench/morph_quality.py                      # ~8 min on one CPU thread (494 s measured)
     python bench/morph_quality.py --base-iters 100 --ft-iters 30 --actions channel_prune
 """
 
