@@ -354,16 +354,7 @@ def test_teacher_outputs_on_student_proposals() -> None:
 
 
 # ---------------------------------------------------------------------- trainer
-@pytest.fixture
-def one_thread() -> Any:
-    """Training on a shared CPU: OpenMP threads spinning against other processes cost 10×."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def test_kd_training_with_the_trainer(tmp_path: Path, one_thread: None) -> None:
+def test_kd_training_with_the_trainer(tmp_path: Path) -> None:
     train_mod = pytest.importorskip("jdsearch.train")
     from jdsearch.data import CocoDataset
     from jdsearch.synth import generate

@@ -46,16 +46,6 @@ X = BackboneArch(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convs are dominated by thread synchronisation on a shared CPU (10x slower with 2
-    threads under load); the previous setting is restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(arch: BackboneArch, seed: int = 0) -> Detector:
     """A detector with the tiny preset's heads, ``arch`` as backbone, 64-px inputs, eval mode."""
     preset = "tiny-r18-fpn" if arch.kind == "basic" else "tiny-r50-fpn"

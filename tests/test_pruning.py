@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -27,14 +25,6 @@ from jdsearch.spec import load_spec
 
 R18 = BackboneArch.resnet([2, 2, 2, 2], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
 R50 = BackboneArch.resnet([2, 2, 2, 2], kind="bottleneck", widths=(4, 8, 8, 16), stem=8, fpn=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_chains_follow_projections() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from jdsearch.synth import generate
 from jdsearch.train import StepInfo, TrainConfig, TrainingDiverged, lr_factor, train
 
 RES = (Resolution(64, 48), Resolution(80, 64), Resolution(96, 72))
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared, oversubscribed CPU, 2+ OpenMP threads spin-wait on each
-    other and run up to 30x slower (measured: 0.12 s vs 3.7 s per tiny-r18-fpn iteration)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
