@@ -63,11 +63,6 @@ def _describe(detector: Any, size: tuple[int, int]) -> str:
     )
 
 
-def _hw(res: Any) -> tuple[int, int]:
-    """A ``LONGxSHORT`` resolution as the landscape ``(height, width)`` image it bounds."""
-    return (res.short, res.long)
-
-
 # ---------------------------------------------------------------------- commands
 def cmd_flops(args: argparse.Namespace) -> int:
     from jdsearch.checkpoint import load_checkpoint
@@ -79,11 +74,11 @@ def cmd_flops(args: argparse.Namespace) -> int:
         detector = load_checkpoint(args.spec).detector
         spec = detector.spec
         size = Resolution.parse(args.size) if args.size else spec.input.size
-        report = count_flops(detector, size=_hw(size))
+        report = count_flops(detector, size=size.hw)
     else:  # a spec: counted on the meta device, no weights allocated
         spec = load_spec(args.spec)
         size = Resolution.parse(args.size) if args.size else spec.input.size
-        report = count_spec_flops(spec, size=_hw(size), num_classes=args.num_classes)
+        report = count_spec_flops(spec, size=size.hw, num_classes=args.num_classes)
     encoding = spec.arch.encode()
     print(f"{spec.name}: {encoding if len(encoding) <= 90 else encoding[:87] + '...'}")
     print(format_report(report))
@@ -173,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra["eval"] = {k: v.to_dict() for k, v in metrics.items()}
     out = save_checkpoint(args.out, detector, class_names=train_set.class_names, extra=extra)
     print(f"saved {out}")
-    print(_describe(detector, _hw(spec.input.size)))
+    print(_describe(detector, spec.input.size.hw))
     return 0
 
 
@@ -199,7 +194,7 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     parent = ckpt.detector
     config = MorphConfig(channel_fraction=args.fraction)
     child, report = evolve_with_report(parent, args.action, config=config)
-    size = _hw(ckpt.spec.input.size)
+    size = ckpt.spec.input.size.hw
     print(f"parent {_describe(parent, size)}")
     print(
         f"action {args.action}: {report.inherited_params:,} parameters inherited, "

@@ -731,6 +731,12 @@ class Resolution:
         return f"{self.long}x{self.short}"
 
     @property
+    def hw(self) -> tuple[int, int]:
+        """The landscape image this bound describes, as ``(height, width)`` = ``(short, long)``:
+        the input size FLOPs are counted at (``count_flops(det, size=res.hw)``)."""
+        return (self.short, self.long)
+
+    @property
     def pixels(self) -> int:
         """``long * short``: the bound's area, for complexity terms such as the paper's H(S, R)."""
         return self.long * self.short

@@ -87,11 +87,6 @@ def train_config(t: TrainSpec, *, seed: int, resolutions: Sequence[Resolution], 
     )
 
 
-def hw(res: Resolution) -> tuple[int, int]:
-    """A ``LONGxSHORT`` resolution as the landscape ``(height, width)`` image it bounds."""
-    return (res.short, res.long)
-
-
 @dataclass
 class SearchContext:
     """What every trial of a study shares (built once per worker by :mod:`jdsearch.search`)."""
@@ -200,7 +195,7 @@ class Objective:
         t2 = time.perf_counter()
         metrics = evaluate(student, ctx.val_set, spec.resolutions, device=spec.device)
         eval_s = time.perf_counter() - t2
-        flops = count_flops(student, size=hw(ctx.base_resolution))
+        flops = count_flops(student, size=ctx.base_resolution.hw)
         h = {
             key: score_h(
                 getattr(m, spec.score.metric), flops.total, ctx.base_flops, Resolution.parse(key),

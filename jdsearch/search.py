@@ -25,7 +25,7 @@ from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.flops import count_flops
 from jdsearch.models import build_detector
-from jdsearch.objective import Objective, SearchContext, hw, move_vocabulary, train_config
+from jdsearch.objective import Objective, SearchContext, move_vocabulary, train_config
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
 from jdsearch.pruning import BNSparsity
 from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, HillClimbingSampler
@@ -151,7 +151,7 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool =
     if base.num_classes != train_set.num_classes:
         raise JDSearchError(f"base detector has {base.num_classes - 1} classes, the dataset {train_set.num_classes - 1}")
     base_res = base.spec.input.size
-    base_flops = count_flops(base.detector, size=hw(base_res)).total
+    base_flops = count_flops(base.detector, size=base_res.hw).total
     study.set_user_attr("base_flops", base_flops)
     study.set_user_attr("base_resolution", str(base_res))
     ctx = SearchContext(spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress)
