@@ -92,3 +92,20 @@ def test_feature_strides_and_widths() -> None:
     assert list(feats) == ["0", "1", "2", "3", "pool"]
     assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
     assert all(f.shape[1] == 32 for f in feats.values())
+
+
+def test_roi_pool_scales_come_from_the_arch_not_the_first_batch() -> None:
+    """torchvision infers the pooler's scales from the first batch it sees; a short first image
+    (here 19×96 after resizing) used to fix P2 at stride 2 for the detector's lifetime."""
+    torch.manual_seed(0)
+    det = build_detector(load_spec("tiny-r18-fpn"), 7).eval()
+    assert det.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    fresh = build_detector(load_spec("tiny-r18-fpn"), 7).eval()
+    fresh.load_state_dict(det.state_dict())
+    wide, square = torch.rand(3, 40, 200), torch.rand(3, 128, 128)
+    with torch.no_grad():
+        det([square])  # a normal first batch
+        a = det([wide])[0]
+        b = fresh([wide])[0]  # the short image first
+    assert fresh.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])

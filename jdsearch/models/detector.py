@@ -10,6 +10,7 @@ reads the architecture from the model it acts on.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
 
 from jdsearch.arch import BackboneArch
 from jdsearch.models.heads import RecordingRoIHeads
@@ -40,6 +42,35 @@ class ResNetFPN(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(self.body(x))
+
+
+STEM_STRIDE = 4  # 7×7 stride-2 conv, then 3×3 stride-2 max-pool
+
+
+def feature_strides(arch: BackboneArch) -> list[int]:
+    """Input pixels per feature pixel of P2–P5 (each stage's output)."""
+    strides, total = [], STEM_STRIDE
+    for s in arch.strides:
+        total *= s
+        strides.append(total)
+    return strides
+
+
+def fix_roi_scales(pool: MultiScaleRoIAlign, arch: BackboneArch) -> None:
+    """Set the RoI pooler's feature scales from the architecture.
+
+    torchvision infers them on the pooler's first call, from that batch's feature height over
+    its image height, and keeps them: a first image that is short after resizing (say 19×96,
+    padded to 32×96) makes P2 look like stride 2 instead of 4, and every later call pools from
+    the wrong places (measured: all scores of a trained detector tie at one value). The strides
+    are known here, so nothing is left to the first batch.
+    """
+    scales = [1.0 / s for s in feature_strides(arch)]
+    pool.scales = scales
+    k_min, k_max = round(math.log2(1 / scales[0])), round(math.log2(1 / scales[-1]))
+    pool.map_levels = initLevelMapper(
+        k_min, k_max, canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level
+    )
 
 
 class Detector(FasterRCNN):
@@ -74,6 +105,7 @@ def build_detector(spec_or_arch: DetectorSpec | BackboneArch, num_classes: int |
         aspect_ratios=(tuple(rpn.aspect_ratios),) * len(rpn.anchor_sizes),
     )
     pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=roi.pool_size, sampling_ratio=roi.sampling_ratio)
+    fix_roi_scales(pool, arch)
     box_head = TwoMLPHead(arch.fpn * roi.pool_size**2, roi.representation_size)
     det = Detector(
         backbone,
