@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,23 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from jdsearch import synth
 from jdsearch.artifacts import make_artifact_store
-from jdsearch.checkpoint import checkpoint_from_bytes, save_checkpoint
+from jdsearch.checkpoint import Checkpoint, checkpoint_from_bytes, save_checkpoint
 from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.flops import count_flops
 from jdsearch.models import build_detector
-from jdsearch.objective import Objective, SearchContext, move_vocabulary, train_config
+from jdsearch.objective import (
+    CHECKPOINT_ATTR,
+    Objective,
+    SearchContext,
+    move_vocabulary,
+    train_config,
+)
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
 from jdsearch.pruning import BNSparsity
 from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, HillClimbingSampler
 from jdsearch.spec import load_spec
-from jdsearch.study import StudySpec
+from jdsearch.study import StudySpec, study_from_dict
 from jdsearch.train import train
 
 log = logging.getLogger(__name__)
@@ -231,3 +238,95 @@ def summary(study: optuna.Study) -> str:
     path = lineage(study, best.number)
     lines.append("lineage     " + " -> ".join(f"{t.params.get(MOVE_PARAM)} (#{t.number})" for t in path))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- reading a finished study
+@dataclass(frozen=True)
+class StudyHandle:
+    """An existing study opened for reading (export, report): no training, no trial is added."""
+
+    study: optuna.Study
+    spec: StudySpec
+    store: Any  # the study's artifact store
+    url: str
+
+    def trial(self, number: int | None = None) -> optuna.trial.FrozenTrial:
+        """Trial ``number`` (default: the best) — a completed trial with a student checkpoint."""
+        complete = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise JDSearchError(f"study {self.study.study_name!r} has no completed trial yet")
+        if number is None:
+            return max(complete, key=lambda t: (t.value, -t.number))
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        if number not in by_number:
+            raise JDSearchError(f"study {self.study.study_name!r} has no trial {number} (trials 0–{len(by_number) - 1})")
+        t = by_number[number]
+        if t.state != optuna.trial.TrialState.COMPLETE or CHECKPOINT_ATTR not in t.user_attrs:
+            raise JDSearchError(f"study {self.study.study_name!r}: trial {number} is {t.state.name}, not a completed trial with a checkpoint")
+        return t
+
+    def base_trial(self) -> optuna.trial.FrozenTrial:
+        """The completed root trial (the base detector, trained briefly like every other trial)."""
+        roots = [
+            t for t in self.study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE and t.params.get(MOVE_PARAM) == BASE_MOVE
+        ]
+        if not roots:
+            raise JDSearchError(f"study {self.study.study_name!r} has no completed base trial")
+        return min(roots, key=lambda t: t.number)
+
+    def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
+        """The student checkpoint a trial uploaded (verified, never unpickled)."""
+        with self.store.open_reader(trial.user_attrs[CHECKPOINT_ATTR]) as reader:
+            data = reader.read()
+        return checkpoint_from_bytes(data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device)
+
+    def study_artifact(self, key: str) -> bytes:
+        """A study-level artifact (``base_artifact``, ``pool_artifact``) as bytes."""
+        if key not in self.study.user_attrs:
+            raise JDSearchError(f"study {self.study.study_name!r} has no {key}")
+        with self.store.open_reader(self.study.user_attrs[key]) as reader:
+            return reader.read()
+
+
+def _upgrade_stored_spec(stored: Any) -> Any:
+    """Studies made by jdsearch 0.1.0 stored resolutions as ``{"long": L, "short": S}`` and unset
+    optional fields as ``null``; read them as the current form."""
+    if isinstance(stored, dict):
+        return {k: _upgrade_stored_spec(v) for k, v in stored.items() if v is not None}
+    if isinstance(stored, list):
+        return [
+            f"{v['long']}x{v['short']}" if isinstance(v, dict) and set(v) == {"long", "short"} else _upgrade_stored_spec(v)
+            for v in stored
+        ]
+    return stored
+
+
+def open_study(url: str, name: str | None = None) -> StudyHandle:
+    """Open an existing jdsearch study on ``url`` (``name`` may be omitted when it holds one).
+
+    Never creates anything: a missing SQLite file or study is an error naming what exists.
+    """
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise JDSearchError(f"{url}: no such database file {path}")
+    try:
+        storage = RDBStorage(url, skip_table_creation=True)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception as e:  # SQLAlchemy/driver errors: unreachable server, not an Optuna database
+        raise JDSearchError(f"{url}: cannot read an Optuna study database ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    names = sorted(s.study_name for s in summaries)
+    if name is None:
+        if len(names) != 1:
+            raise JDSearchError(f"{url}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
+        name = names[0]
+    if name not in names:
+        raise JDSearchError(f"{url}: no study {name!r} (studies: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=name, storage=storage)
+    stored = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
+    if stored is None:
+        raise JDSearchError(f"{url}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)")
+    spec = study_from_dict(_upgrade_stored_spec(stored), source=f"study {name!r} (stored spec)")
+    store = make_artifact_store(spec.search.artifacts, url)
+    return StudyHandle(study, spec, store, url)

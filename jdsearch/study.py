@@ -102,10 +102,11 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
-            if dataclasses.is_dataclass(v):
-                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            if isinstance(v, Path | Resolution):
+            if isinstance(v, Path | Resolution):  # before the dataclass case: Resolution is one
                 return str(v)
+            if dataclasses.is_dataclass(v):  # unset optional fields are left out, as in a YAML file
+                fields = ((f.name, getattr(v, f.name)) for f in dataclasses.fields(v))
+                return {k: plain(x) for k, x in fields if x is not None}
             if isinstance(v, tuple | list):
                 return [plain(x) for x in v]
             if isinstance(v, dict):

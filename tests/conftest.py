@@ -114,6 +114,32 @@ def search_assets(tmp_path_factory: pytest.TempPathFactory) -> SearchAssets:
     return assets
 
 
+@dataclass(frozen=True)
+class SmallStudy:
+    """A finished real search (SQLite) over the session's search assets."""
+
+    url: str
+    name: str
+    workdir: Path  # where it ran (its runs/ caches); the study itself is only in ``url``
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+def small_study(search_assets: SearchAssets, tmp_path_factory: pytest.TempPathFactory) -> SmallStudy:
+    """Six trials of a real search: base, student actions and teacher moves, for export/report."""
+    from jdsearch.search import run_search
+    from jdsearch.study import study_from_dict
+
+    root = tmp_path_factory.mktemp("small_study")
+    url = f"sqlite:///{root / 'small.db'}"
+    spec = study_from_dict(search_assets.study("small", url, n_trials=6), source="conftest small_study")
+    search_assets.install_pool(root, "small")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run_search(spec, progress=False)
+    return SmallStudy(url, "small", root, search_assets.data_dir)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and a second thread competing with any

@@ -69,3 +69,29 @@ def test_score_h_follows_the_paper() -> None:
     h = score_h(0.423, 145.7, 215.8, Resolution(1080, 720), base, 0.4, 0.8)
     assert h == pytest.approx(0.423 * ((145.7 / 215.8) * (1080 * 720 / (1333 * 800)) ** 0.8) ** -0.4)
     assert h > 0.423 > 0.395
+
+
+def test_to_dict_round_trips_through_study_from_dict() -> None:
+    """What a study stores (``jdsearch:spec``) reads back as the same spec."""
+    from jdsearch.study import study_from_dict
+
+    spec = load_study(QUICKSTART)
+    stored = spec.to_dict()
+    assert stored["resolutions"] == ["80x80", "128x96", "176x112", "208x128"]
+    again = study_from_dict(stored, source=spec.source)
+    assert again == spec
+
+
+def test_specs_stored_by_jdsearch_0_1_0_still_open() -> None:
+    """0.1.0 stored resolutions as mappings and unset fields as null."""
+    from jdsearch.search import _upgrade_stored_spec
+    from jdsearch.study import study_from_dict
+
+    spec = load_study(QUICKSTART)
+    old = spec.to_dict()
+    old["resolutions"] = [{"long": r.long, "short": r.short} for r in spec.resolutions]
+    old["base"]["checkpoint"] = None
+    old["search"]["storage"] = None
+    with pytest.raises(SpecError):
+        study_from_dict(old)
+    assert study_from_dict(_upgrade_stored_spec(old), source=spec.source) == spec
