@@ -26,6 +26,11 @@ _EXPORTS = {
     "count_flops": "jdsearch.flops",
     "count_spec_flops": "jdsearch.flops",
     "FlopsReport": "jdsearch.flops",
+    "load_detector": "jdsearch.export",
+    "load_exported": "jdsearch.export",
+    "export_detector": "jdsearch.export",
+    "measure_latency": "jdsearch.latency",
+    "open_study": "jdsearch.search",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

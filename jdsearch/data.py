@@ -52,6 +52,7 @@ __all__ = [
     "Resolution",
     "ResolutionSampler",
     "collate",
+    "load_image",
     "make_loader",
     "parse_resolutions",
     "set_resolution",
@@ -384,6 +385,18 @@ def _to_chw_float(img: Image.Image) -> np.ndarray:
     out = np.empty((3, rgb.shape[0], rgb.shape[1]), dtype=np.float32)
     np.divide(rgb.transpose(2, 0, 1), np.float32(255), out=out, dtype=np.float32)
     return out
+
+
+def load_image(path: str | Path) -> Tensor:
+    """One image file as the detector's input: ``float32 [3, H, W]`` RGB in ``[0, 1]``."""
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            return torch.from_numpy(_to_chw_float(img))
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{p}: cannot decode image ({exc})") from None
 
 
 class CocoDataset(Dataset[tuple[Tensor, Target]]):

@@ -181,6 +181,7 @@ class Objective:
         t1 = time.perf_counter()
         teacher = ctx.pool.teacher(teacher_cfg, ctx.train_set, device=spec.device)
         teacher_s = time.perf_counter() - t1
+        teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
         terms = [make_distiller(student, teacher, ctx.kd_config)]
         if spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
@@ -216,6 +217,7 @@ class Objective:
             CHECKPOINT_ATTR: artifact_id,
             STUDENT_ATTR: student.arch.encode(),
             TEACHER_ATTR: str(teacher_cfg),
+            "teacher_params": teacher_params,  # the teacher's backbone parameters (paper fig. 5)
             "flops": flops.total,
             "backbone_flops": flops.backbone,
             "stage_flops": list(flops.per_stage),

@@ -1,0 +1,169 @@
+"""Base vs upgraded detector, the way table 4 of the paper compares them.
+
+A row per detector: input size, FLOPs (multiply-adds at *that* input size), FPS (batch 1, measured
+here with :func:`jdsearch.latency.measure_latency`), AP, AP50, AP75, APs, APm, APl.
+
+Both rows come from the study, so the comparison is like-for-like: the *base* row is the base
+trial (the base detector after the same short fast-evaluation training with distillation that
+every student gets), at the base detector's input size when the study evaluated that size and
+otherwise at its best-scoring one; the *upgraded* row is the chosen trial (default: the best) at
+the resolution where it scored best (the input size an export uses). The metrics are the ones the
+search recorded on the study's validation set; FLOPs and FPS are measured on the checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from torch import Tensor
+
+from jdsearch.data import Resolution
+from jdsearch.flops import count_flops
+from jdsearch.latency import Latency, measure_latency
+from jdsearch.search import StudyHandle
+
+__all__ = ["METRIC_KEYS", "Comparison", "DetectorRow", "compare_study"]
+
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass(frozen=True)
+class DetectorRow:
+    label: str  # "base" or "upgraded"
+    trial: int
+    arch: str  # appendix-B encoding
+    input_size: str  # LONGxSHORT
+    flops: int  # multiply-adds at input_size
+    params: int
+    h: float  # the trial's score
+    metrics: dict[str, float]  # METRIC_KEYS in [0, 1]; NaN where the val set has no such object
+    latency: Latency | None = None
+
+    @property
+    def fps(self) -> float | None:
+        return None if self.latency is None else self.latency.images_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency"] = None if self.latency is None else self.latency.to_dict()
+        d["fps"] = self.fps
+        return d
+
+
+@dataclass(frozen=True)
+class Comparison:
+    study: str
+    base: DetectorRow
+    upgraded: DetectorRow
+
+    @property
+    def rows(self) -> tuple[DetectorRow, DetectorRow]:
+        return (self.base, self.upgraded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study, "base": self.base.to_dict(), "upgraded": self.upgraded.to_dict()}
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and cells (strings) of the table-4 comparison, with a change row."""
+        header = ["detector", "trial", "input size", "GFLOPs", "FPS", *METRIC_KEYS]
+        rows = [_cells(r) for r in self.rows]
+        b, u = self.base, self.upgraded
+        change = ["change", "", "", _ratio(u.flops, b.flops), _ratio(u.fps, b.fps)]
+        change += [_delta(u.metrics.get(k), b.metrics.get(k)) for k in METRIC_KEYS]
+        return header, [*rows, change]
+
+    def format(self) -> str:
+        header, rows = self.table()
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+        lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        lat = self.upgraded.latency or self.base.latency
+        if lat is not None:
+            lines.append(f"FPS: batch 1, median of {lat.repeats} runs on {lat.device}" + (f" ({lat.threads} threads)" if lat.device == "cpu" else ""))
+        lines.append("AP: COCO box AP (%) on the study's validation set, as recorded by the search")
+        return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _cells(r: DetectorRow) -> list[str]:
+    fps = "-" if r.fps is None else f"{r.fps:.1f}"
+    return [r.label, str(r.trial), r.input_size, f"{r.flops / 1e9:.3f}", fps, *(_pct(r.metrics.get(k)) for k in METRIC_KEYS)]
+
+
+def _ratio(new: float | None, old: float | None) -> str:
+    if new is None or old is None or not old:
+        return "-"
+    return f"{new / old:.2f}×"
+
+
+def _delta(new: float | None, old: float | None) -> str:
+    if new is None or old is None or math.isnan(new) or math.isnan(old):
+        return "-"
+    return f"{100 * (new - old):+.1f}"
+
+
+def _metrics_at(trial: optuna.trial.FrozenTrial, size: str) -> dict[str, float]:
+    recorded = trial.user_attrs.get("metrics", {}).get(size, {})
+    return {k: (math.nan if recorded.get(k) is None else float(recorded[k])) for k in METRIC_KEYS}
+
+
+def _row(
+    handle: StudyHandle,
+    trial: optuna.trial.FrozenTrial,
+    label: str,
+    size: str,
+    *,
+    fps: bool,
+    device: str,
+    warmup: int,
+    repeats: int,
+    images: Sequence[Tensor] | None,
+) -> DetectorRow:
+    detector = handle.checkpoint(trial, device=device).detector
+    res = Resolution.parse(size)
+    report = count_flops(detector, size=res.hw)
+    latency = measure_latency(detector, res, device=device, warmup=warmup, repeats=repeats, images=images) if fps else None
+    return DetectorRow(
+        label=label,
+        trial=trial.number,
+        arch=detector.arch.encode(),
+        input_size=str(res),
+        flops=report.total,
+        params=report.params,
+        h=float(trial.value),
+        metrics=_metrics_at(trial, size),
+        latency=latency,
+    )
+
+
+def compare_study(
+    handle: StudyHandle,
+    trial: int | None = None,
+    *,
+    fps: bool = True,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeats: int = 20,
+    images: Sequence[Tensor] | None = None,
+) -> Comparison:
+    """The table-4 comparison of the study's base trial and trial ``trial`` (default: the best)."""
+    base_trial = handle.base_trial()
+    best = handle.trial(trial)
+    recorded = base_trial.user_attrs.get("metrics", {})
+    base_size = handle.study.user_attrs.get("base_resolution", "")
+    if base_size not in recorded:
+        base_size = base_trial.user_attrs["best_resolution"]
+    kw: dict[str, Any] = {"fps": fps, "device": device, "warmup": warmup, "repeats": repeats, "images": images}
+    return Comparison(
+        study=handle.study.study_name,
+        base=_row(handle, base_trial, "base", base_size, **kw),
+        upgraded=_row(handle, best, "upgraded", best.user_attrs["best_resolution"], **kw),
+    )

@@ -1,0 +1,137 @@
+"""Inference speed of a detector at batch size 1, the way table 4 of the paper reports FPS.
+
+One timed call is the whole inference graph a user runs — torchvision's transform (normalise,
+resize, pad), backbone, FPN, RPN, RoI heads and post-processing (box decoding, NMS) — on one image
+of exactly the measured size, so the transform's resize is an identity and the figure belongs to
+that size. Warm-up calls come first (allocator, cuDNN autotuning, lazy initialisation); then
+``repeats`` calls are timed one by one and the *median* is reported, with the 10th and 90th
+percentiles to show the spread. On CUDA every call is bracketed by ``torch.cuda.synchronize``.
+
+Post-processing costs depend on how many boxes survive the score threshold, so the input should
+be a real image (``images=``); without one a fixed-seed noise image is used, which is fine for
+comparing detectors against each other but not as an absolute figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jdsearch.data import Resolution, using_resolution
+from jdsearch.errors import JDSearchError
+
+__all__ = ["Latency", "measure_latency"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Batch-1 latency of one detector at one size on one device."""
+
+    size: str  # LONGxSHORT
+    device: str
+    threads: int
+    warmup: int
+    repeats: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    amp: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": self.images_per_s}
+
+    def describe(self) -> str:
+        amp = " AMP" if self.amp else ""
+        return (
+            f"{self.images_per_s:.1f} img/s: median {self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, "
+            f"p90 {self.p90_ms:.2f}) over {self.repeats} runs at {self.size} on {self.device}{amp}"
+            + (f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.device == "cpu" else "")
+        )
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _inputs(size: Resolution, images: Sequence[Tensor] | None, device: torch.device) -> list[Tensor]:
+    h, w = size.hw
+    if not images:
+        g = torch.Generator().manual_seed(0)
+        return [torch.rand(3, h, w, generator=g).to(device)]
+    out = []
+    for im in images:
+        if im.dim() != 3 or im.shape[0] != 3:
+            raise JDSearchError(f"latency: images must be 3×H×W float tensors, got shape {tuple(im.shape)}")
+        resized = torch.nn.functional.interpolate(im[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+        out.append(resized.clamp(0, 1).to(device))
+    return out
+
+
+def measure_latency(
+    detector: nn.Module,
+    size: Resolution | str,
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int = 5,
+    repeats: int = 30,
+    images: Sequence[Tensor] | None = None,
+    amp: bool = False,
+) -> Latency:
+    """Median batch-1 latency of ``detector`` at ``size`` on ``device`` (see the module doc).
+
+    ``images`` (float ``3×H×W`` in ``[0, 1]``, any size) are resized to ``size`` and used in turn;
+    the detector's mode and resize sizes are restored afterwards (it stays on ``device``).
+    """
+    size = Resolution.parse(size)
+    if repeats < 1 or warmup < 0:
+        raise JDSearchError(f"latency: repeats must be ≥ 1 and warmup ≥ 0, got {repeats} and {warmup}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise JDSearchError("latency: --device cuda, but torch sees no CUDA device here")
+    detector.to(dev)
+    inputs = _inputs(size, images, dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(dev.type, dtype=torch.float16) if amp else contextlib.nullcontext()
+    was_training = detector.training
+    detector.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode(), using_resolution(detector, size), autocast:
+            for i in range(warmup + repeats):
+                x = inputs[i % len(inputs)]
+                sync()
+                start = time.perf_counter()
+                detector([x])
+                sync()
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        detector.train(was_training)
+    times.sort()
+    return Latency(
+        size=str(size),
+        device=str(dev),
+        threads=torch.get_num_threads(),
+        warmup=warmup,
+        repeats=repeats,
+        median_ms=statistics.median(times),
+        p10_ms=_quantile(times, 0.1),
+        p90_ms=_quantile(times, 0.9),
+        amp=amp,
+    )
