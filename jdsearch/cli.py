@@ -232,6 +232,155 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage(args: argparse.Namespace) -> str:
+    """``--storage`` or, with only ``--study``, the default ``sqlite:///runs/NAME.db``."""
+    if args.storage:
+        return str(args.storage)
+    if args.study:
+        return f"sqlite:///runs/{args.study}.db"
+    raise JDSearchError("give --storage URL (and --study NAME when it holds several studies)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jdsearch.export import export_trial
+    from jdsearch.search import open_study
+
+    handle = open_study(_storage(args), args.study)
+    exported = export_trial(handle, args.out, trial=args.trial, input_size=args.size, onnx=not args.no_onnx)
+    info = exported.info
+    src = info["source"]
+    print(f"exported trial {src['trial']} of study {src['study']!r} (H {src['H']:.4f}) to {exported.path}")
+    print(f"  arch        {info['arch']}")
+    print(f"  input size  {info['input_size']}   GFLOPs {info['flops'] / 1e9:.3f}   params {info['params'] / 1e6:.3f} M")
+    print(f"  classes     {', '.join(info['class_names'])}")
+    print("  lineage     " + " -> ".join(f"{s['move']} (#{s['trial']})" for s in src["lineage"]))
+    check = info["onnx_check"]
+    if check is not None:
+        print(
+            f"  ONNX        {info['files']['onnx']['path']}: onnxruntime {check['onnxruntime']} matches PyTorch on "
+            f"{check['images']} images ({check['detections']} detections; boxes within {check['max_box_diff']:.2g} px, "
+            f"scores within {check['max_score_diff']:.2g})"
+        )
+    return 0
+
+
+def _image_files(items: Sequence[str]) -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in exts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise JDSearchError(f"{p}: no such image file or folder")
+    if not files:
+        raise JDSearchError(f"no image files in {' '.join(items)}")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from jdsearch.data import set_resolution
+    from jdsearch.export import load_exported, predict_images
+
+    exported = load_exported(args.detector, device=args.device)
+    if args.size:
+        from jdsearch.data import Resolution
+
+        set_resolution(exported.detector, Resolution.parse(args.size))
+    files = _image_files(args.images)
+    image_ids = None
+    gt = None
+    if args.ann:
+        from jdsearch.data import CocoDataset
+
+        gt = CocoDataset(args.ann, files[0].parent)
+        image_ids = {Path(gt.image_record(i).file_name).name: gt.image_record(i).id for i in range(len(gt))}
+    rows = predict_images(exported, files, image_ids=image_ids, score_thresh=args.score_thresh, device=args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows))
+    print(f"wrote {len(rows)} detections on {len(files)} images to {out}")
+    if gt is not None:
+        from jdsearch.evaluate import coco_metrics
+
+        ids = sorted({image_ids[f.name] for f in files if f.name in image_ids})
+        m = coco_metrics(gt.coco_gt(), rows, ids)
+        print("  " + "  ".join(f"{k} {100 * getattr(m, k):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    return 0
+
+
+def _latency_target(target: str, device: str, num_classes: int | None) -> tuple[str, Any, Any]:
+    """(label, detector, default size) of an export folder, a checkpoint, or a spec/preset."""
+    p = Path(target)
+    if p.is_dir() or p.name == "detector.json":
+        from jdsearch.export import load_exported
+
+        e = load_exported(p, device=device)
+        return e.info.get("name", p.name) + f" ({p})", e.detector, e.input_size
+    if p.suffix == ".safetensors":
+        from jdsearch.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(p, device=device)
+        return f"{ck.spec.name} ({p})", ck.detector, ck.spec.input.size
+    from jdsearch.models import build_detector
+    from jdsearch.spec import load_spec
+
+    spec = load_spec(target)
+    det = build_detector(spec, num_classes or spec.num_classes or 81)  # random weights: timing only
+    return spec.name, det, spec.input.size
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from jdsearch.data import Resolution, load_image
+    from jdsearch.flops import count_flops
+    from jdsearch.latency import measure_latency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = [load_image(f) for f in _image_files(args.images)[: args.max_images]] if args.images else None
+    size = Resolution.parse(args.size) if args.size else None
+    rows = []
+    for target in args.targets:
+        label, det, default = _latency_target(target, args.device, args.num_classes)
+        res = size or default
+        lat = measure_latency(det, res, device=args.device, warmup=args.warmup, repeats=args.repeats, images=images, amp=args.amp)
+        flops = count_flops(det.to("cpu"), size=res.hw).total
+        rows.append((label, lat, flops))
+        print(f"{label}: {lat.describe()}; {flops / 1e9:.3f} GFLOPs")
+    if len(rows) > 1:
+        base = rows[0]
+        width = max(len(r[0]) for r in rows)
+        print(f"\n{'detector':<{width}}  {'size':>10}  {'GFLOPs':>8}  {'FPS':>8}  {'speed-up':>8}")
+        for label, lat, flops in rows:
+            print(
+                f"{label:<{width}}  {lat.size:>10}  {flops / 1e9:8.3f}  {lat.images_per_s:8.1f}  "
+                f"{lat.images_per_s / base[1].images_per_s:7.2f}×"
+            )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jdsearch.compare import compare_study
+    from jdsearch.report import write_report
+    from jdsearch.search import open_study, summary
+
+    handle = open_study(_storage(args), args.study)
+    comparison = compare_study(
+        handle, args.trial, fps=not args.no_fps, device=args.device, repeats=args.repeats,
+    )
+    files = write_report(handle, args.out, comparison=comparison, png=not args.no_png, attach=not args.no_attach)
+    print(summary(handle.study))
+    print()
+    print(comparison.format())
+    print()
+    print(f"report: {files.html}")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -312,6 +461,50 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", help="pool file (default runs/NAME/pool.safetensors)")
     pt.add_argument("--quiet", action="store_true")
     pt.set_defaults(func=cmd_pool_train)
+
+    x = sub.add_parser("export", help="write a study's best (or chosen) student as a self-contained detector")
+    x.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
+    x.add_argument("--study", help="study name (optional when the storage holds one study)")
+    x.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
+    x.add_argument("--out", required=True, help="export folder (detector.json, model.safetensors, model.onnx)")
+    x.add_argument("--size", help="input size LONGxSHORT (default: the trial's best resolution)")
+    x.add_argument("--no-onnx", action="store_true", help="skip the ONNX graph and its check")
+    x.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="COCO-style detections of an exported detector on images")
+    pr.add_argument("detector", help="export folder")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--out", required=True, help="detections JSON (COCO results format + file_name)")
+    pr.add_argument("--ann", help="COCO annotation file: use its image ids and print AP")
+    pr.add_argument("--score-thresh", type=float, default=None, help="drop detections below this score")
+    pr.add_argument("--size", help="override the export's input size LONGxSHORT")
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=cmd_predict)
+
+    la = sub.add_parser("latency", help="batch-1 images/s of detectors (export folders, checkpoints or specs)")
+    la.add_argument("targets", nargs="+", help="export folder, checkpoint .safetensors, spec YAML or preset; the first is the baseline")
+    la.add_argument("--size", help="HxW or LONGxSHORT (default: each detector's input size)")
+    la.add_argument("--device", default="cpu", help="cpu or cuda")
+    la.add_argument("--repeats", type=int, default=30)
+    la.add_argument("--warmup", type=int, default=5)
+    la.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    la.add_argument("--images", nargs="+", help="real images to time on (default: a fixed noise image)")
+    la.add_argument("--max-images", type=int, default=8)
+    la.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
+    la.add_argument("--num-classes", type=int, default=None, help="for a spec: classes incl. background (default 81)")
+    la.set_defaults(func=cmd_latency)
+
+    rp = sub.add_parser("report", help="HTML report with the paper's figures and the base-vs-upgraded table")
+    rp.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
+    rp.add_argument("--study", help="study name (optional when the storage holds one study)")
+    rp.add_argument("--trial", type=int, default=None, help="the upgraded trial (default: the best)")
+    rp.add_argument("--out", required=True, help="report folder (report.html, figures/)")
+    rp.add_argument("--device", default="cpu", help="where FPS is measured")
+    rp.add_argument("--repeats", type=int, default=20, help="timed runs per detector for FPS")
+    rp.add_argument("--no-fps", action="store_true", help="do not measure FPS")
+    rp.add_argument("--no-png", action="store_true", help="do not write PNGs")
+    rp.add_argument("--no-attach", action="store_true", help="do not attach the figures to the study (optuna-dashboard)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
