@@ -38,6 +38,8 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,13 @@ class HillClimbingSampler(BaseSampler):
             others = [t for t in trials if t.number != trial.number]
             if top_k(others, 1):
                 return self.choose(others, trial.number)
-            # The root is (being) taken by a live base trial, or by a lower-numbered trial that
-            # is still choosing its move: two workers starting together must not both take it.
+            # The root is (being) taken by a running base trial, or by a lower-numbered trial
+            # that is still choosing its move: two workers starting together must not both take
+            # it. A base trial re-queued after its worker died (WAITING) does not count: every
+            # worker may be waiting here, and then none would ever run it; the lowest waiter
+            # takes the root instead (the re-queued copy later runs as a second root).
             root_pending = any(
-                (t.params.get(MOVE_PARAM) == BASE_MOVE and t.state in (TrialState.RUNNING, TrialState.WAITING))
+                (t.params.get(MOVE_PARAM) == BASE_MOVE and t.state == TrialState.RUNNING)
                 or (MOVE_PARAM not in t.params and t.state == TrialState.RUNNING and t.number < trial.number)
                 for t in others
             )
@@ -191,6 +196,20 @@ class HillClimbingSampler(BaseSampler):
             if time.monotonic() > deadline:
                 raise RuntimeError("timed out waiting for the root trial (the base detector) to finish")
             time.sleep(self.root_wait_s)
+            self._heartbeat(study, trial)
+
+    @staticmethod
+    def _heartbeat(study: optuna.Study, trial: FrozenTrial) -> None:
+        """While waiting: keep this trial alive and fail the trials of dead workers.
+
+        Optuna starts a trial's heartbeat only after sampling, and fails stale trials only when a
+        worker starts a trial; a worker killed while its trial runs the root (or waits here) would
+        otherwise leave every other worker waiting for a trial that never ends.
+        """
+        storage = study._storage
+        if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+            storage.record_heartbeat(trial._trial_id)
+            fail_stale_trials(study)
 
     def choose(self, trials: Sequence[FrozenTrial], number: int) -> Decision:
         """The hill-climbing step over the other trials of the study, for trial ``number``."""

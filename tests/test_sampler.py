@@ -193,3 +193,57 @@ def test_action_families_are_equally_likely() -> None:
     assert set(counts) == {"channel_prune", "layer_prune", "add_layer", "rearrange"}
     assert all(850 < c < 1150 for c in counts.values()), counts
     assert family("teacher.depth3+") == "teacher.depth" and family("teacher.fpn-") == "teacher.fpn"
+
+
+def test_waiting_worker_takes_over_the_root_of_a_killed_worker(tmp_path) -> None:
+    """The root's worker dies mid-trial while a second worker waits for the root: the waiter
+    fails the stale trial (heartbeat) and takes the root itself instead of waiting forever."""
+    import time
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    storage = RDBStorage(
+        f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+    )
+    sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait_s=0.2, root_timeout_s=20)
+    study = optuna.create_study(storage=storage, sampler=sampler, direction="maximize")
+    root = ask_move(study)
+    assert root.params[MOVE_PARAM] == BASE_MOVE
+    storage.record_heartbeat(root._trial_id)  # its worker beat once, then was killed
+    started = time.monotonic()
+    second = ask_move(study)  # a waiter: used to wait until root_timeout_s
+    assert second.params[MOVE_PARAM] == BASE_MOVE and second.user_attrs[PARENT_ATTR] is None
+    assert time.monotonic() - started < 10
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[root.number] == TrialState.FAIL
+    assert TrialState.WAITING in states.values()  # the killed root re-queued, as for any trial
+
+
+def test_a_live_waiter_is_not_failed_while_it_waits(tmp_path) -> None:
+    """Waiting for a long root must not make the waiter itself look dead."""
+    import threading
+
+    from optuna.storages import RDBStorage
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1)
+    sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait_s=0.2, root_timeout_s=4)
+    study = optuna.create_study(storage=storage, sampler=sampler, direction="maximize")
+    root = ask_move(study)
+    stop = threading.Event()
+
+    def beat() -> None:  # the root's worker is alive (optuna's heartbeat thread)
+        while not stop.is_set():
+            storage.record_heartbeat(root._trial_id)
+            stop.wait(0.3)
+
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match="waiting for the root"):
+            ask_move(study)
+    finally:
+        stop.set()
+        t.join()
+    states = [tr.state for tr in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.RUNNING, TrialState.RUNNING]  # nobody was failed
