@@ -266,3 +266,14 @@ def test_report_dict_and_format() -> None:
     assert "r50-fpn" in text and "1333x800" in text
     assert "215.84" in text and "stage 4" in text and "params:" in text
     assert len(text.splitlines()) == 13
+
+
+@pytest.mark.parametrize(
+    ("preset", "encoding", "paper_g"),
+    [("r18-fpn-jdnas", R18_STUDENT, 117.3), ("r50-fpn-jdnas", R50_STUDENT, 145.7), ("r101-fpn-jdnas", R101_STUDENT, 153.9)],
+)
+def test_paper_student_presets(preset: str, encoding: str, paper_g: float) -> None:
+    """detectors/*-jdnas.yaml are table 4's upgraded detectors at their searched input size."""
+    spec = load_spec(preset)
+    assert spec.arch == BackboneArch.parse(encoding) and str(spec.input.size) == "1080x720"
+    assert rel(count_spec_flops(spec, spec.input.size.hw).gflops, paper_g) < 0.002

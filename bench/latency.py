@@ -1,0 +1,122 @@
+"""Batch-1 inference speed, measured in one run, as ratios against a baseline.
+
+Two tables:
+
+1. **Table 4 structure** — each paper baseline at 1333×800 against the paper's upgraded detector
+   of that backbone (``detectors/*-jdnas.yaml``, the appendix-B encodings) at its searched
+   1080×720: FLOPs ratio and measured FPS ratio. Weights are random (speed does not depend on
+   them, except through the number of boxes surviving NMS; the same fixed image goes to both).
+2. **ONNX Runtime vs PyTorch** — the exported inference graph (``jdsearch.export``) against
+   eager PyTorch for the same detector and image.
+
+    python bench/latency.py                            # r18 pair + ORT table, CPU, ~2 min
+    python bench/latency.py --pairs r18 r50 r101 --device cuda --repeats 50
+    python bench/latency.py --threads 2
+
+CPU figures depend on the thread count (``--threads``; default 1, as the test suite uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from jdsearch.data import Resolution
+from jdsearch.flops import count_flops
+from jdsearch.latency import measure_latency
+from jdsearch.models import build_detector
+from jdsearch.spec import load_spec
+
+PAIRS = {
+    "r18": ("r18-fpn", "r18-fpn-jdnas", "1333x800", "1080x720"),
+    "r50": ("r50-fpn", "r50-fpn-jdnas", "1333x800", "1080x720"),
+    "r101": ("r101-fpn", "r101-fpn-jdnas", "1333x800", "1080x720"),
+}
+
+
+def detector(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_detector(load_spec(name), 81).eval()
+
+
+def image(size: Resolution) -> torch.Tensor:
+    h, w = size.hw
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def table4(pairs: list[str], device: str, warmup: int, repeats: int) -> None:
+    print(f"\n== base vs upgraded, batch 1 on {device} ({torch.get_num_threads()} threads), median of {repeats} ==")
+    print(f"{'detector':<16} {'size':>9} {'GFLOPs':>8} {'ms':>9} {'FPS':>7}   {'FLOPs ratio':>11} {'speed-up':>8}")
+    for key in pairs:
+        base_name, up_name, base_size, up_size = PAIRS[key]
+        rows = []
+        for name, size in ((base_name, base_size), (up_name, up_size)):
+            det = detector(name)
+            res = Resolution.parse(size)
+            flops = count_flops(det, size=res.hw).total
+            lat = measure_latency(det, res, device=device, warmup=warmup, repeats=repeats, images=[image(res)])
+            rows.append((name, size, flops, lat))
+            del det
+        (_, _, f0, l0) = rows[0]
+        for name, size, flops, lat in rows:
+            print(
+                f"{name:<16} {size:>9} {flops / 1e9:8.2f} {lat.median_ms:9.1f} {lat.images_per_s:7.2f}   "
+                f"{flops / f0:10.2f}× {lat.images_per_s / l0.images_per_s:7.2f}×"
+            )
+
+
+def onnx_vs_torch(names: list[str], warmup: int, repeats: int) -> None:
+    import onnxruntime as ort
+
+    from jdsearch.export import export_onnx
+
+    print(f"\n== ONNX Runtime {ort.__version__} vs eager PyTorch, CPU, batch 1, median of {repeats} ==")
+    print(f"{'detector':<16} {'size':>9} {'torch ms':>9} {'ORT ms':>9} {'ORT speed-up':>12}")
+    threads = torch.get_num_threads()
+    for name in names:
+        det = detector(name)
+        res = load_spec(name).input.size
+        x = image(res)
+        lat = measure_latency(det, res, warmup=warmup, repeats=repeats, images=[x])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(det, Path(tmp) / "m.onnx")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feed = {"image": x.numpy()}
+            times = []
+            for i in range(warmup + repeats):
+                t = time.perf_counter()
+                session.run(None, feed)
+                if i >= warmup:
+                    times.append((time.perf_counter() - t) * 1000)
+        ort_ms = statistics.median(times)
+        print(f"{name:<16} {res!s:>9} {lat.median_ms:9.1f} {ort_ms:9.1f} {lat.median_ms / ort_ms:11.2f}×")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", nargs="+", default=["r18"], choices=sorted(PAIRS))
+    p.add_argument("--onnx", nargs="*", default=["tiny-r18-fpn", "tiny-r50-fpn"], help="detectors for the ORT table")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    table4(args.pairs, args.device, args.warmup, args.repeats)
+    if args.onnx:
+        onnx_vs_torch(args.onnx, args.warmup, max(args.repeats, 20))
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
