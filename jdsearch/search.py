@@ -20,7 +20,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from jdsearch import synth
-from jdsearch.artifacts import make_artifact_store
+from jdsearch.artifacts import SQLArtifactStore, make_artifact_store
 from jdsearch.checkpoint import Checkpoint, checkpoint_from_bytes, save_checkpoint
 from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError
@@ -121,6 +121,9 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool =
     storage = storage_for(spec, storage_url)
     url = storage_url or spec.storage_url
     store = make_artifact_store(spec.search.artifacts, url)
+    if isinstance(store, SQLArtifactStore):
+        # Uploads of workers killed mid-write, older than a day: nobody will finish them.
+        store.purge_incomplete(older_than_s=24 * 3600.0)
     train_set, val_set = ensure_data(spec)
     pool_spec = PoolSpec.from_dict(spec.pool, source=f"{spec.source}: pool")
     vocabulary = move_vocabulary()

@@ -114,3 +114,30 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(rows) == len(trials2)
     assert {r["params"]["move"] for r in rows} >= {BASE_MOVE}
     assert all("h" in r["user_attrs"] for r in rows if r["state"] == "COMPLETE")
+
+
+def test_a_starting_worker_purges_day_old_incomplete_uploads(search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed mid-upload leaves an unpublished artifact; the next worker start removes
+    it once it is a day old (younger ones may still be in progress)."""
+    import time
+
+    import sqlalchemy as sa
+
+    from jdsearch.artifacts import SQLArtifactStore
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'purge.db'}"
+    spec = study_from_dict(search_assets.study("purge", url), source="test")
+    search_assets.install_pool(tmp_path, "purge")
+    prepare(spec, progress=False)
+    store = SQLArtifactStore(url)
+    with store.engine.begin() as conn:
+        for blob, age in (("deadbeef" * 4, 2 * 86400), ("cafebabe" * 4, 60)):
+            conn.execute(sa.insert(store.headers).values(
+                blob_id=blob, artifact_id=f"x{age}", complete=False, size=0, sha256="0" * 64,
+                n_chunks=0, chunk_size=store.chunk_size, created_at=time.time() - age,
+            ))
+    prepare(spec, progress=False)
+    with store.engine.connect() as conn:
+        left = set(conn.scalars(sa.select(store.headers.c.artifact_id).where(store.headers.c.complete.is_(False))))
+    assert left == {"x60"}
