@@ -333,14 +333,10 @@ def _latency_target(target: str, device: str, num_classes: int | None) -> tuple[
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    import torch
-
     from jdsearch.data import Resolution, load_image
     from jdsearch.flops import count_flops
     from jdsearch.latency import measure_latency
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     images = [load_image(f) for f in _image_files(args.images)[: args.max_images]] if args.images else None
     size = Resolution.parse(args.size) if args.size else None
     rows = []
@@ -388,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice; 1 is fastest for tiny detectors on a busy machine)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("flops", help="count multiply-adds and parameters of a detector")
@@ -487,7 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--device", default="cpu", help="cpu or cuda")
     la.add_argument("--repeats", type=int, default=30)
     la.add_argument("--warmup", type=int, default=5)
-    la.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     la.add_argument("--images", nargs="+", help="real images to time on (default: a fixed noise image)")
     la.add_argument("--max-images", type=int, default=8)
     la.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
@@ -520,6 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise JDSearchError(f"--threads must be ≥ 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except JDSearchError as e:
         print(f"jdsearch: error: {e}", file=sys.stderr)

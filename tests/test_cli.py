@@ -74,3 +74,16 @@ def test_synth_train_eval_evolve_and_distil(capsys: pytest.CaptureFixture[str], 
     assert code == 0, out
     losses = load_checkpoint(student).extra["train"]["final_losses"]
     assert {"loss_kd_feat", "loss_kd_cls", "loss_kd_loc", "loss_bn_sparsity"} <= set(losses)
+
+
+def test_threads_option_sets_torch_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "2", "flops", "tiny-r18-fpn"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["--threads", "0", "flops", "tiny-r18-fpn"]) == 2
+        assert "--threads must be ≥ 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
