@@ -378,6 +378,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+def _study_options(p: argparse.ArgumentParser, trial_help: str) -> None:
+    """--storage / --study / --trial of the commands that read a finished study."""
+    p.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
+    p.add_argument("--study", help="study name (optional when the storage holds one study)")
+    p.add_argument("--trial", type=int, default=None, help=f"{trial_help} (default: the best)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jdsearch",
@@ -463,9 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=cmd_pool_train)
 
     x = sub.add_parser("export", help="write a study's best (or chosen) student as a self-contained detector")
-    x.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
-    x.add_argument("--study", help="study name (optional when the storage holds one study)")
-    x.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
+    _study_options(x, "trial to export")
     x.add_argument("--out", required=True, help="export folder (detector.json, model.safetensors, model.onnx)")
     x.add_argument("--size", help="input size LONGxSHORT (default: the trial's best resolution)")
     x.add_argument("--no-onnx", action="store_true", help="skip the ONNX graph and its check")
@@ -494,9 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.set_defaults(func=cmd_latency)
 
     rp = sub.add_parser("report", help="HTML report with the paper's figures and the base-vs-upgraded table")
-    rp.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
-    rp.add_argument("--study", help="study name (optional when the storage holds one study)")
-    rp.add_argument("--trial", type=int, default=None, help="the upgraded trial (default: the best)")
+    _study_options(rp, "the upgraded trial")
     rp.add_argument("--out", required=True, help="report folder (report.html, figures/)")
     rp.add_argument("--device", default="cpu", help="where FPS is measured")
     rp.add_argument("--repeats", type=int, default=20, help="timed runs per detector for FPS")

@@ -48,6 +48,7 @@ from plotly.subplots import make_subplots
 
 from jdsearch.errors import JDSearchError
 from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, family
+from jdsearch.search import best_of, completed_trials, lineage_of, root_of
 
 if TYPE_CHECKING:
     from jdsearch.compare import Comparison
@@ -101,13 +102,7 @@ _GRAPH_ID_PREFIX = "jdsearch-"
 
 
 # ---------------------------------------------------------------------- reading trials
-def completed(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """COMPLETE trials with a finite value, by trial number."""
-    done = [
-        t for t in trials
-        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
-    ]
-    return sorted(done, key=lambda t: t.number)
+completed = completed_trials  # COMPLETE trials with a finite H, by number
 
 
 def _failed(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -123,16 +118,18 @@ def _require(trials: Sequence[FrozenTrial], what: str) -> list[FrozenTrial]:
 
 def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial:
     """The completed trial with the highest H (the earlier one on a tie)."""
-    done = _require(trials, "the best trial")
-    return max(done, key=lambda t: (float(t.value), -t.number))  # type: ignore[arg-type]
+    best = best_of(trials)
+    if best is None:
+        raise JDSearchError("report: no completed trial to plot the best trial")
+    return best
 
 
 def base_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial:
     """The first completed ``base`` trial (the root: the base detector)."""
-    roots = [t for t in completed(trials) if t.params.get(MOVE_PARAM) == BASE_MOVE]
-    if not roots:
+    root = root_of(trials)
+    if root is None:
         raise JDSearchError("report: the trials hold no completed base trial (move 'base')")
-    return roots[0]
+    return root
 
 
 def running_best(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -197,20 +194,7 @@ def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 # ---------------------------------------------------------------------- lineage
-def lineage_path(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
-    """Trials from the root to ``number`` following ``parent`` links (stops at a missing parent)."""
-    by_number = {t.number: t for t in trials}
-    if number not in by_number:
-        raise JDSearchError(f"report: no trial {number} among the {len(by_number)} trials")
-    path: list[FrozenTrial] = []
-    seen: set[int] = set()
-    current: int | None = number
-    while current is not None and current in by_number and current not in seen:
-        seen.add(current)
-        t = by_number[current]
-        path.append(t)
-        current = _parent(t)
-    return path[::-1]
+lineage_path = lineage_of  # root → trial following parent links
 
 
 # ---------------------------------------------------------------------- actions and phases

@@ -11,13 +11,16 @@ the same parent and move.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch import synth
 from jdsearch.artifacts import SQLArtifactStore, make_artifact_store
@@ -201,16 +204,42 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     )
 
 
-def lineage(study: optuna.Study, number: int) -> list[optuna.trial.FrozenTrial]:
-    """Trials from the root to ``number`` following ``parent`` links."""
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    path = []
+def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE trials with a finite value (H), by trial number."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    return sorted(done, key=lambda t: t.number)
+
+
+def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The completed trial with the highest H, the earlier one on a tie (``None``: none yet)."""
+    done = completed_trials(trials)
+    return max(done, key=lambda t: (float(t.value), -t.number)) if done else None  # type: ignore[arg-type]
+
+
+def root_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The first completed ``base`` trial: the base detector's own fast evaluation."""
+    return next((t for t in completed_trials(trials) if t.params.get(MOVE_PARAM) == BASE_MOVE), None)
+
+
+def lineage_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
+    """Trials from the root to ``number`` following ``parent`` links; stops at a parent that is
+    missing (or at a loop, which only a hand-edited database can hold)."""
+    by_number = {t.number: t for t in trials}
+    if number not in by_number:
+        raise JDSearchError(f"no trial {number} among the {len(by_number)} trials")
+    path: list[FrozenTrial] = []
     current: int | None = number
-    while current is not None:
+    while current is not None and current in by_number and all(t.number != current for t in path):
         t = by_number[current]
         path.append(t)
-        current = t.user_attrs.get(PARENT_ATTR)
+        parent = t.user_attrs.get(PARENT_ATTR)
+        current = None if parent is None else int(parent)
     return path[::-1]
+
+
+def lineage(study: optuna.Study, number: int) -> list[FrozenTrial]:
+    """:func:`lineage_of` the study's trials."""
+    return lineage_of(study.get_trials(deepcopy=False), number)
 
 
 def _cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
@@ -227,11 +256,10 @@ def _cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
 
 def summary(study: optuna.Study) -> str:
     """Base vs best student: H, AP, FLOPs, resolution, and the lineage path of moves."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    roots = [t for t in complete if t.params.get(MOVE_PARAM) == BASE_MOVE]
-    if not roots:
+    trials = study.get_trials(deepcopy=False)
+    root, best = root_of(trials), best_of(trials)
+    if root is None or best is None:
         return "no completed trial yet"
-    root, best = roots[0], study.best_trial
     base, top = _cells(root), _cells(best)
     lines = [f"{'':<12}{f'base (trial {root.number})':<20}best (trial {best.number})"]
     lines += [f"{k:<12}{base[k]:<20}{top[k]}" for k in base]
@@ -255,11 +283,11 @@ class StudyHandle:
 
     def trial(self, number: int | None = None) -> optuna.trial.FrozenTrial:
         """Trial ``number`` (default: the best) — a completed trial with a student checkpoint."""
-        complete = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-        if not complete:
-            raise JDSearchError(f"study {self.study.study_name!r} has no completed trial yet")
         if number is None:
-            return max(complete, key=lambda t: (t.value, -t.number))
+            best = best_of(self.study.get_trials(deepcopy=False))
+            if best is None:
+                raise JDSearchError(f"study {self.study.study_name!r} has no completed trial yet")
+            return best
         by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         if number not in by_number:
             raise JDSearchError(f"study {self.study.study_name!r} has no trial {number} (trials 0–{len(by_number) - 1})")
@@ -270,13 +298,10 @@ class StudyHandle:
 
     def base_trial(self) -> optuna.trial.FrozenTrial:
         """The completed root trial (the base detector, trained briefly like every other trial)."""
-        roots = [
-            t for t in self.study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE and t.params.get(MOVE_PARAM) == BASE_MOVE
-        ]
-        if not roots:
+        root = root_of(self.study.get_trials(deepcopy=False))
+        if root is None:
             raise JDSearchError(f"study {self.study.study_name!r} has no completed base trial")
-        return min(roots, key=lambda t: t.number)
+        return root
 
     def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
         """The student checkpoint a trial uploaded (verified, never unpickled)."""
