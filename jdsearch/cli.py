@@ -297,6 +297,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         gt = CocoDataset(args.ann, files[0].parent)
         image_ids = {Path(gt.image_record(i).file_name).name: gt.image_record(i).id for i in range(len(gt))}
+        listed = [f for f in files if f.name in image_ids]
+        if not listed:
+            raise JDSearchError(f"{args.ann}: none of the {len(files)} images is listed in it")
+        if len(listed) < len(files):
+            print(f"{len(files) - len(listed)} of {len(files)} images are not in {args.ann}: skipped")
+        files = listed
     rows = predict_images(exported, files, image_ids=image_ids, score_thresh=args.score_thresh, device=args.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -332,30 +338,44 @@ def _latency_target(target: str, device: str, num_classes: int | None) -> tuple[
     return spec.name, det, spec.input.size
 
 
+def _hw(text: str) -> tuple[int, int]:
+    """``HxW`` as (height, width), in that order."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if m is None or min(int(m[1]), int(m[2])) < 1:
+        raise JDSearchError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1333")
+    return int(m[1]), int(m[2])
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
-    from jdsearch.data import Resolution, load_image
+    from jdsearch.data import load_image
     from jdsearch.flops import count_flops
-    from jdsearch.latency import measure_latency
+    from jdsearch.latency import measure_latencies
 
     images = [load_image(f) for f in _image_files(args.images)[: args.max_images]] if args.images else None
-    size = Resolution.parse(args.size) if args.size else None
+    image_hw = _hw(args.size) if args.size else None
+    targets = [_latency_target(t, "cpu", args.num_classes) for t in args.targets]
+    lats = measure_latencies(
+        [(det, size) for _, det, size in targets], device=args.device, warmup=args.warmup,
+        repeats=args.repeats, images=images, image_hw=image_hw, amp=args.amp,
+    )
     rows = []
-    for target in args.targets:
-        label, det, default = _latency_target(target, args.device, args.num_classes)
-        res = size or default
-        lat = measure_latency(det, res, device=args.device, warmup=args.warmup, repeats=args.repeats, images=images, amp=args.amp)
-        flops = count_flops(det.to("cpu"), size=res.hw).total
+    for (label, det, _), lat in zip(targets, lats, strict=True):
+        h, w = (int(v) for v in lat.image.split("x"))
+        flops = count_flops(det, size=(h, w)).total
         rows.append((label, lat, flops))
         print(f"{label}: {lat.describe()}; {flops / 1e9:.3f} GFLOPs")
     if len(rows) > 1:
         base = rows[0]
         width = max(len(r[0]) for r in rows)
-        print(f"\n{'detector':<{width}}  {'size':>10}  {'GFLOPs':>8}  {'FPS':>8}  {'speed-up':>8}")
+        print(f"\n{'detector':<{width}}  {'image HxW':>10}  {'GFLOPs':>8}  {'FPS':>8}  {'speed-up':>8}")
         for label, lat, flops in rows:
             print(
-                f"{label:<{width}}  {lat.size:>10}  {flops / 1e9:8.3f}  {lat.images_per_s:8.1f}  "
+                f"{label:<{width}}  {lat.image:>10}  {flops / 1e9:8.3f}  {lat.images_per_s:8.1f}  "
                 f"{lat.images_per_s / base[1].images_per_s:7.2f}×"
             )
+        print(f"(timed interleaved: one call of each detector in turn, {lats[0].repeats} rounds)")
     return 0
 
 
@@ -368,7 +388,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     comparison = compare_study(
         handle, args.trial, fps=not args.no_fps, device=args.device, repeats=args.repeats,
     )
-    files = write_report(handle, args.out, comparison=comparison, png=not args.no_png, attach=not args.no_attach)
+    files = write_report(
+        handle, args.out, trial=args.trial, comparison=comparison, png=not args.no_png, attach=not args.no_attach
+    )
     print(summary(handle.study))
     print()
     print(comparison.format())
@@ -488,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("latency", help="batch-1 images/s of detectors (export folders, checkpoints or specs)")
     la.add_argument("targets", nargs="+", help="export folder, checkpoint .safetensors, spec YAML or preset; the first is the baseline")
-    la.add_argument("--size", help="HxW or LONGxSHORT (default: each detector's input size)")
+    la.add_argument("--size", help="input image HEIGHTxWIDTH, e.g. 800x1333 (default: each detector's input size, landscape)")
     la.add_argument("--device", default="cpu", help="cpu or cuda")
     la.add_argument("--repeats", type=int, default=30)
     la.add_argument("--warmup", type=int, default=5)
@@ -522,6 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if getattr(args, "device", None) is not None:
+            from jdsearch.latency import check_device
+
+            check_device(args.device)
         if args.threads is not None:
             if args.threads < 1:
                 raise JDSearchError(f"--threads must be ≥ 1, got {args.threads}")

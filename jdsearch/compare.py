@@ -13,6 +13,7 @@ search recorded on the study's validation set; FLOPs and FPS are measured on the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from jdsearch.data import Resolution
 from jdsearch.flops import count_flops
-from jdsearch.latency import Latency, measure_latency
+from jdsearch.latency import Latency, measure_latencies
 from jdsearch.search import StudyHandle
 
 __all__ = ["METRIC_KEYS", "Comparison", "DetectorRow", "compare_study"]
@@ -115,33 +116,21 @@ def _metrics_at(trial: optuna.trial.FrozenTrial, size: str) -> dict[str, float]:
     return {k: (math.nan if recorded.get(k) is None else float(recorded[k])) for k in METRIC_KEYS}
 
 
-def _row(
-    handle: StudyHandle,
-    trial: optuna.trial.FrozenTrial,
-    label: str,
-    size: str,
-    *,
-    fps: bool,
-    device: str,
-    warmup: int,
-    repeats: int,
-    images: Sequence[Tensor] | None,
-) -> DetectorRow:
-    detector = handle.checkpoint(trial, device=device).detector
+def _row(handle: StudyHandle, trial: optuna.trial.FrozenTrial, label: str, size: str) -> tuple[DetectorRow, Any]:
+    detector = handle.checkpoint(trial).detector  # on the CPU: FLOPs are counted there
     res = Resolution.parse(size)
     report = count_flops(detector, size=res.hw)
-    latency = measure_latency(detector, res, device=device, warmup=warmup, repeats=repeats, images=images) if fps else None
-    return DetectorRow(
+    row = DetectorRow(
         label=label,
         trial=trial.number,
         arch=detector.arch.encode(),
         input_size=str(res),
         flops=report.total,
         params=report.params,
-        h=float(trial.value),
+        h=float(trial.value),  # type: ignore[arg-type]
         metrics=_metrics_at(trial, size),
-        latency=latency,
     )
+    return row, detector
 
 
 def compare_study(
@@ -154,16 +143,23 @@ def compare_study(
     repeats: int = 20,
     images: Sequence[Tensor] | None = None,
 ) -> Comparison:
-    """The table-4 comparison of the study's base trial and trial ``trial`` (default: the best)."""
+    """The table-4 comparison of the study's base trial and trial ``trial`` (default: the best).
+
+    FPS of the two detectors is timed interleaved (:func:`jdsearch.latency.measure_latencies`),
+    once when both rows are the same trial.
+    """
     base_trial = handle.base_trial()
     best = handle.trial(trial)
     recorded = base_trial.user_attrs.get("metrics", {})
     base_size = handle.study.user_attrs.get("base_resolution", "")
     if base_size not in recorded:
         base_size = base_trial.user_attrs["best_resolution"]
-    kw: dict[str, Any] = {"fps": fps, "device": device, "warmup": warmup, "repeats": repeats, "images": images}
-    return Comparison(
-        study=handle.study.study_name,
-        base=_row(handle, base_trial, "base", base_size, **kw),
-        upgraded=_row(handle, best, "upgraded", best.user_attrs["best_resolution"], **kw),
-    )
+    base, base_det = _row(handle, base_trial, "base", base_size)
+    up, up_det = _row(handle, best, "upgraded", best.user_attrs["best_resolution"])
+    if fps:
+        same = base.trial == up.trial and base.input_size == up.input_size
+        entries = [(base_det, base.input_size)] + ([] if same else [(up_det, up.input_size)])
+        lats = measure_latencies(entries, device=device, warmup=warmup, repeats=repeats, images=images)
+        base = dataclasses.replace(base, latency=lats[0])
+        up = dataclasses.replace(up, latency=lats[-1])
+    return Comparison(study=handle.study.study_name, base=base, upgraded=up)

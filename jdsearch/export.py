@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -74,6 +75,8 @@ ONNX_FILE = "model.onnx"
 ONNX_OPSET = 17
 ONNX_INPUTS = ["image"]
 ONNX_OUTPUTS = ["boxes", "scores", "labels"]
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(JDSearchError):
@@ -163,6 +166,8 @@ class OnnxCheck:
     score_atol: float
     onnxruntime: str
     seconds: float
+    score_thresh: float = 0.05  # the score threshold of the graph that was compared
+    image_source: str = "given"  # where the check images came from
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,6 +233,7 @@ def check_onnx(
     matched, box_diff, score_diff = 0, 0.0, 0.0
     box_atol = 0.0
     for k, image in enumerate(images):
+        image = image.detach().cpu().float()
         with torch.no_grad():
             out = det([image])[0]
         ref = (out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy())
@@ -250,7 +256,24 @@ def check_onnx(
         score_atol=score_atol,
         onnxruntime=ort.__version__,
         seconds=round(time.perf_counter() - start, 3),
+        score_thresh=float(det.roi_heads.score_thresh),
     )
+
+
+def _verified(path: Path, det: Detector, images: Sequence[Tensor]) -> OnnxCheck:
+    """:func:`check_onnx`, made to compare something: when no check image yields a detection
+    above the score threshold, the same weights are exported once more with threshold 0 (a
+    constant of the graph) and that graph is compared — every box the heads produce."""
+    check = check_onnx(path, det, images)
+    if check.detections:
+        return check
+    probe = copy.deepcopy(det)
+    probe.roi_heads.score_thresh = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        check = check_onnx(export_onnx(probe, Path(tmp) / "probe.onnx"), probe, images)
+    if not check.detections:
+        raise ExportError(f"{path}: the ONNX check compared nothing: no detection on any check image, even at score 0")
+    return check
 
 
 # ---------------------------------------------------------------------- export / load
@@ -296,6 +319,8 @@ def export_detector(
     check_images: Sequence[Tensor] | None = None,
     onnx: bool = True,
     source: Mapping[str, Any] | None = None,
+    check_source: str = "given",
+    categories_source: str = "given",
 ) -> Exported:
     """Write ``detector`` as an export folder (see the module doc) and return it.
 
@@ -326,11 +351,15 @@ def export_detector(
     check: OnnxCheck | None = None
     if onnx:
         export_onnx(det, out / ONNX_FILE)
-        if not check_images:
+        if check_images:
+            image_source = check_source
+        else:
             g = torch.Generator().manual_seed(0)
             h, w = size.hw
             check_images = [torch.rand(3, h, w, generator=g), torch.rand(3, max(h // 2, 32), w, generator=g)]
-        check = check_onnx(out / ONNX_FILE, det, check_images)
+            image_source = "noise (no images given)"
+        check = _verified(out / ONNX_FILE, det, check_images)
+        check = dataclasses.replace(check, image_source=image_source)
         files["onnx"] = {
             "path": ONNX_FILE, "sha256": _sha256(out / ONNX_FILE), "opset": ONNX_OPSET,
             "inputs": {"image": "float32 [3, height, width], RGB in [0, 1], any size"},
@@ -348,6 +377,7 @@ def export_detector(
         "num_classes": num_classes - 1,
         "class_names": list(names),
         "categories": [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)],
+        "categories_source": categories_source if category_ids is not None else "assumed 1..K (no category ids given)",
         "flops": report.total,
         "backbone_flops": report.backbone,
         "params": report.params,
@@ -414,15 +444,19 @@ def load_detector(path: str | Path, *, device: str | torch.device = "cpu") -> De
 
 
 # ---------------------------------------------------------------------- from a study
-def _categories(handle: Any, class_names: Sequence[str]) -> tuple[int, ...] | None:
-    """COCO category ids from the study's training annotations, when that file is here."""
+def _categories(handle: Any, class_names: Sequence[str]) -> tuple[tuple[int, ...] | None, str]:
+    """COCO category ids of labels ``1..K``: recorded in the study, else from its annotations."""
+    recorded = handle.categories()
+    if recorded is not None and [n for _, n in recorded] == list(class_names):
+        return tuple(i for i, _ in recorded), "study"
     ann = handle.spec.data.dir / "train.json"
     try:
         cats = json.loads(ann.read_text()).get("categories", [])
         by_name = {str(c["name"]): int(c["id"]) for c in cats}
-        return tuple(by_name[n] for n in class_names)
+        return tuple(by_name[n] for n in class_names), str(ann)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        log.warning("no category ids recorded in the study and %s is not readable here: labels 1..K are written as ids", ann)
+        return None, ""
 
 
 def _check_images(handle: Any, count: int = 3) -> list[Tensor]:
@@ -432,16 +466,8 @@ def _check_images(handle: Any, count: int = 3) -> list[Tensor]:
         records = json.loads(ann.read_text()).get("images", [])[:count]
         return [load_image(handle.spec.data.dir / "images" / r["file_name"]) for r in records]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, JDSearchError):
+        log.warning("the study's validation images (%s) are not readable here: the ONNX check uses noise images", ann)
         return []
-
-
-def _public_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 def export_trial(
@@ -456,7 +482,7 @@ def export_trial(
     """Export trial ``trial`` (default: the best) of an opened study (:func:`jdsearch.search.open_study`)
     at the resolution where it scored best (or ``input_size``)."""
     from jdsearch.sampler import MOVE_PARAM
-    from jdsearch.search import lineage
+    from jdsearch.search import lineage, public_url
 
     t = handle.trial(trial)
     ckpt = handle.checkpoint(t)
@@ -465,7 +491,7 @@ def export_trial(
     path = lineage(handle.study, t.number)
     source = {
         "study": handle.study.study_name,
-        "storage": _public_url(handle.url),
+        "storage": public_url(handle.url),
         "trial": t.number,
         "H": t.value,
         "metrics": t.user_attrs.get("metrics", {}).get(str(size)),
@@ -474,10 +500,16 @@ def export_trial(
         "base_resolution": handle.study.user_attrs.get("base_resolution"),
         "base_flops": handle.study.user_attrs.get("base_flops"),
     }
-    images = check_images if check_images else _check_images(handle)
+    if check_images:
+        images, image_source = list(check_images), "given"
+    else:
+        images = _check_images(handle) if onnx else []
+        image_source = f"study validation set ({handle.spec.data.dir / 'val.json'})"
+    ids, ids_source = _categories(handle, names)
     return export_detector(
-        ckpt.detector, out_dir, class_names=names, category_ids=_categories(handle, names),
-        input_size=size, check_images=images or None, onnx=onnx, source=source,
+        ckpt.detector, out_dir, class_names=names, category_ids=ids, input_size=size,
+        check_images=images or None, onnx=onnx, source=source, check_source=image_source,
+        categories_source=ids_source,
     )
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from jdsearch.data import Resolution, using_resolution
 from jdsearch.errors import JDSearchError
 
-__all__ = ["Latency", "measure_latency"]
+__all__ = ["Latency", "check_device", "measure_latencies", "measure_latency"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Latency:
     p10_ms: float
     p90_ms: float
     amp: bool = False
+    image: str = ""  # HxW of the timed input (after which the resize is an identity)
 
     @property
     def images_per_s(self) -> float:
@@ -55,7 +56,7 @@ class Latency:
         amp = " AMP" if self.amp else ""
         return (
             f"{self.images_per_s:.1f} img/s: median {self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, "
-            f"p90 {self.p90_ms:.2f}) over {self.repeats} runs at {self.size} on {self.device}{amp}"
+            f"p90 {self.p90_ms:.2f}) over {self.repeats} runs on {self.image} images on {self.device}{amp}"
             + (f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.device == "cpu" else "")
         )
 
@@ -69,8 +70,8 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _inputs(size: Resolution, images: Sequence[Tensor] | None, device: torch.device) -> list[Tensor]:
-    h, w = size.hw
+def _inputs(hw: tuple[int, int], images: Sequence[Tensor] | None, device: torch.device) -> list[Tensor]:
+    h, w = hw
     if not images:
         g = torch.Generator().manual_seed(0)
         return [torch.rand(3, h, w, generator=g).to(device)]
@@ -83,6 +84,84 @@ def _inputs(size: Resolution, images: Sequence[Tensor] | None, device: torch.dev
     return out
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that exists here; a one-line error otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise JDSearchError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise JDSearchError(f"device {device!r}: torch sees no CUDA device here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise JDSearchError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise JDSearchError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
+def measure_latencies(
+    detectors: Sequence[tuple[nn.Module, Resolution | str]],
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int = 5,
+    repeats: int = 30,
+    images: Sequence[Tensor] | None = None,
+    image_hw: tuple[int, int] | None = None,
+    amp: bool = False,
+) -> list[Latency]:
+    """Batch-1 latency of several detectors, each at its size, timed *interleaved* (one call of
+    each in turn, ``warmup + repeats`` rounds) so that a change in machine load hits all alike.
+
+    Each detector's input is exactly its size (``LONG×SHORT`` as a landscape ``SHORT×LONG``
+    image, or ``image_hw`` for all of them), so torchvision's resize is an identity. ``images``
+    (float ``3×H×W`` in ``[0, 1]``, any size) are resized to that and used in turn. Modes and
+    resize sizes are restored afterwards; the detectors stay on ``device``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise JDSearchError(f"latency: repeats must be ≥ 1 and warmup ≥ 0, got {repeats} and {warmup}")
+    dev = check_device(device)
+    if amp and dev.type != "cuda":
+        raise JDSearchError("latency: --amp (float16 autocast) needs a CUDA device")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    runs = []
+    for detector, size in detectors:
+        res = Resolution.parse(size) if image_hw is None else Resolution(max(image_hw), min(image_hw))
+        hw = image_hw or res.hw
+        detector.to(dev)
+        runs.append((detector, res, hw, _inputs(hw, images, dev), detector.training, []))
+    times: list[list[float]] = [r[5] for r in runs]
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(autocast)
+        for detector, res, *_ in runs:
+            detector.eval()
+            stack.enter_context(using_resolution(detector, res))
+        try:
+            for i in range(warmup + repeats):
+                for detector, _, _, inputs, _, spent in runs:
+                    x = inputs[i % len(inputs)]
+                    sync()
+                    start = time.perf_counter()
+                    detector([x])
+                    sync()
+                    if i >= warmup:
+                        spent.append((time.perf_counter() - start) * 1000.0)
+        finally:
+            for detector, _, _, _, was_training, _ in runs:
+                detector.train(was_training)
+    out = []
+    for (_, res, hw, *_), spent in zip(runs, times, strict=True):
+        spent = sorted(spent)
+        out.append(Latency(
+            size=str(res), device=str(dev), threads=torch.get_num_threads(), warmup=warmup,
+            repeats=repeats, median_ms=statistics.median(spent), p10_ms=_quantile(spent, 0.1),
+            p90_ms=_quantile(spent, 0.9), amp=amp, image=f"{hw[0]}x{hw[1]}",
+        ))
+    return out
+
+
 def measure_latency(
     detector: nn.Module,
     size: Resolution | str,
@@ -91,47 +170,11 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 30,
     images: Sequence[Tensor] | None = None,
+    image_hw: tuple[int, int] | None = None,
     amp: bool = False,
 ) -> Latency:
-    """Median batch-1 latency of ``detector`` at ``size`` on ``device`` (see the module doc).
-
-    ``images`` (float ``3×H×W`` in ``[0, 1]``, any size) are resized to ``size`` and used in turn;
-    the detector's mode and resize sizes are restored afterwards (it stays on ``device``).
-    """
-    size = Resolution.parse(size)
-    if repeats < 1 or warmup < 0:
-        raise JDSearchError(f"latency: repeats must be ≥ 1 and warmup ≥ 0, got {repeats} and {warmup}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise JDSearchError("latency: --device cuda, but torch sees no CUDA device here")
-    detector.to(dev)
-    inputs = _inputs(size, images, dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    autocast = torch.autocast(dev.type, dtype=torch.float16) if amp else contextlib.nullcontext()
-    was_training = detector.training
-    detector.eval()
-    times: list[float] = []
-    try:
-        with torch.inference_mode(), using_resolution(detector, size), autocast:
-            for i in range(warmup + repeats):
-                x = inputs[i % len(inputs)]
-                sync()
-                start = time.perf_counter()
-                detector([x])
-                sync()
-                if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1000.0)
-    finally:
-        detector.train(was_training)
-    times.sort()
-    return Latency(
-        size=str(size),
-        device=str(dev),
-        threads=torch.get_num_threads(),
-        warmup=warmup,
-        repeats=repeats,
-        median_ms=statistics.median(times),
-        p10_ms=_quantile(times, 0.1),
-        p90_ms=_quantile(times, 0.9),
-        amp=amp,
-    )
+    """Median batch-1 latency of one detector at ``size``: :func:`measure_latencies` of one."""
+    return measure_latencies(
+        [(detector, size)], device=device, warmup=warmup, repeats=repeats, images=images,
+        image_hw=image_hw, amp=amp,
+    )[0]

@@ -197,6 +197,8 @@ class Objective:
         metrics = evaluate(student, ctx.val_set, spec.resolutions, device=spec.device)
         eval_s = time.perf_counter() - t2
         flops = count_flops(student, size=ctx.base_resolution.hw)
+        # What the student costs at each size it was evaluated at (the AP–FLOPs front, table 4).
+        flops_at = {key: count_flops(student, size=Resolution.parse(key).hw).total for key in metrics}
         h = {
             key: score_h(
                 getattr(m, spec.score.metric), flops.total, ctx.base_flops, Resolution.parse(key),
@@ -218,7 +220,8 @@ class Objective:
             STUDENT_ATTR: student.arch.encode(),
             TEACHER_ATTR: str(teacher_cfg),
             "teacher_params": teacher_params,  # the teacher's backbone parameters (paper fig. 5)
-            "flops": flops.total,
+            "flops": flops.total,  # at the base resolution: C(S) of the score H
+            "flops_at": flops_at,
             "backbone_flops": flops.backbone,
             "stage_flops": list(flops.per_stage),
             "params": flops.params,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 BASE_ATTR = "base_artifact"
 POOL_ATTR = "pool_artifact"
 SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too long to print)
+CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
 
 
 def _say(msg: str) -> None:
@@ -148,6 +152,10 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool =
     if stored_spec is None:
         storage.set_study_system_attr(study._study_id, SPEC_SYSATTR, spec.to_dict())
         study.set_user_attr("spec_file", spec.source)
+    if CATEGORIES_SYSATTR not in storage.get_study_system_attrs(study._study_id):
+        # An export must map labels back to the dataset's ids without the dataset at hand.
+        categories = [[int(i), n] for i, n in zip(train_set.category_ids, train_set.class_names, strict=True)]
+        storage.set_study_system_attr(study._study_id, CATEGORIES_SYSATTR, categories)
 
     if BASE_ATTR not in study.user_attrs:
         path = _base_checkpoint(spec, train_set, val_set, progress)
@@ -243,12 +251,15 @@ def lineage(study: optuna.Study, number: int) -> list[FrozenTrial]:
 
 
 def _cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
+    """H, and AP / GFLOPs / params at the resolution where the trial scored best."""
     a = t.user_attrs
     res = a.get("best_resolution", "")
+    ap = a.get("metrics", {}).get(res, {}).get("AP")
+    flops = a.get("flops_at", {}).get(res, a.get("flops", 0))  # older trials: at the base resolution
     return {
         "H": f"{t.value:.4f}",
-        "AP": f"{100 * a.get('ap', {}).get(res, float('nan')):.1f}",
-        "GFLOPs": f"{a.get('flops', 0) / 1e9:.3f}",
+        "AP": "-" if ap is None else f"{100 * ap:.1f}",
+        "GFLOPs": f"{flops / 1e9:.3f}",
         "params (M)": f"{a.get('params', 0) / 1e6:.3f}",
         "resolution": str(res),
     }
@@ -303,18 +314,48 @@ class StudyHandle:
             raise JDSearchError(f"study {self.study.study_name!r} has no completed base trial")
         return root
 
+    def categories(self) -> list[tuple[int, str]] | None:
+        """The dataset's (COCO category id, name) in label order, as recorded by ``prepare``."""
+        stored = self.study._storage.get_study_system_attrs(self.study._study_id).get(CATEGORIES_SYSATTR)
+        return None if stored is None else [(int(i), str(n)) for i, n in stored]
+
+    def _read(self, artifact_id: str, what: str) -> bytes:
+        try:
+            with self.store.open_reader(artifact_id) as reader:
+                return reader.read()
+        except ArtifactNotFound:
+            raise JDSearchError(
+                f"study {self.study.study_name!r}: the {what} (artifact {artifact_id}) is missing from its artifact store"
+            ) from None
+
     def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
         """The student checkpoint a trial uploaded (verified, never unpickled)."""
-        with self.store.open_reader(trial.user_attrs[CHECKPOINT_ATTR]) as reader:
-            data = reader.read()
+        data = self._read(trial.user_attrs[CHECKPOINT_ATTR], f"checkpoint of trial {trial.number}")
         return checkpoint_from_bytes(data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device)
 
     def study_artifact(self, key: str) -> bytes:
         """A study-level artifact (``base_artifact``, ``pool_artifact``) as bytes."""
         if key not in self.study.user_attrs:
             raise JDSearchError(f"study {self.study.study_name!r} has no {key}")
-        with self.store.open_reader(self.study.user_attrs[key]) as reader:
-            return reader.read()
+        return self._read(self.study.user_attrs[key], key)
+
+
+def public_url(url: str) -> str:
+    """``url`` with any password masked, for messages and exported metadata."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: keep only what follows the credentials
+        return url.rsplit("@", 1)[-1]
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's first line (the driver's own words), credentials masked."""
+    while e.__cause__ is not None or getattr(e, "orig", None) is not None:
+        e = e.__cause__ or e.orig  # type: ignore[attr-defined]
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {re.sub(r'://[^@/ ]*@', '://***@', text)}"
 
 
 def _upgrade_stored_spec(stored: Any) -> Any:
@@ -335,26 +376,33 @@ def open_study(url: str, name: str | None = None) -> StudyHandle:
 
     Never creates anything: a missing SQLite file or study is an error naming what exists.
     """
+    shown = public_url(url)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         if not path.is_file():
-            raise JDSearchError(f"{url}: no such database file {path}")
+            raise JDSearchError(f"{shown}: no such database file {path}")
     try:
         storage = RDBStorage(url, skip_table_creation=True)
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     except Exception as e:  # SQLAlchemy/driver errors: unreachable server, not an Optuna database
-        raise JDSearchError(f"{url}: cannot read an Optuna study database ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise JDSearchError(f"{shown}: cannot read an Optuna study database ({_root_cause(e)})") from None
     names = sorted(s.study_name for s in summaries)
     if name is None:
         if len(names) != 1:
-            raise JDSearchError(f"{url}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
+            raise JDSearchError(f"{shown}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
         name = names[0]
     if name not in names:
-        raise JDSearchError(f"{url}: no study {name!r} (studies: {', '.join(names) or 'none'})")
+        raise JDSearchError(f"{shown}: no study {name!r} (studies: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=name, storage=storage)
     stored = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
     if stored is None:
-        raise JDSearchError(f"{url}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)")
+        raise JDSearchError(f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)")
     spec = study_from_dict(_upgrade_stored_spec(stored), source=f"study {name!r} (stored spec)")
+    artifacts = spec.search.artifacts.strip()
+    if artifacts.startswith("file:") and not Path(os.path.expanduser(artifacts[len("file:") :])).is_dir():
+        raise JDSearchError(
+            f"study {name!r} keeps its checkpoints in {artifacts!r}, which is not a folder here "
+            f"(relative to {Path.cwd()}); run from the folder the search ran in"
+        )
     store = make_artifact_store(spec.search.artifacts, url)
     return StudyHandle(study, spec, store, url)

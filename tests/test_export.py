@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -181,13 +182,6 @@ def test_latency_times_batch_one_at_the_requested_size() -> None:
     assert det.training and get_resolution(det) == load_spec("tiny-r18-fpn").input.size  # restored
 
 
-def test_latency_refuses_cuda_without_a_gpu() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
-    with pytest.raises(JDSearchError, match="no CUDA device"):
-        measure_latency(tiny(), "96x64", device="cuda")
-
-
 # ---------------------------------------------------------------------- from a study
 def test_export_trial_writes_the_best_student_at_its_best_resolution(small_study, tmp_path: Path) -> None:
     handle = open_study(small_study.url, small_study.name)
@@ -248,3 +242,48 @@ def test_cli_export_predict_latency(small_study, tmp_path: Path, capsys: pytest.
 
     assert main(["predict", str(tmp_path), files[0], "--out", str(preds)]) == 2
     assert "not an export folder" in capsys.readouterr().err
+
+
+def test_a_check_that_would_compare_nothing_compares_at_score_zero(trained, tmp_path: Path) -> None:
+    det = copy.deepcopy(trained)
+    det.roi_heads.score_thresh = 0.999  # nothing survives: comparing the shipped graph proves nothing
+    e = export_detector(det, tmp_path / "x", class_names=NAMES, check_images=images(0, (64, 96)))
+    check = e.info["onnx_check"]
+    assert check["score_thresh"] == 0.0 and check["detections"] > 0
+    assert e.info["spec"]["roi_heads"]["score_thresh"] == 0.999  # the shipped graph keeps its own
+    assert e.info["categories_source"].startswith("assumed")
+
+
+def test_export_away_from_the_data_uses_the_ids_recorded_in_the_study(
+    small_study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored data.dir is relative to where the search ran; elsewhere the category ids
+    still come from the study and the check falls back to noise images, saying so."""
+    handle = open_study(small_study.url, small_study.name)
+    monkeypatch.chdir(tmp_path)
+    moved = dataclasses.replace(handle, spec=dataclasses.replace(handle.spec, data=dataclasses.replace(handle.spec.data, dir=Path("gone"))))
+    with caplog.at_level("WARNING", logger="jdsearch.export"):
+        e = export_trial(moved, tmp_path / "away")
+    cats = json.loads((small_study.data_dir / "train.json").read_text())["categories"]
+    assert [c["id"] for c in e.info["categories"]] == [c["id"] for c in cats]
+    assert e.info["categories_source"] == "study"
+    assert e.info["onnx_check"]["image_source"].startswith("noise")
+    assert "noise images" in caplog.text
+
+
+def test_errors_hide_the_database_password() -> None:
+    with pytest.raises(JDSearchError) as e:
+        open_study("postgresql+psycopg2://alice:s3cretPW@127.0.0.1:1/db", "x")
+    assert "s3cretPW" not in str(e.value) and "alice:***@" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_checkpoint_artifact_is_one_line(small_study, tmp_path: Path) -> None:
+    from jdsearch.artifacts import SQLArtifactStore
+
+    db = tmp_path / "copy.db"
+    shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
+    handle = open_study(f"sqlite:///{db}")
+    best = handle.trial()
+    SQLArtifactStore(f"sqlite:///{db}").remove(best.user_attrs["checkpoint"])
+    with pytest.raises(JDSearchError, match=rf"checkpoint of trial {best.number} \(artifact .*\) is missing"):
+        export_trial(handle, tmp_path / "x")
