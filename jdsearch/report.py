@@ -9,20 +9,34 @@ key                       what it shows
 ========================  ==================================================================
 ``h_per_iteration``       fig. 8 — H of every sampled student per trial, one series per
                           evaluated resolution, and the best H so far
-``pareto``                fig. 9 — AP (at the trial's best resolution) against GFLOPs, the
-                          Pareto front (max AP, min FLOPs) as a step line, base and best marked
+``pareto``                fig. 9 — AP against GFLOPs, both at the trial's best resolution, the
+                          Pareto front (max AP, min FLOPs) as a step line, base and upgraded
+                          trial marked
 ``teacher_capacity``      fig. 5 — backbone parameters of the best student's teacher over the
                           search (running best), and their distribution over all trials
-``action_gain``           fig. 6 — per action family and generation phase: the summed score
-                          increment H(child) − H(parent), and the share of beneficial actions
-``stage_flops``           fig. 7 — per-stage backbone GFLOPs (stem, stages 1–4), base vs best
-``lineage``               the search tree: trial → parent links, the base → best path marked
+``action_gain``           fig. 6 — per generation phase and action family: the score increment
+                          the beneficial actions brought, and each family's share of the
+                          phase's beneficial actions
+``stage_flops``           fig. 7 — per-stage backbone GFLOPs (stem, stages 1–4), base vs upgraded
+``lineage``               the search tree: trial → parent links, the base → upgraded path marked
 ========================  ==================================================================
 
-FLOPs are the trial's ``flops`` attribute: multiply-adds of the student at the study's *base*
-resolution (the architecture's complexity C(S) of the score H); AP is COCO box AP at the
-resolution where the trial scored best. "Best" is the highest H, the earlier trial on a tie (as
-:meth:`jdsearch.search.StudyHandle.trial` picks it).
+The *upgraded* trial is the one the report is about: the best trial (highest H, the earlier trial
+on a tie, as :meth:`jdsearch.search.StudyHandle.trial` picks it) unless ``trial=`` names another
+completed one; figs. 7 and 9, the lineage path and the HTML summary all follow it.
+
+FLOPs: the trial attribute ``flops`` is the student's multiply-adds at the study's *base*
+resolution (the complexity C(S) of the score H; fig. 7 and the lineage hover use it); ``flops_at``
+maps every evaluated resolution to the multiply-adds at that resolution. Fig. 9 and its Pareto
+front pair AP at the trial's best resolution with ``flops_at`` at that same resolution; trials
+recorded before ``flops_at`` existed fall back to ``flops`` (marked open in the plot and labelled
+in the hover). AP is COCO box AP at the resolution where the trial scored best.
+
+Fig. 6's *phases* (the paper's "generations"): the completed trials, ordered by trial number, are
+split into ``phases`` windows of (nearly) equal count — trial numbers are the order the search
+started its trials in. An action (a trial's move) is *beneficial*
+when H(child) > H(parent); a child of a failed or missing parent has no increment and counts only
+in the hover.
 
 :func:`write_report` writes ``report.html`` (plotly.js embedded once, so the file works offline),
 ``figures/<key>.json`` and — when an image exporter (kaleido) works — ``figures/<key>.png``, and
@@ -84,6 +98,8 @@ __all__ = [
     "teacher_param_counter",
     "teacher_params",
     "trial_ap",
+    "trial_gflops",
+    "upgraded_trial",
     "write_report",
 ]
 
@@ -163,8 +179,21 @@ def trial_ap(t: FrozenTrial) -> float:
 
 
 def _gflops(t: FrozenTrial) -> float:
+    """GFLOPs at the base resolution (the ``flops`` attribute); NaN when not recorded."""
     flops = t.user_attrs.get("flops")
     return math.nan if flops is None else float(flops) / 1e9
+
+
+def trial_gflops(t: FrozenTrial) -> tuple[float, str | None]:
+    """GFLOPs where the trial's AP is measured: ``(flops_at[best_resolution] / 1e9, resolution)``;
+    ``(flops / 1e9, None)`` — at the base resolution — for a trial without that ``flops_at`` entry
+    (studies recorded before it existed); NaN when neither is recorded."""
+    a = t.user_attrs
+    res = a.get("best_resolution")
+    at = a.get("flops_at")
+    if isinstance(at, Mapping) and res is not None and at.get(res) is not None:
+        return float(at[res]) / 1e9, str(res)
+    return _gflops(t), None
 
 
 def _parent(t: FrozenTrial) -> int | None:
@@ -175,8 +204,9 @@ def _parent(t: FrozenTrial) -> int | None:
 # ---------------------------------------------------------------------- Pareto front
 def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """Completed trials that no other completed trial dominates (AP ≥ and FLOPs ≤, one strictly),
-    by ascending FLOPs. Trials without a recorded AP or FLOPs take no part."""
-    points = [(t, trial_ap(t), _gflops(t)) for t in completed(trials)]
+    by ascending FLOPs — both as fig. 9 plots them (:func:`trial_ap`, :func:`trial_gflops`).
+    Trials without a recorded AP or FLOPs take no part."""
+    points = [(t, trial_ap(t), trial_gflops(t)[0]) for t in completed(trials)]
     points = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
     points.sort(key=lambda p: (p[2], -p[1], p[0].number))
     front: list[FrozenTrial] = []
@@ -263,22 +293,21 @@ def action_steps(trials: Sequence[FrozenTrial]) -> list[ActionStep]:
 
 @dataclass
 class GainCell:
-    total: float = 0.0  # summed gain
-    n: int = 0  # actions with a known gain
-    beneficial: int = 0  # gain > 0
+    """One action family in one phase."""
+
+    increment: float = 0.0  # summed increments of the beneficial actions: the score they brought
+    beneficial: int = 0  # actions with H(child) > H(parent)
+    scored: int = 0  # actions with a known increment (the parent completed)
+    net: float = 0.0  # summed increments, harmful actions included
     unscored: int = 0  # completed, but the parent is missing or not completed
     failed: int = 0  # FAIL trials of this family
-
-    @property
-    def share(self) -> float | None:
-        return self.beneficial / self.n if self.n else None
 
 
 @dataclass(frozen=True)
 class ActionGains:
-    """Fig. 6's numbers: per phase and action family, the summed increment and how many actions
-    were beneficial. ``cells[(phase index, family)]``; families beyond :data:`FAMILIES` (none
-    today) are listed after them."""
+    """Fig. 6's numbers, ``cells[(phase index, family)]``: per phase, the score increment each
+    action family brought (top panel) and the family's share of the phase's beneficial actions
+    (bottom panel). Families beyond :data:`FAMILIES` (none today) are listed after them."""
 
     phases: tuple[Phase, ...]
     families: tuple[str, ...]
@@ -287,8 +316,28 @@ class ActionGains:
     def cell(self, phase: int, family_: str) -> GainCell:
         return self.cells.get((phase, family_), GainCell())
 
+    def beneficial_in(self, phase: int) -> int:
+        """Beneficial actions of all families in the phase."""
+        return sum(self.cell(phase, f).beneficial for f in self.families)
+
+    def scored_in(self, phase: int) -> int:
+        """Actions with a known increment, of all families, in the phase."""
+        return sum(self.cell(phase, f).scored for f in self.families)
+
+    def share(self, phase: int, family_: str) -> float | None:
+        """The family's fraction of the phase's beneficial actions (the shares of a phase sum to
+        1); ``None`` when the phase has no beneficial action."""
+        total = self.beneficial_in(phase)
+        return self.cell(phase, family_).beneficial / total if total else None
+
+    def increment(self, family_: str) -> float:
+        """The score increment the family's beneficial actions brought over the whole search."""
+        return sum(self.cell(p.index, family_).increment for p in self.phases)
+
 
 def action_gains(trials: Sequence[FrozenTrial], phases: int = 4) -> ActionGains:
+    """Fig. 6's numbers: the completed non-root trials (:func:`action_steps`) and the failed ones
+    counted per :func:`phase_windows` window (by trial number) and action family."""
     windows = phase_windows(trials, phases)
     firsts = [w.first for w in windows]
     cells: dict[tuple[int, str], GainCell] = {}
@@ -304,9 +353,11 @@ def action_gains(trials: Sequence[FrozenTrial], phases: int = 4) -> ActionGains:
         if s.gain is None:
             c.unscored += 1
             continue
-        c.total += s.gain
-        c.n += 1
-        c.beneficial += int(s.gain > 0)
+        c.scored += 1
+        c.net += s.gain
+        if s.gain > 0:
+            c.beneficial += 1
+            c.increment += s.gain
     if windows:  # failed trials count in the window their number falls in
         for t in _failed(trials):
             fam = action_family(t.params.get(MOVE_PARAM))
@@ -377,11 +428,15 @@ def _hover(t: FrozenTrial) -> str:
     a = t.user_attrs
     parent = _parent(t)
     origin = "" if parent is None else f" from {parent}"
-    ap, g = trial_ap(t), _gflops(t)
+    res = a.get("best_resolution", "?")
+    g, at = trial_gflops(t)
+    flops = (f"GFLOPs {g:.3f} at {at} ({_gflops(t):.3f} at the base resolution)" if at is not None
+             else f"GFLOPs {g:.3f} at the base resolution (no flops_at recorded)")
     parts = [
         f"<b>trial {t.number}</b>: {t.params.get(MOVE_PARAM, '?')}{origin}",
-        f"H {float(t.value):.4f} at {a.get('best_resolution', '?')}",  # type: ignore[arg-type]
-        f"AP {_pct(ap)}   GFLOPs {g:.3f}",
+        f"H {float(t.value):.4f} at {res}",  # type: ignore[arg-type]
+        f"AP {_pct(trial_ap(t))} at {res}",
+        flops,
         f"teacher {a.get('teacher', '?')}",
         f"student {_wrap_student(str(a.get('student', '?')))}",
     ]
@@ -398,6 +453,23 @@ def _resolution_order(keys: set[str]) -> list[str]:
             return (0, text)
 
     return sorted(keys, key=key)
+
+
+def _upgraded_label(trials: Sequence[FrozenTrial], number: int) -> str:
+    best = best_of(trials)
+    return f"trial {number}, best H" if best is not None and best.number == number else f"trial {number}"
+
+
+def _completed_trial(trials: Sequence[FrozenTrial], number: int | None) -> FrozenTrial:
+    """The best completed trial, or completed trial ``number``."""
+    if number is None:
+        return best_trial(trials)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise JDSearchError(f"report: trial must be a trial number, got {number!r}")
+    match = next((t for t in completed(trials) if t.number == number), None)
+    if match is None:
+        raise JDSearchError(f"report: trial {number} is not a completed trial")
+    return match
 
 
 # ---------------------------------------------------------------------- figures
@@ -426,35 +498,49 @@ def fig_h_per_iteration(trials: Sequence[FrozenTrial]) -> go.Figure:
     return fig
 
 
-def fig_pareto(trials: Sequence[FrozenTrial]) -> go.Figure:
-    """Fig. 9: AP vs GFLOPs of every completed trial, the Pareto front as a step line, base and
-    best trials marked."""
-    done = [t for t in _require(trials, "the Pareto front") if math.isfinite(trial_ap(t)) and math.isfinite(_gflops(t))]
+def fig_pareto(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.Figure:
+    """Fig. 9: AP against GFLOPs — both at the trial's best resolution (:func:`trial_ap`,
+    :func:`trial_gflops`) — of every completed trial, the Pareto front as a step line, the base
+    trial and the upgraded trial (the best, or trial ``best``) marked. Trials whose FLOPs fall back
+    to the base resolution (no ``flops_at``) are drawn as open circles."""
+    done = [t for t in _require(trials, "the Pareto front")
+            if math.isfinite(trial_ap(t)) and math.isfinite(trial_gflops(t)[0])]
     if not done:
         raise JDSearchError("report: no completed trial records both AP and FLOPs")
+    top = _completed_trial(trials, best)
+    if top.number not in {t.number for t in done}:
+        raise JDSearchError(f"report: trial {top.number} records no AP or FLOPs to mark in the AP–FLOPs plot")
     front = pareto_front(done)
     fig = go.Figure()
 
     def scatter(ts: Sequence[FrozenTrial], **kw: Any) -> go.Scatter:
         return go.Scatter(
-            x=[_gflops(t) for t in ts], y=[100 * trial_ap(t) for t in ts], customdata=[t.number for t in ts],
+            x=[trial_gflops(t)[0] for t in ts], y=[100 * trial_ap(t) for t in ts], customdata=[t.number for t in ts],
             text=[_hover(t) for t in ts], hovertemplate="%{text}<extra></extra>", **kw,
         )
 
-    fig.add_trace(scatter(done, mode="markers", name="trials", marker={"color": "#8c9fb8", "size": 7}))
+    at_best = [trial_gflops(t)[1] is not None for t in done]
+    fig.add_trace(scatter(done, mode="markers", name="trials", marker={
+        "color": "#8c9fb8", "size": 7, "symbol": ["circle" if ok else "circle-open" for ok in at_best],
+    }))
     fig.add_trace(scatter(front, mode="lines+markers", line_shape="hv", name="Pareto front",
                           line={"color": "#d62728", "width": 2}, marker={"color": "#d62728", "size": 9}))
     roots = [t for t in done if t.params.get(MOVE_PARAM) == BASE_MOVE]
     if roots:
         fig.add_trace(scatter(roots[:1], mode="markers", name=f"base (trial {roots[0].number})",
                               marker={"symbol": "square", "size": 13, "color": "#444444"}))
-    best = best_trial(done)
-    fig.add_trace(scatter([best], mode="markers", name=f"best H (trial {best.number})",
+    fig.add_trace(scatter([top], mode="markers", name=f"upgraded ({_upgraded_label(trials, top.number)})",
                           marker={"symbol": "star", "size": 17, "color": "#ffbf00", "line": {"color": "black", "width": 1}}))
+    if all(at_best):
+        x_title = "GFLOPs (multiply-adds at the trial's best resolution)"
+    elif any(at_best):
+        x_title = ("GFLOPs (multiply-adds at the trial's best resolution; "
+                   "open circles: at the base resolution, no flops_at recorded)")
+    else:
+        x_title = "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
     fig.update_layout(
         title="AP vs complexity of every completed trial, with the Pareto front",
-        xaxis_title="GFLOPs (multiply-adds at the base resolution)",
-        yaxis_title="AP (%) at the trial's best resolution",
+        xaxis_title=x_title, yaxis_title="AP (%) at the trial's best resolution",
     )
     return fig
 
@@ -498,49 +584,66 @@ def fig_teacher_capacity(
 
 
 def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Figure:
-    """Fig. 6: per action family and phase, the summed score increment (top) and the share of
-    beneficial actions (bottom)."""
+    """Fig. 6 over :func:`action_gains`' generation phases. Top: the score increment each action
+    family brought (summed positive H(child) − H(parent)), stacked per phase. Bottom: each family's
+    share of the phase's beneficial actions, stacked to 100 %; a phase without a beneficial action
+    has no bar, only a note saying so."""
     _require(trials, "the action analysis")
     gains = action_gains(trials, phases)
     labels = [p.label for p in gains.phases]
     fig = make_subplots(
-        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
-        subplot_titles=("total score increment H(child) − H(parent)", "beneficial actions (increment > 0)"),
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+        subplot_titles=(
+            "score increment brought by each action family (sum of H(child) − H(parent) > 0)",
+            "each family's share of the phase's beneficial actions (H(child) > H(parent))",
+        ),
     )
     for fam in gains.families:
         cells = [gains.cell(p.index, fam) for p in gains.phases]
         info = [
-            f"{c.n} scored actions, {c.beneficial} beneficial, {c.unscored} without a completed parent, {c.failed} failed"
+            f"{c.beneficial} beneficial of {c.scored} scored actions (net ΔH {c.net:+.4f}); "
+            f"{c.unscored} without a completed parent, {c.failed} failed"
             for c in cells
         ]
         colour = _COLOURS.get(fam, "#7f7f7f")
+        total = gains.increment(fam)
         fig.add_trace(go.Bar(
-            x=labels, y=[c.total for c in cells], name=fam, legendgroup=fam, marker_color=colour,
-            text=info, hovertemplate=f"{fam}, %{{x}}<br>increment %{{y:.4f}}<br>%{{text}}<extra></extra>",
-            textposition="none",
+            x=labels, y=[c.increment for c in cells], name=fam, legendgroup=fam, marker_color=colour,
+            text=info, textposition="none",
+            hovertemplate=f"{fam}, %{{x}}<br>ΔH brought %{{y:.4f}} (whole search {total:.4f})<br>%{{text}}<extra></extra>",
         ), row=1, col=1)
+        shares = [gains.share(p.index, fam) for p in gains.phases]
+        share_info = [
+            f"{c.beneficial} of the phase's {gains.beneficial_in(p.index)} beneficial actions"
+            for c, p in zip(cells, gains.phases, strict=True)
+        ]
         fig.add_trace(go.Bar(
-            x=labels, y=[None if c.share is None else 100 * c.share for c in cells], name=fam, legendgroup=fam,
-            marker_color=colour, showlegend=False, text=info, textposition="none",
-            hovertemplate=f"{fam}, %{{x}}<br>%{{y:.0f}} % beneficial<br>%{{text}}<extra></extra>",
+            x=labels, y=[None if v is None else 100 * v for v in shares], name=fam, legendgroup=fam,
+            marker_color=colour, showlegend=False, text=share_info, textposition="none",
+            hovertemplate=f"{fam}, %{{x}}<br>%{{y:.1f}} % of the beneficial actions<br>%{{text}}<extra></extra>",
         ), row=2, col=1)
-    fig.update_yaxes(title_text="ΔH (summed)", row=1, col=1)
-    fig.update_yaxes(title_text="beneficial (%)", range=[0, 100], row=2, col=1)
-    fig.update_layout(title="What each action family contributed, phase by phase", barmode="group", height=640)
+    for p in gains.phases:
+        if gains.beneficial_in(p.index) == 0:
+            fig.add_annotation(
+                x=p.label, y=50, xref="x2", yref="y2", showarrow=False, text="no beneficial action",
+                hovertext=f"{p.label}: none of its {gains.scored_in(p.index)} scored actions improved on its parent",
+                font={"color": "#666666"},
+            )
+    fig.update_xaxes(categoryorder="array", categoryarray=labels)
+    fig.update_xaxes(title_text="generation phase (equal windows of completed trials, by trial number)", row=2, col=1)
+    fig.update_yaxes(title_text="ΔH brought", row=1, col=1)
+    fig.update_yaxes(title_text="share of beneficial actions (%)", range=[0, 100], row=2, col=1)
+    fig.update_layout(title="What each action family contributed, phase by phase", barmode="stack", height=640)
     return fig
 
 
 def fig_stage_flops(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.Figure:
-    """Fig. 7: per-stage backbone GFLOPs (stem, stages 1–4) of the base trial and the best student
-    (or trial ``best``), with the relative change on the student's bars."""
+    """Fig. 7: per-stage backbone GFLOPs (stem, stages 1–4) at the base resolution of the base trial
+    and the upgraded student (the best, or trial ``best``), with the relative change on the
+    student's bars."""
     base = base_trial(trials)
-    if best is None:
-        top = best_trial(trials)
-    else:
-        matches = [t for t in completed(trials) if t.number == best]
-        if not matches:
-            raise JDSearchError(f"report: trial {best} is not a completed trial")
-        top = matches[0]
+    top = _completed_trial(trials, best)
+    label = _upgraded_label(trials, top.number)
     stages = []
     for t in (base, top):
         s = t.user_attrs.get("stage_flops")
@@ -554,11 +657,11 @@ def fig_stage_flops(trials: Sequence[FrozenTrial], *, best: int | None = None) -
     fig = go.Figure()
     fig.add_trace(go.Bar(x=labels, y=stages[0], name=f"base (trial {base.number})", marker_color="#8c9fb8",
                          hovertemplate="%{x}: %{y:.4f} GFLOPs<extra></extra>"))
-    fig.add_trace(go.Bar(x=labels, y=stages[1], name=f"best student (trial {top.number})", marker_color="#d62728",
+    fig.add_trace(go.Bar(x=labels, y=stages[1], name=f"upgraded student ({label})", marker_color="#d62728",
                          text=change, textposition="outside",
                          hovertemplate="%{x}: %{y:.4f} GFLOPs (%{text})<extra></extra>"))
     fig.update_layout(
-        title=f"Backbone computation per stage: base (trial {base.number}) vs best student (trial {top.number})",
+        title=f"Backbone computation per stage: base (trial {base.number}) vs upgraded student ({label})",
         barmode="group", xaxis_title="backbone part", yaxis_title="GFLOPs (at the base resolution)",
     )
     return fig
@@ -566,12 +669,10 @@ def fig_stage_flops(trials: Sequence[FrozenTrial], *, best: int | None = None) -
 
 def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.Figure:
     """The search tree: a node per completed trial (x trial number, y H), an edge from each parent,
-    the path from the root to the best trial (or trial ``best``) highlighted."""
+    the path from the root to the upgraded trial (the best, or trial ``best``) highlighted."""
     done = _require(trials, "the lineage tree")
     by_number = {t.number: t for t in done}
-    target = best_trial(done).number if best is None else best
-    if target not in by_number:
-        raise JDSearchError(f"report: trial {target} is not a completed trial")
+    target = _completed_trial(done, best).number
     ex: list[float | None] = []
     ey: list[float | None] = []
     for t in done:
@@ -603,27 +704,40 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
             customdata=[t.number for t in ts], text=[_hover(t) for t in ts], hovertemplate="%{text}<extra></extra>",
         ))
     fig.update_layout(
-        title=f"Search lineage: {len(done)} completed trials, path base → trial {target} highlighted",
+        title=f"Search lineage: {len(done)} completed trials, path base → upgraded ({_upgraded_label(done, target)}) highlighted",
         xaxis_title="trial number", yaxis_title="H", hovermode="closest",
     )
     return fig
 
 
 # ---------------------------------------------------------------------- the study report
-def build_figures(handle: StudyHandle, *, phases: int = 4) -> dict[str, go.Figure]:
-    """Every figure of the report for a study, keyed by :data:`FIGURE_KEYS` (in that order)."""
+def upgraded_trial(handle: StudyHandle, trial: int | None = None) -> FrozenTrial:
+    """The trial a report is about: ``handle.trial(trial)`` (default: the best), which must be a
+    completed trial with a finite H."""
+    if trial is not None and (isinstance(trial, bool) or not isinstance(trial, int)):
+        raise JDSearchError(f"report: trial must be a trial number, got {trial!r}")
+    t = handle.trial(trial)
+    if t.number not in {c.number for c in completed(handle.study.get_trials(deepcopy=False))}:
+        raise JDSearchError(f"study {handle.study.study_name!r}: trial {t.number} has no finite score H")
+    return t
+
+
+def build_figures(handle: StudyHandle, *, trial: int | None = None, phases: int = 4) -> dict[str, go.Figure]:
+    """Every figure of the report for a study, keyed by :data:`FIGURE_KEYS` (in that order); figs.
+    7 and 9 and the lineage path show trial ``trial`` (default: the best) as the upgraded one."""
     trials = handle.study.get_trials(deepcopy=False)
     if not completed(trials):
         raise JDSearchError(f"study {handle.study.study_name!r} has no completed trial yet")
     phase_windows(trials, phases)  # validates phases before any work
+    top = upgraded_trial(handle, trial).number
     count = teacher_param_counter(handle)
     figures = {
         "h_per_iteration": fig_h_per_iteration(trials),
-        "pareto": fig_pareto(trials),
+        "pareto": fig_pareto(trials, best=top),
         "teacher_capacity": fig_teacher_capacity(trials, count=count),
         "action_gain": fig_action_gain(trials, phases=phases),
-        "stage_flops": fig_stage_flops(trials),
-        "lineage": fig_lineage(trials),
+        "stage_flops": fig_stage_flops(trials, best=top),
+        "lineage": fig_lineage(trials, best=top),
     }
     assert tuple(figures) == FIGURE_KEYS
     return figures
@@ -655,10 +769,12 @@ _TEXT = {
     ),
     "pareto": (
         "AP vs complexity and the Pareto front (paper fig. 9)",
-        "AP at each trial's best resolution against its multiply-adds (at the base resolution, the "
-        "complexity H is scored with). The step line joins the Pareto-optimal trials — none has both "
-        "lower FLOPs and higher AP. The paper compares such fronts across base detectors and finds a "
-        "larger base detector usually reaches the better front, as it can be reshaped more freely.",
+        "Each trial at its best-scoring input resolution: AP against the multiply-adds at that same "
+        "resolution (trials recorded without per-resolution FLOPs fall back to the base resolution, "
+        "drawn as open circles). The step line joins the Pareto-optimal trials — none has both "
+        "lower FLOPs and higher AP; the star is the upgraded student ({upgraded}). The paper compares "
+        "such fronts across base detectors and finds a larger base detector usually reaches the "
+        "better front, as it can be reshaped more freely.",
     ),
     "teacher_capacity": (
         "Teacher–student capacity matching (paper fig. 5)",
@@ -669,16 +785,20 @@ _TEXT = {
     ),
     "action_gain": (
         "Contribution of each action (paper fig. 6)",
-        "The completed trials are split by trial number into equal phases. Top: the score increment "
-        "H(child) − H(parent) summed per action family and phase; bottom: the share of actions that "
-        "improved on their parent. In the paper channel pruning contributes most of the increment and "
-        "dominates early phases, while add-layer, layer pruning and rearranging make finer per-stage "
-        "adjustments later.",
+        "Generations: the completed trials, ordered by trial number (the order the search started "
+        "them in), are split into {phases} phases of (nearly) equal count. An action is beneficial "
+        "when the child scores higher than its parent, H(child) > H(parent). Top: the score increment "
+        "each action family brought in each phase — the increments of its beneficial actions, summed "
+        "and stacked. Bottom: each family's share of the phase's beneficial actions, stacked to 100 %; "
+        "a phase without any beneficial action has no bar. Harmful actions, failed trials and children "
+        "of a failed or missing parent appear in the hover counts only. In the paper channel pruning "
+        "contributes most of the increment and dominates early phases, while add-layer, layer pruning "
+        "and rearranging make finer per-stage adjustments later.",
     ),
     "stage_flops": (
         "Computation allocation of the backbone (paper fig. 7)",
-        "Multiply-adds of the stem and of each backbone stage for the base detector and the best "
-        "student, with the relative change on the student's bars. For ResNet backbones the paper "
+        "Multiply-adds (at the base resolution) of the stem and of each backbone stage for the base "
+        "detector and the upgraded student ({upgraded}), with the relative change on the student's bars. For ResNet backbones the paper "
         "finds the largest reduction at stage 3, then stage 2 and stage 1 — the redundancy of "
         "hand-designed ResNets sits mostly in the middle stages.",
     ),
@@ -686,7 +806,8 @@ _TEXT = {
         "Search lineage",
         "Every completed trial as a node (trial number, H), linked to the parent it was derived from, "
         "coloured by action family. The highlighted path is the chain of moves from the base detector "
-        "to the best student; hover a node for its move, student encoding, teacher, AP and GFLOPs.",
+        "to the upgraded student ({upgraded}); hover a node for its move, student encoding, teacher, "
+        "AP and GFLOPs.",
     ),
 }
 
@@ -703,7 +824,20 @@ tr:last-child td { font-weight: 600; background: #f6f6f6; }
 """
 
 
-def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial]) -> str:
+def _render(text: str, **values: str) -> str:
+    for k, v in values.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
+def _flops_phrase(t: FrozenTrial) -> str:
+    g, at = trial_gflops(t)
+    if at is not None:
+        return f"{g:.3f} GFLOPs at {html.escape(at)} ({_gflops(t):.3f} at the base resolution)"
+    return f"{g:.3f} GFLOPs at the base resolution"
+
+
+def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: FrozenTrial) -> str:
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
@@ -711,15 +845,21 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial]) -> str:
     attrs = handle.study.user_attrs
     best = best_trial(trials)
     score = handle.spec.score
+    base_res = html.escape(str(attrs.get("base_resolution", "?")))
+    if upgraded.number == best.number:
+        which = "the best H"
+    else:
+        which = f"chosen for this report; the best H is trial {best.number}, H {float(best.value):.4f}"  # type: ignore[arg-type]
     parts = [
         f"{len(trials)} trials ({counts}).",
-        f"Base resolution {attrs.get('base_resolution', '?')}, base detector "
-        f"{float(attrs.get('base_flops', math.nan)) / 1e9:.3f} GFLOPs.",
+        f"Base resolution {base_res}, base detector "
+        f"{float(attrs.get('base_flops', math.nan)) / 1e9:.3f} GFLOPs at {base_res}.",
         f"Score H = {html.escape(score.metric)} × [(C/C<sub>base</sub>)·(R/R<sub>base</sub>)<sup>{score.beta:g}</sup>]"
         f"<sup>−{score.alpha:g}</sup>.",
-        f"Best: trial {best.number}, H {float(best.value):.4f} ({html.escape(str(best.params.get(MOVE_PARAM)))}), "  # type: ignore[arg-type]
-        f"AP {_pct(trial_ap(best))} at {html.escape(str(best.user_attrs.get('best_resolution', '?')))}, "
-        f"{_gflops(best):.3f} GFLOPs.",
+        f"Upgraded detector: trial {upgraded.number} ({which}), "
+        f"H {float(upgraded.value):.4f} ({html.escape(str(upgraded.params.get(MOVE_PARAM)))}), "  # type: ignore[arg-type]
+        f"AP {_pct(trial_ap(upgraded))} at {html.escape(str(upgraded.user_attrs.get('best_resolution', '?')))}, "
+        f"{_flops_phrase(upgraded)}.",
     ]
     return " ".join(parts)
 
@@ -771,6 +911,7 @@ def write_report(
     handle: StudyHandle,
     out_dir: str | Path,
     *,
+    trial: int | None = None,
     comparison: Comparison | None = None,
     png: bool = True,
     attach: bool = True,
@@ -778,8 +919,10 @@ def write_report(
 ) -> ReportFiles:
     """Write ``out_dir/report.html`` (self-contained), ``out_dir/figures/<key>.json`` and, when
     ``png`` and an exporter works, ``<key>.png``; with ``attach`` also save the figures in the
-    study for optuna-dashboard. ``comparison`` (from :func:`jdsearch.compare.compare_study`) adds
-    the table-4 comparison."""
+    study for optuna-dashboard. ``trial`` is the upgraded trial the summary and figs. 7 and 9 and
+    the lineage path show (default: the best). ``comparison`` (from
+    :func:`jdsearch.compare.compare_study`, for the same study and trial) adds the table-4
+    comparison."""
     from plotly.offline import get_plotlyjs
 
     from jdsearch.compare import Comparison
@@ -789,7 +932,16 @@ def write_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise JDSearchError(f"report: output directory {out} exists and is not a directory")
-    figures = build_figures(handle, phases=phases)
+    upgraded = upgraded_trial(handle, trial)
+    if comparison is not None:
+        if comparison.study != handle.study.study_name:
+            raise JDSearchError(f"report: the comparison is of study {comparison.study!r}, not {handle.study.study_name!r}")
+        if comparison.upgraded.trial != upgraded.number:
+            raise JDSearchError(
+                f"report: the comparison's upgraded detector is trial {comparison.upgraded.trial}, "
+                f"but the report is about trial {upgraded.number}"
+            )
+    figures = build_figures(handle, trial=upgraded.number, phases=phases)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
 
@@ -807,7 +959,7 @@ def write_report(
     trials = handle.study.get_trials(deepcopy=False)
     body = [
         f"<h1>Joint-DetNAS search report: {name}</h1>",
-        f'<p class="summary">{_summary(handle, trials)}</p>',
+        f'<p class="summary">{_summary(handle, trials, upgraded)}</p>',
     ]
     if comparison is not None:
         body += [
@@ -820,12 +972,14 @@ def write_report(
     body.append("<nav><p>Figures: " + " · ".join(
         f'<a href="#sec-{key}">{html.escape(_TEXT[key][0])}</a>' for key in figures
     ) + "</p></nav>")
+    fill = {"upgraded": _upgraded_label(trials, upgraded.number), "phases": str(len(phase_windows(trials, phases)))}
     for key, fig in figures.items():
         title, text = _TEXT[key]
         div = fig.to_html(
             full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
             default_height="560px" if key != "action_gain" else "660px", config={"responsive": True},
         )
+        text = _render(text, **fill)
         body += [f'<h2 id="sec-{key}">{html.escape(title)}</h2>', f"<p>{html.escape(text)}</p>",
                  f'<div class="figure">{div}</div>']
     page = "\n".join([

@@ -40,6 +40,8 @@ from jdsearch.report import (
     running_best,
     teacher_param_counter,
     trial_ap,
+    trial_gflops,
+    upgraded_trial,
     write_report,
 )
 
@@ -144,27 +146,96 @@ def test_action_gains_per_phase_and_family() -> None:
     assert [p.numbers for p in gains.phases] == [(0, 1, 3, 4), (5, 6, 7)]
     assert gains.families == ("channel_prune", "layer_prune", "add_layer", "rearrange", "teacher")
     c = gains.cell(0, "channel_prune")
-    assert (c.total, c.n, c.beneficial, c.failed) == (pytest.approx(0.05), 1, 1, 0)
-    c = gains.cell(0, "teacher")
-    assert (c.total, c.n, c.beneficial, c.share) == (pytest.approx(-0.02), 1, 0, 0.0)
-    assert gains.cell(0, "add_layer").unscored == 1 and gains.cell(0, "add_layer").share is None
+    assert (c.increment, c.beneficial, c.scored, c.failed) == (pytest.approx(0.05), 1, 1, 0)
+    c = gains.cell(0, "teacher")  # a harmful action brings no increment, only a net loss
+    assert (c.increment, c.net, c.beneficial, c.scored) == (0.0, pytest.approx(-0.02), 0, 1)
+    assert gains.cell(0, "add_layer").unscored == 1 and gains.cell(0, "add_layer").scored == 0
     assert gains.cell(0, "layer_prune").failed == 1  # trial 2 falls in phase 1's number range
+    assert (gains.share(0, "channel_prune"), gains.share(0, "teacher")) == (1.0, 0.0)
     c = gains.cell(1, "channel_prune")
-    assert (c.total, c.n, c.beneficial, c.failed) == (pytest.approx(0.03), 1, 1, 1)
+    assert (c.increment, c.beneficial, c.failed) == (pytest.approx(0.03), 1, 1)
     assert gains.cell(1, "rearrange").unscored == 1
-    assert gains.cell(1, "layer_prune").total == pytest.approx(0.03)
+    assert gains.cell(1, "layer_prune").increment == pytest.approx(0.03)
+    # Phase 2 has two beneficial actions, one channel pruning and one layer pruning.
+    assert gains.beneficial_in(1) == 2
+    assert (gains.share(1, "channel_prune"), gains.share(1, "layer_prune"), gains.share(1, "rearrange")) == (0.5, 0.5, 0.0)
+    assert gains.increment("channel_prune") == pytest.approx(0.08)
 
-    fig = fig_action_gain(tree(), phases=2)
-    bars = [t for t in fig.data if t.name == "channel_prune"]
-    assert len(bars) == 2  # top (increment) and bottom (share), one legend entry
-    assert list(bars[0].y) == pytest.approx([0.05, 0.03]) and list(bars[1].y) == [100.0, 100.0]
-    teacher = [t for t in fig.data if t.name == "teacher"]
-    assert list(teacher[1].y) == [0.0, None]  # no scored teacher action in phase 2
-    assert [t.showlegend for t in bars] == [None, False]
+
+def generations() -> list[FrozenTrial]:
+    """Nine completed trials and a failed one; two phases: trials 0–4 and 5–9."""
+    return [
+        mk(0, "base", None, 0.30),
+        mk(1, "channel_prune", 0, 0.40),  # +0.10
+        mk(2, "channel_prune", 1, 0.45),  # +0.05
+        mk(3, "layer_prune", 2, 0.44),  # -0.01
+        mk(4, "teacher.width1+", 2, 0.47),  # +0.02
+        mk(5, "add_layer:3", 4, 0.46),  # -0.01
+        mk(6, "layer_prune", 4, 0.45),  # -0.02
+        mk(7, "rearrange:2->3", 4, 0.50),  # +0.03
+        mk(8, "add_layer:2", 7, 0.52),  # +0.02
+        mk(9, "channel_prune", 8, state=TrialState.FAIL),
+    ]
+
+
+def test_fig_action_gain_known_answers() -> None:
+    gains = action_gains(generations(), phases=2)
+    assert [p.numbers for p in gains.phases] == [(0, 1, 2, 3, 4), (5, 6, 7, 8)]
+    expected_increment = {  # (phase, family): summed positive increments
+        (0, "channel_prune"): 0.15, (0, "teacher"): 0.02, (1, "rearrange"): 0.03, (1, "add_layer"): 0.02,
+    }
+    expected_share = {(0, "channel_prune"): 2 / 3, (0, "teacher"): 1 / 3, (1, "rearrange"): 0.5, (1, "add_layer"): 0.5}
+    assert gains.cell(1, "add_layer").net == pytest.approx(0.01) and gains.cell(1, "add_layer").scored == 2
+    assert gains.cell(1, "channel_prune").failed == 1
+
+    fig = fig_action_gain(generations(), phases=2)
+    assert fig.layout.barmode == "stack"
+    labels = [p.label for p in gains.phases]
+    tops = {t.name: t for t in fig.data if t.xaxis == "x"}
+    bottoms = {t.name: t for t in fig.data if t.xaxis == "x2"}
+    assert set(tops) == set(bottoms) == set(report.FAMILIES)
+    for fam in report.FAMILIES:
+        assert list(tops[fam].x) == labels and list(bottoms[fam].x) == labels
+        assert list(tops[fam].y) == pytest.approx([expected_increment.get((i, fam), 0.0) for i in range(2)])
+        assert list(bottoms[fam].y) == pytest.approx([100 * expected_share.get((i, fam), 0.0) for i in range(2)])
+        assert bottoms[fam].yaxis == "y2" and bottoms[fam].showlegend is False
+    for i in range(2):  # the bottom panel stacks to 100 % in every phase
+        assert sum(bottoms[f].y[i] for f in report.FAMILIES) == pytest.approx(100)
+    assert "whole search 0.1500" in tops["channel_prune"].hovertemplate
+    assert tops["layer_prune"].text[0].startswith("0 beneficial of 1 scored actions (net ΔH -0.0100)")
+    assert not [a for a in fig.layout.annotations if a.text == "no beneficial action"]
+
+
+def test_fig_action_gain_phase_without_beneficial_action() -> None:
+    trials = [
+        mk(0, "base", None, 0.30),
+        mk(1, "channel_prune", 0, 0.20),  # -0.10
+        mk(2, "layer_prune", 0, 0.25),  # -0.05
+        mk(3, "add_layer:1", 0, 0.35),  # +0.05
+    ]
+    gains = action_gains(trials, phases=3)
+    assert [p.numbers for p in gains.phases] == [(0, 1), (2,), (3,)]
+    assert [gains.beneficial_in(i) for i in range(3)] == [0, 0, 1]
+    assert gains.share(0, "channel_prune") is None and gains.share(2, "add_layer") == 1.0
+    fig = fig_action_gain(trials, phases=3)
+    bottoms = {t.name: t for t in fig.data if t.xaxis == "x2"}
+    for fam in report.FAMILIES:  # no bar at all in the phases without a beneficial action
+        assert list(bottoms[fam].y)[:2] == [None, None]
+    assert list(bottoms["add_layer"].y) == [None, None, 100.0]
+    notes = [a for a in fig.layout.annotations if a.text == "no beneficial action"]
+    assert [n.x for n in notes] == [p.label for p in gains.phases[:2]]
+    assert all((n.xref, n.yref) == ("x2", "y2") for n in notes)
+    assert "none of its 1 scored actions improved" in notes[0].hovertext
+
+
+def plotted_flops(t: FrozenTrial) -> float:
+    """Fig. 9's x, written out independently: FLOPs at the best resolution, else at the base one."""
+    a = t.user_attrs
+    return a["flops_at"][a["best_resolution"]] if a.get("flops_at") else a["flops"]
 
 
 def brute_force_front(trials: list[FrozenTrial]) -> set[int]:
-    pts = [(t.number, trial_ap(t), t.user_attrs["flops"]) for t in trials
+    pts = [(t.number, trial_ap(t), plotted_flops(t)) for t in trials
            if t.state == TrialState.COMPLETE and math.isfinite(trial_ap(t))]
     return {
         n for n, a, f in pts
@@ -196,6 +267,66 @@ def test_pareto_front_known_answer() -> None:
     assert list(line.x) == sorted(line.x)
     assert len(trace(fig, "trials").x) == 8  # completed with AP and FLOPs
     assert list(trace(fig, "base (trial 0)").customdata) == [0]
+    assert list(trace(fig, "upgraded (trial 0, best H)").customdata) == [0]  # all H tie: the earliest
+    assert fig.layout.xaxis.title.text == "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
+
+
+def at(gflops_best: float) -> dict[str, int]:
+    """A ``flops_at`` attribute: multiply-adds per evaluated resolution (the best one is RES[1])."""
+    return {RES[0]: int(1e9 * gflops_best / 2), RES[1]: int(1e9 * gflops_best)}
+
+
+def test_trial_gflops_at_the_best_resolution_with_fallback() -> None:
+    assert trial_gflops(mk(0, "base", None, 0.1, gflops=1.0, flops_at=at(2.5))) == (pytest.approx(2.5), RES[1])
+    assert trial_gflops(mk(0, "base", None, 0.1, gflops=1.0)) == (pytest.approx(1.0), None)
+    only_other = mk(0, "base", None, 0.1, gflops=1.0, flops_at={RES[0]: 7})  # best resolution missing
+    assert trial_gflops(only_other) == (pytest.approx(1.0), None)
+    bare = mk(0, "base", None, 0.1)
+    del bare.user_attrs["flops"]
+    assert math.isnan(trial_gflops(bare)[0])
+
+
+def test_pareto_pairs_ap_with_flops_at_the_same_resolution() -> None:
+    trials = [
+        mk(0, "base", None, 0.50, ap=0.30, gflops=1.0, flops_at=at(4.0)),
+        # Cheap at the base resolution but costly at its best one: dominated by trial 2 there.
+        mk(1, "channel_prune", 0, 0.40, ap=0.40, gflops=1.0, flops_at=at(3.0)),
+        mk(2, "channel_prune", 0, 0.30, ap=0.40, gflops=2.0, flops_at=at(2.0)),
+        mk(3, "channel_prune", 0, 0.20, ap=0.45, gflops=2.5),  # an older trial: no flops_at
+    ]
+    assert [t.number for t in pareto_front(trials)] == [2, 3]
+    assert {t.number for t in pareto_front(trials)} == brute_force_front(trials)
+    fig = fig_pareto(trials)
+    points = trace(fig, "trials")
+    assert list(points.customdata) == [0, 1, 2, 3]
+    assert list(points.x) == pytest.approx([4.0, 3.0, 2.0, 2.5])
+    assert list(points.y) == pytest.approx([30, 40, 40, 45])
+    assert list(points.marker.symbol) == ["circle", "circle", "circle", "circle-open"]
+    assert "GFLOPs 3.000 at 96x96 (1.000 at the base resolution)" in points.text[1]
+    assert "GFLOPs 2.500 at the base resolution (no flops_at recorded)" in points.text[3]
+    front = trace(fig, "Pareto front")
+    assert list(front.customdata) == [2, 3] and list(front.x) == pytest.approx([2.0, 2.5])
+    assert "open circles: at the base resolution" in fig.layout.xaxis.title.text
+    assert list(trace(fig, "upgraded (trial 0, best H)").x) == pytest.approx([4.0])
+
+    del trials[3]
+    assert fig_pareto(trials).layout.xaxis.title.text == "GFLOPs (multiply-adds at the trial's best resolution)"
+
+
+def test_figures_mark_the_chosen_trial() -> None:
+    trials = tree()
+    assert list(trace(fig_pareto(trials), "upgraded (trial 7, best H)").customdata) == [7]
+    assert list(trace(fig_pareto(trials, best=3), "upgraded (trial 3)").customdata) == [3]
+    assert fig_stage_flops(trials, best=3).data[1].name == "upgraded student (trial 3)"
+    assert fig_stage_flops(trials).data[1].name == "upgraded student (trial 7, best H)"
+    assert "upgraded (trial 3)" in fig_lineage(trials, best=3).layout.title.text
+    for fn in (fig_pareto, fig_stage_flops, fig_lineage):
+        with pytest.raises(JDSearchError, match="trial 2 is not a completed trial"):
+            fn(trials, best=2)  # failed
+        with pytest.raises(JDSearchError, match="trial 42 is not a completed trial"):
+            fn(trials, best=42)
+        with pytest.raises(JDSearchError, match="trial must be a trial number"):
+            fn(trials, best="3")
 
 
 def test_pareto_front_matches_brute_force_on_random_trials() -> None:
@@ -207,9 +338,12 @@ def test_pareto_front_matches_brute_force_on_random_trials() -> None:
             mk(i, "channel_prune", 0, 0.1, ap=float(rng.integers(0, 6)) / 10, gflops=float(rng.integers(1, 6)))
             for i in range(n)
         ]
+        for t in trials:  # about half record flops_at, unrelated to their base-resolution flops
+            if rng.random() < 0.5:
+                t.user_attrs["flops_at"] = {RES[0]: 1, RES[1]: int(1e9 * rng.integers(1, 6))}
         front = pareto_front(trials)
         assert {t.number for t in front} == brute_force_front(trials)
-        flops = [t.user_attrs["flops"] for t in front]
+        flops = [plotted_flops(t) for t in front]
         assert flops == sorted(flops)
 
 
@@ -295,7 +429,6 @@ def test_fig_stage_flops() -> None:
     assert list(base.y) == pytest.approx([1e-8, 2e-8, 3e-8, 4e-8, 0])
     assert list(best.text) == ["+0.0%", "-50.0%", "+50.0%", "-25.0%", "n/a"]
     assert "trial 7" in best.name
-    assert "trial 3" in fig_stage_flops(trials, best=3).data[1].name
     with pytest.raises(JDSearchError, match="no completed base trial"):
         fig_stage_flops(trials[1:])
     del trials[7].user_attrs["stage_flops"]
@@ -360,7 +493,9 @@ def test_figures_of_a_real_study(study_copy: Any) -> None:
 
     front = trace(figs["pareto"], "Pareto front")
     assert set(front.customdata) == brute_force_front(trials) and len(front.customdata) >= 1
-    assert len(trace(figs["pareto"], "trials").x) == len(done)
+    points = trace(figs["pareto"], "trials")
+    assert list(points.customdata) == [t.number for t in done]
+    assert list(points.x) == pytest.approx([plotted_flops(t) / 1e9 for t in done])  # flops_at or not
 
     best = handle.trial()
     path = trace(figs["lineage"], f"path to trial {best.number}")
@@ -375,6 +510,85 @@ def test_figures_of_a_real_study(study_copy: Any) -> None:
     assert sorted(hist.x) == pytest.approx(sorted(t.user_attrs["teacher_params"] / 1e6 for t in done))
     top = [t for t in figs["action_gain"].data if t.xaxis == "x"]
     assert {t.name for t in top} == set(report.FAMILIES)
+    bottom = [t for t in figs["action_gain"].data if t.xaxis == "x2"]
+    for i in range(len(bottom[0].y)):  # each phase stacks to 100 % or has no bar at all
+        ys = [t.y[i] for t in bottom]
+        assert all(y is None for y in ys) or sum(ys) == pytest.approx(100)
+
+
+def chosen_trial(handle: Any) -> int:
+    """A completed trial of the small study other than the best (and the base, when possible)."""
+    best, base = handle.trial().number, handle.base_trial().number
+    done = [t.number for t in handle.study.get_trials() if t.state == TrialState.COMPLETE and t.number != best]
+    assert done, "the small study needs a completed trial besides the best"
+    return next((n for n in done if n != base), done[0])
+
+
+def test_build_figures_follow_the_chosen_trial(study_copy: Any) -> None:
+    from jdsearch.search import lineage
+
+    handle = study_copy
+    n = chosen_trial(handle)
+    chosen = handle.trial(n)
+    assert upgraded_trial(handle).number == handle.trial().number
+    assert upgraded_trial(handle, n).number == n
+    figs = build_figures(handle, trial=n)
+    bars = figs["stage_flops"].data[1]
+    assert bars.name == f"upgraded student (trial {n})"
+    assert list(bars.y) == pytest.approx([v / 1e9 for v in chosen.user_attrs["stage_flops"]])
+    path = trace(figs["lineage"], f"path to trial {n}")
+    assert list(path.customdata) == [t.number for t in lineage(handle.study, n)]
+    star = trace(figs["pareto"], f"upgraded (trial {n})")
+    assert list(star.customdata) == [n] and list(star.x) == pytest.approx([plotted_flops(chosen) / 1e9])
+
+
+def test_write_report_for_a_chosen_trial(study_copy: Any, tmp_path: Path) -> None:
+    from jdsearch.compare import compare_study
+
+    handle = study_copy
+    n, best = chosen_trial(handle), handle.trial()
+    files = write_report(handle, tmp_path / "out", trial=n, comparison=compare_study(handle, n, fps=False),
+                         png=False, attach=False)
+    page = files.html.read_text(encoding="utf-8")
+    assert f"Upgraded detector: trial {n} (chosen for this report; the best H is trial {best.number}," in page
+    assert f"upgraded student (trial {n})" in page  # the fig-7 and lineage paragraphs name it
+    res = handle.trial(n).user_attrs["best_resolution"]
+    flops_at = handle.trial(n).user_attrs.get("flops_at")
+    assert (f"GFLOPs at {res} (" if flops_at else "GFLOPs at the base resolution.") in page
+    for key, fig in build_figures(handle, trial=n).items():
+        assert json.loads(files.figures[key].read_text())["data"] == json.loads(fig.to_json())["data"]
+    stage = json.loads(files.figures["stage_flops"].read_text())
+    assert stage["data"][1]["name"] == f"upgraded student (trial {n})"
+
+    default = write_report(handle, tmp_path / "default", png=False, attach=False).html.read_text(encoding="utf-8")
+    assert f"Upgraded detector: trial {best.number} (the best H)," in default
+
+
+def test_write_report_rejects_a_bad_trial(study_copy: Any, tmp_path: Path) -> None:
+    from jdsearch.compare import compare_study
+
+    handle = study_copy
+    handle.study.add_trial(optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"move": "channel_prune"}, distributions={"move": MOVES},
+        user_attrs={"parent": 0},
+    ))
+    n_failed = handle.study.get_trials()[-1].number
+    assert handle.study.get_trials()[-1].state == TrialState.FAIL
+    cases = [
+        ({"trial": 999}, "has no trial 999"),
+        ({"trial": n_failed}, f"trial {n_failed} is FAIL"),
+        ({"trial": True}, "trial must be a trial number"),
+        ({"trial": chosen_trial(handle), "comparison": compare_study(handle, fps=False)},
+         "comparison's upgraded detector is trial"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(JDSearchError, match=message) as info:
+            write_report(handle, tmp_path / "o", png=False, attach=False, **kwargs)
+        assert "\n" not in str(info.value)
+        if "comparison" not in kwargs:
+            with pytest.raises(JDSearchError, match=message):
+                build_figures(handle, trial=kwargs["trial"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_teacher_param_counter_matches_the_recorded_counts(study_copy: Any) -> None:
