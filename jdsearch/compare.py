@@ -85,7 +85,8 @@ class Comparison:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         lat = self.upgraded.latency or self.base.latency
         if lat is not None:
-            lines.append(f"FPS: batch 1, median of {lat.repeats} runs on {lat.device}" + (f" ({lat.threads} threads)" if lat.device == "cpu" else ""))
+            threads = f" ({lat.threads} thread{'s' if lat.threads != 1 else ''})" if lat.device == "cpu" else ""
+            lines.append(f"FPS: batch 1, median of {lat.repeats} interleaved runs on {lat.device}{threads}")
         lines.append("AP: COCO box AP (%) on the study's validation set, as recorded by the search")
         return "\n".join(lines)
 
