@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from jdsearch.checkpoint import checkpoint_from_bytes
 from jdsearch.morph import MorphConfig, evolve
@@ -21,19 +20,14 @@ from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.search import prepare, run_search, summary
 from jdsearch.study import study_from_dict
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import tiny_study_dict
 
 
 def tiny_study(tmp: Path, n_trials: int) -> dict:
-    spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
-    spec["data"] = {"dir": str(tmp / "data"), "synth": {"images": 32, "seed": 1, "size": 96}, "max_val_images": 8}
-    spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 5}
-    for phase in spec["pool"]["phases"]:
-        phase["epochs"] = 0.25
-    spec["pool"]["train"]["recalibration_batches"] = 2
-    spec["resolutions"] = ["64x64", "96x96"]
-    spec["fast_eval"] = {"epochs": 0.25, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
-    spec["search"].update({"n_trials": n_trials, "freeze_student": 1, "storage": f"sqlite:///{tmp / 'study.db'}"})
+    """The conftest's tiny study, trained from scratch here (base and pool included)."""
+    spec = tiny_study_dict(tmp / "data", "test-study")
+    spec["base"]["train"]["warmup_iters"] = 5
+    spec["search"].update({"n_trials": n_trials, "storage": f"sqlite:///{tmp / 'study.db'}"})
     return spec
 
 
