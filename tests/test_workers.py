@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -202,6 +203,15 @@ def test_two_cli_workers_share_one_postgresql_study(
     study = optuna.load_study(study_name=spec.name, storage=pg_url)
     assert lineage(study, best.number)[0].number == 0
     check_checkpoints(ctx, trials)
+
+    # The finished PostgreSQL study exports and reports from any machine that reaches it.
+    from jdsearch.cli import main as cli
+
+    assert cli(["export", "--storage", pg_url, "--study", spec.name, "--out", str(tmp_path / "best"), "--no-onnx"]) == 0
+    info = json.loads((tmp_path / "best" / "detector.json").read_text())
+    assert info["source"]["trial"] == best.number and info["source"]["storage"].startswith("postgresql")
+    assert cli(["report", "--storage", pg_url, "--study", spec.name, "--out", str(tmp_path / "rep"), "--no-fps", "--no-png"]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
 
 
 # ------------------------------------------------------------------------ killed worker
