@@ -1,0 +1,181 @@
+"""Pool files: save, load and train-then-save a teacher pool.
+
+**Files.** A pool file is a jdsearch checkpoint of the super-net (:mod:`jdsearch.checkpoint`:
+safetensors, sha256-verified, never unpickled) whose ``extra["pool"]`` holds the pool spec and
+the per-phase training record; :func:`~jdsearch.checkpoint.load_checkpoint` also reads it (as the
+largest detector).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from jdsearch.checkpoint import (
+    checkpoint_from_bytes,
+    checkpoint_to_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.pool.record import PhaseRecord
+from jdsearch.pool.spec import PoolSpec
+from jdsearch.pool.supernet import ElasticPool
+from jdsearch.pool.training import train_pool
+from jdsearch.spec import DetectorSpec
+
+__all__ = [
+    "POOL_FORMAT",
+    "POOL_VERSION",
+    "load_pool",
+    "pool_from_bytes",
+    "pool_to_bytes",
+    "save_pool",
+    "train_and_save_pool",
+]
+
+logger = logging.getLogger(__name__)
+
+POOL_FORMAT = "jdsearch-pool"
+POOL_VERSION = 1
+
+
+def _extra(pool: ElasticPool, record: Sequence[PhaseRecord] | None) -> dict[str, Any]:
+    rec = pool.record if record is None else tuple(record)
+    return {
+        "pool": {
+            "format": POOL_FORMAT,
+            "version": POOL_VERSION,
+            "spec": pool.spec.to_dict(),
+            "record": [r.to_dict() for r in rec],
+        }
+    }
+
+
+def pool_to_bytes(pool: ElasticPool, record: Sequence[PhaseRecord] | None = None) -> bytes:
+    """The pool as safetensors bytes (a super-net checkpoint with the pool in its metadata)."""
+    return checkpoint_to_bytes(
+        pool.supernet, class_names=pool.class_names, extra=_extra(pool, record)
+    )
+
+
+def save_pool(
+    path: str | Path, pool: ElasticPool, record: Sequence[PhaseRecord] | None = None
+) -> Path:
+    """Write the pool atomically; ``record`` defaults to ``pool.record``."""
+    return save_checkpoint(
+        path, pool.supernet, class_names=pool.class_names, extra=_extra(pool, record)
+    )
+
+
+def _pool_from_checkpoint(ck: Any, source: str) -> ElasticPool:
+    doc = ck.extra.get("pool")
+    if not isinstance(doc, dict) or doc.get("format") != POOL_FORMAT:
+        raise CheckpointError(
+            f"{source}: a detector checkpoint, not a teacher pool (no pool metadata)"
+        )
+    if doc.get("version") != POOL_VERSION:
+        raise CheckpointError(
+            f"{source}: unsupported pool version {doc.get('version')!r} "
+            f"(this jdsearch reads {POOL_VERSION})"
+        )
+    try:
+        spec = PoolSpec.from_dict(doc.get("spec"), source=f"{source}: pool")
+    except SpecError as e:
+        raise CheckpointError(f"{source}: invalid pool spec in metadata: {e}") from None
+    try:
+        record = tuple(PhaseRecord.from_dict(r) for r in doc.get("record", []))
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{source}: malformed pool training record ({e})") from None
+    try:
+        return ElasticPool(
+            spec,
+            ck.num_classes,
+            detector_spec=ck.spec,
+            supernet=ck.detector,
+            name=ck.spec.name,
+            class_names=ck.class_names,
+            record=record,
+        )
+    except SpecError as e:
+        raise CheckpointError(
+            f"{source}: the stored super-net does not match its pool spec: {e}"
+        ) from None
+
+
+def pool_from_bytes(
+    data: bytes, source: str = "<bytes>", *, device: str | torch.device = "cpu"
+) -> ElasticPool:
+    """Read :func:`pool_to_bytes` output; corrupt data raises :class:`CheckpointError`."""
+    return _pool_from_checkpoint(checkpoint_from_bytes(data, source, device=device), source)
+
+
+def load_pool(path: str | Path, *, device: str | torch.device = "cpu") -> ElasticPool:
+    """Read a pool file written by :func:`save_pool` (verified; never unpickles)."""
+    return _pool_from_checkpoint(load_checkpoint(path, device=device), str(path))
+
+
+def train_and_save_pool(
+    pool_spec: PoolSpec,
+    dataset: Dataset[Any],
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    resume: bool = True,
+    max_iters: int | None = None,
+    detector_spec: DetectorSpec | None = None,
+) -> ElasticPool:
+    """Build (or, with ``resume`` and an existing ``path``, load) a pool, train the phases still
+    to do, and save it to ``path`` after every phase. Entry point of ``jdsearch pool train``.
+
+    ``dataset`` gives the classes (``num_classes``, ``class_names``). Resuming requires the file's
+    pool to have the same super-net and space; the schedule of the phases still to run comes from
+    ``pool_spec``.
+    """
+    p = Path(path)
+    if resume and p.exists():
+        pool = load_pool(p, device=device)
+        if not pool.spec.same_architecture(pool_spec):
+            raise SpecError(
+                f"{p}: holds a pool with another super-net or space; remove it or change the path"
+            )
+        num_classes = getattr(dataset, "num_classes", pool.num_classes)
+        if num_classes != pool.num_classes:
+            raise SpecError(
+                f"{p}: the pool has {pool.num_classes} classes, the dataset {num_classes}"
+            )
+        pool.spec = pool_spec
+        logger.info(
+            "resuming pool %s after %d of %d phases", p, len(pool.record), len(pool_spec.phases)
+        )
+    else:
+        num_classes = getattr(dataset, "num_classes", None)
+        if not isinstance(num_classes, int):
+            raise SpecError("train_and_save_pool: the dataset does not tell its num_classes")
+        pool = ElasticPool(
+            pool_spec,
+            num_classes,
+            detector_spec=detector_spec,
+            class_names=getattr(dataset, "class_names", None),
+        )
+    for i in range(len(pool.record), len(pool_spec.phases)):
+        train_pool(
+            pool,
+            dataset,
+            pool_spec,
+            device=device,
+            progress=progress,
+            phases=[i],
+            max_iters=max_iters,
+        )
+        save_pool(p, pool)
+        logger.info("saved pool after phase %d to %s", i, p)
+    if not p.exists():
+        save_pool(p, pool)
+    return pool
