@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec = detector.spec
     else:
         spec = load_spec(args.spec)
-        detector = build_detector(spec, train_set.num_classes)
+        detector = build_detector(spec, train_set.num_classes, seed=args.seed)
     if detector.roi_heads.box_predictor.cls_score.out_features != train_set.num_classes:
         raise JDSearchError(
             f"{data_dir / 'train.json'}: {train_set.num_classes - 1} categories but the detector has "

@@ -107,7 +107,7 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, val_set: CocoDatas
     if path.is_file():
         return path
     det_spec = load_spec(spec.base.detector)
-    detector = build_detector(det_spec, train_set.num_classes)
+    detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
     _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
     config = train_config(spec.base.train, seed=spec.search.seed, resolutions=spec.resolutions, device=spec.device, amp=spec.amp)
     terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []

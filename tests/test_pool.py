@@ -514,3 +514,12 @@ def test_make_elastic_is_idempotent_and_neutral() -> None:
     for k in feats:
         assert torch.equal(feats[k], feats2[k])
     assert torch.equal(out[0]["scores"], out2[0]["scores"])
+
+
+def test_a_fresh_pool_starts_from_weights_set_by_its_seed(spec: PoolSpec) -> None:
+    torch.manual_seed(1)
+    a = ElasticPool(spec, NUM_CLASSES)
+    torch.manual_seed(2)  # the global stream does not matter, the pool's train.seed does
+    b = ElasticPool(spec, NUM_CLASSES)
+    sa, sb = a.supernet.state_dict(), b.supernet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

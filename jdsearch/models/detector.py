@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -83,13 +84,21 @@ class Detector(FasterRCNN):
         return self.spec.arch
 
 
-def build_detector(spec_or_arch: DetectorSpec | BackboneArch, num_classes: int | None = None) -> Detector:
+def build_detector(
+    spec_or_arch: DetectorSpec | BackboneArch, num_classes: int | None = None, *, seed: int | None = None
+) -> Detector:
     """Build a Faster R-CNN FPN detector.
 
     ``spec_or_arch`` is a :class:`DetectorSpec` (from :func:`jdsearch.load_spec`) or a bare
     :class:`BackboneArch`, which gets the default (paper-sized) heads. ``num_classes`` counts the
-    background; it defaults to the spec's.
+    background; it defaults to the spec's. With ``seed`` the initial weights depend on it alone
+    (torch seeds its default generator differently in every process, so without one two runs
+    start from different weights); the global random state is left as it was.
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_detector(spec_or_arch, num_classes)
     spec = (
         spec_or_arch
         if isinstance(spec_or_arch, DetectorSpec)
