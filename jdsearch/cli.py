@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from jdsearch.distill import KDConfig, make_distiller
 
         teacher = load_checkpoint(args.teacher, device=args.device).detector
-        loss_terms.append(make_distiller(detector, teacher, KDConfig()))
+        loss_terms.append(make_distiller(detector, teacher, KDConfig(), seed=args.seed))
         print(f"distilling from {args.teacher} ({teacher.arch.encode()[:60]}...)")
     print(f"training {spec.name} on {data_dir} ({len(train_set)} images), {config.epochs} epochs")
     result = train(detector, train_set, config, loss_terms=loss_terms, progress=not args.quiet)

@@ -281,25 +281,32 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
             raise SpecError(f"distillation: teacher input.{field} {t_val} differs from the student's {s_val}")
 
 
-def make_distiller(student: nn.Module, teacher: nn.Module, config: KDConfig | None = None) -> Distiller:
+def make_distiller(
+    student: nn.Module, teacher: nn.Module, config: KDConfig | None = None, *, seed: int = 0
+) -> Distiller:
     """The KD loss term for training ``student`` with ``teacher`` (any pair of Faster R-CNN FPNs
     with the same classes and input normalisation; depths, widths and FPN widths may differ).
 
     Side effects on the student: its ``roi_heads`` becomes a :class:`RecordingRoIHeads` sharing
     the same modules if it is not one already, and recording is switched on (undo with
     :func:`jdsearch.models.heads.stop_recording`). The teacher is frozen and put in eval mode.
+    ``seed`` sets the initial weights of the feature adapter (when the FPN widths differ).
     """
     _check_pair(student, teacher)
     if not isinstance(student.roi_heads, RecordingRoIHeads):
         student.roi_heads = RecordingRoIHeads.from_heads(student.roi_heads)
     stop_recording(teacher)  # e.g. a teacher deep-copied from a recording student
     start_recording(student)
-    distiller = Distiller(
-        teacher,
-        int(student.backbone.out_channels),
-        int(teacher.backbone.out_channels),
-        config,
-    )
+    # The adapter between different FPN widths starts from random weights: from ``seed``, not from
+    # the process's random state (which torch seeds differently in every process).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        distiller = Distiller(
+            teacher,
+            int(student.backbone.out_channels),
+            int(teacher.backbone.out_channels),
+            config,
+        )
     p = next(student.parameters(), None)
     if p is not None:
         distiller.to(p.device)

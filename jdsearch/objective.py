@@ -182,11 +182,12 @@ class Objective:
         teacher = ctx.pool.teacher(teacher_cfg, ctx.train_set, device=spec.device)
         teacher_s = time.perf_counter() - t1
         teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
-        terms = [make_distiller(student, teacher, ctx.kd_config)]
+        seed = spec.search.seed * 100003 + trial.number
+        terms = [make_distiller(student, teacher, ctx.kd_config, seed=seed)]
         if spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
         config = train_config(
-            spec.fast_eval, seed=spec.search.seed * 100003 + trial.number, resolutions=spec.resolutions,
+            spec.fast_eval, seed=seed, resolutions=spec.resolutions,
             device=spec.device, amp=spec.amp,
         )
         result = train(student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)

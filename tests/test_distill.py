@@ -295,6 +295,22 @@ def test_adapter_is_not_part_of_the_student() -> None:
     assert {"adapter.weight", "adapter.bias"} <= set(kd.state_dict())
 
 
+def test_adapter_init_depends_on_the_seed_only() -> None:
+    """Different FPN widths need a randomly initialised adapter: it must not depend on the
+    process's random state (a search on two machines gave different H for the same trial)."""
+    student, teacher = small(STUDENT_ARCH), small(TEACHER_ARCH)
+    assert student.backbone.out_channels != teacher.backbone.out_channels
+    torch.manual_seed(1)
+    expected_next = torch.rand(1)
+    torch.manual_seed(1)
+    a = make_distiller(student, teacher, seed=7).adapter.weight.detach().clone()
+    assert torch.equal(torch.rand(1), expected_next)  # the global stream is left alone
+    torch.manual_seed(2)
+    b = make_distiller(student, teacher, seed=7).adapter.weight.detach().clone()
+    c = make_distiller(student, teacher, seed=8).adapter.weight.detach()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_make_distiller_converts_plain_heads_and_checks_the_pair() -> None:
     student, teacher = small(STUDENT_ARCH), small(TEACHER_ARCH)
     student.roi_heads = plain_heads(student.roi_heads, student.spec)
