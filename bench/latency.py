@@ -4,8 +4,9 @@ Two tables:
 
 1. **Table 4 structure** — each paper baseline at 1333×800 against the paper's upgraded detector
    of that backbone (``detectors/*-jdnas.yaml``, the appendix-B encodings) at its searched
-   1080×720: FLOPs ratio and measured FPS ratio. Weights are random (speed does not depend on
-   them, except through the number of boxes surviving NMS; the same fixed image goes to both).
+   1080×720: FLOPs ratio and measured FPS ratio, the two timed interleaved. Weights are random
+   (speed does not depend on them, except through the number of boxes surviving NMS; the same
+   fixed image, resized to each input size, goes to both).
 2. **ONNX Runtime vs PyTorch** — the exported inference graph (``jdsearch.export``) against
    eager PyTorch for the same detector and image.
 
@@ -28,7 +29,7 @@ import torch
 
 from jdsearch.data import Resolution
 from jdsearch.flops import count_flops
-from jdsearch.latency import measure_latency
+from jdsearch.latency import measure_latencies, measure_latency
 from jdsearch.models import build_detector
 from jdsearch.spec import load_spec
 
@@ -50,24 +51,23 @@ def image(size: Resolution) -> torch.Tensor:
 
 
 def table4(pairs: list[str], device: str, warmup: int, repeats: int) -> None:
-    print(f"\n== base vs upgraded, batch 1 on {device} ({torch.get_num_threads()} threads), median of {repeats} ==")
+    threads = torch.get_num_threads()
+    print(f"\n== base vs upgraded, batch 1 on {device} ({threads} thread{'s' if threads != 1 else ''}), "
+          f"median of {repeats} interleaved runs ==")
     print(f"{'detector':<16} {'size':>9} {'GFLOPs':>8} {'ms':>9} {'FPS':>7}   {'FLOPs ratio':>11} {'speed-up':>8}")
     for key in pairs:
         base_name, up_name, base_size, up_size = PAIRS[key]
-        rows = []
-        for name, size in ((base_name, base_size), (up_name, up_size)):
-            det = detector(name)
-            res = Resolution.parse(size)
-            flops = count_flops(det, size=res.hw).total
-            lat = measure_latency(det, res, device=device, warmup=warmup, repeats=repeats, images=[image(res)])
-            rows.append((name, size, flops, lat))
-            del det
-        (_, _, f0, l0) = rows[0]
-        for name, size, flops, lat in rows:
+        dets = [(detector(name), Resolution.parse(size)) for name, size in ((base_name, base_size), (up_name, up_size))]
+        flops = [count_flops(d, size=r.hw).total for d, r in dets]
+        lats = measure_latencies(
+            dets, device=device, warmup=warmup, repeats=repeats, images=[image(dets[0][1])]
+        )
+        for name, size, f, lat in zip((base_name, up_name), (base_size, up_size), flops, lats, strict=True):
             print(
-                f"{name:<16} {size:>9} {flops / 1e9:8.2f} {lat.median_ms:9.1f} {lat.images_per_s:7.2f}   "
-                f"{flops / f0:10.2f}× {lat.images_per_s / l0.images_per_s:7.2f}×"
+                f"{name:<16} {size:>9} {f / 1e9:8.2f} {lat.median_ms:9.1f} {lat.images_per_s:7.2f}   "
+                f"{f / flops[0]:10.2f}× {lat.images_per_s / lats[0].images_per_s:7.2f}×"
             )
+        del dets
 
 
 def onnx_vs_torch(names: list[str], warmup: int, repeats: int) -> None:
