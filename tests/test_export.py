@@ -287,3 +287,15 @@ def test_a_missing_checkpoint_artifact_is_one_line(small_study, tmp_path: Path) 
     SQLArtifactStore(f"sqlite:///{db}").remove(best.user_attrs["checkpoint"])
     with pytest.raises(JDSearchError, match=rf"checkpoint of trial {best.number} \(artifact .*\) is missing"):
         export_trial(handle, tmp_path / "x")
+
+
+def test_re_export_without_onnx_leaves_no_stale_graph(exported, tmp_path: Path, trained) -> None:
+    """A folder re-exported with --no-onnx must not keep the previous detector's ONNX file."""
+    again = tmp_path / "again"
+    shutil.copytree(exported.path, again)
+    other = copy.deepcopy(trained)
+    with torch.no_grad():
+        other.roi_heads.box_predictor.cls_score.bias.add_(1.0)
+    e = export_detector(other, again, class_names=NAMES, onnx=False)
+    assert not (again / ONNX_FILE).exists() and "onnx" not in e.info["files"] and e.info["onnx_check"] is None
+    assert torch.equal(load_detector(again).roi_heads.box_predictor.cls_score.bias, other.roi_heads.box_predictor.cls_score.bias)
