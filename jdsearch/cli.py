@@ -317,18 +317,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _latency_target(target: str, device: str, num_classes: int | None) -> tuple[str, Any, Any]:
-    """(label, detector, default size) of an export folder, a checkpoint, or a spec/preset."""
+def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any]:
+    """(label, detector on the CPU, default size) of an export folder, a checkpoint, or a
+    spec/preset; :func:`jdsearch.latency.measure_latencies` moves it to the device."""
     p = Path(target)
     if p.is_dir() or p.name == "detector.json":
         from jdsearch.export import load_exported
 
-        e = load_exported(p, device=device)
+        e = load_exported(p)
         return e.info.get("name", p.name) + f" ({p})", e.detector, e.input_size
     if p.suffix == ".safetensors":
         from jdsearch.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(p, device=device)
+        ck = load_checkpoint(p)
         return f"{ck.spec.name} ({p})", ck.detector, ck.spec.input.size
     from jdsearch.models import build_detector
     from jdsearch.spec import load_spec
@@ -355,7 +356,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     images = [load_image(f) for f in _image_files(args.images)[: args.max_images]] if args.images else None
     image_hw = _hw(args.size) if args.size else None
-    targets = [_latency_target(t, "cpu", args.num_classes) for t in args.targets]
+    targets = [_latency_target(t, args.num_classes) for t in args.targets]
     lats = measure_latencies(
         [(det, size) for _, det, size in targets], device=args.device, warmup=args.warmup,
         repeats=args.repeats, images=images, image_hw=image_hw, amp=args.amp,
