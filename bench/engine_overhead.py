@@ -98,7 +98,11 @@ class Clock:
 def instrumented(study: optuna.Study, ctx: Any, clock: Clock) -> Iterator[None]:
     """Wrap the phases of ``study``'s trials (see the module docstring); undone on exit."""
     storage = study._storage
-    names = [n for n in dir(BaseStorage) if not n.startswith("__") and callable(getattr(BaseStorage, n, None))]
+    names = [
+        n
+        for n in dir(BaseStorage)
+        if not n.startswith("__") and callable(getattr(BaseStorage, n, None))
+    ]
     names += ["_get_stale_trial_ids"]
     patches: list[tuple[Any, str, Any, bool]] = []
 
@@ -129,7 +133,11 @@ def instrumented(study: optuna.Study, ctx: Any, clock: Clock) -> Iterator[None]:
 def tiny_study(root: Path, name: str, storage: str, base: Path | None, n_trials: int) -> StudySpec:
     spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
     spec["name"] = name
-    spec["data"] = {"dir": str(root / "data"), "synth": {"images": 48, "seed": 1, "size": 96}, "max_val_images": 12}
+    spec["data"] = {
+        "dir": str(root / "data"),
+        "synth": {"images": 48, "seed": 1, "size": 96},
+        "max_val_images": 12,
+    }
     spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 2}
     if base is not None:
         spec["base"]["checkpoint"] = str(base)
@@ -150,7 +158,12 @@ def pg_schema(url: str) -> tuple[str, Callable[[], None]] | None:
 
         u = sa.make_url(url)
         conn = psycopg2.connect(
-            host=u.host, port=u.port or 5432, user=u.username, password=u.password, dbname=u.database, connect_timeout=3
+            host=u.host,
+            port=u.port or 5432,
+            user=u.username,
+            password=u.password,
+            dbname=u.database,
+            connect_timeout=3,
         )
     except Exception as e:
         print(f"PostgreSQL skipped: {' '.join(str(e).split())}")
@@ -167,7 +180,9 @@ def pg_schema(url: str) -> tuple[str, Callable[[], None]] | None:
     return f"{url}?options=-csearch_path%3D{schema}", drop
 
 
-def search_phases(spec: StudySpec, n_trials: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+def search_phases(
+    spec: StudySpec, n_trials: int
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """Per-trial phase seconds (with ``wall``) and the objective's timing attrs, root excluded."""
     study, ctx = prepare(spec, progress=False)
     clock = Clock()
@@ -186,9 +201,17 @@ def search_phases(spec: StudySpec, n_trials: int) -> tuple[list[dict[str, float]
 
     with instrumented(study, ctx, clock):
         last[0] = time.perf_counter()
-        study.optimize(Objective(ctx), n_trials=n_trials, catch=(JDSearchError,), callbacks=[on_trial], gc_after_trial=True)
+        study.optimize(
+            Objective(ctx),
+            n_trials=n_trials,
+            catch=(JDSearchError,),
+            callbacks=[on_trial],
+            gc_after_trial=True,
+        )
     by_number = {t.number: t for t in study.get_trials()}
-    kept = [r for r in rows if r["number"] != 0 and r["ok"]]  # the root downloads the base, not a parent
+    kept = [
+        r for r in rows if r["number"] != 0 and r["ok"]
+    ]  # the root downloads the base, not a parent
     attrs = [{k: float(by_number[int(r["number"])].user_attrs[k]) for k in ATTRS} for r in kept]
     study._storage.remove_session()
     return kept, attrs
@@ -198,7 +221,9 @@ def mean(rows: list[dict[str, float]], key: str) -> float:
     return sum(r.get(key, 0.0) for r in rows) / max(len(rows), 1)
 
 
-def print_phase_table(results: dict[str, tuple[list[dict[str, float]], list[dict[str, float]]]]) -> None:
+def print_phase_table(
+    results: dict[str, tuple[list[dict[str, float]], list[dict[str, float]]]],
+) -> None:
     names = list(results)
     print("\nper trial (mean over non-root trials), seconds and share of the trial's wall time")
     print(f"{'phase':<16}" + "".join(f"{n:>24}" for n in names))
@@ -207,16 +232,24 @@ def print_phase_table(results: dict[str, tuple[list[dict[str, float]], list[dict
         for n in names:
             rows = results[n][0]
             s, wall = mean(rows, phase), mean(rows, "wall")
-            cells.append(f"{s:>10.3f} s" + ("" if phase == "wall" else f" {100 * s / wall:>8.1f} %"))
+            cells.append(
+                f"{s:>10.3f} s" + ("" if phase == "wall" else f" {100 * s / wall:>8.1f} %")
+            )
         print(f"{phase:<16}" + "".join(f"{c:>24}" for c in cells))
-    print(f"{'outside train+eval':<16}" + "".join(
-        f"{100 * (1 - (mean(results[n][0], 'train') + mean(results[n][0], 'eval')) / mean(results[n][0], 'wall')):>22.1f} %"
-        for n in names
-    ))
-    print(f"{'  excl. teacher':<16}" + "".join(
-        f"{100 * (1 - (mean(results[n][0], 'train') + mean(results[n][0], 'eval') + mean(results[n][0], 'teacher')) / mean(results[n][0], 'wall')):>22.1f} %"
-        for n in names
-    ))
+    print(
+        f"{'outside train+eval':<16}"
+        + "".join(
+            f"{100 * (1 - (mean(results[n][0], 'train') + mean(results[n][0], 'eval')) / mean(results[n][0], 'wall')):>22.1f} %"
+            for n in names
+        )
+    )
+    print(
+        f"{'  excl. teacher':<16}"
+        + "".join(
+            f"{100 * (1 - (mean(results[n][0], 'train') + mean(results[n][0], 'eval') + mean(results[n][0], 'teacher')) / mean(results[n][0], 'wall')):>22.1f} %"
+            for n in names
+        )
+    )
     print("\nthe objective's own timing attrs (mean seconds), as a cross-check")
     print(f"{'attr':<16}" + "".join(f"{n:>24}" for n in names))
     for key in ATTRS:
@@ -224,7 +257,9 @@ def print_phase_table(results: dict[str, tuple[list[dict[str, float]], list[dict
     print(f"{'trials kept':<16}" + "".join(f"{len(results[n][0]):>24d}" for n in names))
 
 
-def big_checkpoint_round_trip(preset: str, urls: dict[str, str], paper_trial_s: float, fixed_s: dict[str, float]) -> None:
+def big_checkpoint_round_trip(
+    preset: str, urls: dict[str, str], paper_trial_s: float, fixed_s: dict[str, float]
+) -> None:
     """``fixed_s``: per-trial sampler + storage seconds measured on the tiny study, per store."""
     detector = build_detector(load_spec(preset), 81)
     t0 = time.perf_counter()
@@ -261,15 +296,23 @@ def big_checkpoint_round_trip(preset: str, urls: dict[str, str], paper_trial_s: 
             f"{name:<12}{up:>10.2f}{down:>12.2f}{mb / up:>10.1f}{mb / down:>11.1f}{total:>14.2f}"
             f"{100 * total / paper_trial_s:>8.3f}%{100 * engine / paper_trial_s:>18.3f}%"
         )
-    print("(share: of the paper trial; the last column adds this run's per-trial sampler + storage seconds;")
-    print(" teacher extraction at paper scale is a BN-recalibration forward pass, not measured here)")
+    print(
+        "(share: of the paper trial; the last column adds this run's per-trial sampler + storage seconds;"
+    )
+    print(
+        " teacher extraction at paper scale is a BN-recalibration forward pass, not measured here)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=4, help="trials per backend (the root included)")
+    parser.add_argument(
+        "--trials", type=int, default=4, help="trials per backend (the root included)"
+    )
     parser.add_argument("--pg-url", default=PG_DEFAULT)
-    parser.add_argument("--big", default="r50-fpn", help="detector preset of the large-checkpoint round trip")
+    parser.add_argument(
+        "--big", default="r50-fpn", help="detector preset of the large-checkpoint round trip"
+    )
     parser.add_argument("--paper-trial-s", type=float, default=3 * 118_287 / 80)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -281,7 +324,9 @@ def main() -> None:
         root = Path(tmp)
         stack.enter_context(contextlib.chdir(root))
         t0 = time.perf_counter()
-        prepare(tiny_study(root, "assets", f"sqlite:///{root / 'assets.db'}", None, 1), progress=False)
+        prepare(
+            tiny_study(root, "assets", f"sqlite:///{root / 'assets.db'}", None, 1), progress=False
+        )
         base = root / "runs" / "assets" / "base.safetensors"
         print(f"tiny base + pool trained in {time.perf_counter() - t0:.0f} s")
 
@@ -294,9 +339,14 @@ def main() -> None:
         for name, url in urls.items():
             study_name = f"overhead-{name}"
             (root / "runs" / study_name).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / "runs" / "assets" / "pool.safetensors", root / "runs" / study_name / "pool.safetensors")
+            shutil.copyfile(
+                root / "runs" / "assets" / "pool.safetensors",
+                root / "runs" / study_name / "pool.safetensors",
+            )
             t0 = time.perf_counter()
-            results[name] = search_phases(tiny_study(root, study_name, url, base, args.trials), args.trials)
+            results[name] = search_phases(
+                tiny_study(root, study_name, url, base, args.trials), args.trials
+            )
             print(f"{name}: {args.trials} trials in {time.perf_counter() - t0:.0f} s")
         print_phase_table(results)
         fixed = {n: mean(r[0], "sampler") + mean(r[0], "storage") for n, r in results.items()}

@@ -66,7 +66,9 @@ WIDE = "wide"  # tiny-r18-fpn with doubled widths and FPN
 def build(preset: str, num_classes: int, size: Resolution, seed: int) -> Detector:
     torch.manual_seed(seed)
     if preset == WIDE:
-        arch = BackboneArch.resnet([2, 2, 2, 2], kind=BASIC, widths=(32, 64, 128, 256), stem=32, fpn=64)
+        arch = BackboneArch.resnet(
+            [2, 2, 2, 2], kind=BASIC, widths=(32, 64, 128, 256), stem=32, fpn=64
+        )
         spec = load_spec("tiny-r18-fpn").with_arch(arch)
         spec = dataclasses.replace(spec, name="tiny-r18-fpn-wide")
     else:
@@ -85,22 +87,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny run: fewer images and iterations")
     ap.add_argument("--student", default="tiny-r18-fpn")
-    ap.add_argument("--teacher", default=WIDE, help=f"a preset name, or '{WIDE}' (tiny R18, 2x widths)")
+    ap.add_argument(
+        "--teacher", default=WIDE, help=f"a preset name, or '{WIDE}' (tiny R18, 2x widths)"
+    )
     ap.add_argument("--images", type=int, default=None, help="synthetic images (train + val)")
     ap.add_argument("--iters", type=int, default=None, help="student iterations")
     ap.add_argument("--teacher-factor", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--size", default="128x128", help="train/eval resolution (synthetic images are 128 px)")
+    ap.add_argument(
+        "--size", default="128x128", help="train/eval resolution (synthetic images are 128 px)"
+    )
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--grad-clip", type=float, default=10.0)
     ap.add_argument("--feat-weight", type=float, default=1.0)
     ap.add_argument("--cls-weight", type=float, default=1.0)
     ap.add_argument("--loc-weight", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 is fastest on a shared, oversubscribed CPU)")
-    ap.add_argument("--workdir", default=None, help="where to write the synthetic data (default: temp)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is fastest on a shared, oversubscribed CPU)",
+    )
+    ap.add_argument(
+        "--workdir", default=None, help="where to write the synthetic data (default: temp)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -118,8 +130,13 @@ def main() -> None:
 
         def config(n: int, seed: int) -> TrainConfig:
             return TrainConfig(
-                max_iters=n, batch_size=args.batch, lr=args.lr, warmup_iters=min(50, n // 4),
-                seed=seed, log_every=10**9, grad_clip=args.grad_clip,
+                max_iters=n,
+                batch_size=args.batch,
+                lr=args.lr,
+                warmup_iters=min(50, n // 4),
+                seed=seed,
+                log_every=10**9,
+                grad_clip=args.grad_clip,
             )
 
         results: dict[str, list[tuple[float, float, float, float]]] = {r.name: [] for r in ROWS}
@@ -130,8 +147,11 @@ def main() -> None:
             t0 = time.perf_counter()
             train(teacher, train_ds, config(teacher_iters, seed + 1000))
             teacher_aps.append(ap_of(teacher, val_ds, size))
-            print(f"[seed {seed}] teacher {args.teacher}: AP {teacher_aps[-1][0]:.3f} "
-                  f"({teacher_iters} iters, {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"[seed {seed}] teacher {args.teacher}: AP {teacher_aps[-1][0]:.3f} "
+                f"({teacher_iters} iters, {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
             for row in ROWS:
                 student = build(args.student, k, size, seed)
                 terms = []
@@ -146,19 +166,26 @@ def main() -> None:
                 t0 = time.perf_counter()
                 result = train(student, train_ds, config(iters, seed), loss_terms=terms)
                 seconds = time.perf_counter() - t0
-                det_loss = sum(v for k, v in result.final_losses.items() if not k.startswith("loss_kd"))
+                det_loss = sum(
+                    v for k, v in result.final_losses.items() if not k.startswith("loss_kd")
+                )
                 a, a50 = ap_of(student, val_ds, size)
                 results[row.name].append((a, a50, det_loss, seconds))
-                print(f"[seed {seed}] {row.name:<14} AP {a:.3f}  L_det {det_loss:.3f}  ({seconds:.0f} s)", flush=True)
+                print(
+                    f"[seed {seed}] {row.name:<14} AP {a:.3f}  L_det {det_loss:.3f}  ({seconds:.0f} s)",
+                    flush=True,
+                )
 
     def mean(values: list[float]) -> float:
         return statistics.fmean(values)
 
     print()
-    print(f"KD ablation (paper table 12 shape): student {args.student}, teacher {args.teacher}; "
-          f"{info.train_images} train / {info.val_images} val synthetic images at {size}; "
-          f"student {iters} iters, teacher {teacher_iters}; batch {args.batch}; "
-          f"{args.seeds} seed(s); AP in %")
+    print(
+        f"KD ablation (paper table 12 shape): student {args.student}, teacher {args.teacher}; "
+        f"{info.train_images} train / {info.val_images} val synthetic images at {size}; "
+        f"student {iters} iters, teacher {teacher_iters}; batch {args.batch}; "
+        f"{args.seeds} seed(s); AP in %"
+    )
     header = f"{'':<16}{'feat':>5}{'cls':>5}{'loc':>5}{'AP':>8}{'ΔAP':>7}{'AP50':>8}{'L_det':>8}{'train s':>9}"
     print(header)
     print("-" * len(header))
@@ -169,7 +196,9 @@ def main() -> None:
         det_loss, sec = mean([r[2] for r in rs]), mean([r[3] for r in rs])
         marks = "".join(f"{'✓' if on else '-':>5}" for on in (row.feat, row.cls, row.loc))
         delta = "" if row is ROWS[0] else f"{(a - base) * 100:+.2f}"
-        print(f"{row.name:<16}{marks}{a * 100:>8.2f}{delta:>7}{a50 * 100:>8.2f}{det_loss:>8.3f}{sec:>9.0f}")
+        print(
+            f"{row.name:<16}{marks}{a * 100:>8.2f}{delta:>7}{a50 * 100:>8.2f}{det_loss:>8.3f}{sec:>9.0f}"
+        )
     t_ap, t_ap50 = mean([t[0] for t in teacher_aps]), mean([t[1] for t in teacher_aps])
     print(f"{'teacher':<16}{'':>15}{t_ap * 100:>8.2f}{'':>7}{t_ap50 * 100:>8.2f}")
     print(f"total {time.perf_counter() - started:.0f} s")

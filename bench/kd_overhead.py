@@ -36,7 +36,9 @@ from jdsearch.spec import load_spec
 NUM_CLASSES = 7
 
 
-def make_batch(n: int, res: Resolution, device: torch.device) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def make_batch(
+    n: int, res: Resolution, device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     g = torch.Generator().manual_seed(0)
     h, w = res.short, res.long
     images, targets = [], []
@@ -64,7 +66,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure(student_name: str, teacher_name: str, res: Resolution, args: argparse.Namespace) -> dict[str, float]:
+def measure(
+    student_name: str, teacher_name: str, res: Resolution, args: argparse.Namespace
+) -> dict[str, float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     student = build_detector(load_spec(student_name), NUM_CLASSES).to(device)
@@ -126,28 +130,45 @@ def measure(student_name: str, teacher_name: str, res: Resolution, args: argpars
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="512x320", help="input size for r18-fpn (LONGxSHORT)")
-    ap.add_argument("--tiny-size", default=None, help="input size for the tiny preset (default: its own)")
+    ap.add_argument(
+        "--tiny-size", default=None, help="input size for the tiny preset (default: its own)"
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each kind")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 gives steadier timings on a shared CPU)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 gives steadier timings on a shared CPU)",
+    )
     ap.add_argument("--only", choices=["tiny", "r18"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tiny_res = Resolution.parse(args.tiny_size) if args.tiny_size else load_spec("tiny-r18-fpn").input.size
+    tiny_res = (
+        Resolution.parse(args.tiny_size) if args.tiny_size else load_spec("tiny-r18-fpn").input.size
+    )
     big_res = Resolution.parse(args.size)
     pairs = []
     if args.only in (None, "tiny"):
-        pairs += [("tiny-r18-fpn", "tiny-r18-fpn", tiny_res), ("tiny-r18-fpn", "tiny-r50-fpn", tiny_res)]
+        pairs += [
+            ("tiny-r18-fpn", "tiny-r18-fpn", tiny_res),
+            ("tiny-r18-fpn", "tiny-r50-fpn", tiny_res),
+        ]
     if args.only in (None, "r18"):
         pairs += [("r18-fpn", "r18-fpn", big_res), ("r18-fpn", "r50-fpn", big_res)]
 
     dev = torch.device(args.device)
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"KD step overhead ({where}; batch {args.batch}; median of {args.steps} interleaved steps)")
+    where = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"KD step overhead ({where}; batch {args.batch}; median of {args.steps} interleaved steps)"
+    )
     header = f"{'student':<14}{'teacher':<14}{'size':>9}{'plain ms':>10}{'KD ms':>9}{'ratio':>7}"
     header += f"{'teacher fwd ms':>16}{'excess':>8}"
     print(header)
@@ -159,8 +180,10 @@ def main() -> None:
             f"{student:<14}{teacher:<14}{res!s:>9}{t['plain'] * 1e3:>10.1f}{t['kd'] * 1e3:>9.1f}"
             f"{t['kd'] / t['plain']:>6.2f}x{t['teacher'] * 1e3:>16.1f}{excess:>+7.0%}"
         )
-    print("ratio = KD step / plain step; excess = (KD − plain − teacher forward) / plain: the adapter,"
-          " the KD losses and their backward")
+    print(
+        "ratio = KD step / plain step; excess = (KD − plain − teacher forward) / plain: the adapter,"
+        " the KD losses and their backward"
+    )
 
 
 if __name__ == "__main__":

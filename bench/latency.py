@@ -52,17 +52,26 @@ def image(size: Resolution) -> torch.Tensor:
 
 def table4(pairs: list[str], device: str, warmup: int, repeats: int) -> None:
     threads = torch.get_num_threads()
-    print(f"\n== base vs upgraded, batch 1 on {device} ({threads} thread{'s' if threads != 1 else ''}), "
-          f"median of {repeats} interleaved runs ==")
-    print(f"{'detector':<16} {'size':>9} {'GFLOPs':>8} {'ms':>9} {'FPS':>7}   {'FLOPs ratio':>11} {'speed-up':>8}")
+    print(
+        f"\n== base vs upgraded, batch 1 on {device} ({threads} thread{'s' if threads != 1 else ''}), "
+        f"median of {repeats} interleaved runs =="
+    )
+    print(
+        f"{'detector':<16} {'size':>9} {'GFLOPs':>8} {'ms':>9} {'FPS':>7}   {'FLOPs ratio':>11} {'speed-up':>8}"
+    )
     for key in pairs:
         base_name, up_name, base_size, up_size = PAIRS[key]
-        dets = [(detector(name), Resolution.parse(size)) for name, size in ((base_name, base_size), (up_name, up_size))]
+        dets = [
+            (detector(name), Resolution.parse(size))
+            for name, size in ((base_name, base_size), (up_name, up_size))
+        ]
         flops = [count_flops(d, size=r.hw).total for d, r in dets]
         lats = measure_latencies(
             dets, device=device, warmup=warmup, repeats=repeats, images=[image(dets[0][1])]
         )
-        for name, size, f, lat in zip((base_name, up_name), (base_size, up_size), flops, lats, strict=True):
+        for name, size, f, lat in zip(
+            (base_name, up_name), (base_size, up_size), flops, lats, strict=True
+        ):
             print(
                 f"{name:<16} {size:>9} {f / 1e9:8.2f} {lat.median_ms:9.1f} {lat.images_per_s:7.2f}   "
                 f"{f / flops[0]:10.2f}× {lat.images_per_s / lats[0].images_per_s:7.2f}×"
@@ -75,7 +84,9 @@ def onnx_vs_torch(names: list[str], warmup: int, repeats: int) -> None:
 
     from jdsearch.export import export_onnx
 
-    print(f"\n== ONNX Runtime {ort.__version__} vs eager PyTorch, CPU, batch 1, median of {repeats} ==")
+    print(
+        f"\n== ONNX Runtime {ort.__version__} vs eager PyTorch, CPU, batch 1, median of {repeats} =="
+    )
     print(f"{'detector':<16} {'size':>9} {'torch ms':>9} {'ORT ms':>9} {'ORT speed-up':>12}")
     threads = torch.get_num_threads()
     for name in names:
@@ -98,13 +109,20 @@ def onnx_vs_torch(names: list[str], warmup: int, repeats: int) -> None:
                 if i >= warmup:
                     times.append((time.perf_counter() - t) * 1000)
         ort_ms = statistics.median(times)
-        print(f"{name:<16} {res!s:>9} {lat.median_ms:9.1f} {ort_ms:9.1f} {lat.median_ms / ort_ms:11.2f}×")
+        print(
+            f"{name:<16} {res!s:>9} {lat.median_ms:9.1f} {ort_ms:9.1f} {lat.median_ms / ort_ms:11.2f}×"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", nargs="+", default=["r18"], choices=sorted(PAIRS))
-    p.add_argument("--onnx", nargs="*", default=["tiny-r18-fpn", "tiny-r50-fpn"], help="detectors for the ORT table")
+    p.add_argument(
+        "--onnx",
+        nargs="*",
+        default=["tiny-r18-fpn", "tiny-r50-fpn"],
+        help="detectors for the ORT table",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)

@@ -55,7 +55,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--lam", type=float, default=1e-5, help="BN sparsity weight")
     p.add_argument("--fraction", type=float, default=0.1, help="channel_prune fraction")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny convs: 1 is fastest)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (tiny convs: 1 is fastest)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -70,13 +72,19 @@ def main() -> None:
 
         def config(iters: int, seed: int, warmup: int) -> TrainConfig:
             return TrainConfig(
-                max_iters=iters, batch_size=args.batch_size, lr=args.lr, warmup_iters=warmup,
-                resolutions=(res,), seed=seed,
+                max_iters=iters,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                warmup_iters=warmup,
+                resolutions=(res,),
+                seed=seed,
             )
 
         def fit(det: Detector, iters: int, seed: int, warmup: int) -> float:
             """Train; return the detection loss (mean of the last ≤ 20 iterations)."""
-            result = train(det, train_ds, config(iters, seed, warmup), loss_terms=[BNSparsity(args.lam)])
+            result = train(
+                det, train_ds, config(iters, seed, warmup), loss_terms=[BNSparsity(args.lam)]
+            )
             return sum(v for k, v in result.final_losses.items() if k != "loss_bn_sparsity")
 
         torch.manual_seed(args.seed)
@@ -114,7 +122,9 @@ def main() -> None:
             tuned = ap(child, val_ds, res)
             torch.manual_seed(args.seed + 100 + i)
             scratch = build_detector(child.spec, train_ds.num_classes)
-            loss_scratch = fit(scratch, args.ft_iters, args.seed + 1 + i, warmup=min(50, args.ft_iters // 4))
+            loss_scratch = fit(
+                scratch, args.ft_iters, args.seed + 1 + i, warmup=min(50, args.ft_iters // 4)
+            )
             fresh = ap(scratch, val_ds, res)
             print(
                 f"{action:<16}{params:>9}{new:>7}{flops:>9.1f}"

@@ -155,13 +155,17 @@ class BackboneArch:
             raise SpecError(f"backbone arch: expected {NUM_STAGES} stages, got {len(self.stages)}")
         for name, value in (("stem", self.stem), ("fpn", self.fpn)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SpecError(f"backbone arch: {name} width must be a positive integer, got {value!r}")
+                raise SpecError(
+                    f"backbone arch: {name} width must be a positive integer, got {value!r}"
+                )
         slots: list[BlockSlot] = []
         kind: str | None = None
         in_ch = self.stem
         for si, stage in enumerate(self.stages):
             if stage.stride not in (1, 2):
-                raise SpecError(f"backbone arch: stage {si + 1} stride must be 1 or 2, got {stage.stride}")
+                raise SpecError(
+                    f"backbone arch: stage {si + 1} stride must be 1 or 2, got {stage.stride}"
+                )
             if not stage.blocks:
                 raise SpecError(f"backbone arch: stage {si + 1} has no blocks")
             for bi, block in enumerate(stage.blocks):
@@ -221,7 +225,9 @@ class BackboneArch:
                 f"arch encoding: expected {NUM_STAGES} stages separated by '], [', got {len(stage_texts)}"
             )
         if len(strides) != NUM_STAGES:
-            raise SpecError(f"arch encoding: strides needs {NUM_STAGES} values, got {list(strides)}")
+            raise SpecError(
+                f"arch encoding: strides needs {NUM_STAGES} values, got {list(strides)}"
+            )
         if group_width is None or isinstance(group_width, int):
             gws: list[int | None] = [group_width] * NUM_STAGES
         else:
@@ -262,7 +268,10 @@ class BackboneArch:
                 {
                     "stride": s.stride,
                     "blocks": [
-                        {"channels": list(b.channels), **({"groups": b.groups} if b.groups != 1 else {})}
+                        {
+                            "channels": list(b.channels),
+                            **({"groups": b.groups} if b.groups != 1 else {}),
+                        }
                         for b in s.blocks
                     ],
                 }
@@ -333,7 +342,9 @@ class BackboneArch:
             inner = w * width_per_group * groups // 64 if width_per_group else w
             out = w * exp
             chans = (inner, inner, out) if kind == BOTTLENECK else (inner, out)
-            stages.append(Stage(tuple(Block(chans, groups) for _ in range(int(d))), int(strides[si])))
+            stages.append(
+                Stage(tuple(Block(chans, groups) for _ in range(int(d))), int(strides[si]))
+            )
         return cls(tuple(stages), stem=stem, fpn=fpn)
 
     def with_fpn(self, fpn: int) -> BackboneArch:

@@ -35,7 +35,9 @@ def ensure_data(data: str | None) -> Path:
     if not (DEFAULT_DATA / "train.json").is_file() or not (DEFAULT_DATA / "val.json").is_file():
         print(f"generating the embedded synthetic dataset in {DEFAULT_DATA} ...", flush=True)
         info = synth.generate(DEFAULT_DATA, images=DEFAULT_SYNTH_IMAGES, seed=DEFAULT_SYNTH_SEED)
-        print(f"  {info.train_images} train / {info.val_images} val images, classes: {', '.join(info.class_names)}")
+        print(
+            f"  {info.train_images} train / {info.val_images} val images, classes: {', '.join(info.class_names)}"
+        )
     return DEFAULT_DATA
 
 
@@ -46,7 +48,9 @@ def open_split(data_dir: Path, split: str) -> Any:
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    print(f"{'size':>10}  {'AP':>6} {'AP50':>6} {'AP75':>6} {'APs':>6} {'APm':>6} {'APl':>6}  {'img/s':>7}")
+    print(
+        f"{'size':>10}  {'AP':>6} {'AP50':>6} {'AP75':>6} {'APs':>6} {'APm':>6} {'APl':>6}  {'img/s':>7}"
+    )
     for size, m in metrics.items():
         vals = " ".join(f"{100 * v:6.1f}" for v in (m.AP, m.AP50, m.AP75, m.APs, m.APm, m.APl))
         print(f"{size:>10}  {vals}  {m.images_per_s:7.1f}")
@@ -179,10 +183,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
     dataset = open_split(ensure_data(args.data), args.split)
     sizes = _sizes(args.sizes) or ckpt.spec.input.resolutions
-    metrics = evaluate(ckpt.detector, dataset, sizes, device=args.device, batch_size=args.batch_size)
+    metrics = evaluate(
+        ckpt.detector, dataset, sizes, device=args.device, batch_size=args.batch_size
+    )
     _print_metrics(metrics)
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v.to_dict() for k, v in metrics.items()}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({k: v.to_dict() for k, v in metrics.items()}, indent=1)
+        )
     return 0
 
 
@@ -227,7 +235,9 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
     pool_spec = PoolSpec.from_dict(spec.pool, source=f"{spec.source}: pool")
     train_set, _ = ensure_data(spec)
     out = Path(args.out) if args.out else run_dir(spec) / "pool.safetensors"
-    pool = train_and_save_pool(pool_spec, train_set, out, device=spec.device, progress=not args.quiet)
+    pool = train_and_save_pool(
+        pool_spec, train_set, out, device=spec.device, progress=not args.quiet
+    )
     print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
     return 0
 
@@ -246,12 +256,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jdsearch.search import open_study
 
     handle = open_study(_storage(args), args.study)
-    exported = export_trial(handle, args.out, trial=args.trial, input_size=args.size, onnx=not args.no_onnx)
+    exported = export_trial(
+        handle, args.out, trial=args.trial, input_size=args.size, onnx=not args.no_onnx
+    )
     info = exported.info
     src = info["source"]
-    print(f"exported trial {src['trial']} of study {src['study']!r} (H {src['H']:.4f}) to {exported.path}")
+    print(
+        f"exported trial {src['trial']} of study {src['study']!r} (H {src['H']:.4f}) to {exported.path}"
+    )
     print(f"  arch        {info['arch']}")
-    print(f"  input size  {info['input_size']}   GFLOPs {info['flops'] / 1e9:.3f}   params {info['params'] / 1e6:.3f} M")
+    print(
+        f"  input size  {info['input_size']}   GFLOPs {info['flops'] / 1e9:.3f}   params {info['params'] / 1e6:.3f} M"
+    )
     print(f"  classes     {', '.join(info['class_names'])}")
     print("  lineage     " + " -> ".join(f"{s['move']} (#{s['trial']})" for s in src["lineage"]))
     check = info["onnx_check"]
@@ -296,14 +312,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from jdsearch.data import CocoDataset
 
         gt = CocoDataset(args.ann, files[0].parent)
-        image_ids = {Path(gt.image_record(i).file_name).name: gt.image_record(i).id for i in range(len(gt))}
+        image_ids = {
+            Path(gt.image_record(i).file_name).name: gt.image_record(i).id for i in range(len(gt))
+        }
         listed = [f for f in files if f.name in image_ids]
         if not listed:
             raise JDSearchError(f"{args.ann}: none of the {len(files)} images is listed in it")
         if len(listed) < len(files):
-            print(f"{len(files) - len(listed)} of {len(files)} images are not in {args.ann}: skipped")
+            print(
+                f"{len(files) - len(listed)} of {len(files)} images are not in {args.ann}: skipped"
+            )
         files = listed
-    rows = predict_images(exported, files, image_ids=image_ids, score_thresh=args.score_thresh, device=args.device)
+    rows = predict_images(
+        exported, files, image_ids=image_ids, score_thresh=args.score_thresh, device=args.device
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows))
@@ -313,7 +335,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         ids = sorted({image_ids[f.name] for f in files if f.name in image_ids})
         m = coco_metrics(gt.coco_gt(), rows, ids)
-        print("  " + "  ".join(f"{k} {100 * getattr(m, k):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+        print(
+            "  "
+            + "  ".join(
+                f"{k} {100 * getattr(m, k):.1f}"
+                for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+            )
+        )
     return 0
 
 
@@ -354,12 +382,21 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from jdsearch.flops import count_flops
     from jdsearch.latency import measure_latencies
 
-    images = [load_image(f) for f in _image_files(args.images)[: args.max_images]] if args.images else None
+    images = (
+        [load_image(f) for f in _image_files(args.images)[: args.max_images]]
+        if args.images
+        else None
+    )
     image_hw = _hw(args.size) if args.size else None
     targets = [_latency_target(t, args.num_classes) for t in args.targets]
     lats = measure_latencies(
-        [(det, size) for _, det, size in targets], device=args.device, warmup=args.warmup,
-        repeats=args.repeats, images=images, image_hw=image_hw, amp=args.amp,
+        [(det, size) for _, det, size in targets],
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        images=images,
+        image_hw=image_hw,
+        amp=args.amp,
     )
     rows = []
     for (label, det, _), lat in zip(targets, lats, strict=True):
@@ -370,7 +407,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
     if len(rows) > 1:
         base = rows[0]
         width = max(len(r[0]) for r in rows)
-        print(f"\n{'detector':<{width}}  {'image HxW':>10}  {'GFLOPs':>8}  {'FPS':>8}  {'speed-up':>8}")
+        print(
+            f"\n{'detector':<{width}}  {'image HxW':>10}  {'GFLOPs':>8}  {'FPS':>8}  {'speed-up':>8}"
+        )
         for label, lat, flops in rows:
             print(
                 f"{label:<{width}}  {lat.image:>10}  {flops / 1e9:8.3f}  {lat.images_per_s:8.1f}  "
@@ -387,10 +426,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     handle = open_study(_storage(args), args.study)
     comparison = compare_study(
-        handle, args.trial, fps=not args.no_fps, device=args.device, repeats=args.repeats,
+        handle,
+        args.trial,
+        fps=not args.no_fps,
+        device=args.device,
+        repeats=args.repeats,
     )
     files = write_report(
-        handle, args.out, trial=args.trial, comparison=comparison, png=not args.no_png, attach=not args.no_attach
+        handle,
+        args.out,
+        trial=args.trial,
+        comparison=comparison,
+        png=not args.no_png,
+        attach=not args.no_attach,
     )
     print(summary(handle.study))
     print()
@@ -415,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (default: torch's choice; 1 is fastest for tiny detectors on a busy machine)",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -423,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flops", help="count multiply-adds and parameters of a detector")
     f.add_argument("spec", help="detector spec YAML, preset name, or checkpoint (.safetensors)")
     f.add_argument("--size", help="input LONGxSHORT, e.g. 1333x800 (default: the spec's size)")
-    f.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default 81)")
+    f.add_argument(
+        "--num-classes", type=int, default=None, help="classes incl. background (default 81)"
+    )
     f.set_defaults(func=cmd_flops)
 
     d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -440,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a detector (plain, or distilled with --teacher)")
     t.add_argument("spec", nargs="?", default="tiny-r18-fpn", help="spec YAML or preset name")
-    t.add_argument("--data", help="dataset dir with images/, train.json, val.json (default: embedded synthetic)")
+    t.add_argument(
+        "--data",
+        help="dataset dir with images/, train.json, val.json (default: embedded synthetic)",
+    )
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     t.add_argument("--init", help="start from this checkpoint's weights and architecture")
     t.add_argument("--teacher", help="checkpoint of a teacher detector: knowledge distillation")
@@ -450,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=0.02)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--grad-clip", type=float, default=10.0)
-    t.add_argument("--bn-sparsity", type=float, default=1e-5, help="λ of the BN-γ L1 penalty (0: off)")
+    t.add_argument(
+        "--bn-sparsity", type=float, default=1e-5, help="λ of the BN-γ L1 penalty (0: off)"
+    )
     t.add_argument("--resolutions", nargs="+", help="dynamic-resolution set (default: the spec's)")
     t.add_argument("--fixed-size", action="store_true", help="train at the spec's size only")
     t.add_argument("--device", default="cpu")
@@ -475,26 +532,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("checkpoint")
     v.add_argument("action", help="channel_prune | layer_prune | add_layer:S | rearrange:S->T")
     v.add_argument("--out", required=True)
-    v.add_argument("--fraction", type=float, default=0.1, help="channel_prune: share of prunable channels")
+    v.add_argument(
+        "--fraction", type=float, default=0.1, help="channel_prune: share of prunable channels"
+    )
     v.set_defaults(func=cmd_evolve)
 
     q = sub.add_parser("search", help="run (or resume, or join) a Joint-DetNAS search")
     q.add_argument("study", help="study spec YAML (e.g. studies/quickstart.yaml)")
-    q.add_argument("--storage", help="Optuna storage URL (default: the spec's, sqlite:///runs/NAME.db)")
-    q.add_argument("--n-trials", type=int, default=None, help="trials this worker adds (default: the spec's)")
+    q.add_argument(
+        "--storage", help="Optuna storage URL (default: the spec's, sqlite:///runs/NAME.db)"
+    )
+    q.add_argument(
+        "--n-trials", type=int, default=None, help="trials this worker adds (default: the spec's)"
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_search)
 
-    pl = sub.add_parser("pool", help="elastic teacher pool").add_subparsers(dest="pool_command", required=True)
-    pt = pl.add_parser("train", help="train a study's teacher pool with integrated progressive shrinking")
+    pl = sub.add_parser("pool", help="elastic teacher pool").add_subparsers(
+        dest="pool_command", required=True
+    )
+    pt = pl.add_parser(
+        "train", help="train a study's teacher pool with integrated progressive shrinking"
+    )
     pt.add_argument("study")
     pt.add_argument("--out", help="pool file (default runs/NAME/pool.safetensors)")
     pt.add_argument("--quiet", action="store_true")
     pt.set_defaults(func=cmd_pool_train)
 
-    x = sub.add_parser("export", help="write a study's best (or chosen) student as a self-contained detector")
+    x = sub.add_parser(
+        "export", help="write a study's best (or chosen) student as a self-contained detector"
+    )
     _study_options(x, "trial to export")
-    x.add_argument("--out", required=True, help="export folder (detector.json, model.safetensors, model.onnx)")
+    x.add_argument(
+        "--out", required=True, help="export folder (detector.json, model.safetensors, model.onnx)"
+    )
     x.add_argument("--size", help="input size LONGxSHORT (default: the trial's best resolution)")
     x.add_argument("--no-onnx", action="store_true", help="skip the ONNX graph and its check")
     x.set_defaults(func=cmd_export)
@@ -502,33 +573,59 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="COCO-style detections of an exported detector on images")
     pr.add_argument("detector", help="export folder")
     pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--out", required=True, help="detections JSON (COCO results format + file_name)")
+    pr.add_argument(
+        "--out", required=True, help="detections JSON (COCO results format + file_name)"
+    )
     pr.add_argument("--ann", help="COCO annotation file: use its image ids and print AP")
-    pr.add_argument("--score-thresh", type=float, default=None, help="drop detections below this score")
+    pr.add_argument(
+        "--score-thresh", type=float, default=None, help="drop detections below this score"
+    )
     pr.add_argument("--size", help="override the export's input size LONGxSHORT")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
 
-    la = sub.add_parser("latency", help="batch-1 images/s of detectors (export folders, checkpoints or specs)")
-    la.add_argument("targets", nargs="+", help="export folder, checkpoint .safetensors, spec YAML or preset; the first is the baseline")
-    la.add_argument("--size", help="input image HEIGHTxWIDTH, e.g. 800x1333 (default: each detector's input size, landscape)")
+    la = sub.add_parser(
+        "latency", help="batch-1 images/s of detectors (export folders, checkpoints or specs)"
+    )
+    la.add_argument(
+        "targets",
+        nargs="+",
+        help="export folder, checkpoint .safetensors, spec YAML or preset; the first is the baseline",
+    )
+    la.add_argument(
+        "--size",
+        help="input image HEIGHTxWIDTH, e.g. 800x1333 (default: each detector's input size, landscape)",
+    )
     la.add_argument("--device", default="cpu", help="cpu or cuda")
     la.add_argument("--repeats", type=int, default=30)
     la.add_argument("--warmup", type=int, default=5)
-    la.add_argument("--images", nargs="+", help="real images to time on (default: a fixed noise image)")
+    la.add_argument(
+        "--images", nargs="+", help="real images to time on (default: a fixed noise image)"
+    )
     la.add_argument("--max-images", type=int, default=8)
     la.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
-    la.add_argument("--num-classes", type=int, default=None, help="for a spec: classes incl. background (default 81)")
+    la.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="for a spec: classes incl. background (default 81)",
+    )
     la.set_defaults(func=cmd_latency)
 
-    rp = sub.add_parser("report", help="HTML report with the paper's figures and the base-vs-upgraded table")
+    rp = sub.add_parser(
+        "report", help="HTML report with the paper's figures and the base-vs-upgraded table"
+    )
     _study_options(rp, "the upgraded trial")
     rp.add_argument("--out", required=True, help="report folder (report.html, figures/)")
     rp.add_argument("--device", default="cpu", help="where FPS is measured")
     rp.add_argument("--repeats", type=int, default=20, help="timed runs per detector for FPS")
     rp.add_argument("--no-fps", action="store_true", help="do not measure FPS")
     rp.add_argument("--no-png", action="store_true", help="do not write PNGs")
-    rp.add_argument("--no-attach", action="store_true", help="do not attach the figures to the study (optuna-dashboard)")
+    rp.add_argument(
+        "--no-attach",
+        action="store_true",
+        help="do not attach the figures to the study (optuna-dashboard)",
+    )
     rp.set_defaults(func=cmd_report)
     return p
 

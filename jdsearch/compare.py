@@ -66,7 +66,11 @@ class Comparison:
         return (self.base, self.upgraded)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"study": self.study, "base": self.base.to_dict(), "upgraded": self.upgraded.to_dict()}
+        return {
+            "study": self.study,
+            "base": self.base.to_dict(),
+            "upgraded": self.upgraded.to_dict(),
+        }
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and cells (strings) of the table-4 comparison, with a change row."""
@@ -80,13 +84,29 @@ class Comparison:
     def format(self) -> str:
         header, rows = self.table()
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-        lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
+        lines = [
+            "  ".join(
+                h.ljust(w) if i == 0 else h.rjust(w)
+                for i, (h, w) in enumerate(zip(header, widths, strict=True))
+            )
+        ]
         for r in rows:
-            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+            lines.append(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(r, widths, strict=True))
+                )
+            )
         lat = self.upgraded.latency or self.base.latency
         if lat is not None:
-            threads = f" ({lat.threads} thread{'s' if lat.threads != 1 else ''})" if lat.device == "cpu" else ""
-            lines.append(f"FPS: batch 1, median of {lat.repeats} interleaved runs on {lat.device}{threads}")
+            threads = (
+                f" ({lat.threads} thread{'s' if lat.threads != 1 else ''})"
+                if lat.device == "cpu"
+                else ""
+            )
+            lines.append(
+                f"FPS: batch 1, median of {lat.repeats} interleaved runs on {lat.device}{threads}"
+            )
         lines.append("AP: COCO box AP (%) on the study's validation set, as recorded by the search")
         return "\n".join(lines)
 
@@ -97,7 +117,14 @@ def _pct(v: float | None) -> str:
 
 def _cells(r: DetectorRow) -> list[str]:
     fps = "-" if r.fps is None else f"{r.fps:.1f}"
-    return [r.label, str(r.trial), r.input_size, f"{r.flops / 1e9:.3f}", fps, *(_pct(r.metrics.get(k)) for k in METRIC_KEYS)]
+    return [
+        r.label,
+        str(r.trial),
+        r.input_size,
+        f"{r.flops / 1e9:.3f}",
+        fps,
+        *(_pct(r.metrics.get(k)) for k in METRIC_KEYS),
+    ]
 
 
 def _ratio(new: float | None, old: float | None) -> str:
@@ -117,7 +144,9 @@ def _metrics_at(trial: optuna.trial.FrozenTrial, size: str) -> dict[str, float]:
     return {k: (math.nan if recorded.get(k) is None else float(recorded[k])) for k in METRIC_KEYS}
 
 
-def _row(handle: StudyHandle, trial: optuna.trial.FrozenTrial, label: str, size: str) -> tuple[DetectorRow, Any]:
+def _row(
+    handle: StudyHandle, trial: optuna.trial.FrozenTrial, label: str, size: str
+) -> tuple[DetectorRow, Any]:
     detector = handle.checkpoint(trial).detector  # on the CPU: FLOPs are counted there
     res = Resolution.parse(size)
     report = count_flops(detector, size=res.hw)
@@ -160,7 +189,9 @@ def compare_study(
     if fps:
         same = base.trial == up.trial and base.input_size == up.input_size
         entries = [(base_det, base.input_size)] + ([] if same else [(up_det, up.input_size)])
-        lats = measure_latencies(entries, device=device, warmup=warmup, repeats=repeats, images=images)
+        lats = measure_latencies(
+            entries, device=device, warmup=warmup, repeats=repeats, images=images
+        )
         base = dataclasses.replace(base, latency=lats[0])
         up = dataclasses.replace(up, latency=lats[-1])
     return Comparison(study=handle.study.study_name, base=base, upgraded=up)

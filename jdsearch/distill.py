@@ -103,12 +103,18 @@ class KDConfig:
     def __post_init__(self) -> None:
         for name in ("feat_weight", "cls_weight", "loc_weight", "temperature"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 raise SpecError(f"KDConfig.{name}: must be a finite number, got {value!r}")
             if value < 0:
                 raise SpecError(f"KDConfig.{name}: must be ≥ 0, got {value!r}")
         if not isinstance(self.feat_normalize, bool):
-            raise SpecError(f"KDConfig.feat_normalize: must be true or false, got {self.feat_normalize!r}")
+            raise SpecError(
+                f"KDConfig.feat_normalize: must be true or false, got {self.feat_normalize!r}"
+            )
         if self.temperature <= 0:
             raise SpecError(f"KDConfig.temperature: must be > 0, got {self.temperature!r}")
 
@@ -122,7 +128,9 @@ class KDConfig:
         known = {"feat_weight", "cls_weight", "loc_weight", "temperature", "feat_normalize"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SpecError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise SpecError(
+                f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
         return cls(**{k: data[k] for k in known if k in data})
 
     def to_dict(self) -> dict[str, float | bool]:
@@ -161,7 +169,9 @@ def feature_loss(student: Tensor, teacher: Tensor, normalize: bool = True) -> Te
     return loss
 
 
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def soft_cross_entropy(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
     """``T² · mean_i(−Σ_k softmax(t_i/T)_k · log_softmax(s_i/T)_k)``; 0 for no proposals."""
     p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
@@ -169,7 +179,9 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
     return -(p_t * log_p_s).sum() / n * temperature**2
 
 
-def class_aware_loc_loss(student_reg: Tensor, teacher_reg: Tensor, teacher_logits: Tensor) -> Tensor:
+def class_aware_loc_loss(
+    student_reg: Tensor, teacher_reg: Tensor, teacher_logits: Tensor
+) -> Tensor:
     """``mean_i ‖Σ_{c ≥ 1} p_t^{ic} (reg_t^{ic} − reg_s^{ic})‖₁``; 0 for no proposals.
 
     ``*_reg`` are ``(N, 4K)`` class-specific deltas, ``teacher_logits`` ``(N, K)``; class 0 is the
@@ -211,7 +223,9 @@ class Distiller(nn.Module):
     consumes the student's record of that step.
     """
 
-    def __init__(self, teacher: nn.Module, student_fpn: int, teacher_fpn: int, config: KDConfig | None = None) -> None:
+    def __init__(
+        self, teacher: nn.Module, student_fpn: int, teacher_fpn: int, config: KDConfig | None = None
+    ) -> None:
         super().__init__()
         for name, width in (("student_fpn", student_fpn), ("teacher_fpn", teacher_fpn)):
             if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -244,7 +258,9 @@ class Distiller(nn.Module):
         positive = record.positive.to(record.box_features.device)
         # Only the positive proposals go through the adapter (see the module docstring).
         l_feat = feature_loss(
-            self.adapter(record.box_features[positive]), t.box_features[positive], cfg.feat_normalize
+            self.adapter(record.box_features[positive]),
+            t.box_features[positive],
+            cfg.feat_normalize,
         )
         l_cls = soft_cross_entropy(record.class_logits, t.class_logits, cfg.temperature)
         l_loc = class_aware_loc_loss(record.box_regression, t.box_regression, t.class_logits)
@@ -270,7 +286,9 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
     for role, det in (("student", student), ("teacher", teacher)):
         for attr in ("transform", "backbone", "roi_heads"):
             if not hasattr(det, attr):
-                raise JDSearchError(f"distillation: the {role} ({type(det).__name__}) has no .{attr}")
+                raise JDSearchError(
+                    f"distillation: the {role} ({type(det).__name__}) has no .{attr}"
+                )
     ns, nt = _num_classes(student), _num_classes(teacher)
     if ns != nt:
         raise SpecError(f"distillation: teacher has {nt} classes (with background), student {ns}")
@@ -278,7 +296,9 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
         s_val = [float(v) for v in getattr(student.transform, field)]
         t_val = [float(v) for v in getattr(teacher.transform, field)]
         if s_val != t_val:
-            raise SpecError(f"distillation: teacher input.{field} {t_val} differs from the student's {s_val}")
+            raise SpecError(
+                f"distillation: teacher input.{field} {t_val} differs from the student's {s_val}"
+            )
 
 
 def make_distiller(

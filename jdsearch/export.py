@@ -150,7 +150,9 @@ def export_onnx(detector: Detector, path: str | Path, *, opset: int = ONNX_OPSET
                 },
             )
         except Exception as e:  # the exporter raises many types; the message is what helps
-            raise ExportError(f"{p}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ExportError(
+                f"{p}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
     return p
 
 
@@ -193,7 +195,12 @@ def _match(
         candidates = np.flatnonzero((gl == rl[i]) & ~used)
         if len(candidates) == 0:
             if rs[i] > score_thresh + score_atol:
-                return matched, box_diff, score_diff, f"PyTorch detection (label {rl[i]}, score {rs[i]:.4f}) missing from ONNX"
+                return (
+                    matched,
+                    box_diff,
+                    score_diff,
+                    f"PyTorch detection (label {rl[i]}, score {rs[i]:.4f}) missing from ONNX",
+                )
             continue
         diffs = np.abs(gb[candidates] - rb[i]).max(axis=1)
         j = candidates[int(np.argmin(diffs))]
@@ -203,7 +210,12 @@ def _match(
         score_diff = max(score_diff, float(abs(gs[j] - rs[i])))
     extra = gs[~used]
     if len(extra) and extra.max() > score_thresh + score_atol:
-        return matched, box_diff, score_diff, f"ONNX has a detection (score {extra.max():.4f}) PyTorch does not"
+        return (
+            matched,
+            box_diff,
+            score_diff,
+            f"ONNX has a detection (score {extra.max():.4f}) PyTorch does not",
+        )
     return matched, box_diff, score_diff, None
 
 
@@ -229,7 +241,9 @@ def check_onnx(
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"{path}: onnxruntime cannot load the model ({str(e).splitlines()[0]})") from None
+        raise ExportError(
+            f"{path}: onnxruntime cannot load the model ({str(e).splitlines()[0]})"
+        ) from None
     matched, box_diff, score_diff = 0, 0.0, 0.0
     box_atol = 0.0
     for k, image in enumerate(images):
@@ -272,7 +286,9 @@ def _verified(path: Path, det: Detector, images: Sequence[Tensor]) -> OnnxCheck:
     with tempfile.TemporaryDirectory() as tmp:
         check = check_onnx(export_onnx(probe, Path(tmp) / "probe.onnx"), probe, images)
     if not check.detections:
-        raise ExportError(f"{path}: the ONNX check compared nothing: no detection on any check image, even at score 0")
+        raise ExportError(
+            f"{path}: the ONNX check compared nothing: no detection on any check image, even at score 0"
+        )
     return check
 
 
@@ -294,10 +310,14 @@ def _with_input_size(detector: Detector, size: Resolution) -> Detector:
     spec records the live inference settings of its RoI heads (someone may have changed them)."""
     spec, heads = detector.spec, detector.roi_heads
     roi = dataclasses.replace(
-        spec.roi, score_thresh=float(heads.score_thresh), nms_thresh=float(heads.nms_thresh),
+        spec.roi,
+        score_thresh=float(heads.score_thresh),
+        nms_thresh=float(heads.nms_thresh),
         detections_per_img=int(heads.detections_per_img),
     )
-    detector.spec = dataclasses.replace(spec, roi=roi, input=dataclasses.replace(spec.input, size=size))
+    detector.spec = dataclasses.replace(
+        spec, roi=roi, input=dataclasses.replace(spec.input, size=size)
+    )
     set_resolution(detector, size)
     return detector
 
@@ -335,9 +355,15 @@ def export_detector(
     det = _with_input_size(det, size)
     num_classes = det.roi_heads.box_predictor.cls_score.out_features
     names = _fg_names(class_names, num_classes)
-    ids = tuple(int(i) for i in category_ids) if category_ids is not None else tuple(range(1, num_classes))
+    ids = (
+        tuple(int(i) for i in category_ids)
+        if category_ids is not None
+        else tuple(range(1, num_classes))
+    )
     if len(names) != num_classes - 1 or len(ids) != num_classes - 1:
-        raise ExportError(f"{out}: {len(names)} class names / {len(ids)} category ids for a detector with {num_classes - 1} classes")
+        raise ExportError(
+            f"{out}: {len(names)} class names / {len(ids)} category ids for a detector with {num_classes - 1} classes"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -346,7 +372,11 @@ def export_detector(
 
     weights = out / WEIGHTS_FILE
     with _atomic(weights) as tmp:
-        tmp.write_bytes(checkpoint_to_bytes(det, class_names=names, extra={"export": dict(source or {})}, source=str(weights)))
+        tmp.write_bytes(
+            checkpoint_to_bytes(
+                det, class_names=names, extra={"export": dict(source or {})}, source=str(weights)
+            )
+        )
     files: dict[str, Any] = {"weights": {"path": WEIGHTS_FILE, "sha256": _sha256(weights)}}
     check: OnnxCheck | None = None
     if onnx:
@@ -356,14 +386,23 @@ def export_detector(
         else:
             g = torch.Generator().manual_seed(0)
             h, w = size.hw
-            check_images = [torch.rand(3, h, w, generator=g), torch.rand(3, max(h // 2, 32), w, generator=g)]
+            check_images = [
+                torch.rand(3, h, w, generator=g),
+                torch.rand(3, max(h // 2, 32), w, generator=g),
+            ]
             image_source = "noise (no images given)"
         check = _verified(out / ONNX_FILE, det, check_images)
         check = dataclasses.replace(check, image_source=image_source)
         files["onnx"] = {
-            "path": ONNX_FILE, "sha256": _sha256(out / ONNX_FILE), "opset": ONNX_OPSET,
+            "path": ONNX_FILE,
+            "sha256": _sha256(out / ONNX_FILE),
+            "opset": ONNX_OPSET,
             "inputs": {"image": "float32 [3, height, width], RGB in [0, 1], any size"},
-            "outputs": {"boxes": "float32 [N, 4] x1 y1 x2 y2 in input pixels", "scores": "float32 [N]", "labels": "int64 [N], 1..K"},
+            "outputs": {
+                "boxes": "float32 [N, 4] x1 y1 x2 y2 in input pixels",
+                "scores": "float32 [N]",
+                "labels": "int64 [N], 1..K",
+            },
         }
     else:
         (out / ONNX_FILE).unlink(missing_ok=True)
@@ -377,7 +416,9 @@ def export_detector(
         "num_classes": num_classes - 1,
         "class_names": list(names),
         "categories": [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)],
-        "categories_source": categories_source if category_ids is not None else "assumed 1..K (no category ids given)",
+        "categories_source": categories_source
+        if category_ids is not None
+        else "assumed 1..K (no category ids given)",
         "flops": report.total,
         "backbone_flops": report.backbone,
         "params": report.params,
@@ -410,13 +451,19 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Ex
     try:
         info = json.loads(info_path.read_text())
     except FileNotFoundError:
-        raise ExportError(f"{folder}: not an export folder (no {INFO_FILE}; write one with `jdsearch export`)") from None
+        raise ExportError(
+            f"{folder}: not an export folder (no {INFO_FILE}; write one with `jdsearch export`)"
+        ) from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{info_path}: unreadable ({e})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise ExportError(f"{info_path}: not a jdsearch detector description (format {info.get('format') if isinstance(info, dict) else None!r})")
+        raise ExportError(
+            f"{info_path}: not a jdsearch detector description (format {info.get('format') if isinstance(info, dict) else None!r})"
+        )
     if info.get("version") != FORMAT_VERSION:
-        raise ExportError(f"{info_path}: format version {info.get('version')!r}, this jdsearch reads {FORMAT_VERSION}")
+        raise ExportError(
+            f"{info_path}: format version {info.get('version')!r}, this jdsearch reads {FORMAT_VERSION}"
+        )
     try:
         entry = info["files"]["weights"]
         weights = folder / entry["path"]
@@ -455,7 +502,10 @@ def _categories(handle: Any, class_names: Sequence[str]) -> tuple[tuple[int, ...
         by_name = {str(c["name"]): int(c["id"]) for c in cats}
         return tuple(by_name[n] for n in class_names), str(ann)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        log.warning("no category ids recorded in the study and %s is not readable here: labels 1..K are written as ids", ann)
+        log.warning(
+            "no category ids recorded in the study and %s is not readable here: labels 1..K are written as ids",
+            ann,
+        )
         return None, ""
 
 
@@ -466,7 +516,10 @@ def _check_images(handle: Any, count: int = 3) -> list[Tensor]:
         records = json.loads(ann.read_text()).get("images", [])[:count]
         return [load_image(handle.spec.data.dir / "images" / r["file_name"]) for r in records]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, JDSearchError):
-        log.warning("the study's validation images (%s) are not readable here: the ONNX check uses noise images", ann)
+        log.warning(
+            "the study's validation images (%s) are not readable here: the ONNX check uses noise images",
+            ann,
+        )
         return []
 
 
@@ -496,7 +549,9 @@ def export_trial(
         "H": t.value,
         "metrics": t.user_attrs.get("metrics", {}).get(str(size)),
         "teacher": t.user_attrs.get("teacher"),
-        "lineage": [{"trial": p.number, "move": p.params.get(MOVE_PARAM), "H": p.value} for p in path],
+        "lineage": [
+            {"trial": p.number, "move": p.params.get(MOVE_PARAM), "H": p.value} for p in path
+        ],
         "base_resolution": handle.study.user_attrs.get("base_resolution"),
         "base_flops": handle.study.user_attrs.get("base_flops"),
     }
@@ -507,8 +562,15 @@ def export_trial(
         image_source = f"study validation set ({handle.spec.data.dir / 'val.json'})"
     ids, ids_source = _categories(handle, names)
     return export_detector(
-        ckpt.detector, out_dir, class_names=names, category_ids=ids, input_size=size,
-        check_images=images or None, onnx=onnx, source=source, check_source=image_source,
+        ckpt.detector,
+        out_dir,
+        class_names=names,
+        category_ids=ids,
+        input_size=size,
+        check_images=images or None,
+        onnx=onnx,
+        source=source,
+        check_source=image_source,
         categories_source=ids_source,
     )
 
@@ -542,15 +604,19 @@ def predict_images(
                 image_id = int(image_ids[key])
             else:
                 image_id = start + k + 1
-            for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True):
+            for box, score, label in zip(
+                out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
+            ):
                 if score_thresh is not None and score < score_thresh:
                     continue
                 x1, y1, x2, y2 = box
-                rows.append({
-                    "image_id": image_id,
-                    "file_name": p.name,
-                    "category_id": exported.category_ids[label - 1],
-                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                    "score": round(float(score), 5),
-                })
+                rows.append(
+                    {
+                        "image_id": image_id,
+                        "file_name": p.name,
+                        "category_id": exported.category_ids[label - 1],
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 5),
+                    }
+                )
     return rows

@@ -198,7 +198,9 @@ def _make_hook(tally: _Tally, name: str) -> Callable[[nn.Module, tuple[Any, ...]
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         cost = _module_cost(module, inputs, output)
         if cost is None:
-            if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _FREE):
+            if any(True for _ in module.parameters(recurse=False)) and not isinstance(
+                module, _FREE
+            ):
                 tally.uncounted.add(f"{name} ({type(module).__name__})")
             return
         tally.add(name, *cost)
@@ -218,7 +220,9 @@ def _hooked(model: nn.Module, tally: _Tally) -> Iterator[None]:
         for h in handles:
             h.remove()
     if tally.uncounted:
-        log.warning("flops: modules with parameters not counted: %s", ", ".join(sorted(tally.uncounted)))
+        log.warning(
+            "flops: modules with parameters not counted: %s", ", ".join(sorted(tally.uncounted))
+        )
 
 
 def _meta_call(module: nn.Module, *args: Any) -> Any:
@@ -240,7 +244,9 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise JDSearchError(f"flops: size must be (height, width), got {size!r}") from None
     if h <= 0 or w <= 0 or (h, w) != tuple(size):
-        raise JDSearchError(f"flops: size must be two positive integers (height, width), got {size!r}")
+        raise JDSearchError(
+            f"flops: size must be two positive integers (height, width), got {size!r}"
+        )
     return h, w
 
 
@@ -287,7 +293,9 @@ def count_flops(
         _meta_call(detector.rpn.head, list(feats.values()))
         if num_rois:
             ph, pw = roi_heads.box_roi_pool.output_size
-            pooled = torch.empty(num_rois, backbone.out_channels, ph, pw, device="meta", dtype=dtype)
+            pooled = torch.empty(
+                num_rois, backbone.out_channels, ph, pw, device="meta", dtype=dtype
+            )
             _meta_call(roi_heads.box_predictor, _meta_call(roi_heads.box_head, pooled))
 
     stages = [tally.total(f"backbone.body.stages.{i}") for i in range(len(body.stages))]
@@ -348,4 +356,3 @@ def format_report(report: FlopsReport) -> str:
     lines.append(f"{'total':<12}{report.gflops:>10.2f}{100.0 if report.total else 0.0:>8.1f}%")
     lines.append(f"params: {report.mparams:.2f} M (backbone {report.backbone_mparams:.2f} M)")
     return "\n".join(lines)
-

@@ -57,7 +57,11 @@ class Latency:
         return (
             f"{self.images_per_s:.1f} img/s: median {self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, "
             f"p90 {self.p90_ms:.2f}) over {self.repeats} runs on {self.image} images on {self.device}{amp}"
-            + (f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.device == "cpu" else "")
+            + (
+                f", {self.threads} thread{'s' if self.threads != 1 else ''}"
+                if self.device == "cpu"
+                else ""
+            )
         )
 
 
@@ -70,7 +74,9 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _inputs(hw: tuple[int, int], images: Sequence[Tensor] | None, device: torch.device) -> list[Tensor]:
+def _inputs(
+    hw: tuple[int, int], images: Sequence[Tensor] | None, device: torch.device
+) -> list[Tensor]:
     h, w = hw
     if not images:
         g = torch.Generator().manual_seed(0)
@@ -78,8 +84,12 @@ def _inputs(hw: tuple[int, int], images: Sequence[Tensor] | None, device: torch.
     out = []
     for im in images:
         if im.dim() != 3 or im.shape[0] != 3:
-            raise JDSearchError(f"latency: images must be 3×H×W float tensors, got shape {tuple(im.shape)}")
-        resized = torch.nn.functional.interpolate(im[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+            raise JDSearchError(
+                f"latency: images must be 3×H×W float tensors, got shape {tuple(im.shape)}"
+            )
+        resized = torch.nn.functional.interpolate(
+            im[None].float(), size=(h, w), mode="bilinear", align_corners=False
+        )[0]
         out.append(resized.clamp(0, 1).to(device))
     return out
 
@@ -94,7 +104,9 @@ def check_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise JDSearchError(f"device {device!r}: torch sees no CUDA device here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise JDSearchError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise JDSearchError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
     elif dev.type != "cpu":
         raise JDSearchError(f"device {device!r}: expected cpu, cuda or cuda:N")
     return dev
@@ -119,14 +131,18 @@ def measure_latencies(
     resize sizes are restored afterwards; the detectors stay on ``device``.
     """
     if repeats < 1 or warmup < 0:
-        raise JDSearchError(f"latency: repeats must be ≥ 1 and warmup ≥ 0, got {repeats} and {warmup}")
+        raise JDSearchError(
+            f"latency: repeats must be ≥ 1 and warmup ≥ 0, got {repeats} and {warmup}"
+        )
     dev = check_device(device)
     if amp and dev.type != "cuda":
         raise JDSearchError("latency: --amp (float16 autocast) needs a CUDA device")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     runs = []
     for detector, size in detectors:
-        res = Resolution.parse(size) if image_hw is None else Resolution(max(image_hw), min(image_hw))
+        res = (
+            Resolution.parse(size) if image_hw is None else Resolution(max(image_hw), min(image_hw))
+        )
         hw = image_hw or res.hw
         detector.to(dev)
         runs.append((detector, res, hw, _inputs(hw, images, dev), detector.training, []))
@@ -154,11 +170,20 @@ def measure_latencies(
     out = []
     for (_, res, hw, *_), spent in zip(runs, times, strict=True):
         spent = sorted(spent)
-        out.append(Latency(
-            size=str(res), device=str(dev), threads=torch.get_num_threads(), warmup=warmup,
-            repeats=repeats, median_ms=statistics.median(spent), p10_ms=_quantile(spent, 0.1),
-            p90_ms=_quantile(spent, 0.9), amp=amp, image=f"{hw[0]}x{hw[1]}",
-        ))
+        out.append(
+            Latency(
+                size=str(res),
+                device=str(dev),
+                threads=torch.get_num_threads(),
+                warmup=warmup,
+                repeats=repeats,
+                median_ms=statistics.median(spent),
+                p10_ms=_quantile(spent, 0.1),
+                p90_ms=_quantile(spent, 0.9),
+                amp=amp,
+                image=f"{hw[0]}x{hw[1]}",
+            )
+        )
     return out
 
 
@@ -175,6 +200,11 @@ def measure_latency(
 ) -> Latency:
     """Median batch-1 latency of one detector at ``size``: :func:`measure_latencies` of one."""
     return measure_latencies(
-        [(detector, size)], device=device, warmup=warmup, repeats=repeats, images=images,
-        image_hw=image_hw, amp=amp,
+        [(detector, size)],
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+        images=images,
+        image_hw=image_hw,
+        amp=amp,
     )[0]

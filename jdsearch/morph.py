@@ -155,11 +155,21 @@ class MorphConfig:
 
     def __post_init__(self) -> None:
         if not (0 < self.channel_fraction < 1):
-            raise SpecError(f"MorphConfig.channel_fraction: must lie in (0, 1), got {self.channel_fraction!r}")
-        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
-            raise SpecError(f"MorphConfig.min_channels: must be an integer ≥ 1, got {self.min_channels!r}")
+            raise SpecError(
+                f"MorphConfig.channel_fraction: must lie in (0, 1), got {self.channel_fraction!r}"
+            )
+        if (
+            isinstance(self.min_channels, bool)
+            or not isinstance(self.min_channels, int)
+            or self.min_channels < 1
+        ):
+            raise SpecError(
+                f"MorphConfig.min_channels: must be an integer ≥ 1, got {self.min_channels!r}"
+            )
         if self.max_stage_depth is not None and self.max_stage_depth < 1:
-            raise SpecError(f"MorphConfig.max_stage_depth: must be ≥ 1 or None, got {self.max_stage_depth!r}")
+            raise SpecError(
+                f"MorphConfig.max_stage_depth: must be ≥ 1 or None, got {self.max_stage_depth!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -234,12 +244,16 @@ class _Plan:
 
 
 def _restage(arch: BackboneArch, blocks: Sequence[Sequence[Block]]) -> BackboneArch:
-    return arch.with_stages([Stage(tuple(b), st.stride) for b, st in zip(blocks, arch.stages, strict=True)])
+    return arch.with_stages(
+        [Stage(tuple(b), st.stride) for b, st in zip(blocks, arch.stages, strict=True)]
+    )
 
 
 def _body(detector: Detector) -> ResNet:
     body = detector.backbone.body
-    assert isinstance(body, ResNet) and body.arch.stages == detector.arch.stages, "detector/arch mismatch"
+    assert isinstance(body, ResNet) and body.arch.stages == detector.arch.stages, (
+        "detector/arch mismatch"
+    )
     return body
 
 
@@ -257,12 +271,16 @@ def _plan_channel_prune(detector: Detector, action: Action, config: MorphConfig)
         out = cp.keep.get(key) if key is not None else None
         mids = [cp.keep.get(f"{block_prefix(bid)}.{n}") for n in inner_bn_names(slot.block.kind)]
         dims = [*mids, out]
-        widths = tuple(len(i) if i is not None else w for i, w in zip(dims, slot.block.channels, strict=True))
+        widths = tuple(
+            len(i) if i is not None else w for i, w in zip(dims, slot.block.channels, strict=True)
+        )
         groups = slot.block.groups
         if groups > 1:
             groups = groups * widths[0] // slot.block.channels[0]
         stages[slot.stage].append(Block(widths, groups))
-        sources.append(_Source(k, {"in": prev_out, "out": out, **{f"m{i}": m for i, m in enumerate(mids)}}))
+        sources.append(
+            _Source(k, {"in": prev_out, "out": out, **{f"m{i}": m for i, m in enumerate(mids)}})
+        )
         prev_out = last_out[slot.stage] = out
     return _Plan(
         arch=_restage(arch, stages),
@@ -318,11 +336,17 @@ def _plan_rearrange(detector: Detector, action: Action, config: MorphConfig) -> 
         moved_to = (dst, len(stages[dst]) - 1)
     child = _restage(arch, stages)
     new_laterals = frozenset(
-        i for i, (a, b) in enumerate(zip(arch.stage_out_channels, child.stage_out_channels, strict=True)) if a != b
+        i
+        for i, (a, b) in enumerate(
+            zip(arch.stage_out_channels, child.stage_out_channels, strict=True)
+        )
+        if a != b
     )
     return _Plan(
         arch=child,
-        blocks=tuple(_Source(k) for k in range(arch.num_blocks())),  # the block sequence is unchanged
+        blocks=tuple(
+            _Source(k) for k in range(arch.num_blocks())
+        ),  # the block sequence is unchanged
         laterals=(None,) * len(arch.stages),
         new_laterals=new_laterals,
         moved_blocks=(f"{arch.slot(*moved_from).name} -> {child.slot(*moved_to).name}",),
@@ -342,7 +366,9 @@ def _flat_index(arch: BackboneArch, stage: int, index: int) -> int:
 
 
 # ---------------------------------------------------------------------- feasibility
-def infeasibility(detector: Detector, action: str | Action, *, config: MorphConfig | None = None) -> str | None:
+def infeasibility(
+    detector: Detector, action: str | Action, *, config: MorphConfig | None = None
+) -> str | None:
     """Why ``action`` cannot be applied to ``detector`` (``None`` when it can).
 
     Raises :class:`MorphError` for a malformed action string.
@@ -388,7 +414,10 @@ _LATERAL_KEY = re.compile(r"backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)
 
 
 def _source_entry(
-    name: str, plan: _Plan, child_at: Mapping[tuple[int, int], int], parent_slots: Sequence[BlockSlot]
+    name: str,
+    plan: _Plan,
+    child_at: Mapping[tuple[int, int], int],
+    parent_slots: Sequence[BlockSlot],
 ) -> tuple[str, tuple[Idx, ...]] | None:
     """The parent entry a child state-dict entry copies, and its slicing; ``None``: new."""
     if m := _BLOCK_KEY.fullmatch(name):
@@ -438,7 +467,9 @@ def _init_identity_shortcut(shortcut: Shortcut) -> None:
     """A strided projection that is the identity on the kept pixels (eval mode): Dirac 1×1 conv,
     BN with running stats (0, 1) and γ = √(1 + eps), β = 0."""
     w = shortcut.conv.weight
-    assert w.shape[0] == w.shape[1], "a new projection only appears where input and output widths match"
+    assert w.shape[0] == w.shape[1], (
+        "a new projection only appears where input and output widths match"
+    )
     nn.init.dirac_(w)
     _identity_bn(shortcut.bn, math.sqrt(1.0 + shortcut.bn.eps))
 
@@ -461,7 +492,9 @@ def _inherit(parent: Detector, child: Detector, plan: _Plan) -> set[str]:
         for dim, idx in enumerate(index):
             if idx is not None:
                 t = t.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
-        assert t.shape == value.shape, f"{name}: inherited {tuple(t.shape)} from {pname}, child needs {tuple(value.shape)}"
+        assert t.shape == value.shape, (
+            f"{name}: inherited {tuple(t.shape)} from {pname}, child needs {tuple(value.shape)}"
+        )
         state[name] = t
     child.load_state_dict(state, strict=True)
     body = _body(child)
@@ -494,12 +527,16 @@ def evolve_with_report(
     transform's current sizes. Raises :class:`MorphError` for an unknown or infeasible action.
     """
     if not isinstance(getattr(detector, "spec", None), DetectorSpec):
-        raise MorphError(f"evolve: expected a detector built by build_detector, got {type(detector).__name__}")
+        raise MorphError(
+            f"evolve: expected a detector built by build_detector, got {type(detector).__name__}"
+        )
     cfg = config or MorphConfig()
     act = Action.parse(action)
     reason = infeasibility(detector, act, config=cfg)
     if reason is not None:
-        raise MorphError(f"action '{act}' is not feasible for {detector.spec.name} {list(detector.arch.depths)}: {reason}")
+        raise MorphError(
+            f"action '{act}' is not feasible for {detector.spec.name} {list(detector.arch.depths)}: {reason}"
+        )
     plan = _PLANNERS[act.kind](detector, act, cfg)
     child = build_detector(detector.spec.with_arch(plan.arch), _num_classes(detector))
     new = _inherit(detector, child, plan)
@@ -527,12 +564,18 @@ def evolve_with_report(
         moved_blocks=plan.moved_blocks,
     )
     logger.info(
-        "%s: %d → %d params (%d new)", report.action, report.params_before, report.params_after, new_params
+        "%s: %d → %d params (%d new)",
+        report.action,
+        report.params_before,
+        report.params_after,
+        new_params,
     )
     return child, report
 
 
-def evolve(detector: Detector, action: str | Action, *, config: MorphConfig | None = None) -> Detector:
+def evolve(
+    detector: Detector, action: str | Action, *, config: MorphConfig | None = None
+) -> Detector:
     """``f_evolve``: the child detector of ``action`` with inherited weights (see
     :func:`evolve_with_report`)."""
     return evolve_with_report(detector, action, config=config)[0]
@@ -547,7 +590,11 @@ def _flops(detector: Detector) -> dict[str, Any] | None:
     if count is None:
         return None
     report = count(detector)  # at the spec's base size
-    return {"flops": int(report.total), "backbone_flops": int(report.backbone), "flops_size": list(report.size)}
+    return {
+        "flops": int(report.total),
+        "backbone_flops": int(report.backbone),
+        "flops_size": list(report.size),
+    }
 
 
 def describe(detector: Detector, *, config: MorphConfig | None = None) -> dict[str, Any]:

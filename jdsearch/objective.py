@@ -52,7 +52,9 @@ TEACHER_ATTR = "teacher"  # SubnetConfig string
 # System attributes (internal state, hidden from `optuna trials`).
 ARCH_SYSATTR = "jdsearch:student_arch"  # BackboneArch.to_dict() of the trial's student
 STUDENT_MOVES_SYSATTR = "jdsearch:student_moves"  # feasible student actions from this student
-WORKER_SYSATTR = "jdsearch:worker"  # "hostname:pid" of the worker that ran (the last attempt of) a trial
+WORKER_SYSATTR = (
+    "jdsearch:worker"  # "hostname:pid" of the worker that ran (the last attempt of) a trial
+)
 
 
 def worker_id() -> str:
@@ -65,13 +67,23 @@ def move_vocabulary() -> list[str]:
     return [BASE_MOVE, *all_actions(), *SubnetSpace.move_names()]
 
 
-def score_h(ap: float, flops: float, flops_base: float, res: Resolution, res_base: Resolution, alpha: float, beta: float) -> float:
+def score_h(
+    ap: float,
+    flops: float,
+    flops_base: float,
+    res: Resolution,
+    res_base: Resolution,
+    alpha: float,
+    beta: float,
+) -> float:
     """The paper's H(S, R) for one resolution."""
     ratio = (flops / flops_base) * (res.pixels / res_base.pixels) ** beta
     return ap * ratio ** (-alpha)
 
 
-def train_config(t: TrainSpec, *, seed: int, resolutions: Sequence[Resolution], device: str, amp: bool) -> TrainConfig:
+def train_config(
+    t: TrainSpec, *, seed: int, resolutions: Sequence[Resolution], device: str, amp: bool
+) -> TrainConfig:
     return TrainConfig(
         epochs=t.epochs,
         batch_size=t.batch_size,
@@ -115,12 +127,22 @@ class SearchContext:
             data = reader.read()
         return checkpoint_from_bytes(data, source=source, device=self.spec.device)
 
-    def upload(self, trial: optuna.Trial | optuna.Study, detector: Detector, extra: Mapping[str, Any], name: str) -> str:
-        data = checkpoint_to_bytes(detector, class_names=self.train_set.class_names, extra=dict(extra), source=name)
+    def upload(
+        self,
+        trial: optuna.Trial | optuna.Study,
+        detector: Detector,
+        extra: Mapping[str, Any],
+        name: str,
+    ) -> str:
+        data = checkpoint_to_bytes(
+            detector, class_names=self.train_set.class_names, extra=dict(extra), source=name
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_bytes(data)
-            return upload_artifact(study_or_trial=trial, file_path=str(path), artifact_store=self.store)
+            return upload_artifact(
+                study_or_trial=trial, file_path=str(path), artifact_store=self.store
+            )
 
     # ------------------------------------------------------------------ sampler support
     def feasible(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
@@ -166,16 +188,23 @@ class Objective:
             parent = _parent(trial.study, int(parent_no))
             if CHECKPOINT_ATTR not in parent.user_attrs:
                 raise TrialFailed(f"trial {trial.number}: parent {parent_no} has no checkpoint")
-            student = ctx.download(parent.user_attrs[CHECKPOINT_ATTR], f"trial {parent_no}").detector
+            student = ctx.download(
+                parent.user_attrs[CHECKPOINT_ATTR], f"trial {parent_no}"
+            ).detector
             teacher_cfg = SubnetConfig.parse(parent.user_attrs[TEACHER_ATTR])
             if move in SubnetSpace.move_names():
                 new_cfg = ctx.pool.space.apply_move(teacher_cfg, move)
                 if new_cfg is None:
-                    raise TrialFailed(f"trial {trial.number}: teacher move {move} leaves the pool's space from {teacher_cfg}")
+                    raise TrialFailed(
+                        f"trial {trial.number}: teacher move {move} leaves the pool's space from {teacher_cfg}"
+                    )
                 teacher_cfg = new_cfg
             else:
                 student, report = evolve_with_report(student, move, config=ctx.morph_config)
-                morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
+                morph = {
+                    "new_params": report.new_params,
+                    "inherited_params": report.inherited_params,
+                }
         load_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -187,8 +216,11 @@ class Objective:
         if spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
         config = train_config(
-            spec.fast_eval, seed=seed, resolutions=spec.resolutions,
-            device=spec.device, amp=spec.amp,
+            spec.fast_eval,
+            seed=seed,
+            resolutions=spec.resolutions,
+            device=spec.device,
+            amp=spec.amp,
         )
         result = train(student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)
         stop_recording(student)
@@ -199,11 +231,18 @@ class Objective:
         eval_s = time.perf_counter() - t2
         flops = count_flops(student, size=ctx.base_resolution.hw)
         # What the student costs at each size it was evaluated at (the AP–FLOPs front, table 4).
-        flops_at = {key: count_flops(student, size=Resolution.parse(key).hw).total for key in metrics}
+        flops_at = {
+            key: count_flops(student, size=Resolution.parse(key).hw).total for key in metrics
+        }
         h = {
             key: score_h(
-                getattr(m, spec.score.metric), flops.total, ctx.base_flops, Resolution.parse(key),
-                ctx.base_resolution, spec.score.alpha, spec.score.beta,
+                getattr(m, spec.score.metric),
+                flops.total,
+                ctx.base_flops,
+                Resolution.parse(key),
+                ctx.base_resolution,
+                spec.score.alpha,
+                spec.score.beta,
             )
             for key, m in metrics.items()
         }
@@ -213,7 +252,12 @@ class Objective:
             raise TrialFailed(f"trial {trial.number}: score is not finite ({value})")
 
         t3 = time.perf_counter()
-        lineage_extra = {"trial": trial.number, "parent": parent_no, "move": move, "teacher": str(teacher_cfg)}
+        lineage_extra = {
+            "trial": trial.number,
+            "parent": parent_no,
+            "move": move,
+            "teacher": str(teacher_cfg),
+        }
         artifact_id = ctx.upload(trial, student, lineage_extra, f"trial-{trial.number}.safetensors")
         upload_s = time.perf_counter() - t3
         attrs = {
@@ -246,7 +290,9 @@ class Objective:
         }
         for key, value_ in internal.items():
             trial.storage.set_trial_system_attr(trial._trial_id, key, value_)
-        log.info("trial %d (%s from %s): H %.4f at %s", trial.number, move, parent_no, value, best_res)
+        log.info(
+            "trial %d (%s from %s): H %.4f at %s", trial.number, move, parent_no, value, best_res
+        )
         return value
 
 
@@ -256,4 +302,3 @@ def _metrics_dict(m: CocoMetrics) -> dict[str, float | None]:
         for k, v in m.to_dict().items()
         if k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
     }
-

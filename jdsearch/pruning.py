@@ -126,7 +126,9 @@ def prunable_bn_names(arch: BackboneArch) -> tuple[str, ...]:
     """BN modules (paths inside the body) whose channels channel pruning may remove."""
     names: list[str] = []
     for slot in arch.slots():
-        names += [f"{block_prefix((slot.stage, slot.index))}.{n}" for n in inner_bn_names(slot.block.kind)]
+        names += [
+            f"{block_prefix((slot.stage, slot.index))}.{n}" for n in inner_bn_names(slot.block.kind)
+        ]
     for chain in chains(arch):
         if chain.prunable:
             names += _chain_producers(arch, chain)
@@ -211,7 +213,9 @@ def _abs_gamma(body: ResNet, name: str) -> list[float]:
     return body.get_submodule(name).weight.detach().abs().float().cpu().tolist()
 
 
-def _units(body: ResNet, min_channels: int) -> tuple[list[_Unit], dict[str, tuple[int, int]], dict[str, int]]:
+def _units(
+    body: ResNet, min_channels: int
+) -> tuple[list[_Unit], dict[str, tuple[int, int]], dict[str, int]]:
     """Every removable unit, each space's (size, minimum), and each BN key's width."""
     arch = body.arch
     units: list[_Unit] = []
@@ -233,7 +237,9 @@ def _units(body: ResNet, min_channels: int) -> tuple[list[_Unit], dict[str, tupl
         if groups == 1:
             for name, width in zip(names, slot.block.channels, strict=False):
                 spaces[name] = (width, min(min_channels, width))
-                units += [_Unit(g, name, 1, ((name, (c,)),)) for c, g in enumerate(_abs_gamma(body, name))]
+                units += [
+                    _Unit(g, name, 1, ((name, (c,)),)) for c, g in enumerate(_abs_gamma(body, name))
+                ]
             continue
         per = [w // groups for w in slot.block.channels[:2]]
         space = f"{prefix}.conv2.groups"
@@ -245,7 +251,9 @@ def _units(body: ResNet, min_channels: int) -> tuple[list[_Unit], dict[str, tupl
             idx1 = tuple(range(k * per[0], (k + 1) * per[0]))
             idx2 = tuple(range(k * per[1], (k + 1) * per[1]))
             vals = [g1[i] for i in idx1] + [g2[i] for i in idx2]
-            units.append(_Unit(sum(vals) / len(vals), space, len(vals), ((names[0], idx1), (names[1], idx2))))
+            units.append(
+                _Unit(sum(vals) / len(vals), space, len(vals), ((names[0], idx1), (names[1], idx2)))
+            )
     return units, spaces, widths
 
 
@@ -279,7 +287,9 @@ def plan_channel_prune(body: ResNet, fraction: float, min_channels: int = 1) -> 
         count += u.cost
         for key, idx in u.channels:
             removed.setdefault(key, []).extend(idx)
-    keep = {key: tuple(sorted(set(range(widths[key])) - set(gone))) for key, gone in removed.items()}
+    keep = {
+        key: tuple(sorted(set(range(widths[key])) - set(gone))) for key, gone in removed.items()
+    }
     return ChannelPlan(
         keep=keep,
         removed={k: tuple(sorted(v)) for k, v in removed.items()},

@@ -103,7 +103,14 @@ __all__ = [
     "write_report",
 ]
 
-FIGURE_KEYS = ("h_per_iteration", "pareto", "teacher_capacity", "action_gain", "stage_flops", "lineage")
+FIGURE_KEYS = (
+    "h_per_iteration",
+    "pareto",
+    "teacher_capacity",
+    "action_gain",
+    "stage_flops",
+    "lineage",
+)
 FAMILIES = ("channel_prune", "layer_prune", "add_layer", "rearrange", "teacher")
 TEACHER_FAMILY = "teacher"
 _COLOURS = {
@@ -245,7 +252,9 @@ class Phase:
 
     @property
     def label(self) -> str:
-        span = f"trial {self.first}" if self.first == self.last else f"trials {self.first}–{self.last}"
+        span = (
+            f"trial {self.first}" if self.first == self.last else f"trials {self.first}–{self.last}"
+        )
         return f"phase {self.index + 1} ({span})"
 
 
@@ -259,7 +268,7 @@ def phase_windows(trials: Sequence[FrozenTrial], phases: int = 4) -> list[Phase]
     out, start = [], 0
     for i in range(n):
         size = len(numbers) // n + (1 if i < len(numbers) % n else 0)
-        out.append(Phase(i, tuple(numbers[start:start + size])))
+        out.append(Phase(i, tuple(numbers[start : start + size])))
         start += size
     return out
 
@@ -383,7 +392,9 @@ def teacher_params(
             if cfg is None:
                 raise JDSearchError(f"report: trial {t.number} records no teacher")
             if count is None:
-                raise JDSearchError(f"report: trial {t.number} has no teacher_params attribute and no pool to count {cfg}")
+                raise JDSearchError(
+                    f"report: trial {t.number} has no teacher_params attribute and no pool to count {cfg}"
+                )
             value = count(str(cfg))
         out[t.number] = int(value)
     return out
@@ -401,7 +412,9 @@ def teacher_param_counter(handle: StudyHandle) -> Callable[[str], int]:
 
             if not holder:
                 source = f"study {handle.study.study_name!r}: pool"
-                holder.append(pool_from_bytes(handle.study_artifact("pool_artifact"), source=source))
+                holder.append(
+                    pool_from_bytes(handle.study_artifact("pool_artifact"), source=source)
+                )
             net = holder[0].extract(SubnetConfig.parse(cfg), device="cpu")
             cache[cfg] = sum(p.numel() for p in net.backbone.body.parameters())
         return cache[cfg]
@@ -415,7 +428,7 @@ def _wrap_student(encoding: str, blocks_per_line: int = 6) -> str:
     for stage in re.split(r"(?<=\]),\s*(?=\[)", encoding):
         blocks = re.split(r"(?<=\))-(?=\()", stage)
         for i in range(0, len(blocks), blocks_per_line):
-            chunk = "-".join(blocks[i:i + blocks_per_line])
+            chunk = "-".join(blocks[i : i + blocks_per_line])
             lines.append(chunk + ("-" if i + blocks_per_line < len(blocks) else ""))
     return "<br>  ".join(lines)
 
@@ -430,8 +443,11 @@ def _hover(t: FrozenTrial) -> str:
     origin = "" if parent is None else f" from {parent}"
     res = a.get("best_resolution", "?")
     g, at = trial_gflops(t)
-    flops = (f"GFLOPs {g:.3f} at {at} ({_gflops(t):.3f} at the base resolution)" if at is not None
-             else f"GFLOPs {g:.3f} at the base resolution (no flops_at recorded)")
+    flops = (
+        f"GFLOPs {g:.3f} at {at} ({_gflops(t):.3f} at the base resolution)"
+        if at is not None
+        else f"GFLOPs {g:.3f} at the base resolution (no flops_at recorded)"
+    )
     parts = [
         f"<b>trial {t.number}</b>: {t.params.get(MOVE_PARAM, '?')}{origin}",
         f"H {float(t.value):.4f} at {res}",  # type: ignore[arg-type]
@@ -457,7 +473,11 @@ def _resolution_order(keys: set[str]) -> list[str]:
 
 def _upgraded_label(trials: Sequence[FrozenTrial], number: int) -> str:
     best = best_of(trials)
-    return f"trial {number}, best H" if best is not None and best.number == number else f"trial {number}"
+    return (
+        f"trial {number}, best H"
+        if best is not None and best.number == number
+        else f"trial {number}"
+    )
 
 
 def _completed_trial(trials: Sequence[FrozenTrial], number: int | None) -> FrozenTrial:
@@ -479,21 +499,40 @@ def fig_h_per_iteration(trials: Sequence[FrozenTrial]) -> go.Figure:
     resolutions = _resolution_order({r for t in done for r in t.user_attrs.get("h", {})})
     fig = go.Figure()
     for res in resolutions:
-        pts = [(t.number, float(t.user_attrs["h"][res])) for t in done if res in t.user_attrs.get("h", {})]
-        fig.add_trace(go.Scatter(
-            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=f"H at {res}",
-            customdata=[p[0] for p in pts], hovertemplate=f"trial %{{x}}<br>H at {res}: %{{y:.4f}}<extra></extra>",
-        ))
+        pts = [
+            (t.number, float(t.user_attrs["h"][res]))
+            for t in done
+            if res in t.user_attrs.get("h", {})
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in pts],
+                y=[p[1] for p in pts],
+                mode="markers",
+                name=f"H at {res}",
+                customdata=[p[0] for p in pts],
+                hovertemplate=f"trial %{{x}}<br>H at {res}: %{{y:.4f}}<extra></extra>",
+            )
+        )
     best = running_best(done)
-    fig.add_trace(go.Scatter(
-        x=[t.number for t in done], y=[float(b.value) for b in best], mode="lines", line_shape="hv",  # type: ignore[arg-type]
-        name="best H so far", line={"color": "black", "width": 2},
-        customdata=[b.number for b in best], hovertemplate="trial %{x}: best H %{y:.4f} (trial %{customdata})<extra></extra>",
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in done],
+            y=[float(b.value) for b in best],
+            mode="lines",
+            line_shape="hv",  # type: ignore[arg-type]
+            name="best H so far",
+            line={"color": "black", "width": 2},
+            customdata=[b.number for b in best],
+            hovertemplate="trial %{x}: best H %{y:.4f} (trial %{customdata})<extra></extra>",
+        )
+    )
     n_failed = len(_failed(trials))
     fig.update_layout(
         title=f"H of sampled students per iteration ({len(done)} completed, {n_failed} failed trials)",
-        xaxis_title="iteration (trial number)", yaxis_title="H", hovermode="closest",
+        xaxis_title="iteration (trial number)",
+        yaxis_title="H",
+        hovermode="closest",
     )
     return fig
 
@@ -503,44 +542,90 @@ def fig_pareto(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.
     :func:`trial_gflops`) — of every completed trial, the Pareto front as a step line, the base
     trial and the upgraded trial (the best, or trial ``best``) marked. Trials whose FLOPs fall back
     to the base resolution (no ``flops_at``) are drawn as open circles."""
-    done = [t for t in _require(trials, "the Pareto front")
-            if math.isfinite(trial_ap(t)) and math.isfinite(trial_gflops(t)[0])]
+    done = [
+        t
+        for t in _require(trials, "the Pareto front")
+        if math.isfinite(trial_ap(t)) and math.isfinite(trial_gflops(t)[0])
+    ]
     if not done:
         raise JDSearchError("report: no completed trial records both AP and FLOPs")
     top = _completed_trial(trials, best)
     if top.number not in {t.number for t in done}:
-        raise JDSearchError(f"report: trial {top.number} records no AP or FLOPs to mark in the AP–FLOPs plot")
+        raise JDSearchError(
+            f"report: trial {top.number} records no AP or FLOPs to mark in the AP–FLOPs plot"
+        )
     front = pareto_front(done)
     fig = go.Figure()
 
     def scatter(ts: Sequence[FrozenTrial], **kw: Any) -> go.Scatter:
         return go.Scatter(
-            x=[trial_gflops(t)[0] for t in ts], y=[100 * trial_ap(t) for t in ts], customdata=[t.number for t in ts],
-            text=[_hover(t) for t in ts], hovertemplate="%{text}<extra></extra>", **kw,
+            x=[trial_gflops(t)[0] for t in ts],
+            y=[100 * trial_ap(t) for t in ts],
+            customdata=[t.number for t in ts],
+            text=[_hover(t) for t in ts],
+            hovertemplate="%{text}<extra></extra>",
+            **kw,
         )
 
     at_best = [trial_gflops(t)[1] is not None for t in done]
-    fig.add_trace(scatter(done, mode="markers", name="trials", marker={
-        "color": "#8c9fb8", "size": 7, "symbol": ["circle" if ok else "circle-open" for ok in at_best],
-    }))
-    fig.add_trace(scatter(front, mode="lines+markers", line_shape="hv", name="Pareto front",
-                          line={"color": "#d62728", "width": 2}, marker={"color": "#d62728", "size": 9}))
+    fig.add_trace(
+        scatter(
+            done,
+            mode="markers",
+            name="trials",
+            marker={
+                "color": "#8c9fb8",
+                "size": 7,
+                "symbol": ["circle" if ok else "circle-open" for ok in at_best],
+            },
+        )
+    )
+    fig.add_trace(
+        scatter(
+            front,
+            mode="lines+markers",
+            line_shape="hv",
+            name="Pareto front",
+            line={"color": "#d62728", "width": 2},
+            marker={"color": "#d62728", "size": 9},
+        )
+    )
     roots = [t for t in done if t.params.get(MOVE_PARAM) == BASE_MOVE]
     if roots:
-        fig.add_trace(scatter(roots[:1], mode="markers", name=f"base (trial {roots[0].number})",
-                              marker={"symbol": "square", "size": 13, "color": "#444444"}))
-    fig.add_trace(scatter([top], mode="markers", name=f"upgraded ({_upgraded_label(trials, top.number)})",
-                          marker={"symbol": "star", "size": 17, "color": "#ffbf00", "line": {"color": "black", "width": 1}}))
+        fig.add_trace(
+            scatter(
+                roots[:1],
+                mode="markers",
+                name=f"base (trial {roots[0].number})",
+                marker={"symbol": "square", "size": 13, "color": "#444444"},
+            )
+        )
+    fig.add_trace(
+        scatter(
+            [top],
+            mode="markers",
+            name=f"upgraded ({_upgraded_label(trials, top.number)})",
+            marker={
+                "symbol": "star",
+                "size": 17,
+                "color": "#ffbf00",
+                "line": {"color": "black", "width": 1},
+            },
+        )
+    )
     if all(at_best):
         x_title = "GFLOPs (multiply-adds at the trial's best resolution)"
     elif any(at_best):
-        x_title = ("GFLOPs (multiply-adds at the trial's best resolution; "
-                   "open circles: at the base resolution, no flops_at recorded)")
+        x_title = (
+            "GFLOPs (multiply-adds at the trial's best resolution; "
+            "open circles: at the base resolution, no flops_at recorded)"
+        )
     else:
         x_title = "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
     fig.update_layout(
         title="AP vs complexity of every completed trial, with the Pareto front",
-        xaxis_title=x_title, yaxis_title="AP (%) at the trial's best resolution",
+        xaxis_title=x_title,
+        yaxis_title="AP (%) at the trial's best resolution",
     )
     return fig
 
@@ -555,26 +640,52 @@ def fig_teacher_capacity(
     params = teacher_params(done, count)
     best = running_best(done)
     fig = make_subplots(
-        rows=1, cols=2, column_widths=[0.62, 0.38],
+        rows=1,
+        cols=2,
+        column_widths=[0.62, 0.38],
         subplot_titles=("teacher of the best student so far", "teachers over all trials"),
     )
-    fig.add_trace(go.Scatter(
-        x=[t.number for t in done], y=[params[t.number] / 1e6 for t in done], mode="markers",
-        name="sampled teacher", marker={"color": "#bbbbbb", "size": 6}, customdata=[t.number for t in done],
-        text=[str(t.user_attrs.get("teacher", "?")) for t in done],
-        hovertemplate="trial %{x}: %{text}<br>%{y:.3f} M<extra></extra>",
-    ), row=1, col=1)
-    fig.add_trace(go.Scatter(
-        x=[t.number for t in done], y=[params[b.number] / 1e6 for b in best], mode="lines+markers",
-        line_shape="hv", name="best student's teacher", line={"color": "#d62728", "width": 2},
-        customdata=[b.number for b in best], text=[str(b.user_attrs.get("teacher", "?")) for b in best],
-        hovertemplate="trial %{x}: best is trial %{customdata}<br>teacher %{text}<br>%{y:.3f} M<extra></extra>",
-    ), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in done],
+            y=[params[t.number] / 1e6 for t in done],
+            mode="markers",
+            name="sampled teacher",
+            marker={"color": "#bbbbbb", "size": 6},
+            customdata=[t.number for t in done],
+            text=[str(t.user_attrs.get("teacher", "?")) for t in done],
+            hovertemplate="trial %{x}: %{text}<br>%{y:.3f} M<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in done],
+            y=[params[b.number] / 1e6 for b in best],
+            mode="lines+markers",
+            line_shape="hv",
+            name="best student's teacher",
+            line={"color": "#d62728", "width": 2},
+            customdata=[b.number for b in best],
+            text=[str(b.user_attrs.get("teacher", "?")) for b in best],
+            hovertemplate="trial %{x}: best is trial %{customdata}<br>teacher %{text}<br>%{y:.3f} M<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
     values = [params[t.number] / 1e6 for t in done]
-    fig.add_trace(go.Histogram(
-        x=values, name="all teachers", marker={"color": "#1f77b4"}, nbinsx=min(30, max(1, len(set(values)))),
-        hovertemplate="%{x} M: %{y} trials<extra></extra>",
-    ), row=1, col=2)
+    fig.add_trace(
+        go.Histogram(
+            x=values,
+            name="all teachers",
+            marker={"color": "#1f77b4"},
+            nbinsx=min(30, max(1, len(set(values)))),
+            hovertemplate="%{x} M: %{y} trials<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_xaxes(title_text="iteration (trial number)", row=1, col=1)
     fig.update_yaxes(title_text="teacher backbone params (M)", row=1, col=1)
     fig.update_xaxes(title_text="teacher backbone params (M)", row=1, col=2)
@@ -592,7 +703,10 @@ def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Fig
     gains = action_gains(trials, phases)
     labels = [p.label for p in gains.phases]
     fig = make_subplots(
-        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.12,
         subplot_titles=(
             "score increment brought by each action family (sum of H(child) − H(parent) > 0)",
             "each family's share of the phase's beneficial actions (H(child) > H(parent))",
@@ -607,33 +721,63 @@ def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Fig
         ]
         colour = _COLOURS.get(fam, "#7f7f7f")
         total = gains.increment(fam)
-        fig.add_trace(go.Bar(
-            x=labels, y=[c.increment for c in cells], name=fam, legendgroup=fam, marker_color=colour,
-            text=info, textposition="none",
-            hovertemplate=f"{fam}, %{{x}}<br>ΔH brought %{{y:.4f}} (whole search {total:.4f})<br>%{{text}}<extra></extra>",
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=[c.increment for c in cells],
+                name=fam,
+                legendgroup=fam,
+                marker_color=colour,
+                text=info,
+                textposition="none",
+                hovertemplate=f"{fam}, %{{x}}<br>ΔH brought %{{y:.4f}} (whole search {total:.4f})<br>%{{text}}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
         shares = [gains.share(p.index, fam) for p in gains.phases]
         share_info = [
             f"{c.beneficial} of the phase's {gains.beneficial_in(p.index)} beneficial actions"
             for c, p in zip(cells, gains.phases, strict=True)
         ]
-        fig.add_trace(go.Bar(
-            x=labels, y=[None if v is None else 100 * v for v in shares], name=fam, legendgroup=fam,
-            marker_color=colour, showlegend=False, text=share_info, textposition="none",
-            hovertemplate=f"{fam}, %{{x}}<br>%{{y:.1f}} % of the beneficial actions<br>%{{text}}<extra></extra>",
-        ), row=2, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=[None if v is None else 100 * v for v in shares],
+                name=fam,
+                legendgroup=fam,
+                marker_color=colour,
+                showlegend=False,
+                text=share_info,
+                textposition="none",
+                hovertemplate=f"{fam}, %{{x}}<br>%{{y:.1f}} % of the beneficial actions<br>%{{text}}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
     for p in gains.phases:
         if gains.beneficial_in(p.index) == 0:
             fig.add_annotation(
-                x=p.label, y=50, xref="x2", yref="y2", showarrow=False, text="no beneficial action",
+                x=p.label,
+                y=50,
+                xref="x2",
+                yref="y2",
+                showarrow=False,
+                text="no beneficial action",
                 hovertext=f"{p.label}: none of its {gains.scored_in(p.index)} scored actions improved on its parent",
                 font={"color": "#666666"},
             )
     fig.update_xaxes(categoryorder="array", categoryarray=labels)
-    fig.update_xaxes(title_text="generation phase (equal windows of completed trials, by trial number)", row=2, col=1)
+    fig.update_xaxes(
+        title_text="generation phase (equal windows of completed trials, by trial number)",
+        row=2,
+        col=1,
+    )
     fig.update_yaxes(title_text="ΔH brought", row=1, col=1)
     fig.update_yaxes(title_text="share of beneficial actions (%)", range=[0, 100], row=2, col=1)
-    fig.update_layout(title="What each action family contributed, phase by phase", barmode="stack", height=640)
+    fig.update_layout(
+        title="What each action family contributed, phase by phase", barmode="stack", height=640
+    )
     return fig
 
 
@@ -651,18 +795,37 @@ def fig_stage_flops(trials: Sequence[FrozenTrial], *, best: int | None = None) -
             raise JDSearchError(f"report: trial {t.number} records no stage_flops")
         stages.append([float(v) / 1e9 for v in s])
     if len(stages[0]) != len(stages[1]):
-        raise JDSearchError(f"report: trials {base.number} and {top.number} record different numbers of stages")
+        raise JDSearchError(
+            f"report: trials {base.number} and {top.number} record different numbers of stages"
+        )
     labels = ["stem"] + [f"stage {i}" for i in range(1, len(stages[0]))]
     change = [f"{100 * (n / b - 1):+.1f}%" if b else "n/a" for b, n in zip(*stages, strict=True)]
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=labels, y=stages[0], name=f"base (trial {base.number})", marker_color="#8c9fb8",
-                         hovertemplate="%{x}: %{y:.4f} GFLOPs<extra></extra>"))
-    fig.add_trace(go.Bar(x=labels, y=stages[1], name=f"upgraded student ({label})", marker_color="#d62728",
-                         text=change, textposition="outside",
-                         hovertemplate="%{x}: %{y:.4f} GFLOPs (%{text})<extra></extra>"))
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=stages[0],
+            name=f"base (trial {base.number})",
+            marker_color="#8c9fb8",
+            hovertemplate="%{x}: %{y:.4f} GFLOPs<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=stages[1],
+            name=f"upgraded student ({label})",
+            marker_color="#d62728",
+            text=change,
+            textposition="outside",
+            hovertemplate="%{x}: %{y:.4f} GFLOPs (%{text})<extra></extra>",
+        )
+    )
     fig.update_layout(
         title=f"Backbone computation per stage: base (trial {base.number}) vs upgraded student ({label})",
-        barmode="group", xaxis_title="backbone part", yaxis_title="GFLOPs (at the base resolution)",
+        barmode="group",
+        xaxis_title="backbone part",
+        yaxis_title="GFLOPs (at the base resolution)",
     )
     return fig
 
@@ -681,14 +844,28 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
             ex += [p, t.number, None]
             ey += [float(by_number[p].value), float(t.value), None]  # type: ignore[arg-type]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", name="parent → child",
-                             line={"color": "#cccccc", "width": 1}, hoverinfo="skip"))
+    fig.add_trace(
+        go.Scatter(
+            x=ex,
+            y=ey,
+            mode="lines",
+            name="parent → child",
+            line={"color": "#cccccc", "width": 1},
+            hoverinfo="skip",
+        )
+    )
     path = [t for t in lineage_path(trials, target) if t.number in by_number]
-    fig.add_trace(go.Scatter(
-        x=[t.number for t in path], y=[float(t.value) for t in path], mode="lines",  # type: ignore[arg-type]
-        name=f"path to trial {target}", line={"color": "#ffbf00", "width": 5}, customdata=[t.number for t in path],
-        hoverinfo="skip",
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in path],
+            y=[float(t.value) for t in path],
+            mode="lines",  # type: ignore[arg-type]
+            name=f"path to trial {target}",
+            line={"color": "#ffbf00", "width": 5},
+            customdata=[t.number for t in path],
+            hoverinfo="skip",
+        )
+    )
     groups: dict[str, list[FrozenTrial]] = {}
     for t in done:
         groups.setdefault(action_family(t.params.get(MOVE_PARAM)) or "base", []).append(t)
@@ -697,15 +874,30 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
         if not ts:
             continue
         on_path = {t.number for t in path}
-        fig.add_trace(go.Scatter(
-            x=[t.number for t in ts], y=[float(t.value) for t in ts], mode="markers", name=fam,  # type: ignore[arg-type]
-            marker={"color": _COLOURS.get(fam, "#7f7f7f"), "size": [13 if t.number in on_path else 8 for t in ts],
-                    "line": {"color": "black", "width": [2 if t.number in on_path else 0 for t in ts]}},
-            customdata=[t.number for t in ts], text=[_hover(t) for t in ts], hovertemplate="%{text}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[t.number for t in ts],
+                y=[float(t.value) for t in ts],
+                mode="markers",
+                name=fam,  # type: ignore[arg-type]
+                marker={
+                    "color": _COLOURS.get(fam, "#7f7f7f"),
+                    "size": [13 if t.number in on_path else 8 for t in ts],
+                    "line": {
+                        "color": "black",
+                        "width": [2 if t.number in on_path else 0 for t in ts],
+                    },
+                },
+                customdata=[t.number for t in ts],
+                text=[_hover(t) for t in ts],
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
     fig.update_layout(
         title=f"Search lineage: {len(done)} completed trials, path base → upgraded ({_upgraded_label(done, target)}) highlighted",
-        xaxis_title="trial number", yaxis_title="H", hovermode="closest",
+        xaxis_title="trial number",
+        yaxis_title="H",
+        hovermode="closest",
     )
     return fig
 
@@ -718,11 +910,15 @@ def upgraded_trial(handle: StudyHandle, trial: int | None = None) -> FrozenTrial
         raise JDSearchError(f"report: trial must be a trial number, got {trial!r}")
     t = handle.trial(trial)
     if t.number not in {c.number for c in completed(handle.study.get_trials(deepcopy=False))}:
-        raise JDSearchError(f"study {handle.study.study_name!r}: trial {t.number} has no finite score H")
+        raise JDSearchError(
+            f"study {handle.study.study_name!r}: trial {t.number} has no finite score H"
+        )
     return t
 
 
-def build_figures(handle: StudyHandle, *, trial: int | None = None, phases: int = 4) -> dict[str, go.Figure]:
+def build_figures(
+    handle: StudyHandle, *, trial: int | None = None, phases: int = 4
+) -> dict[str, go.Figure]:
     """Every figure of the report for a study, keyed by :data:`FIGURE_KEYS` (in that order); figs.
     7 and 9 and the lineage path show trial ``trial`` (default: the best) as the upgraded one."""
     trials = handle.study.get_trials(deepcopy=False)
@@ -849,7 +1045,9 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
     if upgraded.number == best.number:
         which = "the best H"
     else:
-        which = f"chosen for this report; the best H is trial {best.number}, H {float(best.value):.4f}"  # type: ignore[arg-type]
+        which = (
+            f"chosen for this report; the best H is trial {best.number}, H {float(best.value):.4f}"  # type: ignore[arg-type]
+        )
     parts = [
         f"{len(trials)} trials ({counts}).",
         f"Base resolution {base_res}, base detector "
@@ -866,10 +1064,13 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
 
 def _comparison_html(comparison: Comparison) -> str:
     header, rows = comparison.table()
-    out = ['<table class="comparison">', "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    out = [
+        '<table class="comparison">',
+        "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
+    ]
     out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
     out.append("</table>")
-    notes = comparison.format().splitlines()[1 + len(rows):]
+    notes = comparison.format().splitlines()[1 + len(rows) :]
     out += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     return "\n".join(out)
 
@@ -880,7 +1081,9 @@ def _png_exporter_missing() -> str | None:
     return None
 
 
-def _write_pngs(figures: Mapping[str, go.Figure], directory: Path) -> tuple[dict[str, Path], str | None]:
+def _write_pngs(
+    figures: Mapping[str, go.Figure], directory: Path
+) -> tuple[dict[str, Path], str | None]:
     missing = _png_exporter_missing()
     if missing is not None:
         return {}, missing
@@ -928,14 +1131,18 @@ def write_report(
     from jdsearch.compare import Comparison
 
     if comparison is not None and not isinstance(comparison, Comparison):
-        raise JDSearchError(f"report: comparison must be a jdsearch.compare.Comparison, got {type(comparison).__name__}")
+        raise JDSearchError(
+            f"report: comparison must be a jdsearch.compare.Comparison, got {type(comparison).__name__}"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise JDSearchError(f"report: output directory {out} exists and is not a directory")
     upgraded = upgraded_trial(handle, trial)
     if comparison is not None:
         if comparison.study != handle.study.study_name:
-            raise JDSearchError(f"report: the comparison is of study {comparison.study!r}, not {handle.study.study_name!r}")
+            raise JDSearchError(
+                f"report: the comparison is of study {comparison.study!r}, not {handle.study.study_name!r}"
+            )
         if comparison.upgraded.trial != upgraded.number:
             raise JDSearchError(
                 f"report: the comparison's upgraded detector is trial {comparison.upgraded.trial}, "
@@ -969,34 +1176,47 @@ def write_report(
             "columns for R18/R50/R101/X101-FPN: higher AP at substantially lower FLOPs and latency.</p>",
             _comparison_html(comparison),
         ]
-    body.append("<nav><p>Figures: " + " · ".join(
-        f'<a href="#sec-{key}">{html.escape(_TEXT[key][0])}</a>' for key in figures
-    ) + "</p></nav>")
-    fill = {"upgraded": _upgraded_label(trials, upgraded.number), "phases": str(len(phase_windows(trials, phases)))}
+    body.append(
+        "<nav><p>Figures: "
+        + " · ".join(f'<a href="#sec-{key}">{html.escape(_TEXT[key][0])}</a>' for key in figures)
+        + "</p></nav>"
+    )
+    fill = {
+        "upgraded": _upgraded_label(trials, upgraded.number),
+        "phases": str(len(phase_windows(trials, phases))),
+    }
     for key, fig in figures.items():
         title, text = _TEXT[key]
         div = fig.to_html(
-            full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
-            default_height="560px" if key != "action_gain" else "660px", config={"responsive": True},
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"fig-{key}",
+            default_height="560px" if key != "action_gain" else "660px",
+            config={"responsive": True},
         )
         text = _render(text, **fill)
-        body += [f'<h2 id="sec-{key}">{html.escape(title)}</h2>', f"<p>{html.escape(text)}</p>",
-                 f'<div class="figure">{div}</div>']
-    page = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        f"<title>jdsearch report: {name}</title>",
-        f"<style>{_STYLE}</style>",
-        f'<script type="text/javascript">{get_plotlyjs()}</script>',
-        "</head>",
-        "<body>",
-        *body,
-        "</body>",
-        "</html>",
-        "",
-    ])
+        body += [
+            f'<h2 id="sec-{key}">{html.escape(title)}</h2>',
+            f"<p>{html.escape(text)}</p>",
+            f'<div class="figure">{div}</div>',
+        ]
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f"<title>jdsearch report: {name}</title>",
+            f"<style>{_STYLE}</style>",
+            f'<script type="text/javascript">{get_plotlyjs()}</script>',
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     attached = attach_figures(handle, figures) if attach else ()

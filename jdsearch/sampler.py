@@ -188,13 +188,19 @@ class HillClimbingSampler(BaseSampler):
             # takes the root instead (the re-queued copy later runs as a second root).
             root_pending = any(
                 (t.params.get(MOVE_PARAM) == BASE_MOVE and t.state == TrialState.RUNNING)
-                or (MOVE_PARAM not in t.params and t.state == TrialState.RUNNING and t.number < trial.number)
+                or (
+                    MOVE_PARAM not in t.params
+                    and t.state == TrialState.RUNNING
+                    and t.number < trial.number
+                )
                 for t in others
             )
             if not root_pending:
                 return Decision(None, BASE_MOVE, BASE_MOVE)
             if time.monotonic() > deadline:
-                raise RuntimeError("timed out waiting for the root trial (the base detector) to finish")
+                raise RuntimeError(
+                    "timed out waiting for the root trial (the base detector) to finish"
+                )
             time.sleep(self.root_wait_s)
             self._heartbeat(study, trial)
 
@@ -218,7 +224,9 @@ class HillClimbingSampler(BaseSampler):
         assert ranked, "choose() needs at least one COMPLETE trial"
         frozen = student_iterations(trials) < self.freeze_student
         weights = np.arange(len(ranked), 0, -1, dtype=float)
-        order = list(rng.choice(len(ranked), size=len(ranked), replace=False, p=weights / weights.sum()))
+        order = list(
+            rng.choice(len(ranked), size=len(ranked), replace=False, p=weights / weights.sum())
+        )
         # Try parents in a rank-weighted random order until one has an untried move.
         fallback: Decision | None = None
         for i in order:
@@ -229,7 +237,10 @@ class HillClimbingSampler(BaseSampler):
             if frozen:
                 students = []
             tried = tried_moves(trials, parent.number)
-            fresh = {STUDENT: [m for m in students if m not in tried], TEACHER: [m for m in teachers if m not in tried]}
+            fresh = {
+                STUDENT: [m for m in students if m not in tried],
+                TEACHER: [m for m in teachers if m not in tried],
+            }
             kinds = [STUDENT, TEACHER] if rng.random() < self.p_student else [TEACHER, STUDENT]
             for kind in kinds:
                 if fresh[kind]:

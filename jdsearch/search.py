@@ -66,7 +66,9 @@ def ensure_data(spec: StudySpec) -> tuple[CocoDataset, CocoDataset]:
     d = spec.data.dir
     if not (d / "train.json").is_file() or not (d / "val.json").is_file():
         if spec.data.synth is None:
-            raise SpecError(f"{spec.source}: data.dir {d} has no train.json/val.json and no data.synth to generate them")
+            raise SpecError(
+                f"{spec.source}: data.dir {d} has no train.json/val.json and no data.synth to generate them"
+            )
         s = spec.data.synth
         _say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
         synth.generate(d, images=s.images, seed=s.seed, size=s.size)
@@ -84,7 +86,9 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
         url,
         heartbeat_interval=hb,
         grace_period=2 * hb,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.search.max_retry),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+            max_retry=spec.search.max_retry
+        ),
         engine_kwargs={"pool_pre_ping": True},
     )
 
@@ -97,7 +101,9 @@ def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> st
     return artifact_id
 
 
-def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, val_set: CocoDataset, progress: bool) -> Path:
+def _base_checkpoint(
+    spec: StudySpec, train_set: CocoDataset, val_set: CocoDataset, progress: bool
+) -> Path:
     """The base detector's checkpoint file: given, cached, or trained now."""
     if spec.base.checkpoint is not None:
         if not spec.base.checkpoint.is_file():
@@ -109,21 +115,35 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, val_set: CocoDatas
     det_spec = load_spec(spec.base.detector)
     detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
     _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
-    config = train_config(spec.base.train, seed=spec.search.seed, resolutions=spec.resolutions, device=spec.device, amp=spec.amp)
+    config = train_config(
+        spec.base.train,
+        seed=spec.search.seed,
+        resolutions=spec.resolutions,
+        device=spec.device,
+        amp=spec.amp,
+    )
     terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
     result = train(detector, train_set, config, loss_terms=terms, progress=progress)
-    _say(f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)")
-    return save_checkpoint(path, detector, class_names=train_set.class_names, extra={"train": result.to_dict()})
+    _say(
+        f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)"
+    )
+    return save_checkpoint(
+        path, detector, class_names=train_set.class_names, extra={"train": result.to_dict()}
+    )
 
 
-def _pool_file(spec: StudySpec, pool_spec: PoolSpec, train_set: CocoDataset, progress: bool) -> Path:
+def _pool_file(
+    spec: StudySpec, pool_spec: PoolSpec, train_set: CocoDataset, progress: bool
+) -> Path:
     path = run_dir(spec) / "pool.safetensors"
     _say(f"training the elastic teacher pool (cache {path}) ...")
     train_and_save_pool(pool_spec, train_set, path, device=spec.device, progress=progress)
     return path
 
 
-def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool = True) -> tuple[optuna.Study, SearchContext]:
+def prepare(
+    spec: StudySpec, storage_url: str | None = None, *, progress: bool = True
+) -> tuple[optuna.Study, SearchContext]:
     """Open (or create) the study and make sure its storage holds the base detector and pool."""
     storage = storage_for(spec, storage_url)
     url = storage_url or spec.storage_url
@@ -140,21 +160,34 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool =
         return holder["ctx"].feasible(parent)
 
     sampler = HillClimbingSampler(
-        vocabulary, feasible, top_k=spec.search.top_k, freeze_student=spec.search.freeze_student,
-        p_student=spec.search.p_student, seed=spec.search.seed,
+        vocabulary,
+        feasible,
+        top_k=spec.search.top_k,
+        freeze_student=spec.search.freeze_student,
+        p_student=spec.search.p_student,
+        seed=spec.search.seed,
     )
     study = optuna.create_study(
-        study_name=spec.name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+        study_name=spec.name,
+        storage=storage,
+        sampler=sampler,
+        direction="maximize",
+        load_if_exists=True,
     )
     stored_spec = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
     if stored_spec is not None and stored_spec != spec.to_dict():
-        log.warning("study %s was created with a different spec; the stored base and pool are kept", spec.name)
+        log.warning(
+            "study %s was created with a different spec; the stored base and pool are kept",
+            spec.name,
+        )
     if stored_spec is None:
         storage.set_study_system_attr(study._study_id, SPEC_SYSATTR, spec.to_dict())
         study.set_user_attr("spec_file", spec.source)
     if CATEGORIES_SYSATTR not in storage.get_study_system_attrs(study._study_id):
         # An export must map labels back to the dataset's ids without the dataset at hand.
-        categories = [[int(i), n] for i, n in zip(train_set.category_ids, train_set.class_names, strict=True)]
+        categories = [
+            [int(i), n] for i, n in zip(train_set.category_ids, train_set.class_names, strict=True)
+        ]
         storage.set_study_system_attr(study._study_id, CATEGORIES_SYSATTR, categories)
 
     if BASE_ATTR not in study.user_attrs:
@@ -163,19 +196,29 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, progress: bool =
     base_id = study.user_attrs[BASE_ATTR]
     if POOL_ATTR not in study.user_attrs:
         cache = run_dir(spec) / "pool.safetensors"
-        path = cache if cache.is_file() and _pool_matches(cache, pool_spec) else _pool_file(spec, pool_spec, train_set, progress)
+        path = (
+            cache
+            if cache.is_file() and _pool_matches(cache, pool_spec)
+            else _pool_file(spec, pool_spec, train_set, progress)
+        )
         _study_artifact(study, store, POOL_ATTR, path)
     with store.open_reader(study.user_attrs[POOL_ATTR]) as reader:
         pool = pool_from_bytes(reader.read(), source=f"study {spec.name}: pool", device=spec.device)
     with store.open_reader(base_id) as reader:
-        base = checkpoint_from_bytes(reader.read(), source=f"study {spec.name}: base", device=spec.device)
+        base = checkpoint_from_bytes(
+            reader.read(), source=f"study {spec.name}: base", device=spec.device
+        )
     if base.num_classes != train_set.num_classes:
-        raise JDSearchError(f"base detector has {base.num_classes - 1} classes, the dataset {train_set.num_classes - 1}")
+        raise JDSearchError(
+            f"base detector has {base.num_classes - 1} classes, the dataset {train_set.num_classes - 1}"
+        )
     base_res = base.spec.input.size
     base_flops = count_flops(base.detector, size=base_res.hw).total
     study.set_user_attr("base_flops", base_flops)
     study.set_user_attr("base_resolution", str(base_res))
-    ctx = SearchContext(spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress)
+    ctx = SearchContext(
+        spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress
+    )
     holder["ctx"] = ctx
     return study, ctx
 
@@ -187,13 +230,25 @@ def _pool_matches(path: Path, pool_spec: PoolSpec) -> bool:
         return False
 
 
-def run_search(spec: StudySpec, storage_url: str | None = None, *, n_trials: int | None = None, progress: bool = True) -> optuna.Study:
+def run_search(
+    spec: StudySpec,
+    storage_url: str | None = None,
+    *,
+    n_trials: int | None = None,
+    progress: bool = True,
+) -> optuna.Study:
     study, ctx = prepare(spec, storage_url, progress=progress)
     n = n_trials if n_trials is not None else spec.search.n_trials
-    _say(f"searching: study {spec.name!r} on {storage_url or spec.storage_url}, {n} trials in this worker")
+    _say(
+        f"searching: study {spec.name!r} on {storage_url or spec.storage_url}, {n} trials in this worker"
+    )
     started = time.perf_counter()
     study.optimize(
-        Objective(ctx), n_trials=n, catch=(JDSearchError,), callbacks=[_print_trial], gc_after_trial=True
+        Objective(ctx),
+        n_trials=n,
+        catch=(JDSearchError,),
+        callbacks=[_print_trial],
+        gc_after_trial=True,
     )
     _say(f"done in {time.perf_counter() - started:.0f} s")
     return study
@@ -214,7 +269,11 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """COMPLETE trials with a finite value (H), by trial number."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
     return sorted(done, key=lambda t: t.number)
 
 
@@ -226,7 +285,9 @@ def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
 
 def root_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     """The first completed ``base`` trial: the base detector's own fast evaluation."""
-    return next((t for t in completed_trials(trials) if t.params.get(MOVE_PARAM) == BASE_MOVE), None)
+    return next(
+        (t for t in completed_trials(trials) if t.params.get(MOVE_PARAM) == BASE_MOVE), None
+    )
 
 
 def lineage_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
@@ -255,7 +316,9 @@ def _cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
     a = t.user_attrs
     res = a.get("best_resolution", "")
     ap = a.get("metrics", {}).get(res, {}).get("AP")
-    flops = a.get("flops_at", {}).get(res, a.get("flops", 0))  # older trials: at the base resolution
+    flops = a.get("flops_at", {}).get(
+        res, a.get("flops", 0)
+    )  # older trials: at the base resolution
     return {
         "H": f"{t.value:.4f}",
         "AP": "-" if ap is None else f"{100 * ap:.1f}",
@@ -276,9 +339,13 @@ def summary(study: optuna.Study) -> str:
     lines += [f"{k:<12}{base[k]:<20}{top[k]}" for k in base]
     lines.append(f"student     {root.user_attrs.get('student', '')}")
     lines.append(f"        ->  {best.user_attrs.get('student', '')}")
-    lines.append(f"teacher     {root.user_attrs.get('teacher', '')}  ->  {best.user_attrs.get('teacher', '')}")
+    lines.append(
+        f"teacher     {root.user_attrs.get('teacher', '')}  ->  {best.user_attrs.get('teacher', '')}"
+    )
     path = lineage(study, best.number)
-    lines.append("lineage     " + " -> ".join(f"{t.params.get(MOVE_PARAM)} (#{t.number})" for t in path))
+    lines.append(
+        "lineage     " + " -> ".join(f"{t.params.get(MOVE_PARAM)} (#{t.number})" for t in path)
+    )
     return "\n".join(lines)
 
 
@@ -301,10 +368,14 @@ class StudyHandle:
             return best
         by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         if number not in by_number:
-            raise JDSearchError(f"study {self.study.study_name!r} has no trial {number} (trials 0–{len(by_number) - 1})")
+            raise JDSearchError(
+                f"study {self.study.study_name!r} has no trial {number} (trials 0–{len(by_number) - 1})"
+            )
         t = by_number[number]
         if t.state != optuna.trial.TrialState.COMPLETE or CHECKPOINT_ATTR not in t.user_attrs:
-            raise JDSearchError(f"study {self.study.study_name!r}: trial {number} is {t.state.name}, not a completed trial with a checkpoint")
+            raise JDSearchError(
+                f"study {self.study.study_name!r}: trial {number} is {t.state.name}, not a completed trial with a checkpoint"
+            )
         return t
 
     def base_trial(self) -> optuna.trial.FrozenTrial:
@@ -316,7 +387,9 @@ class StudyHandle:
 
     def categories(self) -> list[tuple[int, str]] | None:
         """The dataset's (COCO category id, name) in label order, as recorded by ``prepare``."""
-        stored = self.study._storage.get_study_system_attrs(self.study._study_id).get(CATEGORIES_SYSATTR)
+        stored = self.study._storage.get_study_system_attrs(self.study._study_id).get(
+            CATEGORIES_SYSATTR
+        )
         return None if stored is None else [(int(i), str(n)) for i, n in stored]
 
     def _read(self, artifact_id: str, what: str) -> bytes:
@@ -331,7 +404,9 @@ class StudyHandle:
     def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
         """The student checkpoint a trial uploaded (verified, never unpickled)."""
         data = self._read(trial.user_attrs[CHECKPOINT_ATTR], f"checkpoint of trial {trial.number}")
-        return checkpoint_from_bytes(data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device)
+        return checkpoint_from_bytes(
+            data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device
+        )
 
     def study_artifact(self, key: str) -> bytes:
         """A study-level artifact (``base_artifact``, ``pool_artifact``) as bytes."""
@@ -365,7 +440,9 @@ def _upgrade_stored_spec(stored: Any) -> Any:
         return {k: _upgrade_stored_spec(v) for k, v in stored.items() if v is not None}
     if isinstance(stored, list):
         return [
-            f"{v['long']}x{v['short']}" if isinstance(v, dict) and set(v) == {"long", "short"} else _upgrade_stored_spec(v)
+            f"{v['long']}x{v['short']}"
+            if isinstance(v, dict) and set(v) == {"long", "short"}
+            else _upgrade_stored_spec(v)
             for v in stored
         ]
     return stored
@@ -385,21 +462,30 @@ def open_study(url: str, name: str | None = None) -> StudyHandle:
         storage = RDBStorage(url, skip_table_creation=True)
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     except Exception as e:  # SQLAlchemy/driver errors: unreachable server, not an Optuna database
-        raise JDSearchError(f"{shown}: cannot read an Optuna study database ({_root_cause(e)})") from None
+        raise JDSearchError(
+            f"{shown}: cannot read an Optuna study database ({_root_cause(e)})"
+        ) from None
     names = sorted(s.study_name for s in summaries)
     if name is None:
         if len(names) != 1:
-            raise JDSearchError(f"{shown}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
+            raise JDSearchError(
+                f"{shown}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study"
+            )
         name = names[0]
     if name not in names:
         raise JDSearchError(f"{shown}: no study {name!r} (studies: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=name, storage=storage)
     stored = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
     if stored is None:
-        raise JDSearchError(f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)")
+        raise JDSearchError(
+            f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)"
+        )
     spec = study_from_dict(_upgrade_stored_spec(stored), source=f"study {name!r} (stored spec)")
     artifacts = spec.search.artifacts.strip()
-    if artifacts.startswith("file:") and not Path(os.path.expanduser(artifacts[len("file:") :])).is_dir():
+    if (
+        artifacts.startswith("file:")
+        and not Path(os.path.expanduser(artifacts[len("file:") :])).is_dir()
+    ):
         raise JDSearchError(
             f"study {name!r} keeps its checkpoints in {artifacts!r}, which is not a folder here "
             f"(relative to {Path.cwd()}); run from the folder the search ran in"

@@ -100,7 +100,10 @@ class DetectorSpec:
 
 
 def _dc_to_dict(obj: Any) -> dict[str, Any]:
-    return {f.name: (list(v) if isinstance(v := getattr(obj, f.name), tuple) else v) for f in dataclasses.fields(obj)}
+    return {
+        f.name: (list(v) if isinstance(v := getattr(obj, f.name), tuple) else v)
+        for f in dataclasses.fields(obj)
+    }
 
 
 # ---------------------------------------------------------------------- reading
@@ -142,7 +145,9 @@ class _Fields:
             self.fail(key, f"expected {kind.__name__}, got {value!r}")
         return value
 
-    def pop_list(self, key: str, kind: type, default: Any = dataclasses.MISSING, length: int | None = None) -> Any:
+    def pop_list(
+        self, key: str, kind: type, default: Any = dataclasses.MISSING, length: int | None = None
+    ) -> Any:
         if key not in self.data:
             if default is dataclasses.MISSING:
                 self.fail(key, "required field is missing")
@@ -155,11 +160,16 @@ class _Fields:
         return tuple(self.check(key, v, kind) for v in value)
 
     def sub(self, key: str) -> _Fields:
-        return _Fields(self.source, f"{self.prefix}.{key}" if self.prefix else key, self.data.pop(key, None))
+        return _Fields(
+            self.source, f"{self.prefix}.{key}" if self.prefix else key, self.data.pop(key, None)
+        )
 
     def done(self) -> None:
         if self.data:
-            self.fail(sorted(self.data)[0], f"unknown key (known keys are listed in {DETECTORS_DIR.name}/README or the spec docs)")
+            self.fail(
+                sorted(self.data)[0],
+                f"unknown key (known keys are listed in {DETECTORS_DIR.name}/README or the spec docs)",
+            )
 
 
 def _positive(f: _Fields, key: str, value: Any) -> None:
@@ -178,7 +188,13 @@ def _fill(f: _Fields, cls: type) -> Any:
             kwargs[fd.name] = f.pop_list(fd.name, kind, default)
         else:
             kwargs[fd.name] = f.pop(fd.name, type(default), default)
-        if fd.name not in ("nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "score_thresh", "positive_fraction"):
+        if fd.name not in (
+            "nms_thresh",
+            "fg_iou_thresh",
+            "bg_iou_thresh",
+            "score_thresh",
+            "positive_fraction",
+        ):
             _positive(f, fd.name, kwargs[fd.name])
         elif not all(0.0 <= v <= 1.0 for v in (kwargs[fd.name],)):
             f.fail(fd.name, f"must lie in [0, 1], got {kwargs[fd.name]!r}")
@@ -229,8 +245,15 @@ def _read_backbone(f: _Fields, fpn: int) -> BackboneArch:
     f.done()
     try:
         return BackboneArch.resnet(
-            depths, kind=kind, widths=widths, expansion=expansion, stem=stem, fpn=fpn,
-            groups=groups, width_per_group=width_per_group, strides=strides,
+            depths,
+            kind=kind,
+            widths=widths,
+            expansion=expansion,
+            stem=stem,
+            fpn=fpn,
+            groups=groups,
+            width_per_group=width_per_group,
+            strides=strides,
         )
     except SpecError as e:
         f.fail("", str(e))
@@ -253,13 +276,17 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> DetectorSpec:
     arch = _read_backbone(top.sub("backbone"), fpn)
     rpn = _fill(top.sub("rpn"), RPNSpec)
     if len(rpn.anchor_sizes) != FPN_LEVELS:
-        top.fail("rpn.anchor_sizes", f"expected {FPN_LEVELS} levels (P2–P6), got {len(rpn.anchor_sizes)}")
+        top.fail(
+            "rpn.anchor_sizes", f"expected {FPN_LEVELS} levels (P2–P6), got {len(rpn.anchor_sizes)}"
+        )
     roi = _fill(top.sub("roi_heads"), RoISpec)
     inp_f = top.sub("input")
     size = _resolution(inp_f, "size", inp_f.pop("size", str, "1333x800"))
     res_texts = inp_f.pop_list("resolutions", str, None)
     resolutions = (
-        tuple(_resolution(inp_f, "resolutions", t) for t in res_texts) if res_texts else InputSpec().resolutions
+        tuple(_resolution(inp_f, "resolutions", t) for t in res_texts)
+        if res_texts
+        else InputSpec().resolutions
     )
     mean = inp_f.pop_list("image_mean", float, InputSpec().image_mean, length=3)
     std = inp_f.pop_list("image_std", float, InputSpec().image_std, length=3)

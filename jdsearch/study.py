@@ -161,7 +161,9 @@ def study_from_dict(data: Any, source: str = "<study>") -> StudySpec:
     bf.done()
     pool = top.data.pop("pool", None)
     if not isinstance(pool, dict):
-        top.fail("pool", "required mapping is missing (the elastic teacher pool's space and schedule)")
+        top.fail(
+            "pool", "required mapping is missing (the elastic teacher pool's space and schedule)"
+        )
     res_texts = top.pop_list("resolutions", str)
     try:
         resolutions = parse_resolutions(res_texts)

@@ -84,7 +84,11 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
     """``studies/quickstart.yaml`` shrunk to seconds per trial on a CPU."""
     spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
     spec["name"] = name
-    spec["data"] = {"dir": str(data_dir), "synth": {"images": 32, "seed": 1, "size": 96}, "max_val_images": 8}
+    spec["data"] = {
+        "dir": str(data_dir),
+        "synth": {"images": 32, "seed": 1, "size": 96},
+        "max_val_images": 8,
+    }
     spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 1}
     for phase in spec["pool"]["phases"]:
         phase["epochs"] = 0.25
@@ -125,14 +129,18 @@ class SmallStudy:
 
 
 @pytest.fixture(scope="session")
-def small_study(search_assets: SearchAssets, tmp_path_factory: pytest.TempPathFactory) -> SmallStudy:
+def small_study(
+    search_assets: SearchAssets, tmp_path_factory: pytest.TempPathFactory
+) -> SmallStudy:
     """Six trials of a real search: base, student actions and teacher moves, for export/report."""
     from jdsearch.search import run_search
     from jdsearch.study import study_from_dict
 
     root = tmp_path_factory.mktemp("small_study")
     url = f"sqlite:///{root / 'small.db'}"
-    spec = study_from_dict(search_assets.study("small", url, n_trials=6), source="conftest small_study")
+    spec = study_from_dict(
+        search_assets.study("small", url, n_trials=6), source="conftest small_study"
+    )
     search_assets.install_pool(root, "small")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

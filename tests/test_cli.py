@@ -24,36 +24,77 @@ def test_flops_prints_the_paper_baseline(capsys: pytest.CaptureFixture[str]) -> 
     assert abs(float(total.split()[1]) - 215.8) / 215.8 < 0.02
 
 
-def test_errors_are_one_line_with_exit_code_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_errors_are_one_line_with_exit_code_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code, _, err = run(capsys, "flops", "no-such-detector")
-    assert code == 2 and err.startswith("jdsearch: error: no-such-detector") and err.count("\n") == 1
+    assert (
+        code == 2 and err.startswith("jdsearch: error: no-such-detector") and err.count("\n") == 1
+    )
     bad = tmp_path / "ann.json"
-    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}],
+            }
+        )
+    )
     code, _, err = run(capsys, "data", "check", "--ann", str(bad), "--images", str(tmp_path))
     assert code == 2 and "ann.json" in err and err.count("\n") == 1
-    code, _, err = run(capsys, "eval", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path))
+    code, _, err = run(
+        capsys, "eval", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path)
+    )
     assert code == 2 and "missing.safetensors" in err
 
 
 @pytest.mark.slow
-def test_synth_train_eval_evolve_and_distil(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_synth_train_eval_evolve_and_distil(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
-    code, out, _ = run(capsys, "data", "synth", "--out", str(data), "--images", "24", "--seed", "3", "--size", "96")
+    code, out, _ = run(
+        capsys, "data", "synth", "--out", str(data), "--images", "24", "--seed", "3", "--size", "96"
+    )
     assert code == 0 and (data / "train.json").is_file() and "classes:" in out
-    code, out, _ = run(capsys, "data", "check", "--ann", str(data / "train.json"), "--images", str(data / "images"))
+    code, out, _ = run(
+        capsys, "data", "check", "--ann", str(data / "train.json"), "--images", str(data / "images")
+    )
     assert code == 0 and out.strip().endswith("ok")
 
     base = tmp_path / "base.safetensors"
     code, out, _ = run(
-        capsys, "train", "tiny-r18-fpn", "--data", str(data), "--iters", "4", "--out", str(base),
-        "--quiet", "--resolutions", "64x64", "96x96",
+        capsys,
+        "train",
+        "tiny-r18-fpn",
+        "--data",
+        str(data),
+        "--iters",
+        "4",
+        "--out",
+        str(base),
+        "--quiet",
+        "--resolutions",
+        "64x64",
+        "96x96",
     )
     assert code == 0, out
     assert "96x96" in out and "saved" in out
     ckpt = load_checkpoint(base)
     assert ckpt.extra["train"]["iterations"] == 4 and "eval" in ckpt.extra
 
-    code, out, _ = run(capsys, "eval", str(base), "--data", str(data), "--sizes", "64x64", "--json", str(tmp_path / "m.json"))
+    code, out, _ = run(
+        capsys,
+        "eval",
+        str(base),
+        "--data",
+        str(data),
+        "--sizes",
+        "64x64",
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert code == 0 and "64x64" in out
     assert set(json.loads((tmp_path / "m.json").read_text())) == {"64x64"}
 
@@ -68,8 +109,21 @@ def test_synth_train_eval_evolve_and_distil(capsys: pytest.CaptureFixture[str], 
 
     student = tmp_path / "student.safetensors"
     code, out, _ = run(
-        capsys, "train", "--init", str(child), "--teacher", str(base), "--data", str(data), "--iters", "3",
-        "--out", str(student), "--quiet", "--no-eval", "--fixed-size",
+        capsys,
+        "train",
+        "--init",
+        str(child),
+        "--teacher",
+        str(base),
+        "--data",
+        str(data),
+        "--iters",
+        "3",
+        "--out",
+        str(student),
+        "--quiet",
+        "--no-eval",
+        "--fixed-size",
     )
     assert code == 0, out
     losses = load_checkpoint(student).extra["train"]["final_losses"]

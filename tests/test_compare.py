@@ -39,21 +39,33 @@ def test_rows_hold_the_base_trial_and_the_best_at_their_sizes(handle: Any) -> No
     # base trial's best resolution.
     assert handle.study.user_attrs["base_resolution"] not in base.user_attrs["metrics"]
     assert (c.base.trial, c.base.input_size) == (base.number, base.user_attrs["best_resolution"])
-    assert (c.upgraded.trial, c.upgraded.input_size) == (best.number, best.user_attrs["best_resolution"])
+    assert (c.upgraded.trial, c.upgraded.input_size) == (
+        best.number,
+        best.user_attrs["best_resolution"],
+    )
     for row, trial in ((c.base, base), (c.upgraded, best)):
         det = handle.checkpoint(trial).detector
         assert row.flops == count_flops(det, size=Resolution.parse(row.input_size).hw).total
         assert row.arch == trial.user_attrs["student"] and row.h == trial.value
         got, want = row.metrics, recorded(trial, row.input_size)
-        assert all(got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])) for k in METRIC_KEYS)
+        assert all(
+            got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])) for k in METRIC_KEYS
+        )
         assert row.latency is None and row.fps is None
     header, rows = c.table()
     change = rows[-1]
-    assert change[0] == "change" and change[3] == f"{c.upgraded.flops / c.base.flops:.2f}×" and change[4] == "-"
+    assert (
+        change[0] == "change"
+        and change[3] == f"{c.upgraded.flops / c.base.flops:.2f}×"
+        and change[4] == "-"
+    )
     ap = header.index("AP")
     assert change[ap] == f"{100 * (c.upgraded.metrics['AP'] - c.base.metrics['AP']):+.1f}"
     text = c.format()
-    assert text.splitlines()[0].split()[:3] == ["detector", "trial", "input"] and "recorded by the search" in text
+    assert (
+        text.splitlines()[0].split()[:3] == ["detector", "trial", "input"]
+        and "recorded by the search" in text
+    )
 
 
 def test_base_row_uses_the_base_resolution_when_it_was_evaluated(handle: Any) -> None:
@@ -80,7 +92,10 @@ def test_latencies_are_timed_interleaved() -> None:
     b.backbone.register_forward_pre_hook(lambda m, x: seen.append(tuple(x[0].shape)))
     lat_a, lat_b = measure_latencies([(a, "96x64"), (b, "128x96")], warmup=1, repeats=3)
     assert order == ["a", "b"] * 4
-    assert all(s == (1, 3, 96, 128) for s in seen) and (lat_a.image, lat_b.image) == ("64x96", "96x128")
+    assert all(s == (1, 3, 96, 128) for s in seen) and (lat_a.image, lat_b.image) == (
+        "64x96",
+        "96x128",
+    )
     (portrait,) = measure_latencies([(b, "128x96")], warmup=0, repeats=1, image_hw=(128, 96))
     assert seen[-1] == (1, 3, 128, 96) and portrait.image == "128x96" and portrait.size == "128x96"
 

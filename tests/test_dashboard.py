@@ -66,7 +66,10 @@ def finished(search_assets: SearchAssets, tmp_path_factory: pytest.TempPathFacto
 def optuna_cli(*args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())", *args],
-        capture_output=True, text=True, timeout=120, env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -75,27 +78,42 @@ def optuna_cli(*args: str) -> str:
 # ------------------------------------------------------------------------- optuna CLI
 def test_optuna_cli_shows_the_study(finished: Finished) -> None:
     studies = json.loads(optuna_cli("studies", "--storage", finished.url, "-f", "json"))
-    assert [(s["name"], s["n_trials"], s["direction"]) for s in studies] == [(finished.name, 3, ["MAXIMIZE"])]
-    assert {"base_resolution", "base_flops", "base_artifact", "pool_artifact"} <= set(studies[0]["user_attrs"])
+    assert [(s["name"], s["n_trials"], s["direction"]) for s in studies] == [
+        (finished.name, 3, ["MAXIMIZE"])
+    ]
+    assert {"base_resolution", "base_flops", "base_artifact", "pool_artifact"} <= set(
+        studies[0]["user_attrs"]
+    )
 
-    rows = json.loads(optuna_cli("trials", "--study-name", finished.name, "--storage", finished.url, "-f", "json"))
+    rows = json.loads(
+        optuna_cli("trials", "--study-name", finished.name, "--storage", finished.url, "-f", "json")
+    )
     assert [r["number"] for r in rows] == [0, 1, 2] and {r["state"] for r in rows} == {"COMPLETE"}
     root, *children = rows
     assert root["params"] == {MOVE_PARAM: BASE_MOVE} and root["user_attrs"][PARENT_ATTR] is None
     vocabulary = set(move_vocabulary()) - {BASE_MOVE}
     for r in children:
         assert r["params"][MOVE_PARAM] in vocabulary
-        assert r["user_attrs"][PARENT_ATTR] in {u["number"] for u in rows if u["number"] < r["number"]}
+        assert r["user_attrs"][PARENT_ATTR] in {
+            u["number"] for u in rows if u["number"] < r["number"]
+        }
     for r in rows:
         a = r["user_attrs"]
-        assert set(a["h"]) == set(finished.resolutions) and a["best_resolution"] in finished.resolutions
+        assert (
+            set(a["h"]) == set(finished.resolutions)
+            and a["best_resolution"] in finished.resolutions
+        )
         assert r["value"] == pytest.approx(a["h"][a["best_resolution"]])
         assert a[STUDENT_ATTR].startswith("[(") and a[TEACHER_ATTR] and a[CHECKPOINT_ATTR]
     # Internal state stays out of what the CLI prints.
     table = optuna_cli("trials", "--study-name", finished.name, "--storage", finished.url)
     assert "jdsearch:" not in table and "'move': 'base'" in table and "best_resolution" in table
 
-    best = json.loads(optuna_cli("best-trial", "--study-name", finished.name, "--storage", finished.url, "-f", "json"))
+    best = json.loads(
+        optuna_cli(
+            "best-trial", "--study-name", finished.name, "--storage", finished.url, "-f", "json"
+        )
+    )
     expected = finished.study.best_trial
     assert best["number"] == expected.number and best["value"] == pytest.approx(expected.value)
     assert best["params"][MOVE_PARAM] == expected.params[MOVE_PARAM]
@@ -120,18 +138,24 @@ def server(command: list[str], port: int, log: Path) -> Iterator[str]:
     """Run ``command`` (a server on ``port``) until the block ends; yields its base URL."""
     base = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + SERVER_START_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+                )
             try:
                 get(base, "/api/meta", timeout=2)
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.monotonic() > deadline:
-                    pytest.fail(f"server not up after {SERVER_START_S:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+                    pytest.fail(
+                        f"server not up after {SERVER_START_S:.0f} s:\n{log.read_text(errors='replace')[-3000:]}"
+                    )
                 time.sleep(0.3)
         yield base
     finally:
@@ -149,7 +173,12 @@ def dashboard_command(url: str, port: int) -> list[str]:
     args = [url, "--host", "127.0.0.1", "--port", str(port), "--quiet"]
     if script.is_file():
         return [str(script), *args]
-    return [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; sys.exit(main())", *args]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from optuna_dashboard._cli import main; sys.exit(main())",
+        *args,
+    ]
 
 
 def attrs(row: dict[str, Any]) -> dict[str, Any]:
@@ -169,21 +198,33 @@ def test_optuna_dashboard_serves_the_study(finished: Finished, tmp_path: Path) -
     trials = {t["number"]: t for t in detail["trials"]}
     assert sorted(trials) == [0, 1, 2]
     assert [b["number"] for b in detail["best_trials"]] == [finished.study.best_trial.number]
-    assert {a["key"] for a in detail["union_user_attrs"]} >= {PARENT_ATTR, "h", TEACHER_ATTR, STUDENT_ATTR}
+    assert {a["key"] for a in detail["union_user_attrs"]} >= {
+        PARENT_ATTR,
+        "h",
+        TEACHER_ATTR,
+        STUDENT_ATTR,
+    }
     for t in finished.study.trials:
         served = trials[t.number]
         assert served["state"] == "Complete"
-        assert {p["name"]: p["param_external_value"] for p in served["params"]} == {MOVE_PARAM: t.params[MOVE_PARAM]}
+        assert {p["name"]: p["param_external_value"] for p in served["params"]} == {
+            MOVE_PARAM: t.params[MOVE_PARAM]
+        }
         a = attrs(served)
         parent = t.user_attrs[PARENT_ATTR]
         assert a[PARENT_ATTR] == (json.dumps(None) if parent is None else str(parent))
         assert json.loads(a["h"]) == pytest.approx(t.user_attrs["h"])
-        assert (a[TEACHER_ATTR], a[STUDENT_ATTR]) == (t.user_attrs[TEACHER_ATTR], t.user_attrs[STUDENT_ATTR])
+        assert (a[TEACHER_ATTR], a[STUDENT_ATTR]) == (
+            t.user_attrs[TEACHER_ATTR],
+            t.user_attrs[STUDENT_ATTR],
+        )
         # The trial's checkpoint is listed among its artifacts.
         assert t.user_attrs[CHECKPOINT_ATTR] in {x["artifact_id"] for x in served["artifacts"]}
 
 
-def test_optuna_dashboard_downloads_checkpoints_from_the_database(finished: Finished, tmp_path: Path) -> None:
+def test_optuna_dashboard_downloads_checkpoints_from_the_database(
+    finished: Finished, tmp_path: Path
+) -> None:
     """Started with jdsearch's SQL artifact store, the dashboard serves the stored checkpoint bytes."""
     port = free_port()
     code = (
@@ -194,7 +235,9 @@ def test_optuna_dashboard_downloads_checkpoints_from_the_database(finished: Fini
     store = make_artifact_store("db", finished.url)
     best = finished.study.best_trial
     artifact_id = best.user_attrs[CHECKPOINT_ATTR]
-    with server([sys.executable, "-c", code, finished.url, str(port)], port, tmp_path / "dashboard.log") as base:
+    with server(
+        [sys.executable, "-c", code, finished.url, str(port)], port, tmp_path / "dashboard.log"
+    ) as base:
         study_id = json.loads(get(base, "/api/studies"))["study_summaries"][0]["study_id"]
         data = get(base, f"/artifacts/{study_id}/{best._trial_id}/{artifact_id}", timeout=60)
     try:

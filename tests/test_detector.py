@@ -49,7 +49,11 @@ def test_heterogeneous_blocks_follow_the_arch() -> None:
         assert isinstance(block, Bottleneck)
         c1, c2, c_out = slot.block.channels
         assert block.conv1.in_channels == slot.in_channels
-        assert (block.conv1.out_channels, block.conv2.out_channels, block.conv3.out_channels) == (c1, c2, c_out)
+        assert (block.conv1.out_channels, block.conv2.out_channels, block.conv3.out_channels) == (
+            c1,
+            c2,
+            c_out,
+        )
         assert block.conv2.stride == (slot.stride, slot.stride)
         assert (block.shortcut is not None) == slot.has_projection
     lateral_in = [blk[0].in_channels for blk in det.backbone.fpn.inner_blocks]
@@ -90,7 +94,13 @@ def test_feature_strides_and_widths() -> None:
     x = torch.rand(1, 3, 128, 160)
     feats = det.backbone(x)
     assert list(feats) == ["0", "1", "2", "3", "pool"]
-    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [
+        (32, 40),
+        (16, 20),
+        (8, 10),
+        (4, 5),
+        (2, 3),
+    ]
     assert all(f.shape[1] == 32 for f in feats.values())
 
 

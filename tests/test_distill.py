@@ -40,7 +40,9 @@ KD_NAMES = {"loss_kd_feat", "loss_kd_cls", "loss_kd_loc"}
 
 STUDENT_ARCH = BackboneArch.resnet([1, 1, 1, 1], kind=BASIC, widths=(8, 16, 16, 32), stem=8, fpn=16)
 # Different block kind, depth, widths and FPN width from the student.
-TEACHER_ARCH = BackboneArch.resnet([1, 2, 1, 1], kind=BOTTLENECK, widths=(8, 8, 16, 16), stem=8, fpn=24)
+TEACHER_ARCH = BackboneArch.resnet(
+    [1, 2, 1, 1], kind=BOTTLENECK, widths=(8, 8, 16, 16), stem=8, fpn=24
+)
 
 
 def small(arch: BackboneArch) -> Detector:
@@ -56,7 +58,10 @@ def batch(empty: bool = False) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         boxes = [torch.zeros(0, 4), torch.zeros(0, 4)]
         labels = [torch.zeros(0, dtype=torch.int64)] * 2
     else:
-        boxes = [torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 20.0, 90.0, 70.0]]), torch.tensor([[5.0, 5.0, 60.0, 40.0]])]
+        boxes = [
+            torch.tensor([[8.0, 10.0, 40.0, 50.0], [50.0, 20.0, 90.0, 70.0]]),
+            torch.tensor([[5.0, 5.0, 60.0, 40.0]]),
+        ]
         labels = [torch.tensor([1, 3]), torch.tensor([4])]
     return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
 
@@ -72,9 +77,17 @@ def bn_eval(det: nn.Module) -> None:
 def plain_heads(heads: RoIHeads, spec: Any) -> RoIHeads:
     roi = spec.roi
     return RoIHeads(
-        heads.box_roi_pool, heads.box_head, heads.box_predictor,
-        roi.fg_iou_thresh, roi.bg_iou_thresh, roi.batch_size_per_image, roi.positive_fraction, None,
-        roi.score_thresh, roi.nms_thresh, roi.detections_per_img,
+        heads.box_roi_pool,
+        heads.box_head,
+        heads.box_predictor,
+        roi.fg_iou_thresh,
+        roi.bg_iou_thresh,
+        roi.batch_size_per_image,
+        roi.positive_fraction,
+        None,
+        roi.score_thresh,
+        roi.nms_thresh,
+        roi.detections_per_img,
     )
 
 
@@ -139,12 +152,17 @@ def test_record_is_the_steps_own_values() -> None:
     n = rec.num_proposals
     assert n == sum(len(p) for p in rec.proposals) == len(rec.all_labels) == len(rec.box_regression)
     assert rec.box_features.shape == (n, 16, 7, 7)
-    assert rec.class_logits.shape == (n, NUM_CLASSES) and rec.box_regression.shape == (n, 4 * NUM_CLASSES)
+    assert rec.class_logits.shape == (n, NUM_CLASSES) and rec.box_regression.shape == (
+        n,
+        4 * NUM_CLASSES,
+    )
     # ground-truth boxes are added to the proposals, so every object yields positives
     assert int(rec.positive.sum()) >= 3
     assert set(rec.all_labels.tolist()) <= {0, 1, 3, 4}
     # the recorded logits are the ones the detection loss was computed from
-    assert torch.allclose(losses["loss_classifier"], F.cross_entropy(rec.class_logits, rec.all_labels))
+    assert torch.allclose(
+        losses["loss_classifier"], F.cross_entropy(rec.class_logits, rec.all_labels)
+    )
     heads = det.roi_heads
     logits, _ = heads.box_predictor(heads.box_head(rec.box_features))
     assert torch.allclose(logits, rec.class_logits)
@@ -188,7 +206,9 @@ def test_loss_functions_by_hand() -> None:
     s = torch.tensor([[0.0, 1.0, 2.0]])
     t = torch.tensor([[1.0, 0.0, 0.0]])
     p_t, p_s = F.softmax(t, 1), F.softmax(s, 1)
-    assert soft_cross_entropy(s, t).item() == pytest.approx(-(p_t * p_s.log()).sum().item(), rel=1e-6)
+    assert soft_cross_entropy(s, t).item() == pytest.approx(
+        -(p_t * p_s.log()).sum().item(), rel=1e-6
+    )
     p_t2, p_s2 = F.softmax(t / 2, 1), F.softmax(s / 2, 1)
     expected_t2 = -4 * (p_t2 * p_s2.log()).sum().item()
     assert soft_cross_entropy(s, t, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
@@ -198,7 +218,7 @@ def test_loss_functions_by_hand() -> None:
     z = math.exp(5) + 1 + 3
     reg_t = torch.tensor([[9.0, 9.0, 9.0, 9.0, 1.0, 2.0, 0.0, 0.0, -1.0, 0.0, 0.0, 4.0]])
     reg_s = torch.zeros_like(reg_t)
-    want = (abs(1 / z * 1 + 3 / z * -1) + abs(2 / z) + 0 + abs(12 / z))
+    want = abs(1 / z * 1 + 3 / z * -1) + abs(2 / z) + 0 + abs(12 / z)
     assert class_aware_loc_loss(reg_s, reg_t, logits).item() == pytest.approx(want, rel=1e-6)
     # opposite per-class errors cancel under the teacher's weights: it is |Σ p Δ|, not Σ p |Δ|
     assert class_aware_loc_loss(reg_s, reg_s, logits).item() == 0.0
@@ -253,7 +273,10 @@ def test_gradients_reach_student_and_adapter_never_teacher() -> None:
     kd.train()
     assert not teacher.training and all(not m.training for m in teacher.modules())
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert {n for n, p in kd.named_parameters() if p.requires_grad} == {"adapter.weight", "adapter.bias"}
+    assert {n for n, p in kd.named_parameters() if p.requires_grad} == {
+        "adapter.weight",
+        "adapter.bias",
+    }
 
     student.train()
     images, targets = batch()
@@ -264,7 +287,11 @@ def test_gradients_reach_student_and_adapter_never_teacher() -> None:
     assert all(p.grad is None for p in teacher.parameters())
     assert kd.adapter.weight.grad is not None and kd.adapter.weight.grad.abs().sum() > 0
     body_conv = student.backbone.body.stages[3][0].conv1.weight  # reached through RoIAlign
-    for p in (body_conv, student.roi_heads.box_head.fc6.weight, student.roi_heads.box_predictor.bbox_pred.weight):
+    for p in (
+        body_conv,
+        student.roi_heads.box_head.fc6.weight,
+        student.roi_heads.box_predictor.bbox_pred.weight,
+    ):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
 
@@ -281,7 +308,9 @@ def test_images_without_objects_give_finite_losses() -> None:
     total = sum(det_losses.values()) + sum(rec_losses.values())
     assert torch.isfinite(total)
     total.backward()
-    grads = [p.grad for p in [*student.parameters(), *kd.adapter.parameters()] if p.grad is not None]
+    grads = [
+        p.grad for p in [*student.parameters(), *kd.adapter.parameters()] if p.grad is not None
+    ]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
@@ -320,7 +349,10 @@ def test_make_distiller_converts_plain_heads_and_checks_the_pair() -> None:
     assert student.roi_heads.box_head.fc6.weight is fc6  # same modules, not copies
 
     with pytest.raises(SpecError, match="classes"):
-        make_distiller(small(STUDENT_ARCH), build_detector(load_spec("tiny-r18-fpn").with_arch(TEACHER_ARCH), 7))
+        make_distiller(
+            small(STUDENT_ARCH),
+            build_detector(load_spec("tiny-r18-fpn").with_arch(TEACHER_ARCH), 7),
+        )
     with pytest.raises(JDSearchError, match="teacher is the student"):
         make_distiller(student, student)
     other = small(TEACHER_ARCH)
@@ -343,7 +375,9 @@ def test_kd_config_validation() -> None:
     with pytest.raises(SpecError, match="feat_weight"):
         KDConfig(feat_weight=float("nan"))
     cfg = KDConfig.from_dict({"cls_weight": 0.5, "temperature": 2})
-    assert cfg == KDConfig(cls_weight=0.5, temperature=2) and KDConfig.from_dict(cfg.to_dict()) == cfg
+    assert (
+        cfg == KDConfig(cls_weight=0.5, temperature=2) and KDConfig.from_dict(cfg.to_dict()) == cfg
+    )
     assert KDConfig.from_dict({"feat_normalize": False}).feat_normalize is False
     with pytest.raises(SpecError, match="feat_normalize"):
         KDConfig(feat_normalize="yes")  # type: ignore[arg-type]
@@ -378,7 +412,9 @@ def test_kd_training_with_the_trainer(tmp_path: Path) -> None:
     info = generate(tmp_path / "synth", images=8, seed=3, size=64)
     ds = CocoDataset(info.train_json, info.image_dir)
     torch.manual_seed(0)
-    cfg = train_mod.TrainConfig(max_iters=6, batch_size=2, lr=0.01, warmup_iters=2, seed=0, log_every=100)
+    cfg = train_mod.TrainConfig(
+        max_iters=6, batch_size=2, lr=0.01, warmup_iters=2, seed=0, log_every=100
+    )
     teacher = build_detector(load_spec("tiny-r18-fpn").with_arch(TEACHER_ARCH), ds.num_classes)
     train_mod.train(teacher, ds, cfg)  # a briefly trained teacher: sane BN statistics
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -388,7 +424,9 @@ def test_kd_training_with_the_trainer(tmp_path: Path) -> None:
     adapter_before = kd.adapter.weight.detach().clone()
 
     steps: list[dict[str, float]] = []
-    result = train_mod.train(student, ds, cfg, loss_terms=[kd], callback=lambda s: steps.append(s.losses))
+    result = train_mod.train(
+        student, ds, cfg, loss_terms=[kd], callback=lambda s: steps.append(s.losses)
+    )
     assert len(steps) == 6
     for step in steps:
         assert set(step) >= KD_NAMES and all(math.isfinite(step[k]) for k in KD_NAMES)

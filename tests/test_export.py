@@ -48,7 +48,9 @@ def trained(search_assets):
     """A trained detector: with random weights nearly all scores tie (≈ 1/K), so float noise of
     1e-7 lets NMS keep the other box of a tied pair and no two runtimes can be compared."""
     det = load_checkpoint(search_assets.base).detector
-    det.roi_heads.score_thresh = 0.01  # the session's base is trained for seconds: keep its weak boxes
+    det.roi_heads.score_thresh = (
+        0.01  # the session's base is trained for seconds: keep its weak boxes
+    )
     return det
 
 
@@ -67,7 +69,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory, trained, search_assets):
     out = tmp_path_factory.mktemp("export") / "det"
     checks = [load_image(p) for p in sorted((search_assets.data_dir / "images").iterdir())[:2]]
     return export_detector(
-        trained, out, class_names=NAMES, input_size="96x64", category_ids=[3, 5, 7, 9, 11, 13], check_images=checks
+        trained,
+        out,
+        class_names=NAMES,
+        input_size="96x64",
+        category_ids=[3, 5, 7, 9, 11, 13],
+        check_images=checks,
     )
 
 
@@ -79,10 +86,16 @@ def test_export_folder_describes_and_hashes_its_files(exported) -> None:
     import hashlib
 
     for key, name in (("weights", WEIGHTS_FILE), ("onnx", ONNX_FILE)):
-        assert info["files"][key]["sha256"] == hashlib.sha256((exported.path / name).read_bytes()).hexdigest()
+        assert (
+            info["files"][key]["sha256"]
+            == hashlib.sha256((exported.path / name).read_bytes()).hexdigest()
+        )
     check = info["onnx_check"]
     assert check["images"] == 2 and check["detections"] > 0
-    assert check["max_box_diff"] <= check["box_atol"] and check["max_score_diff"] <= check["score_atol"]
+    assert (
+        check["max_box_diff"] <= check["box_atol"]
+        and check["max_score_diff"] <= check["score_atol"]
+    )
 
 
 @pytest.mark.parametrize("view", ["as is", "crop 120x70", "crop 37x101", "upscaled 200x200"])
@@ -96,7 +109,9 @@ def test_onnx_graph_matches_the_loaded_pytorch_detector(exported, search_assets,
         "as is": real,
         "crop 120x70": real[:, 4:124, 10:80],
         "crop 37x101": real[:, 20:57, 3:104],
-        "upscaled 200x200": torch.nn.functional.interpolate(real[None], size=(200, 200), mode="bilinear")[0],
+        "upscaled 200x200": torch.nn.functional.interpolate(
+            real[None], size=(200, 200), mode="bilinear"
+        )[0],
     }[view].contiguous()
     with torch.no_grad():
         ref = det([image])[0]
@@ -105,7 +120,9 @@ def test_onnx_graph_matches_the_loaded_pytorch_detector(exported, search_assets,
     # Random weights give near-tied scores, so the two orders may differ: pair detections up
     # one-to-one by label and nearest box, then compare.
     free = np.ones(len(scores), dtype=bool)
-    for box, score, label in zip(ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy(), strict=True):
+    for box, score, label in zip(
+        ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy(), strict=True
+    ):
         cand = np.flatnonzero(free & (labels == label))
         assert len(cand), f"no ONNX detection of label {label}"
         j = cand[np.argmin(np.abs(boxes[cand] - box).max(axis=1))]
@@ -133,7 +150,9 @@ def test_check_onnx_fails_when_the_graphs_disagree(tmp_path: Path) -> None:
         check_onnx(path, other, images(0, (64, 96)))
 
 
-def test_damaged_exports_are_refused_with_one_line_naming_the_file(exported, tmp_path: Path) -> None:
+def test_damaged_exports_are_refused_with_one_line_naming_the_file(
+    exported, tmp_path: Path
+) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(exported.path, bad)
     data = bytearray((bad / WEIGHTS_FILE).read_bytes())
@@ -162,7 +181,9 @@ def test_export_folder_loads_in_a_fresh_process_without_optuna(exported, tmp_pat
         "assert set(out) == {'boxes', 'scores', 'labels'}\n"
         "print(sorted(m for m in ('optuna', 'sqlalchemy', 'onnxruntime') if m in sys.modules))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
     assert r.stdout.strip() == "[]"
 
 
@@ -173,24 +194,36 @@ def test_latency_times_batch_one_at_the_requested_size() -> None:
     seen: list[tuple[int, ...]] = []
     handle = det.backbone.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
     try:
-        lat = measure_latency(det, "128x96", warmup=2, repeats=5, images=images(0, (300, 200), (50, 80)))
+        lat = measure_latency(
+            det, "128x96", warmup=2, repeats=5, images=images(0, (300, 200), (50, 80))
+        )
     finally:
         handle.remove()
     assert len(seen) == 7 and all(s == (1, 3, 96, 128) for s in seen)  # batch 1, exactly 128x96
     assert lat.repeats == 5 and lat.size == "128x96" and lat.device == "cpu"
-    assert lat.p10_ms <= lat.median_ms <= lat.p90_ms and lat.images_per_s == pytest.approx(1000 / lat.median_ms)
+    assert lat.p10_ms <= lat.median_ms <= lat.p90_ms and lat.images_per_s == pytest.approx(
+        1000 / lat.median_ms
+    )
     assert det.training and get_resolution(det) == load_spec("tiny-r18-fpn").input.size  # restored
 
 
 # ---------------------------------------------------------------------- from a study
-def test_export_trial_writes_the_best_student_at_its_best_resolution(small_study, tmp_path: Path) -> None:
+def test_export_trial_writes_the_best_student_at_its_best_resolution(
+    small_study, tmp_path: Path
+) -> None:
     handle = open_study(small_study.url, small_study.name)
     best = handle.trial()
     assert best.value == max(t.value for t in handle.study.trials if t.value is not None)
     e = export_trial(handle, tmp_path / "best")
-    assert e.info["source"]["trial"] == best.number and e.info["input_size"] == best.user_attrs["best_resolution"]
+    assert (
+        e.info["source"]["trial"] == best.number
+        and e.info["input_size"] == best.user_attrs["best_resolution"]
+    )
     assert e.info["arch"] == best.user_attrs["student"]
-    assert e.info["source"]["lineage"][-1]["trial"] == best.number and e.info["source"]["lineage"][0]["move"] == "base"
+    assert (
+        e.info["source"]["lineage"][-1]["trial"] == best.number
+        and e.info["source"]["lineage"][0]["move"] == "base"
+    )
     assert e.info["onnx_check"]["images"] == 3  # the study's own validation images
     # the synthetic dataset's category ids, in label order
     cats = json.loads((small_study.data_dir / "train.json").read_text())["categories"]
@@ -215,11 +248,30 @@ def test_study_access_errors_name_what_exists(small_study, tmp_path: Path) -> No
         handle.trial(999)
 
 
-def test_cli_export_predict_latency(small_study, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_predict_latency(
+    small_study, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "exp"
-    assert main(["export", "--storage", small_study.url, "--study", small_study.name, "--trial", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--storage",
+                small_study.url,
+                "--study",
+                small_study.name,
+                "--trial",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert "exported trial 2 of study 'small'" in text and "ONNX" in text and "matches PyTorch" in text
+    assert (
+        "exported trial 2 of study 'small'" in text and "ONNX" in text and "matches PyTorch" in text
+    )
     info = json.loads((out / INFO_FILE).read_text())
     assert info["source"]["trial"] == 2
 
@@ -227,16 +279,36 @@ def test_cli_export_predict_latency(small_study, tmp_path: Path, capsys: pytest.
     preds = tmp_path / "preds.json"
     val = json.loads((data / "val.json").read_text())
     files = [str(data / "images" / im["file_name"]) for im in val["images"][:4]]
-    assert main(["predict", str(out), *files, "--out", str(preds), "--ann", str(data / "val.json")]) == 0
+    assert (
+        main(["predict", str(out), *files, "--out", str(preds), "--ann", str(data / "val.json")])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "detections on 4 images" in text and "AP50" in text
     rows = json.loads(preds.read_text())
     ids = {im["file_name"]: im["id"] for im in val["images"]}
     cat_ids = {c["id"] for c in val["categories"]}
-    assert rows and all(r["image_id"] == ids[r["file_name"]] and r["category_id"] in cat_ids for r in rows)
+    assert rows and all(
+        r["image_id"] == ids[r["file_name"]] and r["category_id"] in cat_ids for r in rows
+    )
     assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 and 0 <= r["score"] <= 1 for r in rows)
 
-    assert main(["latency", str(out), "tiny-r18-fpn", "--repeats", "3", "--warmup", "1", "--size", "96x64"]) == 0
+    assert (
+        main(
+            [
+                "latency",
+                str(out),
+                "tiny-r18-fpn",
+                "--repeats",
+                "3",
+                "--warmup",
+                "1",
+                "--size",
+                "96x64",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "speed-up" in text and text.count("img/s") == 2
 
@@ -246,7 +318,9 @@ def test_cli_export_predict_latency(small_study, tmp_path: Path, capsys: pytest.
 
 def test_a_check_that_would_compare_nothing_compares_at_score_zero(trained, tmp_path: Path) -> None:
     det = copy.deepcopy(trained)
-    det.roi_heads.score_thresh = 0.999  # nothing survives: comparing the shipped graph proves nothing
+    det.roi_heads.score_thresh = (
+        0.999  # nothing survives: comparing the shipped graph proves nothing
+    )
     e = export_detector(det, tmp_path / "x", class_names=NAMES, check_images=images(0, (64, 96)))
     check = e.info["onnx_check"]
     assert check["score_thresh"] == 0.0 and check["detections"] > 0
@@ -261,7 +335,12 @@ def test_export_away_from_the_data_uses_the_ids_recorded_in_the_study(
     still come from the study and the check falls back to noise images, saying so."""
     handle = open_study(small_study.url, small_study.name)
     monkeypatch.chdir(tmp_path)
-    moved = dataclasses.replace(handle, spec=dataclasses.replace(handle.spec, data=dataclasses.replace(handle.spec.data, dir=Path("gone"))))
+    moved = dataclasses.replace(
+        handle,
+        spec=dataclasses.replace(
+            handle.spec, data=dataclasses.replace(handle.spec.data, dir=Path("gone"))
+        ),
+    )
     with caplog.at_level("WARNING", logger="jdsearch.export"):
         e = export_trial(moved, tmp_path / "away")
     cats = json.loads((small_study.data_dir / "train.json").read_text())["categories"]
@@ -274,7 +353,9 @@ def test_export_away_from_the_data_uses_the_ids_recorded_in_the_study(
 def test_errors_hide_the_database_password() -> None:
     with pytest.raises(JDSearchError) as e:
         open_study("postgresql+psycopg2://alice:s3cretPW@127.0.0.1:1/db", "x")
-    assert "s3cretPW" not in str(e.value) and "alice:***@" in str(e.value) and "\n" not in str(e.value)
+    assert (
+        "s3cretPW" not in str(e.value) and "alice:***@" in str(e.value) and "\n" not in str(e.value)
+    )
 
 
 def test_a_missing_checkpoint_artifact_is_one_line(small_study, tmp_path: Path) -> None:
@@ -285,7 +366,9 @@ def test_a_missing_checkpoint_artifact_is_one_line(small_study, tmp_path: Path) 
     handle = open_study(f"sqlite:///{db}")
     best = handle.trial()
     SQLArtifactStore(f"sqlite:///{db}").remove(best.user_attrs["checkpoint"])
-    with pytest.raises(JDSearchError, match=rf"checkpoint of trial {best.number} \(artifact .*\) is missing"):
+    with pytest.raises(
+        JDSearchError, match=rf"checkpoint of trial {best.number} \(artifact .*\) is missing"
+    ):
         export_trial(handle, tmp_path / "x")
 
 
@@ -297,5 +380,12 @@ def test_re_export_without_onnx_leaves_no_stale_graph(exported, tmp_path: Path, 
     with torch.no_grad():
         other.roi_heads.box_predictor.cls_score.bias.add_(1.0)
     e = export_detector(other, again, class_names=NAMES, onnx=False)
-    assert not (again / ONNX_FILE).exists() and "onnx" not in e.info["files"] and e.info["onnx_check"] is None
-    assert torch.equal(load_detector(again).roi_heads.box_predictor.cls_score.bias, other.roi_heads.box_predictor.cls_score.bias)
+    assert (
+        not (again / ONNX_FILE).exists()
+        and "onnx" not in e.info["files"]
+        and e.info["onnx_check"] is None
+    )
+    assert torch.equal(
+        load_detector(again).roi_heads.box_predictor.cls_score.bias,
+        other.roi_heads.box_predictor.cls_score.bias,
+    )

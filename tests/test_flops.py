@@ -61,7 +61,11 @@ def test_x101_at_stated_size_is_above_paper() -> None:
 
 @pytest.mark.parametrize(
     ("preset", "encoding", "paper_g"),
-    [("r18-fpn", R18_STUDENT, 117.3), ("r50-fpn", R50_STUDENT, 145.7), ("r101-fpn", R101_STUDENT, 153.9)],
+    [
+        ("r18-fpn", R18_STUDENT, 117.3),
+        ("r50-fpn", R50_STUDENT, 145.7),
+        ("r101-fpn", R101_STUDENT, 153.9),
+    ],
     ids=["r18-student", "r50-student", "r101-student"],
 )
 def test_table4_searched_students(preset: str, encoding: str, paper_g: float) -> None:
@@ -105,7 +109,9 @@ def out(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def hand_count(arch: BackboneArch, size: tuple[int, int], rois: int, rep: int, ncls: int) -> dict[str, int]:
+def hand_count(
+    arch: BackboneArch, size: tuple[int, int], rois: int, rep: int, ncls: int
+) -> dict[str, int]:
     """Every multiply-add of the detector by formula, from the arch (not from the modules)."""
     h, w = out(size[0], 7, 2, 3), out(size[1], 7, 2, 3)
     c = arch.stem
@@ -135,7 +141,9 @@ def hand_count(arch: BackboneArch, size: tuple[int, int], rois: int, rep: int, n
     f = arch.fpn
     fpn = sum(ci * f * ai + f * ai + 9 * f * f * ai + f * ai for ci, ai in levels)
     areas = [ai for _, ai in levels] + [out(h, 1, 2, 0) * out(w, 1, 2, 0)]  # P6: max-pool k1 s2
-    rpn = sum(9 * f * f * ai + 2 * f * ai + f * 3 * ai + 3 * ai + f * 12 * ai + 12 * ai for ai in areas)
+    rpn = sum(
+        9 * f * f * ai + 2 * f * ai + f * 3 * ai + 3 * ai + f * 12 * ai + 12 * ai for ai in areas
+    )
     roi = rois * (f * 49 * rep + rep * rep + rep * ncls + rep * ncls * 4)
     backbone = stem + sum(stages)
     return {
@@ -144,10 +152,14 @@ def hand_count(arch: BackboneArch, size: tuple[int, int], rois: int, rep: int, n
     }  # fmt: skip
 
 
-BASIC_ARCH = BackboneArch.parse("[(8, 12)], [(16, 16)-(12, 16)], [(24, 32)], [(40, 48)-(48, 48)]", stem=8, fpn=16)
+BASIC_ARCH = BackboneArch.parse(
+    "[(8, 12)], [(16, 16)-(12, 16)], [(24, 32)], [(40, 48)-(48, 48)]", stem=8, fpn=16
+)
 GROUPED_ARCH = BackboneArch.parse(
     "[(8, 8, 24)-(8, 8, 24)], [(16, 16, 40)], [(32, 32, 64)-(24, 32, 64)], [(64, 64, 96)]",
-    stem=12, fpn=24, group_width=4,
+    stem=12,
+    fpn=24,
+    group_width=4,
 )
 
 
@@ -155,13 +167,27 @@ GROUPED_ARCH = BackboneArch.parse(
 @pytest.mark.parametrize("size", [(64, 96), (50, 77)])
 def test_tiny_detector_counts_exactly(arch: BackboneArch, size: tuple[int, int]) -> None:
     spec = DetectorSpec(
-        name="hand", arch=arch, rpn=RPNSpec(post_nms_top_n_test=13), roi=RoISpec(representation_size=20)
+        name="hand",
+        arch=arch,
+        rpn=RPNSpec(post_nms_top_n_test=13),
+        roi=RoISpec(representation_size=20),
     )
     det = build_detector(spec, 5)
     r = count_flops(det, size)
     want = hand_count(arch, size, rois=13, rep=20, ncls=5)
-    assert r.per_stage == (want["stem"], want["stage0"], want["stage1"], want["stage2"], want["stage3"])
-    assert (r.backbone, r.fpn, r.rpn, r.roi_heads) == (want["backbone"], want["fpn"], want["rpn"], want["roi"])
+    assert r.per_stage == (
+        want["stem"],
+        want["stage0"],
+        want["stage1"],
+        want["stage2"],
+        want["stage3"],
+    )
+    assert (r.backbone, r.fpn, r.rpn, r.roi_heads) == (
+        want["backbone"],
+        want["fpn"],
+        want["rpn"],
+        want["roi"],
+    )
     assert r.total == want["total"]
     assert r.num_rois == 13 and r.size == size
     assert r.params == sum(p.numel() for p in det.parameters())
@@ -234,7 +260,9 @@ def shrink(arch: BackboneArch, inner: float, outer: float) -> BackboneArch:
         *mid, last = b.channels
         return Block((*(max(1, int(c * inner)) for c in mid), max(1, int(last * outer))), b.groups)
 
-    return arch.with_stages([Stage(tuple(block(b) for b in st.blocks), st.stride) for st in arch.stages])
+    return arch.with_stages(
+        [Stage(tuple(block(b) for b in st.blocks), st.stride) for st in arch.stages]
+    )
 
 
 def test_pruned_arch_has_fewer_flops() -> None:
@@ -260,7 +288,9 @@ def test_bad_size(size: object) -> None:
 def test_report_dict_and_format() -> None:
     r = count_spec_flops(load_spec("r50-fpn"), (1333, 800))
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["total"] == r.total and d["per_stage"] == list(r.per_stage) and d["size"] == [1333, 800]
+    assert (
+        d["total"] == r.total and d["per_stage"] == list(r.per_stage) and d["size"] == [1333, 800]
+    )
     assert d["gflops"] == pytest.approx(215.84, abs=0.01)
     text = format_report(r)
     assert "r50-fpn" in text and "1333x800" in text
@@ -270,7 +300,11 @@ def test_report_dict_and_format() -> None:
 
 @pytest.mark.parametrize(
     ("preset", "encoding", "paper_g"),
-    [("r18-fpn-jdnas", R18_STUDENT, 117.3), ("r50-fpn-jdnas", R50_STUDENT, 145.7), ("r101-fpn-jdnas", R101_STUDENT, 153.9)],
+    [
+        ("r18-fpn-jdnas", R18_STUDENT, 117.3),
+        ("r50-fpn-jdnas", R50_STUDENT, 145.7),
+        ("r101-fpn-jdnas", R101_STUDENT, 153.9),
+    ],
 )
 def test_paper_student_presets(preset: str, encoding: str, paper_g: float) -> None:
     """detectors/*-jdnas.yaml are table 4's upgraded detectors at their searched input size."""

@@ -51,7 +51,9 @@ def tiny(arch: BackboneArch, seed: int = 0) -> Detector:
     preset = "tiny-r18-fpn" if arch.kind == "basic" else "tiny-r50-fpn"
     spec = load_spec(preset).with_arch(arch)
     res = Resolution(SIZE, SIZE)
-    spec = dataclasses.replace(spec, input=dataclasses.replace(spec.input, size=res, resolutions=(res,)))
+    spec = dataclasses.replace(
+        spec, input=dataclasses.replace(spec.input, size=res, resolutions=(res,))
+    )
     torch.manual_seed(seed)
     return build_detector(spec, NUM_CLASSES).eval()
 
@@ -108,7 +110,14 @@ def body_params_from_arch(arch: BackboneArch) -> int:
         if len(ch) == 2:
             n += 9 * cin * ch[0] + 2 * ch[0] + 9 * ch[0] * ch[1] + 2 * ch[1]
         else:
-            n += cin * ch[0] + 2 * ch[0] + 9 * (ch[0] // g) * ch[1] + 2 * ch[1] + ch[1] * ch[2] + 2 * ch[2]
+            n += (
+                cin * ch[0]
+                + 2 * ch[0]
+                + 9 * (ch[0] // g) * ch[1]
+                + 2 * ch[1]
+                + ch[1] * ch[2]
+                + 2 * ch[2]
+            )
         if slot.has_projection:
             n += cin * ch[-1] + 2 * ch[-1]
     return n
@@ -144,8 +153,19 @@ def test_action_strings_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["prune", "add_layer", "add_layer:0", "add_layer:5", "add_layer:x", "rearrange:1->3",
-             "rearrange:4->5", "rearrange:2-3", "channel_prune:0.2", ""],
+    "text",
+    [
+        "prune",
+        "add_layer",
+        "add_layer:0",
+        "add_layer:5",
+        "add_layer:x",
+        "rearrange:1->3",
+        "rearrange:4->5",
+        "rearrange:2-3",
+        "channel_prune:0.2",
+        "",
+    ],
 )
 def test_unknown_actions_raise_morph_error(text: str) -> None:
     with pytest.raises(MorphError, match="action"):
@@ -155,7 +175,9 @@ def test_unknown_actions_raise_morph_error(text: str) -> None:
 
 
 def test_feasibility_never_empties_a_stage() -> None:
-    shallow = BackboneArch.resnet([1, 1, 1, 1], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
+    shallow = BackboneArch.resnet(
+        [1, 1, 1, 1], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16
+    )
     det = tiny(shallow)
     acts = feasible_actions(det)
     assert acts == ["channel_prune", "add_layer:1", "add_layer:2", "add_layer:3", "add_layer:4"]
@@ -205,7 +227,9 @@ def test_channel_prune_is_exact_when_removed_channels_are_zero(arch: BackboneArc
                 bn = body.get_submodule(name)
                 bn.weight[list(idx)] = 0.0
                 bn.bias[list(idx)] = 0.0
-    child, second = evolve_with_report(det, "channel_prune", config=MorphConfig(channel_fraction=0.25))
+    child, second = evolve_with_report(
+        det, "channel_prune", config=MorphConfig(channel_fraction=0.25)
+    )
     for key, idx in second.removed_channels.items():  # it removes (some of) the zeroed channels
         assert set(idx) <= set(report.removed_channels[key])
     assert child.arch.num_blocks() == arch.num_blocks()
@@ -223,7 +247,9 @@ def test_channel_prune_ranks_globally_and_prunes_a_stage_through_its_projection(
         body.stages[2][0].shortcut.bn.weight[:5] = 0.01  # 5 of stage 3's 32 output channels
     total = 16 + 32 + 32 + 64 + sum(sum(s.block.channels[:2]) for s in R50.slots())
     fraction = 5.4 / total  # rounds to exactly 5 channels
-    child, report = evolve_with_report(det, "channel_prune", config=MorphConfig(channel_fraction=fraction))
+    child, report = evolve_with_report(
+        det, "channel_prune", config=MorphConfig(channel_fraction=fraction)
+    )
     assert dict(report.removed_channels) == {"stages.2.0.shortcut.bn": (0, 1, 2, 3, 4)}
     assert child.arch.stage_out_channels == (16, 32, 27, 64)
     assert [b.out_channels for b in child.arch.stages[2].blocks] == [27, 27, 27]
@@ -234,7 +260,8 @@ def test_channel_prune_ranks_globally_and_prunes_a_stage_through_its_projection(
         child.backbone.body.stages[3][0].conv1.weight, body.stages[3][0].conv1.weight[:, 5:]
     )
     torch.testing.assert_close(
-        child.backbone.fpn.inner_blocks[2][0].weight, det.backbone.fpn.inner_blocks[2][0].weight[:, 5:]
+        child.backbone.fpn.inner_blocks[2][0].weight,
+        det.backbone.fpn.inner_blocks[2][0].weight[:, 5:],
     )
 
 
@@ -258,7 +285,9 @@ def test_channel_prune_removes_the_configured_fraction() -> None:
     randomize_bn(det, seed=3)
     prunable = 16 + 32 + 32 + 64 + sum(sum(s.block.channels[:2]) for s in R50.slots())
     for fraction in (0.1, 0.3):
-        _, report = evolve_with_report(det, "channel_prune", config=MorphConfig(channel_fraction=fraction))
+        _, report = evolve_with_report(
+            det, "channel_prune", config=MorphConfig(channel_fraction=fraction)
+        )
         assert sum(len(v) for v in report.removed_channels.values()) == round(fraction * prunable)
         assert report.new_params == 0 and report.params_after < report.params_before
 
@@ -273,12 +302,19 @@ def test_grouped_blocks_lose_whole_groups() -> None:
         blk = body.stages[1][1]  # (16, 16, 48), 4 groups of 4
         blk.bn1.weight[8:12] = 0.01
         blk.bn2.weight[8:12] = 0.02
-    child, report = evolve_with_report(det, "channel_prune", config=MorphConfig(channel_fraction=0.01))
-    assert dict(report.removed_channels) == {"stages.1.1.bn1": (8, 9, 10, 11), "stages.1.1.bn2": (8, 9, 10, 11)}
+    child, report = evolve_with_report(
+        det, "channel_prune", config=MorphConfig(channel_fraction=0.01)
+    )
+    assert dict(report.removed_channels) == {
+        "stages.1.1.bn1": (8, 9, 10, 11),
+        "stages.1.1.bn2": (8, 9, 10, 11),
+    }
     new = child.arch.slot(1, 1).block
     assert new.channels == (12, 12, 48) and new.groups == 3
     kept = [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
-    torch.testing.assert_close(child.backbone.body.stages[1][1].conv2.weight, blk.conv2.weight[kept])
+    torch.testing.assert_close(
+        child.backbone.body.stages[1][1].conv2.weight, blk.conv2.weight[kept]
+    )
     # Repeated pruning keeps 4 channels per group everywhere (appendix B: 128 -> 112 = 28 x 4),
     # down to the minimum of two groups per grouped conv.
     cfg = MorphConfig(channel_fraction=0.3)
@@ -289,7 +325,10 @@ def test_grouped_blocks_lose_whole_groups() -> None:
             assert c1 == c2 == 4 * slot.block.groups and slot.block.groups >= 2
     assert all(s.block.groups == 2 for s in child.arch.slots())
     a = child.arch  # the encoding still round-trips with the ResNeXt group width
-    assert BackboneArch.parse(a.encode(), stem=a.stem, fpn=a.fpn, strides=a.strides, group_width=4) == a
+    assert (
+        BackboneArch.parse(a.encode(), stem=a.stem, fpn=a.fpn, strides=a.strides, group_width=4)
+        == a
+    )
 
 
 def test_channel_prune_stops_at_the_minimum_width() -> None:
@@ -373,7 +412,9 @@ def test_rearrange_moves_the_stride_and_inherits_every_conv() -> None:
     torch.testing.assert_close(moved.bn2.running_var, src.bn2.running_var)
     # only the moved block's new strided 16 -> 16 projection is new; stage 3's width is unchanged
     assert report.new_params == 16 * 16 + 2 * 16
-    assert report.new_tensors == tuple(sorted(k for k in child.state_dict() if k.startswith("backbone.body.stages.3.0.shortcut")))
+    assert report.new_tensors == tuple(
+        sorted(k for k in child.state_dict() if k.startswith("backbone.body.stages.3.0.shortcut"))
+    )
     # the new projection is the identity on the strided grid (eval mode)
     x = torch.rand(1, 16, 10, 10)
     with torch.no_grad():
@@ -393,7 +434,8 @@ def test_rearrange_4_to_3_gives_stage_3_a_second_chain() -> None:
     assert child.backbone.body.stages[3][0].shortcut is not None
     # the moved block (now stride 1, still 16 -> 32) keeps its projection weights
     torch.testing.assert_close(
-        child.backbone.body.stages[2][2].shortcut.conv.weight, det.backbone.body.stages[3][0].shortcut.conv.weight
+        child.backbone.body.stages[2][2].shortcut.conv.weight,
+        det.backbone.body.stages[3][0].shortcut.conv.weight,
     )
 
 
@@ -454,7 +496,9 @@ def test_random_action_sequences_keep_the_arch_true(arch: BackboneArch, tmp_path
             assert blk.conv1.in_channels == slot.in_channels
             assert (blk.shortcut is not None) == slot.has_projection
             assert max(blk.conv1.stride + blk.conv2.stride) == slot.stride
-        assert [b[0].in_channels for b in child.backbone.fpn.inner_blocks] == list(a.stage_out_channels)
+        assert [b[0].in_channels for b in child.backbone.fpn.inner_blocks] == list(
+            a.stage_out_channels
+        )
         assert sum(p.numel() for p in body.parameters()) == body_params_from_arch(a)
         # the encoding round-trips and a rebuild from it reproduces the outputs
         parsed = BackboneArch.parse(a.encode(), stem=a.stem, fpn=a.fpn, strides=a.strides)
@@ -468,7 +512,9 @@ def test_random_action_sequences_keep_the_arch_true(arch: BackboneArch, tmp_path
         # the report's bookkeeping
         n_child = sum(p.numel() for p in child.parameters())
         assert report.params_after == n_child == report.inherited_params + report.new_params
-        assert report.child_encoding == a.encode() and report.parent_encoding == parent.arch.encode()
+        assert (
+            report.child_encoding == a.encode() and report.parent_encoding == parent.arch.encode()
+        )
         # FLOPs move the way the action says
         flops_parent = _flops_total(parent) if flops_parent is None else flops_parent
         flops_child = _flops_total(child)

@@ -59,10 +59,16 @@ def test_bn_l1_and_sparsity_term() -> None:
         for m in det.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(-1.0, 1.0)
-    expected = sum(float(body.get_submodule(n).weight.detach().abs().sum()) for n in prunable_bn_names(R18))
+    expected = sum(
+        float(body.get_submodule(n).weight.detach().abs().sum()) for n in prunable_bn_names(R18)
+    )
     assert float(bn_l1(det).detach()) == pytest.approx(expected, rel=1e-6)
     assert float(bn_l1(body).detach()) == pytest.approx(expected, rel=1e-6)
-    every_bn = sum(float(m.weight.detach().abs().sum()) for m in body.modules() if isinstance(m, nn.BatchNorm2d))
+    every_bn = sum(
+        float(m.weight.detach().abs().sum())
+        for m in body.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    )
     assert every_bn > expected
     term = BNSparsity(lam=1e-3)
     out = term(det)
@@ -78,7 +84,9 @@ def test_bn_l1_and_sparsity_term() -> None:
 
 
 def test_bn_l1_falls_back_to_every_bn_of_a_foreign_model() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
     with torch.no_grad():
         model[1].weight.fill_(-0.5)
     assert float(bn_l1(model).detach()) == pytest.approx(4 * 0.5 + 4 * 1.0)
@@ -92,8 +100,14 @@ def test_sparsity_term_shrinks_gammas_in_the_real_trainer(tmp_path) -> None:
 
     info = generate(tmp_path, images=6, seed=0, size=64)
     data = CocoDataset(info.train_json, info.image_dir)
-    cfg = TrainConfig(max_iters=3, batch_size=2, lr=0.01, warmup_iters=0, weight_decay=0.0,
-                      resolutions=(Resolution(64, 64),))
+    cfg = TrainConfig(
+        max_iters=3,
+        batch_size=2,
+        lr=0.01,
+        warmup_iters=0,
+        weight_decay=0.0,
+        resolutions=(Resolution(64, 64),),
+    )
     totals = []
     for terms in ([], [BNSparsity(lam=1.0)]):
         torch.manual_seed(0)
@@ -129,7 +143,9 @@ def test_plan_respects_min_channels() -> None:
 
 
 def test_layer_candidates_and_normalised_importance() -> None:
-    arch = BackboneArch.resnet([3, 2, 2, 2], kind="bottleneck", widths=(4, 8, 8, 16), stem=8, fpn=16)
+    arch = BackboneArch.resnet(
+        [3, 2, 2, 2], kind="bottleneck", widths=(4, 8, 8, 16), stem=8, fpn=16
+    )
     assert removable_blocks(arch) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1)]
     body = _body(arch)
     with torch.no_grad():  # block 3 of stage 1 = block 2 with doubled parameters
@@ -138,13 +154,20 @@ def test_layer_candidates_and_normalised_importance() -> None:
             p.mul_(2.0)
     # the importance is the mean |θ| of the block...
     blk = body.stages[0][1]
-    mean = sum(float(p.detach().abs().sum()) for p in blk.parameters()) / sum(p.numel() for p in blk.parameters())
+    mean = sum(float(p.detach().abs().sum()) for p in blk.parameters()) / sum(
+        p.numel() for p in blk.parameters()
+    )
     assert layer_importance(body, (0, 1)) == pytest.approx(mean)
-    assert layer_importance(body, (0, 2)) == pytest.approx(2 * layer_importance(body, (0, 1)), rel=1e-5)
+    assert layer_importance(body, (0, 2)) == pytest.approx(
+        2 * layer_importance(body, (0, 1)), rel=1e-5
+    )
     # ...so the least important block is the one with the smallest mean |θ|
     with torch.no_grad():
         for p in body.stages[2][1].parameters():
             p.mul_(0.1)
     slot = least_important_block(body)
     assert slot is not None and (slot.stage, slot.index) == (2, 1)
-    assert least_important_block(_body(BackboneArch.resnet([1, 1, 1, 1], widths=(4, 4, 4, 4), stem=8))) is None
+    assert (
+        least_important_block(_body(BackboneArch.resnet([1, 1, 1, 1], widths=(4, 4, 4, 4), stem=8)))
+        is None
+    )

@@ -66,21 +66,26 @@ def mk(
     if state == TrialState.COMPLETE:
         assert value is not None
         ap = value if ap is None else ap
-        user.update({
-            "h": {RES[0]: value / 2, RES[1]: value},
-            "ap": {RES[0]: ap / 2, RES[1]: ap},
-            "metrics": {RES[0]: {"AP": ap / 2}, RES[1]: {"AP": ap}},
-            "best_resolution": RES[1],
-            "flops": int(1e9 * (1.0 if gflops is None else gflops)),
-            "teacher": "d2-2-3-2_w1.5-1.5-1.5-1.5_f32",
-            "teacher_params": 1000,
-            "student": "[(16, 16)-(16, 16)], [(32, 32)], [(64, 64)], [(128, 128)]",
-            "stage_flops": [10, 20, 30, 40, 50],
-        })
+        user.update(
+            {
+                "h": {RES[0]: value / 2, RES[1]: value},
+                "ap": {RES[0]: ap / 2, RES[1]: ap},
+                "metrics": {RES[0]: {"AP": ap / 2}, RES[1]: {"AP": ap}},
+                "best_resolution": RES[1],
+                "flops": int(1e9 * (1.0 if gflops is None else gflops)),
+                "teacher": "d2-2-3-2_w1.5-1.5-1.5-1.5_f32",
+                "teacher_params": 1000,
+                "student": "[(16, 16)-(16, 16)], [(32, 32)], [(64, 64)], [(128, 128)]",
+                "stage_flops": [10, 20, 30, 40, 50],
+            }
+        )
     user.update(attrs)
     t = optuna.trial.create_trial(
-        state=state, value=value if state == TrialState.COMPLETE else None,
-        params={"move": move}, distributions={"move": MOVES}, user_attrs=user,
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
+        params={"move": move},
+        distributions={"move": MOVES},
+        user_attrs=user,
     )
     t.number = number
     return t
@@ -124,7 +129,10 @@ def test_phase_windows_split_completed_trials_by_number() -> None:
     windows = phase_windows(trials, 4)
     assert [w.numbers for w in windows] == [(0, 1, 2), (3, 5, 6), (7, 8), (9, 10)]
     assert windows[1].label == "phase 2 (trials 3–6)"
-    assert [w.numbers for w in phase_windows(trials[:2], 4)] == [(0,), (1,)]  # fewer trials than phases
+    assert [w.numbers for w in phase_windows(trials[:2], 4)] == [
+        (0,),
+        (1,),
+    ]  # fewer trials than phases
     assert phase_windows([mk(0, "base", None, state=TrialState.FAIL)], 4) == []
     for bad in (0, -1, True, 2.0):
         with pytest.raises(JDSearchError, match="phases"):
@@ -158,7 +166,11 @@ def test_action_gains_per_phase_and_family() -> None:
     assert gains.cell(1, "layer_prune").increment == pytest.approx(0.03)
     # Phase 2 has two beneficial actions, one channel pruning and one layer pruning.
     assert gains.beneficial_in(1) == 2
-    assert (gains.share(1, "channel_prune"), gains.share(1, "layer_prune"), gains.share(1, "rearrange")) == (0.5, 0.5, 0.0)
+    assert (
+        gains.share(1, "channel_prune"),
+        gains.share(1, "layer_prune"),
+        gains.share(1, "rearrange"),
+    ) == (0.5, 0.5, 0.0)
     assert gains.increment("channel_prune") == pytest.approx(0.08)
 
 
@@ -182,10 +194,21 @@ def test_fig_action_gain_known_answers() -> None:
     gains = action_gains(generations(), phases=2)
     assert [p.numbers for p in gains.phases] == [(0, 1, 2, 3, 4), (5, 6, 7, 8)]
     expected_increment = {  # (phase, family): summed positive increments
-        (0, "channel_prune"): 0.15, (0, "teacher"): 0.02, (1, "rearrange"): 0.03, (1, "add_layer"): 0.02,
+        (0, "channel_prune"): 0.15,
+        (0, "teacher"): 0.02,
+        (1, "rearrange"): 0.03,
+        (1, "add_layer"): 0.02,
     }
-    expected_share = {(0, "channel_prune"): 2 / 3, (0, "teacher"): 1 / 3, (1, "rearrange"): 0.5, (1, "add_layer"): 0.5}
-    assert gains.cell(1, "add_layer").net == pytest.approx(0.01) and gains.cell(1, "add_layer").scored == 2
+    expected_share = {
+        (0, "channel_prune"): 2 / 3,
+        (0, "teacher"): 1 / 3,
+        (1, "rearrange"): 0.5,
+        (1, "add_layer"): 0.5,
+    }
+    assert (
+        gains.cell(1, "add_layer").net == pytest.approx(0.01)
+        and gains.cell(1, "add_layer").scored == 2
+    )
     assert gains.cell(1, "channel_prune").failed == 1
 
     fig = fig_action_gain(generations(), phases=2)
@@ -196,13 +219,19 @@ def test_fig_action_gain_known_answers() -> None:
     assert set(tops) == set(bottoms) == set(report.FAMILIES)
     for fam in report.FAMILIES:
         assert list(tops[fam].x) == labels and list(bottoms[fam].x) == labels
-        assert list(tops[fam].y) == pytest.approx([expected_increment.get((i, fam), 0.0) for i in range(2)])
-        assert list(bottoms[fam].y) == pytest.approx([100 * expected_share.get((i, fam), 0.0) for i in range(2)])
+        assert list(tops[fam].y) == pytest.approx(
+            [expected_increment.get((i, fam), 0.0) for i in range(2)]
+        )
+        assert list(bottoms[fam].y) == pytest.approx(
+            [100 * expected_share.get((i, fam), 0.0) for i in range(2)]
+        )
         assert bottoms[fam].yaxis == "y2" and bottoms[fam].showlegend is False
     for i in range(2):  # the bottom panel stacks to 100 % in every phase
         assert sum(bottoms[f].y[i] for f in report.FAMILIES) == pytest.approx(100)
     assert "whole search 0.1500" in tops["channel_prune"].hovertemplate
-    assert tops["layer_prune"].text[0].startswith("0 beneficial of 1 scored actions (net ΔH -0.0100)")
+    assert (
+        tops["layer_prune"].text[0].startswith("0 beneficial of 1 scored actions (net ΔH -0.0100)")
+    )
     assert not [a for a in fig.layout.annotations if a.text == "no beneficial action"]
 
 
@@ -235,10 +264,14 @@ def plotted_flops(t: FrozenTrial) -> float:
 
 
 def brute_force_front(trials: list[FrozenTrial]) -> set[int]:
-    pts = [(t.number, trial_ap(t), plotted_flops(t)) for t in trials
-           if t.state == TrialState.COMPLETE and math.isfinite(trial_ap(t))]
+    pts = [
+        (t.number, trial_ap(t), plotted_flops(t))
+        for t in trials
+        if t.state == TrialState.COMPLETE and math.isfinite(trial_ap(t))
+    ]
     return {
-        n for n, a, f in pts
+        n
+        for n, a, f in pts
         if not any(a2 >= a and f2 <= f and (a2 > a or f2 < f) for _, a2, f2 in pts)
     }
 
@@ -267,8 +300,13 @@ def test_pareto_front_known_answer() -> None:
     assert list(line.x) == sorted(line.x)
     assert len(trace(fig, "trials").x) == 8  # completed with AP and FLOPs
     assert list(trace(fig, "base (trial 0)").customdata) == [0]
-    assert list(trace(fig, "upgraded (trial 0, best H)").customdata) == [0]  # all H tie: the earliest
-    assert fig.layout.xaxis.title.text == "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
+    assert list(trace(fig, "upgraded (trial 0, best H)").customdata) == [
+        0
+    ]  # all H tie: the earliest
+    assert (
+        fig.layout.xaxis.title.text
+        == "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
+    )
 
 
 def at(gflops_best: float) -> dict[str, int]:
@@ -277,9 +315,14 @@ def at(gflops_best: float) -> dict[str, int]:
 
 
 def test_trial_gflops_at_the_best_resolution_with_fallback() -> None:
-    assert trial_gflops(mk(0, "base", None, 0.1, gflops=1.0, flops_at=at(2.5))) == (pytest.approx(2.5), RES[1])
+    assert trial_gflops(mk(0, "base", None, 0.1, gflops=1.0, flops_at=at(2.5))) == (
+        pytest.approx(2.5),
+        RES[1],
+    )
     assert trial_gflops(mk(0, "base", None, 0.1, gflops=1.0)) == (pytest.approx(1.0), None)
-    only_other = mk(0, "base", None, 0.1, gflops=1.0, flops_at={RES[0]: 7})  # best resolution missing
+    only_other = mk(
+        0, "base", None, 0.1, gflops=1.0, flops_at={RES[0]: 7}
+    )  # best resolution missing
     assert trial_gflops(only_other) == (pytest.approx(1.0), None)
     bare = mk(0, "base", None, 0.1)
     del bare.user_attrs["flops"]
@@ -310,7 +353,10 @@ def test_pareto_pairs_ap_with_flops_at_the_same_resolution() -> None:
     assert list(trace(fig, "upgraded (trial 0, best H)").x) == pytest.approx([4.0])
 
     del trials[3]
-    assert fig_pareto(trials).layout.xaxis.title.text == "GFLOPs (multiply-adds at the trial's best resolution)"
+    assert (
+        fig_pareto(trials).layout.xaxis.title.text
+        == "GFLOPs (multiply-adds at the trial's best resolution)"
+    )
 
 
 def test_figures_mark_the_chosen_trial() -> None:
@@ -335,7 +381,14 @@ def test_pareto_front_matches_brute_force_on_random_trials() -> None:
         n = int(rng.integers(1, 25))
         # Coarse grids make ties in AP and in FLOPs common.
         trials = [
-            mk(i, "channel_prune", 0, 0.1, ap=float(rng.integers(0, 6)) / 10, gflops=float(rng.integers(1, 6)))
+            mk(
+                i,
+                "channel_prune",
+                0,
+                0.1,
+                ap=float(rng.integers(0, 6)) / 10,
+                gflops=float(rng.integers(1, 6)),
+            )
             for i in range(n)
         ]
         for t in trials:  # about half record flops_at, unrelated to their base-resolution flops
@@ -365,7 +418,9 @@ def test_fig_h_per_iteration() -> None:
     for i, res in enumerate(RES):
         series = trace(fig, f"H at {res}")
         assert list(series.x) == done
-        assert list(series.y) == pytest.approx([t.user_attrs["h"][res] for t in trials if t.number in done])
+        assert list(series.y) == pytest.approx(
+            [t.user_attrs["h"][res] for t in trials if t.number in done]
+        )
         assert i == 0 or series.y[0] > 0
     best = trace(fig, "best H so far")
     assert list(best.y) == pytest.approx([0.30, 0.35, 0.35, 0.40, 0.40, 0.40, 0.41])
@@ -375,7 +430,11 @@ def test_fig_h_per_iteration() -> None:
 
 
 def test_best_is_the_earlier_trial_on_a_tie() -> None:
-    trials = [mk(0, "base", None, 0.3), mk(1, "channel_prune", 0, 0.3), mk(2, "layer_prune", 0, 0.2)]
+    trials = [
+        mk(0, "base", None, 0.3),
+        mk(1, "channel_prune", 0, 0.3),
+        mk(2, "layer_prune", 0, 0.2),
+    ]
     assert [t.number for t in running_best(trials)] == [0, 0, 0]
     assert best_trial(trials).number == 0
     assert list(trace(fig_lineage(trials), "path to trial 0").customdata) == [0]
@@ -384,8 +443,23 @@ def test_best_is_the_earlier_trial_on_a_tie() -> None:
 def test_fig_lineage_nodes_edges_and_path() -> None:
     fig = fig_lineage(tree())
     nodes = [t for t in fig.data if t.mode == "markers"]
-    assert sorted(itertools.chain.from_iterable(t.customdata for t in nodes)) == [0, 1, 3, 4, 5, 6, 7]
-    assert {t.name for t in nodes} == {"base", "channel_prune", "teacher", "add_layer", "rearrange", "layer_prune"}
+    assert sorted(itertools.chain.from_iterable(t.customdata for t in nodes)) == [
+        0,
+        1,
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]
+    assert {t.name for t in nodes} == {
+        "base",
+        "channel_prune",
+        "teacher",
+        "add_layer",
+        "rearrange",
+        "layer_prune",
+    }
     edges = trace(fig, "parent → child")
     pairs = {(edges.x[i], edges.x[i + 1]) for i in range(0, len(edges.x), 3)}
     assert pairs == {(0, 1), (1, 3), (1, 5), (5, 7)}  # no edge from a failed or missing parent
@@ -413,7 +487,9 @@ def test_fig_teacher_capacity_running_best_and_fallback_count() -> None:
     # best so far: 0, 1, 1, 4, 4, 4, 7 -> their teachers' params in M
     assert list(best.y) == pytest.approx([9e-4, 9e-4, 9e-4, 7e-4, 7e-4, 7e-4, 5e-4])
     hist = trace(fig, "all teachers")
-    assert sorted(hist.x) == pytest.approx(sorted(v / 1e6 for v in (900, 900, 1200, 700, 600, 800, 500)))
+    assert sorted(hist.x) == pytest.approx(
+        sorted(v / 1e6 for v in (900, 900, 1200, 700, 600, 800, 500))
+    )
     assert hist.xaxis == "x2"  # the right panel
     with pytest.raises(JDSearchError, match="trial 5 has no teacher_params"):
         fig_teacher_capacity(trials)
@@ -436,7 +512,9 @@ def test_fig_stage_flops() -> None:
         fig_stage_flops(trials)
 
 
-@pytest.mark.parametrize("fn", [fig_h_per_iteration, fig_pareto, fig_teacher_capacity, fig_action_gain, fig_lineage])
+@pytest.mark.parametrize(
+    "fn", [fig_h_per_iteration, fig_pareto, fig_teacher_capacity, fig_action_gain, fig_lineage]
+)
 def test_figures_need_a_completed_trial(fn: Any) -> None:
     with pytest.raises(JDSearchError, match="no completed trial"):
         fn([mk(0, "base", None, state=TrialState.FAIL)])
@@ -448,7 +526,9 @@ def test_png_export_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert report._write_pngs(figs, tmp_path) == ({}, "no image exporter: test")
 
     monkeypatch.setattr(report, "_png_exporter_missing", lambda: None)
-    monkeypatch.setattr(go.Figure, "write_image", lambda self, path: Path(path).write_bytes(b"\x89PNG"))
+    monkeypatch.setattr(
+        go.Figure, "write_image", lambda self, path: Path(path).write_bytes(b"\x89PNG")
+    )
     written, skipped = report._write_pngs(figs, tmp_path)
     assert skipped is None and written == {"a": tmp_path / "a.png", "b": tmp_path / "b.png"}
 
@@ -460,7 +540,10 @@ def test_png_export_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         p.unlink()
     monkeypatch.setattr(go.Figure, "write_image", broken)
     written, skipped = report._write_pngs(figs, tmp_path)
-    assert written == {} and skipped == "image export failed at a: RuntimeError: Kaleido requires Google Chrome"
+    assert (
+        written == {}
+        and skipped == "image export failed at a: RuntimeError: Kaleido requires Google Chrome"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -495,7 +578,9 @@ def test_figures_of_a_real_study(study_copy: Any) -> None:
     assert set(front.customdata) == brute_force_front(trials) and len(front.customdata) >= 1
     points = trace(figs["pareto"], "trials")
     assert list(points.customdata) == [t.number for t in done]
-    assert list(points.x) == pytest.approx([plotted_flops(t) / 1e9 for t in done])  # flops_at or not
+    assert list(points.x) == pytest.approx(
+        [plotted_flops(t) / 1e9 for t in done]
+    )  # flops_at or not
 
     best = handle.trial()
     path = trace(figs["lineage"], f"path to trial {best.number}")
@@ -504,10 +589,14 @@ def test_figures_of_a_real_study(study_copy: Any) -> None:
     assert sum(len(t.x) for t in nodes) == len(done)
 
     base_bars, best_bars = figs["stage_flops"].data
-    assert list(base_bars.y) == pytest.approx([v / 1e9 for v in handle.base_trial().user_attrs["stage_flops"]])
+    assert list(base_bars.y) == pytest.approx(
+        [v / 1e9 for v in handle.base_trial().user_attrs["stage_flops"]]
+    )
     assert list(best_bars.y) == pytest.approx([v / 1e9 for v in best.user_attrs["stage_flops"]])
     hist = trace(figs["teacher_capacity"], "all teachers")
-    assert sorted(hist.x) == pytest.approx(sorted(t.user_attrs["teacher_params"] / 1e6 for t in done))
+    assert sorted(hist.x) == pytest.approx(
+        sorted(t.user_attrs["teacher_params"] / 1e6 for t in done)
+    )
     top = [t for t in figs["action_gain"].data if t.xaxis == "x"]
     assert {t.name for t in top} == set(report.FAMILIES)
     bottom = [t for t in figs["action_gain"].data if t.xaxis == "x2"]
@@ -519,7 +608,11 @@ def test_figures_of_a_real_study(study_copy: Any) -> None:
 def chosen_trial(handle: Any) -> int:
     """A completed trial of the small study other than the best (and the base, when possible)."""
     best, base = handle.trial().number, handle.base_trial().number
-    done = [t.number for t in handle.study.get_trials() if t.state == TrialState.COMPLETE and t.number != best]
+    done = [
+        t.number
+        for t in handle.study.get_trials()
+        if t.state == TrialState.COMPLETE and t.number != best
+    ]
     assert done, "the small study needs a completed trial besides the best"
     return next((n for n in done if n != base), done[0])
 
@@ -539,7 +632,9 @@ def test_build_figures_follow_the_chosen_trial(study_copy: Any) -> None:
     path = trace(figs["lineage"], f"path to trial {n}")
     assert list(path.customdata) == [t.number for t in lineage(handle.study, n)]
     star = trace(figs["pareto"], f"upgraded (trial {n})")
-    assert list(star.customdata) == [n] and list(star.x) == pytest.approx([plotted_flops(chosen) / 1e9])
+    assert list(star.customdata) == [n] and list(star.x) == pytest.approx(
+        [plotted_flops(chosen) / 1e9]
+    )
 
 
 def test_write_report_for_a_chosen_trial(study_copy: Any, tmp_path: Path) -> None:
@@ -547,20 +642,33 @@ def test_write_report_for_a_chosen_trial(study_copy: Any, tmp_path: Path) -> Non
 
     handle = study_copy
     n, best = chosen_trial(handle), handle.trial()
-    files = write_report(handle, tmp_path / "out", trial=n, comparison=compare_study(handle, n, fps=False),
-                         png=False, attach=False)
+    files = write_report(
+        handle,
+        tmp_path / "out",
+        trial=n,
+        comparison=compare_study(handle, n, fps=False),
+        png=False,
+        attach=False,
+    )
     page = files.html.read_text(encoding="utf-8")
-    assert f"Upgraded detector: trial {n} (chosen for this report; the best H is trial {best.number}," in page
+    assert (
+        f"Upgraded detector: trial {n} (chosen for this report; the best H is trial {best.number},"
+        in page
+    )
     assert f"upgraded student (trial {n})" in page  # the fig-7 and lineage paragraphs name it
     res = handle.trial(n).user_attrs["best_resolution"]
     flops_at = handle.trial(n).user_attrs.get("flops_at")
     assert (f"GFLOPs at {res} (" if flops_at else "GFLOPs at the base resolution.") in page
     for key, fig in build_figures(handle, trial=n).items():
-        assert json.loads(files.figures[key].read_text())["data"] == json.loads(fig.to_json())["data"]
+        assert (
+            json.loads(files.figures[key].read_text())["data"] == json.loads(fig.to_json())["data"]
+        )
     stage = json.loads(files.figures["stage_flops"].read_text())
     assert stage["data"][1]["name"] == f"upgraded student (trial {n})"
 
-    default = write_report(handle, tmp_path / "default", png=False, attach=False).html.read_text(encoding="utf-8")
+    default = write_report(handle, tmp_path / "default", png=False, attach=False).html.read_text(
+        encoding="utf-8"
+    )
     assert f"Upgraded detector: trial {best.number} (the best H)," in default
 
 
@@ -568,18 +676,24 @@ def test_write_report_rejects_a_bad_trial(study_copy: Any, tmp_path: Path) -> No
     from jdsearch.compare import compare_study
 
     handle = study_copy
-    handle.study.add_trial(optuna.trial.create_trial(
-        state=TrialState.FAIL, params={"move": "channel_prune"}, distributions={"move": MOVES},
-        user_attrs={"parent": 0},
-    ))
+    handle.study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params={"move": "channel_prune"},
+            distributions={"move": MOVES},
+            user_attrs={"parent": 0},
+        )
+    )
     n_failed = handle.study.get_trials()[-1].number
     assert handle.study.get_trials()[-1].state == TrialState.FAIL
     cases = [
         ({"trial": 999}, "has no trial 999"),
         ({"trial": n_failed}, f"trial {n_failed} is FAIL"),
         ({"trial": True}, "trial must be a trial number"),
-        ({"trial": chosen_trial(handle), "comparison": compare_study(handle, fps=False)},
-         "comparison's upgraded detector is trial"),
+        (
+            {"trial": chosen_trial(handle), "comparison": compare_study(handle, fps=False)},
+            "comparison's upgraded detector is trial",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(JDSearchError, match=message) as info:
@@ -593,8 +707,11 @@ def test_write_report_rejects_a_bad_trial(study_copy: Any, tmp_path: Path) -> No
 
 def test_teacher_param_counter_matches_the_recorded_counts(study_copy: Any) -> None:
     count = teacher_param_counter(study_copy)
-    recorded = {t.user_attrs["teacher"]: t.user_attrs["teacher_params"] for t in study_copy.study.get_trials()
-                if t.state == TrialState.COMPLETE}
+    recorded = {
+        t.user_attrs["teacher"]: t.user_attrs["teacher_params"]
+        for t in study_copy.study.get_trials()
+        if t.state == TrialState.COMPLETE
+    }
     assert len(recorded) >= 1
     for cfg, n in recorded.items():
         assert count(cfg) == n
@@ -620,7 +737,9 @@ class StrictHTML(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.ids += [v for k, v in attrs if k == "id" and v]
-        self.external += [v for k, v in attrs if k in ("src", "href") and v and not v.startswith("#")]
+        self.external += [
+            v for k, v in attrs if k in ("src", "href") and v and not v.startswith("#")
+        ]
         if tag in ("td", "th"):
             self._cell = []
         if tag == "script":
@@ -674,7 +793,7 @@ def test_write_report_html_json_and_dashboard(study_copy: Any, tmp_path: Path) -
     table = parser.cells[: len(header) * (1 + len(rows))]
     assert table == header + [c for r in rows for c in r]
     for key in FIGURE_KEYS:  # every figure is plotted into its div
-        assert sum('Plotly.newPlot(' in s and f'"fig-{key}"' in s for s in parser.scripts) == 1
+        assert sum("Plotly.newPlot(" in s and f'"fig-{key}"' in s for s in parser.scripts) == 1
 
     assert set(files.figures) == set(FIGURE_KEYS)
     figs = build_figures(handle)
@@ -691,7 +810,10 @@ def test_write_report_html_json_and_dashboard(study_copy: Any, tmp_path: Path) -
     plots, n_keys = dashboard_plots(handle)
     assert set(plots) == {graph_object_id(k) for k in FIGURE_KEYS}
     for key in FIGURE_KEYS:
-        assert json.loads(plots[graph_object_id(key)])["data"] == json.loads(figs[key].to_json())["data"]
+        assert (
+            json.loads(plots[graph_object_id(key)])["data"]
+            == json.loads(figs[key].to_json())["data"]
+        )
     write_report(handle, tmp_path / "out2", png=False, attach=True)
     again, n_again = dashboard_plots(handle)
     assert again == plots and n_again == n_keys
@@ -716,16 +838,33 @@ def test_cli_report_prints_the_table_and_writes_the_report(
     db = tmp_path / "cli.db"
     shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
     out = tmp_path / "rep"
-    rc = main(["report", "--storage", f"sqlite:///{db}", "--out", str(out), "--repeats", "2", "--no-png"])
+    rc = main(
+        ["report", "--storage", f"sqlite:///{db}", "--out", str(out), "--repeats", "2", "--no-png"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("detector"))
-    assert header.split() == ["detector", "trial", "input", "size", "GFLOPs", "FPS", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert header.split() == [
+        "detector",
+        "trial",
+        "input",
+        "size",
+        "GFLOPs",
+        "FPS",
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+    ]
     base = next(line for line in text.splitlines() if line.startswith("base "))
     assert base.split()[1] == "0" and float(base.split()[4]) > 0  # trial 0, measured FPS
     assert "change" in text and (out / "report.html").is_file()
     page = (out / "report.html").read_text()
-    assert "Base vs upgraded detector" in page and all(f'id="fig-{k}"' in page for k in report.FIGURE_KEYS)
+    assert "Base vs upgraded detector" in page and all(
+        f'id="fig-{k}"' in page for k in report.FIGURE_KEYS
+    )
     from jdsearch.search import open_study
 
     plots, _ = dashboard_plots(open_study(f"sqlite:///{db}"))

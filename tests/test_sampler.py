@@ -30,7 +30,13 @@ def feasible(parent: FrozenTrial) -> tuple[list[str], list[str]]:
     return STUDENT_MOVES, TEACHER_MOVES
 
 
-def add(study: optuna.Study, move: str, parent: int | None, value: float | None, state: TrialState = TrialState.COMPLETE) -> None:
+def add(
+    study: optuna.Study,
+    move: str,
+    parent: int | None,
+    value: float | None,
+    state: TrialState = TrialState.COMPLETE,
+) -> None:
     study.add_trial(
         create_trial(
             state=state,
@@ -153,7 +159,10 @@ def test_retried_trial_keeps_parent_and_move() -> None:
     retry = ask_move(study)
     assert retry.params[MOVE_PARAM] == move
     assert retry.user_attrs[PARENT_ATTR] == parent
-    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[-1]) == trial.number
+    assert (
+        optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[-1])
+        == trial.number
+    )
 
 
 def test_second_worker_waits_for_the_running_root() -> None:
@@ -203,7 +212,9 @@ def test_waiting_worker_takes_over_the_root_of_a_killed_worker(tmp_path) -> None
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     storage = RDBStorage(
-        f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1,
+        f"sqlite:///{tmp_path / 'hb.db'}",
+        heartbeat_interval=1,
+        grace_period=1,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
     )
     sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait_s=0.2, root_timeout_s=20)

@@ -54,25 +54,36 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
         parent_teacher = SubnetConfig.parse(parent.user_attrs[TEACHER_ATTR])
         if move.startswith("teacher."):
             assert t.user_attrs[STUDENT_ATTR] == parent.user_attrs[STUDENT_ATTR]
-            assert SubnetConfig.parse(t.user_attrs[TEACHER_ATTR]) == ctx.pool.space.apply_move(parent_teacher, move)
+            assert SubnetConfig.parse(t.user_attrs[TEACHER_ATTR]) == ctx.pool.space.apply_move(
+                parent_teacher, move
+            )
         else:
             # The child's arch is exactly the parent's checkpoint evolved by the move.
             with ctx.store.open_reader(parent.user_attrs[CHECKPOINT_ATTR]) as r:
                 parent_det = checkpoint_from_bytes(r.read()).detector
-            expected = evolve(parent_det, move, config=MorphConfig(channel_fraction=spec.search.channel_fraction))
+            expected = evolve(
+                parent_det, move, config=MorphConfig(channel_fraction=spec.search.channel_fraction)
+            )
             assert t.user_attrs[STUDENT_ATTR] == expected.arch.encode()
             assert t.system_attrs[ARCH_SYSATTR] == expected.arch.to_dict()
             assert t.user_attrs[TEACHER_ATTR] == parent.user_attrs[TEACHER_ATTR]
         # the trial's checkpoint is in the study's database and is the student it describes
         with ctx.store.open_reader(t.user_attrs[CHECKPOINT_ATTR]) as r:
-            assert checkpoint_from_bytes(r.read()).detector.arch.encode() == t.user_attrs[STUDENT_ATTR]
+            assert (
+                checkpoint_from_bytes(r.read()).detector.arch.encode() == t.user_attrs[STUDENT_ATTR]
+            )
         # H is recomputed from the recorded AP and FLOPs
         best = t.user_attrs["best_resolution"]
         from jdsearch.data import Resolution
 
         h = score_h(
-            t.user_attrs["ap"][best], t.user_attrs["flops"], ctx.base_flops, Resolution.parse(best),
-            ctx.base_resolution, spec.score.alpha, spec.score.beta,
+            t.user_attrs["ap"][best],
+            t.user_attrs["flops"],
+            ctx.base_flops,
+            Resolution.parse(best),
+            ctx.base_resolution,
+            spec.score.alpha,
+            spec.score.beta,
         )
         assert h == pytest.approx(t.value)
     assert study.best_value >= root.value
@@ -84,7 +95,9 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     study2 = run_search(spec, n_trials=2, progress=False)
     trials2 = study2.get_trials(deepcopy=False)
     assert len(trials2) == len(trials) + 2
-    assert all(t.user_attrs.get(PARENT_ATTR) in {u.number for u in trials2} for t in trials2[len(trials):])
+    assert all(
+        t.user_attrs.get(PARENT_ATTR) in {u.number for u in trials2} for t in trials2[len(trials) :]
+    )
 
     # A copy of the SQLite file elsewhere, with no local caches, continues the same lineage:
     # the storage alone carries the base detector, the pool and every checkpoint.
@@ -101,8 +114,22 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     # The optuna CLI sees the study.
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())", "trials", "--study-name", spec.name, "--storage", spec.storage_url, "-f", "json"],
-        capture_output=True, text=True, check=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from optuna.cli import main; sys.exit(main())",
+            "trials",
+            "--study-name",
+            spec.name,
+            "--storage",
+            spec.storage_url,
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     ).stdout
     rows = json.loads(out)
     assert len(rows) == len(trials2)
@@ -110,7 +137,9 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     assert all("h" in r["user_attrs"] for r in rows if r["state"] == "COMPLETE")
 
 
-def test_a_starting_worker_purges_day_old_incomplete_uploads(search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_starting_worker_purges_day_old_incomplete_uploads(
+    search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A worker killed mid-upload leaves an unpublished artifact; the next worker start removes
     it once it is a day old (younger ones may still be in progress)."""
     import time
@@ -127,11 +156,23 @@ def test_a_starting_worker_purges_day_old_incomplete_uploads(search_assets, tmp_
     store = SQLArtifactStore(url)
     with store.engine.begin() as conn:
         for blob, age in (("deadbeef" * 4, 2 * 86400), ("cafebabe" * 4, 60)):
-            conn.execute(sa.insert(store.headers).values(
-                blob_id=blob, artifact_id=f"x{age}", complete=False, size=0, sha256="0" * 64,
-                n_chunks=0, chunk_size=store.chunk_size, created_at=time.time() - age,
-            ))
+            conn.execute(
+                sa.insert(store.headers).values(
+                    blob_id=blob,
+                    artifact_id=f"x{age}",
+                    complete=False,
+                    size=0,
+                    sha256="0" * 64,
+                    n_chunks=0,
+                    chunk_size=store.chunk_size,
+                    created_at=time.time() - age,
+                )
+            )
     prepare(spec, progress=False)
     with store.engine.connect() as conn:
-        left = set(conn.scalars(sa.select(store.headers.c.artifact_id).where(store.headers.c.complete.is_(False))))
+        left = set(
+            conn.scalars(
+                sa.select(store.headers.c.artifact_id).where(store.headers.c.complete.is_(False))
+            )
+        )
     assert left == {"x60"}

@@ -16,7 +16,14 @@ PRESETS = sorted(p.stem for p in DETECTORS_DIR.glob("*.yaml"))
 
 
 def test_presets_exist() -> None:
-    for name in ("r18-fpn", "r50-fpn", "r101-fpn", "x101-32x4d-fpn", "tiny-r18-fpn", "tiny-r50-fpn"):
+    for name in (
+        "r18-fpn",
+        "r50-fpn",
+        "r101-fpn",
+        "x101-32x4d-fpn",
+        "tiny-r18-fpn",
+        "tiny-r50-fpn",
+    ):
         assert name in PRESETS
 
 
@@ -51,15 +58,30 @@ BASE = {"name": "t", "backbone": {"kind": "basic", "depths": [1, 1, 1, 1]}}
 @pytest.mark.parametrize(
     ("patch", "needle"),
     [
-        ({"backbone": {"kind": "basic", "depths": [1, 1, 1, 1], "widht": 3}}, "backbone.widht: unknown key"),
+        (
+            {"backbone": {"kind": "basic", "depths": [1, 1, 1, 1], "widht": 3}},
+            "backbone.widht: unknown key",
+        ),
         ({"rpn": {"anchor_size": [1]}}, "rpn.anchor_size: unknown key"),
         ({"rpn": {"anchor_sizes": [8, 16, 32]}}, "rpn.anchor_sizes: expected 5 levels"),
         ({"rpn": {"nms_thresh": 1.5}}, "rpn.nms_thresh: must lie in"),
-        ({"roi_heads": {"representation_size": "big"}}, "roi_heads.representation_size: expected int"),
-        ({"roi_heads": {"batch_size_per_image": 0}}, "roi_heads.batch_size_per_image: must be positive"),
+        (
+            {"roi_heads": {"representation_size": "big"}},
+            "roi_heads.representation_size: expected int",
+        ),
+        (
+            {"roi_heads": {"batch_size_per_image": 0}},
+            "roi_heads.batch_size_per_image: must be positive",
+        ),
         ({"backbone": {"kind": "dense", "depths": [1, 1, 1, 1]}}, "backbone.kind: must be"),
-        ({"backbone": {"kind": "basic", "depths": [1, 1, 1]}}, "backbone.depths: expected 4 values"),
-        ({"backbone": {"kind": "basic", "depths": [1, 0, 1, 1]}}, "backbone.depths: must be positive"),
+        (
+            {"backbone": {"kind": "basic", "depths": [1, 1, 1]}},
+            "backbone.depths: expected 4 values",
+        ),
+        (
+            {"backbone": {"kind": "basic", "depths": [1, 0, 1, 1]}},
+            "backbone.depths: must be positive",
+        ),
         ({"backbone": {"encoding": "[(8, 8)], [(8, 8)]"}}, "backbone.encoding: arch encoding"),
         ({"input": {"size": "big"}}, "input.size:"),
         ({"input": {"resolutions": ["64x64", "12y3"]}}, "input.resolutions:"),
@@ -92,8 +114,19 @@ def test_missing_fields_and_files(tmp_path: Path) -> None:
 
 def test_encoding_and_arch_forms(tmp_path: Path) -> None:
     text = "[(8, 8)], [(16, 16)], [(32, 32)-(32, 32)], [(64, 64)]"
-    spec = load_spec(write(tmp_path, {"name": "e", "backbone": {"encoding": text, "stem": 8}, "fpn": {"channels": 16}}))
+    spec = load_spec(
+        write(
+            tmp_path,
+            {"name": "e", "backbone": {"encoding": text, "stem": 8}, "fpn": {"channels": 16}},
+        )
+    )
     assert spec.arch.encode() == text and spec.arch.stem == 8 and spec.arch.fpn == 16
     arch = BackboneArch.parse(text, stem=8, fpn=16)
-    spec2 = load_spec(write(tmp_path, {"name": "a", "backbone": {"arch": arch.to_dict()}, "fpn": {"channels": 16}}, "b.yaml"))
+    spec2 = load_spec(
+        write(
+            tmp_path,
+            {"name": "a", "backbone": {"arch": arch.to_dict()}, "fpn": {"channels": 16}},
+            "b.yaml",
+        )
+    )
     assert spec2.arch == arch

@@ -67,7 +67,9 @@ def test_score_h_follows_the_paper() -> None:
     assert score_h(0.395, 215.8, 215.8, base, base, 0.4, 0.8) == pytest.approx(0.395)
     # paper table 4, R50: 42.3 AP with 145.7 vs 215.8 GFLOPs at a smaller input: H rewards it
     h = score_h(0.423, 145.7, 215.8, Resolution(1080, 720), base, 0.4, 0.8)
-    assert h == pytest.approx(0.423 * ((145.7 / 215.8) * (1080 * 720 / (1333 * 800)) ** 0.8) ** -0.4)
+    assert h == pytest.approx(
+        0.423 * ((145.7 / 215.8) * (1080 * 720 / (1333 * 800)) ** 0.8) ** -0.4
+    )
     assert h > 0.423 > 0.395
 
 

@@ -78,13 +78,22 @@ def workers(tmp: Path) -> Iterator[Callable[[str, list[str]], Worker]]:
     """``spawn(name, args)`` starts ``jdsearch ARGS``; all still alive at exit are killed."""
     started: list[Worker] = []
     # One intra-op thread per worker: several workers share the cores without oversubscribing them.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
     def spawn(name: str, args: list[str]) -> Worker:
         log = tmp / f"worker-{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [*cli(), *args], cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
+                [*cli(), *args],
+                cwd=tmp,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         worker = Worker(name, proc, log)
@@ -101,7 +110,9 @@ def workers(tmp: Path) -> Iterator[Callable[[str, list[str]], Worker]]:
                 w.proc.wait(timeout=30)
 
 
-def write_spec(tmp: Path, assets: SearchAssets, name: str, storage: str, **search: Any) -> tuple[Path, StudySpec]:
+def write_spec(
+    tmp: Path, assets: SearchAssets, name: str, storage: str, **search: Any
+) -> tuple[Path, StudySpec]:
     assets.install_pool(tmp, name)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(assets.study(name, storage, **search)))
@@ -146,14 +157,18 @@ def check_checkpoints(ctx: Any, trials: list[FrozenTrial]) -> None:
         assert checkpoint_from_bytes(data).detector.arch.encode() == t.user_attrs[STUDENT_ATTR]
 
 
-def wait_for(what: str, condition: Callable[[], Any], timeout: float, *, alive: Worker | None = None) -> Any:
+def wait_for(
+    what: str, condition: Callable[[], Any], timeout: float, *, alive: Worker | None = None
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         if alive is not None and alive.proc.poll() is not None:
-            pytest.fail(f"worker {alive.name} exited ({alive.proc.returncode}) before {what}:\n{alive.output()}")
+            pytest.fail(
+                f"worker {alive.name} exited ({alive.proc.returncode}) before {what}:\n{alive.output()}"
+            )
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -164,7 +179,11 @@ def test_the_lowest_of_simultaneous_first_trials_takes_the_root() -> None:
     from jdsearch.sampler import HillClimbingSampler
 
     sampler = HillClimbingSampler(
-        [BASE_MOVE, "a"], lambda t: (["a"], []), freeze_student=0, root_wait_s=0.01, root_timeout_s=0.3
+        [BASE_MOVE, "a"],
+        lambda t: (["a"], []),
+        freeze_student=0,
+        root_wait_s=0.01,
+        root_timeout_s=0.3,
     )
     study = optuna.create_study(direction="maximize", sampler=sampler)
     storage = study._storage
@@ -187,7 +206,10 @@ def test_two_cli_workers_share_one_postgresql_study(
     n = 3
     with workers(tmp_path) as spawn:
         a, b = (
-            spawn(name, ["search", str(spec_file), "--storage", pg_url, "--n-trials", str(n), "--quiet"])
+            spawn(
+                name,
+                ["search", str(spec_file), "--storage", pg_url, "--n-trials", str(n), "--quiet"],
+            )
             for name in ("a", "b")
         )
         a.finish()
@@ -195,7 +217,9 @@ def test_two_cli_workers_share_one_postgresql_study(
 
     trials = fresh_trials(spec, pg_url)
     assert sorted(t.number for t in trials) == list(range(2 * n))
-    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state) for t in trials]
+    assert all(t.state == TrialState.COMPLETE for t in trials), [
+        (t.number, t.state) for t in trials
+    ]
     # Both workers ran their n trials; each trial records who ran it.
     assert Counter(t.system_attrs[WORKER_SYSATTR] for t in trials) == {a.marker: n, b.marker: n}
     check_lineage(trials)
@@ -207,10 +231,41 @@ def test_two_cli_workers_share_one_postgresql_study(
     # The finished PostgreSQL study exports and reports from any machine that reaches it.
     from jdsearch.cli import main as cli
 
-    assert cli(["export", "--storage", pg_url, "--study", spec.name, "--out", str(tmp_path / "best"), "--no-onnx"]) == 0
+    assert (
+        cli(
+            [
+                "export",
+                "--storage",
+                pg_url,
+                "--study",
+                spec.name,
+                "--out",
+                str(tmp_path / "best"),
+                "--no-onnx",
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "best" / "detector.json").read_text())
-    assert info["source"]["trial"] == best.number and info["source"]["storage"].startswith("postgresql")
-    assert cli(["report", "--storage", pg_url, "--study", spec.name, "--out", str(tmp_path / "rep"), "--no-fps", "--no-png"]) == 0
+    assert info["source"]["trial"] == best.number and info["source"]["storage"].startswith(
+        "postgresql"
+    )
+    assert (
+        cli(
+            [
+                "report",
+                "--storage",
+                pg_url,
+                "--study",
+                spec.name,
+                "--out",
+                str(tmp_path / "rep"),
+                "--no-fps",
+                "--no-png",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "rep" / "report.html").is_file()
 
 
@@ -218,11 +273,18 @@ def test_two_cli_workers_share_one_postgresql_study(
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
-    backend: str, search_assets: SearchAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+    search_assets: SearchAssets,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    url = f"sqlite:///{tmp_path / 'study.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    url = (
+        f"sqlite:///{tmp_path / 'study.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
     hb = 2
     spec_file, spec = write_spec(tmp_path, search_assets, f"killed-{backend}", url, heartbeat_s=hb)
     # Trials long enough (seconds) that the kill lands inside one, even on a quiet machine.
@@ -256,7 +318,11 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
         # Its heartbeat goes stale after the grace period (2 × heartbeat_s) …
         probe = RDBStorage(url, heartbeat_interval=hb, grace_period=2 * hb)
         sid = probe.get_study_id_from_name(spec.name)
-        wait_for("the killed trial's heartbeat to go stale", lambda: victim._trial_id in probe._get_stale_trial_ids(sid), 10 * hb)
+        wait_for(
+            "the killed trial's heartbeat to go stale",
+            lambda: victim._trial_id in probe._get_stale_trial_ids(sid),
+            10 * hb,
+        )
         probe.remove_session()
         probe.engine.dispose()
         # … and a worker started now fails it, re-queues it and runs the retry first.
@@ -266,7 +332,11 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
     trials = fresh_trials(spec, url)
     by_number = {t.number: t for t in trials}
     assert by_number[victim.number].state == TrialState.FAIL
-    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number]
+    retries = [
+        t
+        for t in trials
+        if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number
+    ]
     assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in trials]
     retry = retries[0]
     assert retry.state == TrialState.COMPLETE
@@ -274,7 +344,11 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
     assert retry.user_attrs[PARENT_ATTR] == victim.user_attrs[PARENT_ATTR]
     assert retry.system_attrs[WORKER_SYSATTR] == second.marker
     # The first worker finished some trials before the kill; the second ran the retry + one more.
-    done_by_first = [t for t in trials if t.system_attrs.get(WORKER_SYSATTR) == first.marker and t.state == TrialState.COMPLETE]
+    done_by_first = [
+        t
+        for t in trials
+        if t.system_attrs.get(WORKER_SYSATTR) == first.marker and t.state == TrialState.COMPLETE
+    ]
     assert Counter(t.system_attrs.get(WORKER_SYSATTR) for t in trials)[second.marker] == 2
     assert len(trials) == 1 + len(done_by_first) + 1 + 2
     assert [t.state for t in trials].count(TrialState.FAIL) == 1
@@ -317,7 +391,12 @@ def test_a_diverged_trial_fails_alone_and_the_search_goes_on(
 
     assert len(diverged) == 1 and "loss_nan" in diverged[0]
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
     failed = trials[1]
     assert CHECKPOINT_ATTR not in failed.user_attrs  # nothing was uploaded for it
     # Not retried (a failure, not a stale heartbeat), and never a parent.

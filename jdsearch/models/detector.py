@@ -85,7 +85,10 @@ class Detector(FasterRCNN):
 
 
 def build_detector(
-    spec_or_arch: DetectorSpec | BackboneArch, num_classes: int | None = None, *, seed: int | None = None
+    spec_or_arch: DetectorSpec | BackboneArch,
+    num_classes: int | None = None,
+    *,
+    seed: int | None = None,
 ) -> Detector:
     """Build a Faster R-CNN FPN detector.
 
@@ -113,7 +116,9 @@ def build_detector(
         sizes=tuple((s,) for s in rpn.anchor_sizes),
         aspect_ratios=(tuple(rpn.aspect_ratios),) * len(rpn.anchor_sizes),
     )
-    pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=roi.pool_size, sampling_ratio=roi.sampling_ratio)
+    pool = MultiScaleRoIAlign(
+        FEATURE_NAMES, output_size=roi.pool_size, sampling_ratio=roi.sampling_ratio
+    )
     fix_roi_scales(pool, arch)
     box_head = TwoMLPHead(arch.fpn * roi.pool_size**2, roi.representation_size)
     det = Detector(

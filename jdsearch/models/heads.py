@@ -126,7 +126,9 @@ class RecordingRoIHeads(RoIHeads):
             nms_thresh=heads.nms_thresh,
             detections_per_img=heads.detections_per_img,
         )
-        new.proposal_matcher.allow_low_quality_matches = heads.proposal_matcher.allow_low_quality_matches
+        new.proposal_matcher.allow_low_quality_matches = (
+            heads.proposal_matcher.allow_low_quality_matches
+        )
         new.box_coder.bbox_xform_clip = heads.box_coder.bbox_xform_clip
         new.train(heads.training)
         return new

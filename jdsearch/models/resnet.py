@@ -19,8 +19,12 @@ from torch import Tensor, nn
 from jdsearch.arch import BASIC, BackboneArch, BlockSlot
 
 
-def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-    conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+def conv_bn(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1
+) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    conv = nn.Conv2d(
+        in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False
+    )
     return conv, nn.BatchNorm2d(out_ch)
 
 
@@ -38,7 +42,9 @@ class Shortcut(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3×3 convs: widths ``(c1, c_out)``."""
 
-    def __init__(self, in_ch: int, channels: tuple[int, ...], stride: int = 1, groups: int = 1) -> None:
+    def __init__(
+        self, in_ch: int, channels: tuple[int, ...], stride: int = 1, groups: int = 1
+    ) -> None:
         super().__init__()
         c1, c_out = channels
         self.conv1, self.bn1 = conv_bn(in_ch, c1, 3, stride)
@@ -58,7 +64,9 @@ class BasicBlock(nn.Module):
 class Bottleneck(BasicBlock):
     """1×1 → 3×3 (strided, grouped) → 1×1: widths ``(c1, c2, c_out)``."""
 
-    def __init__(self, in_ch: int, channels: tuple[int, ...], stride: int = 1, groups: int = 1) -> None:
+    def __init__(
+        self, in_ch: int, channels: tuple[int, ...], stride: int = 1, groups: int = 1
+    ) -> None:
         nn.Module.__init__(self)
         c1, c2, c_out = channels
         self.conv1, self.bn1 = conv_bn(in_ch, c1, 1)

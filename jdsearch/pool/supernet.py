@@ -64,7 +64,9 @@ class ElasticPool:
         for cfg in _probes(spec.space):
             check_fits(self.arch, self.arch_of(cfg))
         if supernet is None:
-            supernet = build_detector(self.spec_of(spec.largest, self.name), num_classes, seed=spec.train.seed)
+            supernet = build_detector(
+                self.spec_of(spec.largest, self.name), num_classes, seed=spec.train.seed
+            )
         elif supernet.arch != self.arch:
             raise SpecError(
                 f"pool {self.name}: the super-net's arch {supernet.arch.encode()} "
