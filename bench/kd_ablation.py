@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 from jdsearch.arch import BASIC, BackboneArch
-from jdsearch.data import CocoDataset, Resolution, set_resolution
+from jdsearch.data import CocoDataset, set_resolution
 from jdsearch.distill import KDConfig, make_distiller
 from jdsearch.evaluate import evaluate
 from jdsearch.models.detector import Detector, build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
 from jdsearch.train import TrainConfig, train

@@ -27,10 +27,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from jdsearch.data import Resolution, set_resolution
+from jdsearch.data import set_resolution
 from jdsearch.distill import KDConfig, make_distiller
 from jdsearch.models.detector import build_detector
 from jdsearch.models.heads import start_recording, stop_recording
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 
 NUM_CLASSES = 7

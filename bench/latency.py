@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.data import Resolution
 from jdsearch.flops import count_flops
 from jdsearch.latency import measure_latencies, measure_latency
 from jdsearch.models import build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 
 PAIRS = {

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.data import CocoDataset, Resolution
+from jdsearch.data import CocoDataset
 from jdsearch.evaluate import evaluate
 from jdsearch.flops import count_flops
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.morph import MorphConfig, evolve_with_report
 from jdsearch.pruning import BNSparsity
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
 from jdsearch.train import TrainConfig, train

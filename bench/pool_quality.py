@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.data import CocoDataset, Resolution
+from jdsearch.data import CocoDataset
 from jdsearch.evaluate import evaluate
 from jdsearch.flops import count_flops
 from jdsearch.models.detector import build_detector
 from jdsearch.pool import ElasticPool, PoolSpec, SubnetConfig, recalibrate_bn, train_pool
+from jdsearch.resolution import Resolution
 from jdsearch.synth import generate
 from jdsearch.train import TrainConfig, train
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from jdsearch.data import Resolution
 from jdsearch.models.detector import build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.train import TrainConfig, train
 

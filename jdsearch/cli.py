@@ -21,7 +21,7 @@ DEFAULT_SYNTH_SEED = 0
 
 # ---------------------------------------------------------------------- helpers
 def _sizes(texts: Sequence[str] | None) -> tuple[Any, ...] | None:
-    from jdsearch.data import parse_resolutions
+    from jdsearch.resolution import parse_resolutions
 
     return parse_resolutions(texts) if texts else None
 
@@ -70,8 +70,8 @@ def _describe(detector: Any, size: tuple[int, int]) -> str:
 # ---------------------------------------------------------------------- commands
 def cmd_flops(args: argparse.Namespace) -> int:
     from jdsearch.checkpoint import load_checkpoint
-    from jdsearch.data import Resolution
     from jdsearch.flops import count_flops, count_spec_flops, format_report
+    from jdsearch.resolution import Resolution
     from jdsearch.spec import load_spec
 
     if args.spec.endswith(".safetensors"):
@@ -302,7 +302,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     exported = load_exported(args.detector, device=args.device)
     if args.size:
-        from jdsearch.data import Resolution
+        from jdsearch.resolution import Resolution
 
         set_resolution(exported.detector, Resolution.parse(args.size))
     files = _image_files(args.images)

@@ -22,9 +22,9 @@ from typing import Any
 import optuna
 from torch import Tensor
 
-from jdsearch.data import Resolution
 from jdsearch.flops import count_flops
 from jdsearch.latency import Latency, measure_latencies
+from jdsearch.resolution import Resolution
 from jdsearch.search import StudyHandle
 
 __all__ = ["METRIC_KEYS", "Comparison", "DetectorRow", "compare_study"]

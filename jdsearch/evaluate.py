@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from jdsearch.data import CocoDataset, Resolution, make_loader, using_resolution
+from jdsearch.data import CocoDataset, make_loader, using_resolution
+from jdsearch.resolution import Resolution
 
 __all__ = ["CocoMetrics", "Detections", "coco_metrics", "evaluate", "predict"]
 

@@ -46,10 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from jdsearch.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
-from jdsearch.data import Resolution, get_resolution, load_image, set_resolution
+from jdsearch.data import get_resolution, load_image, set_resolution
 from jdsearch.errors import JDSearchError
 from jdsearch.flops import count_flops
 from jdsearch.models import Detector
+from jdsearch.resolution import Resolution
 
 __all__ = [
     "INFO_FILE",

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jdsearch.data import Resolution, using_resolution
+from jdsearch.data import using_resolution
 from jdsearch.errors import JDSearchError
+from jdsearch.resolution import Resolution
 
 __all__ = ["Latency", "check_device", "measure_latencies", "measure_latency"]
 

@@ -29,7 +29,7 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial
 
 from jdsearch.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
-from jdsearch.data import CocoDataset, Resolution
+from jdsearch.data import CocoDataset
 from jdsearch.distill import KDConfig, make_distiller
 from jdsearch.errors import JDSearchError
 from jdsearch.evaluate import CocoMetrics, evaluate
@@ -39,6 +39,7 @@ from jdsearch.models.heads import stop_recording
 from jdsearch.morph import MorphConfig, all_actions, evolve_with_report, feasible_actions
 from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
 from jdsearch.pruning import BNSparsity
+from jdsearch.resolution import Resolution
 from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.study import StudySpec, TrainSpec
 from jdsearch.train import TrainConfig, train

@@ -460,7 +460,7 @@ def _hover(t: FrozenTrial) -> str:
 
 
 def _resolution_order(keys: set[str]) -> list[str]:
-    from jdsearch.data import Resolution
+    from jdsearch.resolution import Resolution
 
     def key(text: str) -> tuple[int, str]:
         try:

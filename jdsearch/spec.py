@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch
-from jdsearch.data import Resolution
 from jdsearch.errors import SpecError
+from jdsearch.resolution import Resolution
 
 DETECTORS_DIR = Path(__file__).resolve().parent.parent / "detectors"
 FPN_LEVELS = 5  # P2..P6: four stage outputs plus the max-pooled extra level

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jdsearch.data import Resolution, parse_resolutions
 from jdsearch.errors import SpecError
+from jdsearch.resolution import Resolution, parse_resolutions
 from jdsearch.spec import _Fields, read_yaml
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from jdsearch.data import (
-    Resolution,
     ResolutionSampler,
     get_resolution,
     make_loader,
@@ -36,6 +35,7 @@ from jdsearch.data import (
     using_resolution,
 )
 from jdsearch.errors import DataError, JDSearchError, SpecError
+from jdsearch.resolution import Resolution
 
 __all__ = [
     "COSINE",

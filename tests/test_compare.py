@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from jdsearch.compare import METRIC_KEYS, compare_study
-from jdsearch.data import Resolution
 from jdsearch.errors import JDSearchError
 from jdsearch.flops import count_flops
 from jdsearch.latency import check_device, measure_latencies
 from jdsearch.models import build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.search import open_study
 from jdsearch.spec import load_spec
 

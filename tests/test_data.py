@@ -16,18 +16,17 @@ from torch.utils.data import Dataset
 
 from jdsearch.data import (
     CocoDataset,
-    Resolution,
     ResolutionSampler,
     collate,
     get_resolution,
     make_loader,
-    parse_resolutions,
     set_resolution,
     targets_to,
     using_resolution,
     validate,
 )
 from jdsearch.errors import CheckpointError, DataError, SpecError
+from jdsearch.resolution import Resolution, parse_resolutions
 
 ANN = "annotations.json"
 

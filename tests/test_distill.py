@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch
-from jdsearch.data import Resolution, set_resolution
+from jdsearch.data import set_resolution
 from jdsearch.distill import (
     Distiller,
     KDConfig,
@@ -33,6 +33,7 @@ from jdsearch.models.heads import (
     start_recording,
     stop_recording,
 )
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 
 NUM_CLASSES = 5

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from jdsearch.data import CocoDataset, Resolution, get_resolution
+from jdsearch.data import CocoDataset, get_resolution
 from jdsearch.evaluate import CocoMetrics, evaluate, predict
 from jdsearch.models.detector import build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
 

@@ -17,7 +17,7 @@ import torch
 
 from jdsearch.checkpoint import load_checkpoint
 from jdsearch.cli import main
-from jdsearch.data import Resolution, get_resolution, load_image, set_resolution
+from jdsearch.data import get_resolution, load_image, set_resolution
 from jdsearch.errors import JDSearchError
 from jdsearch.export import (
     INFO_FILE,
@@ -32,6 +32,7 @@ from jdsearch.export import (
 )
 from jdsearch.latency import measure_latency
 from jdsearch.models import build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.search import open_study
 from jdsearch.spec import load_spec
 

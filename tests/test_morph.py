@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from jdsearch.arch import BackboneArch, Block, Stage
-from jdsearch.data import Resolution
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.morph import (
     Action,
@@ -25,6 +24,7 @@ from jdsearch.morph import (
     evolve_with_report,
     feasible_actions,
 )
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 
 SIZE = 64

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from jdsearch.checkpoint import load_checkpoint, save_checkpoint
-from jdsearch.data import CocoDataset, Resolution, make_loader, using_resolution
+from jdsearch.data import CocoDataset, make_loader, using_resolution
 from jdsearch.elastic import ElasticBatchNorm2d, make_elastic, reorder_channels
 from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.evaluate import evaluate
@@ -35,6 +35,7 @@ from jdsearch.pool import (
     train_and_save_pool,
     train_pool,
 )
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
 

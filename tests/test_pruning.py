@@ -94,7 +94,8 @@ def test_bn_l1_falls_back_to_every_bn_of_a_foreign_model() -> None:
 
 @pytest.mark.slow
 def test_sparsity_term_shrinks_gammas_in_the_real_trainer(tmp_path) -> None:
-    from jdsearch.data import CocoDataset, Resolution
+    from jdsearch.data import CocoDataset
+    from jdsearch.resolution import Resolution
     from jdsearch.synth import generate
     from jdsearch.train import TrainConfig, train
 

@@ -74,7 +74,7 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
             )
         # H is recomputed from the recorded AP and FLOPs
         best = t.user_attrs["best_resolution"]
-        from jdsearch.data import Resolution
+        from jdsearch.resolution import Resolution
 
         h = score_h(
             t.user_attrs["ap"][best],

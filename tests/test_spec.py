@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from jdsearch.arch import BackboneArch
-from jdsearch.data import Resolution
 from jdsearch.errors import SpecError
+from jdsearch.resolution import Resolution
 from jdsearch.spec import DETECTORS_DIR, load_spec, spec_from_dict
 
 PRESETS = sorted(p.stem for p in DETECTORS_DIR.glob("*.yaml"))

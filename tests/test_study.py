@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jdsearch.data import Resolution
 from jdsearch.errors import SpecError
 from jdsearch.objective import score_h
 from jdsearch.pool import PoolSpec
+from jdsearch.resolution import Resolution
 from jdsearch.study import load_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdsearch.data import CocoDataset, Resolution, ResolutionSampler, get_resolution
+from jdsearch.data import CocoDataset, ResolutionSampler, get_resolution
 from jdsearch.errors import DataError, SpecError
 from jdsearch.evaluate import evaluate
 from jdsearch.models.detector import Detector, build_detector
+from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
 from jdsearch.train import StepInfo, TrainConfig, TrainingDiverged, lr_factor, train

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from jdsearch.data import Resolution, make_loader, using_resolution
+from jdsearch.data import make_loader, using_resolution
 from jdsearch.errors import JDSearchError, SpecError
+from jdsearch.resolution import Resolution
 
 __all__ = ["recalibrate_bn"]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jdsearch.arch import BASIC, BOTTLENECK, NUM_STAGES
-from jdsearch.data import Resolution, parse_resolutions
 from jdsearch.distill import KDConfig
 from jdsearch.errors import SpecError
 from jdsearch.pool.reader import _is_int, _Reader
 from jdsearch.pool.space import SubnetConfig, SubnetSpace, _singleton
+from jdsearch.resolution import Resolution, parse_resolutions
 from jdsearch.train import COSINE, STEP
 
 __all__ = ["RESNET_WIDTHS", "PhaseSpec", "PoolSpec", "PoolTrainSpec"]

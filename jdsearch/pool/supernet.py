@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from jdsearch.arch import BackboneArch
-from jdsearch.data import Resolution
 from jdsearch.elastic import check_fits, make_elastic, set_active_arch, sliced_state_dict
 from jdsearch.errors import SpecError
 from jdsearch.models.detector import Detector, build_detector
@@ -25,6 +24,7 @@ from jdsearch.pool.bn import recalibrate_bn
 from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.space import SubnetConfig, SubnetSpace
 from jdsearch.pool.spec import PoolSpec
+from jdsearch.resolution import Resolution
 from jdsearch.spec import DetectorSpec, load_spec
 
 __all__ = ["ElasticPool"]
