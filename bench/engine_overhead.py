@@ -143,7 +143,7 @@ def tiny_study(root: Path, name: str, storage: str, base: Path | None, n_trials:
         spec["base"]["checkpoint"] = str(base)
     for phase in spec["pool"]["phases"]:
         phase["epochs"] = 0.25
-    spec["pool"]["train"]["recalibration_batches"] = 2
+    spec["pool"]["recalibration_batches"] = 2
     spec["resolutions"] = ["64x64", "96x96"]
     spec["fast_eval"] = {"epochs": 0.5, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
     spec["search"].update({"n_trials": n_trials, "freeze_student": 1, "storage": storage})

@@ -35,13 +35,14 @@ import torch
 
 from jdsearch.arch import BASIC, BackboneArch
 from jdsearch.data import CocoDataset, set_resolution
-from jdsearch.distill import KDConfig, make_distiller
+from jdsearch.distill import make_distiller
 from jdsearch.evaluate import evaluate
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.resolution import Resolution
+from jdsearch.settings import KDConfig, TrainConfig
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
-from jdsearch.train import TrainConfig, train
+from jdsearch.train import train
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from jdsearch.data import set_resolution
-from jdsearch.distill import KDConfig, make_distiller
+from jdsearch.distill import make_distiller
 from jdsearch.models.detector import build_detector
 from jdsearch.models.heads import start_recording, stop_recording
 from jdsearch.resolution import Resolution
+from jdsearch.settings import KDConfig
 from jdsearch.spec import load_spec
 
 NUM_CLASSES = 7

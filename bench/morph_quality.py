@@ -32,9 +32,10 @@ from jdsearch.models.detector import Detector, build_detector
 from jdsearch.morph import MorphConfig, evolve_with_report
 from jdsearch.pruning import BNSparsity
 from jdsearch.resolution import Resolution
+from jdsearch.settings import TrainConfig
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
-from jdsearch.train import TrainConfig, train
+from jdsearch.train import train
 
 DEFAULT_ACTIONS = ("channel_prune", "layer_prune", "add_layer:3", "rearrange:3->4")
 

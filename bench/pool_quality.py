@@ -24,6 +24,7 @@ and training gets tens of times slower.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import platform
 import tempfile
@@ -39,7 +40,6 @@ from jdsearch.models.detector import build_detector
 from jdsearch.pool import ElasticPool, PoolSpec, SubnetConfig, recalibrate_bn, train_pool
 from jdsearch.resolution import Resolution
 from jdsearch.synth import generate
-from jdsearch.train import TrainConfig, train
 
 
 def main() -> None:
@@ -100,17 +100,8 @@ def run(
     alone_epochs: float,
 ) -> None:
     base = PoolSpec.tiny(epochs=(epochs[0], epochs[1], epochs[2]), lr=args.lr)
-    spec = PoolSpec.from_dict(
-        {
-            **base.to_dict(),
-            "train": {
-                **base.train.to_dict(),
-                "batch_size": args.batch_size,
-                "seed": args.seed,
-                "recalibration_batches": args.recal_batches,
-            },
-        }
-    )
+    train = dataclasses.replace(base.train, batch_size=args.batch_size, seed=args.seed)
+    spec = dataclasses.replace(base, train=train, recalibration_batches=args.recal_batches)
     torch.manual_seed(args.seed)
     pool = ElasticPool(spec, train_ds.num_classes, class_names=train_ds.class_names)
     sizes = [Resolution(128, 96), Resolution(208, 128)]  # 96 px and 128 px on 128-px images
@@ -164,15 +155,11 @@ def run(
         train(
             alone,
             train_ds,
-            TrainConfig(
+            dataclasses.replace(
+                spec.train,
                 epochs=alone_epochs,
-                batch_size=args.batch_size,
                 lr=args.lr,
-                warmup_iters=spec.train.warmup_iters,
-                schedule=spec.train.schedule,
-                grad_clip=spec.train.grad_clip,
                 device=args.device,
-                seed=args.seed,
                 resolutions=pool.resolutions,
             ),
         )

@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 
 from jdsearch.models.detector import build_detector
 from jdsearch.resolution import Resolution
+from jdsearch.settings import TrainConfig
 from jdsearch.spec import load_spec
-from jdsearch.train import TrainConfig, train
+from jdsearch.train import train
 
 
 class RandomBoxes(Dataset[tuple[torch.Tensor, dict[str, Any]]]):

@@ -116,8 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jdsearch.checkpoint import load_checkpoint, save_checkpoint
     from jdsearch.evaluate import evaluate
     from jdsearch.models import build_detector
+    from jdsearch.settings import TrainConfig
     from jdsearch.spec import load_spec
-    from jdsearch.train import TrainConfig, train
+    from jdsearch.train import train
 
     data_dir = ensure_data(args.data)
     train_set = open_split(data_dir, "train")
@@ -152,7 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         loss_terms.append(BNSparsity(args.bn_sparsity))
     if args.teacher:
-        from jdsearch.distill import KDConfig, make_distiller
+        from jdsearch.distill import make_distiller
+        from jdsearch.settings import KDConfig
 
         teacher = load_checkpoint(args.teacher, device=args.device).detector
         loss_terms.append(make_distiller(detector, teacher, KDConfig(), seed=args.seed))
@@ -227,12 +229,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_train(args: argparse.Namespace) -> int:
-    from jdsearch.pool import PoolSpec, train_and_save_pool
+    from jdsearch.pool import train_and_save_pool
     from jdsearch.search import ensure_data, run_dir
     from jdsearch.study import load_study
 
     spec = load_study(args.study)
-    pool_spec = PoolSpec.from_dict(spec.pool, source=f"{spec.source}: pool")
+    pool_spec = spec.pool
     train_set, _ = ensure_data(spec)
     out = Path(args.out) if args.out else run_dir(spec) / "pool.safetensors"
     pool = train_and_save_pool(

@@ -62,9 +62,7 @@ after ``distiller.train()``. The trainable state is ``distiller.adapter``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +70,10 @@ from torch import Tensor, nn
 
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.models.heads import RecordingRoIHeads, RoIRecord, start_recording, stop_recording
+from jdsearch.settings import KDConfig
 
 __all__ = [
     "Distiller",
-    "KDConfig",
     "TeacherOutputs",
     "class_aware_loc_loss",
     "feature_loss",
@@ -85,62 +83,6 @@ __all__ = [
 ]
 
 LOSS_NAMES = ("loss_kd_feat", "loss_kd_cls", "loss_kd_loc")
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """Distillation weights and temperature. Invalid values raise :class:`SpecError`.
-
-    A weight of 0 switches a term off (its loss is still reported, as 0, so logs keep one shape).
-    """
-
-    feat_weight: float = 1.0
-    cls_weight: float = 1.0
-    loc_weight: float = 1.0
-    temperature: float = 1.0
-    feat_normalize: bool = True  # divide L_feat by the teacher's mean squared feature (see above)
-
-    def __post_init__(self) -> None:
-        for name in ("feat_weight", "cls_weight", "loc_weight", "temperature"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
-                raise SpecError(f"KDConfig.{name}: must be a finite number, got {value!r}")
-            if value < 0:
-                raise SpecError(f"KDConfig.{name}: must be ≥ 0, got {value!r}")
-        if not isinstance(self.feat_normalize, bool):
-            raise SpecError(
-                f"KDConfig.feat_normalize: must be true or false, got {self.feat_normalize!r}"
-            )
-        if self.temperature <= 0:
-            raise SpecError(f"KDConfig.temperature: must be > 0, got {self.temperature!r}")
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "kd") -> KDConfig:
-        """From a study spec's mapping (missing keys take the defaults; unknown keys are errors)."""
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise SpecError(f"{source}: expected a mapping, got {type(data).__name__}")
-        known = {"feat_weight", "cls_weight", "loc_weight", "temperature", "feat_normalize"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpecError(
-                f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**{k: data[k] for k in known if k in data})
-
-    def to_dict(self) -> dict[str, float | bool]:
-        return {
-            "feat_weight": self.feat_weight,
-            "cls_weight": self.cls_weight,
-            "loc_weight": self.loc_weight,
-            "temperature": self.temperature,
-            "feat_normalize": self.feat_normalize,
-        }
 
 
 @dataclass

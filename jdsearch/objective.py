@@ -19,7 +19,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial
 
 from jdsearch.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.data import CocoDataset
-from jdsearch.distill import KDConfig, make_distiller
+from jdsearch.distill import make_distiller
 from jdsearch.errors import JDSearchError
 from jdsearch.evaluate import CocoMetrics, evaluate
 from jdsearch.flops import count_flops
@@ -41,8 +41,8 @@ from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
 from jdsearch.pruning import BNSparsity
 from jdsearch.resolution import Resolution
 from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
-from jdsearch.study import StudySpec, TrainSpec
-from jdsearch.train import TrainConfig, train
+from jdsearch.study import StudySpec
+from jdsearch.train import train
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +82,6 @@ def score_h(
     return ap * ratio ** (-alpha)
 
 
-def train_config(
-    t: TrainSpec, *, seed: int, resolutions: Sequence[Resolution], device: str, amp: bool
-) -> TrainConfig:
-    return TrainConfig(
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        warmup_iters=t.warmup_iters,
-        schedule=t.schedule,
-        grad_clip=t.grad_clip,
-        weight_decay=t.weight_decay,
-        device=device,
-        amp=amp,
-        seed=seed,
-        resolutions=tuple(resolutions),
-    )
-
-
 @dataclass
 class SearchContext:
     """What every trial of a study shares (built once per worker by :mod:`jdsearch.search`)."""
@@ -117,10 +99,6 @@ class SearchContext:
     @property
     def morph_config(self) -> MorphConfig:
         return MorphConfig(channel_fraction=self.spec.search.channel_fraction)
-
-    @property
-    def kd_config(self) -> KDConfig:
-        return KDConfig(**self.spec.kd)
 
     # ------------------------------------------------------------------ artifacts
     def download(self, artifact_id: str, source: str) -> Checkpoint:
@@ -213,16 +191,10 @@ class Objective:
         teacher_s = time.perf_counter() - t1
         teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
         seed = spec.search.seed * 100003 + trial.number
-        terms = [make_distiller(student, teacher, ctx.kd_config, seed=seed)]
+        terms = [make_distiller(student, teacher, spec.kd, seed=seed)]
         if spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
-        config = train_config(
-            spec.fast_eval,
-            seed=seed,
-            resolutions=spec.resolutions,
-            device=spec.device,
-            amp=spec.amp,
-        )
+        config = spec.train_config(spec.fast_eval, seed)
         result = train(student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)
         stop_recording(student)
         del terms, teacher

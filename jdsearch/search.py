@@ -37,13 +37,12 @@ from jdsearch.objective import (
     Objective,
     SearchContext,
     move_vocabulary,
-    train_config,
 )
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
 from jdsearch.pruning import BNSparsity
 from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, HillClimbingSampler
 from jdsearch.spec import load_spec
-from jdsearch.study import StudySpec, study_from_dict
+from jdsearch.study import StudySpec, study_from_stored
 from jdsearch.train import train
 
 log = logging.getLogger(__name__)
@@ -115,13 +114,7 @@ def _base_checkpoint(
     det_spec = load_spec(spec.base.detector)
     detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
     _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
-    config = train_config(
-        spec.base.train,
-        seed=spec.search.seed,
-        resolutions=spec.resolutions,
-        device=spec.device,
-        amp=spec.amp,
-    )
+    config = spec.train_config(spec.base.train, spec.search.seed)
     terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
     result = train(detector, train_set, config, loss_terms=terms, progress=progress)
     _say(
@@ -152,7 +145,7 @@ def prepare(
         # Uploads of workers killed mid-write, older than a day: nobody will finish them.
         store.purge_incomplete(older_than_s=24 * 3600.0)
     train_set, val_set = ensure_data(spec)
-    pool_spec = PoolSpec.from_dict(spec.pool, source=f"{spec.source}: pool")
+    pool_spec = spec.pool
     vocabulary = move_vocabulary()
     holder: dict[str, SearchContext] = {}
 
@@ -175,7 +168,7 @@ def prepare(
         load_if_exists=True,
     )
     stored_spec = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
-    if stored_spec is not None and stored_spec != spec.to_dict():
+    if stored_spec is not None and not _same_spec(stored_spec, spec):
         log.warning(
             "study %s was created with a different spec; the stored base and pool are kept",
             spec.name,
@@ -221,6 +214,14 @@ def prepare(
     )
     holder["ctx"] = ctx
     return study, ctx
+
+
+def _same_spec(stored: Any, spec: StudySpec) -> bool:
+    """Whether a study's stored spec describes ``spec`` (once both are read and normalised)."""
+    try:
+        return study_from_stored(stored, source="stored spec").to_dict() == spec.to_dict()
+    except SpecError:
+        return False
 
 
 def _pool_matches(path: Path, pool_spec: PoolSpec) -> bool:
@@ -433,21 +434,6 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {re.sub(r'://[^@/ ]*@', '://***@', text)}"
 
 
-def _upgrade_stored_spec(stored: Any) -> Any:
-    """Studies made by jdsearch 0.1.0 stored resolutions as ``{"long": L, "short": S}`` and unset
-    optional fields as ``null``; read them as the current form."""
-    if isinstance(stored, dict):
-        return {k: _upgrade_stored_spec(v) for k, v in stored.items() if v is not None}
-    if isinstance(stored, list):
-        return [
-            f"{v['long']}x{v['short']}"
-            if isinstance(v, dict) and set(v) == {"long", "short"}
-            else _upgrade_stored_spec(v)
-            for v in stored
-        ]
-    return stored
-
-
 def open_study(url: str, name: str | None = None) -> StudyHandle:
     """Open an existing jdsearch study on ``url`` (``name`` may be omitted when it holds one).
 
@@ -480,7 +466,7 @@ def open_study(url: str, name: str | None = None) -> StudyHandle:
         raise JDSearchError(
             f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)"
         )
-    spec = study_from_dict(_upgrade_stored_spec(stored), source=f"study {name!r} (stored spec)")
+    spec = study_from_stored(stored, source=f"study {name!r} (stored spec)")
     artifacts = spec.search.artifacts.strip()
     if (
         artifacts.startswith("file:")

@@ -2,8 +2,10 @@
 
 A study names the dataset, the base detector (and how to train it when no checkpoint is given),
 the elastic teacher pool, the score H (α, β, resolutions), the fast evaluation of each trial, the
-distillation weights and the search itself (top-k, student freeze, trials, storage). Unknown keys
-and bad values raise :class:`SpecError` naming the file and the dotted field.
+distillation weights and the search itself (top-k, student freeze, trials, storage). Everything
+is validated when the file loads (:mod:`jdsearch.config`): an unknown key or a bad value anywhere,
+the pool and the training settings included, is one :class:`SpecError` naming the file and the
+dotted field. Torch-free.
 """
 
 from __future__ import annotations
@@ -14,47 +16,78 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jdsearch.config import Fields, check, is_number, plain, read_dataclass, read_yaml
 from jdsearch.errors import SpecError
-from jdsearch.resolution import Resolution, parse_resolutions
-from jdsearch.spec import _Fields, read_yaml
+from jdsearch.pool.spec import PoolSpec
+from jdsearch.resolution import Resolution
+from jdsearch.settings import KDConfig, TrainConfig, is_device
+
+__all__ = [
+    "BASE_TRAIN",
+    "FAST_EVAL",
+    "STUDIES_DIR",
+    "BaseSpec",
+    "DataSpec",
+    "ScoreSpec",
+    "SearchSpec",
+    "StudySpec",
+    "SynthSpec",
+    "load_study",
+    "study_from_dict",
+    "study_from_stored",
+]
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+METRICS = ("AP", "AP50", "AP75")
+
+#: The fast evaluation of a trial (paper A.1.4: 3 epochs, cosine, lr 0.01, batch 4).
+FAST_EVAL = TrainConfig(epochs=3.0, lr=0.01, batch_size=4, warmup_iters=50, grad_clip=10.0)
+#: Training of a base detector that the study trains itself.
+BASE_TRAIN = dataclasses.replace(FAST_EVAL, epochs=12.0, lr=0.02)
+#: Training settings the study sets for every training it runs (top-level ``device`` and ``amp``,
+#: ``search.seed``, ``resolutions``); a training section may not set them.
+STUDY_SET = {"exclude": ("device", "amp", "seed", "resolutions")}
 
 
 @dataclass(frozen=True)
 class SynthSpec:
+    """A synthetic dataset to generate when ``data.dir`` has none (:func:`jdsearch.synth.generate`)."""
+
     images: int = 640
     seed: int = 0
     size: int = 128
 
+    def __post_init__(self) -> None:
+        check(self.images >= 1, self, "images", "must be ≥ 1")
+        check(self.seed >= 0, self, "seed", "must not be negative")
+        check(self.size >= 1, self, "size", "must be ≥ 1")
+
 
 @dataclass(frozen=True)
 class DataSpec:
-    """``dir`` holds ``images/``, ``train.json``, ``val.json``; ``synth`` generates them if absent."""
+    """``dir`` holds ``images/``, ``train.json``, ``val.json``; ``synth`` generates them if absent.
 
-    dir: Path
+    ``dir`` unset: ``runs/<study name>/data``. ``max_val_images``: evaluate each trial on the
+    first N validation images.
+    """
+
+    dir: Path | None = None
     synth: SynthSpec | None = None
-    max_val_images: int | None = None  # evaluate each trial on the first N val images
+    max_val_images: int | None = None
 
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """A training budget (used for the base detector, the pool phases and each trial)."""
-
-    epochs: float = 3.0
-    lr: float = 0.01
-    batch_size: int = 4
-    warmup_iters: int = 50
-    schedule: str = "cosine"
-    grad_clip: float | None = 10.0
-    weight_decay: float = 1e-4
+    def __post_init__(self) -> None:
+        n = self.max_val_images
+        check(n is None or n >= 1, self, "max_val_images", "must be ≥ 1")
 
 
 @dataclass(frozen=True)
 class BaseSpec:
-    detector: str  # preset name or YAML path
-    checkpoint: Path | None = None  # trained with `train` when absent
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=12.0, lr=0.02))
+    """The base detector: a preset name or YAML path, and its checkpoint (trained when absent)."""
+
+    detector: str
+    checkpoint: Path | None = None
+    train: TrainConfig = field(default=BASE_TRAIN, metadata=STUDY_SET)
 
 
 @dataclass(frozen=True)
@@ -65,9 +98,20 @@ class ScoreSpec:
     beta: float = 0.8
     metric: str = "AP"  # which COCO metric is the "mAP" of H
 
+    def __post_init__(self) -> None:
+        check(is_number(self.alpha) and self.alpha >= 0, self, "alpha", "must be ≥ 0")
+        check(is_number(self.beta) and self.beta >= 0, self, "beta", "must be ≥ 0")
+        check(self.metric in METRICS, self, "metric", f"must be one of {', '.join(METRICS)}")
+
 
 @dataclass(frozen=True)
 class SearchSpec:
+    """Hill climbing (top-k, student freeze, student/teacher odds), trials, seed and storage.
+
+    ``storage`` unset: ``sqlite:///runs/<study name>.db``. ``artifacts``: ``db`` (the study's
+    own database) or ``file:DIR``.
+    """
+
     top_k: int = 5
     freeze_student: int = 5
     p_student: float = 0.5
@@ -75,133 +119,110 @@ class SearchSpec:
     seed: int = 0
     channel_fraction: float = 0.1
     bn_sparsity: float = 1e-5
-    storage: str | None = None  # default: sqlite:///runs/<name>.db
-    artifacts: str = "db"  # "db" (same database) or "file:DIR"
+    storage: str | None = None
+    artifacts: str = "db"
     heartbeat_s: int = 60
     max_retry: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "n_trials", "heartbeat_s"):
+            check(getattr(self, name) >= 1, self, name, "must be ≥ 1")
+        for name in ("freeze_student", "seed", "max_retry", "bn_sparsity"):
+            check(getattr(self, name) >= 0, self, name, "must not be negative")
+        check(0 <= self.p_student <= 1, self, "p_student", "must lie in [0, 1]")
+        ok = 0 < self.channel_fraction < 1
+        check(ok, self, "channel_fraction", "must lie in (0, 1)")
 
 
 @dataclass(frozen=True)
 class StudySpec:
+    """One search: data, base detector, teacher pool, score, fast evaluation, KD and search."""
+
     name: str
     data: DataSpec
     base: BaseSpec
-    pool: dict[str, Any]  # validated by jdsearch.pool.PoolSpec.from_dict
+    pool: PoolSpec
     resolutions: tuple[Resolution, ...]
     score: ScoreSpec = field(default_factory=ScoreSpec)
-    fast_eval: TrainSpec = field(default_factory=TrainSpec)
-    kd: dict[str, Any] = field(default_factory=dict)  # validated by jdsearch.distill.KDConfig
+    fast_eval: TrainConfig = field(default=FAST_EVAL, metadata=STUDY_SET)
+    kd: KDConfig = field(default_factory=KDConfig)
     search: SearchSpec = field(default_factory=SearchSpec)
     device: str = "cpu"
     amp: bool = False
     source: str = ""
 
+    def __post_init__(self) -> None:
+        ok = isinstance(self.name, str) and _NAME_RE.fullmatch(self.name) is not None
+        check(ok, self, "name", "use letters, digits, '-', '_' or '.'")
+        check(bool(self.resolutions), self, "resolutions", "expected a non-empty list")
+        repeated = sorted({str(r) for r in self.resolutions if self.resolutions.count(r) > 1})
+        check(not repeated, self, "resolutions", f"{', '.join(repeated)} listed twice")
+        check(is_device(self.device), self, "device", "expected a device such as cpu or cuda:0")
+        if self.data.dir is None:
+            data = dataclasses.replace(self.data, dir=Path("runs") / self.name / "data")
+            object.__setattr__(self, "data", data)
+
     @property
     def storage_url(self) -> str:
         return self.search.storage or f"sqlite:///runs/{self.name}.db"
 
-    def to_dict(self) -> dict[str, Any]:
-        def plain(v: Any) -> Any:
-            if isinstance(v, Path | Resolution):  # before the dataclass case: Resolution is one
-                return str(v)
-            if dataclasses.is_dataclass(v):  # unset optional fields are left out, as in a YAML file
-                fields = ((f.name, getattr(v, f.name)) for f in dataclasses.fields(v))
-                return {k: plain(x) for k, x in fields if x is not None}
-            if isinstance(v, tuple | list):
-                return [plain(x) for x in v]
-            if isinstance(v, dict):
-                return {k: plain(x) for k, x in v.items()}
-            return v
+    def train_config(self, train: TrainConfig, seed: int) -> TrainConfig:
+        """``train`` with what the study sets for every training: device, AMP, seed, sizes."""
+        return dataclasses.replace(
+            train, device=self.device, amp=self.amp, seed=seed, resolutions=self.resolutions
+        )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, as stored in the study (reads back through :func:`study_from_dict`)."""
         d = plain(self)
         d.pop("source", None)
+        for train in (d["fast_eval"], d["base"]["train"]):
+            for key in STUDY_SET["exclude"]:
+                train.pop(key)
+        d["pool"] = self.pool.to_dict()
         return d
 
 
-def _dataclass_from(f: _Fields, cls: type, **overrides: Any) -> Any:
-    """Fill dataclass ``cls`` from the fields in ``f`` (types from the defaults)."""
-    base = cls(**overrides) if overrides else cls()
-    kwargs: dict[str, Any] = {}
-    for fd in dataclasses.fields(cls):
-        default = getattr(base, fd.name)
-        if not f.has(fd.name):
-            continue
-        if default is None:
-            value = f.data.pop(fd.name)
-            if value is not None and not isinstance(value, int | float | str):
-                f.fail(fd.name, f"expected a number or a string, got {value!r}")
-            kwargs[fd.name] = value
-        else:
-            kwargs[fd.name] = f.pop(fd.name, type(default))
-        v = kwargs[fd.name]
-        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
-            f.fail(fd.name, f"must not be negative, got {v!r}")
-    f.done()
-    return dataclasses.replace(base, **kwargs)
-
-
 def study_from_dict(data: Any, source: str = "<study>") -> StudySpec:
-    top = _Fields(source, "", data)
-    name = top.pop("name", str)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        top.fail("name", f"use letters, digits, '-', '_' or '.', got {name!r}")
-    # data
-    df = top.sub("data")
-    data_dir = Path(df.pop("dir", str, f"runs/{name}/data"))
-    synth = None
-    if df.has("synth"):
-        synth = _dataclass_from(df.sub("synth"), SynthSpec)
-    max_val = df.pop("max_val_images", int, None)
-    df.done()
-    # base detector
-    bf = top.sub("base")
-    detector = bf.pop("detector", str)
-    ckpt = bf.pop("checkpoint", str, None)
-    base_train = _dataclass_from(bf.sub("train"), TrainSpec, epochs=12.0, lr=0.02)
-    bf.done()
-    pool = top.data.pop("pool", None)
-    if not isinstance(pool, dict):
-        top.fail(
-            "pool", "required mapping is missing (the elastic teacher pool's space and schedule)"
-        )
-    res_texts = top.pop_list("resolutions", str)
-    try:
-        resolutions = parse_resolutions(res_texts)
-    except SpecError as e:
-        top.fail("resolutions", str(e))
-    score = _dataclass_from(top.sub("score"), ScoreSpec)
-    if score.metric not in ("AP", "AP50", "AP75"):
-        top.fail("score.metric", f"must be AP, AP50 or AP75, got {score.metric!r}")
-    fast_eval = _dataclass_from(top.sub("fast_eval"), TrainSpec)
-    kd = top.data.pop("kd", None) or {}
-    if not isinstance(kd, dict):
-        top.fail("kd", f"expected a mapping, got {kd!r}")
-    search = _dataclass_from(top.sub("search"), SearchSpec)
-    if not 0 <= search.p_student <= 1:
-        top.fail("search.p_student", f"must lie in [0, 1], got {search.p_student}")
-    if search.top_k < 1 or search.n_trials < 1:
-        top.fail("search", "top_k and n_trials must be ≥ 1")
-    device = top.pop("device", str, "cpu")
-    amp = top.pop("amp", bool, False)
-    top.done()
-    return StudySpec(
-        name=name,
-        data=DataSpec(data_dir, synth, max_val),
-        base=BaseSpec(detector, Path(ckpt) if ckpt else None, base_train),
-        pool=pool,
-        resolutions=resolutions,
-        score=score,
-        fast_eval=fast_eval,
-        kd=kd,
-        search=search,
-        device=device,
-        amp=amp,
-        source=source,
-    )
+    """Validate a parsed study mapping (a YAML file, or a study's stored spec).
+
+    Raises:
+        SpecError: one line naming ``source``, the dotted field and the value.
+    """
+    return read_dataclass(Fields(data, source), StudySpec, {"source": source}, exclude=["source"])
+
+
+def study_from_stored(stored: Any, source: str) -> StudySpec:
+    """Read the spec a study stored (``jdsearch:spec``), of this or an earlier jdsearch.
+
+    jdsearch 0.1.0 stored resolutions as ``{"long": L, "short": S}`` mappings; 0.1 kept the pool's
+    ``reorder`` and ``recalibration_batches`` under ``pool.train`` (still read there).
+
+    Raises:
+        SpecError: the stored spec is not a valid study spec.
+    """
+    return study_from_dict(_upgrade_resolutions(stored), source=source)
+
+
+def _upgrade_resolutions(stored: Any) -> Any:
+    if isinstance(stored, dict):
+        return {k: _upgrade_resolutions(v) for k, v in stored.items()}
+    if isinstance(stored, list):
+        return [
+            f"{v['long']}x{v['short']}"
+            if isinstance(v, dict) and set(v) == {"long", "short"}
+            else _upgrade_resolutions(v)
+            for v in stored
+        ]
+    return stored
 
 
 def load_study(path: str | Path) -> StudySpec:
-    """Read a study spec YAML (or the name of one in ``studies/``)."""
+    """Read a study spec YAML (or the name of one in ``studies/``).
+
+    Raises:
+        SpecError: no such file, invalid YAML, or an invalid spec (see :func:`study_from_dict`).
+    """
     p = Path(path)
     if not p.exists() and not p.suffix and (STUDIES_DIR / f"{p.name}.yaml").exists():
         p = STUDIES_DIR / f"{p.name}.yaml"

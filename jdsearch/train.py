@@ -36,12 +36,10 @@ from jdsearch.data import (
 )
 from jdsearch.errors import DataError, JDSearchError, SpecError
 from jdsearch.resolution import Resolution
+from jdsearch.settings import COSINE, TrainConfig
 
 __all__ = [
-    "COSINE",
-    "STEP",
     "StepInfo",
-    "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
     "lr_factor",
@@ -50,110 +48,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-COSINE = "cosine"
-STEP = "step"
 _FINAL_WINDOW = 20  # final losses average the last this-many iterations
 
 
 class TrainingDiverged(JDSearchError):
     """The total loss became NaN or infinite; the message names the iteration and the culprits."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. Invalid values raise :class:`SpecError` naming the field.
-
-    * Length: ``max_iters`` when set, else ``epochs`` passes over the data (fractions allowed;
-      at least one iteration).
-    * Schedule (per iteration): linear warm-up from ``lr * warmup_factor`` to ``lr`` over
-      ``warmup_iters``, multiplied by either ``cosine`` decay to 0 at the last iteration, or
-      ``step`` decay by ``gamma`` at each milestone. ``milestones`` are *fractions* of the total
-      iterations (e.g. ``(2/3, 8/9)``, mmdetection's 1x schedule), so they hold for any length.
-    * ``grad_clip``: max global grad norm (``None`` = off).
-    * ``amp``: mixed precision (``torch.autocast`` float16 + ``GradScaler``); only on CUDA, ignored
-      (with a log line) on CPU.
-    * ``resolutions``: dynamic-resolution set; empty = keep the detector's current size.
-    * ``hflip``: probability of flipping each training image (and its boxes) left-right, the
-      standard detection augmentation (mmdetection's ``RandomFlip(0.5)``); 0 disables it.
-    * ``history_points``: at most this many points in :attr:`TrainResult.loss_history`.
-    """
-
-    epochs: float = 1.0
-    max_iters: int | None = None
-    batch_size: int = 2
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    schedule: str = COSINE
-    milestones: tuple[float, ...] = (2 / 3, 8 / 9)
-    gamma: float = 0.1
-    grad_clip: float | None = None
-    amp: bool = False
-    device: str = "cpu"
-    seed: int = 0
-    resolutions: tuple[Resolution, ...] = ()
-    hflip: float = 0.5
-    num_workers: int = 0
-    log_every: int = 50
-    history_points: int = 200
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> None:
-            raise SpecError(f"TrainConfig.{name}: {why}, got {getattr(self, name)!r}")
-
-        if self.max_iters is None and not (self.epochs > 0 and math.isfinite(self.epochs)):
-            bad("epochs", "must be a positive number")
-        if self.max_iters is not None and self.max_iters < 1:
-            bad("max_iters", "must be ≥ 1")
-        if self.batch_size < 1:
-            bad("batch_size", "must be ≥ 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad("lr", "must be a positive number")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", "must lie in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be ≥ 0")
-        if self.warmup_iters < 0:
-            bad("warmup_iters", "must be ≥ 0")
-        if not 0 < self.warmup_factor <= 1:
-            bad("warmup_factor", "must lie in (0, 1]")
-        if self.schedule not in (COSINE, STEP):
-            bad("schedule", f"must be '{COSINE}' or '{STEP}'")
-        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(
-            self.milestones
-        ):
-            bad("milestones", "must be increasing fractions of the run in (0, 1)")
-        if not 0 < self.gamma <= 1:
-            bad("gamma", "must lie in (0, 1]")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            bad("grad_clip", "must be positive or None")
-        if not 0 <= self.hflip <= 1:
-            bad("hflip", "must be a probability in [0, 1]")
-        if self.num_workers < 0:
-            bad("num_workers", "must be ≥ 0")
-        if self.log_every < 1:
-            bad("log_every", "must be ≥ 1")
-        if self.history_points < 1:
-            bad("history_points", "must be ≥ 1")
-        if self.seed < 0:
-            bad("seed", "must be ≥ 0")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            bad("device", "is not a torch device such as 'cpu', 'cuda' or 'cuda:1'")
-        # Accept strings ("128x96") for convenience; store Resolution values.
-        object.__setattr__(
-            self, "resolutions", tuple(Resolution.parse(r) for r in self.resolutions)
-        )
-        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-
-    def total_iters(self, batches_per_epoch: int) -> int:
-        """Iterations this config runs over a loader of ``batches_per_epoch`` batches."""
-        if self.max_iters is not None:
-            return self.max_iters
-        return max(1, math.ceil(self.epochs * batches_per_epoch))
 
 
 def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:

@@ -92,7 +92,7 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
     spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 1}
     for phase in spec["pool"]["phases"]:
         phase["epochs"] = 0.25
-    spec["pool"]["train"]["recalibration_batches"] = 2
+    spec["pool"]["recalibration_batches"] = 2
     spec["resolutions"] = ["64x64", "96x96"]
     spec["fast_eval"] = {"epochs": 0.25, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
     spec["search"].update({"freeze_student": 1})

@@ -4,6 +4,7 @@ persistence and a tiny end-to-end IPS run."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from jdsearch.pool import (
     ElasticPool,
     PhaseSpec,
     PoolSpec,
-    PoolTrainSpec,
     SubnetConfig,
     SubnetSpace,
     load_pool,
@@ -35,6 +35,7 @@ from jdsearch.pool import (
     train_and_save_pool,
     train_pool,
 )
+from jdsearch.pool.spec import POOL_TRAIN
 from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
@@ -57,8 +58,8 @@ SMALL_POOL = {
         "batch_size": 2,
         "warmup_iters": 1,
         "resolutions": ["64x48", "80x64"],
-        "recalibration_batches": 2,
     },
+    "recalibration_batches": 2,
 }
 
 
@@ -209,6 +210,12 @@ def test_spec_round_trip(spec: PoolSpec) -> None:
     assert spec.phases[1].space.describe() == "d[2, 2, 2|3, 2] w[1.5 ×4] f[24]"
     assert spec.phases[2].space == spec.space
     assert spec.train.resolutions == RES
+    # jdsearch 0.1 kept reorder and recalibration_batches under train; pool files still hold that
+    legacy = copy.deepcopy(SMALL_POOL)
+    legacy["train"]["recalibration_batches"] = legacy.pop("recalibration_batches")
+    legacy["train"]["reorder"] = False
+    old = PoolSpec.from_dict(legacy)
+    assert old == dataclasses.replace(spec, reorder=False)
 
 
 def _with(**changes: object) -> dict[str, object]:
@@ -497,7 +504,7 @@ def test_ips_end_to_end(spec: PoolSpec, data: CocoDataset, tmp_path: Path) -> No
         ),
         "tiny-r50-fpn",
         base_widths=(8, 16, 32, 64),
-        train=PoolTrainSpec(batch_size=2),
+        train=dataclasses.replace(POOL_TRAIN, batch_size=2),
     )
     with pytest.raises(SpecError, match="another super-net"):
         train_and_save_pool(other, data, path, progress=False, max_iters=1)

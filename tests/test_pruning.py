@@ -96,8 +96,9 @@ def test_bn_l1_falls_back_to_every_bn_of_a_foreign_model() -> None:
 def test_sparsity_term_shrinks_gammas_in_the_real_trainer(tmp_path) -> None:
     from jdsearch.data import CocoDataset
     from jdsearch.resolution import Resolution
+    from jdsearch.settings import TrainConfig
     from jdsearch.synth import generate
-    from jdsearch.train import TrainConfig, train
+    from jdsearch.train import train
 
     info = generate(tmp_path, images=6, seed=0, size=64)
     data = CocoDataset(info.train_json, info.image_dir)

@@ -67,7 +67,7 @@ BASE = {"name": "t", "backbone": {"kind": "basic", "depths": [1, 1, 1, 1]}}
         ({"rpn": {"nms_thresh": 1.5}}, "rpn.nms_thresh: must lie in"),
         (
             {"roi_heads": {"representation_size": "big"}},
-            "roi_heads.representation_size: expected int",
+            "roi_heads.representation_size: expected an integer, got 'big'",
         ),
         (
             {"roi_heads": {"batch_size_per_image": 0}},

@@ -9,7 +9,6 @@ import yaml
 
 from jdsearch.errors import SpecError
 from jdsearch.objective import score_h
-from jdsearch.pool import PoolSpec
 from jdsearch.resolution import Resolution
 from jdsearch.study import load_study
 
@@ -21,7 +20,7 @@ def test_quickstart_loads_with_its_pool() -> None:
     assert spec.name == "quickstart" and spec.storage_url == "sqlite:///runs/quickstart.db"
     assert spec.score.alpha == 0.4 and spec.score.beta == 0.8
     assert [str(r) for r in spec.resolutions] == ["80x80", "128x96", "176x112", "208x128"]
-    assert PoolSpec.from_dict(spec.pool).space.size() > 1
+    assert spec.pool.space.size() > 1
     assert load_study("quickstart") == spec  # by name from studies/
 
 
@@ -29,14 +28,20 @@ def test_quickstart_loads_with_its_pool() -> None:
     ("patch", "needle"),
     [
         ({"serch": {}}, "serch: unknown key"),
-        ({"search": {"top_k": 0}}, "search: top_k and n_trials"),
+        ({"search": {"top_k": 0}}, "search.top_k: must be ≥ 1, got 0"),
         ({"search": {"p_student": 1.5}}, "search.p_student"),
-        ({"score": {"alpha": "big"}}, "score.alpha: expected float"),
+        ({"score": {"alpha": "big"}}, "score.alpha: expected a number, got 'big'"),
         ({"score": {"metric": "AR"}}, "score.metric"),
         ({"resolutions": ["80x80", "80x80"]}, "resolutions:"),
         ({"base": {"train": {"epochs": 1}}}, "base.detector: required field is missing"),
         ({"name": "bad name!"}, "name: use letters"),
-        ({"fast_eval": {"epochs": -1}}, "fast_eval.epochs: must not be negative"),
+        ({"fast_eval": {"epochs": -1}}, "fast_eval.epochs: must be a positive number, got -1.0"),
+        # typos found only inside trials before the one config layer
+        ({"fast_eval": {"schedule": "cosin"}}, "fast_eval.schedule: must be 'cosine' or 'step'"),
+        ({"kd": {"feat_wieght": 2}}, "kd.feat_wieght: unknown key (known: cls_weight"),
+        ({"fast_eval": {"device": "cuda"}}, "fast_eval.device: unknown key"),
+        ({"pool": {"detector": "tiny-r50-fpn"}}, "pool.space: required field is missing"),
+        ({"device": "gpu"}, "device: expected a device such as cpu or cuda:0, got 'gpu'"),
     ],
 )
 def test_bad_study_specs_name_file_and_field(tmp_path: Path, patch: dict, needle: str) -> None:
@@ -57,7 +62,7 @@ def test_missing_pool_and_fractional_epochs(tmp_path: Path) -> None:
     assert load_study(p).base.train.epochs == 0.5
     del data["pool"]
     p.write_text(yaml.safe_dump(data))
-    with pytest.raises(SpecError, match="pool: required mapping"):
+    with pytest.raises(SpecError, match="pool: required field is missing"):
         load_study(p)
 
 
@@ -86,8 +91,7 @@ def test_to_dict_round_trips_through_study_from_dict() -> None:
 
 def test_specs_stored_by_jdsearch_0_1_0_still_open() -> None:
     """0.1.0 stored resolutions as mappings and unset fields as null."""
-    from jdsearch.search import _upgrade_stored_spec
-    from jdsearch.study import study_from_dict
+    from jdsearch.study import study_from_dict, study_from_stored
 
     spec = load_study(QUICKSTART)
     old = spec.to_dict()
@@ -96,4 +100,4 @@ def test_specs_stored_by_jdsearch_0_1_0_still_open() -> None:
     old["search"]["storage"] = None
     with pytest.raises(SpecError):
         study_from_dict(old)
-    assert study_from_dict(_upgrade_stored_spec(old), source=spec.source) == spec
+    assert study_from_stored(old, source=spec.source) == spec

@@ -14,9 +14,10 @@ from jdsearch.errors import DataError, SpecError
 from jdsearch.evaluate import evaluate
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.resolution import Resolution
+from jdsearch.settings import TrainConfig
 from jdsearch.spec import load_spec
 from jdsearch.synth import generate
-from jdsearch.train import StepInfo, TrainConfig, TrainingDiverged, lr_factor, train
+from jdsearch.train import StepInfo, TrainingDiverged, lr_factor, train
 
 RES = (Resolution(64, 48), Resolution(80, 64), Resolution(96, 72))
 

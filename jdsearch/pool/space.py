@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from jdsearch.arch import NUM_STAGES
+from jdsearch.config import Fields, is_int, is_number
 from jdsearch.errors import SpecError
-from jdsearch.pool.reader import _is_int, _is_number, _Reader
 
-__all__ = ["SubnetConfig", "SubnetSpace"]
+__all__ = ["SubnetConfig", "SubnetSpace", "singleton"]
 
 _MOVE_PREFIX = "teacher."
 
@@ -276,8 +276,17 @@ class SubnetSpace:
 
     @classmethod
     def from_dict(
-        cls, data: Any, source: str = "space", default: SubnetSpace | None = None
+        cls, data: Any, source: str = "", path: str = "space", default: SubnetSpace | None = None
     ) -> SubnetSpace:
+        """Read ``{depths, widths, fpn}`` (see :meth:`from_fields`).
+
+        Raises:
+            SpecError: one line naming ``SOURCE: PATH.KEY`` and the value.
+        """
+        return cls.from_fields(Fields(data, source, path), default)
+
+    @classmethod
+    def from_fields(cls, f: Fields, default: SubnetSpace | None = None) -> SubnetSpace:
         """Read ``{depths, widths, fpn}``; keys missing here come from ``default`` (if given).
 
         * ``depths``: one entry per stage — an integer, an inclusive range ``"2-23"``, or a list of
@@ -286,82 +295,79 @@ class SubnetSpace:
           list per stage.
         * ``fpn``: FPN widths in channels (``[256, 320, 384]``) or a single width.
         """
-        f = _Reader(source, data)
+        keys = ("depths", "widths", "fpn")
         if default is None:
-            for key in ("depths", "widths", "fpn"):
-                f.require(key)
-        depths = default.depths if default is not None else ()
-        widths = default.widths if default is not None else ()
-        fpn = default.fpn if default is not None else ()
+            f.require(*keys)
+            depths: Any = ()
+            widths: Any = ()
+            fpn: Any = ()
+        else:
+            depths, widths, fpn = default.depths, default.widths, default.fpn
         if f.has("depths"):
-            raw = f.pop("depths")
+            raw = f.raw("depths")
             if not isinstance(raw, list | tuple) or len(raw) != NUM_STAGES:
                 f.fail("depths", f"expected {NUM_STAGES} entries (one per stage), got {raw!r}")
-            depths = tuple(_depth_choices(v, f.where(f"depths[{i}]")) for i, v in enumerate(raw))
+            depths = tuple(_depth_choices(f, f"depths[{i}]", v) for i, v in enumerate(raw))
         if f.has("widths"):
-            widths = _width_choices(f.pop("widths"), f.where("widths"))
+            widths = _width_choices(f, "widths", f.raw("widths"))
         if f.has("fpn"):
-            fpn = _int_choices(f.pop("fpn"), f.where("fpn"))
-        f.done()
+            fpn = _int_choices(f, "fpn", f.raw("fpn"))
+        f.done(keys)
         try:
             return cls(depths, widths, fpn)
         except SpecError as e:
-            raise SpecError(f"{source}: {e}") from None
+            f.fail("", str(e))
 
 
 def _set(values: tuple[Any, ...], i: int, v: Any) -> tuple[Any, ...]:
     return (*values[:i], v, *values[i + 1 :])
 
 
-def _depth_choices(value: Any, where: str) -> tuple[int, ...]:
-    if _is_int(value):
+def _depth_choices(f: Fields, key: str, value: Any) -> tuple[int, ...]:
+    if is_int(value):
         choices: tuple[int, ...] = (value,)
     elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)):
         lo, hi = int(m.group(1)), int(m.group(2))
         if lo > hi:
-            raise SpecError(f"{where}: range {value!r} is empty (low end above high end)")
+            f.fail(key, f"range {value!r} is empty (low end above high end)")
         choices = tuple(range(lo, hi + 1))
-    elif isinstance(value, list | tuple) and value and all(_is_int(v) for v in value):
+    elif isinstance(value, list | tuple) and value and all(is_int(v) for v in value):
         choices = tuple(value)
     else:
-        raise SpecError(
-            f"{where}: expected a depth, a range like '2-23' or a list of depths, got {value!r}"
-        )
+        f.fail(key, f"expected a depth, a range like '2-23' or a list of depths, got {value!r}")
     if min(choices) < 1:
-        raise SpecError(f"{where}: depths must be ≥ 1, got {value!r}")
+        f.fail(key, f"depths must be ≥ 1, got {value!r}")
     return choices
 
 
-def _number_list(value: Any, where: str) -> tuple[float, ...]:
-    if not isinstance(value, list | tuple) or not value or not all(_is_number(v) for v in value):
-        raise SpecError(f"{where}: expected a non-empty list of numbers, got {value!r}")
-    if not all(math.isfinite(v) and v > 0 for v in value):
-        raise SpecError(f"{where}: width multipliers must be positive, got {value!r}")
+def _number_list(f: Fields, key: str, value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or not value or not all(is_number(v) for v in value):
+        f.fail(key, f"expected a non-empty list of numbers, got {value!r}")
+    if not all(v > 0 for v in value):
+        f.fail(key, f"width multipliers must be positive, got {value!r}")
     return tuple(float(v) for v in value)
 
 
-def _width_choices(value: Any, where: str) -> tuple[tuple[float, ...], ...]:
-    if (
-        isinstance(value, list | tuple)
-        and value
-        and all(isinstance(v, list | tuple) for v in value)
-    ):
+def _width_choices(f: Fields, key: str, value: Any) -> tuple[tuple[float, ...], ...]:
+    per_stage = isinstance(value, list | tuple) and value
+    if per_stage and all(isinstance(v, list | tuple) for v in value):
         if len(value) != NUM_STAGES:
-            raise SpecError(f"{where}: expected {NUM_STAGES} per-stage lists, got {len(value)}")
-        return tuple(_number_list(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return (_number_list(value, where),) * NUM_STAGES
+            f.fail(key, f"expected {NUM_STAGES} per-stage lists, got {len(value)}")
+        return tuple(_number_list(f, f"{key}[{i}]", v) for i, v in enumerate(value))
+    return (_number_list(f, key, value),) * NUM_STAGES
 
 
-def _int_choices(value: Any, where: str) -> tuple[int, ...]:
-    values = [value] if _is_int(value) else value
+def _int_choices(f: Fields, key: str, value: Any) -> tuple[int, ...]:
+    values = [value] if is_int(value) else value
     if (
         not isinstance(values, list | tuple)
         or not values
-        or not all(_is_int(v) and v > 0 for v in values)
+        or not all(is_int(v) and v > 0 for v in values)
     ):
-        raise SpecError(f"{where}: expected a positive integer or a list of them, got {value!r}")
+        f.fail(key, f"expected a positive integer or a list of them, got {value!r}")
     return tuple(values)
 
 
-def _singleton(cfg: SubnetConfig) -> SubnetSpace:
+def singleton(cfg: SubnetConfig) -> SubnetSpace:
+    """The space whose only member is ``cfg``."""
     return SubnetSpace(tuple((d,) for d in cfg.depths), tuple((w,) for w in cfg.widths), (cfg.fpn,))

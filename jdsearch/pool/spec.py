@@ -3,8 +3,8 @@
 :class:`PoolSpec` names the super-net (detector template, block kind, base widths ``W``), its
 sub-network space and the integrated-progressive-shrinking phases (:class:`PhaseSpec`: epochs,
 learning rate and the space each phase samples from), plus the training settings shared by every
-phase (:class:`PoolTrainSpec`) and the distillation settings. :meth:`PoolSpec.paper` is the
-paper's pool, :meth:`PoolSpec.tiny` a CPU-sized one.
+phase (a :class:`~jdsearch.settings.TrainConfig`) and the distillation settings. Torch-free.
+:meth:`PoolSpec.paper` is the paper's pool, :meth:`PoolSpec.tiny` a CPU-sized one.
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jdsearch.arch import BASIC, BOTTLENECK, NUM_STAGES
-from jdsearch.distill import KDConfig
-from jdsearch.errors import SpecError
-from jdsearch.pool.reader import _is_int, _Reader
-from jdsearch.pool.space import SubnetConfig, SubnetSpace, _singleton
-from jdsearch.resolution import Resolution, parse_resolutions
-from jdsearch.train import COSINE, STEP
+from jdsearch.config import FieldError, Fields, is_int, plain, read_dataclass
+from jdsearch.pool.space import SubnetConfig, SubnetSpace, singleton
+from jdsearch.settings import STEP, KDConfig, TrainConfig
 
-__all__ = ["RESNET_WIDTHS", "PhaseSpec", "PoolSpec", "PoolTrainSpec"]
+__all__ = ["POOL_TRAIN", "RESNET_WIDTHS", "PhaseSpec", "PoolSpec"]
 
 RESNET_WIDTHS = (64, 128, 256, 512)
+#: Training settings of every IPS phase (each phase sets its own ``epochs`` and ``lr``).
+POOL_TRAIN = TrainConfig(schedule=STEP)
+# What ``pool.train`` may not set: each phase sets its length and learning rate, the caller the
+# device.
+_PHASE_SET = ("epochs", "lr", "max_iters", "device")
+# jdsearch 0.1 kept these two in ``pool.train``; they are read from there too.
+_LEGACY_TRAIN_KEYS = ("reorder", "recalibration_batches")
 
 
 @dataclass(frozen=True)
@@ -45,69 +49,6 @@ class PhaseSpec:
 
 
 @dataclass(frozen=True)
-class PoolTrainSpec:
-    """Training settings shared by every phase (see :class:`~jdsearch.train.TrainConfig`).
-
-    ``resolutions`` empty: the detector spec's dynamic-resolution set. ``reorder``: re-order
-    channels by importance before each shrinking phase. ``recalibration_batches``: batches used to
-    re-estimate BN statistics of an extracted teacher (:meth:`ElasticPool.teacher`).
-    """
-
-    batch_size: int = 2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    schedule: str = STEP
-    grad_clip: float | None = None
-    amp: bool = False
-    resolutions: tuple[Resolution, ...] = ()
-    seed: int = 0
-    reorder: bool = True
-    recalibration_batches: int = 10
-    log_every: int = 50
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["resolutions"] = [str(r) for r in self.resolutions]
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str) -> PoolTrainSpec:
-        f = _Reader(source, data)
-        d = cls()
-        kw: dict[str, Any] = {
-            "batch_size": f.number("batch_size", d.batch_size, integer=True),
-            "momentum": f.number("momentum", d.momentum, allow_zero=True),
-            "weight_decay": f.number("weight_decay", d.weight_decay, allow_zero=True),
-            "warmup_iters": f.number("warmup_iters", d.warmup_iters, integer=True, allow_zero=True),
-            "grad_clip": f.number("grad_clip", d.grad_clip, nullable=True),
-            "seed": f.number("seed", d.seed, integer=True, allow_zero=True),
-            "recalibration_batches": f.number(
-                "recalibration_batches", d.recalibration_batches, integer=True
-            ),
-            "log_every": f.number("log_every", d.log_every, integer=True),
-        }
-        schedule = f.pop("schedule", d.schedule)
-        if schedule not in (STEP, COSINE):
-            f.fail("schedule", f"must be '{STEP}' or '{COSINE}', got {schedule!r}")
-        kw["schedule"] = schedule
-        for key in ("amp", "reorder"):
-            value = f.pop(key, getattr(d, key))
-            if not isinstance(value, bool):
-                f.fail(key, f"expected true or false, got {value!r}")
-            kw[key] = value
-        res = f.pop("resolutions", [])
-        try:
-            kw["resolutions"] = parse_resolutions(res) if res else ()
-        except SpecError as e:
-            f.fail("resolutions", str(e))
-        f.done([fd.name for fd in dataclasses.fields(cls)])
-        if kw["momentum"] >= 1:
-            raise SpecError(f"{source}.momentum: must lie in [0, 1), got {kw['momentum']}")
-        return cls(**kw)
-
-
-@dataclass(frozen=True)
 class PoolSpec:
     """The ``pool:`` section of a study spec: super-net, space, IPS phases, training, KD.
 
@@ -116,7 +57,13 @@ class PoolSpec:
     is ``W`` (the 1.0× inner width per stage). ``space`` is the pool's sub-network space; the
     first phase trains the super-net (``space.largest()``) alone, each later phase samples from
     its own space (default: ``space``), which must contain the previous phase's; the last phase
-    must cover the whole space.
+    must cover the whole space. ``train`` holds the training settings of every phase (its
+    ``resolutions`` empty: the detector spec's dynamic set). ``reorder``: re-order channels by
+    importance before each shrinking phase. ``recalibration_batches``: batches used to re-estimate
+    the BN statistics of an extracted teacher (:meth:`ElasticPool.teacher`).
+
+    Raises:
+        FieldError: an invalid field; read from a file, it names the dotted field.
     """
 
     space: SubnetSpace
@@ -124,60 +71,57 @@ class PoolSpec:
     detector: str = "r101-fpn"
     kind: str = BOTTLENECK
     base_widths: tuple[int, ...] = RESNET_WIDTHS
-    train: PoolTrainSpec = field(default_factory=PoolTrainSpec)
+    train: TrainConfig = POOL_TRAIN
     kd: KDConfig = field(default_factory=KDConfig)
+    reorder: bool = True
+    recalibration_batches: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
         object.__setattr__(self, "base_widths", tuple(self.base_widths))
         if self.kind not in (BASIC, BOTTLENECK):
-            raise SpecError(f"pool.kind: must be '{BASIC}' or '{BOTTLENECK}', got {self.kind!r}")
+            raise FieldError("pool", "kind", f"must be '{BASIC}' or '{BOTTLENECK}'", self.kind)
         if len(self.base_widths) != NUM_STAGES or not all(
-            _is_int(w) and w > 0 for w in self.base_widths
+            is_int(w) and w > 0 for w in self.base_widths
         ):
-            raise SpecError(
-                f"pool.base_widths: expected {NUM_STAGES} positive integers, "
-                f"got {list(self.base_widths)}"
-            )
+            why = f"expected {NUM_STAGES} positive integers"
+            raise FieldError("pool", "base_widths", why, list(self.base_widths))
+        if not is_int(self.recalibration_batches) or self.recalibration_batches < 1:
+            why = "must be a positive integer"
+            raise FieldError("pool", "recalibration_batches", why, self.recalibration_batches)
+        self._check_widths()
+        self._check_phases()
+
+    def _check_widths(self) -> None:
         for si, (base, mults) in enumerate(zip(self.base_widths, self.space.widths, strict=True)):
             widths = [_scaled(base, m) for m in mults]
             if len(set(widths)) != len(widths) or min(widths) < 1:
-                raise SpecError(
-                    f"pool.space.widths: stage {si + 1} multipliers {list(mults)} "
-                    f"of base width {base} "
-                    f"give widths {widths}; they must be distinct and ≥ 1"
+                raise FieldError(
+                    "pool",
+                    "space.widths",
+                    f"stage {si + 1} multipliers {list(mults)} of base width {base} give widths "
+                    f"{widths}; they must be distinct and ≥ 1",
                 )
+
+    def _check_phases(self) -> None:
         if not self.phases:
-            raise SpecError("pool.phases: at least one phase (the super-net) is needed")
+            raise FieldError("pool", "phases", "at least one phase (the super-net) is needed")
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
-            raise SpecError(f"pool.phases: phase names must be unique, got {names}")
+            raise FieldError("pool", "phases", "phase names must be unique", names)
         largest = self.space.largest()
         first = self.phases[0].space
         if first.size() != 1 or first.largest() != largest:
-            raise SpecError(f"pool.phases[0]: the first phase trains the super-net {largest} alone")
+            why = f"the first phase trains the super-net {largest} alone"
+            raise FieldError("pool", "phases[0]", why)
         for i, phase in enumerate(self.phases):
-            if not phase.space.issubset(self.space):
-                raise SpecError(
-                    f"pool.phases[{i}]: space {phase.space.describe()} leaves the pool's space"
-                )
-            if i and not self.phases[i - 1].space.issubset(phase.space):
-                raise SpecError(
-                    f"pool.phases[{i}]: space {phase.space.describe()} drops sub-networks of the "
-                    "previous phase (progressive shrinking only adds)"
-                )
-            if not (phase.epochs > 0 and math.isfinite(phase.epochs)) or not (
-                phase.lr > 0 and math.isfinite(phase.lr)
-            ):
-                raise SpecError(
-                    f"pool.phases[{i}]: epochs and lr must be positive, "
-                    f"got {phase.epochs}, {phase.lr}"
-                )
+            _check_phase(phase, i, self.space, self.phases[i - 1] if i else None)
         if self.phases[-1].space != self.space:
-            raise SpecError(
-                f"pool.phases: the last phase samples {self.phases[-1].space.describe()}, "
-                "not the whole "
-                f"space {self.space.describe()}; sub-networks outside it would never be trained"
+            raise FieldError(
+                "pool",
+                "phases",
+                f"the last phase samples {self.phases[-1].space.describe()}, not the whole space "
+                f"{self.space.describe()}; sub-networks outside it would never be trained",
             )
 
     @property
@@ -196,74 +140,65 @@ class PoolSpec:
             other.space,
         )
 
+    def phase_config(self, i: int, **overrides: Any) -> TrainConfig:
+        """The training settings of phase ``i``: :attr:`train` with the phase's length, learning
+        rate and seed (``train.seed + i``), and ``overrides``."""
+        phase = self.phases[i]
+        return dataclasses.replace(
+            self.train, epochs=phase.epochs, lr=phase.lr, seed=self.train.seed + i, **overrides
+        )
+
     def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (reads back through :meth:`from_dict`)."""
+        train = plain(self.train)
+        for key in _PHASE_SET:
+            train.pop(key)
         return {
             "detector": self.detector,
             "kind": self.kind,
             "base_widths": list(self.base_widths),
             "space": self.space.to_dict(),
             "phases": [p.to_dict(self.space, i == 0) for i, p in enumerate(self.phases)],
-            "train": self.train.to_dict(),
+            "train": train,
             "kd": self.kd.to_dict(),
+            "reorder": self.reorder,
+            "recalibration_batches": self.recalibration_batches,
         }
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "pool") -> PoolSpec:
-        """Validate the ``pool:`` mapping of a study spec; errors name the dotted field."""
-        f = _Reader(source, data)
-        known = ("detector", "kind", "base_widths", "space", "phases", "train", "kd")
-        detector = f.pop("detector", "r101-fpn")
-        if not isinstance(detector, str) or not detector:
-            f.fail("detector", f"expected a detector preset name or spec path, got {detector!r}")
-        kind = f.pop("kind", BOTTLENECK)
-        base = f.pop("base_widths", list(RESNET_WIDTHS))
-        if (
-            not isinstance(base, list | tuple)
-            or len(base) != NUM_STAGES
-            or not all(_is_int(w) and w > 0 for w in base)
-        ):
-            f.fail("base_widths", f"expected {NUM_STAGES} positive integers, got {base!r}")
+    def from_dict(cls, data: Any, source: str = "", path: str = "pool") -> PoolSpec:
+        """Validate the ``pool:`` mapping of a study spec (see :meth:`from_fields`).
+
+        Raises:
+            SpecError: one line naming ``SOURCE: PATH.KEY`` and the value.
+        """
+        return cls.from_fields(Fields(data, source, path))
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> PoolSpec:
+        """Read the ``pool:`` mapping: ``detector``, ``kind``, ``base_widths``, ``space``,
+        ``phases``, ``train`` (a :class:`TrainConfig` but for ``epochs``, ``lr``, ``max_iters``
+        and ``device``), ``kd``, ``reorder`` and ``recalibration_batches``."""
+        detector = f.take("detector", str, "r101-fpn")
+        if not detector:
+            f.fail("detector", "expected a detector preset name or spec path, got ''")
+        kind = f.take("kind", str, BOTTLENECK)
+        base = f.take("base_widths", tuple[int, ...], RESNET_WIDTHS)
         f.require("space")
-        space = SubnetSpace.from_dict(f.pop("space"), f.where("space"))
+        space = SubnetSpace.from_fields(f.sub("space"))
         f.require("phases")
-        raw_phases = f.pop("phases")
-        if not isinstance(raw_phases, list) or not raw_phases:
-            f.fail("phases", f"expected a non-empty list of phases, got {raw_phases!r}")
-        phases = []
-        for i, raw in enumerate(raw_phases):
-            where = f.where(f"phases[{i}]")
-            pf = _Reader(where, raw)
-            pf.require("epochs")
-            pf.require("lr")
-            name = pf.pop("name", "supernet" if i == 0 else f"shrink{i}")
-            if not isinstance(name, str) or not name:
-                pf.fail("name", f"expected a string, got {name!r}")
-            epochs = pf.number("epochs", None)
-            lr = pf.number("lr", None)
-            if i == 0:
-                extra = sorted({"depths", "widths", "fpn"} & set(pf.data))
-                if extra:
-                    pf.fail(
-                        extra[0], "the first phase trains the super-net alone; it takes no space"
-                    )
-                phase_space = SubnetSpace.from_dict({}, where, default=_singleton(space.largest()))
-            else:
-                sub = {k: pf.pop(k) for k in ("depths", "widths", "fpn") if pf.has(k)}
-                phase_space = SubnetSpace.from_dict(sub, where, default=space)
-            pf.done(["name", "epochs", "lr", "depths", "widths", "fpn"])
-            phases.append(PhaseSpec(name, epochs, lr, phase_space))
-        train_spec = PoolTrainSpec.from_dict(f.pop("train"), f.where("train"))
-        kd = KDConfig.from_dict(f.pop("kd"), f.where("kd"))
-        f.done(known)
-        try:
-            return cls(space, tuple(phases), detector, kind, tuple(base), train_spec, kd)
-        except SpecError as e:
-            msg = str(e)
-            raise SpecError(
-                msg.replace("pool.", f"{source}.", 1)
-                if msg.startswith("pool.")
-                else f"{source}: {msg}"
-            ) from None
+        phases = tuple(_read_phase(pf, i, space) for i, pf in enumerate(f.each("phases")))
+        tf = f.sub("train")
+        legacy = {
+            "reorder": tf.take("reorder", bool, True),
+            "recalibration_batches": tf.take("recalibration_batches", int, 10),
+        }
+        train = read_dataclass(tf, TrainConfig, POOL_TRAIN, exclude=_PHASE_SET)
+        kd = read_dataclass(f.sub("kd"), KDConfig)
+        reorder = f.take("reorder", bool, legacy["reorder"])
+        recalibration = f.take("recalibration_batches", int, legacy["recalibration_batches"])
+        f.done()
+        return f.build(cls, space, phases, detector, kind, base, train, kd, reorder, recalibration)
 
     # -- presets
     @classmethod
@@ -282,7 +217,7 @@ class PoolSpec:
             ((3,), (4,), tuple(range(12, 24)), (3,)), ((1.25, 1.5),) * NUM_STAGES, (320, 384)
         )
         phases = (
-            PhaseSpec("supernet", 48, 0.12, _singleton(space.largest())),
+            PhaseSpec("supernet", 48, 0.12, singleton(space.largest())),
             PhaseSpec("shrink1", 24, 0.04, shrink1),
             PhaseSpec("shrink2", 36, 0.04, space),
         )
@@ -292,7 +227,7 @@ class PoolSpec:
             "r101-fpn",
             BOTTLENECK,
             RESNET_WIDTHS,
-            PoolTrainSpec(batch_size=64, warmup_iters=500),
+            dataclasses.replace(POOL_TRAIN, batch_size=64, warmup_iters=500),
         )
 
     @classmethod
@@ -309,7 +244,7 @@ class PoolSpec:
         )
         shrink1 = SubnetSpace(((2,), (2,), (2, 3), (2,)), ((1.25, 1.5),) * NUM_STAGES, (24, 32))
         phases = (
-            PhaseSpec("supernet", epochs[0], lr, _singleton(space.largest())),
+            PhaseSpec("supernet", epochs[0], lr, singleton(space.largest())),
             PhaseSpec("shrink1", epochs[1], lr / 2, shrink1),
             PhaseSpec("shrink2", epochs[2], lr / 2, space),
         )
@@ -319,8 +254,49 @@ class PoolSpec:
             "tiny-r50-fpn",
             BOTTLENECK,
             (8, 16, 32, 64),
-            PoolTrainSpec(batch_size=4, warmup_iters=50, grad_clip=10.0),
+            dataclasses.replace(POOL_TRAIN, batch_size=4, warmup_iters=50, grad_clip=10.0),
         )
+
+
+def _check_phase(phase: PhaseSpec, i: int, space: SubnetSpace, previous: PhaseSpec | None) -> None:
+    where = f"phases[{i}]"
+    if not phase.space.issubset(space):
+        why = f"space {phase.space.describe()} leaves the pool's space"
+        raise FieldError("pool", where, why)
+    if previous is not None and not previous.space.issubset(phase.space):
+        raise FieldError(
+            "pool",
+            where,
+            f"space {phase.space.describe()} drops sub-networks of the previous phase "
+            "(progressive shrinking only adds)",
+        )
+    ok = all(v > 0 and math.isfinite(v) for v in (phase.epochs, phase.lr))
+    if not ok:
+        why = f"epochs and lr must be positive, got {phase.epochs}, {phase.lr}"
+        raise FieldError("pool", where, why)
+
+
+def _read_phase(f: Fields, i: int, space: SubnetSpace) -> PhaseSpec:
+    """Phase ``i`` of ``pool.phases``: name, epochs, lr and (after the first) its space."""
+    f.require("epochs", "lr")
+    name = f.take("name", str, "supernet" if i == 0 else f"shrink{i}")
+    if not name:
+        f.fail("name", "expected a non-empty string")
+    epochs, lr = f.take("epochs", float), f.take("lr", float)
+    for key, value in (("epochs", epochs), ("lr", lr)):
+        if value <= 0:
+            f.fail(key, f"must be positive, got {value!r}")
+    keys = ("depths", "widths", "fpn")
+    if i == 0:
+        extra = sorted(set(keys) & set(f.data))
+        if extra:
+            f.fail(extra[0], "the first phase trains the super-net alone; it takes no space")
+        phase_space = singleton(space.largest())
+    else:
+        sub = Fields({k: f.raw(k) for k in keys if f.has(k)}, f.source, f.path)
+        phase_space = SubnetSpace.from_fields(sub, default=space)
+    f.done(["name", "epochs", "lr", *keys])
+    return PhaseSpec(name, epochs, lr, phase_space)
 
 
 def _scaled(base: int, mult: float) -> int:

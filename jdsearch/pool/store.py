@@ -85,7 +85,7 @@ def _pool_from_checkpoint(ck: Any, source: str) -> ElasticPool:
             f"(this jdsearch reads {POOL_VERSION})"
         )
     try:
-        spec = PoolSpec.from_dict(doc.get("spec"), source=f"{source}: pool")
+        spec = PoolSpec.from_dict(doc.get("spec"), source=source)
     except SpecError as e:
         raise CheckpointError(f"{source}: invalid pool spec in metadata: {e}") from None
     try:

@@ -167,7 +167,7 @@ class ElasticPool:
         recalibrate_bn(
             det,
             data,
-            batches=batches or self.spec.train.recalibration_batches,
+            batches=batches or self.spec.recalibration_batches,
             device=device,
             batch_size=batch_size or self.spec.train.batch_size,
             resolutions=self.resolutions,

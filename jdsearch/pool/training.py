@@ -31,7 +31,7 @@ from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.space import SubnetConfig, SubnetSpace
 from jdsearch.pool.spec import PoolSpec
 from jdsearch.pool.supernet import ElasticPool
-from jdsearch.train import StepInfo, TrainConfig, train
+from jdsearch.train import StepInfo, train
 
 __all__ = ["train_pool"]
 
@@ -107,33 +107,20 @@ def train_pool(
                 recalibrate_bn(
                     teacher,
                     dataset,
-                    batches=t.recalibration_batches,
+                    batches=spec.recalibration_batches,
                     device=dev,
                     batch_size=t.batch_size,
                     resolutions=pool.resolutions,
                     seed=t.seed,
                 )
-            if t.reorder:
+            if spec.reorder:
                 reorder_channels(pool.supernet)
                 reordered = True
             distiller = make_distiller(pool.supernet, teacher, spec.kd)
             distiller.adapter = ElasticConv2d.from_module(distiller.adapter)
             terms.append(distiller)
-        config = TrainConfig(
-            epochs=phase.epochs,
-            max_iters=max_iters,
-            batch_size=t.batch_size,
-            lr=phase.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-            warmup_iters=t.warmup_iters,
-            schedule=t.schedule,
-            grad_clip=t.grad_clip,
-            amp=t.amp,
-            device=str(dev),
-            seed=t.seed + i,
-            resolutions=pool.resolutions,
-            log_every=t.log_every,
+        config = spec.phase_config(
+            i, max_iters=max_iters, device=str(dev), resolutions=pool.resolutions
         )
         schedule = _SubnetSchedule(pool, phase.space, np.random.default_rng([t.seed, 0x1B5, i]))
         logger.info(
