@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jdsearch.artifacts import SQLArtifactStore
+from jdsearch.store.artifacts import SQLArtifactStore
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 MiB = 1024 * 1024

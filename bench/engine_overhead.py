@@ -9,7 +9,7 @@ temporary directory) searches ``--trials`` trials on SQLite and on PostgreSQL (a
 skipped when the server is unreachable). Every phase of each trial is timed in-process, the
 outermost phase owning nested calls:
 
-* train, eval — ``jdsearch.objective.train`` / ``evaluate`` (the useful work);
+* train, eval — ``jdsearch.search.objective.train`` / ``evaluate`` (the useful work);
 * sampler — ``HillClimbingSampler.sample_relative`` (the decision, with its storage reads);
 * storage — every other Optuna storage call of the worker's main thread (trial creation, params,
   user/system attrs, tell, stale-trial check; the heartbeat thread is not counted);
@@ -51,14 +51,14 @@ import optuna
 import yaml
 from optuna.storages import BaseStorage
 
-import jdsearch.objective
-from jdsearch.artifacts import make_artifact_store
-from jdsearch.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
+import jdsearch.search.objective
 from jdsearch.errors import JDSearchError
 from jdsearch.models import build_detector
-from jdsearch.objective import Objective
-from jdsearch.search import prepare
+from jdsearch.search.objective import Objective
+from jdsearch.search.run import prepare
 from jdsearch.spec import load_spec
+from jdsearch.store.artifacts import make_artifact_store
+from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.study import StudySpec, study_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,8 +118,8 @@ def instrumented(study: optuna.Study, ctx: Any, clock: Clock) -> Iterator[None]:
     patch(ctx, "download", "ckpt download")
     patch(ctx, "upload", "ckpt upload")
     patch(ctx.pool, "teacher", "teacher")
-    patch(jdsearch.objective, "train", "train")
-    patch(jdsearch.objective, "evaluate", "eval")
+    patch(jdsearch.search.objective, "train", "train")
+    patch(jdsearch.search.objective, "evaluate", "eval")
     try:
         yield
     finally:

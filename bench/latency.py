@@ -82,7 +82,7 @@ def table4(pairs: list[str], device: str, warmup: int, repeats: int) -> None:
 def onnx_vs_torch(names: list[str], warmup: int, repeats: int) -> None:
     import onnxruntime as ort
 
-    from jdsearch.export import export_onnx
+    from jdsearch.store.onnx import export_onnx
 
     print(
         f"\n== ONNX Runtime {ort.__version__} vs eager PyTorch, CPU, batch 1, median of {repeats} =="

@@ -29,8 +29,8 @@ from jdsearch.data import CocoDataset
 from jdsearch.evaluate import evaluate
 from jdsearch.flops import count_flops
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.morph import MorphConfig, evolve_with_report
-from jdsearch.pruning import BNSparsity
+from jdsearch.morph.actions import MorphConfig, evolve_with_report
+from jdsearch.morph.pruning import BNSparsity
 from jdsearch.resolution import Resolution
 from jdsearch.settings import TrainConfig
 from jdsearch.spec import load_spec

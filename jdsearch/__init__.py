@@ -1,49 +1,33 @@
 """jdsearch: upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.
 
-The public API is re-exported here lazily (PEP 562), so that importing one submodule — say
-``jdsearch.errors`` — does not import torch and every other module; see the README for the CLI.
+The public API is re-exported here lazily (PEP 562): importing one submodule — say
+``jdsearch.study`` — imports neither torch nor every other module. The layers and what each may
+import are in ``docs/architecture.md``; the CLI is in the README.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jdsearch.lazy import lazy_exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
-    "BackboneArch": "jdsearch.arch",
-    "Block": "jdsearch.arch",
-    "Stage": "jdsearch.arch",
-    "JDSearchError": "jdsearch.errors",
-    "SpecError": "jdsearch.errors",
-    "DataError": "jdsearch.errors",
-    "CheckpointError": "jdsearch.errors",
-    "Detector": "jdsearch.models",
-    "build_detector": "jdsearch.models",
-    "DetectorSpec": "jdsearch.spec",
-    "load_spec": "jdsearch.spec",
-    "count_flops": "jdsearch.flops",
-    "count_spec_flops": "jdsearch.flops",
-    "FlopsReport": "jdsearch.flops",
-    "load_detector": "jdsearch.export",
-    "load_exported": "jdsearch.export",
-    "export_detector": "jdsearch.export",
-    "measure_latency": "jdsearch.latency",
-    "open_study": "jdsearch.search",
+    **dict.fromkeys(["BackboneArch", "Block", "Stage"], "arch"),
+    **dict.fromkeys(
+        ["JDSearchError", "SpecError", "DataError", "CheckpointError", "ExportError"], "errors"
+    ),
+    "Resolution": "resolution",
+    **dict.fromkeys(["DetectorSpec", "load_spec"], "spec"),
+    **dict.fromkeys(["TrainConfig", "KDConfig"], "settings"),
+    **dict.fromkeys(["StudySpec", "load_study"], "study"),
+    **dict.fromkeys(["Detector", "build_detector"], "models"),
+    **dict.fromkeys(["count_flops", "count_spec_flops", "FlopsReport"], "flops"),
+    "measure_latency": "latency",
+    **dict.fromkeys(["evolve", "feasible_actions"], "morph"),
+    **dict.fromkeys(["PoolSpec", "ElasticPool"], "pool"),
+    **dict.fromkeys(["load_checkpoint", "save_checkpoint"], "store"),
+    **dict.fromkeys(["load_detector", "load_exported", "export_detector"], "store"),
+    **dict.fromkeys(["HillClimbingSampler", "run_search", "open_study", "export_trial"], "search"),
 }
-
 __all__ = sorted([*_EXPORTS, "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jdsearch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

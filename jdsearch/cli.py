@@ -69,10 +69,10 @@ def _describe(detector: Any, size: tuple[int, int]) -> str:
 
 # ---------------------------------------------------------------------- commands
 def cmd_flops(args: argparse.Namespace) -> int:
-    from jdsearch.checkpoint import load_checkpoint
     from jdsearch.flops import count_flops, count_spec_flops, format_report
     from jdsearch.resolution import Resolution
     from jdsearch.spec import load_spec
+    from jdsearch.store.checkpoint import load_checkpoint
 
     if args.spec.endswith(".safetensors"):
         detector = load_checkpoint(args.spec).detector
@@ -113,11 +113,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jdsearch.checkpoint import load_checkpoint, save_checkpoint
     from jdsearch.evaluate import evaluate
     from jdsearch.models import build_detector
     from jdsearch.settings import TrainConfig
     from jdsearch.spec import load_spec
+    from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
     from jdsearch.train import train
 
     data_dir = ensure_data(args.data)
@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     loss_terms: list[Any] = []
     if args.bn_sparsity > 0:
-        from jdsearch.pruning import BNSparsity
+        from jdsearch.morph.pruning import BNSparsity
 
         loss_terms.append(BNSparsity(args.bn_sparsity))
     if args.teacher:
@@ -179,8 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jdsearch.checkpoint import load_checkpoint
     from jdsearch.evaluate import evaluate
+    from jdsearch.store.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
     dataset = open_split(ensure_data(args.data), args.split)
@@ -197,8 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_evolve(args: argparse.Namespace) -> int:
-    from jdsearch.checkpoint import load_checkpoint, save_checkpoint
-    from jdsearch.morph import MorphConfig, evolve_with_report
+    from jdsearch.morph.actions import MorphConfig, evolve_with_report
+    from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     parent = ckpt.detector
@@ -219,7 +219,8 @@ def cmd_evolve(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from jdsearch.search import run_search, summary
+    from jdsearch.search.run import run_search
+    from jdsearch.search.summary import summary
     from jdsearch.study import load_study
 
     spec = load_study(args.study)
@@ -230,7 +231,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_pool_train(args: argparse.Namespace) -> int:
     from jdsearch.pool import train_and_save_pool
-    from jdsearch.search import ensure_data, run_dir
+    from jdsearch.search.run import ensure_data, run_dir
     from jdsearch.study import load_study
 
     spec = load_study(args.study)
@@ -254,8 +255,8 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jdsearch.export import export_trial
-    from jdsearch.search import open_study
+    from jdsearch.search.export import export_trial
+    from jdsearch.search.queries import open_study
 
     handle = open_study(_storage(args), args.study)
     exported = export_trial(
@@ -300,7 +301,7 @@ def _image_files(items: Sequence[str]) -> list[Path]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from jdsearch.data import set_resolution
-    from jdsearch.export import load_exported, predict_images
+    from jdsearch.store.export import load_exported, predict_images
 
     exported = load_exported(args.detector, device=args.device)
     if args.size:
@@ -352,12 +353,12 @@ def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any
     spec/preset; :func:`jdsearch.latency.measure_latencies` moves it to the device."""
     p = Path(target)
     if p.is_dir() or p.name == "detector.json":
-        from jdsearch.export import load_exported
+        from jdsearch.store.export import load_exported
 
         e = load_exported(p)
         return e.info.get("name", p.name) + f" ({p})", e.detector, e.input_size
     if p.suffix == ".safetensors":
-        from jdsearch.checkpoint import load_checkpoint
+        from jdsearch.store.checkpoint import load_checkpoint
 
         ck = load_checkpoint(p)
         return f"{ck.spec.name} ({p})", ck.detector, ck.spec.input.size
@@ -422,9 +423,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from jdsearch.compare import compare_study
-    from jdsearch.report import write_report
-    from jdsearch.search import open_study, summary
+    from jdsearch.report.compare import compare_study
+    from jdsearch.report.html import write_report
+    from jdsearch.search.queries import open_study
+    from jdsearch.search.summary import summary
 
     handle = open_study(_storage(args), args.study)
     comparison = compare_study(

@@ -25,3 +25,7 @@ class DataError(JDSearchError):
 
 class CheckpointError(JDSearchError):
     """A checkpoint is missing, corrupt, tampered with, or does not match its architecture."""
+
+
+class ExportError(JDSearchError):
+    """An export folder cannot be written or read, or its ONNX graph disagrees with PyTorch."""

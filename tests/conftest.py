@@ -103,7 +103,7 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
 def search_assets(tmp_path_factory: pytest.TempPathFactory) -> SearchAssets:
     import optuna
 
-    from jdsearch.search import prepare
+    from jdsearch.search.run import prepare
     from jdsearch.study import study_from_dict
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,7 +133,7 @@ def small_study(
     search_assets: SearchAssets, tmp_path_factory: pytest.TempPathFactory
 ) -> SmallStudy:
     """Six trials of a real search: base, student actions and teacher moves, for export/report."""
-    from jdsearch.search import run_search
+    from jdsearch.search.run import run_search
     from jdsearch.study import study_from_dict
 
     root = tmp_path_factory.mktemp("small_study")

@@ -33,12 +33,8 @@ from optuna.artifacts import (
 )
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from jdsearch.artifacts import (
-    ArtifactIntegrityError,
-    SQLArtifactStore,
-    make_artifact_store,
-)
 from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.store.artifacts import ArtifactIntegrityError, SQLArtifactStore, make_artifact_store
 
 CHUNK = 64
 RUN = uuid.uuid4().hex[:8]

@@ -13,7 +13,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from jdsearch.arch import BackboneArch
-from jdsearch.checkpoint import (
+from jdsearch.errors import CheckpointError
+from jdsearch.models.detector import Detector, build_detector
+from jdsearch.spec import load_spec
+from jdsearch.store.checkpoint import (
     META_HASH_KEY,
     META_KEY,
     checkpoint_from_bytes,
@@ -23,9 +26,6 @@ from jdsearch.checkpoint import (
     save_checkpoint,
     tensors_sha256,
 )
-from jdsearch.errors import CheckpointError
-from jdsearch.models.detector import Detector, build_detector
-from jdsearch.spec import load_spec
 
 NUM_CLASSES = 4
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jdsearch.checkpoint import load_checkpoint
 from jdsearch.cli import main
+from jdsearch.store.checkpoint import load_checkpoint
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from jdsearch.compare import METRIC_KEYS, compare_study
 from jdsearch.errors import JDSearchError
 from jdsearch.flops import count_flops
 from jdsearch.latency import check_device, measure_latencies
 from jdsearch.models import build_detector
+from jdsearch.report.compare import METRIC_KEYS, compare_study
 from jdsearch.resolution import Resolution
-from jdsearch.search import open_study
+from jdsearch.search.queries import open_study
 from jdsearch.spec import load_spec
 
 

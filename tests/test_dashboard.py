@@ -26,10 +26,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from jdsearch.artifacts import make_artifact_store
-from jdsearch.objective import CHECKPOINT_ATTR, STUDENT_ATTR, TEACHER_ATTR, move_vocabulary
-from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
-from jdsearch.search import run_search
+from jdsearch.search.objective import CHECKPOINT_ATTR, STUDENT_ATTR, TEACHER_ATTR, move_vocabulary
+from jdsearch.search.run import run_search
+from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.study import study_from_dict
 
 from .conftest import SearchAssets
@@ -228,7 +228,7 @@ def test_optuna_dashboard_downloads_checkpoints_from_the_database(
     """Started with jdsearch's SQL artifact store, the dashboard serves the stored checkpoint bytes."""
     port = free_port()
     code = (
-        "import sys, optuna_dashboard; from jdsearch.artifacts import make_artifact_store; "
+        "import sys, optuna_dashboard; from jdsearch.store.artifacts import make_artifact_store; "
         "optuna_dashboard.run_server(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), "
         "artifact_store=make_artifact_store('db', sys.argv[1]))"
     )

@@ -15,26 +15,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from jdsearch.checkpoint import load_checkpoint
 from jdsearch.cli import main
 from jdsearch.data import get_resolution, load_image, set_resolution
-from jdsearch.errors import JDSearchError
-from jdsearch.export import (
-    INFO_FILE,
-    ONNX_FILE,
-    WEIGHTS_FILE,
-    ExportError,
-    check_onnx,
-    export_detector,
-    export_onnx,
-    export_trial,
-    load_detector,
-)
+from jdsearch.errors import ExportError, JDSearchError
 from jdsearch.latency import measure_latency
 from jdsearch.models import build_detector
 from jdsearch.resolution import Resolution
-from jdsearch.search import open_study
+from jdsearch.search.export import export_trial
+from jdsearch.search.queries import open_study
 from jdsearch.spec import load_spec
+from jdsearch.store.checkpoint import load_checkpoint
+from jdsearch.store.export import INFO_FILE, ONNX_FILE, WEIGHTS_FILE, export_detector, load_detector
+from jdsearch.store.onnx import check_onnx, export_onnx
 
 NAMES = ["circle", "square", "triangle", "star", "ring", "cross"]
 
@@ -342,7 +334,7 @@ def test_export_away_from_the_data_uses_the_ids_recorded_in_the_study(
             handle.spec, data=dataclasses.replace(handle.spec.data, dir=Path("gone"))
         ),
     )
-    with caplog.at_level("WARNING", logger="jdsearch.export"):
+    with caplog.at_level("WARNING", logger="jdsearch.store.export"):
         e = export_trial(moved, tmp_path / "away")
     cats = json.loads((small_study.data_dir / "train.json").read_text())["categories"]
     assert [c["id"] for c in e.info["categories"]] == [c["id"] for c in cats]
@@ -360,7 +352,7 @@ def test_errors_hide_the_database_password() -> None:
 
 
 def test_a_missing_checkpoint_artifact_is_one_line(small_study, tmp_path: Path) -> None:
-    from jdsearch.artifacts import SQLArtifactStore
+    from jdsearch.store.artifacts import SQLArtifactStore
 
     db = tmp_path / "copy.db"
     shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)

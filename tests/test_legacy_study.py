@@ -9,7 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from jdsearch.search import open_study, summary
+from jdsearch.search.queries import open_study
+from jdsearch.search.summary import summary
 
 LEGACY = Path(__file__).parent / "data" / "study_v0_1.sqlite"
 
@@ -44,7 +45,7 @@ def test_a_study_of_the_previous_format_opens_and_summarises(legacy_url: str) ->
 
 
 def test_a_study_of_the_previous_format_draws_every_figure(legacy_url: str) -> None:
-    from jdsearch.report import FIGURE_KEYS, build_figures
+    from jdsearch.report.figures import FIGURE_KEYS, build_figures
 
     figures = build_figures(open_study(legacy_url))
     assert tuple(figures) == FIGURE_KEYS

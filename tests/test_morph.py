@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from jdsearch.arch import BackboneArch, Block, Stage
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.morph import (
+from jdsearch.morph.actions import (
     Action,
     MorphConfig,
     MorphError,
@@ -530,7 +530,7 @@ def test_random_action_sequences_keep_the_arch_true(arch: BackboneArch, tmp_path
         last = child
     assert seen == {"channel_prune", "layer_prune", "add_layer", "rearrange"}
     assert last is not None
-    from jdsearch.checkpoint import load_checkpoint, save_checkpoint
+    from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 
     path = save_checkpoint(tmp_path / "walk.safetensors", last)
     loaded = load_checkpoint(path).detector

@@ -15,9 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from jdsearch.checkpoint import load_checkpoint, save_checkpoint
 from jdsearch.data import CocoDataset, make_loader, using_resolution
-from jdsearch.elastic import ElasticBatchNorm2d, make_elastic, reorder_channels
 from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.evaluate import evaluate
 from jdsearch.models.detector import build_detector
@@ -35,9 +33,11 @@ from jdsearch.pool import (
     train_and_save_pool,
     train_pool,
 )
+from jdsearch.pool.elastic import ElasticBatchNorm2d, make_elastic, reorder_channels
 from jdsearch.pool.spec import POOL_TRAIN
 from jdsearch.resolution import Resolution
 from jdsearch.spec import load_spec
+from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 from jdsearch.synth import generate
 
 NUM_CLASSES = 4

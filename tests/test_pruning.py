@@ -10,8 +10,8 @@ from jdsearch.arch import BackboneArch
 from jdsearch.errors import SpecError
 from jdsearch.models.detector import build_detector
 from jdsearch.models.resnet import ResNet
-from jdsearch.morph import evolve
-from jdsearch.pruning import (
+from jdsearch.morph.actions import evolve
+from jdsearch.morph.pruning import (
     BNSparsity,
     bn_l1,
     chains,

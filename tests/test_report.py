@@ -17,15 +17,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch import report
 from jdsearch.errors import JDSearchError
-from jdsearch.objective import move_vocabulary
-from jdsearch.report import (
+from jdsearch.report import html as report_html
+from jdsearch.report.figures import (
     FIGURE_KEYS,
-    action_family,
-    action_gains,
-    action_steps,
-    best_trial,
     build_figures,
     fig_action_gain,
     fig_h_per_iteration,
@@ -34,6 +29,15 @@ from jdsearch.report import (
     fig_stage_flops,
     fig_teacher_capacity,
     graph_object_id,
+    upgraded_trial,
+)
+from jdsearch.report.html import write_report
+from jdsearch.report.trials import (
+    FAMILIES,
+    action_family,
+    action_gains,
+    action_steps,
+    best_trial,
     lineage_path,
     pareto_front,
     phase_windows,
@@ -41,9 +45,8 @@ from jdsearch.report import (
     teacher_param_counter,
     trial_ap,
     trial_gflops,
-    upgraded_trial,
-    write_report,
 )
+from jdsearch.search.objective import move_vocabulary
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MOVES = CategoricalDistribution(move_vocabulary())
@@ -216,8 +219,8 @@ def test_fig_action_gain_known_answers() -> None:
     labels = [p.label for p in gains.phases]
     tops = {t.name: t for t in fig.data if t.xaxis == "x"}
     bottoms = {t.name: t for t in fig.data if t.xaxis == "x2"}
-    assert set(tops) == set(bottoms) == set(report.FAMILIES)
-    for fam in report.FAMILIES:
+    assert set(tops) == set(bottoms) == set(FAMILIES)
+    for fam in FAMILIES:
         assert list(tops[fam].x) == labels and list(bottoms[fam].x) == labels
         assert list(tops[fam].y) == pytest.approx(
             [expected_increment.get((i, fam), 0.0) for i in range(2)]
@@ -227,7 +230,7 @@ def test_fig_action_gain_known_answers() -> None:
         )
         assert bottoms[fam].yaxis == "y2" and bottoms[fam].showlegend is False
     for i in range(2):  # the bottom panel stacks to 100 % in every phase
-        assert sum(bottoms[f].y[i] for f in report.FAMILIES) == pytest.approx(100)
+        assert sum(bottoms[f].y[i] for f in FAMILIES) == pytest.approx(100)
     assert "whole search 0.1500" in tops["channel_prune"].hovertemplate
     assert (
         tops["layer_prune"].text[0].startswith("0 beneficial of 1 scored actions (net ΔH -0.0100)")
@@ -248,7 +251,7 @@ def test_fig_action_gain_phase_without_beneficial_action() -> None:
     assert gains.share(0, "channel_prune") is None and gains.share(2, "add_layer") == 1.0
     fig = fig_action_gain(trials, phases=3)
     bottoms = {t.name: t for t in fig.data if t.xaxis == "x2"}
-    for fam in report.FAMILIES:  # no bar at all in the phases without a beneficial action
+    for fam in FAMILIES:  # no bar at all in the phases without a beneficial action
         assert list(bottoms[fam].y)[:2] == [None, None]
     assert list(bottoms["add_layer"].y) == [None, None, 100.0]
     notes = [a for a in fig.layout.annotations if a.text == "no beneficial action"]
@@ -522,14 +525,14 @@ def test_figures_need_a_completed_trial(fn: Any) -> None:
 
 def test_png_export_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     figs = {"a": go.Figure(), "b": go.Figure()}
-    monkeypatch.setattr(report, "_png_exporter_missing", lambda: "no image exporter: test")
-    assert report._write_pngs(figs, tmp_path) == ({}, "no image exporter: test")
+    monkeypatch.setattr(report_html, "_png_exporter_missing", lambda: "no image exporter: test")
+    assert report_html._write_pngs(figs, tmp_path) == ({}, "no image exporter: test")
 
-    monkeypatch.setattr(report, "_png_exporter_missing", lambda: None)
+    monkeypatch.setattr(report_html, "_png_exporter_missing", lambda: None)
     monkeypatch.setattr(
         go.Figure, "write_image", lambda self, path: Path(path).write_bytes(b"\x89PNG")
     )
-    written, skipped = report._write_pngs(figs, tmp_path)
+    written, skipped = report_html._write_pngs(figs, tmp_path)
     assert skipped is None and written == {"a": tmp_path / "a.png", "b": tmp_path / "b.png"}
 
     def broken(self: go.Figure, path: str) -> None:
@@ -539,7 +542,7 @@ def test_png_export_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     for p in written.values():
         p.unlink()
     monkeypatch.setattr(go.Figure, "write_image", broken)
-    written, skipped = report._write_pngs(figs, tmp_path)
+    written, skipped = report_html._write_pngs(figs, tmp_path)
     assert (
         written == {}
         and skipped == "image export failed at a: RuntimeError: Kaleido requires Google Chrome"
@@ -551,7 +554,7 @@ def test_png_export_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture
 def study_copy(small_study: Any, tmp_path: Path) -> Any:
     """The small study's database copied, so attaching figures never touches the shared one."""
-    from jdsearch.search import open_study
+    from jdsearch.search.queries import open_study
 
     db = tmp_path / "copy.db"
     shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
@@ -559,7 +562,7 @@ def study_copy(small_study: Any, tmp_path: Path) -> Any:
 
 
 def test_figures_of_a_real_study(study_copy: Any) -> None:
-    from jdsearch.search import lineage
+    from jdsearch.search.queries import lineage
 
     handle = study_copy
     trials = handle.study.get_trials()
@@ -598,7 +601,7 @@ def test_figures_of_a_real_study(study_copy: Any) -> None:
         sorted(t.user_attrs["teacher_params"] / 1e6 for t in done)
     )
     top = [t for t in figs["action_gain"].data if t.xaxis == "x"]
-    assert {t.name for t in top} == set(report.FAMILIES)
+    assert {t.name for t in top} == set(FAMILIES)
     bottom = [t for t in figs["action_gain"].data if t.xaxis == "x2"]
     for i in range(len(bottom[0].y)):  # each phase stacks to 100 % or has no bar at all
         ys = [t.y[i] for t in bottom]
@@ -618,7 +621,7 @@ def chosen_trial(handle: Any) -> int:
 
 
 def test_build_figures_follow_the_chosen_trial(study_copy: Any) -> None:
-    from jdsearch.search import lineage
+    from jdsearch.search.queries import lineage
 
     handle = study_copy
     n = chosen_trial(handle)
@@ -638,7 +641,7 @@ def test_build_figures_follow_the_chosen_trial(study_copy: Any) -> None:
 
 
 def test_write_report_for_a_chosen_trial(study_copy: Any, tmp_path: Path) -> None:
-    from jdsearch.compare import compare_study
+    from jdsearch.report.compare import compare_study
 
     handle = study_copy
     n, best = chosen_trial(handle), handle.trial()
@@ -673,7 +676,7 @@ def test_write_report_for_a_chosen_trial(study_copy: Any, tmp_path: Path) -> Non
 
 
 def test_write_report_rejects_a_bad_trial(study_copy: Any, tmp_path: Path) -> None:
-    from jdsearch.compare import compare_study
+    from jdsearch.report.compare import compare_study
 
     handle = study_copy
     handle.study.add_trial(
@@ -772,7 +775,7 @@ def dashboard_plots(handle: Any) -> tuple[dict[str, str], int]:
 def test_write_report_html_json_and_dashboard(study_copy: Any, tmp_path: Path) -> None:
     from plotly.offline import get_plotlyjs
 
-    from jdsearch.compare import compare_study
+    from jdsearch.report.compare import compare_study
 
     handle = study_copy
     comparison = compare_study(handle, fps=False)
@@ -800,7 +803,7 @@ def test_write_report_html_json_and_dashboard(study_copy: Any, tmp_path: Path) -
     for key, path in files.figures.items():
         assert path == tmp_path / "out" / "figures" / f"{key}.json"
         assert json.loads(path.read_text())["data"] == json.loads(figs[key].to_json())["data"]
-    if report._png_exporter_missing() is not None:
+    if report_html._png_exporter_missing() is not None:
         assert files.png == {} and files.png_skipped and "kaleido" in files.png_skipped
 
     # attach: visible to optuna-dashboard under stable ids; a second report overwrites.
@@ -862,10 +865,8 @@ def test_cli_report_prints_the_table_and_writes_the_report(
     assert base.split()[1] == "0" and float(base.split()[4]) > 0  # trial 0, measured FPS
     assert "change" in text and (out / "report.html").is_file()
     page = (out / "report.html").read_text()
-    assert "Base vs upgraded detector" in page and all(
-        f'id="fig-{k}"' in page for k in report.FIGURE_KEYS
-    )
-    from jdsearch.search import open_study
+    assert "Base vs upgraded detector" in page and all(f'id="fig-{k}"' in page for k in FIGURE_KEYS)
+    from jdsearch.search.queries import open_study
 
     plots, _ = dashboard_plots(open_study(f"sqlite:///{db}"))
-    assert {report.graph_object_id(k) for k in report.FIGURE_KEYS} <= set(plots)
+    assert {graph_object_id(k) for k in FIGURE_KEYS} <= set(plots)

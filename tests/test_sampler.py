@@ -9,7 +9,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from jdsearch.sampler import (
+from jdsearch.search.sampler import (
     BASE_MOVE,
     KIND_ATTR,
     MOVE_PARAM,
@@ -193,7 +193,7 @@ def test_action_families_are_equally_likely() -> None:
     """rearrange has six variants and channel_prune one; each family is still picked ~1/4."""
     import numpy as np
 
-    from jdsearch.sampler import family, pick_by_family
+    from jdsearch.search.sampler import family, pick_by_family
 
     moves = ["channel_prune", "layer_prune", *[f"add_layer:{s}" for s in range(1, 5)]]
     moves += [f"rearrange:{a}->{b}" for a, b in ((1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3))]

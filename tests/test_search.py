@@ -12,12 +12,19 @@ from pathlib import Path
 import optuna
 import pytest
 
-from jdsearch.checkpoint import checkpoint_from_bytes
-from jdsearch.morph import MorphConfig, evolve
-from jdsearch.objective import ARCH_SYSATTR, CHECKPOINT_ATTR, STUDENT_ATTR, TEACHER_ATTR, score_h
+from jdsearch.morph.actions import MorphConfig, evolve
 from jdsearch.pool import SubnetConfig
-from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
-from jdsearch.search import prepare, run_search, summary
+from jdsearch.search.objective import (
+    ARCH_SYSATTR,
+    CHECKPOINT_ATTR,
+    STUDENT_ATTR,
+    TEACHER_ATTR,
+    score_h,
+)
+from jdsearch.search.run import prepare, run_search
+from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.summary import summary
+from jdsearch.store.checkpoint import checkpoint_from_bytes
 from jdsearch.study import study_from_dict
 
 from .conftest import tiny_study_dict
@@ -146,7 +153,7 @@ def test_a_starting_worker_purges_day_old_incomplete_uploads(
 
     import sqlalchemy as sa
 
-    from jdsearch.artifacts import SQLArtifactStore
+    from jdsearch.store.artifacts import SQLArtifactStore
 
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'purge.db'}"

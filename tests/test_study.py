@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from jdsearch.errors import SpecError
-from jdsearch.objective import score_h
 from jdsearch.resolution import Resolution
+from jdsearch.search.objective import score_h
 from jdsearch.study import load_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"

@@ -29,11 +29,12 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-import jdsearch.objective
-from jdsearch.checkpoint import checkpoint_from_bytes
-from jdsearch.objective import CHECKPOINT_ATTR, STUDENT_ATTR, WORKER_SYSATTR, worker_id
-from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
-from jdsearch.search import lineage, prepare, run_search
+import jdsearch.search.objective
+from jdsearch.search.objective import CHECKPOINT_ATTR, STUDENT_ATTR, WORKER_SYSATTR, worker_id
+from jdsearch.search.queries import lineage
+from jdsearch.search.run import prepare, run_search
+from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.store.checkpoint import checkpoint_from_bytes
 from jdsearch.study import StudySpec, load_study
 from jdsearch.train import TrainingDiverged
 
@@ -176,7 +177,7 @@ def wait_for(
 # ------------------------------------------------------------------ root assignment
 def test_the_lowest_of_simultaneous_first_trials_takes_the_root() -> None:
     """Two workers asking at once: the later trial waits instead of taking a second root."""
-    from jdsearch.sampler import HillClimbingSampler
+    from jdsearch.search.sampler import HillClimbingSampler
 
     sampler = HillClimbingSampler(
         [BASE_MOVE, "a"],
@@ -372,7 +373,7 @@ def test_a_diverged_trial_fails_alone_and_the_search_goes_on(
     monkeypatch.chdir(tmp_path)
     name = "diverged"
     _, spec = write_spec(tmp_path, search_assets, name, f"sqlite:///{tmp_path / 'study.db'}")
-    real_train = jdsearch.objective.train
+    real_train = jdsearch.search.objective.train
     calls: list[int] = []
     diverged: list[str] = []
 
@@ -386,7 +387,7 @@ def test_a_diverged_trial_fails_alone_and_the_search_goes_on(
                 raise
         return real_train(*args, loss_terms=loss_terms, **kwargs)
 
-    monkeypatch.setattr(jdsearch.objective, "train", train)
+    monkeypatch.setattr(jdsearch.search.objective, "train", train)
     study = run_search(spec, n_trials=4, progress=False)
 
     assert len(diverged) == 1 and "loss_nan" in diverged[0]

@@ -23,8 +23,7 @@ so reading a study spec (which holds a :class:`PoolSpec`) never imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jdsearch.lazy import lazy_exports
 
 _EXPORTS = {
     "PhaseRecord": "record",
@@ -42,18 +41,5 @@ _EXPORTS = {
     "save_pool": "store",
     "train_and_save_pool": "store",
 }
-
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jdsearch.pool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"jdsearch.pool.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

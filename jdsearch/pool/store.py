@@ -16,18 +16,18 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from jdsearch.checkpoint import (
-    checkpoint_from_bytes,
-    checkpoint_to_bytes,
-    load_checkpoint,
-    save_checkpoint,
-)
 from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.spec import PoolSpec
 from jdsearch.pool.supernet import ElasticPool
 from jdsearch.pool.training import train_pool
 from jdsearch.spec import DetectorSpec
+from jdsearch.store.checkpoint import (
+    checkpoint_from_bytes,
+    checkpoint_to_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "POOL_FORMAT",

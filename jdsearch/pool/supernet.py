@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from jdsearch.arch import BackboneArch
-from jdsearch.elastic import check_fits, make_elastic, set_active_arch, sliced_state_dict
 from jdsearch.errors import SpecError
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.pool.bn import recalibrate_bn
+from jdsearch.pool.elastic import check_fits, make_elastic, set_active_arch, sliced_state_dict
 from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.space import SubnetConfig, SubnetSpace
 from jdsearch.pool.spec import PoolSpec

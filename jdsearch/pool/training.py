@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from jdsearch.distill import make_distiller
-from jdsearch.elastic import ElasticConv2d, reorder_channels
 from jdsearch.errors import SpecError
 from jdsearch.models.heads import stop_recording
 from jdsearch.pool.bn import recalibrate_bn
+from jdsearch.pool.elastic import ElasticConv2d, reorder_channels
 from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.space import SubnetConfig, SubnetSpace
 from jdsearch.pool.spec import PoolSpec

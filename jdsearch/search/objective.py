@@ -28,7 +28,6 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial
 
-from jdsearch.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.data import CocoDataset
 from jdsearch.distill import make_distiller
 from jdsearch.errors import JDSearchError
@@ -36,11 +35,12 @@ from jdsearch.evaluate import CocoMetrics, evaluate
 from jdsearch.flops import count_flops
 from jdsearch.models import Detector
 from jdsearch.models.heads import stop_recording
-from jdsearch.morph import MorphConfig, all_actions, evolve_with_report, feasible_actions
+from jdsearch.morph.actions import MorphConfig, all_actions, evolve_with_report, feasible_actions
+from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
-from jdsearch.pruning import BNSparsity
 from jdsearch.resolution import Resolution
-from jdsearch.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.study import StudySpec
 from jdsearch.train import train
 

@@ -40,7 +40,7 @@ from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch, Block, BlockSlot, Sta
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.models.resnet import BasicBlock, ResNet, Shortcut
-from jdsearch.pruning import (
+from jdsearch.morph.pruning import (
     block_prefix,
     chains,
     inner_bn_names,

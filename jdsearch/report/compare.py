@@ -24,8 +24,9 @@ from torch import Tensor
 
 from jdsearch.flops import count_flops
 from jdsearch.latency import Latency, measure_latencies
+from jdsearch.report.trials import percent
 from jdsearch.resolution import Resolution
-from jdsearch.search import StudyHandle
+from jdsearch.search.queries import StudyHandle
 
 __all__ = ["METRIC_KEYS", "Comparison", "DetectorRow", "compare_study"]
 
@@ -111,10 +112,6 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
 def _cells(r: DetectorRow) -> list[str]:
     fps = "-" if r.fps is None else f"{r.fps:.1f}"
     return [
@@ -123,7 +120,7 @@ def _cells(r: DetectorRow) -> list[str]:
         r.input_size,
         f"{r.flops / 1e9:.3f}",
         fps,
-        *(_pct(r.metrics.get(k)) for k in METRIC_KEYS),
+        *(percent(r.metrics.get(k)) for k in METRIC_KEYS),
     ]
 
 

@@ -1,0 +1,314 @@
+"""The report on disk: ``report.html`` (one offline page), ``figures/*.json`` and PNGs, and the
+figures attached to the study for optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
+
+from jdsearch.errors import JDSearchError
+from jdsearch.report.compare import Comparison
+from jdsearch.report.figures import build_figures, graph_object_id, upgraded_label, upgraded_trial
+from jdsearch.report.trials import (
+    base_gflops,
+    best_trial,
+    percent,
+    phase_windows,
+    trial_ap,
+    trial_gflops,
+)
+from jdsearch.search.queries import StudyHandle
+from jdsearch.search.sampler import MOVE_PARAM
+
+__all__ = [
+    "ReportFiles",
+    "attach_figures",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What :func:`write_report` wrote."""
+
+    html: Path
+    figures: dict[str, Path]  # key → figures/<key>.json
+    png: dict[str, Path] = field(default_factory=dict)  # key → figures/<key>.png (when exported)
+    png_skipped: str | None = None  # why no PNG was written (None: all written)
+    attached: tuple[str, ...] = ()  # optuna-dashboard graph object ids
+
+
+_TEXT = {
+    "h_per_iteration": (
+        "H score throughout the search (paper fig. 8)",
+        "The score H of every sampled student, one marker per trial and evaluated input resolution, "
+        "and the best H found so far. In the paper the best score climbs steadily for every base "
+        "detector: because each child inherits its parent's weights, the search keeps improving the "
+        "performance–complexity trade-off instead of restarting from scratch.",
+    ),
+    "pareto": (
+        "AP vs complexity and the Pareto front (paper fig. 9)",
+        "Each trial at its best-scoring input resolution: AP against the multiply-adds at that same "
+        "resolution (trials recorded without per-resolution FLOPs fall back to the base resolution, "
+        "drawn as open circles). The step line joins the Pareto-optimal trials — none has both "
+        "lower FLOPs and higher AP; the star is the upgraded student ({upgraded}). The paper compares "
+        "such fronts across base detectors and finds a larger base detector usually reaches the "
+        "better front, as it can be reshaped more freely.",
+    ),
+    "teacher_capacity": (
+        "Teacher–student capacity matching (paper fig. 5)",
+        "Left: backbone parameters of the teacher paired with the best student so far; grey markers "
+        "are the teachers sampled at each trial. Right: how often each teacher size was used. The paper "
+        "finds that dynamic distillation settles on a teacher whose capacity matches the student's: "
+        "smaller students converge to smaller teachers, larger ones to larger teachers.",
+    ),
+    "action_gain": (
+        "Contribution of each action (paper fig. 6)",
+        "Generations: the completed trials, ordered by trial number (the order the search started "
+        "them in), are split into {phases} phases of (nearly) equal count. An action is beneficial "
+        "when the child scores higher than its parent, H(child) > H(parent). Top: the score increment "
+        "each action family brought in each phase — the increments of its beneficial actions, summed "
+        "and stacked. Bottom: each family's share of the phase's beneficial actions, stacked to 100 %; "
+        "a phase without any beneficial action has no bar. Harmful actions, failed trials and children "
+        "of a failed or missing parent appear in the hover counts only. In the paper channel pruning "
+        "contributes most of the increment and dominates early phases, while add-layer, layer pruning "
+        "and rearranging make finer per-stage adjustments later.",
+    ),
+    "stage_flops": (
+        "Computation allocation of the backbone (paper fig. 7)",
+        "Multiply-adds (at the base resolution) of the stem and of each backbone stage for the base "
+        "detector and the upgraded student ({upgraded}), with the relative change on the student's bars. For ResNet backbones the paper "
+        "finds the largest reduction at stage 3, then stage 2 and stage 1 — the redundancy of "
+        "hand-designed ResNets sits mostly in the middle stages.",
+    ),
+    "lineage": (
+        "Search lineage",
+        "Every completed trial as a node (trial number, H), linked to the parent it was derived from, "
+        "coloured by action family. The highlighted path is the chain of moves from the base detector "
+        "to the upgraded student ({upgraded}); hover a node for its move, student encoding, teacher, "
+        "AP and GFLOPs.",
+    ),
+}
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; }
+p { line-height: 1.45; } .summary { color: #444; }
+table { border-collapse: collapse; margin: 1em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr:last-child td { font-weight: 600; background: #f6f6f6; }
+.note { color: #666; font-size: 0.9em; margin: 0.2em 0; }
+.figure { margin: 0.5em 0 1.5em 0; }
+"""
+
+
+def _render(text: str, **values: str) -> str:
+    for k, v in values.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
+def _flops_phrase(t: FrozenTrial) -> str:
+    g, at = trial_gflops(t)
+    if at is not None:
+        return f"{g:.3f} GFLOPs at {html.escape(at)} ({base_gflops(t):.3f} at the base resolution)"
+    return f"{g:.3f} GFLOPs at the base resolution"
+
+
+def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: FrozenTrial) -> str:
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    attrs = handle.study.user_attrs
+    best = best_trial(trials)
+    score = handle.spec.score
+    base_res = html.escape(str(attrs.get("base_resolution", "?")))
+    if upgraded.number == best.number:
+        which = "the best H"
+    else:
+        which = (
+            f"chosen for this report; the best H is trial {best.number}, H {float(best.value):.4f}"  # type: ignore[arg-type]
+        )
+    parts = [
+        f"{len(trials)} trials ({counts}).",
+        f"Base resolution {base_res}, base detector "
+        f"{float(attrs.get('base_flops', math.nan)) / 1e9:.3f} GFLOPs at {base_res}.",
+        f"Score H = {html.escape(score.metric)} × [(C/C<sub>base</sub>)·(R/R<sub>base</sub>)<sup>{score.beta:g}</sup>]"
+        f"<sup>−{score.alpha:g}</sup>.",
+        f"Upgraded detector: trial {upgraded.number} ({which}), "
+        f"H {float(upgraded.value):.4f} ({html.escape(str(upgraded.params.get(MOVE_PARAM)))}), "  # type: ignore[arg-type]
+        f"AP {percent(trial_ap(upgraded))} at {html.escape(str(upgraded.user_attrs.get('best_resolution', '?')))}, "
+        f"{_flops_phrase(upgraded)}.",
+    ]
+    return " ".join(parts)
+
+
+def _comparison_html(comparison: Comparison) -> str:
+    header, rows = comparison.table()
+    out = [
+        '<table class="comparison">',
+        "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
+    ]
+    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+    out.append("</table>")
+    notes = comparison.format().splitlines()[1 + len(rows) :]
+    out += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+    return "\n".join(out)
+
+
+def _png_exporter_missing() -> str | None:
+    if importlib.util.find_spec("kaleido") is None:
+        return "no image exporter: kaleido is not installed"
+    return None
+
+
+def _write_pngs(
+    figures: Mapping[str, go.Figure], directory: Path
+) -> tuple[dict[str, Path], str | None]:
+    missing = _png_exporter_missing()
+    if missing is not None:
+        return {}, missing
+    written: dict[str, Path] = {}
+    for key, fig in figures.items():
+        path = directory / f"{key}.png"
+        try:
+            fig.write_image(str(path))
+        except Exception as e:  # kaleido without a browser, a broken install…: report, don't fail
+            path.unlink(missing_ok=True)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return written, f"image export failed at {key}: {type(e).__name__}: {first}"
+        written[key] = path
+    return written, None
+
+
+def attach_figures(handle: StudyHandle, figures: Mapping[str, go.Figure]) -> tuple[str, ...]:
+    """Save the figures in the study for optuna-dashboard, under :func:`graph_object_id` ids."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    return tuple(
+        save_plotly_graph_object(handle.study, fig, graph_object_id=graph_object_id(key))
+        for key, fig in figures.items()
+    )
+
+
+def write_report(
+    handle: StudyHandle,
+    out_dir: str | Path,
+    *,
+    trial: int | None = None,
+    comparison: Comparison | None = None,
+    png: bool = True,
+    attach: bool = True,
+    phases: int = 4,
+) -> ReportFiles:
+    """Write ``out_dir/report.html`` (self-contained), ``out_dir/figures/<key>.json`` and, when
+    ``png`` and an exporter works, ``<key>.png``; with ``attach`` also save the figures in the
+    study for optuna-dashboard. ``trial`` is the upgraded trial the summary and figs. 7 and 9 and
+    the lineage path show (default: the best). ``comparison`` (from
+    :func:`jdsearch.compare.compare_study`, for the same study and trial) adds the table-4
+    comparison."""
+    from plotly.offline import get_plotlyjs
+
+    from jdsearch.report.compare import Comparison
+
+    if comparison is not None and not isinstance(comparison, Comparison):
+        raise JDSearchError(
+            f"report: comparison must be a jdsearch.compare.Comparison, got {type(comparison).__name__}"
+        )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise JDSearchError(f"report: output directory {out} exists and is not a directory")
+    upgraded = upgraded_trial(handle, trial)
+    if comparison is not None:
+        if comparison.study != handle.study.study_name:
+            raise JDSearchError(
+                f"report: the comparison is of study {comparison.study!r}, not {handle.study.study_name!r}"
+            )
+        if comparison.upgraded.trial != upgraded.number:
+            raise JDSearchError(
+                f"report: the comparison's upgraded detector is trial {comparison.upgraded.trial}, "
+                f"but the report is about trial {upgraded.number}"
+            )
+    figures = build_figures(handle, trial=upgraded.number, phases=phases)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    json_paths = {}
+    for key, fig in figures.items():
+        path = fig_dir / f"{key}.json"
+        path.write_text(fig.to_json(), encoding="utf-8")
+        json_paths[key] = path
+    if png:
+        png_paths, png_skipped = _write_pngs(figures, fig_dir)
+    else:
+        png_paths, png_skipped = {}, "PNG export not requested"
+
+    name = html.escape(handle.study.study_name)
+    trials = handle.study.get_trials(deepcopy=False)
+    body = [
+        f"<h1>Joint-DetNAS search report: {name}</h1>",
+        f'<p class="summary">{_summary(handle, trials, upgraded)}</p>',
+    ]
+    if comparison is not None:
+        body += [
+            "<h2>Base vs upgraded detector (paper table 4)</h2>",
+            "<p>The base trial and the upgraded student, each at its own input size, with the metrics "
+            "the search recorded on the study's validation set. The paper's table 4 reports the same "
+            "columns for R18/R50/R101/X101-FPN: higher AP at substantially lower FLOPs and latency.</p>",
+            _comparison_html(comparison),
+        ]
+    body.append(
+        "<nav><p>Figures: "
+        + " · ".join(f'<a href="#sec-{key}">{html.escape(_TEXT[key][0])}</a>' for key in figures)
+        + "</p></nav>"
+    )
+    fill = {
+        "upgraded": upgraded_label(trials, upgraded.number),
+        "phases": str(len(phase_windows(trials, phases))),
+    }
+    for key, fig in figures.items():
+        title, text = _TEXT[key]
+        div = fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"fig-{key}",
+            default_height="560px" if key != "action_gain" else "660px",
+            config={"responsive": True},
+        )
+        text = _render(text, **fill)
+        body += [
+            f'<h2 id="sec-{key}">{html.escape(title)}</h2>',
+            f"<p>{html.escape(text)}</p>",
+            f'<div class="figure">{div}</div>',
+        ]
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f"<title>jdsearch report: {name}</title>",
+            f"<style>{_STYLE}</style>",
+            f'<script type="text/javascript">{get_plotlyjs()}</script>',
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    attached = attach_figures(handle, figures) if attach else ()
+    return ReportFiles(html_path, json_paths, png_paths, png_skipped, attached)

@@ -1,0 +1,103 @@
+"""Exporting a trial of a study: its student checkpoint as a self-contained export folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from jdsearch.data import load_image
+from jdsearch.errors import JDSearchError
+from jdsearch.resolution import Resolution
+from jdsearch.store.export import Exported, export_detector, foreground_names
+
+log = logging.getLogger(__name__)
+
+
+def _categories(handle: Any, class_names: Sequence[str]) -> tuple[tuple[int, ...] | None, str]:
+    """COCO category ids of labels ``1..K``: recorded in the study, else from its annotations."""
+    recorded = handle.categories()
+    if recorded is not None and [n for _, n in recorded] == list(class_names):
+        return tuple(i for i, _ in recorded), "study"
+    ann = handle.spec.data.dir / "train.json"
+    try:
+        cats = json.loads(ann.read_text()).get("categories", [])
+        by_name = {str(c["name"]): int(c["id"]) for c in cats}
+        return tuple(by_name[n] for n in class_names), str(ann)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning(
+            "no category ids recorded in the study and %s is not readable here: labels 1..K are written as ids",
+            ann,
+        )
+        return None, ""
+
+
+def _check_images(handle: Any, count: int = 3) -> list[Tensor]:
+    """A few validation images of the study's dataset, when they are here."""
+    ann = handle.spec.data.dir / "val.json"
+    try:
+        records = json.loads(ann.read_text()).get("images", [])[:count]
+        return [load_image(handle.spec.data.dir / "images" / r["file_name"]) for r in records]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, JDSearchError):
+        log.warning(
+            "the study's validation images (%s) are not readable here: the ONNX check uses noise images",
+            ann,
+        )
+        return []
+
+
+def export_trial(
+    handle: Any,
+    out_dir: str | Path,
+    *,
+    trial: int | None = None,
+    input_size: Resolution | str | None = None,
+    check_images: Sequence[Tensor] | None = None,
+    onnx: bool = True,
+) -> Exported:
+    """Export trial ``trial`` (default: the best) of an opened study (:func:`jdsearch.search.open_study`)
+    at the resolution where it scored best (or ``input_size``)."""
+    from jdsearch.search.queries import lineage
+    from jdsearch.search.sampler import MOVE_PARAM
+    from jdsearch.search.storage import public_url
+
+    t = handle.trial(trial)
+    ckpt = handle.checkpoint(t)
+    size = Resolution.parse(input_size or t.user_attrs["best_resolution"])
+    names = foreground_names(ckpt.class_names, ckpt.num_classes)
+    path = lineage(handle.study, t.number)
+    source = {
+        "study": handle.study.study_name,
+        "storage": public_url(handle.url),
+        "trial": t.number,
+        "H": t.value,
+        "metrics": t.user_attrs.get("metrics", {}).get(str(size)),
+        "teacher": t.user_attrs.get("teacher"),
+        "lineage": [
+            {"trial": p.number, "move": p.params.get(MOVE_PARAM), "H": p.value} for p in path
+        ],
+        "base_resolution": handle.study.user_attrs.get("base_resolution"),
+        "base_flops": handle.study.user_attrs.get("base_flops"),
+    }
+    if check_images:
+        images, image_source = list(check_images), "given"
+    else:
+        images = _check_images(handle) if onnx else []
+        image_source = f"study validation set ({handle.spec.data.dir / 'val.json'})"
+    ids, ids_source = _categories(handle, names)
+    return export_detector(
+        ckpt.detector,
+        out_dir,
+        class_names=names,
+        category_ids=ids,
+        input_size=size,
+        check_images=images or None,
+        onnx=onnx,
+        source=source,
+        check_source=image_source,
+        categories_source=ids_source,
+    )

@@ -1,0 +1,182 @@
+"""Reading a study: which trials completed, the best, the root, lineages, and a finished study
+opened for export and report (:class:`StudyHandle`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from jdsearch.errors import JDSearchError
+from jdsearch.search.objective import CHECKPOINT_ATTR
+from jdsearch.search.record import CATEGORIES_SYSATTR, SPEC_SYSATTR
+from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.storage import public_url, root_cause
+from jdsearch.store.artifacts import make_artifact_store
+from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
+from jdsearch.study import StudySpec, study_from_stored
+
+
+def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE trials with a finite value (H), by trial number."""
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+    return sorted(done, key=lambda t: t.number)
+
+
+def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The completed trial with the highest H, the earlier one on a tie (``None``: none yet)."""
+    done = completed_trials(trials)
+    return max(done, key=lambda t: (float(t.value), -t.number)) if done else None  # type: ignore[arg-type]
+
+
+def root_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The first completed ``base`` trial: the base detector's own fast evaluation."""
+    return next(
+        (t for t in completed_trials(trials) if t.params.get(MOVE_PARAM) == BASE_MOVE), None
+    )
+
+
+def lineage_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
+    """Trials from the root to ``number`` following ``parent`` links; stops at a parent that is
+    missing (or at a loop, which only a hand-edited database can hold)."""
+    by_number = {t.number: t for t in trials}
+    if number not in by_number:
+        raise JDSearchError(f"no trial {number} among the {len(by_number)} trials")
+    path: list[FrozenTrial] = []
+    current: int | None = number
+    while current is not None and current in by_number and all(t.number != current for t in path):
+        t = by_number[current]
+        path.append(t)
+        parent = t.user_attrs.get(PARENT_ATTR)
+        current = None if parent is None else int(parent)
+    return path[::-1]
+
+
+def lineage(study: optuna.Study, number: int) -> list[FrozenTrial]:
+    """:func:`lineage_of` the study's trials."""
+    return lineage_of(study.get_trials(deepcopy=False), number)
+
+
+# ---------------------------------------------------------------------- reading a finished study
+@dataclass(frozen=True)
+class StudyHandle:
+    """An existing study opened for reading (export, report): no training, no trial is added."""
+
+    study: optuna.Study
+    spec: StudySpec
+    store: Any  # the study's artifact store
+    url: str
+
+    def trial(self, number: int | None = None) -> optuna.trial.FrozenTrial:
+        """Trial ``number`` (default: the best) — a completed trial with a student checkpoint."""
+        if number is None:
+            best = best_of(self.study.get_trials(deepcopy=False))
+            if best is None:
+                raise JDSearchError(f"study {self.study.study_name!r} has no completed trial yet")
+            return best
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        if number not in by_number:
+            raise JDSearchError(
+                f"study {self.study.study_name!r} has no trial {number} (trials 0–{len(by_number) - 1})"
+            )
+        t = by_number[number]
+        if t.state != optuna.trial.TrialState.COMPLETE or CHECKPOINT_ATTR not in t.user_attrs:
+            raise JDSearchError(
+                f"study {self.study.study_name!r}: trial {number} is {t.state.name}, not a completed trial with a checkpoint"
+            )
+        return t
+
+    def base_trial(self) -> optuna.trial.FrozenTrial:
+        """The completed root trial (the base detector, trained briefly like every other trial)."""
+        root = root_of(self.study.get_trials(deepcopy=False))
+        if root is None:
+            raise JDSearchError(f"study {self.study.study_name!r} has no completed base trial")
+        return root
+
+    def categories(self) -> list[tuple[int, str]] | None:
+        """The dataset's (COCO category id, name) in label order, as recorded by ``prepare``."""
+        stored = self.study._storage.get_study_system_attrs(self.study._study_id).get(
+            CATEGORIES_SYSATTR
+        )
+        return None if stored is None else [(int(i), str(n)) for i, n in stored]
+
+    def _read(self, artifact_id: str, what: str) -> bytes:
+        try:
+            with self.store.open_reader(artifact_id) as reader:
+                return reader.read()
+        except ArtifactNotFound:
+            raise JDSearchError(
+                f"study {self.study.study_name!r}: the {what} (artifact {artifact_id}) is missing from its artifact store"
+            ) from None
+
+    def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
+        """The student checkpoint a trial uploaded (verified, never unpickled)."""
+        data = self._read(trial.user_attrs[CHECKPOINT_ATTR], f"checkpoint of trial {trial.number}")
+        return checkpoint_from_bytes(
+            data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device
+        )
+
+    def study_artifact(self, key: str) -> bytes:
+        """A study-level artifact (``base_artifact``, ``pool_artifact``) as bytes."""
+        if key not in self.study.user_attrs:
+            raise JDSearchError(f"study {self.study.study_name!r} has no {key}")
+        return self._read(self.study.user_attrs[key], key)
+
+
+def open_study(url: str, name: str | None = None) -> StudyHandle:
+    """Open an existing jdsearch study on ``url`` (``name`` may be omitted when it holds one).
+
+    Never creates anything: a missing SQLite file or study is an error naming what exists.
+    """
+    shown = public_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise JDSearchError(f"{shown}: no such database file {path}")
+    try:
+        storage = RDBStorage(url, skip_table_creation=True)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception as e:  # SQLAlchemy/driver errors: unreachable server, not an Optuna database
+        raise JDSearchError(
+            f"{shown}: cannot read an Optuna study database ({root_cause(e)})"
+        ) from None
+    names = sorted(s.study_name for s in summaries)
+    if name is None:
+        if len(names) != 1:
+            raise JDSearchError(
+                f"{shown}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study"
+            )
+        name = names[0]
+    if name not in names:
+        raise JDSearchError(f"{shown}: no study {name!r} (studies: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=name, storage=storage)
+    stored = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
+    if stored is None:
+        raise JDSearchError(
+            f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)"
+        )
+    spec = study_from_stored(stored, source=f"study {name!r} (stored spec)")
+    artifacts = spec.search.artifacts.strip()
+    if (
+        artifacts.startswith("file:")
+        and not Path(os.path.expanduser(artifacts[len("file:") :])).is_dir()
+    ):
+        raise JDSearchError(
+            f"study {name!r} keeps its checkpoints in {artifacts!r}, which is not a folder here "
+            f"(relative to {Path.cwd()}); run from the folder the search ran in"
+        )
+    store = make_artifact_store(spec.search.artifacts, url)
+    return StudyHandle(study, spec, store, url)

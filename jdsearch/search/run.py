@@ -1,0 +1,224 @@
+"""The search: an Optuna study on an RDB storage, prepared once, then as many workers as you like.
+
+``prepare`` makes sure the study's storage holds what every worker needs — the study spec, the
+base detector and the elastic teacher pool (trained here when the storage has none; the local
+files under ``runs/<study>/`` are only caches) — and ``run_search`` adds trials. Workers started
+on several machines with the same storage URL cooperate on one study: Optuna hands out trials,
+heartbeats mark a killed worker's trial failed and ``RetryHeartbeatStaleTrialCallback`` re-queues it with
+the same parent and move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from jdsearch import synth
+from jdsearch.data import CocoDataset
+from jdsearch.errors import JDSearchError, SpecError
+from jdsearch.flops import count_flops
+from jdsearch.models import build_detector
+from jdsearch.morph.pruning import BNSparsity
+from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
+from jdsearch.search.objective import Objective, SearchContext, move_vocabulary
+from jdsearch.search.record import BASE_ATTR, CATEGORIES_SYSATTR, POOL_ATTR, SPEC_SYSATTR
+from jdsearch.search.sampler import HillClimbingSampler
+from jdsearch.search.storage import storage_for
+from jdsearch.search.summary import print_trial
+from jdsearch.spec import load_spec
+from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
+from jdsearch.store.checkpoint import checkpoint_from_bytes, save_checkpoint
+from jdsearch.study import StudySpec, study_from_stored
+from jdsearch.train import train
+
+log = logging.getLogger(__name__)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_dir(spec: StudySpec) -> Path:
+    return Path("runs") / spec.name
+
+
+def ensure_data(spec: StudySpec) -> tuple[CocoDataset, CocoDataset]:
+    d = spec.data.dir
+    if not (d / "train.json").is_file() or not (d / "val.json").is_file():
+        if spec.data.synth is None:
+            raise SpecError(
+                f"{spec.source}: data.dir {d} has no train.json/val.json and no data.synth to generate them"
+            )
+        s = spec.data.synth
+        _say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
+        synth.generate(d, images=s.images, seed=s.seed, size=s.size)
+    train_set = CocoDataset(d / "train.json", d / "images")
+    val_set = CocoDataset(d / "val.json", d / "images", max_images=spec.data.max_val_images)
+    return train_set, val_set
+
+
+def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> str:
+    from optuna.artifacts import upload_artifact
+
+    artifact_id = upload_artifact(study_or_trial=study, file_path=str(path), artifact_store=store)
+    study.set_user_attr(key, artifact_id)
+    return artifact_id
+
+
+def _base_checkpoint(
+    spec: StudySpec, train_set: CocoDataset, val_set: CocoDataset, progress: bool
+) -> Path:
+    """The base detector's checkpoint file: given, cached, or trained now."""
+    if spec.base.checkpoint is not None:
+        if not spec.base.checkpoint.is_file():
+            raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
+        return spec.base.checkpoint
+    path = run_dir(spec) / "base.safetensors"
+    if path.is_file():
+        return path
+    det_spec = load_spec(spec.base.detector)
+    detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
+    _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
+    config = spec.train_config(spec.base.train, spec.search.seed)
+    terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
+    result = train(detector, train_set, config, loss_terms=terms, progress=progress)
+    _say(
+        f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)"
+    )
+    return save_checkpoint(
+        path, detector, class_names=train_set.class_names, extra={"train": result.to_dict()}
+    )
+
+
+def _pool_file(
+    spec: StudySpec, pool_spec: PoolSpec, train_set: CocoDataset, progress: bool
+) -> Path:
+    path = run_dir(spec) / "pool.safetensors"
+    _say(f"training the elastic teacher pool (cache {path}) ...")
+    train_and_save_pool(pool_spec, train_set, path, device=spec.device, progress=progress)
+    return path
+
+
+def prepare(
+    spec: StudySpec, storage_url: str | None = None, *, progress: bool = True
+) -> tuple[optuna.Study, SearchContext]:
+    """Open (or create) the study and make sure its storage holds the base detector and pool."""
+    storage = storage_for(spec, storage_url)
+    url = storage_url or spec.storage_url
+    store = make_artifact_store(spec.search.artifacts, url)
+    if isinstance(store, SQLArtifactStore):
+        # Uploads of workers killed mid-write, older than a day: nobody will finish them.
+        store.purge_incomplete(older_than_s=24 * 3600.0)
+    train_set, val_set = ensure_data(spec)
+    pool_spec = spec.pool
+    vocabulary = move_vocabulary()
+    holder: dict[str, SearchContext] = {}
+
+    def feasible(parent: optuna.trial.FrozenTrial) -> tuple[list[str], list[str]]:
+        return holder["ctx"].feasible(parent)
+
+    sampler = HillClimbingSampler(
+        vocabulary,
+        feasible,
+        top_k=spec.search.top_k,
+        freeze_student=spec.search.freeze_student,
+        p_student=spec.search.p_student,
+        seed=spec.search.seed,
+    )
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        sampler=sampler,
+        direction="maximize",
+        load_if_exists=True,
+    )
+    stored_spec = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
+    if stored_spec is not None and not _same_spec(stored_spec, spec):
+        log.warning(
+            "study %s was created with a different spec; the stored base and pool are kept",
+            spec.name,
+        )
+    if stored_spec is None:
+        storage.set_study_system_attr(study._study_id, SPEC_SYSATTR, spec.to_dict())
+        study.set_user_attr("spec_file", spec.source)
+    if CATEGORIES_SYSATTR not in storage.get_study_system_attrs(study._study_id):
+        # An export must map labels back to the dataset's ids without the dataset at hand.
+        categories = [
+            [int(i), n] for i, n in zip(train_set.category_ids, train_set.class_names, strict=True)
+        ]
+        storage.set_study_system_attr(study._study_id, CATEGORIES_SYSATTR, categories)
+
+    if BASE_ATTR not in study.user_attrs:
+        path = _base_checkpoint(spec, train_set, val_set, progress)
+        _study_artifact(study, store, BASE_ATTR, path)
+    base_id = study.user_attrs[BASE_ATTR]
+    if POOL_ATTR not in study.user_attrs:
+        cache = run_dir(spec) / "pool.safetensors"
+        path = (
+            cache
+            if cache.is_file() and _pool_matches(cache, pool_spec)
+            else _pool_file(spec, pool_spec, train_set, progress)
+        )
+        _study_artifact(study, store, POOL_ATTR, path)
+    with store.open_reader(study.user_attrs[POOL_ATTR]) as reader:
+        pool = pool_from_bytes(reader.read(), source=f"study {spec.name}: pool", device=spec.device)
+    with store.open_reader(base_id) as reader:
+        base = checkpoint_from_bytes(
+            reader.read(), source=f"study {spec.name}: base", device=spec.device
+        )
+    if base.num_classes != train_set.num_classes:
+        raise JDSearchError(
+            f"base detector has {base.num_classes - 1} classes, the dataset {train_set.num_classes - 1}"
+        )
+    base_res = base.spec.input.size
+    base_flops = count_flops(base.detector, size=base_res.hw).total
+    study.set_user_attr("base_flops", base_flops)
+    study.set_user_attr("base_resolution", str(base_res))
+    ctx = SearchContext(
+        spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress
+    )
+    holder["ctx"] = ctx
+    return study, ctx
+
+
+def _same_spec(stored: Any, spec: StudySpec) -> bool:
+    """Whether a study's stored spec describes ``spec`` (once both are read and normalised)."""
+    try:
+        return study_from_stored(stored, source="stored spec").to_dict() == spec.to_dict()
+    except SpecError:
+        return False
+
+
+def _pool_matches(path: Path, pool_spec: PoolSpec) -> bool:
+    try:
+        return load_pool(path).spec.same_architecture(pool_spec)
+    except JDSearchError:
+        return False
+
+
+def run_search(
+    spec: StudySpec,
+    storage_url: str | None = None,
+    *,
+    n_trials: int | None = None,
+    progress: bool = True,
+) -> optuna.Study:
+    study, ctx = prepare(spec, storage_url, progress=progress)
+    n = n_trials if n_trials is not None else spec.search.n_trials
+    _say(
+        f"searching: study {spec.name!r} on {storage_url or spec.storage_url}, {n} trials in this worker"
+    )
+    started = time.perf_counter()
+    study.optimize(
+        Objective(ctx),
+        n_trials=n,
+        catch=(JDSearchError,),
+        callbacks=[print_trial],
+        gc_after_trial=True,
+    )
+    _say(f"done in {time.perf_counter() - started:.0f} s")
+    return study

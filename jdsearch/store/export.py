@@ -1,0 +1,313 @@
+"""The upgraded detector as a self-contained folder: weights, description, ONNX graph.
+
+An export folder holds three files and needs nothing else — no study, no storage, no pool::
+
+    detector.json       what the detector is: architecture (appendix-B encoding and the full
+                        spec), class names and category ids, the chosen input size, FLOPs and
+                        parameters at that size, the sha256 of the other two files, the result of
+                        the ONNX check and where it came from (study, trial, lineage, scores)
+    model.safetensors   a jdsearch checkpoint (:mod:`jdsearch.store.checkpoint`) whose spec's input size
+                        is the chosen one, so the rebuilt detector resizes inputs to it
+    model.onnx          the whole inference graph (resize + normalise, backbone, FPN, RPN, RoI
+                        heads, box decoding and NMS) for one image ``float32 [3, H, W]`` in
+                        ``[0, 1]`` of any size → ``boxes [N, 4]`` (xyxy, input pixels),
+                        ``scores [N]``, ``labels [N]`` (``1..K``, index into ``class_names``)
+
+:func:`load_detector` gives back a torchvision detector ready for inference (eval mode, input size
+set); :func:`predict_images` writes COCO-style detections. The ONNX file is produced by torch's
+TorchScript-based exporter (torchvision's detection models are written and tested for it, with
+dynamic image sizes), and every export runs it with onnxruntime against PyTorch on real images;
+an export whose graphs disagree fails instead of writing ``detector.json``.
+
+Files are written one by one atomically and ``detector.json`` last, with the hashes of the
+others: a folder whose ``detector.json`` is missing or does not match its files is not an export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jdsearch.data import get_resolution, load_image, set_resolution
+from jdsearch.errors import ExportError, JDSearchError
+from jdsearch.flops import count_flops
+from jdsearch.models import Detector
+from jdsearch.resolution import Resolution
+from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
+from jdsearch.store.files import atomic_path, sha256_file
+from jdsearch.store.onnx import ONNX_OPSET, OnnxCheck, cpu_copy, export_onnx, verified_onnx
+
+__all__ = [
+    "INFO_FILE",
+    "ONNX_FILE",
+    "WEIGHTS_FILE",
+    "Exported",
+    "export_detector",
+    "foreground_names",
+    "load_detector",
+    "load_exported",
+    "predict_images",
+]
+
+FORMAT_NAME = "jdsearch-detector"
+FORMAT_VERSION = 1
+INFO_FILE = "detector.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- export / load
+@dataclass(frozen=True)
+class Exported:
+    """A loaded (or just written) export folder."""
+
+    path: Path
+    detector: Detector  # eval mode, resizing inputs to input_size
+    input_size: Resolution
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]  # COCO category id of label 1..K
+    info: dict[str, Any]
+
+
+def _with_input_size(detector: Detector, size: Resolution) -> Detector:
+    """A detector whose spec (and so its transform) uses ``size`` as its input size, and whose
+    spec records the live inference settings of its RoI heads (someone may have changed them)."""
+    spec, heads = detector.spec, detector.roi_heads
+    roi = dataclasses.replace(
+        spec.roi,
+        score_thresh=float(heads.score_thresh),
+        nms_thresh=float(heads.nms_thresh),
+        detections_per_img=int(heads.detections_per_img),
+    )
+    detector.spec = dataclasses.replace(
+        spec, roi=roi, input=dataclasses.replace(spec.input, size=size)
+    )
+    set_resolution(detector, size)
+    return detector
+
+
+def foreground_names(class_names: Sequence[str] | None, num_classes: int) -> tuple[str, ...]:
+    if class_names is None:
+        return tuple(f"class{i}" for i in range(1, num_classes))
+    names = tuple(str(c) for c in class_names)
+    return names[1:] if len(names) == num_classes else names
+
+
+def export_detector(
+    detector: Detector,
+    out_dir: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    category_ids: Sequence[int] | None = None,
+    input_size: Resolution | str | None = None,
+    check_images: Sequence[Tensor] | None = None,
+    onnx: bool = True,
+    source: Mapping[str, Any] | None = None,
+    check_source: str = "given",
+    categories_source: str = "given",
+) -> Exported:
+    """Write ``detector`` as an export folder (see the module doc) and return it.
+
+    ``class_names`` are the foreground names (labels ``1..K``), ``category_ids`` their COCO ids
+    (default ``1..K``), ``input_size`` the size inputs are resized to (default: the detector's
+    current one). The ONNX graph is checked on ``check_images`` (default: two fixed-seed images,
+    one of them not at the input size's aspect ratio, to exercise the dynamic axes).
+    """
+    out = Path(out_dir)
+    det = cpu_copy(detector)
+    size = Resolution.parse(input_size) if input_size is not None else get_resolution(det)
+    det = _with_input_size(det, size)
+    num_classes = det.roi_heads.box_predictor.cls_score.out_features
+    names = foreground_names(class_names, num_classes)
+    ids = (
+        tuple(int(i) for i in category_ids)
+        if category_ids is not None
+        else tuple(range(1, num_classes))
+    )
+    if len(names) != num_classes - 1 or len(ids) != num_classes - 1:
+        raise ExportError(
+            f"{out}: {len(names)} class names / {len(ids)} category ids for a detector with {num_classes - 1} classes"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot create the export folder ({e.strerror or e})") from None
+    (out / INFO_FILE).unlink(missing_ok=True)  # the folder is not a valid export until the end
+
+    weights = out / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        tmp.write_bytes(
+            checkpoint_to_bytes(
+                det, class_names=names, extra={"export": dict(source or {})}, source=str(weights)
+            )
+        )
+    files: dict[str, Any] = {"weights": {"path": WEIGHTS_FILE, "sha256": sha256_file(weights)}}
+    check: OnnxCheck | None = None
+    if onnx:
+        export_onnx(det, out / ONNX_FILE)
+        if check_images:
+            image_source = check_source
+        else:
+            g = torch.Generator().manual_seed(0)
+            h, w = size.hw
+            check_images = [
+                torch.rand(3, h, w, generator=g),
+                torch.rand(3, max(h // 2, 32), w, generator=g),
+            ]
+            image_source = "noise (no images given)"
+        check = verified_onnx(out / ONNX_FILE, det, check_images)
+        check = dataclasses.replace(check, image_source=image_source)
+        files["onnx"] = {
+            "path": ONNX_FILE,
+            "sha256": sha256_file(out / ONNX_FILE),
+            "opset": ONNX_OPSET,
+            "inputs": {"image": "float32 [3, height, width], RGB in [0, 1], any size"},
+            "outputs": {
+                "boxes": "float32 [N, 4] x1 y1 x2 y2 in input pixels",
+                "scores": "float32 [N]",
+                "labels": "int64 [N], 1..K",
+            },
+        }
+    else:
+        (out / ONNX_FILE).unlink(missing_ok=True)
+    report = count_flops(det, size=size.hw)
+    info = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "name": det.spec.name,
+        "arch": det.arch.encode(),
+        "input_size": str(size),
+        "num_classes": num_classes - 1,
+        "class_names": list(names),
+        "categories": [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)],
+        "categories_source": categories_source
+        if category_ids is not None
+        else "assumed 1..K (no category ids given)",
+        "flops": report.total,
+        "backbone_flops": report.backbone,
+        "params": report.params,
+        "files": files,
+        "onnx_check": None if check is None else check.to_dict(),
+        "source": dict(source or {}),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {"jdsearch": _version(), "torch": torch.__version__},
+        "spec": det.spec.to_dict(),
+    }
+    with atomic_path(out / INFO_FILE) as tmp:
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+    return Exported(out, det, size, names, ids, info)
+
+
+def _version() -> str:
+    from jdsearch import __version__
+
+    return __version__
+
+
+def _info_path(path: Path) -> Path:
+    return path if path.name == INFO_FILE else path / INFO_FILE
+
+
+def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Exported:
+    """Read an export folder (or its ``detector.json``); verifies the weights' sha256."""
+    info_path = _info_path(Path(path))
+    folder = info_path.parent
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        raise ExportError(
+            f"{folder}: not an export folder (no {INFO_FILE}; write one with `jdsearch export`)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{info_path}: unreadable ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        raise ExportError(
+            f"{info_path}: not a jdsearch detector description (format {info.get('format') if isinstance(info, dict) else None!r})"
+        )
+    if info.get("version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{info_path}: format version {info.get('version')!r}, this jdsearch reads {FORMAT_VERSION}"
+        )
+    try:
+        entry = info["files"]["weights"]
+        weights = folder / entry["path"]
+        data = weights.read_bytes()
+        size = Resolution.parse(info["input_size"])
+        names = tuple(info["class_names"])
+        ids = tuple(int(c["id"]) for c in info["categories"])
+    except FileNotFoundError:
+        raise ExportError(f"{folder}: the weights file named in {INFO_FILE} is missing") from None
+    except (KeyError, TypeError, ValueError, JDSearchError) as e:
+        raise ExportError(f"{info_path}: malformed field ({type(e).__name__}: {e})") from None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ExportError(f"{weights}: sha256 does not match {INFO_FILE} (replaced or damaged)")
+    ckpt = checkpoint_from_bytes(data, source=str(weights), device=device)
+    det = _with_input_size(ckpt.detector, size)
+    det.eval()
+    det.class_names = names  # type: ignore[attr-defined]  # plain attribute for users
+    return Exported(folder, det, size, names, ids, info)
+
+
+def load_detector(path: str | Path, *, device: str | torch.device = "cpu") -> Detector:
+    """A ready torchvision detector from an export folder: eval mode, inputs resized to the
+    chosen size, ``detector.class_names`` set. ``detector([image])`` → boxes, labels, scores."""
+    return load_exported(path, device=device).detector
+
+
+# ---------------------------------------------------------------------- predict
+def predict_images(
+    exported: Exported,
+    images: Sequence[str | Path],
+    *,
+    image_ids: Mapping[str, int] | None = None,
+    score_thresh: float | None = None,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """COCO-style detections (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, plus
+    ``file_name``) of ``images``. ``image_ids`` maps file names (or paths) to COCO image ids;
+    without it images are numbered from 1 in the order given."""
+    det = exported.detector.to(device).eval()
+    paths = [Path(p) for p in images]
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        tensors = [load_image(p).to(device) for p in chunk]
+        with torch.no_grad():
+            outputs = det(tensors)
+        for k, (p, out) in enumerate(zip(chunk, outputs, strict=True)):
+            if image_ids is not None:
+                key = p.name if p.name in image_ids else str(p)
+                if key not in image_ids:
+                    raise JDSearchError(f"{p}: no image with this file name in the annotation file")
+                image_id = int(image_ids[key])
+            else:
+                image_id = start + k + 1
+            for box, score, label in zip(
+                out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
+            ):
+                if score_thresh is not None and score < score_thresh:
+                    continue
+                x1, y1, x2, y2 = box
+                rows.append(
+                    {
+                        "image_id": image_id,
+                        "file_name": p.name,
+                        "category_id": exported.category_ids[label - 1],
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 5),
+                    }
+                )
+    return rows
