@@ -26,9 +26,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from jdsearch.search.objective import CHECKPOINT_ATTR, STUDENT_ATTR, TEACHER_ATTR, move_vocabulary
+from jdsearch.search.objective import move_vocabulary
+from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.search.run import run_search
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.study import study_from_dict
 
@@ -104,7 +104,7 @@ def test_optuna_cli_shows_the_study(finished: Finished) -> None:
             and a["best_resolution"] in finished.resolutions
         )
         assert r["value"] == pytest.approx(a["h"][a["best_resolution"]])
-        assert a[STUDENT_ATTR].startswith("[(") and a[TEACHER_ATTR] and a[CHECKPOINT_ATTR]
+        assert a["student"].startswith("[(") and a["teacher"] and a["checkpoint"]
     # Internal state stays out of what the CLI prints.
     table = optuna_cli("trials", "--study-name", finished.name, "--storage", finished.url)
     assert "jdsearch:" not in table and "'move': 'base'" in table and "best_resolution" in table
@@ -201,8 +201,8 @@ def test_optuna_dashboard_serves_the_study(finished: Finished, tmp_path: Path) -
     assert {a["key"] for a in detail["union_user_attrs"]} >= {
         PARENT_ATTR,
         "h",
-        TEACHER_ATTR,
-        STUDENT_ATTR,
+        "teacher",
+        "student",
     }
     for t in finished.study.trials:
         served = trials[t.number]
@@ -214,12 +214,12 @@ def test_optuna_dashboard_serves_the_study(finished: Finished, tmp_path: Path) -
         parent = t.user_attrs[PARENT_ATTR]
         assert a[PARENT_ATTR] == (json.dumps(None) if parent is None else str(parent))
         assert json.loads(a["h"]) == pytest.approx(t.user_attrs["h"])
-        assert (a[TEACHER_ATTR], a[STUDENT_ATTR]) == (
-            t.user_attrs[TEACHER_ATTR],
-            t.user_attrs[STUDENT_ATTR],
+        assert (a["teacher"], a["student"]) == (
+            t.user_attrs["teacher"],
+            t.user_attrs["student"],
         )
         # The trial's checkpoint is listed among its artifacts.
-        assert t.user_attrs[CHECKPOINT_ATTR] in {x["artifact_id"] for x in served["artifacts"]}
+        assert t.user_attrs["checkpoint"] in {x["artifact_id"] for x in served["artifacts"]}
 
 
 def test_optuna_dashboard_downloads_checkpoints_from_the_database(
@@ -234,7 +234,7 @@ def test_optuna_dashboard_downloads_checkpoints_from_the_database(
     )
     store = make_artifact_store("db", finished.url)
     best = finished.study.best_trial
-    artifact_id = best.user_attrs[CHECKPOINT_ATTR]
+    artifact_id = best.user_attrs["checkpoint"]
     with server(
         [sys.executable, "-c", code, finished.url, str(port)], port, tmp_path / "dashboard.log"
     ) as base:

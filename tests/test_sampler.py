@@ -9,14 +9,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from jdsearch.search.sampler import (
-    BASE_MOVE,
-    KIND_ATTR,
-    MOVE_PARAM,
-    PARENT_ATTR,
-    HillClimbingSampler,
-    top_k,
-)
+from jdsearch.search.record import BASE_MOVE, KIND_ATTR, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.sampler import HillClimbingSampler, top_k
 
 STUDENT_MOVES = ["channel_prune", "layer_prune", "add_layer:1", "add_layer:2"]
 TEACHER_MOVES = ["teacher:fpn=16", "teacher:depth1=1", "teacher:width2=1.5"]

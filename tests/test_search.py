@@ -14,15 +14,9 @@ import pytest
 
 from jdsearch.morph.actions import MorphConfig, evolve
 from jdsearch.pool import SubnetConfig
-from jdsearch.search.objective import (
-    ARCH_SYSATTR,
-    CHECKPOINT_ATTR,
-    STUDENT_ATTR,
-    TEACHER_ATTR,
-    score_h,
-)
+from jdsearch.search.objective import score_h
+from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, TrialRecord
 from jdsearch.search.run import prepare, run_search
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.search.summary import summary
 from jdsearch.store.checkpoint import checkpoint_from_bytes
 from jdsearch.study import study_from_dict
@@ -50,34 +44,35 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     _, ctx = prepare(spec, progress=False)
     by_number = {t.number: t for t in trials}
     root = by_number[0]
-    assert root.params[MOVE_PARAM] == BASE_MOVE and root.user_attrs[PARENT_ATTR] is None
-    assert root.user_attrs[TEACHER_ATTR] == str(ctx.pool.space.largest())
+    assert root.params[MOVE_PARAM] == BASE_MOVE and TrialRecord.from_trial(root).parent is None
+    assert TrialRecord.from_trial(root).teacher == str(ctx.pool.space.largest())
     for t in complete:
         if t.number == 0:
             continue
-        parent = by_number[t.user_attrs[PARENT_ATTR]]
+        parent = by_number[TrialRecord.from_trial(t).parent]
         assert parent.state == optuna.trial.TrialState.COMPLETE
         move = t.params[MOVE_PARAM]
-        parent_teacher = SubnetConfig.parse(parent.user_attrs[TEACHER_ATTR])
+        parent_teacher = SubnetConfig.parse(TrialRecord.from_trial(parent).teacher)
         if move.startswith("teacher."):
-            assert t.user_attrs[STUDENT_ATTR] == parent.user_attrs[STUDENT_ATTR]
-            assert SubnetConfig.parse(t.user_attrs[TEACHER_ATTR]) == ctx.pool.space.apply_move(
-                parent_teacher, move
-            )
+            assert TrialRecord.from_trial(t).student == TrialRecord.from_trial(parent).student
+            assert SubnetConfig.parse(
+                TrialRecord.from_trial(t).teacher
+            ) == ctx.pool.space.apply_move(parent_teacher, move)
         else:
             # The child's arch is exactly the parent's checkpoint evolved by the move.
-            with ctx.store.open_reader(parent.user_attrs[CHECKPOINT_ATTR]) as r:
+            with ctx.store.open_reader(TrialRecord.from_trial(parent).checkpoint) as r:
                 parent_det = checkpoint_from_bytes(r.read()).detector
             expected = evolve(
                 parent_det, move, config=MorphConfig(channel_fraction=spec.search.channel_fraction)
             )
-            assert t.user_attrs[STUDENT_ATTR] == expected.arch.encode()
-            assert t.system_attrs[ARCH_SYSATTR] == expected.arch.to_dict()
-            assert t.user_attrs[TEACHER_ATTR] == parent.user_attrs[TEACHER_ATTR]
+            assert TrialRecord.from_trial(t).student == expected.arch.encode()
+            assert TrialRecord.from_trial(t).arch == expected.arch.to_dict()
+            assert TrialRecord.from_trial(t).teacher == TrialRecord.from_trial(parent).teacher
         # the trial's checkpoint is in the study's database and is the student it describes
-        with ctx.store.open_reader(t.user_attrs[CHECKPOINT_ATTR]) as r:
+        with ctx.store.open_reader(TrialRecord.from_trial(t).checkpoint) as r:
             assert (
-                checkpoint_from_bytes(r.read()).detector.arch.encode() == t.user_attrs[STUDENT_ATTR]
+                checkpoint_from_bytes(r.read()).detector.arch.encode()
+                == TrialRecord.from_trial(t).student
             )
         # H is recomputed from the recorded AP and FLOPs
         best = t.user_attrs["best_resolution"]
@@ -116,7 +111,7 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     trials3 = study3.get_trials(deepcopy=False)
     assert len(trials3) == len(trials2) + 1 and not (elsewhere / "runs").exists()
     assert trials3[-1].state == optuna.trial.TrialState.COMPLETE
-    assert trials3[-1].user_attrs[PARENT_ATTR] in {t.number for t in trials2}
+    assert TrialRecord.from_trial(trials3[-1]).parent in {t.number for t in trials2}
 
     # The optuna CLI sees the study.
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

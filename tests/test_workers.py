@@ -30,10 +30,10 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 import jdsearch.search.objective
-from jdsearch.search.objective import CHECKPOINT_ATTR, STUDENT_ATTR, WORKER_SYSATTR, worker_id
+from jdsearch.search.objective import worker_id
 from jdsearch.search.queries import lineage
+from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR, TrialRecord
 from jdsearch.search.run import prepare, run_search
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.store.checkpoint import checkpoint_from_bytes
 from jdsearch.study import StudySpec, load_study
 from jdsearch.train import TrainingDiverged
@@ -151,11 +151,13 @@ def check_checkpoints(ctx: Any, trials: list[FrozenTrial]) -> None:
     for t in trials:
         if t.state != TrialState.COMPLETE:
             continue
-        artifact_id = t.user_attrs[CHECKPOINT_ATTR]
+        artifact_id = TrialRecord.from_trial(t).checkpoint
         with ctx.store.open_reader(artifact_id) as r:
             data = r.read()
         assert hashlib.sha256(data).hexdigest() == ctx.store.stat(artifact_id).sha256
-        assert checkpoint_from_bytes(data).detector.arch.encode() == t.user_attrs[STUDENT_ATTR]
+        assert (
+            checkpoint_from_bytes(data).detector.arch.encode() == TrialRecord.from_trial(t).student
+        )
 
 
 def wait_for(
@@ -399,7 +401,7 @@ def test_a_diverged_trial_fails_alone_and_the_search_goes_on(
         TrialState.COMPLETE,
     ]
     failed = trials[1]
-    assert CHECKPOINT_ATTR not in failed.user_attrs  # nothing was uploaded for it
+    assert TrialRecord.from_trial(failed).checkpoint is None  # nothing was uploaded for it
     # Not retried (a failure, not a stale heartbeat), and never a parent.
     assert all(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is None for t in trials)
     assert all(t.user_attrs.get(PARENT_ATTR) != failed.number for t in trials)

@@ -27,6 +27,7 @@ from jdsearch.latency import Latency, measure_latencies
 from jdsearch.report.trials import percent
 from jdsearch.resolution import Resolution
 from jdsearch.search.queries import StudyHandle
+from jdsearch.search.record import BASE_RESOLUTION_ATTR, TrialRecord
 
 __all__ = ["METRIC_KEYS", "Comparison", "DetectorRow", "compare_study"]
 
@@ -137,8 +138,9 @@ def _delta(new: float | None, old: float | None) -> str:
 
 
 def _metrics_at(trial: optuna.trial.FrozenTrial, size: str) -> dict[str, float]:
-    recorded = trial.user_attrs.get("metrics", {}).get(size, {})
-    return {k: (math.nan if recorded.get(k) is None else float(recorded[k])) for k in METRIC_KEYS}
+    record = TrialRecord.from_trial(trial)
+    values = {k: record.metric_at(size, k) for k in METRIC_KEYS}
+    return {k: math.nan if v is None else v for k, v in values.items()}
 
 
 def _row(
@@ -177,12 +179,13 @@ def compare_study(
     """
     base_trial = handle.base_trial()
     best = handle.trial(trial)
-    recorded = base_trial.user_attrs.get("metrics", {})
-    base_size = handle.study.user_attrs.get("base_resolution", "")
-    if base_size not in recorded:
-        base_size = base_trial.user_attrs["best_resolution"]
+    base_record = TrialRecord.from_trial(base_trial)
+    base_size = handle.study.user_attrs.get(BASE_RESOLUTION_ATTR, "")
+    if base_size not in base_record.metrics:
+        base_size = base_record.best_resolution
     base, base_det = _row(handle, base_trial, "base", base_size)
-    up, up_det = _row(handle, best, "upgraded", best.user_attrs["best_resolution"])
+    up_size = TrialRecord.from_trial(best).best_resolution
+    up, up_det = _row(handle, best, "upgraded", up_size)
     if fps:
         same = base.trial == up.trial and base.input_size == up.input_size
         entries = [(base_det, base.input_size)] + ([] if same else [(up_det, up.input_size)])

@@ -78,7 +78,7 @@ from jdsearch.report.trials import (
     trial_gflops,
 )
 from jdsearch.search.queries import StudyHandle, best_of
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM
+from jdsearch.search.record import BASE_MOVE, TrialRecord
 
 __all__ = [
     "FIGURE_KEYS",
@@ -125,10 +125,9 @@ def _wrap_student(encoding: str, blocks_per_line: int = 6) -> str:
 
 
 def _hover(t: FrozenTrial) -> str:
-    a = t.user_attrs
-    parent = parent_of(t)
-    origin = "" if parent is None else f" from {parent}"
-    res = a.get("best_resolution", "?")
+    r = TrialRecord.from_trial(t)
+    origin = "" if r.parent is None else f" from {r.parent}"
+    res = r.best_resolution or "?"
     g, at = trial_gflops(t)
     flops = (
         f"GFLOPs {g:.3f} at {at} ({base_gflops(t):.3f} at the base resolution)"
@@ -136,12 +135,12 @@ def _hover(t: FrozenTrial) -> str:
         else f"GFLOPs {g:.3f} at the base resolution (no flops_at recorded)"
     )
     parts = [
-        f"<b>trial {t.number}</b>: {t.params.get(MOVE_PARAM, '?')}{origin}",
+        f"<b>trial {t.number}</b>: {r.move or '?'}{origin}",
         f"H {float(t.value):.4f} at {res}",  # type: ignore[arg-type]
         f"AP {percent(trial_ap(t))} at {res}",
         flops,
-        f"teacher {a.get('teacher', '?')}",
-        f"student {_wrap_student(str(a.get('student', '?')))}",
+        f"teacher {r.teacher or '?'}",
+        f"student {_wrap_student(r.student or '?')}",
     ]
     return "<br>".join(parts)
 
@@ -183,14 +182,11 @@ def _completed_trial(trials: Sequence[FrozenTrial], number: int | None) -> Froze
 def fig_h_per_iteration(trials: Sequence[FrozenTrial]) -> go.Figure:
     """Fig. 8: H of the sampled students per trial, one series per resolution, and the best so far."""
     done = require_completed(trials, "H per iteration")
-    resolutions = _resolution_order({r for t in done for r in t.user_attrs.get("h", {})})
+    records = [TrialRecord.from_trial(t) for t in done]
+    resolutions = _resolution_order({res for r in records for res in r.h})
     fig = go.Figure()
     for res in resolutions:
-        pts = [
-            (t.number, float(t.user_attrs["h"][res]))
-            for t in done
-            if res in t.user_attrs.get("h", {})
-        ]
+        pts = [(r.number, float(r.h[res])) for r in records if res in r.h]
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in pts],
@@ -277,7 +273,7 @@ def fig_pareto(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.
             marker={"color": "#d62728", "size": 9},
         )
     )
-    roots = [t for t in done if t.params.get(MOVE_PARAM) == BASE_MOVE]
+    roots = [t for t in done if TrialRecord.from_trial(t).move == BASE_MOVE]
     if roots:
         fig.add_trace(
             scatter(
@@ -340,7 +336,7 @@ def fig_teacher_capacity(
             name="sampled teacher",
             marker={"color": "#bbbbbb", "size": 6},
             customdata=[t.number for t in done],
-            text=[str(t.user_attrs.get("teacher", "?")) for t in done],
+            text=[TrialRecord.from_trial(t).teacher or "?" for t in done],
             hovertemplate="trial %{x}: %{text}<br>%{y:.3f} M<extra></extra>",
         ),
         row=1,
@@ -355,7 +351,7 @@ def fig_teacher_capacity(
             name="best student's teacher",
             line={"color": "#d62728", "width": 2},
             customdata=[b.number for b in best],
-            text=[str(b.user_attrs.get("teacher", "?")) for b in best],
+            text=[TrialRecord.from_trial(b).teacher or "?" for b in best],
             hovertemplate="trial %{x}: best is trial %{customdata}<br>teacher %{text}<br>%{y:.3f} M<extra></extra>",
         ),
         row=1,
@@ -477,7 +473,7 @@ def fig_stage_flops(trials: Sequence[FrozenTrial], *, best: int | None = None) -
     label = upgraded_label(trials, top.number)
     stages = []
     for t in (base, top):
-        s = t.user_attrs.get("stage_flops")
+        s = TrialRecord.from_trial(t).stage_flops
         if not s:
             raise JDSearchError(f"report: trial {t.number} records no stage_flops")
         stages.append([float(v) / 1e9 for v in s])
@@ -555,7 +551,8 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
     )
     groups: dict[str, list[FrozenTrial]] = {}
     for t in done:
-        groups.setdefault(action_family(t.params.get(MOVE_PARAM)) or "base", []).append(t)
+        move = TrialRecord.from_trial(t).move
+        groups.setdefault(action_family(move) or "base", []).append(t)
     for fam in ["base", *FAMILIES, *sorted(set(groups) - {"base", *FAMILIES})]:
         ts = groups.get(fam)
         if not ts:

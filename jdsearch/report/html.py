@@ -26,7 +26,7 @@ from jdsearch.report.trials import (
     trial_gflops,
 )
 from jdsearch.search.queries import StudyHandle
-from jdsearch.search.sampler import MOVE_PARAM
+from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
 
 __all__ = [
     "ReportFiles",
@@ -132,7 +132,8 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
     attrs = handle.study.user_attrs
     best = best_trial(trials)
     score = handle.spec.score
-    base_res = html.escape(str(attrs.get("base_resolution", "?")))
+    base_res = html.escape(str(attrs.get(BASE_RESOLUTION_ATTR, "?")))
+    up = TrialRecord.from_trial(upgraded)
     if upgraded.number == best.number:
         which = "the best H"
     else:
@@ -142,12 +143,12 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
     parts = [
         f"{len(trials)} trials ({counts}).",
         f"Base resolution {base_res}, base detector "
-        f"{float(attrs.get('base_flops', math.nan)) / 1e9:.3f} GFLOPs at {base_res}.",
+        f"{float(attrs.get(BASE_FLOPS_ATTR, math.nan)) / 1e9:.3f} GFLOPs at {base_res}.",
         f"Score H = {html.escape(score.metric)} × [(C/C<sub>base</sub>)·(R/R<sub>base</sub>)<sup>{score.beta:g}</sup>]"
         f"<sup>−{score.alpha:g}</sup>.",
         f"Upgraded detector: trial {upgraded.number} ({which}), "
-        f"H {float(upgraded.value):.4f} ({html.escape(str(upgraded.params.get(MOVE_PARAM)))}), "  # type: ignore[arg-type]
-        f"AP {percent(trial_ap(upgraded))} at {html.escape(str(upgraded.user_attrs.get('best_resolution', '?')))}, "
+        f"H {float(upgraded.value):.4f} ({html.escape(str(up.move))}), "  # type: ignore[arg-type]
+        f"AP {percent(trial_ap(upgraded))} at {html.escape(up.best_resolution or '?')}, "
         f"{_flops_phrase(upgraded)}.",
     ]
     return " ".join(parts)

@@ -14,7 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.errors import JDSearchError
 from jdsearch.search.queries import StudyHandle, best_of, completed_trials, lineage_of, root_of
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, family
+from jdsearch.search.record import BASE_MOVE, POOL_ATTR, TrialRecord
+from jdsearch.search.sampler import family
 
 __all__ = [
     "FAMILIES",
@@ -100,18 +101,18 @@ def action_family(move: str | None) -> str | None:
 
 
 def trial_ap(t: FrozenTrial) -> float:
-    """COCO box AP (in [0, 1]) at the trial's best resolution; NaN when not recorded."""
-    a = t.user_attrs
-    res = a.get("best_resolution")
-    value = a.get("metrics", {}).get(res, {}).get("AP")
+    """COCO box AP (in [0, 1]) at the trial's best resolution (the score's metric when the full
+    metrics were not recorded); NaN when not recorded."""
+    r = TrialRecord.from_trial(t)
+    value = r.metric_at(r.best_resolution)
     if value is None:
-        value = a.get("ap", {}).get(res)
+        value = r.ap.get(r.best_resolution or "")
     return math.nan if value is None else float(value)
 
 
 def base_gflops(t: FrozenTrial) -> float:
-    """GFLOPs at the base resolution (the ``flops`` attribute); NaN when not recorded."""
-    flops = t.user_attrs.get("flops")
+    """GFLOPs at the base resolution (C(S) of the score H); NaN when not recorded."""
+    flops = TrialRecord.from_trial(t).flops
     return math.nan if flops is None else float(flops) / 1e9
 
 
@@ -119,17 +120,12 @@ def trial_gflops(t: FrozenTrial) -> tuple[float, str | None]:
     """GFLOPs where the trial's AP is measured: ``(flops_at[best_resolution] / 1e9, resolution)``;
     ``(flops / 1e9, None)`` — at the base resolution — for a trial without that ``flops_at`` entry
     (studies recorded before it existed); NaN when neither is recorded."""
-    a = t.user_attrs
-    res = a.get("best_resolution")
-    at = a.get("flops_at")
-    if isinstance(at, Mapping) and res is not None and at.get(res) is not None:
-        return float(at[res]) / 1e9, str(res)
-    return base_gflops(t), None
+    flops, res = TrialRecord.from_trial(t).flops_where_scored()
+    return (math.nan if flops is None else float(flops) / 1e9), res
 
 
 def parent_of(t: FrozenTrial) -> int | None:
-    p = t.user_attrs.get(PARENT_ATTR)
-    return None if p is None else int(p)
+    return TrialRecord.from_trial(t).parent
 
 
 # ---------------------------------------------------------------------- Pareto front
@@ -214,7 +210,7 @@ def action_steps(trials: Sequence[FrozenTrial]) -> list[ActionStep]:
     value = {t.number: float(t.value) for t in done}  # type: ignore[arg-type]
     steps = []
     for t in done:
-        move = t.params.get(MOVE_PARAM)
+        move = TrialRecord.from_trial(t).move
         fam = action_family(move)
         if fam is None:
             continue
@@ -293,7 +289,7 @@ def action_gains(trials: Sequence[FrozenTrial], phases: int = 4) -> ActionGains:
             c.increment += s.gain
     if windows:  # failed trials count in the window their number falls in
         for t in failed_trials(trials):
-            fam = action_family(t.params.get(MOVE_PARAM))
+            fam = action_family(TrialRecord.from_trial(t).move)
             if fam is None:
                 continue
             if fam not in families:
@@ -310,10 +306,10 @@ def teacher_params(
     ``count(teacher config string)`` (studies written before the attribute existed)."""
     out = {}
     for t in completed(trials):
-        value = t.user_attrs.get("teacher_params")
+        r = TrialRecord.from_trial(t)
+        value, cfg = r.teacher_params, r.teacher
         if value is None:
-            cfg = t.user_attrs.get("teacher")
-            if cfg is None:
+            if not cfg:
                 raise JDSearchError(f"report: trial {t.number} records no teacher")
             if count is None:
                 raise JDSearchError(
@@ -336,9 +332,7 @@ def teacher_param_counter(handle: StudyHandle) -> Callable[[str], int]:
 
             if not holder:
                 source = f"study {handle.study.study_name!r}: pool"
-                holder.append(
-                    pool_from_bytes(handle.study_artifact("pool_artifact"), source=source)
-                )
+                holder.append(pool_from_bytes(handle.study_artifact(POOL_ATTR), source=source))
             net = holder[0].extract(SubnetConfig.parse(cfg), device="cpu")
             cache[cfg] = sum(p.numel() for p in net.backbone.body.parameters())
         return cache[cfg]

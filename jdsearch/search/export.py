@@ -13,6 +13,9 @@ from torch import Tensor
 from jdsearch.data import load_image
 from jdsearch.errors import JDSearchError
 from jdsearch.resolution import Resolution
+from jdsearch.search.queries import lineage
+from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
+from jdsearch.search.storage import public_url
 from jdsearch.store.export import Exported, export_detector, foreground_names
 
 log = logging.getLogger(__name__)
@@ -59,29 +62,41 @@ def export_trial(
     check_images: Sequence[Tensor] | None = None,
     onnx: bool = True,
 ) -> Exported:
-    """Export trial ``trial`` (default: the best) of an opened study (:func:`jdsearch.search.open_study`)
-    at the resolution where it scored best (or ``input_size``)."""
-    from jdsearch.search.queries import lineage
-    from jdsearch.search.sampler import MOVE_PARAM
-    from jdsearch.search.storage import public_url
+    """Export trial ``trial`` (default: the best) of an opened study at the resolution where it
+    scored best (or ``input_size``).
 
+    Args:
+        handle: the study, opened with :func:`jdsearch.search.open_study`.
+        out_dir: the export folder (created; an earlier export there is replaced).
+        trial: a completed trial's number; default the best (highest H).
+        input_size: ``LONGxSHORT`` input size; default the trial's best resolution.
+        check_images: images for the ONNX check; default the study's validation images.
+        onnx: write and check ``model.onnx``.
+
+    Returns:
+        The export, loaded back.
+
+    Raises:
+        JDSearchError: no such completed trial, or its checkpoint is missing.
+        ExportError: the folder cannot be written, or ONNX and PyTorch disagree.
+    """
     t = handle.trial(trial)
+    r = TrialRecord.from_trial(t)
     ckpt = handle.checkpoint(t)
-    size = Resolution.parse(input_size or t.user_attrs["best_resolution"])
+    size = Resolution.parse(input_size or r.best_resolution)
     names = foreground_names(ckpt.class_names, ckpt.num_classes)
-    path = lineage(handle.study, t.number)
+    path = [TrialRecord.from_trial(p) for p in lineage(handle.study, t.number)]
+    metrics = r.metrics.get(str(size))
     source = {
         "study": handle.study.study_name,
         "storage": public_url(handle.url),
         "trial": t.number,
         "H": t.value,
-        "metrics": t.user_attrs.get("metrics", {}).get(str(size)),
-        "teacher": t.user_attrs.get("teacher"),
-        "lineage": [
-            {"trial": p.number, "move": p.params.get(MOVE_PARAM), "H": p.value} for p in path
-        ],
-        "base_resolution": handle.study.user_attrs.get("base_resolution"),
-        "base_flops": handle.study.user_attrs.get("base_flops"),
+        "metrics": None if metrics is None else dict(metrics),
+        "teacher": r.teacher or None,
+        "lineage": [{"trial": p.number, "move": p.move, "H": p.value} for p in path],
+        "base_resolution": handle.study.user_attrs.get(BASE_RESOLUTION_ATTR),
+        "base_flops": handle.study.user_attrs.get(BASE_FLOPS_ATTR),
     }
     if check_images:
         images, image_source = list(check_images), "given"

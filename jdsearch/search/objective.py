@@ -32,30 +32,20 @@ from jdsearch.data import CocoDataset
 from jdsearch.distill import make_distiller
 from jdsearch.errors import JDSearchError
 from jdsearch.evaluate import CocoMetrics, evaluate
-from jdsearch.flops import count_flops
+from jdsearch.flops import FlopsReport, count_flops
 from jdsearch.models import Detector
 from jdsearch.models.heads import stop_recording
 from jdsearch.morph.actions import MorphConfig, all_actions, evolve_with_report, feasible_actions
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
 from jdsearch.resolution import Resolution
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.optuna_internals import set_trial_system_attr
+from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR, TrialRecord
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.study import StudySpec
 from jdsearch.train import train
 
 log = logging.getLogger(__name__)
-
-# User attributes of a trial (what `optuna trials` and the dashboard show).
-CHECKPOINT_ATTR = "checkpoint"  # artifact id of the trial's student checkpoint
-STUDENT_ATTR = "student"  # appendix-B encoding
-TEACHER_ATTR = "teacher"  # SubnetConfig string
-# System attributes (internal state, hidden from `optuna trials`).
-ARCH_SYSATTR = "jdsearch:student_arch"  # BackboneArch.to_dict() of the trial's student
-STUDENT_MOVES_SYSATTR = "jdsearch:student_moves"  # feasible student actions from this student
-WORKER_SYSATTR = (
-    "jdsearch:worker"  # "hostname:pid" of the worker that ran (the last attempt of) a trial
-)
 
 
 def worker_id() -> str:
@@ -126,10 +116,9 @@ class SearchContext:
     # ------------------------------------------------------------------ sampler support
     def feasible(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
         """Student actions (recorded by the parent's trial) and teacher mutations of a parent."""
-        students = list(parent.system_attrs.get(STUDENT_MOVES_SYSATTR, []))
-        teacher = SubnetConfig.parse(parent.user_attrs[TEACHER_ATTR])
-        teachers = sorted(self.pool.space.neighbours(teacher))
-        return students, teachers
+        record = TrialRecord.from_trial(parent)
+        teachers = sorted(self.pool.space.neighbours(SubnetConfig.parse(record.teacher)))
+        return list(record.student_moves), teachers
 
 
 class TrialFailed(JDSearchError):
@@ -143,62 +132,117 @@ def _parent(study: optuna.Study, number: int) -> FrozenTrial:
     raise TrialFailed(f"parent trial {number} does not exist in study {study.study_name!r}")
 
 
+@dataclass
+class _Pair:
+    """A trial's (student, teacher) pair, loaded from its parent and moved."""
+
+    student: Detector
+    teacher: SubnetConfig
+    morph: dict[str, int]
+    load_s: float
+
+
+@dataclass
+class _Trained:
+    teacher_params: int
+    teacher_s: float
+    train_s: float
+
+
+@dataclass
+class _Score:
+    metrics: dict[str, CocoMetrics]
+    flops: FlopsReport  # at the base resolution
+    flops_at: dict[str, int]
+    h: dict[str, float]
+    best_resolution: str
+    eval_s: float
+
+    @property
+    def value(self) -> float:
+        return self.h[self.best_resolution]
+
+
 class Objective:
-    """Callable for ``study.optimize``: one evolve–train–evaluate step."""
+    """Callable for ``study.optimize``: one evolve–train–evaluate step.
+
+    Its phases: :meth:`load_pair` (the parent's student and teacher, moved), :meth:`train_pair`
+    (distillation at dynamic resolution), :meth:`score` (AP at every resolution, H) and
+    :meth:`record` (upload the student, write the :class:`TrialRecord`).
+    """
 
     def __init__(self, ctx: SearchContext) -> None:
         self.ctx = ctx
         self.vocabulary = move_vocabulary()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        ctx, spec = self.ctx, self.ctx.spec
         # Set first (a retried trial inherits the killed attempt's system attrs, this one included).
-        trial.storage.set_trial_system_attr(trial._trial_id, WORKER_SYSATTR, worker_id())
+        set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
-        parent_no = trial.user_attrs.get(PARENT_ATTR)
+        parent = trial.user_attrs.get(PARENT_ATTR)
+        pair = self.load_pair(trial, move, parent)
+        trained = self.train_pair(trial, pair)
+        score = self.score(trial, pair.student)
+        self.record(trial, move, parent, pair, trained, score)
+        log.info(
+            "trial %d (%s from %s): H %.4f at %s",
+            trial.number,
+            move,
+            parent,
+            score.value,
+            score.best_resolution,
+        )
+        return score.value
+
+    def load_pair(self, trial: optuna.Trial, move: str, parent_no: int | None) -> _Pair:
+        """The parent's student and teacher (the base detector and the super-net for the root),
+        with ``move`` applied to one of them."""
+        ctx = self.ctx
         t0 = time.perf_counter()
-        morph: dict[str, Any] = {}
         if move == BASE_MOVE:
             student = ctx.download(ctx.base_artifact, "base detector").detector
-            teacher_cfg = ctx.pool.space.largest()
+            return _Pair(student, ctx.pool.space.largest(), {}, time.perf_counter() - t0)
+        if parent_no is None:
+            raise TrialFailed(f"trial {trial.number}: move {move!r} without a parent")
+        parent = TrialRecord.from_trial(_parent(trial.study, int(parent_no)))
+        if parent.checkpoint is None:
+            raise TrialFailed(f"trial {trial.number}: parent {parent_no} has no checkpoint")
+        student = ctx.download(parent.checkpoint, f"trial {parent_no}").detector
+        teacher = SubnetConfig.parse(parent.teacher)
+        morph: dict[str, int] = {}
+        if move in SubnetSpace.move_names():
+            moved = ctx.pool.space.apply_move(teacher, move)
+            if moved is None:
+                raise TrialFailed(
+                    f"trial {trial.number}: teacher move {move} leaves the pool's space from "
+                    f"{teacher}"
+                )
+            teacher = moved
         else:
-            if parent_no is None:
-                raise TrialFailed(f"trial {trial.number}: move {move!r} without a parent")
-            parent = _parent(trial.study, int(parent_no))
-            if CHECKPOINT_ATTR not in parent.user_attrs:
-                raise TrialFailed(f"trial {trial.number}: parent {parent_no} has no checkpoint")
-            student = ctx.download(
-                parent.user_attrs[CHECKPOINT_ATTR], f"trial {parent_no}"
-            ).detector
-            teacher_cfg = SubnetConfig.parse(parent.user_attrs[TEACHER_ATTR])
-            if move in SubnetSpace.move_names():
-                new_cfg = ctx.pool.space.apply_move(teacher_cfg, move)
-                if new_cfg is None:
-                    raise TrialFailed(
-                        f"trial {trial.number}: teacher move {move} leaves the pool's space from {teacher_cfg}"
-                    )
-                teacher_cfg = new_cfg
-            else:
-                student, report = evolve_with_report(student, move, config=ctx.morph_config)
-                morph = {
-                    "new_params": report.new_params,
-                    "inherited_params": report.inherited_params,
-                }
-        load_s = time.perf_counter() - t0
+            student, report = evolve_with_report(student, move, config=ctx.morph_config)
+            morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
+        return _Pair(student, teacher, morph, time.perf_counter() - t0)
 
+    def train_pair(self, trial: optuna.Trial, pair: _Pair) -> _Trained:
+        """Extract the teacher from the pool and train the student with it (the fast evaluation:
+        KD, BN sparsity, dynamic resolution), seeded by the study's seed and the trial number."""
+        ctx, spec = self.ctx, self.ctx.spec
         t1 = time.perf_counter()
-        teacher = ctx.pool.teacher(teacher_cfg, ctx.train_set, device=spec.device)
+        teacher = ctx.pool.teacher(pair.teacher, ctx.train_set, device=spec.device)
         teacher_s = time.perf_counter() - t1
         teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
         seed = spec.search.seed * 100003 + trial.number
-        terms = [make_distiller(student, teacher, spec.kd, seed=seed)]
+        terms = [make_distiller(pair.student, teacher, spec.kd, seed=seed)]
         if spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
         config = spec.train_config(spec.fast_eval, seed)
-        result = train(student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)
-        stop_recording(student)
-        del terms, teacher
+        result = train(pair.student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)
+        stop_recording(pair.student)
+        return _Trained(teacher_params, teacher_s, result.seconds)
 
+    def score(self, trial: optuna.Trial, student: Detector) -> _Score:
+        """AP at every resolution of the study, FLOPs, and H (the best over resolutions)."""
+        ctx, spec = self.ctx, self.ctx.spec
         t2 = time.perf_counter()
         metrics = evaluate(student, ctx.val_set, spec.resolutions, device=spec.device)
         eval_s = time.perf_counter() - t2
@@ -219,54 +263,63 @@ class Objective:
             )
             for key, m in metrics.items()
         }
-        best_res = max(h, key=lambda k: h[k])
-        value = h[best_res]
-        if not math.isfinite(value):
-            raise TrialFailed(f"trial {trial.number}: score is not finite ({value})")
+        best = max(h, key=lambda k: h[k])
+        if not math.isfinite(h[best]):
+            raise TrialFailed(f"trial {trial.number}: score is not finite ({h[best]})")
+        return _Score(metrics, flops, flops_at, h, best, eval_s)
 
+    def record(
+        self,
+        trial: optuna.Trial,
+        move: str,
+        parent: int | None,
+        pair: _Pair,
+        trained: _Trained,
+        score: _Score,
+    ) -> TrialRecord:
+        """Upload the trained student and write the trial's :class:`TrialRecord`."""
+        ctx, spec, student = self.ctx, self.ctx.spec, pair.student
         t3 = time.perf_counter()
-        lineage_extra = {
+        lineage = {
             "trial": trial.number,
-            "parent": parent_no,
+            "parent": parent,
             "move": move,
-            "teacher": str(teacher_cfg),
+            "teacher": str(pair.teacher),
         }
-        artifact_id = ctx.upload(trial, student, lineage_extra, f"trial-{trial.number}.safetensors")
+        artifact_id = ctx.upload(trial, student, lineage, f"trial-{trial.number}.safetensors")
         upload_s = time.perf_counter() - t3
-        attrs = {
-            CHECKPOINT_ATTR: artifact_id,
-            STUDENT_ATTR: student.arch.encode(),
-            TEACHER_ATTR: str(teacher_cfg),
-            "teacher_params": teacher_params,  # the teacher's backbone parameters (paper fig. 5)
-            "flops": flops.total,  # at the base resolution: C(S) of the score H
-            "flops_at": flops_at,
-            "backbone_flops": flops.backbone,
-            "stage_flops": list(flops.per_stage),
-            "params": flops.params,
-            "metrics": {k: _metrics_dict(m) for k, m in metrics.items()},
-            "ap": {k: getattr(m, spec.score.metric) for k, m in metrics.items()},
-            "h": h,
-            "best_resolution": best_res,
-            "morph": morph,
-            "train_s": round(result.seconds, 3),
-            "eval_s": round(eval_s, 3),
-            "teacher_s": round(teacher_s, 3),
-            "load_s": round(load_s, 3),
-            "upload_s": round(upload_s, 3),
+        timings = {
+            "train_s": trained.train_s,
+            "eval_s": score.eval_s,
+            "teacher_s": trained.teacher_s,
+            "load_s": pair.load_s,
+            "upload_s": upload_s,
         }
-        for key, value_ in attrs.items():
-            trial.set_user_attr(key, value_)
-        # Machine-facing state stays out of the user attrs that `optuna trials` prints.
-        internal = {
-            ARCH_SYSATTR: student.arch.to_dict(),
-            STUDENT_MOVES_SYSATTR: feasible_actions(student, config=ctx.morph_config),
-        }
-        for key, value_ in internal.items():
-            trial.storage.set_trial_system_attr(trial._trial_id, key, value_)
-        log.info(
-            "trial %d (%s from %s): H %.4f at %s", trial.number, move, parent_no, value, best_res
+        record = TrialRecord(
+            student=student.arch.encode(),
+            teacher=str(pair.teacher),
+            checkpoint=artifact_id,
+            teacher_params=trained.teacher_params,
+            flops=score.flops.total,
+            flops_at=score.flops_at,
+            backbone_flops=score.flops.backbone,
+            stage_flops=tuple(score.flops.per_stage),
+            params=score.flops.params,
+            metrics={k: _metrics_dict(m) for k, m in score.metrics.items()},
+            ap={k: getattr(m, spec.score.metric) for k, m in score.metrics.items()},
+            h=score.h,
+            best_resolution=score.best_resolution,
+            morph=pair.morph,
+            timings={k: round(v, 3) for k, v in timings.items()},
+            arch=student.arch.to_dict(),
+            student_moves=tuple(feasible_actions(student, config=ctx.morph_config)),
         )
-        return value
+        user, system = record.to_attrs()
+        for key, value in user.items():
+            trial.set_user_attr(key, value)
+        for key, value in system.items():  # machine-facing: hidden from `optuna trials`
+            set_trial_system_attr(trial, key, value)
+        return record
 
 
 def _metrics_dict(m: CocoMetrics) -> dict[str, float | None]:

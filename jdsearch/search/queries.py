@@ -4,7 +4,6 @@ opened for export and report (:class:`StudyHandle`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,12 +13,17 @@ from typing import Any
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from jdsearch.errors import JDSearchError
-from jdsearch.search.objective import CHECKPOINT_ATTR
-from jdsearch.search.record import CATEGORIES_SYSATTR, SPEC_SYSATTR
-from jdsearch.search.sampler import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.optuna_internals import study_system_attrs
+from jdsearch.search.record import (
+    BASE_MOVE,
+    CATEGORIES_SYSATTR,
+    SPEC_SYSATTR,
+    TrialRecord,
+    is_complete,
+)
 from jdsearch.search.storage import public_url, root_cause
 from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
@@ -28,12 +32,7 @@ from jdsearch.study import StudySpec, study_from_stored
 
 def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """COMPLETE trials with a finite value (H), by trial number."""
-    done = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
-    ]
-    return sorted(done, key=lambda t: t.number)
+    return sorted((t for t in trials if is_complete(t)), key=lambda t: t.number)
 
 
 def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
@@ -44,9 +43,8 @@ def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
 
 def root_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     """The first completed ``base`` trial: the base detector's own fast evaluation."""
-    return next(
-        (t for t in completed_trials(trials) if t.params.get(MOVE_PARAM) == BASE_MOVE), None
-    )
+    done = completed_trials(trials)
+    return next((t for t in done if TrialRecord.from_trial(t).move == BASE_MOVE), None)
 
 
 def lineage_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
@@ -60,8 +58,7 @@ def lineage_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
     while current is not None and current in by_number and all(t.number != current for t in path):
         t = by_number[current]
         path.append(t)
-        parent = t.user_attrs.get(PARENT_ATTR)
-        current = None if parent is None else int(parent)
+        current = TrialRecord.from_trial(t).parent
     return path[::-1]
 
 
@@ -93,7 +90,7 @@ class StudyHandle:
                 f"study {self.study.study_name!r} has no trial {number} (trials 0–{len(by_number) - 1})"
             )
         t = by_number[number]
-        if t.state != optuna.trial.TrialState.COMPLETE or CHECKPOINT_ATTR not in t.user_attrs:
+        if not is_complete(t) or TrialRecord.from_trial(t).checkpoint is None:
             raise JDSearchError(
                 f"study {self.study.study_name!r}: trial {number} is {t.state.name}, not a completed trial with a checkpoint"
             )
@@ -108,9 +105,7 @@ class StudyHandle:
 
     def categories(self) -> list[tuple[int, str]] | None:
         """The dataset's (COCO category id, name) in label order, as recorded by ``prepare``."""
-        stored = self.study._storage.get_study_system_attrs(self.study._study_id).get(
-            CATEGORIES_SYSATTR
-        )
+        stored = study_system_attrs(self.study).get(CATEGORIES_SYSATTR)
         return None if stored is None else [(int(i), str(n)) for i, n in stored]
 
     def _read(self, artifact_id: str, what: str) -> bytes:
@@ -124,7 +119,12 @@ class StudyHandle:
 
     def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
         """The student checkpoint a trial uploaded (verified, never unpickled)."""
-        data = self._read(trial.user_attrs[CHECKPOINT_ATTR], f"checkpoint of trial {trial.number}")
+        artifact = TrialRecord.from_trial(trial).checkpoint
+        if artifact is None:
+            raise JDSearchError(
+                f"study {self.study.study_name!r}: trial {trial.number} has no checkpoint"
+            )
+        data = self._read(artifact, f"checkpoint of trial {trial.number}")
         return checkpoint_from_bytes(
             data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device
         )
@@ -163,7 +163,7 @@ def open_study(url: str, name: str | None = None) -> StudyHandle:
     if name not in names:
         raise JDSearchError(f"{shown}: no study {name!r} (studies: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=name, storage=storage)
-    stored = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
+    stored = study_system_attrs(study).get(SPEC_SYSATTR)
     if stored is None:
         raise JDSearchError(
             f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)"

@@ -1,8 +1,191 @@
-"""What a study records: the names of its attributes (study and trial level)."""
+"""What a study records, and the only place that knows the names it is recorded under.
+
+A trial's result is one :class:`TrialRecord`: the objective writes it with :meth:`to_attrs`, and
+the sampler's feasibility callback, the summary, export, compare and the report read it back with
+:meth:`TrialRecord.from_trial`. Studies written by jdsearch 0.1 read too (fields they lack take
+their defaults). The study-level names (base detector, pool, spec, categories) are here as well.
+"""
 
 from __future__ import annotations
 
-BASE_ATTR = "base_artifact"
-POOL_ATTR = "pool_artifact"
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "BASE_ATTR",
+    "BASE_FLOPS_ATTR",
+    "BASE_MOVE",
+    "BASE_RESOLUTION_ATTR",
+    "CATEGORIES_SYSATTR",
+    "KIND_ATTR",
+    "MOVE_PARAM",
+    "PARENT_ATTR",
+    "POOL_ATTR",
+    "SPEC_FILE_ATTR",
+    "SPEC_SYSATTR",
+    "TIMINGS",
+    "WORKER_SYSATTR",
+    "TrialRecord",
+    "decision_attrs",
+    "is_complete",
+]
+
+# -- the trial parameter and what the sampler records when it decides
+MOVE_PARAM = "move"  # the categorical trial parameter: "base", a student action or a teacher move
+BASE_MOVE = "base"  # the root trial: the base detector with the pool's super-net as teacher
+PARENT_ATTR = "parent"  # trial number of the parent pair (None for the root)
+KIND_ATTR = "move_kind"  # "base", "student" or "teacher"
+
+# -- what the objective records (user attributes: what `optuna trials` and the dashboard show)
+_CHECKPOINT = "checkpoint"  # artifact id of the trial's student checkpoint
+_STUDENT = "student"  # appendix-B encoding of the student
+_TEACHER = "teacher"  # SubnetConfig string of the teacher
+_TEACHER_PARAMS = "teacher_params"  # the teacher's backbone parameters (paper fig. 5)
+_FLOPS = "flops"  # multiply-adds at the base resolution: C(S) of the score H
+_FLOPS_AT = "flops_at"  # resolution -> multiply-adds at that resolution
+_BACKBONE_FLOPS = "backbone_flops"
+_STAGE_FLOPS = "stage_flops"  # stem, stage 1..4
+_PARAMS = "params"
+_METRICS = "metrics"  # resolution -> COCO AP, AP50, AP75, APs, APm, APl
+_AP = "ap"  # resolution -> the score's metric
+_H = "h"  # resolution -> H
+_BEST_RESOLUTION = "best_resolution"  # where H is highest: the trial's value
+_MORPH = "morph"  # new_params, inherited_params of a student action
+TIMINGS = ("train_s", "eval_s", "teacher_s", "load_s", "upload_s")  # seconds, each its own attr
+# (system attributes: machine-facing state, hidden from `optuna trials`)
+_ARCH = "jdsearch:student_arch"  # BackboneArch.to_dict() of the student
+_STUDENT_MOVES = "jdsearch:student_moves"  # feasible student actions from this student
+WORKER_SYSATTR = "jdsearch:worker"  # "hostname:pid" of the worker that ran the last attempt
+
+# -- the study
+BASE_ATTR = "base_artifact"  # artifact id of the base detector's checkpoint
+POOL_ATTR = "pool_artifact"  # artifact id of the teacher pool
+BASE_FLOPS_ATTR = "base_flops"  # C_base of the score H
+BASE_RESOLUTION_ATTR = "base_resolution"  # R_base of the score H
+SPEC_FILE_ATTR = "spec_file"  # the study spec file the study was created from
 SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too long to print)
 CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
+
+
+def decision_attrs(parent: int | None, kind: str) -> dict[str, Any]:
+    """The user attributes that record the sampler's choice of parent and kind of move."""
+    return {PARENT_ATTR: parent, KIND_ATTR: kind}
+
+
+def is_complete(t: FrozenTrial) -> bool:
+    """COMPLETE with a finite value (H)."""
+    return t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial: its place in the lineage, the pair it trained and what it measured.
+
+    ``number``, ``move``, ``parent``, ``kind`` and ``value`` come from Optuna's own record of the
+    trial (and the sampler); the rest is what the objective measured, written by :meth:`to_attrs`.
+    FLOPs are multiply-adds; ``metrics``, ``ap``, ``h`` and ``flops_at`` map a resolution
+    (``LONGxSHORT``) to its value.
+    """
+
+    student: str = ""
+    teacher: str = ""
+    checkpoint: str | None = None
+    number: int | None = None
+    move: str | None = None
+    parent: int | None = None
+    kind: str | None = None
+    value: float | None = None
+    teacher_params: int | None = None
+    flops: int | None = None
+    flops_at: Mapping[str, int] = field(default_factory=dict)
+    backbone_flops: int | None = None
+    stage_flops: tuple[int, ...] = ()
+    params: int | None = None
+    metrics: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    ap: Mapping[str, float] = field(default_factory=dict)
+    h: Mapping[str, float] = field(default_factory=dict)
+    best_resolution: str | None = None
+    morph: Mapping[str, int] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    arch: Mapping[str, Any] | None = None
+    student_moves: tuple[str, ...] = ()
+    worker: str | None = None
+
+    # ------------------------------------------------------------------ writing
+    def to_attrs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(user attributes, system attributes)`` of the objective's result.
+
+        The lineage fields (``number``, ``move``, ``parent``, ``kind``, ``value``) are Optuna's
+        and the sampler's to write, and the worker is written when the trial starts.
+        """
+        user = {
+            _CHECKPOINT: self.checkpoint,
+            _STUDENT: self.student,
+            _TEACHER: self.teacher,
+            _TEACHER_PARAMS: self.teacher_params,
+            _FLOPS: self.flops,
+            _FLOPS_AT: dict(self.flops_at),
+            _BACKBONE_FLOPS: self.backbone_flops,
+            _STAGE_FLOPS: list(self.stage_flops),
+            _PARAMS: self.params,
+            _METRICS: {k: dict(v) for k, v in self.metrics.items()},
+            _AP: dict(self.ap),
+            _H: dict(self.h),
+            _BEST_RESOLUTION: self.best_resolution,
+            _MORPH: dict(self.morph),
+            **{k: self.timings[k] for k in TIMINGS if k in self.timings},
+        }
+        system = {
+            _ARCH: None if self.arch is None else dict(self.arch),
+            _STUDENT_MOVES: list(self.student_moves),
+        }
+        return user, system
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_trial(cls, t: FrozenTrial) -> TrialRecord:
+        """The record of ``t`` (any state; a running or failed trial has only its lineage)."""
+        a, s = t.user_attrs, t.system_attrs
+        parent = a.get(PARENT_ATTR)
+        return cls(
+            student=str(a.get(_STUDENT, "")),
+            teacher=str(a.get(_TEACHER, "")),
+            checkpoint=a.get(_CHECKPOINT),
+            number=t.number,
+            move=t.params.get(MOVE_PARAM),
+            parent=None if parent is None else int(parent),
+            kind=a.get(KIND_ATTR),
+            value=t.values[0] if t.values else None,
+            teacher_params=a.get(_TEACHER_PARAMS),
+            flops=a.get(_FLOPS),
+            flops_at=dict(a.get(_FLOPS_AT) or {}),  # absent in the earliest 0.1 studies
+            backbone_flops=a.get(_BACKBONE_FLOPS),
+            stage_flops=tuple(a.get(_STAGE_FLOPS) or ()),
+            params=a.get(_PARAMS),
+            metrics=dict(a.get(_METRICS) or {}),
+            ap=dict(a.get(_AP) or {}),
+            h=dict(a.get(_H) or {}),
+            best_resolution=a.get(_BEST_RESOLUTION),
+            morph=dict(a.get(_MORPH) or {}),
+            timings={k: float(a[k]) for k in TIMINGS if a.get(k) is not None},
+            arch=s.get(_ARCH),
+            student_moves=tuple(s.get(_STUDENT_MOVES) or ()),
+            worker=s.get(WORKER_SYSATTR),
+        )
+
+    def metric_at(self, resolution: str | None, key: str = "AP") -> float | None:
+        """COCO ``key`` (in [0, 1]) at ``resolution``; ``None`` when not recorded."""
+        value = self.metrics.get(resolution or "", {}).get(key)
+        return None if value is None else float(value)
+
+    def flops_where_scored(self) -> tuple[int | None, str | None]:
+        """``(multiply-adds, resolution)`` where the trial scored best; ``(flops, None)`` (at the
+        base resolution) for a trial recorded before ``flops_at`` existed."""
+        res = self.best_resolution
+        if res is not None and self.flops_at.get(res) is not None:
+            return int(self.flops_at[res]), res
+        return self.flops, None

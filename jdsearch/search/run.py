@@ -4,8 +4,8 @@
 base detector and the elastic teacher pool (trained here when the storage has none; the local
 files under ``runs/<study>/`` are only caches) — and ``run_search`` adds trials. Workers started
 on several machines with the same storage URL cooperate on one study: Optuna hands out trials,
-heartbeats mark a killed worker's trial failed and ``RetryHeartbeatStaleTrialCallback`` re-queues it with
-the same parent and move.
+heartbeats mark a killed worker's trial failed and ``RetryHeartbeatStaleTrialCallback``
+re-queues it with the same parent and move.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RDBStorage
 
 from jdsearch import synth
 from jdsearch.data import CocoDataset
@@ -25,7 +26,16 @@ from jdsearch.models import build_detector
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
 from jdsearch.search.objective import Objective, SearchContext, move_vocabulary
-from jdsearch.search.record import BASE_ATTR, CATEGORIES_SYSATTR, POOL_ATTR, SPEC_SYSATTR
+from jdsearch.search.optuna_internals import set_study_system_attr, study_system_attrs
+from jdsearch.search.record import (
+    BASE_ATTR,
+    BASE_FLOPS_ATTR,
+    BASE_RESOLUTION_ATTR,
+    CATEGORIES_SYSATTR,
+    POOL_ATTR,
+    SPEC_FILE_ATTR,
+    SPEC_SYSATTR,
+)
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.storage import storage_for
 from jdsearch.search.summary import print_trial
@@ -69,9 +79,7 @@ def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> st
     return artifact_id
 
 
-def _base_checkpoint(
-    spec: StudySpec, train_set: CocoDataset, val_set: CocoDataset, progress: bool
-) -> Path:
+def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) -> Path:
     """The base detector's checkpoint file: given, cached, or trained now."""
     if spec.base.checkpoint is not None:
         if not spec.base.checkpoint.is_file():
@@ -106,83 +114,109 @@ def _pool_file(
 def prepare(
     spec: StudySpec, storage_url: str | None = None, *, progress: bool = True
 ) -> tuple[optuna.Study, SearchContext]:
-    """Open (or create) the study and make sure its storage holds the base detector and pool."""
-    storage = storage_for(spec, storage_url)
-    url = storage_url or spec.storage_url
-    store = make_artifact_store(spec.search.artifacts, url)
+    """Open (or create) the study and make sure its storage holds what every worker needs.
+
+    Its phases: open the study with the hill-climbing sampler, record the spec and the dataset's
+    category ids, upload the base detector and the pool (trained here when the storage has
+    neither), then load both back from the storage.
+
+    Returns:
+        The study and the :class:`SearchContext` its trials share.
+
+    Raises:
+        SpecError: the data, base checkpoint or pool the spec names are missing.
+        JDSearchError: the base detector does not fit the dataset, or the storage fails.
+    """
+    storage = storage_for(spec, storage_url)  # first: it creates a SQLite file's folder
+    store = make_artifact_store(spec.search.artifacts, storage_url or spec.storage_url)
     if isinstance(store, SQLArtifactStore):
         # Uploads of workers killed mid-write, older than a day: nobody will finish them.
         store.purge_incomplete(older_than_s=24 * 3600.0)
     train_set, val_set = ensure_data(spec)
-    pool_spec = spec.pool
-    vocabulary = move_vocabulary()
     holder: dict[str, SearchContext] = {}
+    study = _open(spec, storage, lambda parent: holder["ctx"].feasible(parent))
+    _record_spec(study, spec, train_set)
+    _upload_assets(study, store, spec, train_set, progress)
+    holder["ctx"] = _load_assets(study, store, spec, train_set, val_set, progress)
+    return study, holder["ctx"]
 
-    def feasible(parent: optuna.trial.FrozenTrial) -> tuple[list[str], list[str]]:
-        return holder["ctx"].feasible(parent)
 
+def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
     sampler = HillClimbingSampler(
-        vocabulary,
+        move_vocabulary(),
         feasible,
         top_k=spec.search.top_k,
         freeze_student=spec.search.freeze_student,
         p_student=spec.search.p_student,
         seed=spec.search.seed,
     )
-    study = optuna.create_study(
+    return optuna.create_study(
         study_name=spec.name,
         storage=storage,
         sampler=sampler,
         direction="maximize",
         load_if_exists=True,
     )
-    stored_spec = storage.get_study_system_attrs(study._study_id).get(SPEC_SYSATTR)
-    if stored_spec is not None and not _same_spec(stored_spec, spec):
+
+
+def _record_spec(study: optuna.Study, spec: StudySpec, train_set: CocoDataset) -> None:
+    """Store the spec (once) and the dataset's category ids, and warn on a changed spec."""
+    stored = study_system_attrs(study)
+    if SPEC_SYSATTR not in stored:
+        set_study_system_attr(study, SPEC_SYSATTR, spec.to_dict())
+        study.set_user_attr(SPEC_FILE_ATTR, spec.source)
+    elif not _same_spec(stored[SPEC_SYSATTR], spec):
         log.warning(
             "study %s was created with a different spec; the stored base and pool are kept",
             spec.name,
         )
-    if stored_spec is None:
-        storage.set_study_system_attr(study._study_id, SPEC_SYSATTR, spec.to_dict())
-        study.set_user_attr("spec_file", spec.source)
-    if CATEGORIES_SYSATTR not in storage.get_study_system_attrs(study._study_id):
+    if CATEGORIES_SYSATTR not in stored:
         # An export must map labels back to the dataset's ids without the dataset at hand.
-        categories = [
-            [int(i), n] for i, n in zip(train_set.category_ids, train_set.class_names, strict=True)
-        ]
-        storage.set_study_system_attr(study._study_id, CATEGORIES_SYSATTR, categories)
+        ids, names = train_set.category_ids, train_set.class_names
+        categories = [[int(i), n] for i, n in zip(ids, names, strict=True)]
+        set_study_system_attr(study, CATEGORIES_SYSATTR, categories)
 
+
+def _upload_assets(
+    study: optuna.Study, store: Any, spec: StudySpec, train_set: CocoDataset, progress: bool
+) -> None:
+    """The base detector and the pool into the study's artifact store, unless already there."""
     if BASE_ATTR not in study.user_attrs:
-        path = _base_checkpoint(spec, train_set, val_set, progress)
-        _study_artifact(study, store, BASE_ATTR, path)
-    base_id = study.user_attrs[BASE_ATTR]
+        _study_artifact(study, store, BASE_ATTR, _base_checkpoint(spec, train_set, progress))
     if POOL_ATTR not in study.user_attrs:
         cache = run_dir(spec) / "pool.safetensors"
-        path = (
-            cache
-            if cache.is_file() and _pool_matches(cache, pool_spec)
-            else _pool_file(spec, pool_spec, train_set, progress)
-        )
+        matches = cache.is_file() and _pool_matches(cache, spec.pool)
+        path = cache if matches else _pool_file(spec, spec.pool, train_set, progress)
         _study_artifact(study, store, POOL_ATTR, path)
+
+
+def _load_assets(
+    study: optuna.Study,
+    store: Any,
+    spec: StudySpec,
+    train_set: CocoDataset,
+    val_set: CocoDataset,
+    progress: bool,
+) -> SearchContext:
+    """The pool and base detector as the storage holds them (what every worker sees)."""
+    base_id = study.user_attrs[BASE_ATTR]
     with store.open_reader(study.user_attrs[POOL_ATTR]) as reader:
         pool = pool_from_bytes(reader.read(), source=f"study {spec.name}: pool", device=spec.device)
     with store.open_reader(base_id) as reader:
-        base = checkpoint_from_bytes(
-            reader.read(), source=f"study {spec.name}: base", device=spec.device
-        )
+        source = f"study {spec.name}: base"
+        base = checkpoint_from_bytes(reader.read(), source=source, device=spec.device)
     if base.num_classes != train_set.num_classes:
         raise JDSearchError(
-            f"base detector has {base.num_classes - 1} classes, the dataset {train_set.num_classes - 1}"
+            f"base detector has {base.num_classes - 1} classes, "
+            f"the dataset {train_set.num_classes - 1}"
         )
     base_res = base.spec.input.size
     base_flops = count_flops(base.detector, size=base_res.hw).total
-    study.set_user_attr("base_flops", base_flops)
-    study.set_user_attr("base_resolution", str(base_res))
-    ctx = SearchContext(
+    study.set_user_attr(BASE_FLOPS_ATTR, base_flops)
+    study.set_user_attr(BASE_RESOLUTION_ATTR, str(base_res))
+    return SearchContext(
         spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress
     )
-    holder["ctx"] = ctx
-    return study, ctx
 
 
 def _same_spec(stored: Any, spec: StudySpec) -> bool:

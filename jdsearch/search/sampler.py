@@ -38,16 +38,13 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
-from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
+
+from jdsearch.search.optuna_internals import keep_alive, set_running_user_attr
+from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, decision_attrs
 
 log = logging.getLogger(__name__)
 
-MOVE_PARAM = "move"
-BASE_MOVE = "base"
-PARENT_ATTR = "parent"
-KIND_ATTR = "move_kind"
 STUDENT, TEACHER = "student", "teacher"
 
 Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
@@ -154,11 +151,8 @@ class HillClimbingSampler(BaseSampler):
         if PARENT_ATTR in trial.user_attrs:  # a retried trial: same parent, same (fixed) move
             return {}
         decision = self.decide(study, trial)
-        # Written to the storage (what other workers and the dashboard see) and to the frozen
-        # trial that optuna's `Trial` caches (what the objective reads via `trial.user_attrs`).
-        for key, value in ((PARENT_ATTR, decision.parent), (KIND_ATTR, decision.kind)):
-            study._storage.set_trial_user_attr(trial._trial_id, key, value)
-            trial.set_user_attr(key, value)
+        for key, value in decision_attrs(decision.parent, decision.kind).items():
+            set_running_user_attr(study, trial, key, value)
         log.info("trial %d: parent %s, move %s", trial.number, decision.parent, decision.move)
         return {MOVE_PARAM: decision.move}
 
@@ -202,20 +196,9 @@ class HillClimbingSampler(BaseSampler):
                     "timed out waiting for the root trial (the base detector) to finish"
                 )
             time.sleep(self.root_wait_s)
-            self._heartbeat(study, trial)
-
-    @staticmethod
-    def _heartbeat(study: optuna.Study, trial: FrozenTrial) -> None:
-        """While waiting: keep this trial alive and fail the trials of dead workers.
-
-        Optuna starts a trial's heartbeat only after sampling, and fails stale trials only when a
-        worker starts a trial; a worker killed while its trial runs the root (or waits here) would
-        otherwise leave every other worker waiting for a trial that never ends.
-        """
-        storage = study._storage
-        if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
-            storage.record_heartbeat(trial._trial_id)
-            fail_stale_trials(study)
+            # Keep this trial alive and fail the trials of dead workers: a worker killed while its
+            # trial runs the root would otherwise leave every other worker waiting here.
+            keep_alive(study, trial)
 
     def choose(self, trials: Sequence[FrozenTrial], number: int) -> Decision:
         """The hill-climbing step over the other trials of the study, for trial ``number``."""

@@ -5,37 +5,36 @@ from __future__ import annotations
 import optuna
 
 from jdsearch.search.queries import best_of, lineage, root_of
-from jdsearch.search.sampler import MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.record import TrialRecord
 
 
 def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    move = str(trial.params.get(MOVE_PARAM))
+    """One line for a finished trial (an ``optimize`` callback)."""
+    r = TrialRecord.from_trial(trial)
+    move = str(r.move)
     if trial.state != optuna.trial.TrialState.COMPLETE:
         print(f"trial {trial.number:3d}  {move:<20} {trial.state.name}", flush=True)
         return
     c = summary_cells(trial)
-    parent = trial.user_attrs.get(PARENT_ATTR)
+    parent = "-" if r.parent is None else r.parent
     print(
-        f"trial {trial.number:3d}  {move:<20} from {'-' if parent is None else parent:>3}: H {c['H']}  "
-        f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {trial.user_attrs.get('teacher')}",
+        f"trial {trial.number:3d}  {move:<20} from {parent:>3}: H {c['H']}  "
+        f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {r.teacher or None}",
         flush=True,
     )
 
 
 def summary_cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
     """H, and AP / GFLOPs / params at the resolution where the trial scored best."""
-    a = t.user_attrs
-    res = a.get("best_resolution", "")
-    ap = a.get("metrics", {}).get(res, {}).get("AP")
-    flops = a.get("flops_at", {}).get(
-        res, a.get("flops", 0)
-    )  # older trials: at the base resolution
+    r = TrialRecord.from_trial(t)
+    ap = r.metric_at(r.best_resolution)
+    flops, _ = r.flops_where_scored()
     return {
         "H": f"{t.value:.4f}",
         "AP": "-" if ap is None else f"{100 * ap:.1f}",
-        "GFLOPs": f"{flops / 1e9:.3f}",
-        "params (M)": f"{a.get('params', 0) / 1e6:.3f}",
-        "resolution": str(res),
+        "GFLOPs": f"{(flops or 0) / 1e9:.3f}",
+        "params (M)": f"{(r.params or 0) / 1e6:.3f}",
+        "resolution": str(r.best_resolution or ""),
     }
 
 
@@ -46,15 +45,12 @@ def summary(study: optuna.Study) -> str:
     if root is None or best is None:
         return "no completed trial yet"
     base, top = summary_cells(root), summary_cells(best)
+    r0, r1 = TrialRecord.from_trial(root), TrialRecord.from_trial(best)
     lines = [f"{'':<12}{f'base (trial {root.number})':<20}best (trial {best.number})"]
     lines += [f"{k:<12}{base[k]:<20}{top[k]}" for k in base]
-    lines.append(f"student     {root.user_attrs.get('student', '')}")
-    lines.append(f"        ->  {best.user_attrs.get('student', '')}")
-    lines.append(
-        f"teacher     {root.user_attrs.get('teacher', '')}  ->  {best.user_attrs.get('teacher', '')}"
-    )
-    path = lineage(study, best.number)
-    lines.append(
-        "lineage     " + " -> ".join(f"{t.params.get(MOVE_PARAM)} (#{t.number})" for t in path)
-    )
+    lines.append(f"student     {r0.student}")
+    lines.append(f"        ->  {r1.student}")
+    lines.append(f"teacher     {r0.teacher}  ->  {r1.teacher}")
+    path = [TrialRecord.from_trial(t) for t in lineage(study, best.number)]
+    lines.append("lineage     " + " -> ".join(f"{t.move} (#{t.number})" for t in path))
     return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""What jdsearch relies on in Optuna, pinned: these fail first when an Optuna release changes it.
+
+Every use of Optuna internals goes through :mod:`jdsearch.search.optuna_internals`; this file
+tests those calls and the public behaviour the search is built on (heartbeats, retried trials,
+system attributes kept out of ``optuna trials``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from jdsearch.search import optuna_internals as oi
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning"),
+]
+
+
+def _storage(tmp_path: Path, heartbeat: int = 1) -> RDBStorage:
+    return RDBStorage(
+        f"sqlite:///{tmp_path / 'o.db'}",
+        heartbeat_interval=heartbeat,
+        grace_period=heartbeat,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )
+
+
+def _running(study: optuna.Study, parent: int) -> optuna.Trial:
+    trial = study.ask()
+    trial.suggest_categorical("move", ["base", "layer_prune"])
+    trial.set_user_attr("parent", parent)
+    oi.set_trial_system_attr(trial, "jdsearch:worker", "host:1")
+    return trial
+
+
+def test_system_attributes_of_studies_and_trials_round_trip(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=_storage(tmp_path), study_name="s")
+    oi.set_study_system_attr(study, "jdsearch:spec", {"name": "s", "n": [1, 2]})
+    assert oi.study_system_attrs(study)["jdsearch:spec"] == {"name": "s", "n": [1, 2]}
+    trial = _running(study, parent=0)
+    frozen = study.get_trials(deepcopy=False)[0]
+    oi.set_running_user_attr(study, frozen, "move_kind", "student")
+    assert frozen.user_attrs["move_kind"] == "student"  # the frozen copy the objective reads
+    stored = study.get_trials()[0]
+    assert stored.system_attrs["jdsearch:worker"] == "host:1"
+    assert stored.user_attrs["move_kind"] == "student"  # and the storage other workers read
+    study.tell(trial, 1.0)
+
+
+def test_a_stale_trial_is_failed_and_retried_with_its_parameters_and_attributes(
+    tmp_path: Path,
+) -> None:
+    """The lineage of a killed worker's trial survives: same move, same parent, new number."""
+    study = optuna.create_study(storage=_storage(tmp_path), study_name="s")
+    victim = _running(study, parent=7)
+    oi.keep_alive(study, study.get_trials(deepcopy=False)[0])  # a heartbeat, then silence
+    time.sleep(2.5)
+    fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    retry = trials[1]
+    assert retry.params == victim.params and retry.user_attrs["parent"] == 7
+    assert retry.system_attrs["jdsearch:worker"] == "host:1"  # so the objective sets it first
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
+
+    seen = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        seen["user_attrs"] = dict(trial.user_attrs)
+        seen["move"] = trial.suggest_categorical("move", ["base", "layer_prune"])
+        return 0.0
+
+    study.optimize(objective, n_trials=1)  # the WAITING retry runs first, parameters fixed
+    assert seen == {"user_attrs": {"parent": 7}, "move": victim.params["move"]}
+
+
+def test_keep_alive_beats_the_waiting_trial_and_fails_the_dead_ones(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=_storage(tmp_path, heartbeat=2), study_name="s")
+    _running(study, parent=0)
+    _running(study, parent=1)
+    alive, dead = study.get_trials(deepcopy=False)
+    oi.keep_alive(study, dead)
+    for _ in range(16):  # the live trial beats every 0.3 s (grace 2 s); the dead one went quiet
+        time.sleep(0.3)
+        oi.keep_alive(study, alive)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[alive.number] == TrialState.RUNNING
+    assert states[dead.number] == TrialState.FAIL
+
+
+def test_optuna_trials_shows_user_attributes_and_hides_system_ones(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=_storage(tmp_path, heartbeat=60), study_name="s")
+    trial = _running(study, parent=0)
+    study.tell(trial, 0.5)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from optuna.cli import main; sys.exit(main())",
+            "trials",
+            "--study-name",
+            "s",
+            "--storage",
+            f"sqlite:///{tmp_path / 'o.db'}",
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    ).stdout
+    (row,) = json.loads(out)
+    assert row["user_attrs"] == {"parent": 0} and row["params"] == {"move": trial.params["move"]}
+    assert "jdsearch:worker" not in out
