@@ -112,27 +112,55 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from jdsearch.evaluate import evaluate
+def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:
+    """The detector ``jdsearch train`` starts from (``--init`` checkpoint or spec) and its spec."""
     from jdsearch.models import build_detector
-    from jdsearch.settings import TrainConfig
     from jdsearch.spec import load_spec
-    from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
-    from jdsearch.train import train
+    from jdsearch.store.checkpoint import load_checkpoint
 
-    data_dir = ensure_data(args.data)
-    train_set = open_split(data_dir, "train")
     if args.init:
         detector = load_checkpoint(args.init).detector
         spec = detector.spec
     else:
         spec = load_spec(args.spec)
         detector = build_detector(spec, train_set.num_classes, seed=args.seed)
-    if detector.roi_heads.box_predictor.cls_score.out_features != train_set.num_classes:
+    classes = detector.roi_heads.box_predictor.cls_score.out_features
+    if classes != train_set.num_classes:
         raise JDSearchError(
-            f"{data_dir / 'train.json'}: {train_set.num_classes - 1} categories but the detector has "
-            f"{detector.roi_heads.box_predictor.cls_score.out_features - 1} classes"
+            f"{train_set.ann_file}: {train_set.num_classes - 1} categories but the detector has "
+            f"{classes - 1} classes"
         )
+    return detector, spec
+
+
+def _train_terms(args: argparse.Namespace, detector: Any) -> list[Any]:
+    """BN sparsity (``--bn-sparsity``) and distillation (``--teacher``) loss terms."""
+    from jdsearch.store.checkpoint import load_checkpoint
+
+    terms: list[Any] = []
+    if args.bn_sparsity > 0:
+        from jdsearch.morph.pruning import BNSparsity
+
+        terms.append(BNSparsity(args.bn_sparsity))
+    if args.teacher:
+        from jdsearch.distill import make_distiller
+        from jdsearch.settings import KDConfig
+
+        teacher = load_checkpoint(args.teacher, device=args.device).detector
+        terms.append(make_distiller(detector, teacher, KDConfig(), seed=args.seed))
+        print(f"distilling from {args.teacher} ({teacher.arch.encode()[:60]}...)")
+    return terms
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jdsearch.evaluate import evaluate
+    from jdsearch.settings import TrainConfig
+    from jdsearch.store.checkpoint import save_checkpoint
+    from jdsearch.train import train
+
+    data_dir = ensure_data(args.data)
+    train_set = open_split(data_dir, "train")
+    detector, spec = _train_target(args, train_set)
     resolutions = _sizes(args.resolutions) or spec.input.resolutions
     config = TrainConfig(
         epochs=args.epochs,
@@ -147,33 +175,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
         num_workers=args.workers,
     )
-    loss_terms: list[Any] = []
-    if args.bn_sparsity > 0:
-        from jdsearch.morph.pruning import BNSparsity
-
-        loss_terms.append(BNSparsity(args.bn_sparsity))
-    if args.teacher:
-        from jdsearch.distill import make_distiller
-        from jdsearch.settings import KDConfig
-
-        teacher = load_checkpoint(args.teacher, device=args.device).detector
-        loss_terms.append(make_distiller(detector, teacher, KDConfig(), seed=args.seed))
-        print(f"distilling from {args.teacher} ({teacher.arch.encode()[:60]}...)")
+    terms = _train_terms(args, detector)
     print(f"training {spec.name} on {data_dir} ({len(train_set)} images), {config.epochs} epochs")
-    result = train(detector, train_set, config, loss_terms=loss_terms, progress=not args.quiet)
+    result = train(detector, train_set, config, loss_terms=terms, progress=not args.quiet)
+    losses = ", ".join(f"{k}={v:.3f}" for k, v in result.final_losses.items())
     print(
         f"trained {result.iterations} iterations in {result.seconds:.1f} s "
-        f"({result.images_per_s:.1f} img/s); final losses: "
-        + ", ".join(f"{k}={v:.3f}" for k, v in result.final_losses.items())
+        f"({result.images_per_s:.1f} img/s); final losses: {losses}"
     )
-    extra = {"train": result.to_dict(), "data": str(data_dir)}
+    extra: dict[str, Any] = {"train": result.to_dict(), "data": str(data_dir)}
+    names = train_set.class_names
+    out = save_checkpoint(args.out, detector, class_names=names, extra=extra)  # before eval
+    print(f"saved {out}")
     if not args.no_eval:
-        val_set = open_split(data_dir, "val")
-        metrics = evaluate(detector, val_set, resolutions, device=args.device)
+        metrics = evaluate(detector, open_split(data_dir, "val"), resolutions, device=args.device)
         _print_metrics(metrics)
         extra["eval"] = {k: v.to_dict() for k, v in metrics.items()}
-    out = save_checkpoint(args.out, detector, class_names=train_set.class_names, extra=extra)
-    print(f"saved {out}")
+        save_checkpoint(args.out, detector, class_names=names, extra=extra)
     print(_describe(detector, spec.input.size.hw))
     return 0
 
@@ -473,7 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: torch's choice; 1 is fastest for tiny detectors on a busy machine)",
     )
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_flops,
+        _add_data,
+        _add_train,
+        _add_eval,
+        _add_evolve,
+        _add_search,
+        _add_pool,
+        _add_export,
+        _add_predict,
+        _add_latency,
+        _add_report,
+    ):
+        add(sub)
+    return p
 
+
+def _add_flops(sub: Any) -> None:
     f = sub.add_parser("flops", help="count multiply-adds and parameters of a detector")
     f.add_argument("spec", help="detector spec YAML, preset name, or checkpoint (.safetensors)")
     f.add_argument("--size", help="input LONGxSHORT, e.g. 1333x800 (default: the spec's size)")
@@ -482,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.set_defaults(func=cmd_flops)
 
+
+def _add_data(sub: Any) -> None:
     d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="write a deterministic synthetic COCO dataset")
     s.add_argument("--out", required=True)
@@ -494,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", required=True)
     c.set_defaults(func=cmd_data_check)
 
+
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train a detector (plain, or distilled with --teacher)")
     t.add_argument("spec", nargs="?", default="tiny-r18-fpn", help="spec YAML or preset name")
     t.add_argument(
@@ -522,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="COCO AP of a checkpoint at one or more sizes")
     e.add_argument("checkpoint")
     e.add_argument("--data", help="dataset dir (default: embedded synthetic)")
@@ -532,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the metrics here")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_evolve(sub: Any) -> None:
     v = sub.add_parser("evolve", help="apply one weight-inheriting action to a checkpoint")
     v.add_argument("checkpoint")
     v.add_argument("action", help="channel_prune | layer_prune | add_layer:S | rearrange:S->T")
@@ -541,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=cmd_evolve)
 
+
+def _add_search(sub: Any) -> None:
     q = sub.add_parser("search", help="run (or resume, or join) a Joint-DetNAS search")
     q.add_argument("study", help="study spec YAML (e.g. studies/quickstart.yaml)")
     q.add_argument(
@@ -552,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_search)
 
+
+def _add_pool(sub: Any) -> None:
     pl = sub.add_parser("pool", help="elastic teacher pool").add_subparsers(
         dest="pool_command", required=True
     )
@@ -563,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--quiet", action="store_true")
     pt.set_defaults(func=cmd_pool_train)
 
+
+def _add_export(sub: Any) -> None:
     x = sub.add_parser(
         "export", help="write a study's best (or chosen) student as a self-contained detector"
     )
@@ -574,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-onnx", action="store_true", help="skip the ONNX graph and its check")
     x.set_defaults(func=cmd_export)
 
+
+def _add_predict(sub: Any) -> None:
     pr = sub.add_parser("predict", help="COCO-style detections of an exported detector on images")
     pr.add_argument("detector", help="export folder")
     pr.add_argument("images", nargs="+", help="image files or folders")
@@ -588,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
 
+
+def _add_latency(sub: Any) -> None:
     la = sub.add_parser(
         "latency", help="batch-1 images/s of detectors (export folders, checkpoints or specs)"
     )
@@ -616,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     la.set_defaults(func=cmd_latency)
 
+
+def _add_report(sub: Any) -> None:
     rp = sub.add_parser(
         "report", help="HTML report with the paper's figures and the base-vs-upgraded table"
     )
@@ -631,7 +686,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not attach the figures to the study (optuna-dashboard)",
     )
     rp.set_defaults(func=cmd_report)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

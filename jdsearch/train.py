@@ -205,6 +205,47 @@ def train(
     that were non-finite. ``callback(StepInfo)`` runs after every optimizer step (an exception in
     it stops training and propagates, e.g. Optuna's ``TrialPruned``).
     """
+    run = _setup(detector, dataset, config, loss_terms)
+    was_training = detector.training
+    rng_devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        # using_resolution restores the transform's original sizes (also on error).
+        stack.enter_context(using_resolution(detector, get_resolution(detector)))
+        torch.manual_seed(config.seed)
+        detector.train()
+        for term in run.terms:
+            term.train()
+        try:
+            return _loop(run, progress, callback)
+        finally:
+            detector.train(was_training)
+
+
+@dataclass
+class _Run:
+    """What every iteration of one training run shares."""
+
+    detector: nn.Module
+    terms: list[nn.Module]
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: ResolutionSampler | None
+    config: TrainConfig
+    total: int
+    use_amp: bool
+    device: torch.device
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def _setup(
+    detector: nn.Module, dataset: Dataset[Any], config: TrainConfig, loss_terms: Sequence[nn.Module]
+) -> _Run:
+    """Check the device and data, move the detector and terms, build loader and optimizer."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(
@@ -221,11 +262,9 @@ def train(
     detector.to(device)
     for term in terms:
         term.to(device)
-
     loader = make_loader(
         dataset, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
     )
-    total = config.total_iters(len(loader))
     params = _trainable([detector, *terms])
     if not params:
         raise JDSearchError(
@@ -234,153 +273,146 @@ def train(
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    sampler = ResolutionSampler(config.resolutions, config.seed) if config.resolutions else None
-
-    was_training = detector.training
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
-        # using_resolution restores the transform's original sizes (also on error).
-        stack.enter_context(using_resolution(detector, get_resolution(detector)))
-        torch.manual_seed(config.seed)
-        detector.train()
-        for term in terms:
-            term.train()
-        try:
-            return _loop(
-                detector,
-                terms,
-                loader,
-                optimizer,
-                scaler,
-                sampler,
-                config,
-                total,
-                use_amp,
-                device,
-                progress,
-                callback,
-            )
-        finally:
-            detector.train(was_training)
+    return _Run(
+        detector=detector,
+        terms=terms,
+        loader=loader,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+        sampler=ResolutionSampler(config.resolutions, config.seed) if config.resolutions else None,
+        config=config,
+        total=config.total_iters(len(loader)),
+        use_amp=use_amp,
+        device=device,
+    )
 
 
-def _loop(
-    detector: nn.Module,
-    terms: list[nn.Module],
-    loader: Any,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    sampler: ResolutionSampler | None,
-    config: TrainConfig,
-    total: int,
-    use_amp: bool,
-    device: torch.device,
-    progress: bool,
-    callback: Callback | None,
-) -> TrainResult:
+def _loop(run: _Run, progress: bool, callback: Callback | None) -> TrainResult:
     from tqdm.auto import tqdm
 
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    history: list[float] = []
-    recent: list[dict[str, float]] = []
-    images_seen = 0
+    log = _Log(run.config, run.total)
     resolution: Resolution | None = None
-    bar = tqdm(total=total, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
-    start = time.perf_counter()
-    batches = _cycle(loader)
-    flip_gen = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(total=run.total, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+    batches = _cycle(run.loader)
+    flip_gen = torch.Generator().manual_seed(run.config.seed)
     try:
-        for it in range(total):
+        for it in range(run.total):
             epoch, (images, targets) = next(batches)
-            lr = config.lr * lr_factor(config, it, total)
-            for group in optimizer.param_groups:
+            lr = run.config.lr * lr_factor(run.config, it, run.total)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            if sampler is not None:
-                resolution = sampler.next()
-                set_resolution(detector, resolution)
-            images, targets = _hflip(list(images), list(targets), config.hflip, flip_gen)
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = targets_to(targets, device)
-
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                losses: dict[str, Tensor] = dict(detector(images, targets))
-                for term in terms:
-                    extra = term(detector)
-                    clash = set(extra) & set(losses)
-                    assert not clash, (
-                        f"loss term {type(term).__name__} reuses names {sorted(clash)}"
-                    )
-                    losses.update(extra)
-            loss = sum(v.float() for v in losses.values())
-            assert isinstance(loss, Tensor)
-            if not torch.isfinite(loss):
-                bad = {k: v for k, v in losses.items() if not torch.isfinite(v).all()}
-                raise TrainingDiverged(
-                    f"training diverged at iteration {it + 1}/{total} (lr {lr:.3g}): total loss "
-                    f"{float(loss.detach())}; non-finite terms: {_fmt(bad) or 'none (the sum overflowed)'}"
-                )
-
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-
-            images_seen += len(images)
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            total_value = float(loss.detach())
-            history.append(total_value)
-            recent.append(values)
-            del recent[:-_FINAL_WINDOW]
-            elapsed = time.perf_counter() - start
+            if run.sampler is not None:
+                resolution = run.sampler.next()
+                set_resolution(run.detector, resolution)
+            images, targets = _hflip(list(images), list(targets), run.config.hflip, flip_gen)
+            losses, loss = _step(run, it, lr, images, targets)
+            info = log.add(it, epoch, lr, resolution, losses, loss, len(images))
             if progress:
-                bar.set_postfix(loss=f"{total_value:.3f}", img_s=f"{images_seen / elapsed:.1f}")
+                bar.set_postfix(loss=f"{info.loss:.3f}", img_s=f"{info.images / info.seconds:.1f}")
             bar.update(1)
-            if (it + 1) % config.log_every == 0 or it + 1 == total:
-                logger.info(
-                    "iter %d/%d epoch %d lr %.4g res %s loss %.4f (%s) %.1f img/s",
-                    it + 1,
-                    total,
-                    epoch,
-                    lr,
-                    resolution or "-",
-                    total_value,
-                    _fmt(values),
-                    images_seen / elapsed,
-                )
             if callback is not None:
-                callback(
-                    StepInfo(
-                        iteration=it + 1,
-                        total_iters=total,
-                        epoch=epoch,
-                        lr=lr,
-                        resolution=resolution,
-                        losses=values,
-                        loss=total_value,
-                        images=images_seen,
-                        seconds=elapsed,
-                    )
-                )
+                callback(info)
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
-    names = dict.fromkeys(k for r in recent for k in r)
-    final = {
-        k: sum(r[k] for r in recent if k in r) / sum(1 for r in recent if k in r) for k in names
-    }
-    points, stride = _compress(history, config.history_points)
-    return TrainResult(
-        iterations=total,
-        images=images_seen,
-        seconds=seconds,
-        images_per_s=images_seen / seconds if seconds > 0 else float("inf"),
-        final_losses=final,
-        loss_history=points,
-        history_stride=stride,
-        resolutions=tuple(str(r) for r in config.resolutions),
-    )
+    return log.result()
+
+
+def _step(
+    run: _Run, it: int, lr: float, images: list[Tensor], targets: list[dict[str, Any]]
+) -> tuple[dict[str, Tensor], float]:
+    """One forward (detector and loss terms) and optimizer step: each loss, and their sum."""
+    images = [im.to(run.device, non_blocking=True) for im in images]
+    targets = targets_to(targets, run.device)
+    with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        losses: dict[str, Tensor] = dict(run.detector(images, targets))
+        for term in run.terms:
+            extra = term(run.detector)
+            clash = set(extra) & set(losses)
+            assert not clash, f"loss term {type(term).__name__} reuses names {sorted(clash)}"
+            losses.update(extra)
+    loss = sum(v.float() for v in losses.values())
+    assert isinstance(loss, Tensor)
+    if not torch.isfinite(loss):
+        bad = {k: v for k, v in losses.items() if not torch.isfinite(v).all()}
+        raise TrainingDiverged(
+            f"training diverged at iteration {it + 1}/{run.total} (lr {lr:.3g}): total loss "
+            f"{float(loss.detach())}; non-finite terms: {_fmt(bad) or 'none (the sum overflowed)'}"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.config.grad_clip is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return losses, float(loss.detach())
+
+
+class _Log:
+    """Loss history, the last iterations' losses, images seen, periodic log lines."""
+
+    def __init__(self, config: TrainConfig, total: int) -> None:
+        self.config, self.total = config, total
+        self.history: list[float] = []
+        self.recent: list[dict[str, float]] = []
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(
+        self,
+        it: int,
+        epoch: int,
+        lr: float,
+        resolution: Resolution | None,
+        losses: Mapping[str, Tensor],
+        total_value: float,
+        images: int,
+    ) -> StepInfo:
+        self.images += images
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        self.history.append(total_value)
+        self.recent.append(values)
+        del self.recent[:-_FINAL_WINDOW]
+        elapsed = time.perf_counter() - self.start
+        if (it + 1) % self.config.log_every == 0 or it + 1 == self.total:
+            logger.info(
+                "iter %d/%d epoch %d lr %.4g res %s loss %.4f (%s) %.1f img/s",
+                it + 1,
+                self.total,
+                epoch,
+                lr,
+                resolution or "-",
+                total_value,
+                _fmt(values),
+                self.images / elapsed,
+            )
+        return StepInfo(
+            iteration=it + 1,
+            total_iters=self.total,
+            epoch=epoch,
+            lr=lr,
+            resolution=resolution,
+            losses=values,
+            loss=total_value,
+            images=self.images,
+            seconds=elapsed,
+        )
+
+    def result(self) -> TrainResult:
+        seconds = time.perf_counter() - self.start
+        recent = self.recent
+        names = dict.fromkeys(k for r in recent for k in r)
+        final = {
+            k: sum(r[k] for r in recent if k in r) / sum(1 for r in recent if k in r) for k in names
+        }
+        points, stride = _compress(self.history, self.config.history_points)
+        return TrainResult(
+            iterations=self.total,
+            images=self.images,
+            seconds=seconds,
+            images_per_s=self.images / seconds if seconds > 0 else float("inf"),
+            final_losses=final,
+            loss_history=points,
+            history_stride=stride,
+            resolutions=tuple(str(r) for r in self.config.resolutions),
+        )
