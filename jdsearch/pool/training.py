@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +30,9 @@ from jdsearch.pool.bn import recalibrate_bn
 from jdsearch.pool.elastic import ElasticConv2d, reorder_channels
 from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.space import SubnetConfig, SubnetSpace
-from jdsearch.pool.spec import PoolSpec
+from jdsearch.pool.spec import PhaseSpec, PoolSpec
 from jdsearch.pool.supernet import ElasticPool
-from jdsearch.train import StepInfo, train
+from jdsearch.train import StepInfo, TrainResult, train
 
 __all__ = ["train_pool"]
 
@@ -93,36 +94,36 @@ def train_pool(
             raise SpecError(f"train_pool: no phase {i} (the spec has {len(spec.phases)})")
     dev = torch.device(device)
     pool.to(dev)
-    t = spec.train
+    run = _PhaseRun(pool, dataset, spec, dev, progress, max_iters, callback)
     records = []
     for i in todo:
-        phase = spec.phases[i]
-        reordered = False
-        terms: list[nn.Module] = []
-        if i > 0:
-            # The teacher: a frozen copy of the super-net as this phase starts. After phase 1 its
-            # BN statistics mix every sampled sub-network's, so they are re-estimated.
-            teacher = pool.extract(pool.largest, device=dev)
-            if i > 1:
-                recalibrate_bn(
-                    teacher,
-                    dataset,
-                    batches=spec.recalibration_batches,
-                    device=dev,
-                    batch_size=t.batch_size,
-                    resolutions=pool.resolutions,
-                    seed=t.seed,
-                )
-            if spec.reorder:
-                reorder_channels(pool.supernet)
-                reordered = True
-            distiller = make_distiller(pool.supernet, teacher, spec.kd)
-            distiller.adapter = ElasticConv2d.from_module(distiller.adapter)
-            terms.append(distiller)
+        record = run.phase(i)
+        records.append(record)
+        pool.record = (*pool.record, record)
+    return tuple(records)
+
+
+@dataclass
+class _PhaseRun:
+    """What every IPS phase of one :func:`train_pool` call shares."""
+
+    pool: ElasticPool
+    dataset: Dataset[Any]
+    spec: PoolSpec
+    device: torch.device
+    progress: bool
+    max_iters: int | None
+    callback: Callable[[int, StepInfo], None] | None
+
+    def phase(self, i: int) -> PhaseRecord:
+        """Train phase ``i``: its loss terms, one sub-network per step, then its record."""
+        pool, spec, phase = self.pool, self.spec, self.spec.phases[i]
+        terms, reordered = self.terms(i)
         config = spec.phase_config(
-            i, max_iters=max_iters, device=str(dev), resolutions=pool.resolutions
+            i, max_iters=self.max_iters, device=str(self.device), resolutions=pool.resolutions
         )
-        schedule = _SubnetSchedule(pool, phase.space, np.random.default_rng([t.seed, 0x1B5, i]))
+        rng = np.random.default_rng([spec.train.seed, 0x1B5, i])
+        schedule = _SubnetSchedule(pool, phase.space, rng)
         logger.info(
             "IPS phase %d (%s): %s, %g epochs, lr %g",
             i,
@@ -133,41 +134,75 @@ def train_pool(
         )
         schedule.next()
 
-        def step(info: StepInfo, i: int = i, schedule: _SubnetSchedule = schedule) -> None:
+        def step(info: StepInfo) -> None:
             schedule.after_step(info)
-            if callback is not None:
-                callback(i, info)
+            if self.callback is not None:
+                self.callback(i, info)
 
         try:
             result = train(
-                pool.supernet, dataset, config, loss_terms=terms, progress=progress, callback=step
+                pool.supernet,
+                self.dataset,
+                config,
+                loss_terms=terms,
+                progress=self.progress,
+                callback=step,
             )
         finally:
             stop_recording(pool.supernet)
             pool.activate(pool.largest)
-        record = PhaseRecord(
-            phase=i,
-            name=phase.name,
-            space=phase.space.describe(),
-            epochs=phase.epochs,
-            lr=phase.lr,
-            iterations=result.iterations,
-            seconds=result.seconds,
-            images_per_s=result.images_per_s,
-            final_losses=dict(result.final_losses),
-            loss_history=tuple(result.loss_history),
-            history_stride=result.history_stride,
-            subnets_sampled=len(schedule.sampled),
-            reordered=reordered,
-        )
-        logger.info(
-            "IPS phase %d done: %d iterations, %d sub-networks, %.0fs, losses %s",
-            i,
-            record.iterations,
-            record.subnets_sampled,
-            record.seconds,
-            record.final_losses,
-        )
-        records.append(record)
-        pool.record = (*pool.record, record)
-    return tuple(records)
+        return _record(i, phase, result, len(schedule.sampled), reordered)
+
+    def terms(self, i: int) -> tuple[list[nn.Module], bool]:
+        """Phase ``i``'s loss terms (none for the super-net phase; KD from a frozen copy of the
+        super-net after it), and whether the channels were re-ordered first."""
+        if i == 0:
+            return [], False
+        pool, spec, dev = self.pool, self.spec, self.device
+        # The teacher: a frozen copy of the super-net as this phase starts. After phase 1 its
+        # BN statistics mix every sampled sub-network's, so they are re-estimated.
+        teacher = pool.extract(pool.largest, device=dev)
+        if i > 1:
+            recalibrate_bn(
+                teacher,
+                self.dataset,
+                batches=spec.recalibration_batches,
+                device=dev,
+                batch_size=spec.train.batch_size,
+                resolutions=pool.resolutions,
+                seed=spec.train.seed,
+            )
+        if spec.reorder:
+            reorder_channels(pool.supernet)
+        distiller = make_distiller(pool.supernet, teacher, spec.kd)
+        distiller.adapter = ElasticConv2d.from_module(distiller.adapter)
+        return [distiller], spec.reorder
+
+
+def _record(
+    i: int, phase: PhaseSpec, result: TrainResult, sampled: int, reordered: bool
+) -> PhaseRecord:
+    record = PhaseRecord(
+        phase=i,
+        name=phase.name,
+        space=phase.space.describe(),
+        epochs=phase.epochs,
+        lr=phase.lr,
+        iterations=result.iterations,
+        seconds=result.seconds,
+        images_per_s=result.images_per_s,
+        final_losses=dict(result.final_losses),
+        loss_history=tuple(result.loss_history),
+        history_stride=result.history_stride,
+        subnets_sampled=sampled,
+        reordered=reordered,
+    )
+    logger.info(
+        "IPS phase %d done: %d iterations, %d sub-networks, %.0fs, losses %s",
+        i,
+        record.iterations,
+        record.subnets_sampled,
+        record.seconds,
+        record.final_losses,
+    )
+    return record

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
@@ -58,6 +58,7 @@ from plotly.subplots import make_subplots
 from jdsearch.errors import JDSearchError
 from jdsearch.report.trials import (
     FAMILIES,
+    ActionGains,
     action_family,
     action_gains,
     base_gflops,
@@ -237,35 +238,14 @@ def fig_pareto(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.
         raise JDSearchError(
             f"report: trial {top.number} records no AP or FLOPs to mark in the AP–FLOPs plot"
         )
-    front = pareto_front(done)
-    fig = go.Figure()
-
-    def scatter(ts: Sequence[FrozenTrial], **kw: Any) -> go.Scatter:
-        return go.Scatter(
-            x=[trial_gflops(t)[0] for t in ts],
-            y=[100 * trial_ap(t) for t in ts],
-            customdata=[t.number for t in ts],
-            text=[_hover(t) for t in ts],
-            hovertemplate="%{text}<extra></extra>",
-            **kw,
-        )
-
     at_best = [trial_gflops(t)[1] is not None for t in done]
+    symbols = ["circle" if ok else "circle-open" for ok in at_best]
+    fig = go.Figure()
+    marker = {"color": "#8c9fb8", "size": 7, "symbol": symbols}
+    fig.add_trace(_ap_flops(done, mode="markers", name="trials", marker=marker))
     fig.add_trace(
-        scatter(
-            done,
-            mode="markers",
-            name="trials",
-            marker={
-                "color": "#8c9fb8",
-                "size": 7,
-                "symbol": ["circle" if ok else "circle-open" for ok in at_best],
-            },
-        )
-    )
-    fig.add_trace(
-        scatter(
-            front,
+        _ap_flops(
+            pareto_front(done),
             mode="lines+markers",
             line_shape="hv",
             name="Pareto front",
@@ -275,42 +255,44 @@ def fig_pareto(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.
     )
     roots = [t for t in done if TrialRecord.from_trial(t).move == BASE_MOVE]
     if roots:
-        fig.add_trace(
-            scatter(
-                roots[:1],
-                mode="markers",
-                name=f"base (trial {roots[0].number})",
-                marker={"symbol": "square", "size": 13, "color": "#444444"},
-            )
-        )
-    fig.add_trace(
-        scatter(
-            [top],
-            mode="markers",
-            name=f"upgraded ({upgraded_label(trials, top.number)})",
-            marker={
-                "symbol": "star",
-                "size": 17,
-                "color": "#ffbf00",
-                "line": {"color": "black", "width": 1},
-            },
-        )
-    )
-    if all(at_best):
-        x_title = "GFLOPs (multiply-adds at the trial's best resolution)"
-    elif any(at_best):
-        x_title = (
-            "GFLOPs (multiply-adds at the trial's best resolution; "
-            "open circles: at the base resolution, no flops_at recorded)"
-        )
-    else:
-        x_title = "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
+        marker = {"symbol": "square", "size": 13, "color": "#444444"}
+        name = f"base (trial {roots[0].number})"
+        fig.add_trace(_ap_flops(roots[:1], mode="markers", name=name, marker=marker))
+    marker = {"symbol": "star", "size": 17, "color": "#ffbf00", "line": _BLACK_EDGE}
+    name = f"upgraded ({upgraded_label(trials, top.number)})"
+    fig.add_trace(_ap_flops([top], mode="markers", name=name, marker=marker))
     fig.update_layout(
         title="AP vs complexity of every completed trial, with the Pareto front",
-        xaxis_title=x_title,
+        xaxis_title=_flops_axis_title(at_best),
         yaxis_title="AP (%) at the trial's best resolution",
     )
     return fig
+
+
+_BLACK_EDGE = {"color": "black", "width": 1}
+
+
+def _ap_flops(ts: Sequence[FrozenTrial], **kw: Any) -> go.Scatter:
+    """Trials as points of fig. 9 (GFLOPs, AP %), with the trial hover."""
+    return go.Scatter(
+        x=[trial_gflops(t)[0] for t in ts],
+        y=[100 * trial_ap(t) for t in ts],
+        customdata=[t.number for t in ts],
+        text=[_hover(t) for t in ts],
+        hovertemplate="%{text}<extra></extra>",
+        **kw,
+    )
+
+
+def _flops_axis_title(at_best: Sequence[bool]) -> str:
+    if all(at_best):
+        return "GFLOPs (multiply-adds at the trial's best resolution)"
+    if any(at_best):
+        return (
+            "GFLOPs (multiply-adds at the trial's best resolution; "
+            "open circles: at the base resolution, no flops_at recorded)"
+        )
+    return "GFLOPs (multiply-adds at the base resolution: these trials record no flops_at)"
 
 
 def fig_teacher_capacity(
@@ -328,35 +310,22 @@ def fig_teacher_capacity(
         column_widths=[0.62, 0.38],
         subplot_titles=("teacher of the best student so far", "teachers over all trials"),
     )
+    numbers = [t.number for t in done]
     fig.add_trace(
         go.Scatter(
-            x=[t.number for t in done],
+            x=numbers,
             y=[params[t.number] / 1e6 for t in done],
             mode="markers",
             name="sampled teacher",
             marker={"color": "#bbbbbb", "size": 6},
-            customdata=[t.number for t in done],
+            customdata=numbers,
             text=[TrialRecord.from_trial(t).teacher or "?" for t in done],
             hovertemplate="trial %{x}: %{text}<br>%{y:.3f} M<extra></extra>",
         ),
         row=1,
         col=1,
     )
-    fig.add_trace(
-        go.Scatter(
-            x=[t.number for t in done],
-            y=[params[b.number] / 1e6 for b in best],
-            mode="lines+markers",
-            line_shape="hv",
-            name="best student's teacher",
-            line={"color": "#d62728", "width": 2},
-            customdata=[b.number for b in best],
-            text=[TrialRecord.from_trial(b).teacher or "?" for b in best],
-            hovertemplate="trial %{x}: best is trial %{customdata}<br>teacher %{text}<br>%{y:.3f} M<extra></extra>",
-        ),
-        row=1,
-        col=1,
-    )
+    fig.add_trace(_best_teacher_line(numbers, best, params), row=1, col=1)
     values = [params[t.number] / 1e6 for t in done]
     fig.add_trace(
         go.Histogram(
@@ -375,6 +344,23 @@ def fig_teacher_capacity(
     fig.update_yaxes(title_text="trials", row=1, col=2)
     fig.update_layout(title="Teacher–student capacity matching", bargap=0.05)
     return fig
+
+
+def _best_teacher_line(
+    numbers: Sequence[int], best: Sequence[FrozenTrial], params: Mapping[int, int]
+) -> go.Scatter:
+    return go.Scatter(
+        x=list(numbers),
+        y=[params[b.number] / 1e6 for b in best],
+        mode="lines+markers",
+        line_shape="hv",
+        name="best student's teacher",
+        line={"color": "#d62728", "width": 2},
+        customdata=[b.number for b in best],
+        text=[TrialRecord.from_trial(b).teacher or "?" for b in best],
+        hovertemplate="trial %{x}: best is trial %{customdata}<br>teacher %{text}<br>"
+        "%{y:.3f} M<extra></extra>",
+    )
 
 
 def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Figure:
@@ -396,48 +382,8 @@ def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Fig
         ),
     )
     for fam in gains.families:
-        cells = [gains.cell(p.index, fam) for p in gains.phases]
-        info = [
-            f"{c.beneficial} beneficial of {c.scored} scored actions (net ΔH {c.net:+.4f}); "
-            f"{c.unscored} without a completed parent, {c.failed} failed"
-            for c in cells
-        ]
-        colour = _COLOURS.get(fam, "#7f7f7f")
-        total = gains.increment(fam)
-        fig.add_trace(
-            go.Bar(
-                x=labels,
-                y=[c.increment for c in cells],
-                name=fam,
-                legendgroup=fam,
-                marker_color=colour,
-                text=info,
-                textposition="none",
-                hovertemplate=f"{fam}, %{{x}}<br>ΔH brought %{{y:.4f}} (whole search {total:.4f})<br>%{{text}}<extra></extra>",
-            ),
-            row=1,
-            col=1,
-        )
-        shares = [gains.share(p.index, fam) for p in gains.phases]
-        share_info = [
-            f"{c.beneficial} of the phase's {gains.beneficial_in(p.index)} beneficial actions"
-            for c, p in zip(cells, gains.phases, strict=True)
-        ]
-        fig.add_trace(
-            go.Bar(
-                x=labels,
-                y=[None if v is None else 100 * v for v in shares],
-                name=fam,
-                legendgroup=fam,
-                marker_color=colour,
-                showlegend=False,
-                text=share_info,
-                textposition="none",
-                hovertemplate=f"{fam}, %{{x}}<br>%{{y:.1f}} % of the beneficial actions<br>%{{text}}<extra></extra>",
-            ),
-            row=2,
-            col=1,
-        )
+        fig.add_trace(_increment_bar(gains, fam, labels), row=1, col=1)
+        fig.add_trace(_share_bar(gains, fam, labels), row=2, col=1)
     for p in gains.phases:
         if gains.beneficial_in(p.index) == 0:
             fig.add_annotation(
@@ -447,7 +393,8 @@ def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Fig
                 yref="y2",
                 showarrow=False,
                 text="no beneficial action",
-                hovertext=f"{p.label}: none of its {gains.scored_in(p.index)} scored actions improved on its parent",
+                hovertext=f"{p.label}: none of its {gains.scored_in(p.index)} scored actions "
+                "improved on its parent",
                 font={"color": "#666666"},
             )
     fig.update_xaxes(categoryorder="array", categoryarray=labels)
@@ -462,6 +409,50 @@ def fig_action_gain(trials: Sequence[FrozenTrial], *, phases: int = 4) -> go.Fig
         title="What each action family contributed, phase by phase", barmode="stack", height=640
     )
     return fig
+
+
+def _increment_bar(gains: ActionGains, fam: str, labels: Sequence[str]) -> go.Bar:
+    """Fig. 6 top: the ΔH that family ``fam``'s beneficial actions brought in each phase."""
+    cells = [gains.cell(p.index, fam) for p in gains.phases]
+    info = [
+        f"{c.beneficial} beneficial of {c.scored} scored actions (net ΔH {c.net:+.4f}); "
+        f"{c.unscored} without a completed parent, {c.failed} failed"
+        for c in cells
+    ]
+    total = gains.increment(fam)
+    return go.Bar(
+        x=list(labels),
+        y=[c.increment for c in cells],
+        name=fam,
+        legendgroup=fam,
+        marker_color=_COLOURS.get(fam, "#7f7f7f"),
+        text=info,
+        textposition="none",
+        hovertemplate=f"{fam}, %{{x}}<br>ΔH brought %{{y:.4f}} (whole search {total:.4f})"
+        "<br>%{text}<extra></extra>",
+    )
+
+
+def _share_bar(gains: ActionGains, fam: str, labels: Sequence[str]) -> go.Bar:
+    """Fig. 6 bottom: family ``fam``'s share of each phase's beneficial actions."""
+    shares = [gains.share(p.index, fam) for p in gains.phases]
+    info = [
+        f"{gains.cell(p.index, fam).beneficial} of the phase's {gains.beneficial_in(p.index)} "
+        "beneficial actions"
+        for p in gains.phases
+    ]
+    return go.Bar(
+        x=list(labels),
+        y=[None if v is None else 100 * v for v in shares],
+        name=fam,
+        legendgroup=fam,
+        marker_color=_COLOURS.get(fam, "#7f7f7f"),
+        showlegend=False,
+        text=info,
+        textposition="none",
+        hovertemplate=f"{fam}, %{{x}}<br>%{{y:.1f}} % of the beneficial actions"
+        "<br>%{text}<extra></extra>",
+    )
 
 
 def fig_stage_flops(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.Figure:
@@ -527,22 +518,16 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
             ex += [p, t.number, None]
             ey += [float(by_number[p].value), float(t.value), None]  # type: ignore[arg-type]
     fig = go.Figure()
+    edges = {"color": "#cccccc", "width": 1}
     fig.add_trace(
-        go.Scatter(
-            x=ex,
-            y=ey,
-            mode="lines",
-            name="parent → child",
-            line={"color": "#cccccc", "width": 1},
-            hoverinfo="skip",
-        )
+        go.Scatter(x=ex, y=ey, mode="lines", name="parent → child", line=edges, hoverinfo="skip")
     )
     path = [t for t in lineage_path(trials, target) if t.number in by_number]
     fig.add_trace(
         go.Scatter(
             x=[t.number for t in path],
-            y=[float(t.value) for t in path],
-            mode="lines",  # type: ignore[arg-type]
+            y=[float(t.value) for t in path],  # type: ignore[arg-type]
+            mode="lines",
             name=f"path to trial {target}",
             line={"color": "#ffbf00", "width": 5},
             customdata=[t.number for t in path],
@@ -553,37 +538,37 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
     for t in done:
         move = TrialRecord.from_trial(t).move
         groups.setdefault(action_family(move) or "base", []).append(t)
+    on_path = {t.number for t in path}
     for fam in ["base", *FAMILIES, *sorted(set(groups) - {"base", *FAMILIES})]:
-        ts = groups.get(fam)
-        if not ts:
-            continue
-        on_path = {t.number for t in path}
-        fig.add_trace(
-            go.Scatter(
-                x=[t.number for t in ts],
-                y=[float(t.value) for t in ts],
-                mode="markers",
-                name=fam,  # type: ignore[arg-type]
-                marker={
-                    "color": _COLOURS.get(fam, "#7f7f7f"),
-                    "size": [13 if t.number in on_path else 8 for t in ts],
-                    "line": {
-                        "color": "black",
-                        "width": [2 if t.number in on_path else 0 for t in ts],
-                    },
-                },
-                customdata=[t.number for t in ts],
-                text=[_hover(t) for t in ts],
-                hovertemplate="%{text}<extra></extra>",
-            )
-        )
+        if groups.get(fam):
+            fig.add_trace(_lineage_nodes(fam, groups[fam], on_path))
+    label = upgraded_label(done, target)
     fig.update_layout(
-        title=f"Search lineage: {len(done)} completed trials, path base → upgraded ({upgraded_label(done, target)}) highlighted",
+        title=f"Search lineage: {len(done)} completed trials, path base → upgraded ({label}) "
+        "highlighted",
         xaxis_title="trial number",
         yaxis_title="H",
         hovermode="closest",
     )
     return fig
+
+
+def _lineage_nodes(fam: str, ts: Sequence[FrozenTrial], on_path: set[int]) -> go.Scatter:
+    """One family's trials as lineage nodes, those on the highlighted path larger and outlined."""
+    return go.Scatter(
+        x=[t.number for t in ts],
+        y=[float(t.value) for t in ts],  # type: ignore[arg-type]
+        mode="markers",
+        name=fam,
+        marker={
+            "color": _COLOURS.get(fam, "#7f7f7f"),
+            "size": [13 if t.number in on_path else 8 for t in ts],
+            "line": {"color": "black", "width": [2 if t.number in on_path else 0 for t in ts]},
+        },
+        customdata=[t.number for t in ts],
+        text=[_hover(t) for t in ts],
+        hovertemplate="%{text}<extra></extra>",
+    )
 
 
 # ---------------------------------------------------------------------- the study report

@@ -212,47 +212,78 @@ def write_report(
     attach: bool = True,
     phases: int = 4,
 ) -> ReportFiles:
-    """Write ``out_dir/report.html`` (self-contained), ``out_dir/figures/<key>.json`` and, when
-    ``png`` and an exporter works, ``<key>.png``; with ``attach`` also save the figures in the
-    study for optuna-dashboard. ``trial`` is the upgraded trial the summary and figs. 7 and 9 and
-    the lineage path show (default: the best). ``comparison`` (from
-    :func:`jdsearch.compare.compare_study`, for the same study and trial) adds the table-4
-    comparison."""
-    from plotly.offline import get_plotlyjs
+    """Write the report of a study.
 
-    from jdsearch.report.compare import Comparison
+    Args:
+        handle: the study, opened with :func:`jdsearch.search.open_study`.
+        out_dir: the report folder: ``report.html`` (self-contained), ``figures/<key>.json`` and,
+            when ``png`` and an exporter works, ``figures/<key>.png``.
+        trial: the upgraded trial that the summary, figs. 7 and 9 and the lineage path show
+            (default: the best).
+        comparison: the table-4 comparison (:func:`jdsearch.report.compare.compare_study`) of the
+            same study and trial, shown when given.
+        png: write PNGs (when an image exporter works).
+        attach: also save the figures in the study for optuna-dashboard.
+        phases: fig. 6's number of generation phases.
 
-    if comparison is not None and not isinstance(comparison, Comparison):
-        raise JDSearchError(
-            f"report: comparison must be a jdsearch.compare.Comparison, got {type(comparison).__name__}"
-        )
+    Returns:
+        What was written.
+
+    Raises:
+        JDSearchError: no completed trial, an output path that is a file, or a comparison of
+            another study or trial.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise JDSearchError(f"report: output directory {out} exists and is not a directory")
     upgraded = upgraded_trial(handle, trial)
-    if comparison is not None:
-        if comparison.study != handle.study.study_name:
-            raise JDSearchError(
-                f"report: the comparison is of study {comparison.study!r}, not {handle.study.study_name!r}"
-            )
-        if comparison.upgraded.trial != upgraded.number:
-            raise JDSearchError(
-                f"report: the comparison's upgraded detector is trial {comparison.upgraded.trial}, "
-                f"but the report is about trial {upgraded.number}"
-            )
+    _check_comparison(comparison, handle, upgraded.number)
     figures = build_figures(handle, trial=upgraded.number, phases=phases)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-
     json_paths = {}
     for key, fig in figures.items():
-        path = fig_dir / f"{key}.json"
-        path.write_text(fig.to_json(), encoding="utf-8")
-        json_paths[key] = path
+        json_paths[key] = fig_dir / f"{key}.json"
+        json_paths[key].write_text(fig.to_json(), encoding="utf-8")
     if png:
         png_paths, png_skipped = _write_pngs(figures, fig_dir)
     else:
         png_paths, png_skipped = {}, "PNG export not requested"
+    html_path = out / "report.html"
+    html_path.write_text(_page(handle, upgraded, figures, comparison, phases), encoding="utf-8")
+    attached = attach_figures(handle, figures) if attach else ()
+    return ReportFiles(html_path, json_paths, png_paths, png_skipped, attached)
+
+
+def _check_comparison(comparison: Comparison | None, handle: StudyHandle, upgraded: int) -> None:
+    if comparison is None:
+        return
+    if not isinstance(comparison, Comparison):
+        raise JDSearchError(
+            "report: comparison must be a jdsearch.report.compare.Comparison, "
+            f"got {type(comparison).__name__}"
+        )
+    if comparison.study != handle.study.study_name:
+        raise JDSearchError(
+            f"report: the comparison is of study {comparison.study!r}, "
+            f"not {handle.study.study_name!r}"
+        )
+    if comparison.upgraded.trial != upgraded:
+        raise JDSearchError(
+            f"report: the comparison's upgraded detector is trial {comparison.upgraded.trial}, "
+            f"but the report is about trial {upgraded}"
+        )
+
+
+def _page(
+    handle: StudyHandle,
+    upgraded: FrozenTrial,
+    figures: Mapping[str, go.Figure],
+    comparison: Comparison | None,
+    phases: int,
+) -> str:
+    """The whole HTML page: summary, comparison, a section per figure, plotly.js once."""
+    from plotly.offline import get_plotlyjs
 
     name = html.escape(handle.study.study_name)
     trials = handle.study.get_trials(deepcopy=False)
@@ -263,53 +294,41 @@ def write_report(
     if comparison is not None:
         body += [
             "<h2>Base vs upgraded detector (paper table 4)</h2>",
-            "<p>The base trial and the upgraded student, each at its own input size, with the metrics "
-            "the search recorded on the study's validation set. The paper's table 4 reports the same "
-            "columns for R18/R50/R101/X101-FPN: higher AP at substantially lower FLOPs and latency.</p>",
+            "<p>The base trial and the upgraded student, each at its own input size, with the "
+            "metrics the search recorded on the study's validation set. The paper's table 4 "
+            "reports the same columns for R18/R50/R101/X101-FPN: higher AP at substantially "
+            "lower FLOPs and latency.</p>",
             _comparison_html(comparison),
         ]
-    body.append(
-        "<nav><p>Figures: "
-        + " · ".join(f'<a href="#sec-{key}">{html.escape(_TEXT[key][0])}</a>' for key in figures)
-        + "</p></nav>"
-    )
+    links = " · ".join(f'<a href="#sec-{key}">{html.escape(_TEXT[key][0])}</a>' for key in figures)
+    body.append(f"<nav><p>Figures: {links}</p></nav>")
     fill = {
         "upgraded": upgraded_label(trials, upgraded.number),
         "phases": str(len(phase_windows(trials, phases))),
     }
     for key, fig in figures.items():
-        title, text = _TEXT[key]
-        div = fig.to_html(
-            full_html=False,
-            include_plotlyjs=False,
-            div_id=f"fig-{key}",
-            default_height="560px" if key != "action_gain" else "660px",
-            config={"responsive": True},
-        )
-        text = _render(text, **fill)
-        body += [
-            f'<h2 id="sec-{key}">{html.escape(title)}</h2>',
-            f"<p>{html.escape(text)}</p>",
-            f'<div class="figure">{div}</div>',
-        ]
-    page = "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en">',
-            "<head>",
-            '<meta charset="utf-8">',
-            f"<title>jdsearch report: {name}</title>",
-            f"<style>{_STYLE}</style>",
-            f'<script type="text/javascript">{get_plotlyjs()}</script>',
-            "</head>",
-            "<body>",
-            *body,
-            "</body>",
-            "</html>",
-            "",
-        ]
+        body += _figure_section(key, fig, fill)
+    head = [
+        '<meta charset="utf-8">',
+        f"<title>jdsearch report: {name}</title>",
+        f"<style>{_STYLE}</style>",
+        f'<script type="text/javascript">{get_plotlyjs()}</script>',
+    ]
+    document = ["<!DOCTYPE html>", '<html lang="en">', "<head>", *head, "</head>"]
+    return "\n".join([*document, "<body>", *body, "</body>", "</html>", ""])
+
+
+def _figure_section(key: str, fig: go.Figure, fill: Mapping[str, str]) -> list[str]:
+    title, text = _TEXT[key]
+    div = fig.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=f"fig-{key}",
+        default_height="560px" if key != "action_gain" else "660px",
+        config={"responsive": True},
     )
-    html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
-    attached = attach_figures(handle, figures) if attach else ()
-    return ReportFiles(html_path, json_paths, png_paths, png_skipped, attached)
+    return [
+        f'<h2 id="sec-{key}">{html.escape(title)}</h2>',
+        f"<p>{html.escape(_render(text, **fill))}</p>",
+        f'<div class="figure">{div}</div>',
+    ]
