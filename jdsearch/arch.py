@@ -169,25 +169,7 @@ class BackboneArch:
             if not stage.blocks:
                 raise SpecError(f"backbone arch: stage {si + 1} has no blocks")
             for bi, block in enumerate(stage.blocks):
-                where = f"backbone arch: stage {si + 1} block {bi + 1} {block.encode()}"
-                if len(block.channels) not in (2, 3):
-                    raise SpecError(f"{where}: a block has 2 (basic) or 3 (bottleneck) conv widths")
-                if any(c <= 0 for c in block.channels):
-                    raise SpecError(f"{where}: every conv needs at least one channel")
-                if kind is None:
-                    kind = block.kind
-                elif block.kind != kind:
-                    raise SpecError(f"{where}: {block.kind} block in a {kind} backbone")
-                if block.groups < 1:
-                    raise SpecError(f"{where}: groups must be ≥ 1, got {block.groups}")
-                if block.groups > 1:
-                    if block.kind != BOTTLENECK:
-                        raise SpecError(f"{where}: grouped convs need a bottleneck block")
-                    c1, c2 = block.channels[0], block.channels[1]
-                    if c1 % block.groups or c2 % block.groups:
-                        raise SpecError(
-                            f"{where}: widths {c1} and {c2} are not divisible by groups {block.groups}"
-                        )
+                kind = _check_block(block, f"stage {si + 1} block {bi + 1}", kind)
                 stride = stage.stride if bi == 0 else 1
                 slots.append(BlockSlot(si, bi, block, in_ch, stride))
                 in_ch = block.out_channels
@@ -323,9 +305,9 @@ class BackboneArch:
         fpn: int = 256,
         groups: int = 1,
         width_per_group: int | None = None,
-        strides: Sequence[int] = DEFAULT_STRIDES,
     ) -> BackboneArch:
-        """A uniform ResNet/ResNeXt: ``depths`` blocks per stage, ``widths`` inner widths.
+        """A uniform ResNet/ResNeXt: ``depths`` blocks per stage, ``widths`` inner widths, the
+        standard strides (other strides: :meth:`with_strides`).
 
         For bottlenecks the output width is ``expansion × width`` (default 4); for basic blocks
         the output equals the width (default expansion 1). ResNeXt: ``groups`` and
@@ -343,12 +325,40 @@ class BackboneArch:
             out = w * exp
             chans = (inner, inner, out) if kind == BOTTLENECK else (inner, out)
             stages.append(
-                Stage(tuple(Block(chans, groups) for _ in range(int(d))), int(strides[si]))
+                Stage(tuple(Block(chans, groups) for _ in range(int(d))), DEFAULT_STRIDES[si])
             )
         return cls(tuple(stages), stem=stem, fpn=fpn)
 
     def with_fpn(self, fpn: int) -> BackboneArch:
         return replace(self, fpn=fpn)
 
+    def with_strides(self, strides: Sequence[int]) -> BackboneArch:
+        """The same blocks with stage ``i`` strided by ``strides[i]``."""
+        stages = (replace(s, stride=int(v)) for s, v in zip(self.stages, strides, strict=True))
+        return self.with_stages(tuple(stages))
+
     def with_stages(self, stages: Sequence[Stage]) -> BackboneArch:
         return replace(self, stages=tuple(stages))
+
+
+def _check_block(block: Block, position: str, kind: str | None) -> str:
+    """Raise :class:`SpecError` unless ``block`` is valid in a backbone of ``kind`` (``None``:
+    the first block); the backbone's kind."""
+    where = f"backbone arch: {position} {block.encode()}"
+    if len(block.channels) not in (2, 3):
+        raise SpecError(f"{where}: a block has 2 (basic) or 3 (bottleneck) conv widths")
+    if any(c <= 0 for c in block.channels):
+        raise SpecError(f"{where}: every conv needs at least one channel")
+    if kind is not None and block.kind != kind:
+        raise SpecError(f"{where}: {block.kind} block in a {kind} backbone")
+    if block.groups < 1:
+        raise SpecError(f"{where}: groups must be ≥ 1, got {block.groups}")
+    if block.groups > 1:
+        if block.kind != BOTTLENECK:
+            raise SpecError(f"{where}: grouped convs need a bottleneck block")
+        c1, c2 = block.channels[0], block.channels[1]
+        if c1 % block.groups or c2 % block.groups:
+            raise SpecError(
+                f"{where}: widths {c1} and {c2} are not divisible by groups {block.groups}"
+            )
+    return block.kind

@@ -280,15 +280,17 @@ def _parse_images(v: _Validator, items: list[Any], folder: _ImageFolder) -> list
     return images
 
 
+_Annotation = tuple[int, tuple[float, float, float, float], int, float, int]
+
+
 def _parse_annotations(
     v: _Validator,
     items: list[Any],
     images: Mapping[int, ImageRecord],
     category_ids: frozenset[int],
-) -> dict[int, list[tuple[int, tuple[float, float, float, float], int, float, int]]]:
-    per_image: dict[int, list[tuple[int, tuple[float, float, float, float], int, float, int]]] = {}
+) -> dict[int, list[_Annotation]]:
+    per_image: dict[int, list[_Annotation]] = {}
     seen: set[int] = set()
-    tol = BBOX_TOLERANCE
     for pos, rec in enumerate(items):
         where = f"annotations[{pos}]"
         if not isinstance(rec, dict):
@@ -305,38 +307,47 @@ def _parse_annotations(
         cid = v.int_field(rec, "category_id", where)
         if cid not in category_ids:
             v.fail(where, f"category_id {cid} is not in 'categories'")
-        if "bbox" not in rec:
-            v.fail(where, "missing field 'bbox'")
-        bbox = rec["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            v.fail(where, f"bbox {_short(bbox)} is not a list of 4 numbers")
-        if any(isinstance(c, bool) or not isinstance(c, int | float) for c in bbox):
-            v.fail(where, f"bbox {_short(bbox)} is not a list of 4 numbers")
-        if not all(math.isfinite(c) for c in bbox):
-            v.fail(where, f"bbox {_short(bbox)} has a non-finite number")
-        x, y, w, h = (float(c) for c in bbox)
-        if w <= 0:
-            v.fail(where, f"bbox {_short(bbox)} has non-positive width")
-        if h <= 0:
-            v.fail(where, f"bbox {_short(bbox)} has non-positive height")
-        img = images[iid]
-        if x < -tol or y < -tol or x + w > img.width + tol or y + h > img.height + tol:
-            v.fail(where, f"bbox {_short(bbox)} lies outside the {img.width}x{img.height} image")
-        if min(x + w, img.width) - max(x, 0.0) <= 0 or min(y + h, img.height) - max(y, 0.0) <= 0:
-            v.fail(where, f"bbox {_short(bbox)} is empty once clipped to the image")
+        box = _parse_bbox(v, rec, where, images[iid])
         iscrowd = 0
         if "iscrowd" in rec:
             crowd = rec["iscrowd"]
             if isinstance(crowd, bool) or crowd not in (0, 1):
                 v.fail(where, f"iscrowd {_short(crowd)} is not 0 or 1")
             iscrowd = int(crowd)
-        area = w * h
+        area = box[2] * box[3]
         if rec.get("area") is not None:
             area = v.number(rec["area"], "area", where)
             if area < 0:
                 v.fail(where, f"area {_short(rec['area'])} is negative")
-        per_image.setdefault(iid, []).append((aid, (x, y, w, h), cid, area, iscrowd))
+        per_image.setdefault(iid, []).append((aid, box, cid, area, iscrowd))
     return per_image
+
+
+def _parse_bbox(
+    v: _Validator, rec: Mapping[str, Any], where: str, img: ImageRecord
+) -> tuple[float, float, float, float]:
+    """The annotation's ``[x, y, w, h]``: 4 finite numbers, positive size, inside the image
+    (within :data:`BBOX_TOLERANCE`) and not empty once clipped to it."""
+    if "bbox" not in rec:
+        v.fail(where, "missing field 'bbox'")
+    bbox = rec["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        v.fail(where, f"bbox {_short(bbox)} is not a list of 4 numbers")
+    if any(isinstance(c, bool) or not isinstance(c, int | float) for c in bbox):
+        v.fail(where, f"bbox {_short(bbox)} is not a list of 4 numbers")
+    if not all(math.isfinite(c) for c in bbox):
+        v.fail(where, f"bbox {_short(bbox)} has a non-finite number")
+    x, y, w, h = (float(c) for c in bbox)
+    if w <= 0:
+        v.fail(where, f"bbox {_short(bbox)} has non-positive width")
+    if h <= 0:
+        v.fail(where, f"bbox {_short(bbox)} has non-positive height")
+    tol = BBOX_TOLERANCE
+    if x < -tol or y < -tol or x + w > img.width + tol or y + h > img.height + tol:
+        v.fail(where, f"bbox {_short(bbox)} lies outside the {img.width}x{img.height} image")
+    if min(x + w, img.width) - max(x, 0.0) <= 0 or min(y + h, img.height) - max(y, 0.0) <= 0:
+        v.fail(where, f"bbox {_short(bbox)} is empty once clipped to the image")
+    return x, y, w, h
 
 
 def _load_entries(

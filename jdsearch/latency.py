@@ -18,7 +18,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -138,54 +138,67 @@ def measure_latencies(
     dev = check_device(device)
     if amp and dev.type != "cuda":
         raise JDSearchError("latency: --amp (float16 autocast) needs a CUDA device")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     runs = []
     for detector, size in detectors:
-        res = (
-            Resolution.parse(size) if image_hw is None else Resolution(max(image_hw), min(image_hw))
-        )
+        res = Resolution.parse(size) if image_hw is None else Resolution(*sorted(image_hw)[::-1])
         hw = image_hw or res.hw
         detector.to(dev)
-        runs.append((detector, res, hw, _inputs(hw, images, dev), detector.training, []))
-    times: list[list[float]] = [r[5] for r in runs]
+        runs.append(_Timed(detector, res, hw, _inputs(hw, images, dev), detector.training))
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast)
-        for detector, res, *_ in runs:
-            detector.eval()
-            stack.enter_context(using_resolution(detector, res))
+        for run in runs:
+            run.detector.eval()
+            stack.enter_context(using_resolution(run.detector, run.res))
         try:
-            for i in range(warmup + repeats):
-                for detector, _, _, inputs, _, spent in runs:
-                    x = inputs[i % len(inputs)]
-                    sync()
-                    start = time.perf_counter()
-                    detector([x])
-                    sync()
-                    if i >= warmup:
-                        spent.append((time.perf_counter() - start) * 1000.0)
+            _time_interleaved(runs, warmup + repeats, warmup, dev)
         finally:
-            for detector, _, _, _, was_training, _ in runs:
-                detector.train(was_training)
-    out = []
-    for (_, res, hw, *_), spent in zip(runs, times, strict=True):
-        spent = sorted(spent)
-        out.append(
-            Latency(
-                size=str(res),
-                device=str(dev),
-                threads=torch.get_num_threads(),
-                warmup=warmup,
-                repeats=repeats,
-                median_ms=statistics.median(spent),
-                p10_ms=_quantile(spent, 0.1),
-                p90_ms=_quantile(spent, 0.9),
-                amp=amp,
-                image=f"{hw[0]}x{hw[1]}",
-            )
+            for run in runs:
+                run.detector.train(run.was_training)
+    return [run.latency(str(dev), warmup, repeats, amp) for run in runs]
+
+
+@dataclass
+class _Timed:
+    """One detector being timed, its input size and its timings (ms)."""
+
+    detector: nn.Module
+    res: Resolution
+    hw: tuple[int, int]
+    inputs: list[Tensor]
+    was_training: bool
+    spent: list[float] = field(default_factory=list)
+
+    def latency(self, device: str, warmup: int, repeats: int, amp: bool) -> Latency:
+        spent = sorted(self.spent)
+        return Latency(
+            size=str(self.res),
+            device=device,
+            threads=torch.get_num_threads(),
+            warmup=warmup,
+            repeats=repeats,
+            median_ms=statistics.median(spent),
+            p10_ms=_quantile(spent, 0.1),
+            p90_ms=_quantile(spent, 0.9),
+            amp=amp,
+            image=f"{self.hw[0]}x{self.hw[1]}",
         )
-    return out
+
+
+def _time_interleaved(runs: Sequence[_Timed], rounds: int, warmup: int, dev: torch.device) -> None:
+    """``rounds`` rounds of one batch-1 call of each detector in turn; the first ``warmup``
+    rounds are not recorded."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for i in range(rounds):
+        for run in runs:
+            x = run.inputs[i % len(run.inputs)]
+            sync()
+            start = time.perf_counter()
+            run.detector([x])
+            sync()
+            if i >= warmup:
+                run.spent.append((time.perf_counter() - start) * 1000.0)
 
 
 def measure_latency(

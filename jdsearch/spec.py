@@ -191,7 +191,7 @@ def _read_backbone(f: Fields, fpn: int) -> BackboneArch:
     f.done()
     depths = kw.pop("depths")
     return _arch(
-        f, "", lambda: BackboneArch.resnet(depths, stem=stem, fpn=fpn, strides=strides, **kw)
+        f, "", lambda: BackboneArch.resnet(depths, stem=stem, fpn=fpn, **kw).with_strides(strides)
     )
 
 

@@ -221,24 +221,48 @@ def _render(
     rng: np.random.Generator, h: int, w: int, n_objects: int
 ) -> tuple[np.ndarray, list[_Shape]]:
     """One image (``uint8 [h, w, 3]``) and its shapes."""
-    canvas = _distractors(rng, _background(rng, h, w))
-    owner = np.full((h, w), -1, dtype=np.int32)  # which shape shows at each pixel
-    visible: list[int] = []  # visible pixels per placed shape
-    full: list[int] = []  # pixels of the untruncated, unoccluded shape
-    windows: list[tuple[int, int, int, int]] = []  # clipped y_a, y_b, x_a, x_b
-    classes: list[int] = []
+    canvas = _Canvas(_distractors(rng, _background(rng, h, w)))
+    for _, cls, sh, sw in _plan_shapes(rng, h, w, n_objects):
+        canvas.place(rng, cls, sh, sw)
+    shapes = canvas.shapes()
+    pixels = canvas.pixels
+    pixels += rng.normal(0.0, float(rng.uniform(2, 10)), size=pixels.shape)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), shapes
 
+
+def _plan_shapes(
+    rng: np.random.Generator, h: int, w: int, n_objects: int
+) -> list[tuple[int, int, int, int]]:
+    """``(area, class, height, width)`` of the shapes to place, biggest first (small shapes then
+    sit on top); at most one large shape per image."""
     groups = rng.choice(["small", "medium", "large"], size=n_objects, p=[0.45, 0.4, 0.15])
     large = np.flatnonzero(groups == "large")
-    groups[large[1:]] = "medium"  # at most one large shape per image
+    groups[large[1:]] = "medium"
     specs = []
     for group in groups:
         cls = int(rng.integers(0, len(CLASS_NAMES)))
         sh, sw = _shape_size(rng, cls, str(group), h, w)
         specs.append((sh * sw, cls, sh, sw))
-    specs.sort(key=lambda s: -s[0])  # big first, so small shapes sit on top
+    specs.sort(key=lambda s: -s[0])
+    return specs
 
-    for _, cls, sh, sw in specs:
+
+class _Canvas:
+    """An image being drawn, and which placed shape shows at each pixel."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+        h, w = pixels.shape[:2]
+        self.owner = np.full((h, w), -1, dtype=np.int32)
+        self.visible: list[int] = []  # visible pixels per placed shape
+        self.full: list[int] = []  # pixels of the untruncated, unoccluded shape
+        self.windows: list[tuple[int, int, int, int]] = []  # clipped y_a, y_b, x_a, x_b
+        self.classes: list[int] = []
+
+    def place(self, rng: np.random.Generator, cls: int, sh: int, sw: int) -> bool:
+        """Try up to ``_PLACE_TRIES`` positions where the shape and every shape it covers stay
+        visible enough; draw it at the first. Whether it was placed."""
+        h, w = self.owner.shape
         mask = _shape_mask(rng, cls, sh, sw)
         area = int(mask.sum())
         for _ in range(_PLACE_TRIES):
@@ -249,46 +273,61 @@ def _render(
             if y_b <= y_a or x_b <= x_a:
                 continue
             sub = mask[y_a - y0 : y_b - y0, x_a - x0 : x_b - x0]
-            if sub.sum() < _MIN_VISIBLE * area:
+            if sub.sum() < _MIN_VISIBLE * area or not self._cover(y_a, y_b, x_a, x_b, sub):
                 continue
-            covered = owner[y_a:y_b, x_a:x_b][sub]
-            covered = covered[covered >= 0]
-            if covered.size:
-                lost = np.bincount(covered, minlength=len(visible))
-                if any(
-                    visible[j] - int(lost[j]) < _MIN_VISIBLE * full[j] for j in np.flatnonzero(lost)
-                ):
-                    continue
-                for j in np.flatnonzero(lost):
-                    visible[j] -= int(lost[j])
-            idx = len(visible)
-            region = canvas[y_a:y_b, x_a:x_b]
-            colour = _contrasting_colour(rng, region[sub])
-            shade = 1.0 + float(rng.uniform(-0.12, 0.12)) * np.linspace(-1, 1, x_b - x_a)
-            region[sub] = (colour[None, None, :] * shade[None, :, None]).repeat(y_b - y_a, axis=0)[
-                sub
-            ]
-            owner[y_a:y_b, x_a:x_b][sub] = idx
-            visible.append(int(sub.sum()))
-            full.append(area)
-            windows.append((y_a, y_b, x_a, x_b))
-            classes.append(cls)
-            break
+            self._draw(rng, (y_a, y_b, x_a, x_b), sub, cls, area)
+            return True
+        return False
 
-    shapes = []
-    for idx, (y_a, y_b, x_a, x_b) in enumerate(windows):
-        ys, xs = np.nonzero(owner[y_a:y_b, x_a:x_b] == idx)
-        assert ys.size > 0
-        box = (
-            x_a + int(xs.min()),
-            y_a + int(ys.min()),
-            int(xs.max() - xs.min()) + 1,
-            int(ys.max() - ys.min()) + 1,
-        )
-        shapes.append(_Shape(classes[idx], box))
+    def _cover(self, y_a: int, y_b: int, x_a: int, x_b: int, sub: np.ndarray) -> bool:
+        """Whether the shapes under ``sub`` stay visible enough; if so, count what they lose."""
+        covered = self.owner[y_a:y_b, x_a:x_b][sub]
+        covered = covered[covered >= 0]
+        if not covered.size:
+            return True
+        lost = np.bincount(covered, minlength=len(self.visible))
+        hit = np.flatnonzero(lost)
+        if any(self.visible[j] - int(lost[j]) < _MIN_VISIBLE * self.full[j] for j in hit):
+            return False
+        for j in hit:
+            self.visible[j] -= int(lost[j])
+        return True
 
-    canvas += rng.normal(0.0, float(rng.uniform(2, 10)), size=canvas.shape)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), shapes
+    def _draw(
+        self,
+        rng: np.random.Generator,
+        window: tuple[int, int, int, int],
+        sub: np.ndarray,
+        cls: int,
+        area: int,
+    ) -> None:
+        y_a, y_b, x_a, x_b = window
+        idx = len(self.visible)
+        region = self.pixels[y_a:y_b, x_a:x_b]
+        colour = _contrasting_colour(rng, region[sub])
+        shade = 1.0 + float(rng.uniform(-0.12, 0.12)) * np.linspace(-1, 1, x_b - x_a)
+        shaded = (colour[None, None, :] * shade[None, :, None]).repeat(y_b - y_a, axis=0)
+        region[sub] = shaded[sub]
+        self.owner[y_a:y_b, x_a:x_b][sub] = idx
+        self.visible.append(int(sub.sum()))
+        self.full.append(area)
+        self.windows.append(window)
+        self.classes.append(cls)
+
+    def shapes(self) -> list[_Shape]:
+        """Each placed shape with the box of its visible pixels (COCO ``xywh``)."""
+        out = []
+        for idx, (y_a, y_b, x_a, x_b) in enumerate(self.windows):
+            ys, xs = np.nonzero(self.owner[y_a:y_b, x_a:x_b] == idx)
+            assert ys.size > 0
+            box = (
+                x_a + int(xs.min()),
+                y_a + int(ys.min()),
+                int(xs.max() - xs.min()) + 1,
+                int(ys.max() - ys.min()) + 1,
+            )
+            out.append(_Shape(self.classes[idx], box))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +389,68 @@ def _coco_doc(
     return json.dumps(doc, indent=1) + "\n"
 
 
+def _plan_splits(
+    n: int, seed: int, val_fraction: float, empty_fraction: float
+) -> tuple[set[int], set[int]]:
+    """The ids of the validation images and of the images without objects."""
+    plan = np.random.default_rng([seed, 0])
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    val_ids = {int(i) + 1 for i in plan.choice(n, size=n_val, replace=False)}
+    n_empty = max(round(n * empty_fraction), 1) if empty_fraction > 0 else 0
+    empty_ids = {int(i) + 1 for i in plan.choice(n, size=n_empty, replace=False)}
+    return val_ids, empty_ids
+
+
+def _annotations(image_id: int, shapes: list[_Shape], first_id: int) -> list[dict[str, Any]]:
+    out = []
+    for ann_id, shape in enumerate(shapes, start=first_id):
+        x, y, bw, bh = shape.box
+        out.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": shape.cls + 1,
+                "bbox": [x, y, bw, bh],
+                "area": bw * bh,
+                "iscrowd": 0,
+            }
+        )
+    return out
+
+
+def _write_images(
+    image_dir: Path,
+    n: int,
+    seed: int,
+    sides: tuple[int, int],
+    max_objects: int,
+    val_ids: set[int],
+    empty_ids: set[int],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], int]:
+    """Render and save images ``1..n``; their COCO records and annotations per split, and the
+    number of images without objects."""
+    lo, hi = sides
+    split_images: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    split_anns: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    empty = 0
+    for image_id in range(1, n + 1):
+        rng = np.random.default_rng([seed, 1, image_id])
+        h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+        n_objects = 0 if image_id in empty_ids else int(rng.integers(1, max_objects + 1))
+        pixels, shapes = _render(rng, h, w, n_objects)
+        file_name = f"{image_id:06d}.png"
+        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG", compress_level=6)
+        split = "val" if image_id in val_ids else "train"
+        empty += not shapes
+        split_images[split].append(
+            {"id": image_id, "file_name": file_name, "width": w, "height": h}
+        )
+        first_id = len(split_anns["train"]) + len(split_anns["val"]) + 1
+        split_anns[split] += _annotations(image_id, shapes, first_id)
+
+    return split_images, split_anns, empty
+
+
 def generate(
     out_dir: str | Path,
     *,
@@ -377,53 +478,17 @@ def generate(
     lo, hi = _check_args(images, seed, size, val_fraction, max_objects)
     if not 0.0 <= float(empty_fraction) < 1.0:
         raise SpecError(f"synth: empty_fraction must be in [0, 1), got {empty_fraction!r}")
-    n = int(images)
-    seed = int(seed)
-    out = Path(out_dir)
+    n, seed, out = int(images), int(seed), Path(out_dir)
     image_dir = out / "images"
     if out.exists() and not out.is_dir():
         raise SpecError(f"synth: output path {out} exists and is not a folder")
     image_dir.mkdir(parents=True, exist_ok=True)
-
     started = time.perf_counter()
-    plan = np.random.default_rng([seed, 0])
-    n_val = min(max(round(n * float(val_fraction)), 1), n - 1)
-    val_ids = {int(i) + 1 for i in plan.choice(n, size=n_val, replace=False)}
-    n_empty = max(round(n * float(empty_fraction)), 1) if empty_fraction > 0 else 0
-    empty_ids = {int(i) + 1 for i in plan.choice(n, size=n_empty, replace=False)}
-
-    split_images: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
-    split_anns: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
-    ann_id = 0
-    empty = 0
-    for image_id in range(1, n + 1):
-        rng = np.random.default_rng([seed, 1, image_id])
-        h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
-        n_objects = 0 if image_id in empty_ids else int(rng.integers(1, max_objects + 1))
-        pixels, shapes = _render(rng, h, w, n_objects)
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG", compress_level=6)
-        split = "val" if image_id in val_ids else "train"
-        empty += not shapes
-        split_images[split].append(
-            {"id": image_id, "file_name": file_name, "width": w, "height": h}
-        )
-        for shape in shapes:
-            ann_id += 1
-            x, y, bw, bh = shape.box
-            split_anns[split].append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": shape.cls + 1,
-                    "bbox": [x, y, bw, bh],
-                    "area": bw * bh,
-                    "iscrowd": 0,
-                }
-            )
-
-    train_json = out / "train.json"
-    val_json = out / "val.json"
+    val_ids, empty_ids = _plan_splits(n, seed, float(val_fraction), float(empty_fraction))
+    split_images, split_anns, empty = _write_images(
+        image_dir, n, seed, (lo, hi), max_objects, val_ids, empty_ids
+    )
+    train_json, val_json = out / "train.json", out / "val.json"
     _write_text(train_json, _coco_doc("train", seed, split_images["train"], split_anns["train"]))
     _write_text(val_json, _coco_doc("val", seed, split_images["val"], split_anns["val"]))
     info = SynthInfo(
@@ -440,13 +505,7 @@ def generate(
         class_names=CLASS_NAMES,
         seed=seed,
     )
-    logger.info(
-        "synth: wrote %d images (%d train, %d val), %d objects to %s in %.1fs",
-        n,
-        info.train_images,
-        info.val_images,
-        info.train_annotations + info.val_annotations,
-        out,
-        time.perf_counter() - started,
-    )
+    objects = info.train_annotations + info.val_annotations
+    seconds = time.perf_counter() - started
+    logger.info("synth: wrote %d images, %d objects to %s in %.1fs", n, objects, out, seconds)
     return info

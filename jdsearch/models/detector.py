@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from torchvision.ops.poolers import initLevelMapper
 from jdsearch.arch import BackboneArch
 from jdsearch.models.heads import RecordingRoIHeads
 from jdsearch.models.resnet import ResNet
-from jdsearch.spec import DetectorSpec
+from jdsearch.spec import DetectorSpec, RoISpec, RPNSpec
 
 FEATURE_NAMES = ["0", "1", "2", "3"]
 
@@ -84,6 +85,28 @@ class Detector(FasterRCNN):
         return self.spec.arch
 
 
+def _head_settings(rpn: RPNSpec, roi: RoISpec) -> dict[str, Any]:
+    """torchvision ``FasterRCNN`` keyword arguments of the RPN and RoI-head settings."""
+    return {
+        "rpn_pre_nms_top_n_train": rpn.pre_nms_top_n_train,
+        "rpn_pre_nms_top_n_test": rpn.pre_nms_top_n_test,
+        "rpn_post_nms_top_n_train": rpn.post_nms_top_n_train,
+        "rpn_post_nms_top_n_test": rpn.post_nms_top_n_test,
+        "rpn_nms_thresh": rpn.nms_thresh,
+        "rpn_fg_iou_thresh": rpn.fg_iou_thresh,
+        "rpn_bg_iou_thresh": rpn.bg_iou_thresh,
+        "rpn_batch_size_per_image": rpn.batch_size_per_image,
+        "rpn_positive_fraction": rpn.positive_fraction,
+        "box_score_thresh": roi.score_thresh,
+        "box_nms_thresh": roi.nms_thresh,
+        "box_detections_per_img": roi.detections_per_img,
+        "box_fg_iou_thresh": roi.fg_iou_thresh,
+        "box_bg_iou_thresh": roi.bg_iou_thresh,
+        "box_batch_size_per_image": roi.batch_size_per_image,
+        "box_positive_fraction": roi.positive_fraction,
+    }
+
+
 def build_detector(
     spec_or_arch: DetectorSpec | BackboneArch,
     num_classes: int | None = None,
@@ -129,25 +152,10 @@ def build_detector(
         image_mean=list(inp.image_mean),
         image_std=list(inp.image_std),
         rpn_anchor_generator=anchor_gen,
-        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
-        rpn_nms_thresh=rpn.nms_thresh,
-        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
-        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
-        rpn_batch_size_per_image=rpn.batch_size_per_image,
-        rpn_positive_fraction=rpn.positive_fraction,
         box_roi_pool=pool,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(roi.representation_size, n),
-        box_score_thresh=roi.score_thresh,
-        box_nms_thresh=roi.nms_thresh,
-        box_detections_per_img=roi.detections_per_img,
-        box_fg_iou_thresh=roi.fg_iou_thresh,
-        box_bg_iou_thresh=roi.bg_iou_thresh,
-        box_batch_size_per_image=roi.batch_size_per_image,
-        box_positive_fraction=roi.positive_fraction,
+        **_head_settings(rpn, roi),
     )
     det.transform.size_divisible = inp.size_divisible
     # Same modules and settings; records sampled proposals/outputs for distillation when asked.

@@ -378,8 +378,6 @@ def reorder_channels(detector: nn.Module) -> dict[str, Tensor]:
     perms: dict[str, Tensor] = {}
     stages = _stages(detector)
     inner, layer = _fpn_convs(detector)
-    rpn_conv = _rpn_conv(detector)
-    fc6 = detector.roi_heads.box_head.fc6
     for si, stage in enumerate(stages):
         blocks = list(stage)
         for bi, block in enumerate(blocks):
@@ -388,27 +386,45 @@ def reorder_channels(detector: nn.Module) -> dict[str, Tensor]:
                 perm = _order(_gamma(bns[k]))
                 _permute(perm, [*_out_axes(convs[k]), *_bn_axes(bns[k]), *_in_axes(convs[k + 1])])
                 perms[f"stage{si + 1}.block{bi + 1}.c{k + 1}"] = perm
-        # The stage's residual stream.
-        importance = sum(_gamma(_block_bns(b)[-1]) for b in blocks)
-        axes: list[_Axis] = []
-        for bi, block in enumerate(blocks):
-            axes += _out_axes(_block_convs(block)[-1]) + _bn_axes(_block_bns(block)[-1])
+        following = stages[si + 1][0] if si + 1 < len(stages) else None
+        perms[f"stage{si + 1}.out"] = _reorder_stream(blocks, following, inner[si])
+    perms.update(_reorder_fpn_and_rpn(detector, inner, layer))
+    return perms
+
+
+def _reorder_stream(
+    blocks: list[nn.Module], following: nn.Module | None, lateral: nn.Module
+) -> Tensor:
+    """Permute a stage's residual stream (its blocks' outputs and shortcuts, and what reads it:
+    its later blocks, the next stage's first block, the FPN lateral conv) by summed BN |γ|."""
+    importance = sum(_gamma(_block_bns(b)[-1]) for b in blocks)
+    axes: list[_Axis] = []
+    for bi, block in enumerate(blocks):
+        axes += _out_axes(_block_convs(block)[-1]) + _bn_axes(_block_bns(block)[-1])
+        if block.shortcut is not None:
+            importance = importance + _gamma(block.shortcut.bn)
+            axes += _out_axes(block.shortcut.conv) + _bn_axes(block.shortcut.bn)
+        if bi > 0:
+            axes += _in_axes(block.conv1)
             if block.shortcut is not None:
-                importance = importance + _gamma(block.shortcut.bn)
-                axes += _out_axes(block.shortcut.conv) + _bn_axes(block.shortcut.bn)
-            if bi > 0:
-                axes += _in_axes(block.conv1)
-                if block.shortcut is not None:
-                    axes += _in_axes(block.shortcut.conv)
-        if si + 1 < len(stages):
-            first = stages[si + 1][0]
-            axes += _in_axes(first.conv1)
-            if first.shortcut is not None:
-                axes += _in_axes(first.shortcut.conv)
-        axes += _in_axes(inner[si])
-        perm = _order(importance)
-        _permute(perm, axes)
-        perms[f"stage{si + 1}.out"] = perm
+                axes += _in_axes(block.shortcut.conv)
+    if following is not None:
+        axes += _in_axes(following.conv1)
+        if following.shortcut is not None:
+            axes += _in_axes(following.shortcut.conv)
+    axes += _in_axes(lateral)
+    perm = _order(importance)
+    _permute(perm, axes)
+    return perm
+
+
+def _reorder_fpn_and_rpn(
+    detector: nn.Module, inner: list[nn.Module], layer: list[nn.Module]
+) -> dict[str, Tensor]:
+    """Permute the FPN lateral and output streams and the RPN conv output by filter L1 norm."""
+    perms: dict[str, Tensor] = {}
+    rpn_conv = _rpn_conv(detector)
+    fc6 = detector.roi_heads.box_head.fc6
     # FPN lateral stream: every level's lateral output is summed into one channel space.
     perm = _order(sum(_filter_l1(c) for c in inner))
     _permute(

@@ -104,8 +104,7 @@ class ElasticPool:
             widths=self.spec.widths_of(cfg),
             stem=base.stem,
             fpn=cfg.fpn,
-            strides=base.strides,
-        )
+        ).with_strides(base.strides)
 
     def spec_of(self, cfg: SubnetConfig, name: str | None = None) -> DetectorSpec:
         """The detector spec of ``cfg``: the template's heads and input with ``cfg``'s arch."""

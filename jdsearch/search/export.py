@@ -16,7 +16,7 @@ from jdsearch.resolution import Resolution
 from jdsearch.search.queries import lineage
 from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
 from jdsearch.search.storage import public_url
-from jdsearch.store.export import Exported, export_detector, foreground_names
+from jdsearch.store.export import Exported, Origin, export_detector, foreground_names
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +81,10 @@ def export_trial(
         ExportError: the folder cannot be written, or ONNX and PyTorch disagree.
     """
     t = handle.trial(trial)
-    r = TrialRecord.from_trial(t)
     ckpt = handle.checkpoint(t)
-    size = Resolution.parse(input_size or r.best_resolution)
+    size = Resolution.parse(input_size or TrialRecord.from_trial(t).best_resolution)
     names = foreground_names(ckpt.class_names, ckpt.num_classes)
-    path = [TrialRecord.from_trial(p) for p in lineage(handle.study, t.number)]
-    metrics = r.metrics.get(str(size))
-    source = {
-        "study": handle.study.study_name,
-        "storage": public_url(handle.url),
-        "trial": t.number,
-        "H": t.value,
-        "metrics": None if metrics is None else dict(metrics),
-        "teacher": r.teacher or None,
-        "lineage": [{"trial": p.number, "move": p.move, "H": p.value} for p in path],
-        "base_resolution": handle.study.user_attrs.get(BASE_RESOLUTION_ATTR),
-        "base_flops": handle.study.user_attrs.get(BASE_FLOPS_ATTR),
-    }
+    source = _source(handle, t, size)
     if check_images:
         images, image_source = list(check_images), "given"
     else:
@@ -112,7 +99,23 @@ def export_trial(
         input_size=size,
         check_images=images or None,
         onnx=onnx,
-        source=source,
-        check_source=image_source,
-        categories_source=ids_source,
+        origin=Origin(source, image_source, ids_source),
     )
+
+
+def _source(handle: Any, t: Any, size: Resolution) -> dict[str, Any]:
+    """Where an exported trial came from: study, storage, scores, teacher and lineage."""
+    r = TrialRecord.from_trial(t)
+    path = [TrialRecord.from_trial(p) for p in lineage(handle.study, t.number)]
+    metrics = r.metrics.get(str(size))
+    return {
+        "study": handle.study.study_name,
+        "storage": public_url(handle.url),
+        "trial": t.number,
+        "H": t.value,
+        "metrics": None if metrics is None else dict(metrics),
+        "teacher": r.teacher or None,
+        "lineage": [{"trial": p.number, "move": p.move, "H": p.value} for p in path],
+        "base_resolution": handle.study.user_attrs.get(BASE_RESOLUTION_ATTR),
+        "base_flops": handle.study.user_attrs.get(BASE_FLOPS_ATTR),
+    }

@@ -52,6 +52,7 @@ __all__ = [
     "ONNX_FILE",
     "WEIGHTS_FILE",
     "Exported",
+    "Origin",
     "export_detector",
     "foreground_names",
     "load_detector",
@@ -105,6 +106,16 @@ def foreground_names(class_names: Sequence[str] | None, num_classes: int) -> tup
     return names[1:] if len(names) == num_classes else names
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where an export came from, as written into ``detector.json``: ``source`` (study, trial,
+    lineage, scores), and where the ONNX check images and the category ids came from."""
+
+    source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    check_images: str = "given"
+    categories: str = "given"
+
+
 def export_detector(
     detector: Detector,
     out_dir: str | Path,
@@ -114,100 +125,137 @@ def export_detector(
     input_size: Resolution | str | None = None,
     check_images: Sequence[Tensor] | None = None,
     onnx: bool = True,
-    source: Mapping[str, Any] | None = None,
-    check_source: str = "given",
-    categories_source: str = "given",
+    origin: Origin | None = None,
 ) -> Exported:
     """Write ``detector`` as an export folder (see the module doc) and return it.
 
-    ``class_names`` are the foreground names (labels ``1..K``), ``category_ids`` their COCO ids
-    (default ``1..K``), ``input_size`` the size inputs are resized to (default: the detector's
-    current one). The ONNX graph is checked on ``check_images`` (default: two fixed-seed images,
-    one of them not at the input size's aspect ratio, to exercise the dynamic axes).
+    Args:
+        detector: the detector (copied to the CPU; the original is left alone).
+        out_dir: the folder; an earlier export there is replaced.
+        class_names: the foreground names (labels ``1..K``).
+        category_ids: their COCO ids (default ``1..K``).
+        input_size: ``LONGxSHORT`` inputs are resized to (default: the detector's current one).
+        check_images: the ONNX check's images (default: two fixed-seed noise images, one not at
+            the input size's aspect ratio, to exercise the dynamic axes).
+        onnx: write and check ``model.onnx``.
+        origin: where the export came from (:class:`Origin`).
+
+    Returns:
+        The export, as :func:`load_exported` would read it.
+
+    Raises:
+        ExportError: names or ids that do not match the classes, an unwritable folder, or an ONNX
+            graph that disagrees with PyTorch.
     """
+    origin = origin or Origin()
     out = Path(out_dir)
     det = cpu_copy(detector)
     size = Resolution.parse(input_size) if input_size is not None else get_resolution(det)
     det = _with_input_size(det, size)
     num_classes = det.roi_heads.box_predictor.cls_score.out_features
     names = foreground_names(class_names, num_classes)
-    ids = (
-        tuple(int(i) for i in category_ids)
-        if category_ids is not None
-        else tuple(range(1, num_classes))
-    )
+    ids = tuple(int(i) for i in (range(1, num_classes) if category_ids is None else category_ids))
     if len(names) != num_classes - 1 or len(ids) != num_classes - 1:
         raise ExportError(
-            f"{out}: {len(names)} class names / {len(ids)} category ids for a detector with {num_classes - 1} classes"
+            f"{out}: {len(names)} class names / {len(ids)} category ids for a detector with "
+            f"{num_classes - 1} classes"
         )
+    files: dict[str, Any] = {"weights": _write_weights(out, det, names, origin.source)}
+    check = None
+    if onnx:
+        check, files["onnx"] = _write_onnx(out, det, size, check_images, origin.check_images)
+    else:
+        (out / ONNX_FILE).unlink(missing_ok=True)
+    categories = origin.categories if category_ids is not None else _ASSUMED_IDS
+    info = _info(det, size, names, ids, files, check, origin.source, categories)
+    with atomic_path(out / INFO_FILE) as tmp:
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+    return Exported(out, det, size, names, ids, info)
+
+
+_ASSUMED_IDS = "assumed 1..K (no category ids given)"
+
+
+def _write_weights(
+    out: Path, det: Detector, names: Sequence[str], source: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Start the folder (no ``detector.json`` until the end) with ``model.safetensors``; its
+    entry in ``files``."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"{out}: cannot create the export folder ({e.strerror or e})") from None
     (out / INFO_FILE).unlink(missing_ok=True)  # the folder is not a valid export until the end
-
     weights = out / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
+        extra = {"export": dict(source)}
         tmp.write_bytes(
-            checkpoint_to_bytes(
-                det, class_names=names, extra={"export": dict(source or {})}, source=str(weights)
-            )
+            checkpoint_to_bytes(det, class_names=names, extra=extra, source=str(weights))
         )
-    files: dict[str, Any] = {"weights": {"path": WEIGHTS_FILE, "sha256": sha256_file(weights)}}
-    check: OnnxCheck | None = None
-    if onnx:
-        export_onnx(det, out / ONNX_FILE)
-        if check_images:
-            image_source = check_source
-        else:
-            g = torch.Generator().manual_seed(0)
-            h, w = size.hw
-            check_images = [
-                torch.rand(3, h, w, generator=g),
-                torch.rand(3, max(h // 2, 32), w, generator=g),
-            ]
-            image_source = "noise (no images given)"
-        check = verified_onnx(out / ONNX_FILE, det, check_images)
-        check = dataclasses.replace(check, image_source=image_source)
-        files["onnx"] = {
-            "path": ONNX_FILE,
-            "sha256": sha256_file(out / ONNX_FILE),
-            "opset": ONNX_OPSET,
-            "inputs": {"image": "float32 [3, height, width], RGB in [0, 1], any size"},
-            "outputs": {
-                "boxes": "float32 [N, 4] x1 y1 x2 y2 in input pixels",
-                "scores": "float32 [N]",
-                "labels": "int64 [N], 1..K",
-            },
-        }
-    else:
-        (out / ONNX_FILE).unlink(missing_ok=True)
+    return {"path": WEIGHTS_FILE, "sha256": sha256_file(weights)}
+
+
+def _write_onnx(
+    out: Path,
+    det: Detector,
+    size: Resolution,
+    images: Sequence[Tensor] | None,
+    image_source: str,
+) -> tuple[OnnxCheck, dict[str, Any]]:
+    """``model.onnx``, checked against ``det``: the check and the file's entry in ``files``."""
+    export_onnx(det, out / ONNX_FILE)
+    if not images:
+        g = torch.Generator().manual_seed(0)
+        h, w = size.hw
+        images = [torch.rand(3, h, w, generator=g), torch.rand(3, max(h // 2, 32), w, generator=g)]
+        image_source = "noise (no images given)"
+    check = verified_onnx(out / ONNX_FILE, det, images)
+    entry = {
+        "path": ONNX_FILE,
+        "sha256": sha256_file(out / ONNX_FILE),
+        "opset": ONNX_OPSET,
+        "inputs": {"image": "float32 [3, height, width], RGB in [0, 1], any size"},
+        "outputs": {
+            "boxes": "float32 [N, 4] x1 y1 x2 y2 in input pixels",
+            "scores": "float32 [N]",
+            "labels": "int64 [N], 1..K",
+        },
+    }
+    return dataclasses.replace(check, image_source=image_source), entry
+
+
+def _info(
+    det: Detector,
+    size: Resolution,
+    names: Sequence[str],
+    ids: Sequence[int],
+    files: Mapping[str, Any],
+    check: OnnxCheck | None,
+    source: Mapping[str, Any],
+    categories_source: str,
+) -> dict[str, Any]:
+    """The content of ``detector.json``."""
     report = count_flops(det, size=size.hw)
-    info = {
+    return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "name": det.spec.name,
         "arch": det.arch.encode(),
         "input_size": str(size),
-        "num_classes": num_classes - 1,
+        "num_classes": len(names),
         "class_names": list(names),
         "categories": [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)],
-        "categories_source": categories_source
-        if category_ids is not None
-        else "assumed 1..K (no category ids given)",
+        "categories_source": categories_source,
         "flops": report.total,
         "backbone_flops": report.backbone,
         "params": report.params,
-        "files": files,
+        "files": dict(files),
         "onnx_check": None if check is None else check.to_dict(),
-        "source": dict(source or {}),
+        "source": dict(source),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {"jdsearch": _version(), "torch": torch.__version__},
         "spec": det.spec.to_dict(),
     }
-    with atomic_path(out / INFO_FILE) as tmp:
-        tmp.write_text(json.dumps(info, indent=1) + "\n")
-    return Exported(out, det, size, names, ids, info)
 
 
 def _version() -> str:
