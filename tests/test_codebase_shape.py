@@ -1,0 +1,191 @@
+"""The codebase's shape, checked: layers import only downward, the spec layer is torch-free,
+Optuna internals stay behind one adapter, no private name crosses a module, functions stay short.
+
+The layers are written down in ``docs/architecture.md``; :data:`LAYERS` is the same table.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "jdsearch"
+
+# Bottom to top: a module may import jdsearch modules of its own layer or below. A pattern names a
+# module and everything under it; ``x.*`` only what is under ``x``, ``x!`` only ``x`` itself (the
+# pool package's lazy ``__init__`` sits in the spec layer, its runtime modules above).
+LAYERS: list[tuple[str, list[str]]] = [
+    ("core", ["errors", "resolution", "config", "lazy"]),
+    ("spec", ["arch", "spec", "settings", "study", "pool.space", "pool.spec", "pool!"]),
+    ("data", ["data", "synth"]),
+    ("models", ["models", "flops"]),
+    ("store", ["store"]),
+    ("engine", ["train", "evaluate", "latency"]),
+    ("methods", ["distill", "morph", "pool.*"]),
+    ("search", ["search"]),
+    ("report", ["report"]),
+    ("app", ["cli", "__main__", "__init__"]),
+]
+# Third-party packages a layer may not import (neither may any layer below it).
+FORBIDDEN = {
+    "core": {"torch", "torchvision", "optuna", "sqlalchemy", "plotly", "onnx", "onnxruntime"},
+    "spec": {"torch", "torchvision", "optuna", "sqlalchemy", "plotly", "onnx", "onnxruntime"},
+    "data": {"optuna", "sqlalchemy", "plotly"},
+    "models": {"optuna", "sqlalchemy", "plotly"},
+    "store": {"plotly"},
+    "engine": {"optuna", "sqlalchemy", "plotly"},
+    "methods": {"optuna", "sqlalchemy", "plotly"},
+    "search": {"plotly"},
+}
+MAX_FUNCTION_LINES = 60
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of a module name relative to ``jdsearch`` (most specific wins)."""
+    best, best_len = None, -1
+    for i, (_, patterns) in enumerate(LAYERS):
+        for pattern in patterns:
+            if pattern.endswith(".*"):
+                ok = module.startswith(pattern[:-1])
+            elif pattern.endswith("!"):
+                ok = module == pattern[:-1]
+            else:
+                ok = module == pattern or module.startswith(pattern + ".")
+            specific = len(pattern) - (2 if pattern.endswith(".*") else 0)
+            if ok and specific > best_len:
+                best, best_len = i, specific
+    assert best is not None, f"jdsearch.{module} is in no layer of LAYERS"
+    return best
+
+
+def _modules() -> list[tuple[str, Path, ast.Module]]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        out.append((_module_name(path), path, ast.parse(path.read_text())))
+    return out
+
+
+def _imports(tree: ast.Module) -> list[tuple[str, list[str], int]]:
+    """Every import in the module (top level and inside functions): (module, names, line)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+    return out
+
+
+def _jdsearch_target(module: str, names: list[str]) -> list[str]:
+    """The jdsearch modules an import reaches (``from jdsearch import x`` reaches ``x``)."""
+    rel = module.removeprefix("jdsearch").lstrip(".")
+    if rel:
+        return [rel]
+    return [n for n in names if (PACKAGE / n).exists() or (PACKAGE / f"{n}.py").exists()]
+
+
+def test_every_layer_imports_only_its_own_layer_and_the_ones_below() -> None:
+    problems = []
+    for name, path, tree in _modules():
+        own = _layer_of(name)
+        for module, names, line in _imports(tree):
+            if module != "jdsearch" and not module.startswith("jdsearch."):
+                continue
+            for target in _jdsearch_target(module, names):
+                if _layer_of(target) > own:
+                    problems.append(
+                        f"{path.name}:{line}: jdsearch.{name} ({LAYERS[own][0]}) imports "
+                        f"jdsearch.{target} ({LAYERS[_layer_of(target)][0]})"
+                    )
+    assert not problems, "\n".join(problems)
+
+
+def test_no_layer_imports_a_package_it_must_not() -> None:
+    names = [layer for layer, _ in LAYERS]
+    problems = []
+    for name, path, tree in _modules():
+        layer = LAYERS[_layer_of(name)][0]
+        banned = set().union(
+            *(FORBIDDEN.get(n, set()) for n in names[names.index(layer) :] if n in FORBIDDEN)
+        ) & FORBIDDEN.get(layer, set())
+        for module, _, line in _imports(tree):
+            if module.split(".")[0] in banned:
+                problems.append(f"{path.name}:{line}: jdsearch.{name} ({layer}) imports {module}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        ("jdsearch.study", "torch"),
+        ("jdsearch.spec", "torch"),
+        ("jdsearch.pool.spec", "torch"),
+        ("jdsearch", "torch"),
+        ("jdsearch.store.export", "optuna"),
+        ("jdsearch.train", "optuna"),
+    ],
+)
+def test_importing_a_layer_pulls_nothing_from_above(module: str, absent: str) -> None:
+    code = f"import sys, {module}; sys.exit(1 if {absent!r} in sys.modules else 0)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, f"importing {module} imports {absent}: {result.stderr}"
+
+
+def test_optuna_internals_are_used_only_behind_the_adapter() -> None:
+    adapter = "search.optuna_internals"
+    problems = []
+    for name, path, tree in _modules():
+        if name == adapter:
+            continue
+        for node in ast.walk(tree):
+            private = isinstance(node, ast.Attribute) and node.attr in {
+                "_storage",
+                "_trial_id",
+                "_study_id",
+            }
+            if private:
+                problems.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        for module, _, line in _imports(tree):
+            if module.startswith("optuna") and any(p.startswith("_") for p in module.split(".")):
+                problems.append(f"{path.name}:{line}: imports {module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    problems = []
+    for _, path, tree in _modules():
+        for module, names, line in _imports(tree):
+            if module.startswith("jdsearch"):
+                private = [n for n in names if n.startswith("_") and n != "__version__"]
+                if private:
+                    problems.append(f"{path.name}:{line}: from {module} import {private}")
+    assert not problems, "\n".join(problems)
+
+
+def test_functions_of_the_package_are_short() -> None:
+    long = []
+    for _, path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "\n".join(long)
+
+
+def test_every_package_says_what_it_owns_and_may_import() -> None:
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "import" in doc.lower(), f"{init.parent.name}/__init__.py: no layering rule in its docstring"
