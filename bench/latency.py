@@ -7,7 +7,7 @@ Two tables:
    1080×720: FLOPs ratio and measured FPS ratio, the two timed interleaved. Weights are random
    (speed does not depend on them, except through the number of boxes surviving NMS; the same
    fixed image, resized to each input size, goes to both).
-2. **ONNX Runtime vs PyTorch** — the exported inference graph (``jdsearch.export``) against
+2. **ONNX Runtime vs PyTorch** — the exported inference graph (``jdsearch.store.export``) against
    eager PyTorch for the same detector and image.
 
     python bench/latency.py                            # r18 pair + ORT table, CPU, ~2 min

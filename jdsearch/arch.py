@@ -1,24 +1,7 @@
-"""Backbone architecture: stages → blocks → conv output widths, and the paper's text encoding.
-
-A ``BackboneArch`` describes every backbone the search can produce: a ResNet/ResNeXt stem, four
-stages, each an ordered list of residual blocks, each block the output widths of its convs —
-``(c1, c_out)`` for a basic block, ``(c1, c2, c_out)`` for a bottleneck — plus the block's
-convolution groups (ResNeXt), each stage's stride (carried by its first block) and the FPN width.
-
-Widths are free per block: channel pruning gives every block its own inner widths, and rearrange
-moves a block with its widths into the neighbouring stage, so a stage may mix output widths
-(appendix B's R101 student starts stage 4 with two 321-wide blocks from stage 3). A block's input
-width is the previous block's output (the stem's for the first block), and a block has a projection
-shortcut exactly when its input width differs from its output width or it is strided.
-
-Encoding (appendix B): blocks are written ``(c1, c2, c_out)`` and joined by ``-`` inside a stage;
-stages are wrapped in ``[...]`` and joined by ``, ``::
-
-    [(64, 64, 256)-(64, 64, 256)-(64, 64, 256)], [(128, 128, 512)-...], [...], [...]
-
-The encoding carries only block widths; the stem width, groups, strides and FPN width come from
-the detector spec (they are keyword arguments of :meth:`BackboneArch.parse`). ``to_dict`` carries
-everything.
+"""Backbone architectures: stages → blocks → conv output widths (:class:`BackboneArch`), with the
+paper's appendix-B text encoding ``[(64, 64, 256)-(64, 64, 256)], [...], [...], [...]`` and a
+dict form that carries everything (stem, groups, strides, FPN). Torch-free. Notes:
+``docs/morphism.md``, "The architecture encoding".
 """
 
 from __future__ import annotations

@@ -1,63 +1,6 @@
-"""Knowledge distillation for Faster R-CNN FPN detectors (paper section 3.2, appendices A.2 and G).
-
-The :class:`Distiller` is a *loss term* for :func:`jdsearch.train.train`: after each training
-forward of the student it reads what the student recorded (:mod:`jdsearch.models.heads`), runs the
-frozen teacher on the same inputs and returns the weighted KD losses, which the trainer adds to
-``L_det``. Together with the BN-sparsity term the student minimises
-``L = L_det + L_feat + L_pred + λ L_BN`` (section 3.3), ``L_pred = L_cls + L_loc``.
-
-**Shared proposals** (appendix A.2). Student and teacher would sample different proposals, so the
-teacher uses the student's: it runs its own backbone on the student's transformed image batch
-(same resize, normalisation and padding, so dynamic resolution is shared too), then its own
-``box_roi_pool`` → ``box_head`` → ``box_predictor`` on the student's sampled proposals, in eval
-mode and without gradients. Its RPN and transform never run.
-
-**Losses.** With ``N`` sampled proposals (all images of the batch), ``N_p`` of them positive
-(matched to an object, label > 0), ``K`` classes including background:
-
-* ``L_feat`` (3.2.1): ``(1 / N_p) · Σ_{i positive} mean_{c,y,x} (f_adap(F_S,i) − F_T,i)² / E_T``
-  where ``F`` are the RoIAligned FPN features of proposal ``i`` (``C × P × P``, before the box
-  head), ``f_adap`` is a 3×3 conv (stride 1, padding 1) from the student's FPN width to the
-  teacher's, and ``E_T`` is the teacher's mean squared feature over the same positives (a
-  constant: no gradient), or 1 with ``KDConfig.feat_normalize = False``. Choices, all
-  departures from a literal reading of the formula, each a constant factor per batch:
-
-  - *Which proposals:* the positive ones. The section motivates proposal features by the
-    foreground/background imbalance of whole-map imitation, and ``N_p`` counts positives, so the
-    sum runs over the object proposals it normalises by. It is 0 (and finite) when a batch has
-    no positive proposal (e.g. images without objects).
-  - *Per-element mean inside a proposal* instead of the sum over ``W·H·C``: the two differ by
-    ``C·P²`` (12 544 for a 256-wide FPN and 7×7 pooling, 1 568 for the tiny presets), which
-    would otherwise have to be folded into ``feat_weight`` differently for every teacher width.
-  - *Relative to the teacher's feature energy* (``E_T``, on by default): FPN outputs are not
-    normalised, and their scale differs between teachers (dynamic distillation swaps teachers
-    during the search) and is large for fresh students. Unnormalised, the adapter's regression
-    has curvature ``∝ 9·C_S/C_T · E[F_S²]``, which made SGD at lr 0.02 diverge within ten
-    iterations on the tiny presets (``E[F²] ≈ 10``); divided by ``E_T`` it is scale-free and
-    ``feat_weight = 1`` means the same for any pair. With ``feat_normalize = False`` the term is
-    the plain MSE over positive proposals.
-
-  ``f_adap`` is applied to the pooled features (as the paper writes it: F_S *after* RoI align),
-  not to the student's FPN maps before pooling: only the ``N_p × P × P`` positions of positive
-  proposals go through the conv, far fewer than the FPN maps' pixels at detection resolutions
-  (e.g. ≤ 128·49 vs ~89 000 positions per 1333×800 image), and the conv's parameters never touch
-  the student's own forward. When the widths are equal the conv is Dirac-initialised (identity),
-  otherwise PyTorch's default init.
-* ``L_cls`` (3.2.2): soft cross-entropy ``−(1/N) Σ_i Σ_k p_t^{ik} log p_s^{ik}`` with
-  ``p = softmax(logits / T)``, multiplied by ``T²`` (Hinton's scaling, so gradients keep their
-  size when ``T`` changes; ``T = 1`` by default, which is the paper's formula).
-* ``L_loc`` (3.2.2): class-aware localisation, ``(1/N) Σ_i ‖Σ_{c=1}^{K−1} p_t^{ic} (reg_t^{ic} −
-  reg_s^{ic})‖₁`` over the foreground classes, ``p_t`` the teacher's class probabilities (at
-  ``T = 1``: they weigh class hypotheses, they are not soft targets) and ``reg`` the 4 box-coder
-  deltas of each class; the L1 norm sums the 4 coordinates.
-
-Each is multiplied by its weight in :class:`KDConfig` and returned as ``loss_kd_feat``,
-``loss_kd_cls`` and ``loss_kd_loc``.
-
-**Ownership.** The adapter belongs to the distiller (the student's training state), never to the
-student: exporting the student's ``state_dict`` exports a plain detector. The teacher is a
-submodule (so ``.to(device)`` moves it) but is frozen: ``requires_grad`` off and eval mode, also
-after ``distiller.train()``. The trainable state is ``distiller.adapter``.
+"""Knowledge distillation for Faster R-CNN FPN detectors (paper 3.2): the :class:`Distiller` loss
+term adds the proposal-feature, soft-logit and class-aware localisation losses of a frozen
+teacher, computed on the student's own sampled proposals. Design notes: ``docs/distillation.md``.
 """
 
 from __future__ import annotations

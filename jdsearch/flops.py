@@ -1,55 +1,6 @@
-"""Multiply-add ("FLOPs") counting for a built detector: total, per part and per backbone stage.
-
-Like the detection literature (mmcv's ``get_model_complexity_info``, used by mmdetection's
-``tools/get_flops.py`` and by the paper), "FLOPs" here are **multiply-adds**, counted on the modules
-of the model actually built — a pruned or morphed detector is counted as it is, not re-derived from
-its arch.
-
-How it counts
--------------
-The detector is run on a ``1×3×h×w`` input of exactly the requested size (no resize, no padding to
-32, as ``get_flops.py`` does) with forward hooks on its leaf modules. The pass runs on the ``meta``
-device through :func:`torch.func.functional_call`, so no activation is allocated and the model's
-own weights are neither copied nor touched (a paper-sized count takes 0.05–0.3 s on a CPU). The
-backbone, FPN and RPN head see the whole image (the RPN head on all five levels P2–P6); the RoI box
-head and predictor are counted for ``rpn.post_nms_top_n_test`` RoIs (1000 for the paper presets),
-i.e. a ``num_rois × C × 7 × 7`` pooled tensor.
-
-Convention (mmcv's), per call of a module:
-
-* ``Conv*d``: ``k_h·k_w·c_in/groups · c_out · h_out·w_out`` (+ one add per output if it has a bias);
-* ``Linear``: ``in_features · out_features`` per row (bias not counted);
-* norm layers (BN, GN, LN, frozen BN): ``numel`` of the input, ×2 when affine;
-* ReLU-family activations: ``numel`` of the output; pooling / ``Upsample`` modules: ``numel`` of the
-  input / output;
-* functional ops are free: residual adds, ``F.interpolate`` / ``F.max_pool2d`` in the FPN, ``F.relu``
-  in the box head, RoIAlign, anchor decoding and NMS.
-
-Why this convention: it reproduces every figure of the paper we can check to ≤0.1 %, while pure
-conv+linear MACs alone fall 0.2–0.5 % short (the "elementwise" part — BN, ReLU, pooling, conv bias —
-is 0.2 % of R18-FPN, 0.4 % of R50-FPN and 0.5 % of X101-FPN)::
-
-    model (81 classes)        input      ours (G)  weights only  paper (G)
-    R18-FPN                   1333×800   160.56    160.29        160.5   (table 4)
-    R50-FPN                   1333×800   215.84    215.06        215.8   (table 4)
-    R101-FPN                  1333×800   295.72    294.60        295.7   (table 4)
-    X101-32x4d-FPN            1280×800   286.91    285.53        286.9   (table 4, see below)
-    R18 student  (app. B)     1080×720   117.30    117.13        117.3   (table 4)
-    R50 student  (app. B)     1080×720   145.79    145.31        145.7   (table 4)
-    R101 student (app. B)     1080×720   153.78    153.25        153.9   (table 4)
-    R50 / R101 backbone       1280×800   84.08 / 160.15        84.1 / 160.2 (table 2)
-    R101 student backbone     1080×720   58.73                 58.9  (table 5)
-
-The paper's X101-FPN baseline (and its table-2 backbone column) match mmdetection's default
-``get_flops.py`` shape 1280×800, not the 1333×800 its table states: at 1333×800 X101-32x4d-FPN
-counts 299.64 G (+4.4 %). Two tiny known differences from mmdetection's model, both ≤0.02 G:
-torchvision's RPN head has a ``ReLU`` module (counted) where mmdetection calls ``F.relu``, and its
-box regressor has 4·81 outputs instead of 4·80.
-
-Orientation: a count depends on each spatial side separately, so ``(1333, 800)`` and ``(800, 1333)``
-give identical numbers (``get_flops.py`` feeds ``(1, 3, 1333, 800)``, i.e. height 1333). At
-1333×800 the FPN + RPN head are 67 % of R18-FPN and 53 % of R50-FPN: they scale with pixels, not
-with the backbone, which is why the input resolution is searched too.
+"""Multiply-add ("FLOPs") counting of a built detector, total, per part and per backbone stage,
+with mmcv's convention (it reproduces the paper's tables to ≤ 0.1 %). The count runs on the meta
+device and never touches the weights. How and why: ``docs/search.md``, "Complexity".
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
-"""RoI heads that can record one training step for distillation (paper section 3.2, appendix A.2).
-
-Detection distillation compares student and teacher *on the same proposals*: the student's sampled
-training proposals are shared with the teacher (appendix A.2, "proposal matching"). torchvision's
-:class:`~torchvision.models.detection.roi_heads.RoIHeads` computes everything needed inside its
-``forward`` and then drops it, so :class:`RecordingRoIHeads` keeps it for the step:
-
-* its :meth:`~RecordingRoIHeads.select_training_samples` override keeps the sampled proposals and
-  their labels (``0`` background, ``1..K`` classes);
-* forward hooks on ``box_roi_pool`` and ``box_predictor`` keep the RoIAligned proposal features
-  (before the box head) and the class logits / class-specific box regression;
-* a forward hook on the detector's ``transform`` keeps the transformed :class:`ImageList` (resized,
-  normalised, padded), so that the teacher sees exactly the tensor the student saw.
-
-Recording is off by default. Then no hook is registered and nothing is kept: the module behaves
-exactly as torchvision's ``RoIHeads`` (the subclass adds no parameter or buffer, so state dicts
-are identical). :func:`start_recording` / :func:`stop_recording` (or the :func:`recording` context
-manager) switch it on and off for a whole detector; while on, only the latest training step is
-kept, and :meth:`RecordingRoIHeads.pop_record` hands it over and forgets it. Evaluation forwards
-(``model.eval()``) never record.
+"""RoI heads that record one training step for distillation: the student's sampled proposals,
+their pooled features and predictions, and the transformed image batch, so the teacher sees the
+same tensor. Off by default, then identical to torchvision's. Notes: ``docs/distillation.md``.
 """
 
 from __future__ import annotations

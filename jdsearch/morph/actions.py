@@ -1,27 +1,6 @@
-"""Student morphism (paper 3.1.2, appendix A.1.2): four actions that reshape a detector's backbone
-and inherit its weights — ``f_evolve(S_old, a) → S_new``.
-
-Actions are short, stable strings (CLI, lineage, plots); stages are 1-based as in the paper, and
-every parameter (the pruning fraction…) comes from :class:`MorphConfig`, never from the string:
-
-* ``channel_prune`` — network slimming: remove the ``channel_fraction`` least important channels,
-  ranked globally by BN |γ| (see :mod:`jdsearch.pruning` for the channel spaces).
-* ``layer_prune`` — remove the identity-shortcut block with the least mean |θ|.
-* ``add_layer:<s>`` — append a block to stage ``s``, a copy of the stage's last block's widths,
-  initialised as an identity (Dirac convs, last BN zeroed): the detector's function is unchanged.
-* ``rearrange:<s>-><t>`` — move the block at the boundary of neighbouring stages ``s`` and ``t``
-  into ``t`` by moving the stride: ``3->4`` moves stage 3's last block to the start of stage 4
-  where it takes the stride; ``4->3`` moves stage 4's first block to the end of stage 3 and the
-  next block of stage 4 takes the stride. The sequence of blocks is unchanged, so every conv keeps
-  its weights; only a strided shortcut the block never had (Dirac 1×1, BN as identity) and an FPN
-  lateral conv whose input width changed (fresh init) are new. A block that loses its stride and
-  has equal input/output widths drops its projection.
-
-Weight inheritance is one table-driven routine: each action *plans* the child arch, where each
-child block comes from (``None`` = new) and which parent channels each of its channel dimensions
-keeps; :func:`_inherit` then copies every state-dict entry by name, slicing channel dimensions
-with those index lists. Everything outside the backbone body except the FPN lateral convs' input
-dimension (stem, FPN output convs, RPN, RoI heads) is copied unchanged.
+"""The four weight-inheriting actions of student morphism (paper 3.1.2): ``channel_prune``,
+``layer_prune``, ``add_layer:S`` and ``rearrange:S->T``. :func:`evolve` plans the child
+architecture and copies every inherited tensor by name. Design notes: ``docs/morphism.md``.
 """
 
 from __future__ import annotations

@@ -1,35 +1,6 @@
-"""Pruning criteria: network-slimming channel ranking, layer importance and the BN sparsity loss.
-
-This module decides *what* to remove; :mod:`jdsearch.morph` builds the smaller detector and
-copies the surviving weights.
-
-**Channel spaces** (paper 3.3, appendix A.3). Residual additions force every block of a *chain* —
-a maximal run of blocks joined by identity shortcuts, headed by a block with a projection
-shortcut — to share one output width. A chain's width is ranked by the |γ| of its head's
-projection BN (``stages.{s}.{b}.shortcut.bn``) and pruned in every block of the chain, in the
-input of the block that follows it and in the FPN lateral conv of every stage the chain ends.
-Normally a stage is one chain headed by its strided first block; after a ``rearrange`` a stage can
-hold two. Blocks before the first projection (stage 1 of an R18 whose stem is as wide as the
-stage) are headed by the stem and keep their width. A block's inner widths follow its middle BNs
-(``bn1`` for a basic block; ``bn1``/``bn2`` for a bottleneck). A grouped (ResNeXt) bottleneck
-prunes whole groups of ``bn1`` and ``bn2`` together, so channels per group stay fixed.
-
-**Ranking.** Every removable unit — one chain channel, one inner channel, or one group — is ranked
-globally over the backbone by |γ| (a group by the mean |γ| of its ``bn1`` and ``bn2`` channels).
-Units are removed from the least important up until ``fraction`` of all prunable channels is gone
-(a chain channel counts once, for its ranking BN, though it leaves every block of the chain; a
-group counts its ``bn1`` and ``bn2`` channels; at least one unit goes). Ties (a fresh BN's γ = 1)
-are broken by a unit's relative position in its space, so tied spaces shrink in proportion. A
-unit is skipped when its removal would leave its space below the minimum: ``min_channels``
-channels per conv (default 1); a grouped conv keeps at least two groups (one group would be a
-dense conv, and the arch could then no longer tell that the block's width is tied to its group
-width) and at least ``min_channels`` channels.
-
-**Sparsity.** :class:`BNSparsity` adds ``λ Σ|γ|`` (λ = 1e-5, paper 3.3) over the *prunable* BNs:
-the middle BNs of every block, and every BN that produces a prunable chain's channels (the head's
-projection BN and the last BN of each block in the chain), so that a channel driven to zero by
-the penalty is zero everywhere it is produced and can be removed without changing the function.
-The stem BN and chains headed by the stem are excluded: they are never pruned.
+"""What to prune: network-slimming channel spaces and their global |γ| ranking, layer importance,
+and the BN-sparsity loss term (paper 3.3, A.3). :mod:`jdsearch.morph.actions` builds the smaller
+detector. Design notes: ``docs/morphism.md``, "What to prune".
 """
 
 from __future__ import annotations

@@ -1,37 +1,6 @@
-"""Elastic layers: one super-net Faster R-CNN FPN whose weights every sub-network shares.
-
-The teacher pool (paper 3.1.3, A.1.3) trains one super-net and runs *sub-networks* of it: fewer
-blocks per stage, narrower stages, a narrower FPN. A sub-network is described by an ordinary
-:class:`~jdsearch.arch.BackboneArch` that *fits* the super-net's (same stem, strides, block kind and
-shortcut layout; per block, no more channels; per stage, no more blocks; FPN no wider). The
-sub-network always takes the **first** channels and the **first** blocks:
-
-* :class:`ElasticConv2d` / :class:`ElasticLinear` compute with ``weight[:out, :in]``
-  (``bias[:out]``) where ``in`` is the channel count of the input actually received and ``out``
-  the module's ``active_out`` (``None``: all). Only ``active_out`` is ever set; input widths
-  follow by themselves, as in once-for-all's dynamic layers.
-* :class:`ElasticBatchNorm2d` normalises the first ``C`` channels with ``γ[:C]``, ``β[:C]`` and
-  the running statistics ``[:C]`` — in training mode those slices are updated in place, so the
-  super-net's statistics mix every sampled sub-network's: recalibrate after extraction.
-* :class:`ElasticStage` runs its first ``active_depth`` blocks.
-* The RPN head and the box head follow the FPN width: the RPN's 3×3 conv is ``F → F``, its two
-  1×1 convs read ``F`` channels, and ``fc6`` reads the first ``F·P²`` columns (the pooled
-  ``F × P × P`` features are flattened channel-major, so the first ``F`` channels are exactly the
-  first ``F·P²`` columns).
-
-Because every slice is a prefix, a sub-network's weights are the super-net's tensors cut to the
-sub-network's shapes (:func:`sliced_state_dict`), and a standalone detector built by
-:func:`~jdsearch.models.detector.build_detector` from the sub-arch computes exactly what the
-super-net computes with that sub-arch active.
-
-The elastic modules subclass the plain ones and keep their parameter names, so an elastic
-super-net has the same ``state_dict`` as the plain detector of the largest arch
-(:func:`make_elastic` converts one in place, sharing its parameters).
-
-:func:`reorder_channels` sorts every elastic channel dimension by importance (BN ``|γ|`` for the
-backbone, filter L1 norm for the FPN and RPN convs) so that prefixes keep the important channels;
-it permutes every tensor that reads or writes a channel consistently, so the full network computes
-the same function (up to float summation order).
+"""Elastic layers: one super-net whose weights every sub-network shares (prefix slices of channels,
+blocks and FPN width), its conversion (:func:`make_elastic`), slicing (:func:`sliced_state_dict`)
+and function-preserving channel re-ordering (:func:`reorder_channels`). Notes: ``docs/pool.md``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
-"""The pool's sub-network space (paper 3.1.3, A.1.3): :class:`SubnetConfig`, :class:`SubnetSpace`.
-
-**Sub-networks.** A :class:`SubnetConfig` picks, per backbone stage, a depth (the first ``d``
-blocks run) and a width multiplier ``m`` of the base width ``W`` (``(64, 128, 256, 512)`` for
-ResNets) — the stage's inner widths become ``round(m·W)`` and its output ``4·round(m·W)``
-(bottleneck) — plus the FPN width, which the RPN head and the box head follow. The stem is fixed.
-Its string form, used in lineage and plots, is ``d3-4-12-3_w1.25-1.5-1.5-1.25_f320``.
-
-**Space.** A :class:`SubnetSpace` lists the allowed depths and multipliers per stage and the
-allowed FPN widths; the super-net is its largest member. The paper's space (the final phase of
-:meth:`PoolSpec.paper <jdsearch.pool.spec.PoolSpec.paper>`): depths ``[2–3, 2–4, 2–23, 2–3]``,
-multipliers ``{1.0, 1.25, 1.5}`` per stage, FPN ``{256, 320, 384}``, i.e.
-``(2·3·22·2) · 3⁴ · 3 = 264 · 81 · 3 = 64 152`` sub-networks, ``× 4`` resolutions ``= 256 608``
-(sub-network, resolution) pairs. The paper reports "roughly 765 000"; that is about three times
-ours (``264 · 3⁶ · 4 = 769 824`` would match if one more three-way width choice were elastic, e.g.
-separate inner/output widths for one stage); the paper does not give the arithmetic, so ours is
-reported as is.
-
-The space also defines the teacher mutations of the search (paper algorithm 1, line 11):
-:meth:`SubnetSpace.move_names`, :meth:`SubnetSpace.apply_move`, :meth:`SubnetSpace.mutate`.
+"""The pool's sub-network space (paper 3.1.3): :class:`SubnetConfig` (one teacher, string form
+``d3-4-12-3_w1.25-1.5-1.5-1.25_f320``), :class:`SubnetSpace` (allowed choices, sampling, and the
+search's teacher mutations). Torch-free. Notes: ``docs/pool.md``.
 """
 
 from __future__ import annotations

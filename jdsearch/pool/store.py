@@ -1,8 +1,8 @@
 """Pool files: save, load and train-then-save a teacher pool.
 
-**Files.** A pool file is a jdsearch checkpoint of the super-net (:mod:`jdsearch.checkpoint`:
+**Files.** A pool file is a jdsearch checkpoint of the super-net (:mod:`jdsearch.store.checkpoint`:
 safetensors, sha256-verified, never unpickled) whose ``extra["pool"]`` holds the pool spec and
-the per-phase training record; :func:`~jdsearch.checkpoint.load_checkpoint` also reads it (as the
+the per-phase training record; :func:`~jdsearch.store.checkpoint.load_checkpoint` also reads it (as the
 largest detector).
 """
 

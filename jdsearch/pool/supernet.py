@@ -34,7 +34,7 @@ class ElasticPool:
     """The elastic super-net and everything needed to run, extract and store its sub-networks.
 
     ``supernet`` is a :class:`~jdsearch.models.detector.Detector` of the largest arch made elastic
-    in place (:func:`jdsearch.elastic.make_elastic`); train it as any detector. ``activate(cfg)``
+    in place (:func:`jdsearch.pool.elastic.make_elastic`); train it as any detector. ``activate(cfg)``
     chooses what its forward computes; :meth:`extract` returns a standalone copy of a sub-network.
     """
 

@@ -2,7 +2,7 @@
 
 **Training** (:func:`train_pool`, integrated progressive shrinking, IPS): phase 0 trains the
 super-net alone with the plain detection loss; each later phase first re-orders channels by
-importance (function-preserving, :func:`jdsearch.elastic.reorder_channels`), then samples one
+importance (function-preserving, :func:`jdsearch.pool.elastic.reorder_channels`), then samples one
 sub-network of that phase's space per iteration — smaller depths *and* widths together, unlike
 once-for-all's sequential progressive shrinking — and trains it with the detection loss plus
 distillation from a frozen copy of the phase-0 super-net (:func:`jdsearch.distill.make_distiller`).

@@ -1,47 +1,6 @@
-"""Figures that explain a finished search (paper figs. 5–9 and table 4), as one offline HTML report.
-
-Every figure is a plotly ``go.Figure`` built by a function of the study's trials (``FrozenTrial``
-objects, failed ones included: they are skipped in the plots and counted where it helps), so each
-can be tested on hand-made trials without a database:
-
-========================  ==================================================================
-key                       what it shows
-========================  ==================================================================
-``h_per_iteration``       fig. 8 — H of every sampled student per trial, one series per
-                          evaluated resolution, and the best H so far
-``pareto``                fig. 9 — AP against GFLOPs, both at the trial's best resolution, the
-                          Pareto front (max AP, min FLOPs) as a step line, base and upgraded
-                          trial marked
-``teacher_capacity``      fig. 5 — backbone parameters of the best student's teacher over the
-                          search (running best), and their distribution over all trials
-``action_gain``           fig. 6 — per generation phase and action family: the score increment
-                          the beneficial actions brought, and each family's share of the
-                          phase's beneficial actions
-``stage_flops``           fig. 7 — per-stage backbone GFLOPs (stem, stages 1–4), base vs upgraded
-``lineage``               the search tree: trial → parent links, the base → upgraded path marked
-========================  ==================================================================
-
-The *upgraded* trial is the one the report is about: the best trial (highest H, the earlier trial
-on a tie, as :meth:`jdsearch.search.StudyHandle.trial` picks it) unless ``trial=`` names another
-completed one; figs. 7 and 9, the lineage path and the HTML summary all follow it.
-
-FLOPs: the trial attribute ``flops`` is the student's multiply-adds at the study's *base*
-resolution (the complexity C(S) of the score H; fig. 7 and the lineage hover use it); ``flops_at``
-maps every evaluated resolution to the multiply-adds at that resolution. Fig. 9 and its Pareto
-front pair AP at the trial's best resolution with ``flops_at`` at that same resolution; trials
-recorded before ``flops_at`` existed fall back to ``flops`` (marked open in the plot and labelled
-in the hover). AP is COCO box AP at the resolution where the trial scored best.
-
-Fig. 6's *phases* (the paper's "generations"): the completed trials, ordered by trial number, are
-split into ``phases`` windows of (nearly) equal count — trial numbers are the order the search
-started its trials in. An action (a trial's move) is *beneficial*
-when H(child) > H(parent); a child of a failed or missing parent has no increment and counts only
-in the hover.
-
-:func:`write_report` writes ``report.html`` (plotly.js embedded once, so the file works offline),
-``figures/<key>.json`` and — when an image exporter (kaleido) works — ``figures/<key>.png``, and
-attaches the figures to the study for optuna-dashboard under stable ids (``jdsearch-<key>``), so a
-second report replaces the first.
+"""The figures that explain a finished search (paper figs. 5–9 and the lineage), each a plotly
+figure built from the study's trials, so each is tested on hand-made trials. What each shows:
+``docs/search.md``, "Reading a search".
 """
 
 from __future__ import annotations

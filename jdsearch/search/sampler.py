@@ -1,29 +1,6 @@
-"""Hill climbing over (student, teacher) pairs as an Optuna sampler (paper algorithm 1, A.1.4).
-
-Each Optuna trial is one iteration of algorithm 1. For a new trial the sampler
-
-1. builds the top-k list (k = 5) from the study's COMPLETE trials ranked by value (the score H);
-2. samples a parent from it, **rank-weighted** (weight k − rank: the best pair is picked k times as
-   often as the k-th). The paper samples "according to the score ranking"; rank weights keep
-   pressure on the best pair without letting one lucky score (values differ by fractions of a
-   point early on) take every draw, as value-proportional weights would;
-3. chooses to evolve the student or mutate the teacher — the student is frozen for the first
-   ``freeze_student`` iterations (5 in the paper) so the teacher adapts to the base student first;
-4. picks a move not yet tried from that parent (while untried ones remain): first an action
-   family uniformly (channel_prune, layer_prune, add_layer, rearrange; teacher depth, width,
-   FPN), then one of its variants — uniform over raw moves would give rearrange's six variants
-   half of all student moves and leave channel pruning, the paper's most useful action, 1 in 12.
-
-The move is an ordinary categorical trial parameter ``move`` over a fixed vocabulary (the
-student actions plus the teacher mutations the pool's space allows), so ``optuna trials`` and
-optuna-dashboard show and filter it; the parent's trial number is the user attribute ``parent``.
-Trial 0 (no COMPLETE trial yet) is the root, move ``base``: the base detector with the pool's
-super-net as teacher. Workers that start while the root is still running wait for it; when
-several trials start at once, the lowest-numbered one takes the root.
-
-The sampler is pure decision logic: what moves are feasible for a parent is asked of a callback
-(``feasible(parent_trial) -> (student_moves, teacher_moves)``), so it is unit-tested with fake
-trials. Decisions are reproducible: trial n's draws come from ``(seed, n)`` only.
+"""Hill climbing over (student, teacher) pairs as an Optuna sampler (paper algorithm 1): a
+rank-weighted parent from the top-k, a student or teacher move not yet tried from it. Pure
+decision logic, reproducible per (seed, trial number). Notes: ``docs/search.md``, "The sampler".
 """
 
 from __future__ import annotations

@@ -1,37 +1,6 @@
-"""Optuna artifact store that keeps the bytes in the study's own SQL database.
-
-The study's storage URL must carry the whole search — trials, lineage *and* the student
-checkpoints — so :class:`SQLArtifactStore` puts artifacts into two tables next to Optuna's own
-(SQLite file by default, PostgreSQL when several machines search together):
-
-* ``{prefix}artifacts`` — one header row per *written version* of an artifact: ``blob_id`` (a
-  fresh uuid per :meth:`~SQLArtifactStore.write`), ``artifact_id``, ``size``, ``sha256``,
-  ``n_chunks``, ``chunk_size``, ``complete`` and timestamps;
-* ``{prefix}artifact_chunks`` — ``(blob_id, seq, data)``, the bytes cut into ``chunk_size``
-  pieces (the last one shorter).
-
-Writing streams: the input is read one chunk at a time and each chunk is inserted and committed
-in its own short transaction, so neither the payload nor one huge transaction is ever held, and an
-SQLite file stays writable by the other workers between chunks. The header is inserted first with
-``complete = false``; readers only ever look at complete headers, and the final transaction flips
-the flag (with size/sha256/n_chunks) and deletes the artifact's previous version. A writer killed
-mid-way therefore leaves an invisible, incomplete version behind (reclaimed by
-:meth:`~SQLArtifactStore.purge_incomplete`), never a truncated artifact.
-
-Overwriting an id replaces its content, as optuna's ``FileSystemArtifactStore`` does — but
-atomically: the old bytes stay readable until the new ones are complete.
-
-Reading streams too: :meth:`~SQLArtifactStore.open_reader` returns a buffered, read-only stream
-that fetches one chunk per query (no transaction is held open between chunks) and checks each
-chunk's length and, when the last chunk arrives, the sha256 of the whole content *before* handing
-the last chunk's bytes out. A tampered, truncated or missing chunk raises
-:class:`ArtifactIntegrityError` (a :class:`~jdsearch.errors.CheckpointError`) naming the artifact.
-
-Concurrency: every transaction is short (one chunk, or one header update) and is retried whole on
-lock contention; engines built here give SQLite a busy timeout, so several workers sharing one
-SQLite file interleave their chunks instead of failing with "database is locked". The SQLite
-journal mode is left as Optuna's storage has it. With PostgreSQL through psycopg2, chunks move by
-binary ``COPY`` (see ``pg_copy``).
+"""An Optuna artifact store that keeps the bytes in the study's own SQL database (SQLite or
+PostgreSQL): chunked streaming writes published atomically, sha256-checked reads, safe for
+several workers. Design notes: ``docs/storage.md``, "The study's artifact store".
 """
 
 from __future__ import annotations

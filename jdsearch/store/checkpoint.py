@@ -1,29 +1,6 @@
-"""Detector checkpoints: one safetensors file = weights + a JSON description of the detector.
-
-Layout of a checkpoint (a plain safetensors file, readable by any safetensors tool):
-
-* tensors — the detector's ``state_dict()`` (moved to CPU, contiguous);
-* metadata (safetensors allows ``str → str`` only) — two keys:
-
-  - ``jdsearch`` — a JSON document::
-
-        {"format": "jdsearch-checkpoint", "version": 1,
-         "spec": {... DetectorSpec.to_dict(), includes the backbone arch ...},
-         "num_classes": 6, "class_names": ["circle", ...] | null,
-         "extra": {... free-form, JSON-serialisable: training record, lineage ...},
-         "tensors_sha256": "<hex>"}
-
-  - ``jdsearch.sha256`` — the sha256 of the ``jdsearch`` text, so that an edited or damaged
-    document is detected even when it still parses.
-
-``tensors_sha256`` hashes every tensor in name order — name, dtype, shape and raw bytes — so it
-does not depend on how safetensors lays the payload out, and it is verified on every load.
-
-Loading never unpickles anything. Every failure a user can cause — missing file, truncated or
-corrupt file, edited metadata, hash mismatch, weights that do not fit the architecture the spec
-describes — raises :class:`~jdsearch.errors.CheckpointError` with a one-line message naming the
-file. Only the detector is stored: optimizer/scheduler state is deliberately left out (a trial
-trains from inherited weights with a fresh optimizer, so nothing needs it).
+"""Detector checkpoints: one safetensors file holding the weights and a JSON description of the
+detector (spec, classes, extra), both hashed; loading never unpickles and every failure is one
+:class:`~jdsearch.errors.CheckpointError` line. Layout: ``docs/storage.md``, "Checkpoints".
 """
 
 from __future__ import annotations

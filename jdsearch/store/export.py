@@ -1,26 +1,7 @@
-"""The upgraded detector as a self-contained folder: weights, description, ONNX graph.
-
-An export folder holds three files and needs nothing else — no study, no storage, no pool::
-
-    detector.json       what the detector is: architecture (appendix-B encoding and the full
-                        spec), class names and category ids, the chosen input size, FLOPs and
-                        parameters at that size, the sha256 of the other two files, the result of
-                        the ONNX check and where it came from (study, trial, lineage, scores)
-    model.safetensors   a jdsearch checkpoint (:mod:`jdsearch.store.checkpoint`) whose spec's input size
-                        is the chosen one, so the rebuilt detector resizes inputs to it
-    model.onnx          the whole inference graph (resize + normalise, backbone, FPN, RPN, RoI
-                        heads, box decoding and NMS) for one image ``float32 [3, H, W]`` in
-                        ``[0, 1]`` of any size → ``boxes [N, 4]`` (xyxy, input pixels),
-                        ``scores [N]``, ``labels [N]`` (``1..K``, index into ``class_names``)
-
-:func:`load_detector` gives back a torchvision detector ready for inference (eval mode, input size
-set); :func:`predict_images` writes COCO-style detections. The ONNX file is produced by torch's
-TorchScript-based exporter (torchvision's detection models are written and tested for it, with
-dynamic image sizes), and every export runs it with onnxruntime against PyTorch on real images;
-an export whose graphs disagree fails instead of writing ``detector.json``.
-
-Files are written one by one atomically and ``detector.json`` last, with the hashes of the
-others: a folder whose ``detector.json`` is missing or does not match its files is not an export.
+"""The upgraded detector as a self-contained folder: ``detector.json`` (what it is, written last
+with the hashes of the others), ``model.safetensors`` and ``model.onnx`` (the whole inference
+graph, checked with onnxruntime against PyTorch). :func:`load_detector` gives back a torchvision
+detector; :func:`predict_images` writes COCO detections. Layout: ``docs/storage.md``.
 """
 
 from __future__ import annotations
