@@ -89,8 +89,14 @@ class BackboneArch:
     """A ResNet/ResNeXt backbone for an FPN detector.
 
     ``stem`` is the width of the 7×7 stem conv; ``fpn`` the FPN (neck) width. Construct from the
-    paper's encoding with :meth:`parse`, or from a dict with :meth:`from_dict`. Instances are
-    validated on construction and immutable; actions return new instances.
+    paper's encoding with :meth:`parse`, a uniform recipe with :meth:`resnet`, or a dict with
+    :meth:`from_dict`. Instances are validated on construction and immutable; actions return new
+    instances.
+
+    Raises:
+        SpecError: not four stages, a stride other than 1 or 2, an empty stage, a block that is
+            neither basic nor bottleneck, mixed kinds, or groups that do not divide a width; the
+            message names the stage and block.
     """
 
     stages: tuple[Stage, ...]

@@ -217,11 +217,22 @@ def count_flops(
     *,
     num_rois: int | None = None,
 ) -> FlopsReport:
-    """Count a built jdsearch :class:`~jdsearch.models.detector.Detector` on a ``1×3×h×w`` input.
+    """Count the multiply-adds of a built detector on a ``1×3×h×w`` input.
 
-    ``size`` is ``(h, w)``; it defaults to the spec's base size as ``(long, short)``. ``num_rois``
-    (the box head's batch) defaults to the spec's ``rpn.post_nms_top_n_test``. Safe on a model on
-    any device (including ``meta``); do not run it concurrently with a forward of the same model.
+    Args:
+        detector: a jdsearch :class:`~jdsearch.models.detector.Detector`, on any device
+            (``meta`` included); do not count it while it runs a forward elsewhere.
+        size: ``(h, w)``; default the spec's base size as ``(long, short)``.
+        num_rois: the box head's batch; default the spec's ``rpn.post_nms_top_n_test``.
+
+    Returns:
+        The total, per part (backbone stem and stages, FPN, RPN, RoI head) and the parameters.
+
+    Raises:
+        JDSearchError: ``size`` is not two positive integers, or ``num_rois`` is negative.
+
+    Example:
+        ``count_flops(det, size=(800, 1333)).total / 1e9`` is 215.84 for R50-FPN (paper: 215.8).
     """
     spec = getattr(detector, "spec", None)
     if size is None:
@@ -234,21 +245,8 @@ def count_flops(
     if num_rois < 0:
         raise JDSearchError(f"flops: num_rois must be >= 0, got {num_rois}")
 
-    backbone = detector.backbone
-    body = backbone.body
-    roi_heads = detector.roi_heads
-    tally = _Tally()
-    dtype = _dtype(detector)
-    with torch.no_grad(), _hooked(detector, tally):
-        feats = _meta_call(backbone, torch.empty(1, 3, h, w, device="meta", dtype=dtype))
-        _meta_call(detector.rpn.head, list(feats.values()))
-        if num_rois:
-            ph, pw = roi_heads.box_roi_pool.output_size
-            pooled = torch.empty(
-                num_rois, backbone.out_channels, ph, pw, device="meta", dtype=dtype
-            )
-            _meta_call(roi_heads.box_predictor, _meta_call(roi_heads.box_head, pooled))
-
+    tally = _trace(detector, h, w, num_rois)
+    body = detector.backbone.body
     stages = [tally.total(f"backbone.body.stages.{i}") for i in range(len(body.stages))]
     per_stage = (tally.total("backbone.body.stem"), *stages)
     report = FlopsReport(
@@ -272,6 +270,24 @@ def count_flops(
     return report
 
 
+def _trace(detector: nn.Module, h: int, w: int, num_rois: int) -> _Tally:
+    """Run the detector's parts on the meta device with counting hooks: backbone and RPN head on
+    the image, box head and predictor on ``num_rois`` pooled RoIs."""
+    backbone, roi_heads = detector.backbone, detector.roi_heads
+    tally = _Tally()
+    dtype = _dtype(detector)
+    with torch.no_grad(), _hooked(detector, tally):
+        feats = _meta_call(backbone, torch.empty(1, 3, h, w, device="meta", dtype=dtype))
+        _meta_call(detector.rpn.head, list(feats.values()))
+        if num_rois:
+            ph, pw = roi_heads.box_roi_pool.output_size
+            pooled = torch.empty(
+                num_rois, backbone.out_channels, ph, pw, device="meta", dtype=dtype
+            )
+            _meta_call(roi_heads.box_predictor, _meta_call(roi_heads.box_head, pooled))
+    return tally
+
+
 def count_spec_flops(
     spec: Any,
     size: Sequence[int] | None = None,
@@ -281,7 +297,17 @@ def count_spec_flops(
 ) -> FlopsReport:
     """Build the spec's detector on the ``meta`` device (no weights allocated) and count it.
 
-    ``num_classes`` (incl. background) defaults to the spec's, else COCO's 81 as in the paper.
+    Args:
+        spec: a :class:`~jdsearch.spec.DetectorSpec`.
+        size: ``(h, w)``; default the spec's base size.
+        num_classes: classes including the background; default the spec's, else COCO's 81.
+        num_rois: as in :func:`count_flops`.
+
+    Returns:
+        As :func:`count_flops`.
+
+    Raises:
+        JDSearchError: as :func:`count_flops`.
     """
     from jdsearch.models.detector import build_detector
 

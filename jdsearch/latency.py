@@ -212,7 +212,24 @@ def measure_latency(
     image_hw: tuple[int, int] | None = None,
     amp: bool = False,
 ) -> Latency:
-    """Median batch-1 latency of one detector at ``size``: :func:`measure_latencies` of one."""
+    """Median batch-1 latency of one detector at ``size`` (:func:`measure_latencies` of one).
+
+    Args:
+        detector: the detector (moved to ``device``; its mode and sizes are restored).
+        size: ``LONGxSHORT``; the input is a landscape image of exactly that size.
+        device: ``cpu`` or ``cuda[:i]``.
+        warmup: untimed calls first.
+        repeats: timed calls.
+        images: real images (``3×H×W`` in [0, 1]) resized to the size, used in turn.
+        image_hw: time at this ``(height, width)`` instead.
+        amp: float16 autocast (CUDA only).
+
+    Returns:
+        Median, p10 and p90 in milliseconds, with the device and thread count.
+
+    Raises:
+        JDSearchError: bad repeats/warmup, an unavailable device, or AMP without CUDA.
+    """
     return measure_latencies(
         [(detector, size)],
         device=device,

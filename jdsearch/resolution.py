@@ -19,7 +19,11 @@ _RESOLUTION_RE = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
 
 @dataclass(frozen=True, order=True)
 class Resolution:
-    """A resize bound ``long x short``: keep the aspect ratio, long side ≤ ``long``, short ≤ ``short``."""
+    """A resize bound ``long x short``: keep the aspect ratio, long side ≤ ``long``, short ≤ ``short``.
+
+    Raises:
+        SpecError: a side that is not a positive integer, or ``long < short``.
+    """
 
     long: int
     short: int

@@ -47,6 +47,10 @@ class TrainConfig:
     * ``hflip``: probability of flipping each training image (and its boxes) left-right, the
       standard detection augmentation (mmdetection's ``RandomFlip(0.5)``); 0 disables it.
     * ``history_points``: at most this many points in :attr:`TrainResult.loss_history`.
+
+    Raises:
+        FieldError: an invalid value (a :class:`~jdsearch.errors.SpecError`), e.g.
+            ``TrainConfig.schedule: must be 'cosine' or 'step', got 'cosin'``.
     """
 
     epochs: float = 1.0

@@ -108,6 +108,13 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class DetectorSpec:
+    """A detector: its backbone architecture (with the FPN width), RPN and RoI-head settings,
+    input sizes and classes. Read one with :func:`load_spec`; ``with_arch`` swaps the backbone.
+
+    Raises:
+        FieldError: ``num_classes`` below 2 (it counts the background).
+    """
+
     name: str
     arch: BackboneArch
     rpn: RPNSpec = field(default_factory=RPNSpec)
@@ -219,7 +226,19 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> DetectorSpec:
 
 
 def load_spec(path: str | Path) -> DetectorSpec:
-    """Read a detector spec YAML. ``path`` may also be a preset name (``r50-fpn``)."""
+    """Read a detector spec YAML, or a preset by name.
+
+    Args:
+        path: a YAML file, or the name of a preset in ``detectors/`` (``r50-fpn``,
+            ``tiny-r18-fpn``…).
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: no such file or preset (the presets are listed), invalid YAML, or an invalid
+            field, named with its dotted path and value.
+    """
     p = Path(path)
     if not p.exists() and not p.suffix:
         candidate = DETECTORS_DIR / f"{p.name}.yaml"

@@ -136,7 +136,13 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class StudySpec:
-    """One search: data, base detector, teacher pool, score, fast evaluation, KD and search."""
+    """One search: data, base detector, teacher pool, score, fast evaluation, KD and search.
+
+    Read one with :func:`load_study`; it is validated whole when it loads.
+
+    Raises:
+        FieldError: a bad name, an empty or repeated resolution, or a device that is not one.
+    """
 
     name: str
     data: DataSpec
@@ -218,10 +224,17 @@ def _upgrade_resolutions(stored: Any) -> Any:
 
 
 def load_study(path: str | Path) -> StudySpec:
-    """Read a study spec YAML (or the name of one in ``studies/``).
+    """Read a study spec YAML, or one in ``studies/`` by name.
+
+    Args:
+        path: a YAML file, or the name of a study in ``studies/`` (``quickstart``).
+
+    Returns:
+        The validated study, its pool, training and distillation settings included.
 
     Raises:
-        SpecError: no such file, invalid YAML, or an invalid spec (see :func:`study_from_dict`).
+        SpecError: no such file, invalid YAML, or an invalid field anywhere in the study, named with
+            its dotted path and value.
     """
     p = Path(path)
     if not p.exists() and not p.suffix and (STUDIES_DIR / f"{p.name}.yaml").exists():

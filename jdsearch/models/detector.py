@@ -107,32 +107,9 @@ def _head_settings(rpn: RPNSpec, roi: RoISpec) -> dict[str, Any]:
     }
 
 
-def build_detector(
-    spec_or_arch: DetectorSpec | BackboneArch,
-    num_classes: int | None = None,
-    *,
-    seed: int | None = None,
-) -> Detector:
-    """Build a Faster R-CNN FPN detector.
-
-    ``spec_or_arch`` is a :class:`DetectorSpec` (from :func:`jdsearch.load_spec`) or a bare
-    :class:`BackboneArch`, which gets the default (paper-sized) heads. ``num_classes`` counts the
-    background; it defaults to the spec's. With ``seed`` the initial weights depend on it alone
-    (torch seeds its default generator differently in every process, so without one two runs
-    start from different weights); the global random state is left as it was.
-    """
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build_detector(spec_or_arch, num_classes)
-    spec = (
-        spec_or_arch
-        if isinstance(spec_or_arch, DetectorSpec)
-        else DetectorSpec(name="custom", arch=spec_or_arch)
-    )
-    n = num_classes if num_classes is not None else spec.num_classes
-    if n is None:
-        raise ValueError("build_detector: num_classes is required (the spec does not set it)")
+def _assemble(spec: DetectorSpec, n: int) -> Detector:
+    """The torchvision modules of the detector, built in a fixed order (the seeded weights
+    depend on it)."""
     arch, rpn, roi, inp = spec.arch, spec.rpn, spec.roi, spec.input
     backbone = ResNetFPN(arch)
     anchor_gen = AnchorGenerator(
@@ -157,7 +134,48 @@ def build_detector(
         box_predictor=FastRCNNPredictor(roi.representation_size, n),
         **_head_settings(rpn, roi),
     )
-    det.transform.size_divisible = inp.size_divisible
+    return det
+
+
+def build_detector(
+    spec_or_arch: DetectorSpec | BackboneArch,
+    num_classes: int | None = None,
+    *,
+    seed: int | None = None,
+) -> Detector:
+    """Build a Faster R-CNN FPN detector (a torchvision ``FasterRCNN``).
+
+    Args:
+        spec_or_arch: a :class:`DetectorSpec` (from :func:`jdsearch.load_spec`), or a bare
+            :class:`BackboneArch`, which gets the default (paper-sized) heads.
+        num_classes: classes including the background; default the spec's.
+        seed: with a seed the initial weights depend on it alone (torch seeds its generator
+            differently in every process); the global random state is left as it was.
+
+    Returns:
+        The detector, in training mode, with ``detector.arch`` and ``detector.spec`` set.
+
+    Raises:
+        ValueError: no ``num_classes`` and the spec sets none.
+
+    Example:
+        ``build_detector(load_spec("r50-fpn"), num_classes=81, seed=0)`` has the parameters of
+        torchvision's ``fasterrcnn_resnet50_fpn(num_classes=81)`` (41.76 M).
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_detector(spec_or_arch, num_classes)
+    spec = (
+        spec_or_arch
+        if isinstance(spec_or_arch, DetectorSpec)
+        else DetectorSpec(name="custom", arch=spec_or_arch)
+    )
+    n = num_classes if num_classes is not None else spec.num_classes
+    if n is None:
+        raise ValueError("build_detector: num_classes is required (the spec does not set it)")
+    det = _assemble(spec, n)
+    det.transform.size_divisible = spec.input.size_divisible
     # Same modules and settings; records sampled proposals/outputs for distillation when asked.
     det.roi_heads = RecordingRoIHeads.from_heads(det.roi_heads)
     det.spec = spec if spec.num_classes == n else dataclasses.replace(spec, num_classes=n)

@@ -371,7 +371,15 @@ def infeasibility(
 
 
 def feasible_actions(detector: Detector, *, config: MorphConfig | None = None) -> list[str]:
-    """The actions legal for this student, in the stable order of :func:`all_actions`."""
+    """The actions legal for this student, in the stable order of :func:`all_actions`.
+
+    Args:
+        detector: the student.
+        config: as in :func:`evolve`.
+
+    Returns:
+        The action strings :func:`evolve` accepts for ``detector``.
+    """
     return [a for a in all_actions() if infeasibility(detector, a, config=config) is None]
 
 
@@ -555,8 +563,22 @@ def evolve_with_report(
 def evolve(
     detector: Detector, action: str | Action, *, config: MorphConfig | None = None
 ) -> Detector:
-    """``f_evolve``: the child detector of ``action`` with inherited weights (see
-    :func:`evolve_with_report`)."""
+    """``f_evolve``: the child detector of ``action``, with the weights it inherits.
+
+    Args:
+        detector: the parent (left unchanged).
+        action: ``channel_prune``, ``layer_prune``, ``add_layer:S`` or ``rearrange:S->T``
+            (stages 1-based), or an :class:`Action`.
+        config: the action's parameters (the pruned channel fraction…); default
+            :class:`MorphConfig()`.
+
+    Returns:
+        A new detector on the parent's device; ``add_layer`` gives the same outputs exactly.
+
+    Raises:
+        MorphError: the action is malformed or not legal for this detector (see
+            :func:`feasible_actions`).
+    """
     return evolve_with_report(detector, action, config=config)[0]
 
 

@@ -34,8 +34,23 @@ class ElasticPool:
     """The elastic super-net and everything needed to run, extract and store its sub-networks.
 
     ``supernet`` is a :class:`~jdsearch.models.detector.Detector` of the largest arch made elastic
-    in place (:func:`jdsearch.pool.elastic.make_elastic`); train it as any detector. ``activate(cfg)``
-    chooses what its forward computes; :meth:`extract` returns a standalone copy of a sub-network.
+    in place (:func:`jdsearch.pool.elastic.make_elastic`); train it as any detector.
+    ``activate(cfg)`` chooses what its forward computes; :meth:`extract` returns a standalone copy
+    of a sub-network and :meth:`teacher` one with recalibrated BN.
+
+    Args:
+        spec: the pool spec (space, phases, training).
+        num_classes: classes including the background.
+        detector_spec: the template (heads, input, stem, strides); default
+            ``load_spec(spec.detector)``.
+        supernet: a loaded super-net to wrap; default a fresh one, seeded by ``spec.train.seed``.
+        name: for messages; default ``pool-<template>``.
+        class_names: the dataset's foreground names, stored with the pool.
+        record: the phases already trained.
+
+    Raises:
+        SpecError: a sub-network of the space that does not fit the super-net, or a super-net whose
+            arch is not the space's largest.
     """
 
     def __init__(
@@ -49,11 +64,6 @@ class ElasticPool:
         class_names: Sequence[str] | None = None,
         record: Sequence[PhaseRecord] = (),
     ) -> None:
-        """Build a fresh super-net (``supernet=None``) or wrap a loaded one.
-
-        ``detector_spec`` is the template (heads, input, stem, strides); default
-        ``load_spec(spec.detector)``.
-        """
         template = detector_spec if detector_spec is not None else load_spec(spec.detector)
         self.spec = spec
         self.template = template

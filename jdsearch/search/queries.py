@@ -137,9 +137,18 @@ class StudyHandle:
 
 
 def open_study(url: str, name: str | None = None) -> StudyHandle:
-    """Open an existing jdsearch study on ``url`` (``name`` may be omitted when it holds one).
+    """Open an existing jdsearch study for reading (export, report); never creates anything.
 
-    Never creates anything: a missing SQLite file or study is an error naming what exists.
+    Args:
+        url: the study's storage URL (``sqlite:///…``, ``postgresql://…``).
+        name: the study; may be left out when the storage holds one.
+
+    Returns:
+        The study, its stored spec and its artifact store.
+
+    Raises:
+        JDSearchError: a missing SQLite file, an unreachable or non-Optuna database (the driver's
+            reason, password masked), no or several studies, or a study not made by jdsearch.
     """
     shown = public_url(url)
     if url.startswith("sqlite:///"):

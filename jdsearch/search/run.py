@@ -241,6 +241,23 @@ def run_search(
     n_trials: int | None = None,
     progress: bool = True,
 ) -> optuna.Study:
+    """Run, resume or join a search: prepare the study, then add trials in this worker.
+
+    Args:
+        spec: the study spec (:func:`jdsearch.load_study`).
+        storage_url: default the spec's (``sqlite:///runs/<name>.db``); workers with the same URL
+            cooperate on one study.
+        n_trials: trials this worker adds; default the spec's ``search.n_trials``.
+        progress: progress bars and one line per trial.
+
+    Returns:
+        The Optuna study.
+
+    Raises:
+        SpecError: the data, base checkpoint or pool the spec names are missing.
+        JDSearchError: the base detector does not fit the dataset, or the storage fails. A trial
+            that fails (a user error inside it) is recorded FAIL and the search goes on.
+    """
     study, ctx = prepare(spec, storage_url, progress=progress)
     n = n_trials if n_trials is not None else spec.search.n_trials
     _say(

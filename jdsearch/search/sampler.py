@@ -76,11 +76,25 @@ def student_iterations(trials: Sequence[FrozenTrial]) -> int:
 
 
 class HillClimbingSampler(BaseSampler):
-    """Joint-DetNAS hill climbing. See the module docstring for the algorithm.
+    """Joint-DetNAS hill climbing over (student, teacher) pairs (paper algorithm 1).
 
-    ``moves`` is the fixed vocabulary of the ``move`` parameter (it must contain ``base``);
-    ``feasible(parent)`` returns the student actions and the teacher mutations legal for a parent
-    trial. ``p_student`` is the chance of evolving the student once it is no longer frozen.
+    Args:
+        moves: the fixed vocabulary of the ``move`` parameter; it must contain ``base``.
+        feasible: ``feasible(parent_trial) -> (student moves, teacher moves)`` legal from a parent.
+        top_k: size of the list parents are drawn from (rank-weighted).
+        freeze_student: finished iterations during which only the teacher moves.
+        p_student: the chance of evolving the student once it is no longer frozen.
+        seed: trial ``n``'s draws come from ``(seed, n)`` only.
+        root_wait_s: how often a worker waiting for the root trial looks again.
+        root_timeout_s: how long it waits at most.
+
+    Raises:
+        ValueError: a vocabulary without ``base`` or with duplicates, or out-of-range settings.
+
+    Example:
+        ``optuna.create_study(sampler=HillClimbingSampler(moves, feasible, seed=0), ...)``; the
+        objective calls ``trial.suggest_categorical("move", moves)`` and reads
+        ``trial.user_attrs["parent"]``. Notes: ``docs/search.md``.
     """
 
     def __init__(

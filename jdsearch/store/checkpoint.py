@@ -109,7 +109,20 @@ def save_checkpoint(
     class_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temporary file in the same folder, then rename)."""
+    """Write a checkpoint atomically (a temporary file in the same folder, then a rename).
+
+    Args:
+        path: the ``.safetensors`` file; its folder is created.
+        detector: a jdsearch detector.
+        class_names: the foreground class names, stored with it.
+        extra: JSON-serialisable record (training, lineage…).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        CheckpointError: the file cannot be written.
+    """
     p = Path(path)
     data = checkpoint_to_bytes(detector, class_names=class_names, extra=extra, source=str(p))
     try:
@@ -252,7 +265,19 @@ def checkpoint_from_bytes(
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (safetensors only, never pickle)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (safetensors only, never pickle).
+
+    Args:
+        path: the ``.safetensors`` file.
+        device: where the rebuilt detector is put.
+
+    Returns:
+        The detector rebuilt from its spec, with its class names and extra record.
+
+    Raises:
+        CheckpointError: a missing, truncated, corrupt or edited file, a sha256 mismatch, or weights
+            that do not fit the architecture the spec describes.
+    """
     p = Path(path)
     try:
         data = p.read_bytes()

@@ -250,7 +250,19 @@ def _info_path(path: Path) -> Path:
 
 
 def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Exported:
-    """Read an export folder (or its ``detector.json``); verifies the weights' sha256."""
+    """Read an export folder (or its ``detector.json``), verifying the weights' sha256.
+
+    Args:
+        path: the export folder or its ``detector.json``.
+        device: where the detector is put.
+
+    Returns:
+        The detector, its input size, class names, category ids and ``detector.json``.
+
+    Raises:
+        ExportError: not an export folder, an unreadable or foreign ``detector.json``, or files that
+            do not match their hashes.
+    """
     info_path = _info_path(Path(path))
     folder = info_path.parent
     try:
@@ -290,8 +302,19 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Ex
 
 
 def load_detector(path: str | Path, *, device: str | torch.device = "cpu") -> Detector:
-    """A ready torchvision detector from an export folder: eval mode, inputs resized to the
-    chosen size, ``detector.class_names`` set. ``detector([image])`` → boxes, labels, scores."""
+    """A ready torchvision detector from an export folder.
+
+    Args:
+        path: the export folder or its ``detector.json``.
+        device: where the detector is put.
+
+    Returns:
+        The detector in eval mode, inputs resized to the chosen size, ``class_names`` set:
+        ``detector([image])[0]`` holds ``boxes``, ``labels`` (``1..K``) and ``scores``.
+
+    Raises:
+        ExportError: not an export folder, or its files do not match their hashes.
+    """
     return load_exported(path, device=device).detector
 
 
