@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,3 +160,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def optuna_cli(*args: str) -> str:
+    """Run Optuna's own command line (``optuna ARGS``) in a fresh process; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

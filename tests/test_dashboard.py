@@ -32,7 +32,7 @@ from jdsearch.search.run import run_search
 from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.study import study_from_dict
 
-from .conftest import SearchAssets
+from .conftest import SearchAssets, optuna_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.slow  # the module's study is a real (tiny) search
@@ -61,18 +61,6 @@ def finished(search_assets: SearchAssets, tmp_path_factory: pytest.TempPathFacto
         study = run_search(spec, progress=False)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     return Finished(url, name, tuple(str(r) for r in spec.resolutions), study)
-
-
-def optuna_cli(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 # ------------------------------------------------------------------------- optuna CLI

@@ -8,9 +8,6 @@ system attributes kept out of ``optuna trials``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +17,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from jdsearch.search import optuna_internals as oi
+
+from .conftest import optuna_cli
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -103,24 +102,8 @@ def test_optuna_trials_shows_user_attributes_and_hides_system_ones(tmp_path: Pat
     study = optuna.create_study(storage=_storage(tmp_path, heartbeat=60), study_name="s")
     trial = _running(study, parent=0)
     study.tell(trial, 0.5)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from optuna.cli import main; sys.exit(main())",
-            "trials",
-            "--study-name",
-            "s",
-            "--storage",
-            f"sqlite:///{tmp_path / 'o.db'}",
-            "-f",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    ).stdout
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    out = optuna_cli("trials", "--study-name", "s", "--storage", url, "-f", "json")
     (row,) = json.loads(out)
     assert row["user_attrs"] == {"parent": 0} and row["params"] == {"move": trial.params["move"]}
     assert "jdsearch:worker" not in out

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -21,7 +18,7 @@ from jdsearch.search.summary import summary
 from jdsearch.store.checkpoint import checkpoint_from_bytes
 from jdsearch.study import study_from_dict
 
-from .conftest import tiny_study_dict
+from .conftest import optuna_cli, tiny_study_dict
 
 
 def tiny_study(tmp: Path, n_trials: int) -> dict:
@@ -114,25 +111,9 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     assert TrialRecord.from_trial(trials3[-1]).parent in {t.number for t in trials2}
 
     # The optuna CLI sees the study.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from optuna.cli import main; sys.exit(main())",
-            "trials",
-            "--study-name",
-            spec.name,
-            "--storage",
-            spec.storage_url,
-            "-f",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    ).stdout
+    out = optuna_cli(
+        "trials", "--study-name", spec.name, "--storage", spec.storage_url, "-f", "json"
+    )
     rows = json.loads(out)
     assert len(rows) == len(trials2)
     assert {r["params"]["move"] for r in rows} >= {BASE_MOVE}
