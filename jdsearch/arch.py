@@ -32,13 +32,17 @@ class Block:
 
     @property
     def kind(self) -> str:
+        """``"basic"`` for a block of two convs, else ``"bottleneck"``."""
         return BASIC if len(self.channels) == 2 else BOTTLENECK
 
     @property
     def out_channels(self) -> int:
+        """The width of the block's last conv: its output width."""
         return self.channels[-1]
 
     def encode(self) -> str:
+        """The paper's encoding of the block's conv widths, e.g. ``(64, 64, 256)`` (groups are not
+        written)."""
         return "(" + ", ".join(str(c) for c in self.channels) + ")"
 
 
@@ -54,13 +58,16 @@ class Stage:
 
     @property
     def depth(self) -> int:
+        """Number of blocks in the stage."""
         return len(self.blocks)
 
     @property
     def out_channels(self) -> int:
+        """Output width of the stage's last block."""
         return self.blocks[-1].out_channels
 
     def encode(self) -> str:
+        """The paper's encoding of the stage: its blocks' encodings joined by ``-`` in ``[...]``."""
         return "[" + "-".join(b.encode() for b in self.blocks) + "]"
 
 
@@ -76,6 +83,7 @@ class BlockSlot:
 
     @property
     def has_projection(self) -> bool:
+        """Whether the block needs a projection shortcut (its width changes or it is strided)."""
         return self.in_channels != self.block.out_channels or self.stride != 1
 
     @property
@@ -111,10 +119,13 @@ class BackboneArch:
     # ------------------------------------------------------------------ structure
     @property
     def kind(self) -> str:
+        """The block kind of the backbone, ``"basic"`` or ``"bottleneck"`` (read from its first
+        block)."""
         return self.stages[0].blocks[0].kind
 
     @property
     def depths(self) -> tuple[int, ...]:
+        """Number of blocks in each stage."""
         return tuple(s.depth for s in self.stages)
 
     @property
@@ -124,6 +135,7 @@ class BackboneArch:
 
     @property
     def strides(self) -> tuple[int, ...]:
+        """Stride of each stage (carried by its first block)."""
         return tuple(s.stride for s in self.stages)
 
     def slots(self) -> Iterator[BlockSlot]:
@@ -131,12 +143,15 @@ class BackboneArch:
         return iter(self._slots)
 
     def slot(self, stage: int, index: int) -> BlockSlot:
+        """The :class:`BlockSlot` of block ``index`` of stage ``stage`` (both 0-based);
+        ``IndexError`` when there is no such block."""
         for s in self._slots:
             if s.stage == stage and s.index == index:
                 return s
         raise IndexError(f"no block {index} in stage {stage}")
 
     def num_blocks(self) -> int:
+        """Total number of blocks over all stages."""
         return len(self._slots)
 
     def _validate(self) -> list[BlockSlot]:
@@ -232,6 +247,8 @@ class BackboneArch:
 
     # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: ``stem``, ``fpn`` and each stage's stride and blocks (``groups`` only
+        where not 1); read back by :meth:`from_dict`."""
         return {
             "stem": self.stem,
             "fpn": self.fpn,
@@ -252,6 +269,9 @@ class BackboneArch:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BackboneArch:
+        """Read the :meth:`to_dict` form (defaults: stem 64, FPN 256, the standard stage strides).
+        Raises :class:`SpecError` for a non-mapping, an unknown or missing key, a malformed stage or
+        an invalid arch."""
         if not isinstance(d, Mapping):
             raise SpecError(f"backbone arch: expected a mapping, got {type(d).__name__}")
         unknown = set(d) - {"stem", "fpn", "stages"}
@@ -271,10 +291,12 @@ class BackboneArch:
         return cls(tuple(stages), stem=int(d.get("stem", 64)), fpn=int(d.get("fpn", 256)))
 
     def to_json(self) -> str:
+        """Compact JSON of :meth:`to_dict`."""
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> BackboneArch:
+        """Read the :meth:`to_json` form; :class:`SpecError` for invalid JSON or an invalid arch."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -319,6 +341,7 @@ class BackboneArch:
         return cls(tuple(stages), stem=stem, fpn=fpn)
 
     def with_fpn(self, fpn: int) -> BackboneArch:
+        """The same backbone with FPN width ``fpn`` (validated: :class:`SpecError` if invalid)."""
         return replace(self, fpn=fpn)
 
     def with_strides(self, strides: Sequence[int]) -> BackboneArch:
@@ -327,6 +350,8 @@ class BackboneArch:
         return self.with_stages(tuple(stages))
 
     def with_stages(self, stages: Sequence[Stage]) -> BackboneArch:
+        """The same stem and FPN width with ``stages`` (validated: :class:`SpecError` if
+        invalid)."""
         return replace(self, stages=tuple(stages))
 
 

@@ -42,6 +42,8 @@ def ensure_data(data: str | None) -> Path:
 
 
 def open_split(data_dir: Path, split: str) -> Any:
+    """The :class:`~jdsearch.data.CocoDataset` of ``DATA_DIR/SPLIT.json`` over the images in
+    ``DATA_DIR/images``."""
     from jdsearch.data import CocoDataset
 
     return CocoDataset(data_dir / f"{split}.json", data_dir / "images")
@@ -69,6 +71,8 @@ def _describe(detector: Any, size: tuple[int, int]) -> str:
 
 # ---------------------------------------------------------------------- commands
 def cmd_flops(args: argparse.Namespace) -> int:
+    """``jdsearch flops``: print the FLOPs report of a checkpoint, or of a spec counted on the meta
+    device; returns 0."""
     from jdsearch.flops import count_flops, count_spec_flops, format_report
     from jdsearch.resolution import Resolution
     from jdsearch.spec import load_spec
@@ -90,6 +94,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    """``jdsearch data synth``: write a synthetic COCO dataset and print what it holds; returns 0.
+    Raises :class:`JDSearchError` unless ``--size`` has one or two values."""
     from jdsearch import synth
 
     if len(args.size) not in (1, 2):
@@ -104,6 +110,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    """``jdsearch data check``: validate an annotation file and its images and print the summary;
+    returns 0."""
     from jdsearch.data import validate
 
     summary = validate(args.ann, args.images)
@@ -153,6 +161,9 @@ def _train_terms(args: argparse.Namespace, detector: Any) -> list[Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``jdsearch train``: train a detector (with BN sparsity and, given ``--teacher``,
+    distillation), save it, then unless ``--no-eval`` evaluate it and save it again with the
+    metrics; returns 0."""
     from jdsearch.evaluate import evaluate
     from jdsearch.settings import TrainConfig
     from jdsearch.store.checkpoint import save_checkpoint
@@ -197,6 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``jdsearch eval``: print (and with ``--json`` write) a checkpoint's COCO metrics at each
+    size; returns 0."""
     from jdsearch.evaluate import evaluate
     from jdsearch.store.checkpoint import load_checkpoint
 
@@ -215,6 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_evolve(args: argparse.Namespace) -> int:
+    """``jdsearch evolve``: apply one morph action to a checkpoint and save the child, with the
+    action appended to its lineage; returns 0."""
     from jdsearch.morph.actions import MorphConfig, evolve_with_report
     from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 
@@ -237,6 +252,8 @@ def cmd_evolve(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    """``jdsearch search``: add trials to the study spec's search and print the study summary;
+    returns 0."""
     from jdsearch.search.run import run_search
     from jdsearch.search.summary import summary
     from jdsearch.study import load_study
@@ -248,6 +265,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_train(args: argparse.Namespace) -> int:
+    """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
+    ``runs/NAME/pool.safetensors``); returns 0."""
     from jdsearch.pool import train_and_save_pool
     from jdsearch.search.run import ensure_data, run_dir
     from jdsearch.study import load_study
@@ -273,6 +292,8 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``jdsearch export``: export a trial of a study (default: the best) as a self-contained
+    detector folder and print what it holds; returns 0."""
     from jdsearch.search.export import export_trial
     from jdsearch.search.queries import open_study
 
@@ -318,6 +339,9 @@ def _image_files(items: Sequence[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``jdsearch predict``: write an exported detector's detections on images as JSON; with
+    ``--ann``, only on the images it lists, and print their AP. Returns 0; :class:`JDSearchError`
+    when ``--ann`` lists none of them."""
     from jdsearch.data import set_resolution
     from jdsearch.store.export import load_exported, predict_images
 
@@ -399,6 +423,8 @@ def _hw(text: str) -> tuple[int, int]:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
+    """``jdsearch latency``: time each target at batch 1 and print its images/s and GFLOPs, with a
+    speed-up table against the first when there are several; returns 0."""
     from jdsearch.data import load_image
     from jdsearch.flops import count_flops
     from jdsearch.latency import measure_latencies
@@ -441,6 +467,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``jdsearch report``: write a study's HTML report and print its summary and the
+    base-vs-upgraded table; returns 0."""
     from jdsearch.report.compare import compare_study
     from jdsearch.report.html import write_report
     from jdsearch.search.queries import open_study
@@ -479,6 +507,8 @@ def _study_options(p: argparse.ArgumentParser, trial_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jdsearch`` argument parser with every sub-command; each sets ``func`` to its
+    ``cmd_*``."""
     p = argparse.ArgumentParser(
         prog="jdsearch",
         description="Upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.",
@@ -689,6 +719,8 @@ def _add_report(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``). Returns the exit status: the
+    command's, 2 after printing a :class:`JDSearchError`, 130 when interrupted."""
     args = build_parser().parse_args(argv)
     import warnings
 

@@ -114,6 +114,7 @@ class Fields:
 
     # -- taking keys
     def has(self, key: str) -> bool:
+        """Whether ``key`` is present and not yet taken."""
         return key in self.data
 
     def require(self, *keys: str) -> None:

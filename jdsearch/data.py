@@ -503,6 +503,7 @@ class CocoDataset(Dataset[tuple[Tensor, Target]]):
         return self._entries[index].image
 
     def image_path(self, index: int) -> Path:
+        """The file path of item ``index``'s image."""
         return self.image_dir / self._entries[index].image.file_name
 
     def __len__(self) -> int:
@@ -775,6 +776,7 @@ class ResolutionSampler:
         return self.resolutions[int(rng.integers(len(self.resolutions)))]
 
     def next(self) -> Resolution:
+        """The next resolution of the sequence (advances the draw counter)."""
         res = self.peek(self.step)
         self.step += 1
         return res
@@ -794,6 +796,8 @@ class ResolutionSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`. Raises :class:`CheckpointError` when it is malformed,
+        has a bad step, or lists other resolutions or another seed."""
         try:
             resolutions = [str(r) for r in state["resolutions"]]
             seed = state["seed"]

@@ -122,11 +122,15 @@ class Distiller(nn.Module):
         self.adapter = _make_adapter(student_fpn, teacher_fpn)
 
     def train(self, mode: bool = True) -> Distiller:
+        """Set the training mode as ``nn.Module.train`` does, but keep the teacher in eval mode;
+        returns ``self``."""
         super().train(mode)
         self.teacher.eval()  # frozen: BN running statistics, no dropout, whatever the mode
         return self
 
     def forward(self, student: nn.Module) -> dict[str, Tensor]:
+        """The weighted KD losses of the student's recorded step (:meth:`losses`);
+        :class:`JDSearchError` when it recorded none."""
         heads = getattr(student, "roi_heads", None)
         record = heads.pop_record() if isinstance(heads, RecordingRoIHeads) else None
         if record is None:
@@ -156,6 +160,7 @@ class Distiller(nn.Module):
         }
 
     def extra_repr(self) -> str:
+        """The three loss weights and the temperature, for ``repr``."""
         c = self.config
         return f"feat={c.feat_weight}, cls={c.cls_weight}, loc={c.loc_weight}, T={c.temperature}"
 

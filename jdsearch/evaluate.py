@@ -52,6 +52,7 @@ class CocoMetrics:
     detections: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as a plain dict."""
         return asdict(self)
 
 

@@ -69,22 +69,27 @@ class FlopsReport:
 
     @property
     def gflops(self) -> float:
+        """``total`` in billions of multiply-adds."""
         return self.total / 1e9
 
     @property
     def backbone_gflops(self) -> float:
+        """``backbone`` in billions of multiply-adds."""
         return self.backbone / 1e9
 
     @property
     def per_stage_gflops(self) -> tuple[float, ...]:
+        """``per_stage`` in billions of multiply-adds."""
         return tuple(s / 1e9 for s in self.per_stage)
 
     @property
     def mparams(self) -> float:
+        """``params`` in millions."""
         return self.params / 1e6
 
     @property
     def backbone_mparams(self) -> float:
+        """``backbone_params`` in millions."""
         return self.backbone_params / 1e6
 
     def to_dict(self) -> dict[str, Any]:

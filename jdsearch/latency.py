@@ -48,12 +48,16 @@ class Latency:
 
     @property
     def images_per_s(self) -> float:
+        """``1000 / median_ms``; ``inf`` when the median is not positive."""
         return 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field plus ``images_per_s``, as a plain dict."""
         return {**asdict(self), "images_per_s": self.images_per_s}
 
     def describe(self) -> str:
+        """One line: images/s, median and p10/p90 latency, runs, image size, device, AMP and, on the
+        CPU, the thread count."""
         amp = " AMP" if self.amp else ""
         return (
             f"{self.images_per_s:.1f} img/s: median {self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, "

@@ -164,4 +164,5 @@ class KDConfig:
         return read_dataclass(Fields(data, source, path), cls)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-data form of the fields (read back by :meth:`from_dict`)."""
         return plain(self)

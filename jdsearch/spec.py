@@ -53,6 +53,10 @@ def _check_heads(spec: Any) -> None:
 
 @dataclass(frozen=True)
 class RPNSpec:
+    """RPN settings (torchvision's ``rpn_*`` arguments), one anchor size per FPN level. Raises
+    :class:`FieldError` for a fraction or threshold outside [0, 1], any other value that is not
+    positive, or not 5 anchor sizes."""
+
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     pre_nms_top_n_train: int = 2000
@@ -73,6 +77,10 @@ class RPNSpec:
 
 @dataclass(frozen=True)
 class RoISpec:
+    """RoI-head settings: pooler, box head and torchvision's ``box_*`` arguments. Raises
+    :class:`FieldError` for a fraction or threshold outside [0, 1] or any other value that is not
+    positive."""
+
     representation_size: int = 1024
     pool_size: int = 7
     sampling_ratio: int = 2
@@ -128,6 +136,7 @@ class DetectorSpec:
         check(ok, self, "num_classes", "counts the background too, so it must be ≥ 2")
 
     def with_arch(self, arch: BackboneArch) -> DetectorSpec:
+        """The same spec with backbone ``arch``."""
         return dataclasses.replace(self, arch=arch)
 
     def to_dict(self) -> dict[str, Any]:

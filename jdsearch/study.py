@@ -170,6 +170,7 @@ class StudySpec:
 
     @property
     def storage_url(self) -> str:
+        """The search's storage URL: ``search.storage``, else ``sqlite:///runs/NAME.db``."""
         return self.search.storage or f"sqlite:///runs/{self.name}.db"
 
     def train_config(self, train: TrainConfig, seed: int) -> TrainConfig:

@@ -99,6 +99,7 @@ class TrainResult:
     resolutions: tuple[str, ...] = field(default=())  # the set sampled from ("" = fixed size)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of every field (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["loss_history"] = list(self.loss_history)
         d["resolutions"] = list(self.resolutions)

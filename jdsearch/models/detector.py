@@ -43,6 +43,8 @@ class ResNetFPN(nn.Module):
         self.out_channels = arch.fpn
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """The FPN features of image batch ``x``: P2–P5 keyed ``"0"``..``"3"`` and P6 as
+        ``"pool"``."""
         return self.fpn(self.body(x))
 
 
@@ -82,6 +84,7 @@ class Detector(FasterRCNN):
 
     @property
     def arch(self) -> BackboneArch:
+        """The backbone architecture, ``spec.arch``."""
         return self.spec.arch
 
 

@@ -46,6 +46,7 @@ class RoIRecord:
 
     @property
     def num_proposals(self) -> int:
+        """``N``: the number of sampled proposals."""
         return int(self.class_logits.shape[0])
 
     @property
@@ -119,6 +120,7 @@ class RecordingRoIHeads(RoIHeads):
     # ------------------------------------------------------------------ switching
     @property
     def is_recording(self) -> bool:
+        """Whether the recording hooks are installed."""
         return bool(self._handles)
 
     def _enable(self) -> None:
@@ -154,6 +156,8 @@ class RecordingRoIHeads(RoIHeads):
     def select_training_samples(
         self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's proposal sampling; during a recorded step it also keeps the sampled
+        proposals and labels."""
         sampled = super().select_training_samples(proposals, targets)
         if self._pending is not None:
             self._pending.proposals = list(sampled[0])
@@ -167,6 +171,8 @@ class RecordingRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """torchvision's forward; while recording in training mode it also keeps the step as a
+        :class:`RoIRecord` for :meth:`pop_record`."""
         if not (self._handles and self.training):
             return super().forward(features, proposals, image_shapes, targets)
         pending = self._pending = _Pending(self._images)

@@ -22,6 +22,8 @@ from jdsearch.arch import BASIC, BackboneArch, BlockSlot
 def conv_bn(
     in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1
 ) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """A bias-free ``kernel``×``kernel`` conv (padding ``kernel // 2``) and the ``BatchNorm2d`` of
+    its output."""
     conv = nn.Conv2d(
         in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False
     )
@@ -36,6 +38,7 @@ class Shortcut(nn.Module):
         self.conv, self.bn = conv_bn(in_ch, out_ch, 1, stride)
 
     def forward(self, x: Tensor) -> Tensor:
+        """BN of the 1×1 projection of ``x``."""
         return self.bn(self.conv(x))
 
 
@@ -53,10 +56,12 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def residual(self, x: Tensor) -> Tensor:
+        """The residual branch: conv-BN-ReLU, then conv-BN (no final ReLU)."""
         y = self.relu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(y))
 
     def forward(self, x: Tensor) -> Tensor:
+        """ReLU of the residual branch plus the shortcut (identity or projection)."""
         identity = x if self.shortcut is None else self.shortcut(x)
         return self.relu(self.residual(x) + identity)
 
@@ -76,12 +81,15 @@ class Bottleneck(BasicBlock):
         self.relu = nn.ReLU(inplace=True)
 
     def residual(self, x: Tensor) -> Tensor:
+        """The residual branch: 1×1, 3×3 and 1×1 conv-BN, with a ReLU after the first two."""
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         return self.bn3(self.conv3(y))
 
 
 def make_block(slot: BlockSlot) -> BasicBlock:
+    """The :class:`BasicBlock` or :class:`Bottleneck` of ``slot``: its input width, conv widths,
+    stride and groups."""
     cls = BasicBlock if slot.block.kind == BASIC else Bottleneck
     return cls(slot.in_channels, slot.block.channels, slot.stride, slot.block.groups)
 
@@ -97,6 +105,7 @@ class Stem(nn.Module):
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Max-pool of ReLU(BN(conv(``x``))): features at stride 4."""
         return self.pool(self.relu(self.bn(self.conv(x))))
 
 
@@ -114,6 +123,7 @@ class ResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """Each stage's output for image batch ``x``, keyed ``"0"``..``"3"``."""
         x = self.stem(x)
         out: OrderedDict[str, Tensor] = OrderedDict()
         for i, stage in enumerate(self.stages):

@@ -85,6 +85,9 @@ class Action:
 
     @classmethod
     def parse(cls, text: str | Action) -> Action:
+        """The action written as ``text`` (an :class:`Action` passes through). Raises
+        :class:`MorphError` for an unknown action, a stage outside 1..4, or a rearrange between
+        stages that are not neighbours."""
         if isinstance(text, Action):
             return text
         if not isinstance(text, str):
@@ -180,6 +183,7 @@ class MorphReport:
         return self.params_before - self.inherited_params
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: every field (tuples as lists) plus ``dropped_params``."""
         return {
             "action": self.action,
             "parent_encoding": self.parent_encoding,

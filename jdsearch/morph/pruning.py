@@ -60,6 +60,7 @@ class Chain:
 
     @property
     def prunable(self) -> bool:
+        """Whether the chain is headed by a projection block (the stem-headed chain is not)."""
         return self.head is not None
 
     @property
@@ -147,9 +148,11 @@ class BNSparsity(nn.Module):
         self.lam = float(lam)
 
     def forward(self, model: nn.Module) -> dict[str, Tensor]:
+        """``{"loss_bn_sparsity": λ Σ|γ|}`` over ``model``'s prunable BNs (:func:`bn_l1`)."""
         return {"loss_bn_sparsity": self.lam * bn_l1(model)}
 
     def extra_repr(self) -> str:
+        """``lam=λ``, for ``repr``."""
         return f"lam={self.lam:g}"
 
 
@@ -169,6 +172,7 @@ class ChannelPlan:
 
     @property
     def empty(self) -> bool:
+        """Whether the plan removes no channel."""
         return not self.removed
 
 

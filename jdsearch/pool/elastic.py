@@ -57,6 +57,8 @@ class ElasticConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        """The conv over the input's channels (a prefix of ``in_channels``) with the first
+        ``active_out`` filters (all when ``None``)."""
         in_ch = int(x.shape[1])
         out = self.out_channels if self.active_out is None else self.active_out
         if in_ch == self.in_channels and out == self.out_channels:
@@ -66,6 +68,7 @@ class ElasticConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight[:out, :in_ch], bias)
 
     def extra_repr(self) -> str:
+        """``Conv2d``'s repr, plus ``active_out`` when it is set."""
         return super().extra_repr() + (f", active_out={self.active_out}" if self.active_out else "")
 
 
@@ -74,6 +77,7 @@ class ElasticLinear(nn.Linear):
 
     @classmethod
     def from_module(cls, fc: nn.Linear) -> ElasticLinear:
+        """An elastic linear layer that *shares* ``fc``'s parameters."""
         new = cls(fc.in_features, fc.out_features, bias=fc.bias is not None, device="meta")
         new.weight = fc.weight
         if fc.bias is not None:
@@ -82,6 +86,8 @@ class ElasticLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        """The linear map of the input's ``n`` features through the first ``n`` input columns of the
+        weight."""
         n = int(x.shape[-1])
         if n == self.in_features:
             return super().forward(x)
@@ -94,6 +100,7 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
 
     @classmethod
     def from_module(cls, bn: nn.BatchNorm2d) -> ElasticBatchNorm2d:
+        """An elastic BN that *shares* ``bn``'s parameters and running statistics."""
         new = cls(
             bn.num_features,
             eps=bn.eps,
@@ -111,6 +118,8 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        """Batch norm of the input's ``C`` channels with the first ``C`` entries of the affine
+        parameters and running statistics (``BatchNorm2d``'s forward at full width)."""
         c = int(x.shape[1])
         if c == self.num_features:
             return super().forward(x)
@@ -138,6 +147,7 @@ class ElasticStage(nn.Sequential):
     active_depth: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """The output of the first ``active_depth`` blocks on ``x`` (all blocks when ``None``)."""
         depth = len(self) if self.active_depth is None else self.active_depth
         for i, block in enumerate(self):
             if i >= depth:
@@ -146,6 +156,7 @@ class ElasticStage(nn.Sequential):
         return x
 
     def extra_repr(self) -> str:
+        """``active_depth=…`` when it is set, else empty."""
         return f"active_depth={self.active_depth}" if self.active_depth is not None else ""
 
 

@@ -29,12 +29,15 @@ class PhaseRecord:
     reordered: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of every field (``loss_history`` as a list)."""
         d = dataclasses.asdict(self)
         d["loss_history"] = list(self.loss_history)
         return d
 
     @classmethod
     def from_dict(cls, data: Any) -> PhaseRecord:
+        """Read the :meth:`to_dict` form (extra keys ignored). Raises ``TypeError`` for a
+        non-mapping and ``KeyError`` for a missing field."""
         if not isinstance(data, Mapping):
             raise TypeError("a phase record is a mapping")
         names = {f.name for f in dataclasses.fields(cls)}

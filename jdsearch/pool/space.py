@@ -143,16 +143,20 @@ class SubnetSpace:
         return n * len(self.fpn) * resolutions
 
     def largest(self) -> SubnetConfig:
+        """The sub-network with every stage's largest depth and width and the largest FPN width."""
         return SubnetConfig(
             tuple(d[-1] for d in self.depths), tuple(w[-1] for w in self.widths), self.fpn[-1]
         )
 
     def smallest(self) -> SubnetConfig:
+        """The sub-network with every stage's smallest depth and width and the smallest FPN
+        width."""
         return SubnetConfig(
             tuple(d[0] for d in self.depths), tuple(w[0] for w in self.widths), self.fpn[0]
         )
 
     def contains(self, cfg: SubnetConfig) -> bool:
+        """Whether each of ``cfg``'s depths, widths and FPN width is among the space's choices."""
         return (
             all(d in ds for d, ds in zip(cfg.depths, self.depths, strict=True))
             and all(w in ws for w, ws in zip(cfg.widths, self.widths, strict=True))
@@ -163,6 +167,8 @@ class SubnetSpace:
         return isinstance(cfg, SubnetConfig) and self.contains(cfg)
 
     def issubset(self, other: SubnetSpace) -> bool:
+        """Whether every choice of this space, stage by stage and for the FPN, is one of
+        ``other``'s."""
         return (
             all(set(a) <= set(b) for a, b in zip(self.depths, other.depths, strict=True))
             and all(set(a) <= set(b) for a, b in zip(self.widths, other.widths, strict=True))
@@ -240,6 +246,8 @@ class SubnetSpace:
 
     # -- text and dict forms
     def describe(self) -> str:
+        """Compact text of the choices, ``d[...] w[...] f[...]`` (one width list ``×4`` when every
+        stage has the same)."""
         d = ", ".join(_fmt_choices(ds) for ds in self.depths)
         if len(set(self.widths)) == 1:
             w = f"{_fmt_choices(self.widths[0])} ×{NUM_STAGES}"
@@ -248,6 +256,8 @@ class SubnetSpace:
         return f"d[{d}] w[{w}] f[{_fmt_choices(self.fpn)}]"
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec form ``{depths, widths, fpn}`` read by :meth:`from_dict` (one widths list when
+        every stage has the same)."""
         widths: Any = (
             list(self.widths[0]) if len(set(self.widths)) == 1 else [list(ws) for ws in self.widths]
         )

@@ -41,6 +41,8 @@ class PhaseSpec:
     space: SubnetSpace
 
     def to_dict(self, full: SubnetSpace, first: bool) -> dict[str, Any]:
+        """The spec form of the phase: name, epochs, lr and, unless it is the ``first``, the keys of
+        its space that differ from ``full``."""
         d: dict[str, Any] = {"name": self.name, "epochs": self.epochs, "lr": self.lr}
         if not first:
             own, base = self.space.to_dict(), full.to_dict()
@@ -126,6 +128,7 @@ class PoolSpec:
 
     @property
     def largest(self) -> SubnetConfig:
+        """The super-net's config: the space's largest sub-network."""
         return self.space.largest()
 
     def widths_of(self, cfg: SubnetConfig) -> tuple[int, ...]:

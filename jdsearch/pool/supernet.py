@@ -90,14 +90,17 @@ class ElasticPool:
 
     @property
     def space(self) -> SubnetSpace:
+        """The pool's sub-network space (``spec.space``)."""
         return self.spec.space
 
     @property
     def largest(self) -> SubnetConfig:
+        """The super-net's config: the space's largest sub-network."""
         return self.spec.largest
 
     @property
     def active(self) -> SubnetConfig:
+        """The sub-network the super-net's forward computes now."""
         return self._active
 
     @property
@@ -184,6 +187,7 @@ class ElasticPool:
         return det
 
     def to(self, device: str | torch.device) -> ElasticPool:
+        """Move the super-net to ``device``; returns the pool."""
         self.supernet.to(device)
         return self
 

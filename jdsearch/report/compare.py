@@ -36,6 +36,9 @@ METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 @dataclass(frozen=True)
 class DetectorRow:
+    """One row of the table-4 comparison: a trial's detector at one input size, its recorded
+    metrics, its FLOPs and, when timed, its latency."""
+
     label: str  # "base" or "upgraded"
     trial: int
     arch: str  # appendix-B encoding
@@ -48,9 +51,11 @@ class DetectorRow:
 
     @property
     def fps(self) -> float | None:
+        """Batch-1 images/s of ``latency``; ``None`` when it was not timed."""
         return None if self.latency is None else self.latency.images_per_s
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: every field (``latency`` as a dict) plus ``fps``."""
         d = asdict(self)
         d["latency"] = None if self.latency is None else self.latency.to_dict()
         d["fps"] = self.fps
@@ -59,15 +64,19 @@ class DetectorRow:
 
 @dataclass(frozen=True)
 class Comparison:
+    """The base and upgraded rows of a study's table-4 comparison (:func:`compare_study`)."""
+
     study: str
     base: DetectorRow
     upgraded: DetectorRow
 
     @property
     def rows(self) -> tuple[DetectorRow, DetectorRow]:
+        """``(base, upgraded)``."""
         return (self.base, self.upgraded)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: the study name and both rows."""
         return {
             "study": self.study,
             "base": self.base.to_dict(),
@@ -84,6 +93,8 @@ class Comparison:
         return header, [*rows, change]
 
     def format(self) -> str:
+        """The :meth:`table` as aligned text, with notes on how FPS (when timed) and AP were
+        measured."""
         header, rows = self.table()
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
         lines = [

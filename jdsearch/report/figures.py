@@ -118,6 +118,7 @@ def _resolution_order(keys: set[str]) -> list[str]:
 
 
 def upgraded_label(trials: Sequence[FrozenTrial], number: int) -> str:
+    """``trial N, best H`` when trial ``number`` is the best completed trial, else ``trial N``."""
     best = best_of(trials)
     return (
         f"trial {number}, best H"

@@ -54,10 +54,12 @@ completed = completed_trials  # COMPLETE trials with a finite H, by number
 
 
 def failed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The ``FAIL`` trials, by number."""
     return sorted((t for t in trials if t.state == TrialState.FAIL), key=lambda t: t.number)
 
 
 def require_completed(trials: Sequence[FrozenTrial], what: str) -> list[FrozenTrial]:
+    """The completed trials; :class:`JDSearchError` naming ``what`` when there is none."""
     done = completed(trials)
     if not done:
         raise JDSearchError(f"report: no completed trial to plot {what}")
@@ -125,6 +127,7 @@ def trial_gflops(t: FrozenTrial) -> tuple[float, str | None]:
 
 
 def parent_of(t: FrozenTrial) -> int | None:
+    """The trial number of ``t``'s parent, or ``None`` when none is recorded (the root)."""
     return TrialRecord.from_trial(t).parent
 
 
@@ -164,14 +167,17 @@ class Phase:
 
     @property
     def first(self) -> int:
+        """The window's first trial number."""
         return self.numbers[0]
 
     @property
     def last(self) -> int:
+        """The window's last trial number."""
         return self.numbers[-1]
 
     @property
     def label(self) -> str:
+        """``phase I (trials A–B)``, 1-based (``trial A`` for a window of one trial)."""
         span = (
             f"trial {self.first}" if self.first == self.last else f"trials {self.first}–{self.last}"
         )
@@ -243,6 +249,8 @@ class ActionGains:
     cells: Mapping[tuple[int, str], GainCell]
 
     def cell(self, phase: int, family_: str) -> GainCell:
+        """The cell of family ``family_`` in phase ``phase``; an empty :class:`GainCell` when there
+        is none."""
         return self.cells.get((phase, family_), GainCell())
 
     def beneficial_in(self, phase: int) -> int:

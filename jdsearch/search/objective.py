@@ -1,6 +1,6 @@
 """One Optuna trial = one iteration of algorithm 1: load the parent, move, train, evaluate, score.
 
-The study's storage holds everything a worker needs: the spec (study user attrs), the base
+The study's storage holds everything a worker needs: the spec (a study system attr), the base
 detector and the teacher pool (study-level artifacts), and every trial's student checkpoint
 (trial-level artifacts, in the same database by default). A worker anywhere that reaches the
 storage URL can add trials to the lineage or resume it.
@@ -88,10 +88,13 @@ class SearchContext:
 
     @property
     def morph_config(self) -> MorphConfig:
+        """The morph actions' :class:`MorphConfig` (the study's ``channel_fraction``)."""
         return MorphConfig(channel_fraction=self.spec.search.channel_fraction)
 
     # ------------------------------------------------------------------ artifacts
     def download(self, artifact_id: str, source: str) -> Checkpoint:
+        """The checkpoint stored as artifact ``artifact_id``, loaded on the study's device;
+        ``source`` names it in errors (:class:`CheckpointError` if it is damaged)."""
         with self.store.open_reader(artifact_id) as reader:
             data = reader.read()
         return checkpoint_from_bytes(data, source=source, device=self.spec.device)
@@ -103,6 +106,8 @@ class SearchContext:
         extra: Mapping[str, Any],
         name: str,
     ) -> str:
+        """Store ``detector``'s checkpoint (with ``extra``) as an artifact of ``trial`` (a trial or
+        the study) under the file name ``name``; returns the artifact id."""
         data = checkpoint_to_bytes(
             detector, class_names=self.train_set.class_names, extra=dict(extra), source=name
         )

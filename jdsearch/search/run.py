@@ -53,10 +53,13 @@ def _say(msg: str) -> None:
 
 
 def run_dir(spec: StudySpec) -> Path:
+    """The study's local folder, ``runs/<name>``."""
     return Path("runs") / spec.name
 
 
 def ensure_data(spec: StudySpec) -> tuple[CocoDataset, CocoDataset]:
+    """The study's train and val sets, generated from ``data.synth`` first when the files are
+    missing. Raises :class:`SpecError` when they are missing and there is no ``data.synth``."""
     d = spec.data.dir
     if not (d / "train.json").is_file() or not (d / "val.json").is_file():
         if spec.data.synth is None:

@@ -127,16 +127,20 @@ class HillClimbingSampler(BaseSampler):
 
     # ------------------------------------------------------------ Optuna sampler contract
     def reseed_rng(self) -> None:
+        """Reseed the fallback sampler's random generator."""
         self._fallback.reseed_rng()
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
+        """The ``move`` parameter over the move vocabulary, whatever the trial."""
         return {MOVE_PARAM: CategoricalDistribution(self.moves)}
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
+        """``{move: …}`` from :meth:`decide`, with the parent and kind recorded on the trial; ``{}``
+        for a retried trial (its move is fixed) or a space without ``move``."""
         if MOVE_PARAM not in search_space:
             return {}
         if PARENT_ATTR in trial.user_attrs:  # a retried trial: same parent, same (fixed) move
@@ -154,6 +158,7 @@ class HillClimbingSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
+        """A parameter other than ``move``, drawn by the fallback ``RandomSampler``."""
         # Only parameters other than `move` get here (none in jdsearch's objective).
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 

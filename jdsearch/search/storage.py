@@ -11,6 +11,8 @@ from jdsearch.study import StudySpec
 
 
 def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
+    """The ``RDBStorage`` at ``url`` (default the spec's), with heartbeats and retries of stale
+    trials; creates a SQLite file's folder."""
     url = url or spec.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -410,6 +410,8 @@ class SQLArtifactStore:
         return info
 
     def exists(self, artifact_id: str) -> bool:
+        """Whether a complete artifact ``artifact_id`` is stored; :class:`CheckpointError` for a
+        malformed id."""
         try:
             self.stat(artifact_id)
         except ArtifactNotFound:

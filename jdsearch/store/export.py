@@ -81,6 +81,8 @@ def _with_input_size(detector: Detector, size: Resolution) -> Detector:
 
 
 def foreground_names(class_names: Sequence[str] | None, num_classes: int) -> tuple[str, ...]:
+    """The foreground class names: ``class_names`` without its first (background) entry when it has
+    ``num_classes`` entries, else as given; ``class1``, ``class2``… when ``None``."""
     if class_names is None:
         return tuple(f"class{i}" for i in range(1, num_classes))
     names = tuple(str(c) for c in class_names)

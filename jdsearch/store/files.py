@@ -12,6 +12,7 @@ from pathlib import Path
 
 # ---------------------------------------------------------------------- small file helpers
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 digest of the file at ``path``."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

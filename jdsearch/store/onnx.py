@@ -36,11 +36,13 @@ class InferenceGraph(nn.Module):
         self.detector = detector
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Boxes, scores and labels of the detector on one image."""
         out = self.detector([image])[0]
         return out["boxes"], out["scores"], out["labels"]
 
 
 def cpu_copy(detector: Detector) -> Detector:
+    """A deep copy of ``detector`` on the CPU, in eval mode."""
     det = copy.deepcopy(detector).to("cpu").eval()
     return det
 
@@ -93,6 +95,7 @@ class OnnxCheck:
     image_source: str = "given"  # where the check images came from
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as a plain dict."""
         return dataclasses.asdict(self)
 
 
