@@ -15,11 +15,14 @@ from typing import Any
 from jdsearch.config import Fields, check, is_number, plain, read_dataclass
 from jdsearch.resolution import Resolution
 
-__all__ = ["COSINE", "SCHEDULES", "STEP", "KDConfig", "TrainConfig", "is_device"]
+__all__ = ["COSINE", "KD_MODES", "SCHEDULES", "STEP", "KDConfig", "TrainConfig", "is_device"]
 
 COSINE = "cosine"
 STEP = "step"
 SCHEDULES = (COSINE, STEP)
+#: How a search distils: the teacher is searched (``dynamic``), the pool's super-net only
+#: (``fixed``, conventional KD, paper fig. 4) or there is none (``off``: NAS + pruning alone).
+KD_MODES = ("dynamic", "fixed", "off")
 _POSITIVE = "must be a positive number"
 # torch.device's accepted forms: a device type, optionally with an index.
 _DEVICE_RE = re.compile(r"(cpu|cuda|mps|xpu|xla|meta|hpu|mtia|privateuseone)(:\d+)?")
@@ -133,7 +136,8 @@ class KDConfig:
     """Distillation weights and temperature (paper 3.2; ``docs/distillation.md``).
 
     A weight of 0 switches a term off (its loss is still reported, as 0, so logs keep one shape).
-    ``feat_normalize`` divides the feature loss by the teacher's mean squared feature.
+    ``feat_normalize`` divides the feature loss by the teacher's mean squared feature. ``mode``
+    (one of :data:`KD_MODES`) applies to a search: its teacher is searched, fixed or absent.
 
     Raises:
         FieldError: a negative or non-finite weight, a temperature ≤ 0, a non-bool switch.
@@ -144,6 +148,7 @@ class KDConfig:
     loc_weight: float = 1.0
     temperature: float = 1.0
     feat_normalize: bool = True
+    mode: str = "dynamic"
 
     def __post_init__(self) -> None:
         for name in ("feat_weight", "cls_weight", "loc_weight"):
@@ -153,6 +158,7 @@ class KDConfig:
         check(is_number(t) and t > 0, self, "temperature", "must be a finite number > 0")
         ok = isinstance(self.feat_normalize, bool)
         check(ok, self, "feat_normalize", "must be true or false")
+        check(self.mode in KD_MODES, self, "mode", f"must be one of {', '.join(KD_MODES)}")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "", path: str = "kd") -> KDConfig:

@@ -40,6 +40,9 @@ __all__ = [
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS = ("AP", "AP50", "AP75")
+#: How the search picks each trial's parent: algorithm 1 (rank-weighted from the top-k), always
+#: the best pair, or a random walk over every completed trial.
+STRATEGIES = ("hill_climb", "greedy", "random")
 
 #: The fast evaluation of a trial (paper A.1.4: 3 epochs, cosine, lr 0.01, batch 4).
 FAST_EVAL = TrainConfig(epochs=3.0, lr=0.01, batch_size=4, warmup_iters=50, grad_clip=10.0)
@@ -106,12 +109,14 @@ class ScoreSpec:
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """Hill climbing (top-k, student freeze, student/teacher odds), trials, seed and storage.
+    """The search: its strategy, hill climbing (top-k, student freeze, student/teacher odds),
+    trials, seed and storage.
 
     ``storage`` unset: ``sqlite:///runs/<study name>.db``. ``artifacts``: ``db`` (the study's
     own database) or ``file:DIR``.
     """
 
+    strategy: str = "hill_climb"
     top_k: int = 5
     freeze_student: int = 5
     p_student: float = 0.5
@@ -132,6 +137,8 @@ class SearchSpec:
         check(0 <= self.p_student <= 1, self, "p_student", "must lie in [0, 1]")
         ok = 0 < self.channel_fraction < 1
         check(ok, self, "channel_fraction", "must lie in (0, 1)")
+        ok = self.strategy in STRATEGIES
+        check(ok, self, "strategy", f"must be one of {', '.join(STRATEGIES)}")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ def add(
 
 
 def make(**kw: object) -> tuple[optuna.Study, HillClimbingSampler]:
-    sampler = HillClimbingSampler(VOCAB, feasible, seed=kw.pop("seed", 0), root_wait_s=0.01, **kw)  # type: ignore[arg-type]
+    sampler = HillClimbingSampler(
+        VOCAB, feasible, seed=kw.pop("seed", 0), root_wait=(0.01, 24 * 3600.0), **kw
+    )  # type: ignore[arg-type]
     return optuna.create_study(direction="maximize", sampler=sampler), sampler
 
 
@@ -211,7 +213,7 @@ def test_waiting_worker_takes_over_the_root_of_a_killed_worker(tmp_path) -> None
         grace_period=1,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
     )
-    sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait_s=0.2, root_timeout_s=20)
+    sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait=(0.2, 20))
     study = optuna.create_study(storage=storage, sampler=sampler, direction="maximize")
     root = ask_move(study)
     assert root.params[MOVE_PARAM] == BASE_MOVE
@@ -232,7 +234,7 @@ def test_a_live_waiter_is_not_failed_while_it_waits(tmp_path) -> None:
     from optuna.storages import RDBStorage
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1)
-    sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait_s=0.2, root_timeout_s=4)
+    sampler = HillClimbingSampler(VOCAB, feasible, seed=0, root_wait=(0.2, 4))
     study = optuna.create_study(storage=storage, sampler=sampler, direction="maximize")
     root = ask_move(study)
     stop = threading.Event()
@@ -252,3 +254,41 @@ def test_a_live_waiter_is_not_failed_while_it_waits(tmp_path) -> None:
         t.join()
     states = [tr.state for tr in study.get_trials(deepcopy=False)]
     assert states == [TrialState.RUNNING, TrialState.RUNNING]  # nobody was failed
+
+
+def test_greedy_always_takes_the_best_pair() -> None:
+    study, _ = make(strategy="greedy", freeze_student=0)
+    add(study, BASE_MOVE, None, 0.1)
+    add(study, "layer_prune", 0, 0.3)
+    add(study, "channel_prune", 0, 0.2)
+    parents = []
+    for _ in range(6):
+        trial = ask_move(study)
+        parents.append(trial.user_attrs[PARENT_ATTR])
+        study.tell(trial, 0.0)  # worse than the best: the best stays trial 1
+    assert parents == [1] * 6
+
+
+def test_random_walk_draws_parents_from_every_completed_trial_uniformly() -> None:
+    """Not the top-k: the worst pairs are parents as often as the best, and the freeze and the
+    untried-first rule do not apply (student moves from the first step)."""
+    study, _ = make(strategy="random", top_k=1, freeze_student=100)
+    add(study, BASE_MOVE, None, 0.5)
+    for i in range(1, 5):
+        add(study, "layer_prune", 0, 0.5 - 0.1 * i)
+    add(study, "layer_prune", 0, None, state=TrialState.FAIL)
+    parents, kinds = Counter(), Counter()
+    for _ in range(1000):
+        trial = ask_move(study)
+        parents[trial.user_attrs[PARENT_ATTR]] += 1
+        kinds[trial.user_attrs[KIND_ATTR]] += 1
+        study.tell(trial, state=TrialState.FAIL)  # keep the completed set fixed
+    assert set(parents) == {0, 1, 2, 3, 4}  # never the failed trial 5
+    assert all(140 <= n <= 260 for n in parents.values()), parents  # 200 ± 5 sd each
+    # moves uniform over the 7 feasible ones: 4 student, 3 teacher
+    assert 500 <= kinds["student"] <= 640, kinds  # 571 ± 4.5 sd
+
+
+def test_an_unknown_strategy_is_refused() -> None:
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        HillClimbingSampler(VOCAB, feasible, strategy="annealing")

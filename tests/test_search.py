@@ -159,3 +159,38 @@ def test_a_starting_worker_purges_day_old_incomplete_uploads(
             )
         )
     assert left == {"x60"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "kd_mode"),
+    [("greedy", "dynamic"), ("random", "dynamic"), ("hill_climb", "fixed"), ("hill_climb", "off")],
+)
+def test_every_strategy_and_kd_mode_runs_a_real_search(
+    search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, kd_mode: str
+) -> None:
+    name = f"{strategy}-{kd_mode}".replace("_", "-")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = search_assets.study(name, url, n_trials=4, strategy=strategy, freeze_student=1)
+    data["kd"]["mode"] = kd_mode
+    spec = study_from_dict(data, source="test")
+    search_assets.install_pool(tmp_path, name)
+    monkeypatch.chdir(tmp_path)
+    study = run_search(spec, progress=False)
+    records = [TrialRecord.from_trial(t) for t in study.get_trials()]
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert study.user_attrs["strategy"] == strategy and study.user_attrs["kd_mode"] == kd_mode
+    assert f"search      {strategy}, KD {kd_mode}" in summary(study)
+    numbers = {r.number for r in records}
+    assert all(r.parent in numbers for r in records[1:])
+    largest = str(SubnetConfig.parse(records[0].teacher)) if records[0].teacher else ""
+    if kd_mode != "dynamic":  # no teacher move; the teacher is the super-net, or none
+        assert all(not str(r.move).startswith("teacher.") for r in records)
+        assert {r.teacher for r in records} == {largest}
+    if kd_mode == "off":
+        assert largest == "" and all(r.teacher_params == 0 for r in records)
+        assert all(r.timings["teacher_s"] == 0.0 for r in records)
+    if strategy == "greedy":  # every parent is the best completed pair when the trial started
+        for r in records[1:]:
+            earlier = [x for x in records if x.number < r.number]
+            assert r.parent == max(earlier, key=lambda x: (x.value, -x.number)).number

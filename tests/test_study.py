@@ -42,6 +42,8 @@ def test_quickstart_loads_with_its_pool() -> None:
         ({"fast_eval": {"device": "cuda"}}, "fast_eval.device: unknown key"),
         ({"pool": {"detector": "tiny-r50-fpn"}}, "pool.space: required field is missing"),
         ({"device": "gpu"}, "device: expected a device such as cpu or cuda:0, got 'gpu'"),
+        ({"search": {"strategy": "annealing"}}, "search.strategy: must be one of hill_climb"),
+        ({"kd": {"mode": "static"}}, "kd.mode: must be one of dynamic, fixed, off"),
     ],
 )
 def test_bad_study_specs_name_file_and_field(tmp_path: Path, patch: dict, needle: str) -> None:

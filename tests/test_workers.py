@@ -185,8 +185,7 @@ def test_the_lowest_of_simultaneous_first_trials_takes_the_root() -> None:
         [BASE_MOVE, "a"],
         lambda t: (["a"], []),
         freeze_student=0,
-        root_wait_s=0.01,
-        root_timeout_s=0.3,
+        root_wait=(0.01, 0.3),
     )
     study = optuna.create_study(direction="maximize", sampler=sampler)
     storage = study._storage

@@ -26,7 +26,13 @@ from jdsearch.report.trials import (
     trial_gflops,
 )
 from jdsearch.search.queries import StudyHandle
-from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
+from jdsearch.search.record import (
+    BASE_FLOPS_ATTR,
+    BASE_RESOLUTION_ATTR,
+    KD_MODE_ATTR,
+    STRATEGY_ATTR,
+    TrialRecord,
+)
 
 __all__ = [
     "ReportFiles",
@@ -144,6 +150,8 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
         f"{len(trials)} trials ({counts}).",
         f"Base resolution {base_res}, base detector "
         f"{float(attrs.get(BASE_FLOPS_ATTR, math.nan)) / 1e9:.3f} GFLOPs at {base_res}.",
+        f"Search strategy {html.escape(str(attrs.get(STRATEGY_ATTR, 'hill_climb')))}, "
+        f"distillation {html.escape(str(attrs.get(KD_MODE_ATTR, 'dynamic')))}.",
         f"Score H = {html.escape(score.metric)} × [(C/C<sub>base</sub>)·(R/R<sub>base</sub>)<sup>{score.beta:g}</sup>]"
         f"<sup>−{score.alpha:g}</sup>.",
         f"Upgraded detector: trial {upgraded.number} ({which}), "

@@ -122,6 +122,8 @@ class SearchContext:
     def feasible(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
         """Student actions (recorded by the parent's trial) and teacher mutations of a parent."""
         record = TrialRecord.from_trial(parent)
+        if self.spec.kd.mode != "dynamic":  # the teacher is fixed or absent: no teacher moves
+            return list(record.student_moves), []
         teachers = sorted(self.pool.space.neighbours(SubnetConfig.parse(record.teacher)))
         return list(record.student_moves), teachers
 
@@ -142,7 +144,7 @@ class _Pair:
     """A trial's (student, teacher) pair, loaded from its parent and moved."""
 
     student: Detector
-    teacher: SubnetConfig
+    teacher: SubnetConfig | None  # None: no distillation (kd.mode off)
     morph: dict[str, int]
     load_s: float
 
@@ -204,18 +206,22 @@ class Objective:
         with ``move`` applied to one of them."""
         ctx = self.ctx
         t0 = time.perf_counter()
+        no_teacher = ctx.spec.kd.mode == "off"
         if move == BASE_MOVE:
             student = ctx.download(ctx.base_artifact, "base detector").detector
-            return _Pair(student, ctx.pool.space.largest(), {}, time.perf_counter() - t0)
+            teacher = None if no_teacher else ctx.pool.space.largest()
+            return _Pair(student, teacher, {}, time.perf_counter() - t0)
         if parent_no is None:
             raise TrialFailed(f"trial {trial.number}: move {move!r} without a parent")
         parent = TrialRecord.from_trial(_parent(trial.study, int(parent_no)))
         if parent.checkpoint is None:
             raise TrialFailed(f"trial {trial.number}: parent {parent_no} has no checkpoint")
         student = ctx.download(parent.checkpoint, f"trial {parent_no}").detector
-        teacher = SubnetConfig.parse(parent.teacher)
+        teacher = None if no_teacher else SubnetConfig.parse(parent.teacher)
         morph: dict[str, int] = {}
         if move in SubnetSpace.move_names():
+            if teacher is None:
+                raise TrialFailed(f"trial {trial.number}: teacher move {move} with kd.mode off")
             moved = ctx.pool.space.apply_move(teacher, move)
             if moved is None:
                 raise TrialFailed(
@@ -232,12 +238,15 @@ class Objective:
         """Extract the teacher from the pool and train the student with it (the fast evaluation:
         KD, BN sparsity, dynamic resolution), seeded by the study's seed and the trial number."""
         ctx, spec = self.ctx, self.ctx.spec
-        t1 = time.perf_counter()
-        teacher = ctx.pool.teacher(pair.teacher, ctx.train_set, device=spec.device)
-        teacher_s = time.perf_counter() - t1
-        teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
         seed = spec.search.seed * 100003 + trial.number
-        terms = [make_distiller(pair.student, teacher, spec.kd, seed=seed)]
+        terms: list[Any] = []
+        teacher_params, teacher_s = 0, 0.0
+        if pair.teacher is not None:
+            t1 = time.perf_counter()
+            teacher = ctx.pool.teacher(pair.teacher, ctx.train_set, device=spec.device)
+            teacher_s = time.perf_counter() - t1
+            teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
+            terms.append(make_distiller(pair.student, teacher, spec.kd, seed=seed))
         if spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
         config = spec.train_config(spec.fast_eval, seed)
@@ -289,7 +298,7 @@ class Objective:
             "trial": trial.number,
             "parent": parent,
             "move": move,
-            "teacher": str(pair.teacher),
+            "teacher": "" if pair.teacher is None else str(pair.teacher),
         }
         artifact_id = ctx.upload(trial, student, lineage, f"trial-{trial.number}.safetensors")
         upload_s = time.perf_counter() - t3
@@ -302,7 +311,7 @@ class Objective:
         }
         record = TrialRecord(
             student=student.arch.encode(),
-            teacher=str(pair.teacher),
+            teacher="" if pair.teacher is None else str(pair.teacher),
             checkpoint=artifact_id,
             teacher_params=trained.teacher_params,
             flops=score.flops.total,

@@ -21,12 +21,14 @@ __all__ = [
     "BASE_MOVE",
     "BASE_RESOLUTION_ATTR",
     "CATEGORIES_SYSATTR",
+    "KD_MODE_ATTR",
     "KIND_ATTR",
     "MOVE_PARAM",
     "PARENT_ATTR",
     "POOL_ATTR",
     "SPEC_FILE_ATTR",
     "SPEC_SYSATTR",
+    "STRATEGY_ATTR",
     "TIMINGS",
     "WORKER_SYSATTR",
     "TrialRecord",
@@ -67,6 +69,8 @@ POOL_ATTR = "pool_artifact"  # artifact id of the teacher pool
 BASE_FLOPS_ATTR = "base_flops"  # C_base of the score H
 BASE_RESOLUTION_ATTR = "base_resolution"  # R_base of the score H
 SPEC_FILE_ATTR = "spec_file"  # the study spec file the study was created from
+STRATEGY_ATTR = "strategy"  # search.strategy: hill_climb, greedy or random
+KD_MODE_ATTR = "kd_mode"  # kd.mode: dynamic, fixed or off
 SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too long to print)
 CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
 

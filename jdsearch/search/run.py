@@ -32,9 +32,11 @@ from jdsearch.search.record import (
     BASE_FLOPS_ATTR,
     BASE_RESOLUTION_ATTR,
     CATEGORIES_SYSATTR,
+    KD_MODE_ATTR,
     POOL_ATTR,
     SPEC_FILE_ATTR,
     SPEC_SYSATTR,
+    STRATEGY_ATTR,
 )
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.storage import storage_for
@@ -145,13 +147,16 @@ def prepare(
 
 
 def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
+    # With a fixed teacher or none there is no teacher to adapt first: no freeze.
+    freeze = spec.search.freeze_student if spec.kd.mode == "dynamic" else 0
     sampler = HillClimbingSampler(
         move_vocabulary(),
         feasible,
         top_k=spec.search.top_k,
-        freeze_student=spec.search.freeze_student,
+        freeze_student=freeze,
         p_student=spec.search.p_student,
         seed=spec.search.seed,
+        strategy=spec.search.strategy,
     )
     return optuna.create_study(
         study_name=spec.name,
@@ -168,6 +173,8 @@ def _record_spec(study: optuna.Study, spec: StudySpec, train_set: CocoDataset) -
     if SPEC_SYSATTR not in stored:
         set_study_system_attr(study, SPEC_SYSATTR, spec.to_dict())
         study.set_user_attr(SPEC_FILE_ATTR, spec.source)
+        study.set_user_attr(STRATEGY_ATTR, spec.search.strategy)
+        study.set_user_attr(KD_MODE_ATTR, spec.kd.mode)
     elif not _same_spec(stored[SPEC_SYSATTR], spec):
         log.warning(
             "study %s was created with a different spec; the stored base and pool are kept",

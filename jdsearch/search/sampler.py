@@ -19,10 +19,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.search.optuna_internals import keep_alive, set_running_user_attr
 from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, decision_attrs
+from jdsearch.study import STRATEGIES
 
 log = logging.getLogger(__name__)
 
 STUDENT, TEACHER = "student", "teacher"
+HILL_CLIMB, GREEDY, RANDOM = STRATEGIES
 
 Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
 
@@ -85,8 +87,11 @@ class HillClimbingSampler(BaseSampler):
         freeze_student: finished iterations during which only the teacher moves.
         p_student: the chance of evolving the student once it is no longer frozen.
         seed: trial ``n``'s draws come from ``(seed, n)`` only.
-        root_wait_s: how often a worker waiting for the root trial looks again.
-        root_timeout_s: how long it waits at most.
+        strategy: ``hill_climb`` (algorithm 1), ``greedy`` (the parent is always the best pair) or
+            ``random`` (a random walk: a uniform parent among all completed trials, a uniform
+            feasible move).
+        root_wait: a worker waiting for the root trial looks again every ``root_wait[0]``
+            seconds, for ``root_wait[1]`` seconds at most.
 
     Raises:
         ValueError: a vocabulary without ``base`` or with duplicates, or out-of-range settings.
@@ -106,9 +111,11 @@ class HillClimbingSampler(BaseSampler):
         freeze_student: int = 5,
         p_student: float = 0.5,
         seed: int | None = None,
-        root_wait_s: float = 2.0,
-        root_timeout_s: float = 24 * 3600.0,
+        strategy: str = HILL_CLIMB,
+        root_wait: tuple[float, float] = (2.0, 24 * 3600.0),
     ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if BASE_MOVE not in moves:
             raise ValueError(f"the move vocabulary must contain {BASE_MOVE!r}")
         if len(set(moves)) != len(moves):
@@ -121,8 +128,8 @@ class HillClimbingSampler(BaseSampler):
         self.freeze_student = freeze_student
         self.p_student = p_student
         self.seed = 0 if seed is None else int(seed)
-        self.root_wait_s = root_wait_s
-        self.root_timeout_s = root_timeout_s
+        self.root_wait_s, self.root_timeout_s = root_wait
+        self.strategy = strategy
         self._fallback = RandomSampler(seed=seed)
 
     # ------------------------------------------------------------ Optuna sampler contract
@@ -197,9 +204,11 @@ class HillClimbingSampler(BaseSampler):
             keep_alive(study, trial)
 
     def choose(self, trials: Sequence[FrozenTrial], number: int) -> Decision:
-        """The hill-climbing step over the other trials of the study, for trial ``number``."""
+        """The step of the sampler's strategy over the other trials, for trial ``number``."""
         rng = np.random.default_rng([self.seed, number])
-        ranked = top_k(trials, self.k)
+        if self.strategy == RANDOM:
+            return self._random_step(trials, rng)
+        ranked = top_k(trials, 1 if self.strategy == GREEDY else self.k)
         assert ranked, "choose() needs at least one COMPLETE trial"
         frozen = student_iterations(trials) < self.freeze_student
         weights = np.arange(len(ranked), 0, -1, dtype=float)
@@ -210,9 +219,7 @@ class HillClimbingSampler(BaseSampler):
         fallback: Decision | None = None
         for i in order:
             parent = ranked[i]
-            students, teachers = self.feasible(parent)
-            students = [m for m in students if m in self.moves]
-            teachers = [m for m in teachers if m in self.moves]
+            students, teachers = self._moves(parent)
             if frozen:
                 students = []
             tried = tried_moves(trials, parent.number)
@@ -232,3 +239,21 @@ class HillClimbingSampler(BaseSampler):
         if fallback is None:
             raise RuntimeError("no feasible move from any pair in the top-k list")
         return fallback  # every move of every top-k pair was tried: repeat one (new seed, new data order)
+
+    def _moves(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
+        """The feasible student and teacher moves of ``parent`` that are in the vocabulary."""
+        students, teachers = self.feasible(parent)
+        return [m for m in students if m in self.moves], [m for m in teachers if m in self.moves]
+
+    def _random_step(self, trials: Sequence[FrozenTrial], rng: np.random.Generator) -> Decision:
+        """A random walk with inheritance: a parent uniformly from every completed trial, then a
+        move uniformly from its feasible ones (no freeze, no untried-first, no families)."""
+        done = sorted(top_k(trials, len(trials)), key=lambda t: t.number)
+        assert done, "choose() needs at least one COMPLETE trial"
+        for i in rng.permutation(len(done)):
+            students, teachers = self._moves(done[int(i)])
+            options = [(STUDENT, m) for m in students] + [(TEACHER, m) for m in teachers]
+            if options:
+                kind, move = options[int(rng.integers(len(options)))]
+                return Decision(done[int(i)].number, move, kind)
+        raise RuntimeError("no feasible move from any completed trial")

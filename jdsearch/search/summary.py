@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 
 from jdsearch.search.queries import best_of, lineage, root_of
-from jdsearch.search.record import TrialRecord
+from jdsearch.search.record import KD_MODE_ATTR, STRATEGY_ATTR, TrialRecord
 
 
 def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -53,4 +53,6 @@ def summary(study: optuna.Study) -> str:
     lines.append(f"teacher     {r0.teacher}  ->  {r1.teacher}")
     path = [TrialRecord.from_trial(t) for t in lineage(study, best.number)]
     lines.append("lineage     " + " -> ".join(f"{t.move} (#{t.number})" for t in path))
+    strategy = study.user_attrs.get(STRATEGY_ATTR, "hill_climb")  # 0.1 studies: hill climbing
+    lines.append(f"search      {strategy}, KD {study.user_attrs.get(KD_MODE_ATTR, 'dynamic')}")
     return "\n".join(lines)
