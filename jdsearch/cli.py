@@ -299,7 +299,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     handle = open_study(_storage(args), args.study)
     exported = export_trial(
-        handle, args.out, trial=args.trial, input_size=args.size, onnx=not args.no_onnx
+        handle,
+        args.out,
+        trial=args.trial,
+        input_size=args.size,
+        onnx=not args.no_onnx,
+        heldout=_heldout(handle),
     )
     info = exported.info
     src = info["source"]
@@ -312,6 +317,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"  classes     {', '.join(info['class_names'])}")
     print("  lineage     " + " -> ".join(f"{s['move']} (#{s['trial']})" for s in src["lineage"]))
+    held = src.get("heldout")
+    if held is not None:
+        chosen, judged = (src.get("metrics") or {}).get("AP"), held["metrics"]["AP"]
+        print(
+            f"  AP          {_pct(chosen)} on the selection split; {_pct(judged)} on the "
+            f"held-out split ({held['images']} images the search never saw)"
+        )
     check = info["onnx_check"]
     if check is not None:
         print(
@@ -466,6 +478,24 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _heldout(handle: Any) -> Any:
+    """The study's held-out split, or ``None`` (with a line saying why) when there is none here."""
+    from jdsearch.search.splits import heldout_split
+
+    try:
+        split = heldout_split(handle.spec)
+    except JDSearchError as e:
+        print(f"no held-out judgement: {e}")
+        return None
+    if split is None:
+        print("no held-out judgement: the study sets neither data.test nor data.max_val_images")
+    return split
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``jdsearch report``: write a study's HTML report and print its summary and the
     base-vs-upgraded table; returns 0."""
@@ -481,6 +511,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         fps=not args.no_fps,
         device=args.device,
         repeats=args.repeats,
+        heldout=_heldout(handle),
     )
     files = write_report(
         handle,

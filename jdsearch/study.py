@@ -71,13 +71,16 @@ class SynthSpec:
 class DataSpec:
     """``dir`` holds ``images/``, ``train.json``, ``val.json``; ``synth`` generates them if absent.
 
-    ``dir`` unset: ``runs/<study name>/data``. ``max_val_images``: evaluate each trial on the
-    first N validation images.
+    ``dir`` unset: ``runs/<study name>/data``. ``max_val_images``: score each trial on the first
+    N validation images (the selection split). ``test``: an annotation file (images in
+    ``dir/images``) of a held-out split the search never sees; unset, the validation images
+    beyond ``max_val_images`` are held out.
     """
 
     dir: Path | None = None
     synth: SynthSpec | None = None
     max_val_images: int | None = None
+    test: Path | None = None
 
     def __post_init__(self) -> None:
         n = self.max_val_images

@@ -22,6 +22,8 @@ from typing import Any
 import optuna
 from torch import Tensor
 
+from jdsearch.data import CocoDataset
+from jdsearch.evaluate import evaluate
 from jdsearch.flops import count_flops
 from jdsearch.latency import Latency, measure_latencies
 from jdsearch.report.trials import percent
@@ -48,6 +50,7 @@ class DetectorRow:
     h: float  # the trial's score
     metrics: dict[str, float]  # METRIC_KEYS in [0, 1]; NaN where the val set has no such object
     latency: Latency | None = None
+    heldout: dict[str, float] | None = None  # METRIC_KEYS on the held-out split, when judged
 
     @property
     def fps(self) -> float | None:
@@ -69,6 +72,7 @@ class Comparison:
     study: str
     base: DetectorRow
     upgraded: DetectorRow
+    heldout: str | None = None  # what the held-out split is (None: not judged)
 
     @property
     def rows(self) -> tuple[DetectorRow, DetectorRow]:
@@ -81,6 +85,7 @@ class Comparison:
             "study": self.study,
             "base": self.base.to_dict(),
             "upgraded": self.upgraded.to_dict(),
+            "heldout": self.heldout,
         }
 
     def table(self) -> tuple[list[str], list[list[str]]]:
@@ -90,6 +95,11 @@ class Comparison:
         b, u = self.base, self.upgraded
         change = ["change", "", "", _ratio(u.flops, b.flops), _ratio(u.fps, b.fps)]
         change += [_delta(u.metrics.get(k), b.metrics.get(k)) for k in METRIC_KEYS]
+        if b.heldout is not None and u.heldout is not None:
+            header += ["held-out AP", "held-out AP50"]
+            for row, r in zip(rows, self.rows, strict=True):
+                row += [percent(r.heldout.get("AP")), percent(r.heldout.get("AP50"))]  # type: ignore[union-attr]
+            change += [_delta(u.heldout.get(k), b.heldout.get(k)) for k in ("AP", "AP50")]
         return header, [*rows, change]
 
     def format(self) -> str:
@@ -120,7 +130,12 @@ class Comparison:
             lines.append(
                 f"FPS: batch 1, median of {lat.repeats} interleaved runs on {lat.device}{threads}"
             )
-        lines.append("AP: COCO box AP (%) on the study's validation set, as recorded by the search")
+        lines.append(
+            "AP: COCO box AP (%) on the selection split, as recorded by the search (it chose the "
+            "upgraded detector on it)"
+        )
+        if self.heldout is not None:
+            lines.append(f"held-out AP: on {self.heldout}, which the search never saw")
         return "\n".join(lines)
 
 
@@ -182,11 +197,14 @@ def compare_study(
     warmup: int = 3,
     repeats: int = 20,
     images: Sequence[Tensor] | None = None,
+    heldout: CocoDataset | None = None,
 ) -> Comparison:
     """The table-4 comparison of the study's base trial and trial ``trial`` (default: the best).
 
     FPS of the two detectors is timed interleaved (:func:`jdsearch.latency.measure_latencies`),
-    once when both rows are the same trial.
+    once when both rows are the same trial. With ``heldout`` (:func:`~jdsearch.search.splits.
+    heldout_split`) both are also evaluated, each at its input size, on images the search never
+    saw.
     """
     base_trial = handle.base_trial()
     best = handle.trial(trial)
@@ -205,4 +223,15 @@ def compare_study(
         )
         base = dataclasses.replace(base, latency=lats[0])
         up = dataclasses.replace(up, latency=lats[-1])
-    return Comparison(study=handle.study.study_name, base=base, upgraded=up)
+    described = None
+    if heldout is not None:
+        base = dataclasses.replace(base, heldout=_judge(base_det, heldout, base.input_size, device))
+        up = dataclasses.replace(up, heldout=_judge(up_det, heldout, up.input_size, device))
+        described = f"{len(heldout)} images of {heldout.ann_file}"
+    return Comparison(handle.study.study_name, base, up, described)
+
+
+def _judge(detector: Any, data: CocoDataset, size: str, device: str) -> dict[str, float]:
+    """COCO metrics of ``detector`` at ``size`` on ``data`` (NaN where undefined)."""
+    m = evaluate(detector, data, [Resolution.parse(size)], device=device)[size]
+    return {k: float(getattr(m, k)) for k in METRIC_KEYS}

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from jdsearch.data import load_image
+from jdsearch.data import CocoDataset, load_image
 from jdsearch.errors import JDSearchError
+from jdsearch.evaluate import evaluate
 from jdsearch.resolution import Resolution
 from jdsearch.search.queries import lineage
 from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
@@ -61,6 +63,7 @@ def export_trial(
     input_size: Resolution | str | None = None,
     check_images: Sequence[Tensor] | None = None,
     onnx: bool = True,
+    heldout: CocoDataset | None = None,
 ) -> Exported:
     """Export trial ``trial`` (default: the best) of an opened study at the resolution where it
     scored best (or ``input_size``).
@@ -72,6 +75,8 @@ def export_trial(
         input_size: ``LONGxSHORT`` input size; default the trial's best resolution.
         check_images: images for the ONNX check; default the study's validation images.
         onnx: write and check ``model.onnx``.
+        heldout: the study's held-out split (:func:`~jdsearch.search.splits.heldout_split`);
+            the detector's metrics on it are written to ``detector.json``.
 
     Returns:
         The export, loaded back.
@@ -85,6 +90,15 @@ def export_trial(
     size = Resolution.parse(input_size or TrialRecord.from_trial(t).best_resolution)
     names = foreground_names(ckpt.class_names, ckpt.num_classes)
     source = _source(handle, t, size)
+    if heldout is not None:
+        m = evaluate(ckpt.detector, heldout, [size])[str(size)]
+        values = {k: float(getattr(m, k)) for k in ("AP", "AP50", "AP75")}
+        metrics = {k: None if math.isnan(v) else round(v, 5) for k, v in values.items()}
+        source["heldout"] = {
+            "file": str(heldout.ann_file),
+            "images": len(heldout),
+            "metrics": metrics,
+        }
     if check_images:
         images, image_source = list(check_images), "given"
     else:

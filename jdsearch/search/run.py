@@ -39,6 +39,7 @@ from jdsearch.search.record import (
     STRATEGY_ATTR,
 )
 from jdsearch.search.sampler import HillClimbingSampler
+from jdsearch.search.splits import selection_split
 from jdsearch.search.storage import storage_for
 from jdsearch.search.summary import print_trial
 from jdsearch.spec import load_spec
@@ -71,9 +72,7 @@ def ensure_data(spec: StudySpec) -> tuple[CocoDataset, CocoDataset]:
         s = spec.data.synth
         _say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
         synth.generate(d, images=s.images, seed=s.seed, size=s.size)
-    train_set = CocoDataset(d / "train.json", d / "images")
-    val_set = CocoDataset(d / "val.json", d / "images", max_images=spec.data.max_val_images)
-    return train_set, val_set
+    return CocoDataset(d / "train.json", d / "images"), selection_split(spec)
 
 
 def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> str:
