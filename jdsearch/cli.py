@@ -496,6 +496,26 @@ def _heldout(handle: Any) -> Any:
     return split
 
 
+def cmd_noise(args: argparse.Namespace) -> int:
+    """``jdsearch noise``: re-run a trial (default: the best) with other training seeds, print
+    and store the spread of its H and AP; returns 0."""
+    from jdsearch.search.noise import measure_noise
+    from jdsearch.search.queries import open_study
+    from jdsearch.search.run import prepare
+
+    url = _storage(args)
+    handle = open_study(url, args.study)
+    study, ctx = prepare(handle.spec, url, progress=False)
+    floor = measure_noise(study, ctx, args.trial, seeds=args.seeds)
+    print(
+        f"trial {floor.trial}: recorded H {floor.recorded_h:.4f}, AP {100 * floor.recorded_ap:.1f}"
+    )
+    for seed, h, ap in zip(floor.seeds, floor.h, floor.ap, strict=True):
+        print(f"  seed {seed}: H {h:.4f}, AP {100 * ap:.1f}")
+    print(floor.describe())
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``jdsearch report``: write a study's HTML report and print its summary and the
     base-vs-upgraded table; returns 0."""
@@ -564,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_predict,
         _add_latency,
         _add_report,
+        _add_noise,
     ):
         add(sub)
     return p
@@ -729,6 +750,15 @@ def _add_latency(sub: Any) -> None:
         help="for a spec: classes incl. background (default 81)",
     )
     la.set_defaults(func=cmd_latency)
+
+
+def _add_noise(sub: Any) -> None:
+    n = sub.add_parser(
+        "noise", help="re-run a trial with other seeds: the spread of H and AP (the noise floor)"
+    )
+    _study_options(n, "trial to re-run")
+    n.add_argument("--seeds", type=int, default=3, help="re-runs (other training seeds)")
+    n.set_defaults(func=cmd_noise)
 
 
 def _add_report(sub: Any) -> None:

@@ -28,6 +28,7 @@ from jdsearch.flops import count_flops
 from jdsearch.latency import Latency, measure_latencies
 from jdsearch.report.trials import percent
 from jdsearch.resolution import Resolution
+from jdsearch.search.noise import stored_noise
 from jdsearch.search.queries import StudyHandle
 from jdsearch.search.record import BASE_RESOLUTION_ATTR, TrialRecord
 
@@ -73,6 +74,7 @@ class Comparison:
     base: DetectorRow
     upgraded: DetectorRow
     heldout: str | None = None  # what the held-out split is (None: not judged)
+    noise: str | None = None  # the study's measured noise floor (None: not measured)
 
     @property
     def rows(self) -> tuple[DetectorRow, DetectorRow]:
@@ -86,6 +88,7 @@ class Comparison:
             "base": self.base.to_dict(),
             "upgraded": self.upgraded.to_dict(),
             "heldout": self.heldout,
+            "noise": self.noise,
         }
 
     def table(self) -> tuple[list[str], list[list[str]]]:
@@ -136,6 +139,7 @@ class Comparison:
         )
         if self.heldout is not None:
             lines.append(f"held-out AP: on {self.heldout}, which the search never saw")
+        lines.append(self.noise or "noise floor: not measured (jdsearch noise --study NAME)")
         return "\n".join(lines)
 
 
@@ -228,7 +232,9 @@ def compare_study(
         base = dataclasses.replace(base, heldout=_judge(base_det, heldout, base.input_size, device))
         up = dataclasses.replace(up, heldout=_judge(up_det, heldout, up.input_size, device))
         described = f"{len(heldout)} images of {heldout.ann_file}"
-    return Comparison(handle.study.study_name, base, up, described)
+    floor = stored_noise(handle.study)
+    noise = None if floor is None else floor.describe()
+    return Comparison(handle.study.study_name, base, up, described, noise)
 
 
 def _judge(detector: Any, data: CocoDataset, size: str, device: str) -> dict[str, float]:

@@ -187,9 +187,9 @@ class Objective:
         set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
         parent = trial.user_attrs.get(PARENT_ATTR)
-        pair = self.load_pair(trial, move, parent)
-        trained = self.train_pair(trial, pair)
-        score = self.score(trial, pair.student)
+        pair = self.load_pair(trial.study, trial.number, move, parent)
+        trained = self.train_pair(pair, self.seed_of(trial.number))
+        score = self.score(trial.number, pair.student)
         self.record(trial, move, parent, pair, trained, score)
         log.info(
             "trial %d (%s from %s): H %.4f at %s",
@@ -201,9 +201,15 @@ class Objective:
         )
         return score.value
 
-    def load_pair(self, trial: optuna.Trial, move: str, parent_no: int | None) -> _Pair:
-        """The parent's student and teacher (the base detector and the super-net for the root),
-        with ``move`` applied to one of them."""
+    def seed_of(self, number: int) -> int:
+        """The training seed of trial ``number``: the study's seed and the trial number."""
+        return self.ctx.spec.search.seed * 100003 + number
+
+    def load_pair(
+        self, study: optuna.Study, number: int, move: str, parent_no: int | None
+    ) -> _Pair:
+        """Trial ``number``'s pair: its parent's student and teacher (the base detector and the
+        super-net for the root), with ``move`` applied to one of them."""
         ctx = self.ctx
         t0 = time.perf_counter()
         no_teacher = ctx.spec.kd.mode == "off"
@@ -212,21 +218,20 @@ class Objective:
             teacher = None if no_teacher else ctx.pool.space.largest()
             return _Pair(student, teacher, {}, time.perf_counter() - t0)
         if parent_no is None:
-            raise TrialFailed(f"trial {trial.number}: move {move!r} without a parent")
-        parent = TrialRecord.from_trial(_parent(trial.study, int(parent_no)))
+            raise TrialFailed(f"trial {number}: move {move!r} without a parent")
+        parent = TrialRecord.from_trial(_parent(study, int(parent_no)))
         if parent.checkpoint is None:
-            raise TrialFailed(f"trial {trial.number}: parent {parent_no} has no checkpoint")
+            raise TrialFailed(f"trial {number}: parent {parent_no} has no checkpoint")
         student = ctx.download(parent.checkpoint, f"trial {parent_no}").detector
         teacher = None if no_teacher else SubnetConfig.parse(parent.teacher)
         morph: dict[str, int] = {}
         if move in SubnetSpace.move_names():
             if teacher is None:
-                raise TrialFailed(f"trial {trial.number}: teacher move {move} with kd.mode off")
+                raise TrialFailed(f"trial {number}: teacher move {move} with kd.mode off")
             moved = ctx.pool.space.apply_move(teacher, move)
             if moved is None:
                 raise TrialFailed(
-                    f"trial {trial.number}: teacher move {move} leaves the pool's space from "
-                    f"{teacher}"
+                    f"trial {number}: teacher move {move} leaves the pool's space from {teacher}"
                 )
             teacher = moved
         else:
@@ -234,11 +239,10 @@ class Objective:
             morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
         return _Pair(student, teacher, morph, time.perf_counter() - t0)
 
-    def train_pair(self, trial: optuna.Trial, pair: _Pair) -> _Trained:
+    def train_pair(self, pair: _Pair, seed: int) -> _Trained:
         """Extract the teacher from the pool and train the student with it (the fast evaluation:
-        KD, BN sparsity, dynamic resolution), seeded by the study's seed and the trial number."""
+        KD, BN sparsity, dynamic resolution), seeded by ``seed`` (:meth:`seed_of` in a search)."""
         ctx, spec = self.ctx, self.ctx.spec
-        seed = spec.search.seed * 100003 + trial.number
         terms: list[Any] = []
         teacher_params, teacher_s = 0, 0.0
         if pair.teacher is not None:
@@ -254,7 +258,7 @@ class Objective:
         stop_recording(pair.student)
         return _Trained(teacher_params, teacher_s, result.seconds)
 
-    def score(self, trial: optuna.Trial, student: Detector) -> _Score:
+    def score(self, number: int, student: Detector) -> _Score:
         """AP at every resolution of the study, FLOPs, and H (the best over resolutions)."""
         ctx, spec = self.ctx, self.ctx.spec
         t2 = time.perf_counter()
@@ -279,7 +283,7 @@ class Objective:
         }
         best = max(h, key=lambda k: h[k])
         if not math.isfinite(h[best]):
-            raise TrialFailed(f"trial {trial.number}: score is not finite ({h[best]})")
+            raise TrialFailed(f"trial {number}: score is not finite ({h[best]})")
         return _Score(metrics, flops, flops_at, h, best, eval_s)
 
     def record(

@@ -24,6 +24,7 @@ __all__ = [
     "KD_MODE_ATTR",
     "KIND_ATTR",
     "MOVE_PARAM",
+    "NOISE_ATTR",
     "PARENT_ATTR",
     "POOL_ATTR",
     "SPEC_FILE_ATTR",
@@ -71,6 +72,7 @@ BASE_RESOLUTION_ATTR = "base_resolution"  # R_base of the score H
 SPEC_FILE_ATTR = "spec_file"  # the study spec file the study was created from
 STRATEGY_ATTR = "strategy"  # search.strategy: hill_climb, greedy or random
 KD_MODE_ATTR = "kd_mode"  # kd.mode: dynamic, fixed or off
+NOISE_ATTR = "noise_floor"  # a trial re-run with other seeds (jdsearch.search.noise)
 SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too long to print)
 CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
 

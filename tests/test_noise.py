@@ -1,0 +1,65 @@
+"""The noise floor: a trial re-run with other seeds, stored for the report's comparison."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jdsearch.cli import main
+from jdsearch.report.compare import compare_study
+from jdsearch.search.noise import measure_noise, stored_noise
+from jdsearch.search.objective import Objective
+from jdsearch.search.queries import open_study
+from jdsearch.search.record import TrialRecord
+from jdsearch.search.run import prepare
+
+
+@pytest.fixture
+def copy(small_study: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    db = tmp_path / "copy.db"
+    shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
+    shutil.copytree(small_study.workdir / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{db}"
+
+
+@pytest.mark.slow
+def test_a_rerun_with_the_trials_own_seed_gives_its_recorded_h(copy: str) -> None:
+    """The re-run path is the trial's own path: only the seed differs."""
+    handle = open_study(copy)
+    study, ctx = prepare(handle.spec, copy, progress=False)
+    t = handle.trial()
+    r = TrialRecord.from_trial(t)
+    objective = Objective(ctx)
+    pair = objective.load_pair(study, t.number, str(r.move), r.parent)
+    objective.train_pair(pair, objective.seed_of(t.number))
+    assert objective.score(t.number, pair.student).value == pytest.approx(t.value, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_noise_is_measured_stored_and_shown_beside_the_comparison(
+    copy: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--threads", "1", "noise", "--storage", copy, "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    handle = open_study(copy)
+    floor = stored_noise(handle.study)
+    assert floor is not None and floor.trial == handle.trial().number and len(floor.seeds) == 2
+    assert len(set(floor.seeds)) == 2 and floor.recorded_h == handle.trial().value
+    assert floor.sd_h == pytest.approx(statistics.stdev([floor.recorded_h, *floor.h]))
+    assert floor.describe() in out
+    c = compare_study(handle, fps=False)
+    assert c.noise == floor.describe() and floor.describe() in c.format()
+    assert len(handle.study.get_trials()) == 6  # nothing was added to the lineage
+
+
+def test_one_seed_is_no_spread(copy: str) -> None:
+    from jdsearch.errors import JDSearchError
+
+    handle = open_study(copy)
+    with pytest.raises(JDSearchError, match="at least 2 seeds"):
+        measure_noise(handle.study, None, seeds=1)  # type: ignore[arg-type]
