@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jdsearch.lazy import lazy_exports
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {
     **dict.fromkeys(["BackboneArch", "Block", "Stage"], "arch"),

@@ -516,6 +516,28 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``jdsearch finetune``: train a trial's pair (default: the best) longer as a child trial of
+    the study, print it beside its parent; returns 0."""
+    from jdsearch.search.finetune import finetune
+    from jdsearch.search.queries import open_study
+    from jdsearch.search.record import TrialRecord
+    from jdsearch.search.run import prepare
+    from jdsearch.search.summary import summary_cells
+
+    url = _storage(args)
+    handle = open_study(url, args.study)
+    study, ctx = prepare(handle.spec, url, progress=not args.quiet)
+    child = finetune(study, ctx, args.trial, epochs=args.epochs, lr=args.lr)
+    parent = next(t for t in study.get_trials() if t.number == TrialRecord.from_trial(child).parent)
+    before, after = summary_cells(parent), summary_cells(child)
+    print(f"{'':<12}{f'trial {parent.number}':<20}fine-tuned (trial {child.number})")
+    for key in before:
+        print(f"{key:<12}{before[key]:<20}{after[key]}")
+    print(f"export it: jdsearch export --study {study.study_name} --trial {child.number} --out DIR")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``jdsearch report``: write a study's HTML report and print its summary and the
     base-vs-upgraded table; returns 0."""
@@ -585,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_latency,
         _add_report,
         _add_noise,
+        _add_finetune,
     ):
         add(sub)
     return p
@@ -759,6 +782,18 @@ def _add_noise(sub: Any) -> None:
     _study_options(n, "trial to re-run")
     n.add_argument("--seeds", type=int, default=3, help="re-runs (other training seeds)")
     n.set_defaults(func=cmd_noise)
+
+
+def _add_finetune(sub: Any) -> None:
+    ft = sub.add_parser(
+        "finetune",
+        help="train a trial's student longer with its teacher: a child trial export can pick",
+    )
+    _study_options(ft, "trial to fine-tune")
+    ft.add_argument("--epochs", type=float, required=True, help="training epochs")
+    ft.add_argument("--lr", type=float, default=None, help="peak lr (default: the fast eval's)")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.set_defaults(func=cmd_finetune)
 
 
 def _add_report(sub: Any) -> None:

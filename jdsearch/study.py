@@ -41,8 +41,9 @@ STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS = ("AP", "AP50", "AP75")
 #: How the search picks each trial's parent: algorithm 1 (rank-weighted from the top-k), always
-#: the best pair, or a random walk over every completed trial.
-STRATEGIES = ("hill_climb", "greedy", "random")
+#: the best pair, a random walk over every completed trial, or hill climbing whose students are
+#: sub-networks of the elastic teacher pool (the paper's "ETP search", appendix F).
+STRATEGIES = ("hill_climb", "greedy", "random", "pool")
 
 #: The fast evaluation of a trial (paper A.1.4: 3 epochs, cosine, lr 0.01, batch 4).
 FAST_EVAL = TrainConfig(epochs=3.0, lr=0.01, batch_size=4, warmup_iters=50, grad_clip=10.0)

@@ -292,3 +292,63 @@ def test_random_walk_draws_parents_from_every_completed_trial_uniformly() -> Non
 def test_an_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="strategy must be one of"):
         HillClimbingSampler(VOCAB, feasible, strategy="annealing")
+
+
+def test_pool_strategy_climbs_the_moves_its_feasible_callback_offers() -> None:
+    """Under ``pool`` the sampler is algorithm 1 over the pool's mutations: ``pool.start`` from
+    the root, then only moves the callback lists for that parent, parents from the top-k."""
+    vocab = [BASE_MOVE, "pool.start", "pool.depth1+", "pool.width2-", *TEACHER_MOVES]
+
+    def pool_feasible(parent: FrozenTrial) -> tuple[list[str], list[str]]:
+        students = ["pool.start"] if parent.params[MOVE_PARAM] == BASE_MOVE else ["pool.depth1+"]
+        return students, TEACHER_MOVES
+
+    sampler = HillClimbingSampler(
+        vocab, pool_feasible, strategy="pool", top_k=2, freeze_student=0, p_student=1.0, seed=3
+    )
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    dist = {MOVE_PARAM: CategoricalDistribution(vocab)}
+    study.add_trial(
+        create_trial(value=0.1, params={MOVE_PARAM: BASE_MOVE}, distributions=dist, user_attrs={})
+    )
+    first = study.ask()
+    assert first.suggest_categorical(MOVE_PARAM, vocab) == "pool.start"
+    study.tell(first, 0.2)
+    seen = []
+    for _ in range(8):
+        trial = study.ask()
+        move = trial.suggest_categorical(MOVE_PARAM, vocab)
+        seen.append((trial.user_attrs[PARENT_ATTR], move))
+        study.tell(trial, state=TrialState.FAIL)
+    assert set(seen) <= {(0, "pool.start"), (1, "pool.depth1+"), (0, "teacher:fpn=16")} | {
+        (p, m) for p in (0, 1) for m in TEACHER_MOVES
+    }
+    assert (1, "pool.depth1+") in seen
+
+
+def test_a_finetuned_pair_is_never_a_parent() -> None:
+    """A fine-tuning trial had more training than a search step: even as the best it is skipped."""
+    vocab = [*VOCAB, "finetune"]
+    sampler = HillClimbingSampler(vocab, feasible, freeze_student=0, seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    dist = {MOVE_PARAM: CategoricalDistribution(vocab)}
+    for move, parent, value in [
+        (BASE_MOVE, None, 0.1),
+        ("layer_prune", 0, 0.2),
+        ("finetune", 1, 0.9),
+    ]:
+        study.add_trial(
+            create_trial(
+                value=value,
+                params={MOVE_PARAM: move},
+                distributions=dist,
+                user_attrs={PARENT_ATTR: parent},
+            )
+        )
+    parents = set()
+    for _ in range(30):
+        trial = study.ask()
+        trial.suggest_categorical(MOVE_PARAM, vocab)
+        parents.add(trial.user_attrs[PARENT_ATTR])
+        study.tell(trial, state=TrialState.FAIL)
+    assert parents == {0, 1}

@@ -194,3 +194,38 @@ def test_every_strategy_and_kd_mode_runs_a_real_search(
         for r in records[1:]:
             earlier = [x for x in records if x.number < r.number]
             assert r.parent == max(earlier, key=lambda x: (x.value, -x.number)).number
+
+
+@pytest.mark.slow
+def test_pool_strategy_searches_students_cut_from_the_teacher_pool(
+    search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ETP search (paper appendix F): after the root, every student is a sub-network of the pool
+    (``pool.start``, then the pool's own mutations), cut with the pool's weights."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = search_assets.study("pool-search", url, n_trials=5, strategy="pool", p_student=1.0)
+    spec = study_from_dict(data, source="test")
+    search_assets.install_pool(tmp_path, "pool-search")
+    monkeypatch.chdir(tmp_path)
+    study = run_search(spec, progress=False)
+    _, ctx = prepare(spec, progress=False)
+    records = [TrialRecord.from_trial(t) for t in study.get_trials()]
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 5
+    assert study.user_attrs["strategy"] == "pool" and "search      pool," in summary(study)
+    students = [r for r in records if r.kind == "student"]
+    assert students, "p_student 1 after the freeze: student moves were taken"
+    assert all(str(r.move).startswith("pool.") for r in students)
+    start = ctx.pool_start()
+    for r in students:
+        assert r.student_subnet, r
+        cfg = SubnetConfig.parse(r.student_subnet)
+        assert r.student == ctx.pool.arch_of(cfg).encode()  # the sub-network's own arch
+        parent = records[r.parent]
+        if r.move == "pool.start":
+            assert cfg == start and not parent.student_subnet
+        else:  # one of the pool's mutations of the parent's sub-network
+            before = SubnetConfig.parse(parent.student_subnet)
+            assert ctx.pool.space.neighbours(before)["teacher." + r.move[len("pool.") :]] == cfg
+    # the start costs at most the base's multiply-adds, and it is the costliest such candidate
+    assert records[[r.move for r in records].index("pool.start")].flops <= ctx.base_flops
+    assert ctx.pool_start() == start  # cached, and the same draw on every worker

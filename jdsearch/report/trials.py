@@ -14,11 +14,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.errors import JDSearchError
 from jdsearch.search.queries import StudyHandle, best_of, completed_trials, lineage_of, root_of
-from jdsearch.search.record import BASE_MOVE, POOL_ATTR, TrialRecord
+from jdsearch.search.record import BASE_MOVE, FINETUNE_MOVE, POOL_ATTR, TrialRecord
 from jdsearch.search.sampler import family
 
 __all__ = [
     "FAMILIES",
+    "POOL_FAMILY",
     "TEACHER_FAMILY",
     "ActionGains",
     "ActionStep",
@@ -47,6 +48,7 @@ __all__ = [
 
 FAMILIES = ("channel_prune", "layer_prune", "add_layer", "rearrange", "teacher")
 TEACHER_FAMILY = "teacher"
+POOL_FAMILY = "pool"  # the pool strategy's student moves (pool.start, pool.depth3+, …)
 
 
 # ---------------------------------------------------------------------- reading trials
@@ -95,11 +97,15 @@ def running_best(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 def action_family(move: str | None) -> str | None:
     """The fig-6 family of a move: a student action family, ``teacher`` for every teacher
-    mutation, ``None`` for the root (``base``) or a trial without a move."""
-    if move is None or move == BASE_MOVE:
+    mutation, ``pool`` for every student move of the pool strategy, ``None`` for the root
+    (``base``), a post-search fine-tuning (not a step of the search) or a trial without a move."""
+    if move is None or move in (BASE_MOVE, FINETUNE_MOVE):
         return None
     f = family(str(move))
-    return TEACHER_FAMILY if f.startswith(TEACHER_FAMILY) else f
+    for grouped in (TEACHER_FAMILY, POOL_FAMILY):
+        if f.startswith(grouped + "."):
+            return grouped
+    return f
 
 
 def trial_ap(t: FrozenTrial) -> float:
@@ -242,7 +248,8 @@ class GainCell:
 class ActionGains:
     """Fig. 6's numbers, ``cells[(phase index, family)]``: per phase, the score increment each
     action family brought (top panel) and the family's share of the phase's beneficial actions
-    (bottom panel). Families beyond :data:`FAMILIES` (none today) are listed after them."""
+    (bottom panel). Families beyond :data:`FAMILIES` (``pool``, under the pool strategy) are
+    listed after them."""
 
     phases: tuple[Phase, ...]
     families: tuple[str, ...]

@@ -13,6 +13,7 @@ weighted by β. A trial's value is the best H over the study's resolutions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial
@@ -32,7 +34,7 @@ from jdsearch.data import CocoDataset
 from jdsearch.distill import make_distiller
 from jdsearch.errors import JDSearchError
 from jdsearch.evaluate import CocoMetrics, evaluate
-from jdsearch.flops import FlopsReport, count_flops
+from jdsearch.flops import FlopsReport, count_flops, count_spec_flops
 from jdsearch.models import Detector
 from jdsearch.models.heads import stop_recording
 from jdsearch.morph.actions import MorphConfig, all_actions, evolve_with_report, feasible_actions
@@ -40,7 +42,15 @@ from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
 from jdsearch.resolution import Resolution
 from jdsearch.search.optuna_internals import set_trial_system_attr
-from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR, TrialRecord
+from jdsearch.search.record import (
+    BASE_MOVE,
+    FINETUNE_ATTRS,
+    FINETUNE_MOVE,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    WORKER_SYSATTR,
+    TrialRecord,
+)
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.study import StudySpec
 from jdsearch.train import train
@@ -53,9 +63,38 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+POOL_START = "pool.start"  # strategy pool: the root's pool student (see SearchContext.pool_start)
+_POOL_PREFIX, _TEACHER_PREFIX = "pool.", "teacher."
+
+
+def pool_moves() -> tuple[str, ...]:
+    """Student moves of the ``pool`` strategy: ``pool.start`` from the root, then the pool's own
+    mutations applied to the student's sub-network (``pool.depth3+`` as ``teacher.depth3+``)."""
+    names = (_POOL_PREFIX + m.removeprefix(_TEACHER_PREFIX) for m in SubnetSpace.move_names())
+    return (POOL_START, *names)
+
+
 def move_vocabulary() -> list[str]:
-    """The fixed choices of the ``move`` parameter: base, student actions, teacher mutations."""
-    return [BASE_MOVE, *all_actions(), *SubnetSpace.move_names()]
+    """The fixed choices of the ``move`` parameter: base, student actions, teacher mutations,
+    the pool strategy's student moves and post-search fine-tuning."""
+    return [
+        BASE_MOVE,
+        *all_actions(),
+        *SubnetSpace.move_names(),
+        *pool_moves(),
+        FINETUNE_MOVE,
+    ]
+
+
+def study_vocabulary(study: optuna.Study) -> list[str]:
+    """The ``move`` choices the study's trials were asked with (Optuna refuses to change them
+    within a study), or :func:`move_vocabulary` for a study without trials. A study created by
+    jdsearch 0.2 or older keeps its shorter list: no pool strategy and no fine-tuning there."""
+    for t in study.get_trials(deepcopy=False):
+        dist = t.distributions.get(MOVE_PARAM)
+        if dist is not None:
+            return [str(c) for c in dist.choices]  # type: ignore[attr-defined]
+    return move_vocabulary()
 
 
 def score_h(
@@ -85,6 +124,8 @@ class SearchContext:
     base_resolution: Resolution
     base_flops: int
     progress: bool = False
+    vocabulary: tuple[str, ...] = ()  # the study's move choices; empty: move_vocabulary()
+    _pool_start: SubnetConfig | None = None
 
     @property
     def morph_config(self) -> MorphConfig:
@@ -118,25 +159,63 @@ class SearchContext:
                 study_or_trial=trial, file_path=str(path), artifact_store=self.store
             )
 
+    # ------------------------------------------------------------------ the pool strategy
+    def pool_start(self) -> SubnetConfig:
+        """The first pool student: among the space's smallest and largest members and 30 others
+        drawn with the search seed, the one with the most multiply-adds at the base resolution
+        that does not cost more than the base detector (the smallest when every one does)."""
+        if self._pool_start is None:
+            space, rng = self.pool.space, np.random.default_rng(self.spec.search.seed)
+            candidates = {
+                space.smallest(),
+                space.largest(),
+                *(space.sample(rng) for _ in range(30)),
+            }
+            size, n = self.base_resolution.hw, self.pool.num_classes
+            costs = {
+                cfg: count_spec_flops(self.pool.spec_of(cfg), size, num_classes=n).total
+                for cfg in sorted(candidates, key=str)
+            }
+            within = [cfg for cfg in costs if costs[cfg] <= self.base_flops]
+            pick = max(within, key=lambda c: (costs[c], str(c))) if within else space.smallest()
+            self._pool_start = pick
+        return self._pool_start
+
+    def pool_student_moves(self, record: TrialRecord) -> list[str]:
+        """The pool strategy's student moves from a pair: ``pool.start`` from a student that is
+        not a pool sub-network (the root), else the pool's mutations of its sub-network."""
+        if not record.student_subnet:
+            return [POOL_START]
+        cfg = SubnetConfig.parse(record.student_subnet)
+        return sorted(
+            _POOL_PREFIX + m.removeprefix(_TEACHER_PREFIX) for m in self.pool.space.neighbours(cfg)
+        )
+
     # ------------------------------------------------------------------ sampler support
     def feasible(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
-        """Student actions (recorded by the parent's trial) and teacher mutations of a parent."""
+        """Student moves and teacher mutations of a parent: the student actions its trial recorded
+        (the pool's mutations of its sub-network under the ``pool`` strategy), and the pool's
+        mutations of its teacher when the teacher is searched (``kd.mode: dynamic``)."""
         record = TrialRecord.from_trial(parent)
+        if self.spec.search.strategy == "pool":
+            students = self.pool_student_moves(record)
+        else:
+            students = list(record.student_moves)
         if self.spec.kd.mode != "dynamic":  # the teacher is fixed or absent: no teacher moves
-            return list(record.student_moves), []
+            return students, []
         teachers = sorted(self.pool.space.neighbours(SubnetConfig.parse(record.teacher)))
-        return list(record.student_moves), teachers
+        return students, teachers
 
 
 class TrialFailed(JDSearchError):
     """A trial could not be evaluated (its parent's checkpoint is missing, a move is invalid…)."""
 
 
-def _parent(study: optuna.Study, number: int) -> FrozenTrial:
+def _trial(study: optuna.Study, number: int) -> FrozenTrial:
     for t in study.get_trials(deepcopy=False):
         if t.number == number:
             return t
-    raise TrialFailed(f"parent trial {number} does not exist in study {study.study_name!r}")
+    raise TrialFailed(f"trial {number} does not exist in study {study.study_name!r}")
 
 
 @dataclass
@@ -147,6 +226,8 @@ class _Pair:
     teacher: SubnetConfig | None  # None: no distillation (kd.mode off)
     morph: dict[str, int]
     load_s: float
+    subnet: SubnetConfig | None = None  # the student's place in the pool (strategy pool)
+    finetune: tuple[float, float | None] | None = None  # (epochs, lr) of a fine-tuning trial
 
 
 @dataclass
@@ -154,6 +235,7 @@ class _Trained:
     teacher_params: int
     teacher_s: float
     train_s: float
+    images: int  # what the training went through: the trial's compute budget
 
 
 @dataclass
@@ -180,7 +262,7 @@ class Objective:
 
     def __init__(self, ctx: SearchContext) -> None:
         self.ctx = ctx
-        self.vocabulary = move_vocabulary()
+        self.vocabulary = list(ctx.vocabulary) or move_vocabulary()
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Set first (a retried trial inherits the killed attempt's system attrs, this one included).
@@ -209,7 +291,8 @@ class Objective:
         self, study: optuna.Study, number: int, move: str, parent_no: int | None
     ) -> _Pair:
         """Trial ``number``'s pair: its parent's student and teacher (the base detector and the
-        super-net for the root), with ``move`` applied to one of them."""
+        super-net for the root), with ``move`` applied to one of them. A ``pool.*`` move cuts the
+        student from the pool instead, and ``finetune`` keeps the parent's pair as it is."""
         ctx = self.ctx
         t0 = time.perf_counter()
         no_teacher = ctx.spec.kd.mode == "off"
@@ -219,25 +302,53 @@ class Objective:
             return _Pair(student, teacher, {}, time.perf_counter() - t0)
         if parent_no is None:
             raise TrialFailed(f"trial {number}: move {move!r} without a parent")
-        parent = TrialRecord.from_trial(_parent(study, int(parent_no)))
+        parent = TrialRecord.from_trial(_trial(study, int(parent_no)))
+        teacher = None if no_teacher else SubnetConfig.parse(parent.teacher)
+        subnet = SubnetConfig.parse(parent.student_subnet) if parent.student_subnet else None
+        if move in pool_moves():
+            subnet = self._pool_subnet(number, move, subnet)
+            student = ctx.pool.teacher(subnet, ctx.train_set, device=ctx.spec.device)
+            return _Pair(student, teacher, {}, time.perf_counter() - t0, subnet)
         if parent.checkpoint is None:
             raise TrialFailed(f"trial {number}: parent {parent_no} has no checkpoint")
         student = ctx.download(parent.checkpoint, f"trial {parent_no}").detector
-        teacher = None if no_teacher else SubnetConfig.parse(parent.teacher)
+        if move == FINETUNE_MOVE:
+            epochs, lr = _finetune_request(_trial(study, number))
+            return _Pair(student, teacher, {}, time.perf_counter() - t0, subnet, (epochs, lr))
         morph: dict[str, int] = {}
         if move in SubnetSpace.move_names():
-            if teacher is None:
-                raise TrialFailed(f"trial {number}: teacher move {move} with kd.mode off")
-            moved = ctx.pool.space.apply_move(teacher, move)
-            if moved is None:
-                raise TrialFailed(
-                    f"trial {number}: teacher move {move} leaves the pool's space from {teacher}"
-                )
-            teacher = moved
+            teacher = self._moved_teacher(number, move, teacher)
         else:
             student, report = evolve_with_report(student, move, config=ctx.morph_config)
             morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
-        return _Pair(student, teacher, morph, time.perf_counter() - t0)
+            subnet = None  # an evolved pool student is no longer the pool's sub-network
+        return _Pair(student, teacher, morph, time.perf_counter() - t0, subnet)
+
+    def _moved_teacher(self, number: int, move: str, teacher: SubnetConfig | None) -> SubnetConfig:
+        if teacher is None:
+            raise TrialFailed(f"trial {number}: teacher move {move} with kd.mode off")
+        moved = self.ctx.pool.space.apply_move(teacher, move)
+        if moved is None:
+            raise TrialFailed(
+                f"trial {number}: teacher move {move} leaves the pool's space from {teacher}"
+            )
+        return moved
+
+    def _pool_subnet(self, number: int, move: str, subnet: SubnetConfig | None) -> SubnetConfig:
+        """The sub-network a ``pool.*`` move gives from the parent's (``None``: not a pool
+        student)."""
+        if move == POOL_START:
+            return self.ctx.pool_start()
+        if subnet is None:
+            raise TrialFailed(
+                f"trial {number}: {move} from a student that is not cut from the pool"
+            )
+        moved = self.ctx.pool.space.apply_move(
+            subnet, _TEACHER_PREFIX + move.removeprefix(_POOL_PREFIX)
+        )
+        if moved is None:
+            raise TrialFailed(f"trial {number}: {move} leaves the pool's space from {subnet}")
+        return moved
 
     def train_pair(self, pair: _Pair, seed: int) -> _Trained:
         """Extract the teacher from the pool and train the student with it (the fast evaluation:
@@ -251,12 +362,15 @@ class Objective:
             teacher_s = time.perf_counter() - t1
             teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
             terms.append(make_distiller(pair.student, teacher, spec.kd, seed=seed))
-        if spec.search.bn_sparsity > 0:
-            terms.append(BNSparsity(spec.search.bn_sparsity))
         config = spec.train_config(spec.fast_eval, seed)
+        if pair.finetune is not None:  # the structure is final: no BN sparsity, the asked epochs
+            epochs, lr = pair.finetune
+            config = dataclasses.replace(config, epochs=epochs, lr=config.lr if lr is None else lr)
+        elif spec.search.bn_sparsity > 0:
+            terms.append(BNSparsity(spec.search.bn_sparsity))
         result = train(pair.student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)
         stop_recording(pair.student)
-        return _Trained(teacher_params, teacher_s, result.seconds)
+        return _Trained(teacher_params, teacher_s, result.seconds, result.images)
 
     def score(self, number: int, student: Detector) -> _Score:
         """AP at every resolution of the study, FLOPs, and H (the best over resolutions)."""
@@ -316,6 +430,7 @@ class Objective:
         record = TrialRecord(
             student=student.arch.encode(),
             teacher="" if pair.teacher is None else str(pair.teacher),
+            student_subnet="" if pair.subnet is None else str(pair.subnet),
             checkpoint=artifact_id,
             teacher_params=trained.teacher_params,
             flops=score.flops.total,
@@ -328,6 +443,7 @@ class Objective:
             h=score.h,
             best_resolution=score.best_resolution,
             morph=pair.morph,
+            train_images=trained.images,
             timings={k: round(v, 3) for k, v in timings.items()},
             arch=student.arch.to_dict(),
             student_moves=tuple(feasible_actions(student, config=ctx.morph_config)),
@@ -338,6 +454,16 @@ class Objective:
         for key, value in system.items():  # machine-facing: hidden from `optuna trials`
             set_trial_system_attr(trial, key, value)
         return record
+
+
+def _finetune_request(trial: FrozenTrial) -> tuple[float, float | None]:
+    """``(epochs, lr)`` a fine-tuning trial was enqueued with (:mod:`jdsearch.search.finetune`)."""
+    epochs_key, lr_key, _ = FINETUNE_ATTRS
+    epochs = trial.user_attrs.get(epochs_key)
+    if not isinstance(epochs, int | float) or not epochs > 0:
+        raise TrialFailed(f"trial {trial.number}: a finetune trial without its epochs ({epochs!r})")
+    lr = trial.user_attrs.get(lr_key)
+    return float(epochs), None if lr is None else float(lr)
 
 
 def _metrics_dict(m: CocoMetrics) -> dict[str, float | None]:

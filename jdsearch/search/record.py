@@ -21,6 +21,8 @@ __all__ = [
     "BASE_MOVE",
     "BASE_RESOLUTION_ATTR",
     "CATEGORIES_SYSATTR",
+    "FINETUNE_ATTRS",
+    "FINETUNE_MOVE",
     "KD_MODE_ATTR",
     "KIND_ATTR",
     "MOVE_PARAM",
@@ -41,11 +43,16 @@ __all__ = [
 MOVE_PARAM = "move"  # the categorical trial parameter: "base", a student action or a teacher move
 BASE_MOVE = "base"  # the root trial: the base detector with the pool's super-net as teacher
 PARENT_ATTR = "parent"  # trial number of the parent pair (None for the root)
-KIND_ATTR = "move_kind"  # "base", "student" or "teacher"
+KIND_ATTR = "move_kind"  # "base", "student", "teacher" or "finetune"
+FINETUNE_MOVE = "finetune"  # a post-search fine-tuning of its parent's pair (jdsearch finetune)
+# A fine-tuning trial's request, set when it is enqueued (a retried copy keeps them): epochs, lr
+# (None: the fast evaluation's) and a token that tells the request's attempts from any other.
+FINETUNE_ATTRS = ("finetune_epochs", "finetune_lr", "finetune_request")
 
 # -- what the objective records (user attributes: what `optuna trials` and the dashboard show)
 _CHECKPOINT = "checkpoint"  # artifact id of the trial's student checkpoint
 _STUDENT = "student"  # appendix-B encoding of the student
+_STUDENT_SUBNET = "student_subnet"  # SubnetConfig string of a student cut from the pool ("pool")
 _TEACHER = "teacher"  # SubnetConfig string of the teacher
 _TEACHER_PARAMS = "teacher_params"  # the teacher's backbone parameters (paper fig. 5)
 _FLOPS = "flops"  # multiply-adds at the base resolution: C(S) of the score H
@@ -58,6 +65,7 @@ _AP = "ap"  # resolution -> the score's metric
 _H = "h"  # resolution -> H
 _BEST_RESOLUTION = "best_resolution"  # where H is highest: the trial's value
 _MORPH = "morph"  # new_params, inherited_params of a student action
+_TRAIN_IMAGES = "train_images"  # images the trial's training went through (its compute budget)
 TIMINGS = ("train_s", "eval_s", "teacher_s", "load_s", "upload_s")  # seconds, each its own attr
 # (system attributes: machine-facing state, hidden from `optuna trials`)
 _ARCH = "jdsearch:student_arch"  # BackboneArch.to_dict() of the student
@@ -99,6 +107,7 @@ class TrialRecord:
 
     student: str = ""
     teacher: str = ""
+    student_subnet: str = ""
     checkpoint: str | None = None
     number: int | None = None
     move: str | None = None
@@ -116,6 +125,7 @@ class TrialRecord:
     h: Mapping[str, float] = field(default_factory=dict)
     best_resolution: str | None = None
     morph: Mapping[str, int] = field(default_factory=dict)
+    train_images: int | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     arch: Mapping[str, Any] | None = None
     student_moves: tuple[str, ...] = ()
@@ -131,6 +141,7 @@ class TrialRecord:
         user = {
             _CHECKPOINT: self.checkpoint,
             _STUDENT: self.student,
+            **({_STUDENT_SUBNET: self.student_subnet} if self.student_subnet else {}),
             _TEACHER: self.teacher,
             _TEACHER_PARAMS: self.teacher_params,
             _FLOPS: self.flops,
@@ -143,6 +154,7 @@ class TrialRecord:
             _H: dict(self.h),
             _BEST_RESOLUTION: self.best_resolution,
             _MORPH: dict(self.morph),
+            **({} if self.train_images is None else {_TRAIN_IMAGES: self.train_images}),
             **{k: self.timings[k] for k in TIMINGS if k in self.timings},
         }
         system = {
@@ -160,6 +172,7 @@ class TrialRecord:
         return cls(
             student=str(a.get(_STUDENT, "")),
             teacher=str(a.get(_TEACHER, "")),
+            student_subnet=str(a.get(_STUDENT_SUBNET, "")),
             checkpoint=a.get(_CHECKPOINT),
             number=t.number,
             move=t.params.get(MOVE_PARAM),
@@ -177,11 +190,17 @@ class TrialRecord:
             h=dict(a.get(_H) or {}),
             best_resolution=a.get(_BEST_RESOLUTION),
             morph=dict(a.get(_MORPH) or {}),
+            train_images=a.get(_TRAIN_IMAGES),
             timings={k: float(a[k]) for k in TIMINGS if a.get(k) is not None},
             arch=s.get(_ARCH),
             student_moves=tuple(s.get(_STUDENT_MOVES) or ()),
             worker=s.get(WORKER_SYSATTR),
         )
+
+    @property
+    def is_finetune(self) -> bool:
+        """Whether the trial is a post-search fine-tuning (not a step of the search)."""
+        return self.move == FINETUNE_MOVE
 
     def metric_at(self, resolution: str | None, key: str = "AP") -> float | None:
         """COCO ``key`` (in [0, 1]) at ``resolution``; ``None`` when not recorded."""

@@ -25,7 +25,13 @@ from jdsearch.flops import count_flops
 from jdsearch.models import build_detector
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
-from jdsearch.search.objective import Objective, SearchContext, move_vocabulary
+from jdsearch.search.objective import (
+    Objective,
+    SearchContext,
+    move_vocabulary,
+    pool_moves,
+    study_vocabulary,
+)
 from jdsearch.search.optuna_internals import set_study_system_attr, study_system_attrs
 from jdsearch.search.record import (
     BASE_ATTR,
@@ -157,13 +163,15 @@ def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
         seed=spec.search.seed,
         strategy=spec.search.strategy,
     )
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
         sampler=sampler,
         direction="maximize",
         load_if_exists=True,
     )
+    sampler.moves = tuple(study_vocabulary(study))  # an older study keeps its own choices
+    return study
 
 
 def _record_spec(study: optuna.Study, spec: StudySpec, train_set: CocoDataset) -> None:
@@ -223,8 +231,14 @@ def _load_assets(
     base_flops = count_flops(base.detector, size=base_res.hw).total
     study.set_user_attr(BASE_FLOPS_ATTR, base_flops)
     study.set_user_attr(BASE_RESOLUTION_ATTR, str(base_res))
+    vocabulary = tuple(study_vocabulary(study))
+    if spec.search.strategy == "pool" and not set(pool_moves()) <= set(vocabulary):
+        raise JDSearchError(
+            f"study {spec.name}: created by an older jdsearch whose trials know no pool moves; "
+            "search.strategy: pool needs a new study"
+        )
     return SearchContext(
-        spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress
+        spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress, vocabulary
     )
 
 

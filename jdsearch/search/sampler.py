@@ -18,13 +18,19 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.search.optuna_internals import keep_alive, set_running_user_attr
-from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, decision_attrs
+from jdsearch.search.record import (
+    BASE_MOVE,
+    FINETUNE_MOVE,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    decision_attrs,
+)
 from jdsearch.study import STRATEGIES
 
 log = logging.getLogger(__name__)
 
 STUDENT, TEACHER = "student", "teacher"
-HILL_CLIMB, GREEDY, RANDOM = STRATEGIES
+HILL_CLIMB, GREEDY, RANDOM, POOL = STRATEGIES
 
 Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
 
@@ -87,9 +93,10 @@ class HillClimbingSampler(BaseSampler):
         freeze_student: finished iterations during which only the teacher moves.
         p_student: the chance of evolving the student once it is no longer frozen.
         seed: trial ``n``'s draws come from ``(seed, n)`` only.
-        strategy: ``hill_climb`` (algorithm 1), ``greedy`` (the parent is always the best pair) or
+        strategy: ``hill_climb`` (algorithm 1), ``greedy`` (the parent is always the best pair),
             ``random`` (a random walk: a uniform parent among all completed trials, a uniform
-            feasible move).
+            feasible move) or ``pool`` (algorithm 1 over students cut from the teacher pool: the
+            ``feasible`` callback offers the pool's mutations as the student moves).
         root_wait: a worker waiting for the root trial looks again every ``root_wait[0]``
             seconds, for ``root_wait[1]`` seconds at most.
 
@@ -174,7 +181,12 @@ class HillClimbingSampler(BaseSampler):
         """Choose the parent and the move of ``trial`` (waits while the root is running)."""
         deadline = time.monotonic() + self.root_timeout_s
         while True:
-            trials = study.get_trials(deepcopy=False)
+            # Fine-tuned pairs had more training than a step of the search: never a parent.
+            trials = [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.params.get(MOVE_PARAM) != FINETUNE_MOVE
+            ]
             others = [t for t in trials if t.number != trial.number]
             if top_k(others, 1):
                 return self.choose(others, trial.number)
