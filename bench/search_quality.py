@@ -1,0 +1,524 @@
+"""Does the search pay? Joint-DetNAS against simpler ways of spending the same compute
+(paper tables 5, 9, 10 and fig. 4), judged on images the search never saw.
+
+From one shared base checkpoint and one shared teacher pool (the study's own, trained once), for
+each of ``--seeds`` seeds (``search.seed``), every row below gets the same training budget:
+``--trials`` trials of the study's fast evaluation (``fast_eval.epochs`` each), i.e.
+``trials × fast_eval.epochs`` epochs of the training set.
+
+    hill_climb      the default search (algorithm 1, dynamic KD)
+    random          a random walk with inheritance
+    greedy          hill climbing from the best pair only
+    pool            ETP search: students cut from the teacher pool (appendix F)
+    kd_fixed        hill climbing, the super-net as the only teacher (fig. 4's conventional KD)
+    kd_off          hill climbing without a teacher (NAS + pruning)
+    pipelining      table 5: BN-sparsity training of the base (half the budget), channel and
+                    layer pruning down to the hill-climbing winner's FLOPs, then distillation
+                    from the super-net (the other half)
+    longer          the base trained on with no search and no teacher, for as many epochs as
+                    the hill-climbing winner's lineage had (root included)
+    longer_kd       the same, distilled from the super-net
+    longer_all      the base trained on for the whole budget, no teacher
+    longer_all_kd   the same, distilled from the super-net
+
+A search row's winner is its best trial by H on the selection split (``data.max_val_images``);
+a control's detector is scored the same way (H at every resolution, the best one kept). Every
+winner is then judged on the held-out split (``data.test``, else the val images beyond
+``max_val_images``), at the resolution where it scored best. FPS is batch 1 on the CPU, each
+winner timed interleaved with the base detector, and given as a ratio to it.
+
+Each (row, seed) writes ``results/ROW-sSEED.json`` under ``--out``; a run that finds it skips it,
+so an interrupted bench resumes, and several processes with disjoint ``--seed-list`` or ``--rows``
+can share the work (then ``--table-only`` prints the table of everything there). The table gives
+mean ± sd over seeds, the training images and wall time each row actually used, and the noise
+floor (the seed-0 hill-climbing winner re-run with three other seeds). ``search_quality.html``
+has best-so-far H against trials for every search row and the held-out AP–FLOPs points of every
+winner.
+
+    python bench/search_quality.py --study studies/quickstart.yaml --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+SEARCH_ROWS = ("hill_climb", "random", "greedy", "pool", "kd_fixed", "kd_off")
+CONTROL_ROWS = ("pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
+ROWS = SEARCH_ROWS + CONTROL_ROWS
+_SEARCH_SETTINGS = {  # row -> (search.strategy, kd.mode)
+    "hill_climb": ("hill_climb", "dynamic"),
+    "random": ("random", "dynamic"),
+    "greedy": ("greedy", "dynamic"),
+    "pool": ("pool", "dynamic"),
+    "kd_fixed": ("hill_climb", "fixed"),
+    "kd_off": ("hill_climb", "off"),
+}
+PIPELINE_SPARSITY = 1e-4  # BN-sparsity weight of the pipelining baseline's first half
+
+
+# ---------------------------------------------------------------------- budget accounting
+def budget_epochs(row: str, trials: int, fast_epochs: float, lineage: int) -> float:
+    """Training epochs a row may spend: ``trials × fast_epochs`` for every search, pipelining and
+    the whole-budget controls; ``lineage × fast_epochs`` for the lineage controls (``lineage``:
+    trials from the root to the hill-climbing winner, both included)."""
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r} (known: {', '.join(ROWS)})")
+    if row in ("longer", "longer_kd"):
+        return lineage * fast_epochs
+    return trials * fast_epochs
+
+
+def pipeline_split(total_epochs: float) -> tuple[float, float]:
+    """The pipelining budget: half BN-sparsity training, half distillation."""
+    return total_epochs / 2, total_epochs / 2
+
+
+# ---------------------------------------------------------------------- shared assets
+@dataclasses.dataclass
+class Shared:
+    """The study's base detector and teacher pool, and what every row's scoring needs."""
+
+    spec: Any
+    base_path: Path
+    pool_path: Path
+    study: Any
+    ctx: Any  # SearchContext of the shared study: scoring, the pool, the splits
+    heldout: Any
+
+
+def shared_assets(spec: Any, out: Path) -> Shared:
+    """Train (or find in ``runs/<study>/``) the base detector and the pool, once for all rows."""
+    from jdsearch.search.run import prepare, run_dir
+    from jdsearch.search.splits import heldout_split
+
+    study, ctx = prepare(spec, f"sqlite:///{out / 'shared.db'}", progress=False)
+    base = spec.base.checkpoint or run_dir(spec) / "base.safetensors"
+    heldout = heldout_split(spec, ctx.val_set)
+    if heldout is None:
+        raise SystemExit(
+            f"{spec.source}: no held-out split (set data.test or data.max_val_images below the "
+            "val set's size): a winner must be judged on images the search never saw"
+        )
+    return Shared(spec, Path(base), run_dir(spec) / "pool.safetensors", study, ctx, heldout)
+
+
+def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any:
+    """The study spec of a search row: the shared base and pool, its strategy and KD mode."""
+    from jdsearch.search.run import run_dir
+
+    strategy, kd_mode = _SEARCH_SETTINGS[row]
+    spec = shared.spec
+    name = f"{spec.name}-sq-{row}-s{seed}".replace("_", "-")
+    variant = dataclasses.replace(
+        spec,
+        name=name,
+        base=dataclasses.replace(spec.base, checkpoint=shared.base_path),
+        search=dataclasses.replace(
+            spec.search,
+            strategy=strategy,
+            seed=seed,
+            n_trials=trials,
+            storage=f"sqlite:///{out / 'studies' / (name + '.db')}",
+        ),
+        kd=dataclasses.replace(spec.kd, mode=kd_mode),
+    )
+    cache = run_dir(variant) / "pool.safetensors"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shared.pool_path, cache)
+    return variant
+
+
+# ---------------------------------------------------------------------- judging a detector
+def _judge(shared: Shared, detector: Any, score: Any) -> dict[str, Any]:
+    """Selection H/AP at the best resolution and held-out AP there, FLOPs and params."""
+    from jdsearch.evaluate import evaluate
+    from jdsearch.flops import count_flops
+    from jdsearch.resolution import Resolution
+
+    res = score.best_resolution
+    held = evaluate(detector, shared.heldout, [Resolution.parse(res)], device=shared.spec.device)
+    metric = shared.spec.score.metric
+    return {
+        "resolution": res,
+        "h": float(score.value),
+        "selection_ap": float(getattr(score.metrics[res], metric)),
+        "heldout_ap": float(held[res].AP),
+        "heldout_ap50": float(held[res].AP50),
+        "flops": int(score.flops.total),
+        "flops_at": int(count_flops(detector, size=Resolution.parse(res).hw).total),
+        "params": int(score.flops.params),
+    }
+
+
+def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) -> dict[str, Any]:
+    """One search: its winner (best H on the selection split) judged on the held-out split."""
+    from jdsearch.search.objective import Objective
+    from jdsearch.search.queries import best_of, lineage, open_study
+    from jdsearch.search.record import TrialRecord
+    from jdsearch.search.run import prepare, run_search
+
+    spec = _variant(shared, row, seed, trials, out)
+    t0 = time.perf_counter()
+    study = run_search(spec, progress=False)
+    wall = time.perf_counter() - t0
+    trials_ = sorted(study.get_trials(), key=lambda t: t.number)
+    best = best_of(trials_)
+    handle = open_study(spec.storage_url, spec.name)
+    detector = handle.checkpoint(best).detector
+    _, ctx = prepare(spec, progress=False)
+    score = Objective(ctx).score(best.number, detector)  # same split and H as the trial's
+    records = [TrialRecord.from_trial(t) for t in trials_]
+    so_far, best_h = [], -math.inf
+    for t in trials_:
+        best_h = max(best_h, t.value if t.value is not None else -math.inf)
+        so_far.append(best_h)
+    winner_path = out / "winners" / f"{row}-s{seed}.safetensors"
+    _save(detector, shared, winner_path)
+    return {
+        **_judge(shared, detector, score),
+        "trial": best.number,
+        "recorded_h": float(best.value),
+        "lineage": [t.number for t in lineage(study, best.number)],
+        "moves": [str(TrialRecord.from_trial(t).move) for t in lineage(study, best.number)],
+        "best_so_far": so_far,
+        "completed": sum(r.value is not None for r in records),
+        "train_images": sum(r.train_images or 0 for r in records),
+        "wall_s": wall,
+        "winner": str(winner_path),
+        "study": spec.storage_url,
+    }
+
+
+def _save(detector: Any, shared: Shared, path: Path) -> None:
+    from jdsearch.store.checkpoint import save_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, detector, class_names=shared.ctx.train_set.class_names)
+
+
+def _base(shared: Shared) -> Any:
+    from jdsearch.store.checkpoint import load_checkpoint
+
+    return load_checkpoint(shared.base_path, device=shared.spec.device).detector
+
+
+def _train(
+    shared: Shared, detector: Any, seed: int, epochs: float, kd: bool, sparsity: float = 0.0
+) -> int:
+    """Train ``detector`` on with the fast evaluation's settings for ``epochs`` (dynamic
+    resolution), distilled from the super-net when ``kd``; returns the images it went through."""
+    from jdsearch.distill import make_distiller
+    from jdsearch.models.heads import stop_recording
+    from jdsearch.morph.pruning import BNSparsity
+    from jdsearch.train import train
+
+    spec, ctx = shared.spec, shared.ctx
+    config = dataclasses.replace(spec.train_config(spec.fast_eval, seed), epochs=epochs)
+    terms: list[Any] = []
+    if kd:
+        teacher = ctx.pool.teacher(ctx.pool.space.largest(), ctx.train_set, device=spec.device)
+        terms.append(make_distiller(detector, teacher, spec.kd, seed=seed))
+    if sparsity > 0:
+        terms.append(BNSparsity(sparsity))
+    result = train(detector, ctx.train_set, config, loss_terms=terms, progress=False)
+    stop_recording(detector)
+    return result.images
+
+
+def prune_to(
+    detector: Any, target_flops: int, size: tuple[int, int], config: Any
+) -> tuple[list[str], Any]:
+    """Channel and layer pruning in turn (each by BN slimming's importance) until the detector
+    costs at most ``target_flops`` at ``size``, or no pruning action is left. Returns the moves
+    and the pruned detector."""
+    from jdsearch.flops import count_flops
+    from jdsearch.morph.actions import evolve, feasible_actions
+
+    moves: list[str] = []
+    order = ["channel_prune", "layer_prune"]
+    while count_flops(detector, size=size).total > target_flops:
+        legal = feasible_actions(detector, config=config)
+        step = next((m for m in order if m in legal), None)
+        if step is None:
+            break
+        detector = evolve(detector, step, config=config)
+        moves.append(step)
+        order.reverse()  # alternate channel and layer pruning
+    return moves, detector
+
+
+def run_control_row(
+    shared: Shared, row: str, seed: int, trials: int, hill_climb: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """A control: the base trained on (with or without KD), or pruned then distilled."""
+    from jdsearch.search.objective import Objective
+
+    spec = shared.spec
+    fast = spec.fast_eval.epochs
+    epochs = budget_epochs(row, trials, fast, len(hill_climb["lineage"]))
+    detector = _base(shared)
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {"epochs": epochs}
+    if row == "pipelining":
+        sparse, distill = pipeline_split(epochs)
+        images = _train(shared, detector, seed, sparse, kd=False, sparsity=PIPELINE_SPARSITY)
+        moves, detector = prune_to(
+            detector, hill_climb["flops"], shared.ctx.base_resolution.hw, shared.ctx.morph_config
+        )
+        images += _train(shared, detector, seed + 1, distill, kd=True)
+        extra["pruning"] = moves
+    else:
+        images = _train(shared, detector, seed, epochs, kd=row.endswith("_kd"))
+    wall = time.perf_counter() - t0
+    path = out / "winners" / f"{row}-s{seed}.safetensors"
+    _save(detector, shared, path)  # before anything that can fail after the training
+    score = Objective(shared.ctx).score(0, detector)
+    return {
+        **_judge(shared, detector, score),
+        **extra,
+        "train_images": images,
+        "wall_s": wall,
+        "detector": str(path),
+    }
+
+
+# ---------------------------------------------------------------------- the table
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fps_ratios(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """Batch-1 FPS of each winner over the base's, timed interleaved pair by pair."""
+    from jdsearch.latency import measure_latencies
+    from jdsearch.store.checkpoint import load_checkpoint
+
+    base, base_res = _base(shared), str(shared.ctx.base_resolution)
+    for _, r in sorted(results.items()):
+        path = r.get("winner") or r.get("detector")
+        if not path or "fps_ratio" in r:
+            continue
+        det = load_checkpoint(path).detector
+        lat = measure_latencies([(base, base_res), (det, r["resolution"])], repeats=15, warmup=3)
+        r["fps_ratio"] = lat[0].median_ms / lat[1].median_ms
+
+
+def table(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> str:
+    """One row per strategy: mean ± sd over seeds."""
+    base_flops, base_params = shared.ctx.base_flops, _base_params(shared)
+    head = (
+        f"{'row':<14}{'seeds':>5}  {'held-out AP':>12}  {'sel. AP':>10}  {'FLOPs×':>11}  "
+        f"{'params×':>11}  {'FPS×':>11}  {'best H':>15}  {'train imgs':>10}  {'wall s':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in ROWS:
+        rs = [r for (name, _), r in sorted(results.items()) if name == row]
+        if not rs:
+            continue
+
+        def cell(key: str, scale: float = 1.0, fmt: str = ".1f", rs: list = rs) -> str:
+            m, s = _mean_sd([scale * r[key] for r in rs if r.get(key) is not None])
+            return f"{m:{fmt}} ± {s:{fmt}}"
+
+        lines.append(
+            f"{row:<14}{len(rs):>5}  {cell('heldout_ap', 100):>12}  {cell('selection_ap', 100):>10}  "
+            f"{cell('flops', 1 / base_flops, '.2f'):>11}  {cell('params', 1 / base_params, '.2f'):>11}  "
+            f"{cell('fps_ratio', 1, '.2f'):>11}  {cell('h', 1, '.4f'):>15}  "
+            f"{statistics.fmean(r['train_images'] for r in rs):>10.0f}  "
+            f"{statistics.fmean(r['wall_s'] for r in rs):>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _base_params(shared: Shared) -> int:
+    return sum(p.numel() for p in _base(shared).parameters())
+
+
+def write_html(results: dict[tuple[str, int], dict[str, Any]], base_flops: int, path: Path) -> None:
+    """Best-so-far H against trials per search row, and held-out AP against FLOPs per winner."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("best-so-far H (selection split)", "winners: held-out AP vs FLOPs"),
+    )
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+               "#7f7f7f", "#bcbd22", "#17becf", "#393b79"]  # fmt: skip
+    colours = dict(zip(ROWS, palette, strict=True))
+    for (row, seed), r in sorted(results.items()):
+        if "best_so_far" in r:
+            fig.add_trace(
+                go.Scatter(
+                    x=list(range(len(r["best_so_far"]))),
+                    y=r["best_so_far"],
+                    mode="lines",
+                    line={"color": colours[row]},
+                    name=row,
+                    legendgroup=row,
+                    showlegend=seed == min(s for (n, s) in results if n == row),
+                    hovertext=f"{row} seed {seed}",
+                ),
+                row=1,
+                col=1,
+            )
+    for row in ROWS:
+        rs = [(s, r) for (n, s), r in sorted(results.items()) if n == row]
+        if rs:
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["flops"] / base_flops for _, r in rs],
+                    y=[100 * r["heldout_ap"] for _, r in rs],
+                    mode="markers",
+                    marker={"color": colours[row], "size": 9},
+                    name=row,
+                    legendgroup=row,
+                    showlegend=not any(
+                        n == row and "best_so_far" in r for (n, _), r in results.items()
+                    ),
+                    hovertext=[f"{row} seed {s}" for s, _ in rs],
+                ),
+                row=1,
+                col=2,
+            )
+    fig.update_xaxes(title_text="trial", row=1, col=1)
+    fig.update_yaxes(title_text="H", row=1, col=1)
+    fig.update_xaxes(title_text="FLOPs / base FLOPs (at the base resolution)", row=1, col=2)
+    fig.update_yaxes(title_text="held-out AP (%)", row=1, col=2)
+    fig.update_layout(height=520, width=1200, title="search quality at equal training budget")
+    fig.write_html(path, include_plotlyjs=True)
+
+
+# ---------------------------------------------------------------------- main
+def _load(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    results = {}
+    for f in sorted((out / "results").glob("*.json")):
+        r = json.loads(f.read_text())
+        results[(r["row"], r["seed"])] = r
+    return results
+
+
+def _store(out: Path, row: str, seed: int, result: dict[str, Any]) -> None:
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    path = out / "results" / f"{row}-s{seed}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"row": row, "seed": seed, **result}, indent=1))
+    tmp.replace(path)
+
+
+def _noise(shared: Shared, results: dict[tuple[str, int], dict[str, Any]], out: Path) -> str:
+    """The noise floor: the first seed's hill-climbing winner re-run with three other seeds."""
+    path = out / "noise.json"
+    if not path.is_file():
+        from jdsearch.search.noise import measure_noise
+        from jdsearch.search.queries import open_study
+        from jdsearch.search.run import prepare
+
+        first = min(s for (row, s) in results if row == "hill_climb")
+        url = results[("hill_climb", first)]["study"]
+        handle = open_study(url)
+        study, ctx = prepare(handle.spec, url, progress=False)
+        floor = measure_noise(study, ctx, seeds=3)
+        path.write_text(json.dumps({"describe": floor.describe(), **floor.to_dict()}, indent=1))
+    return json.loads(path.read_text())["describe"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="studies/quickstart.yaml", help="study spec YAML")
+    p.add_argument("--trials", type=int, default=None, help="trials per search (default: spec)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (search.seed)")
+    p.add_argument("--seed-list", type=int, nargs="+", help="run only these seeds")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run")
+    p.add_argument("--out", default=None, help="default runs/search_quality/<study name>")
+    p.add_argument("--table-only", action="store_true", help="print the table of what is there")
+    p.add_argument("--no-table", action="store_true", help="only run (a worker of a split run)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
+    args = p.parse_args(argv)
+
+    import optuna
+    import torch
+
+    from jdsearch.study import load_study
+
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*experimental.*")
+    logging.basicConfig(level=logging.WARNING)
+    spec = load_study(args.study)
+    trials = args.trials or spec.search.n_trials
+    out = Path(args.out or Path("runs") / "search_quality" / spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = shared_assets(spec, out)
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+    if not args.table_only:
+        _run_all(shared, args.rows, seeds, trials, out)
+    return 0 if args.no_table else _report(shared, out, trials)
+
+
+def _run_all(shared: Shared, rows: list[str], seeds: list[int], trials: int, out: Path) -> None:
+    todo = [r for r in ROWS if r in rows]
+    for seed in seeds:
+        for row in todo:
+            if (out / "results" / f"{row}-s{seed}.json").is_file():
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {row}, seed {seed} ...", flush=True)
+            if row in SEARCH_ROWS:
+                result = run_search_row(shared, row, seed, trials, out)
+            else:
+                hc = _load(out).get(("hill_climb", seed)) or _hill_climb_first(
+                    shared, seed, trials, out
+                )
+                result = run_control_row(shared, row, seed, trials, hc, out)
+            _store(out, row, seed, result)
+            print(
+                f"  held-out AP {100 * result['heldout_ap']:.1f}, H {result['h']:.4f}, "
+                f"{result['train_images']} images, {result['wall_s']:.0f} s",
+                flush=True,
+            )
+
+
+def _hill_climb_first(shared: Shared, seed: int, trials: int, out: Path) -> dict[str, Any]:
+    result = run_search_row(shared, "hill_climb", seed, trials, out)
+    _store(out, "hill_climb", seed, result)
+    return {"row": "hill_climb", "seed": seed, **result}
+
+
+def _report(shared: Shared, out: Path, trials: int) -> int:
+    results = _load(out)
+    if not results:
+        print("no results yet", file=sys.stderr)
+        return 1
+    _fps_ratios(shared, results)
+    for (row, seed), r in results.items():  # the FPS ratios are kept with the results
+        _store(out, row, seed, {k: v for k, v in r.items() if k not in ("row", "seed")})
+    spec = shared.spec
+    print(
+        f"\n{spec.name}: {trials} trials × {spec.fast_eval.epochs:g} epochs of "
+        f"{len(shared.ctx.train_set)} training images per search; selection {len(shared.ctx.val_set)}"
+        f" images, held-out {len(shared.heldout)} images; base {shared.ctx.base_flops / 1e9:.3f} "
+        f"GFLOPs at {shared.ctx.base_resolution}\n"
+    )
+    print(table(shared, results))
+    if any(row == "hill_climb" for row, _ in results):
+        print("\n" + _noise(shared, results, out))
+    write_html(results, shared.ctx.base_flops, out / "search_quality.html")
+    print(f"\nfigures: {out / 'search_quality.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""bench/search_quality.py: equal budgets across strategies and controls, and a real run of every
+row on the tiny assets (the figures themselves are the bench's to print, not a test's)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jdsearch.search.queries import lineage, open_study
+from jdsearch.search.record import TrialRecord
+
+from .conftest import REPO
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "search_quality", REPO / "bench/search_quality.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("search_quality", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_row_gets_the_same_budget_but_the_lineage_controls() -> None:
+    sq = _bench()
+    budgets = {row: sq.budget_epochs(row, 8, 0.5, lineage=3) for row in sq.ROWS}
+    assert set(sq.ROWS) == set(sq.SEARCH_ROWS) | set(sq.CONTROL_ROWS)
+    lineage_rows = {"longer", "longer_kd"}
+    assert {budgets[r] for r in sq.ROWS if r not in lineage_rows} == {4.0}
+    assert {budgets[r] for r in lineage_rows} == {1.5}
+    assert sum(sq.pipeline_split(4.0)) == 4.0
+    with pytest.raises(ValueError, match="unknown row"):
+        sq.budget_epochs("annealing", 8, 0.5, 3)
+
+
+@pytest.mark.slow
+def test_a_real_run_spends_equal_training_images_on_every_row(
+    search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    sq = _bench()
+    data = search_assets.study("sq", f"sqlite:///{tmp_path / 'sq.db'}", n_trials=3)
+    data["data"]["max_val_images"] = 4  # the other val images are the held-out split
+    spec_file = tmp_path / "sq.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    search_assets.install_pool(tmp_path, "sq")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = {p.stem: json.loads(p.read_text()) for p in (out / "results").glob("*-s0.json")}
+    assert set(results) == {f"{row}-s0" for row in sq.ROWS}
+    # every search ran its 3 trials; what each trained is what its trial records say
+    per_search = set()
+    for row in sq.SEARCH_ROWS:
+        r = results[f"{row}-s0"]
+        study = open_study(r["study"]).study
+        records = [TrialRecord.from_trial(t) for t in study.get_trials()]
+        assert r["completed"] == 3 and r["train_images"] == sum(x.train_images for x in records)
+        assert r["lineage"] == [t.number for t in lineage(study, r["trial"])]
+        per_search.add(r["train_images"])
+    assert len(per_search) == 1  # equal budgets, measured
+    search_images = per_search.pop()
+    batch, trainings = 4, {"pipelining": 2, "longer_all": 1, "longer_all_kd": 1}
+    for row, n in trainings.items():  # the same epochs; iterations round once per training
+        assert abs(results[f"{row}-s0"]["train_images"] - search_images) <= 3 * batch * n
+    hc_lineage = len(results["hill_climb-s0"]["lineage"])
+    for row in ("longer", "longer_kd"):
+        expected = search_images * hc_lineage / 3
+        assert abs(results[f"{row}-s0"]["train_images"] - expected) <= 3 * batch
+    # the pipelining student was pruned to the hill-climbing winner's cost at most, when it could
+    hc_flops = results["hill_climb-s0"]["flops"]
+    pruned = results["pipelining-s0"]
+    assert pruned["flops"] <= hc_flops or not pruned["pruning"]
+    for r in results.values():
+        assert 0 <= r["heldout_ap"] <= 1 and math.isfinite(r["h"]) and r["fps_ratio"] > 0
+    for row in sq.ROWS:
+        assert f"\n{row:<14}    1" in printed
+    assert "noise floor: trial" in printed and (out / "search_quality.html").is_file()
+    # a second run finds every result and only prints the table
+    assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out)]) == 0
+    assert "seed 0 ..." not in capsys.readouterr().out
