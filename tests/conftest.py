@@ -150,6 +150,19 @@ def small_study(
     return SmallStudy(url, "small", root, search_assets.data_dir)
 
 
+@pytest.fixture
+def small_study_copy(
+    small_study: SmallStudy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A private copy of ``small_study`` (database and ``runs/`` caches), the working directory
+    set beside it: a test may add trials to it. Returns its storage URL."""
+    db = tmp_path / "copy.db"
+    shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
+    shutil.copytree(small_study.workdir / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and a second thread competing with any

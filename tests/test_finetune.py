@@ -4,10 +4,8 @@ like any trial when its worker dies, and never a parent of the search."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -25,25 +23,28 @@ from jdsearch.study import study_from_stored
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture
-def copy(small_study: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    db = tmp_path / "copy.db"
-    shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
-    shutil.copytree(small_study.workdir / "runs", tmp_path / "runs")
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{db}"
-
-
 @pytest.mark.slow
 def test_finetune_adds_a_child_trial_that_export_picks(
-    copy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_study_copy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    best = open_study(copy).trial()
+    best = open_study(small_study_copy).trial()
     assert (
-        main(["--threads", "1", "finetune", "--storage", copy, "--epochs", "0.5", "--quiet"]) == 0
+        main(
+            [
+                "--threads",
+                "1",
+                "finetune",
+                "--storage",
+                small_study_copy,
+                "--epochs",
+                "0.5",
+                "--quiet",
+            ]
+        )
+        == 0
     )
     out = capsys.readouterr().out
-    handle = open_study(copy)
+    handle = open_study(small_study_copy)
     trials = handle.study.get_trials()
     child = trials[-1]
     r, parent = TrialRecord.from_trial(child), TrialRecord.from_trial(best)
@@ -58,7 +59,18 @@ def test_finetune_adds_a_child_trial_that_export_picks(
     # export picks it by number, and by default when it is the best
     dest = tmp_path / "export"
     assert (
-        main(["export", "--storage", copy, "--trial", str(child.number), "--out", str(dest)]) == 0
+        main(
+            [
+                "export",
+                "--storage",
+                small_study_copy,
+                "--trial",
+                str(child.number),
+                "--out",
+                str(dest),
+            ]
+        )
+        == 0
     )
     meta = json.loads((dest / "detector.json").read_text())
     source = meta["source"]
@@ -66,11 +78,13 @@ def test_finetune_adds_a_child_trial_that_export_picks(
 
 
 @pytest.mark.slow
-def test_the_finetune_trial_trains_the_asked_epochs_with_its_own_seed(copy: str) -> None:
+def test_the_finetune_trial_trains_the_asked_epochs_with_its_own_seed(
+    small_study_copy: str,
+) -> None:
     """Re-running the child's pair through the objective with its seed gives its recorded H:
     the recorded trial is exactly the parent's pair trained for the asked epochs."""
-    handle = open_study(copy)
-    study, ctx = prepare(handle.spec, copy, progress=False)
+    handle = open_study(small_study_copy)
+    study, ctx = prepare(handle.spec, small_study_copy, progress=False)
     child = finetune(study, ctx, 2, epochs=0.5, lr=0.005)
     assert TrialRecord.from_trial(child).parent == 2 and child.user_attrs["finetune_lr"] == 0.005
     objective = Objective(ctx)
@@ -81,13 +95,13 @@ def test_the_finetune_trial_trains_the_asked_epochs_with_its_own_seed(copy: str)
 
 
 @pytest.mark.slow
-def test_a_killed_finetune_is_retried_and_never_becomes_a_parent(copy: str) -> None:
-    handle = open_study(copy)
+def test_a_killed_finetune_is_retried_and_never_becomes_a_parent(small_study_copy: str) -> None:
+    handle = open_study(small_study_copy)
     spec = study_from_stored(
         {**handle.spec.to_dict(), "search": {**handle.spec.to_dict()["search"], "heartbeat_s": 1}},
         source="test",
     )
-    study, ctx = prepare(spec, copy, progress=False)
+    study, ctx = prepare(spec, small_study_copy, progress=False)
     # a worker asks for a fine-tuning, starts it (heartbeat) and dies
     study.enqueue_trial(
         {MOVE_PARAM: FINETUNE_MOVE},
@@ -103,20 +117,20 @@ def test_a_killed_finetune_is_retried_and_never_becomes_a_parent(copy: str) -> N
     keep_alive(study, dead._cached_frozen_trial)
     with pytest.raises(JDSearchError, match="same settings in worker"):
         finetune(study, ctx, 1, epochs=0.25)  # still alive: not asked twice
-    time.sleep(2.5)  # its heartbeat lapses (grace period 2 × 1 s)
+    time.sleep(3.5)  # its heartbeat lapses (grace period 2 × 1 s; SQLite keeps whole seconds)
     child = finetune(study, ctx, 1, epochs=0.25)  # runs the re-queued copy of the same request
     assert child.user_attrs["finetune_request"] == "dead-worker"
     states = [t.state for t in study.get_trials()]
     assert states[dead.number] == optuna.trial.TrialState.FAIL and child.number == dead.number + 1
     # the search goes on: a fine-tuned pair is never a parent, even when it is the best
-    run_search(spec, copy, n_trials=2, progress=False)
+    run_search(spec, small_study_copy, n_trials=2, progress=False)
     parents = [TrialRecord.from_trial(t).parent for t in study.get_trials()[child.number + 1 :]]
     assert len(parents) == 2 and child.number not in parents
 
 
-def test_finetune_refuses_bad_requests(copy: str) -> None:
-    handle = open_study(copy)
-    study, ctx = prepare(handle.spec, copy, progress=False)
+def test_finetune_refuses_bad_requests(small_study_copy: str) -> None:
+    handle = open_study(small_study_copy)
+    study, ctx = prepare(handle.spec, small_study_copy, progress=False)
     with pytest.raises(JDSearchError, match="--epochs must be a positive number"):
         finetune(study, ctx, epochs=0)
     with pytest.raises(JDSearchError, match="--lr must be a positive number"):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import statistics
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,20 +15,11 @@ from jdsearch.search.record import TrialRecord
 from jdsearch.search.run import prepare
 
 
-@pytest.fixture
-def copy(small_study: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    db = tmp_path / "copy.db"
-    shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)
-    shutil.copytree(small_study.workdir / "runs", tmp_path / "runs")
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{db}"
-
-
 @pytest.mark.slow
-def test_a_rerun_with_the_trials_own_seed_gives_its_recorded_h(copy: str) -> None:
+def test_a_rerun_with_the_trials_own_seed_gives_its_recorded_h(small_study_copy: str) -> None:
     """The re-run path is the trial's own path: only the seed differs."""
-    handle = open_study(copy)
-    study, ctx = prepare(handle.spec, copy, progress=False)
+    handle = open_study(small_study_copy)
+    study, ctx = prepare(handle.spec, small_study_copy, progress=False)
     t = handle.trial()
     r = TrialRecord.from_trial(t)
     objective = Objective(ctx)
@@ -42,11 +30,11 @@ def test_a_rerun_with_the_trials_own_seed_gives_its_recorded_h(copy: str) -> Non
 
 @pytest.mark.slow
 def test_noise_is_measured_stored_and_shown_beside_the_comparison(
-    copy: str, capsys: pytest.CaptureFixture[str]
+    small_study_copy: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["--threads", "1", "noise", "--storage", copy, "--seeds", "2"]) == 0
+    assert main(["--threads", "1", "noise", "--storage", small_study_copy, "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    handle = open_study(copy)
+    handle = open_study(small_study_copy)
     floor = stored_noise(handle.study)
     assert floor is not None and floor.trial == handle.trial().number and len(floor.seeds) == 2
     assert len(set(floor.seeds)) == 2 and floor.recorded_h == handle.trial().value
@@ -57,9 +45,9 @@ def test_noise_is_measured_stored_and_shown_beside_the_comparison(
     assert len(handle.study.get_trials()) == 6  # nothing was added to the lineage
 
 
-def test_one_seed_is_no_spread(copy: str) -> None:
+def test_one_seed_is_no_spread(small_study_copy: str) -> None:
     from jdsearch.errors import JDSearchError
 
-    handle = open_study(copy)
+    handle = open_study(small_study_copy)
     with pytest.raises(JDSearchError, match="at least 2 seeds"):
         measure_noise(handle.study, None, seeds=1)  # type: ignore[arg-type]
