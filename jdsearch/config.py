@@ -31,11 +31,28 @@ __all__ = [
     "is_int",
     "is_number",
     "plain",
+    "preset_dir",
     "read_dataclass",
     "read_yaml",
 ]
 
 T = TypeVar("T")
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def preset_dir(kind: str) -> Path:
+    """The folder of the bundled ``detectors`` or ``studies`` presets.
+
+    An installed wheel carries them inside the package (``jdsearch/presets/<kind>``, mapped from
+    the project's top-level folders by ``pyproject.toml``); a source checkout or an editable
+    install reads the top-level folders themselves.
+    """
+    if kind not in ("detectors", "studies"):
+        raise ValueError(f"no preset kind {kind!r}")
+    bundled = _PACKAGE / "presets" / kind
+    return bundled if bundled.is_dir() else _PACKAGE.parent / kind
+
+
 MISSING: Any = dataclasses.MISSING
 _NO_VALUE = object()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch
-from jdsearch.config import MISSING, Fields, check, plain, read_dataclass, read_yaml
+from jdsearch.config import MISSING, Fields, check, plain, preset_dir, read_dataclass, read_yaml
 from jdsearch.errors import SpecError
 from jdsearch.resolution import Resolution
 
@@ -31,7 +31,7 @@ __all__ = [
     "spec_from_dict",
 ]
 
-DETECTORS_DIR = Path(__file__).resolve().parent.parent / "detectors"
+DETECTORS_DIR = preset_dir("detectors")  # the presets (top-level detectors/, or the wheel's copy)
 FPN_LEVELS = 5  # P2..P6: four stage outputs plus the max-pooled extra level
 # The paper's base resolution and dynamic-resolution set (appendix A.1.3).
 PAPER_SIZE = Resolution(1333, 800)

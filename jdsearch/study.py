@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jdsearch.config import Fields, check, is_number, plain, read_dataclass, read_yaml
+from jdsearch.config import (
+    Fields,
+    check,
+    is_number,
+    plain,
+    preset_dir,
+    read_dataclass,
+    read_yaml,
+)
 from jdsearch.errors import SpecError
 from jdsearch.pool.spec import PoolSpec
 from jdsearch.resolution import Resolution
@@ -37,7 +45,7 @@ __all__ = [
     "study_from_stored",
 ]
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDIES_DIR = preset_dir("studies")  # the presets (top-level studies/, or the wheel's copy)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS = ("AP", "AP50", "AP75")
 #: How the search picks each trial's parent: algorithm 1 (rank-weighted from the top-k), always
@@ -252,5 +260,6 @@ def load_study(path: str | Path) -> StudySpec:
     if not p.exists() and not p.suffix and (STUDIES_DIR / f"{p.name}.yaml").exists():
         p = STUDIES_DIR / f"{p.name}.yaml"
     if not p.is_file():
-        raise SpecError(f"{path}: no such study spec file")
+        known = ", ".join(sorted(q.stem for q in STUDIES_DIR.glob("*.yaml")))
+        raise SpecError(f"{path}: no such study spec file (presets: {known})")
     return study_from_dict(read_yaml(p), source=str(p))

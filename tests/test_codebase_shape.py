@@ -215,3 +215,23 @@ def test_the_public_api_documents_its_contract() -> None:
         elif not doc.strip():
             missing.append(f"{name}: no docstring")
     assert not missing, "\n".join(missing)
+
+
+def test_the_wheel_lists_every_package_and_carries_the_presets() -> None:
+    """pyproject.toml names the packages one by one (the presets are mapped in from the top-level
+    folders): a new sub-package missing from the list would be missing from the wheel."""
+    import tomllib
+
+    from jdsearch.config import preset_dir
+
+    setup = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")
+    }
+    presets = {"jdsearch.presets.detectors": "detectors", "jdsearch.presets.studies": "studies"}
+    assert set(setup["packages"]) == on_disk | set(presets)
+    assert setup["package-dir"] == presets
+    for name, folder in presets.items():
+        assert setup["package-data"][name] == ["*.yaml"]
+        assert preset_dir(folder) == PACKAGE.parent / folder  # a checkout reads its own folders
+        assert any(preset_dir(folder).glob("*.yaml"))
