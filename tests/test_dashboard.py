@@ -182,6 +182,7 @@ def test_optuna_dashboard_serves_the_study(finished: Finished, tmp_path: Path) -
         detail = json.loads(get(base, f"/api/studies/{studies[0]['study_id']}"))
 
     assert detail["name"] == finished.name and detail["directions"] == ["maximize"]
+    assert detail["objective_names"] == ["H"]  # the value is the score H, not "Objective 0"
     assert {"base.safetensors", "pool.safetensors"} <= {a["filename"] for a in detail["artifacts"]}
     trials = {t["number"]: t for t in detail["trials"]}
     assert sorted(trials) == [0, 1, 2]

@@ -171,6 +171,8 @@ def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
         load_if_exists=True,
     )
     sampler.moves = tuple(study_vocabulary(study))  # an older study keeps its own choices
+    if study.metric_names is None:  # the dashboard and `optuna` CLI call the value "H"
+        study.set_metric_names(["H"])
     return study
 
 
