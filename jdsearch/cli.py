@@ -259,6 +259,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from jdsearch.study import load_study
 
     spec = load_study(args.study)
+    if args.check:
+        from jdsearch.search.check import check_study
+
+        print("\n".join(check_study(spec).lines))
+        print("ok: nothing was trained")
+        return 0
     study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
     print(summary(study))
     return 0
@@ -692,7 +698,7 @@ def _add_evolve(sub: Any) -> None:
 
 def _add_search(sub: Any) -> None:
     q = sub.add_parser("search", help="run (or resume, or join) a Joint-DetNAS search")
-    q.add_argument("study", help="study spec YAML (e.g. studies/quickstart.yaml)")
+    q.add_argument("study", help="study spec YAML or preset name (e.g. quickstart)")
     q.add_argument(
         "--storage", help="Optuna storage URL (default: the spec's, sqlite:///runs/NAME.db)"
     )
@@ -700,6 +706,12 @@ def _add_search(sub: Any) -> None:
         "--n-trials", type=int, default=None, help="trials this worker adds (default: the spec's)"
     )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument(
+        "--check",
+        action="store_true",
+        help="check the spec, data, base checkpoint and pool space and print the plan with a "
+        "time estimate; trains nothing",
+    )
     q.set_defaults(func=cmd_search)
 
 

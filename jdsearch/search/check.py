@@ -1,0 +1,176 @@
+"""``jdsearch search SPEC --check``: everything a search needs, checked before anything trains.
+
+The spec itself is validated when it loads. Here the rest is checked: the data (the checks of
+``jdsearch data check`` on train, val and test), the selection and held-out splits, the base
+checkpoint (it loads and fits the dataset's classes) or the base preset, and the pool's space
+(every member fits the super-net). Then the plan is printed: what will be trained, the trials,
+each trial's budget, and a time estimate from a few training steps measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jdsearch.errors import SpecError
+from jdsearch.study import StudySpec
+
+__all__ = ["CheckReport", "check_study"]
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_study` found, as lines to print, and its time estimates in seconds."""
+
+    lines: list[str] = field(default_factory=list)
+    estimate_s: dict[str, float] = field(default_factory=dict)
+
+    def add(self, line: str) -> None:
+        """One more line of the report."""
+        self.lines.append(line)
+
+
+def check_study(spec: StudySpec, *, steps: int = 4) -> CheckReport:
+    """Check ``spec``'s data, base detector and pool, and plan its search (nothing is trained).
+
+    Args:
+        spec: a loaded (hence validated) study.
+        steps: training steps timed for the estimate (0: no estimate).
+
+    Returns:
+        The report: what was checked and the plan.
+
+    Raises:
+        SpecError: missing data, base checkpoint or pool preset, or a pool space that does not fit.
+        DataError: an invalid annotation file or image (named with the file and the record).
+        JDSearchError: a base checkpoint that does not fit the dataset.
+    """
+    report = CheckReport()
+    report.add(f"study {spec.name} ({spec.source}): the spec is valid")
+    train_set = _check_data(spec, report)
+    if train_set is None:
+        return report  # synthetic data not generated yet: nothing more to measure on
+    base = _check_base(spec, train_set, report)
+    pool = _check_pool(spec, train_set, report)
+    _plan(spec, train_set, report)
+    if steps > 0:
+        _estimate(spec, train_set, base, pool, steps, report)
+    return report
+
+
+def _check_data(spec: StudySpec, report: CheckReport) -> Any:
+    from jdsearch.data import CocoDataset, validate
+    from jdsearch.search.splits import heldout_split, selection_split
+
+    d = spec.data.dir
+    files = [d / "train.json", d / "val.json"] + ([spec.data.test] if spec.data.test else [])
+    if not all(f.is_file() for f in files[:2]):
+        if spec.data.synth is None:
+            raise SpecError(f"{spec.source}: data.dir {d} has no train.json/val.json")
+        s = spec.data.synth
+        report.add(f"data: {d} will be generated ({s.images} synthetic images, seed {s.seed})")
+        return None
+    for f in files:
+        summary = validate(f, d / "images")
+        report.add(
+            f"data: {f}: {summary.images} images, {summary.annotations} boxes, "
+            f"{summary.categories} classes: ok"
+        )
+    selection = selection_split(spec)
+    heldout = heldout_split(spec, selection)
+    held = "none (set data.test or data.max_val_images)" if heldout is None else len(heldout)
+    report.add(f"splits: selection {len(selection)} images, held-out {held}")
+    return CocoDataset(d / "train.json", d / "images")
+
+
+def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
+    from jdsearch.errors import JDSearchError
+    from jdsearch.models import build_detector
+    from jdsearch.search.run import run_dir
+    from jdsearch.spec import load_spec
+    from jdsearch.store.checkpoint import load_checkpoint
+
+    if spec.base.checkpoint is None:
+        det_spec = load_spec(spec.base.detector)
+        cache = run_dir(spec) / "base.safetensors"
+        report.add(
+            f"base: {det_spec.name} will be trained for {spec.base.train.epochs:g} epochs "
+            f"(no base.checkpoint){' unless the study holds one' if not cache.is_file() else ''}"
+            f"{f', or taken from {cache}' if cache.is_file() else ''}"
+        )
+        return build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
+    if not spec.base.checkpoint.is_file():
+        raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
+    ck = load_checkpoint(spec.base.checkpoint)
+    if ck.num_classes != train_set.num_classes:
+        raise JDSearchError(
+            f"{spec.base.checkpoint}: the base detector has {ck.num_classes - 1} classes, "
+            f"the dataset {train_set.num_classes - 1}"
+        )
+    report.add(f"base: {spec.base.checkpoint} loads and fits the dataset's classes")
+    return ck.detector
+
+
+def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
+    from jdsearch.pool import ElasticPool
+
+    pool = ElasticPool(spec.pool, train_set.num_classes)  # checks every member fits
+    epochs = sum(p.epochs for p in spec.pool.phases)
+    report.add(
+        f"pool: {spec.pool.space.size()} sub-networks of {spec.pool.detector} fit the super-net; "
+        f"trained for {epochs:g} epochs over {len(spec.pool.phases)} phases unless cached"
+    )
+    return pool
+
+
+def _plan(spec: StudySpec, train_set: Any, report: CheckReport) -> None:
+    s, fast = spec.search, spec.fast_eval
+    images = fast.epochs * len(train_set)
+    report.add(
+        f"plan: {s.n_trials} trials ({s.strategy}, KD {spec.kd.mode}), each {fast.epochs:g} "
+        f"epochs = {images:.0f} training images, then AP at {len(spec.resolutions)} resolutions"
+    )
+
+
+def _estimate(
+    spec: StudySpec, train_set: Any, base: Any, pool: Any, steps: int, report: CheckReport
+) -> None:
+    """Seconds per training image of the base and of the super-net, from ``steps`` timed steps
+    (after one untimed), and what the plan's trainings take at that rate."""
+    rate = {
+        "base": _seconds_per_image(spec, train_set, base, steps),
+        "pool": _seconds_per_image(spec, train_set, pool.supernet, steps),
+    }
+    n = len(train_set)
+    pool_epochs = sum(p.epochs for p in spec.pool.phases)
+    est = {
+        "base": 0.0 if spec.base.checkpoint else spec.base.train.epochs * n * rate["base"],
+        "pool": pool_epochs * n * rate["pool"],
+        # a trial trains the student with a teacher alongside, whose forward without the backward
+        # pass is taken as a third of its training step
+        "trials": spec.search.n_trials
+        * spec.fast_eval.epochs
+        * n
+        * (rate["base"] + (rate["pool"] / 3 if spec.kd.mode != "off" else 0.0)),
+    }
+    report.estimate_s.update(est)
+    report.add(
+        f"estimate (training only, {steps} steps timed here): base {est['base'] / 60:.1f} min, "
+        f"pool {est['pool'] / 60:.1f} min (both skipped when cached), "
+        f"{spec.search.n_trials} trials {est['trials'] / 60:.1f} min"
+    )
+
+
+def _seconds_per_image(spec: StudySpec, train_set: Any, detector: Any, steps: int) -> float:
+    from jdsearch.train import train
+
+    config = spec.train_config(spec.fast_eval, spec.search.seed)
+    batch = config.batch_size
+    warm = dataclasses.replace(config, max_iters=1, warmup_iters=0)
+    timed = dataclasses.replace(config, max_iters=steps, warmup_iters=0)
+    train(detector, train_set, warm, progress=False)
+    t0 = time.perf_counter()
+    train(detector, train_set, timed, progress=False)
+    return (time.perf_counter() - t0) / (steps * batch)
