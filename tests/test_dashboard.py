@@ -91,7 +91,8 @@ def test_optuna_cli_shows_the_study(finished: Finished) -> None:
             set(a["h"]) == set(finished.resolutions)
             and a["best_resolution"] in finished.resolutions
         )
-        assert r["value"] == pytest.approx(a["h"][a["best_resolution"]])
+        # the CLI names the value by the study's metric name: H
+        assert r["value"] == {"H": pytest.approx(a["h"][a["best_resolution"]])}
         assert a["student"].startswith("[(") and a["teacher"] and a["checkpoint"]
     # Internal state stays out of what the CLI prints.
     table = optuna_cli("trials", "--study-name", finished.name, "--storage", finished.url)
@@ -103,7 +104,8 @@ def test_optuna_cli_shows_the_study(finished: Finished) -> None:
         )
     )
     expected = finished.study.best_trial
-    assert best["number"] == expected.number and best["value"] == pytest.approx(expected.value)
+    assert best["number"] == expected.number
+    assert best["value"] == {"H": pytest.approx(expected.value)}
     assert best["params"][MOVE_PARAM] == expected.params[MOVE_PARAM]
     assert best["user_attrs"]["best_resolution"] == expected.user_attrs["best_resolution"]
 
