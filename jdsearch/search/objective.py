@@ -67,11 +67,20 @@ POOL_START = "pool.start"  # strategy pool: the root's pool student (see SearchC
 _POOL_PREFIX, _TEACHER_PREFIX = "pool.", "teacher."
 
 
+def _as_pool_move(teacher_move: str) -> str:
+    """``teacher.depth3+`` → ``pool.depth3+``: the same mutation, applied to a pool student."""
+    return _POOL_PREFIX + teacher_move.removeprefix(_TEACHER_PREFIX)
+
+
+def _as_teacher_move(pool_move: str) -> str:
+    """``pool.depth3+`` → ``teacher.depth3+``: the name the pool's space knows the mutation by."""
+    return _TEACHER_PREFIX + pool_move.removeprefix(_POOL_PREFIX)
+
+
 def pool_moves() -> tuple[str, ...]:
     """Student moves of the ``pool`` strategy: ``pool.start`` from the root, then the pool's own
     mutations applied to the student's sub-network (``pool.depth3+`` as ``teacher.depth3+``)."""
-    names = (_POOL_PREFIX + m.removeprefix(_TEACHER_PREFIX) for m in SubnetSpace.move_names())
-    return (POOL_START, *names)
+    return (POOL_START, *map(_as_pool_move, SubnetSpace.move_names()))
 
 
 def move_vocabulary() -> list[str]:
@@ -187,9 +196,7 @@ class SearchContext:
         if not record.student_subnet:
             return [POOL_START]
         cfg = SubnetConfig.parse(record.student_subnet)
-        return sorted(
-            _POOL_PREFIX + m.removeprefix(_TEACHER_PREFIX) for m in self.pool.space.neighbours(cfg)
-        )
+        return sorted(map(_as_pool_move, self.pool.space.neighbours(cfg)))
 
     # ------------------------------------------------------------------ sampler support
     def feasible(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
@@ -343,9 +350,7 @@ class Objective:
             raise TrialFailed(
                 f"trial {number}: {move} from a student that is not cut from the pool"
             )
-        moved = self.ctx.pool.space.apply_move(
-            subnet, _TEACHER_PREFIX + move.removeprefix(_POOL_PREFIX)
-        )
+        moved = self.ctx.pool.space.apply_move(subnet, _as_teacher_move(move))
         if moved is None:
             raise TrialFailed(f"trial {number}: {move} leaves the pool's space from {subnet}")
         return moved

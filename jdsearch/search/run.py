@@ -233,7 +233,7 @@ def _load_assets(
     base_flops = count_flops(base.detector, size=base_res.hw).total
     study.set_user_attr(BASE_FLOPS_ATTR, base_flops)
     study.set_user_attr(BASE_RESOLUTION_ATTR, str(base_res))
-    vocabulary = tuple(study_vocabulary(study))
+    vocabulary = tuple(study.sampler.moves)  # the study's own choices, as _open read them
     if spec.search.strategy == "pool" and not set(pool_moves()) <= set(vocabulary):
         raise JDSearchError(
             f"study {spec.name}: created by an older jdsearch whose trials know no pool moves; "
