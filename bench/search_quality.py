@@ -143,7 +143,6 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
 def _judge(shared: Shared, detector: Any, score: Any) -> dict[str, Any]:
     """Selection H/AP at the best resolution and held-out AP there, FLOPs and params."""
     from jdsearch.evaluate import evaluate
-    from jdsearch.flops import count_flops
     from jdsearch.resolution import Resolution
 
     res = score.best_resolution
@@ -156,7 +155,7 @@ def _judge(shared: Shared, detector: Any, score: Any) -> dict[str, Any]:
         "heldout_ap": float(held[res].AP),
         "heldout_ap50": float(held[res].AP50),
         "flops": int(score.flops.total),
-        "flops_at": int(count_flops(detector, size=Resolution.parse(res).hw).total),
+        "flops_at": int(score.flops_at[res]),
         "params": int(score.flops.params),
     }
 
@@ -166,7 +165,7 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
     from jdsearch.search.objective import Objective
     from jdsearch.search.queries import best_of, lineage, open_study
     from jdsearch.search.record import TrialRecord
-    from jdsearch.search.run import prepare, run_search
+    from jdsearch.search.run import run_search
 
     spec = _variant(shared, row, seed, trials, out)
     t0 = time.perf_counter()
@@ -176,8 +175,8 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
     best = best_of(trials_)
     handle = open_study(spec.storage_url, spec.name)
     detector = handle.checkpoint(best).detector
-    _, ctx = prepare(spec, progress=False)
-    score = Objective(ctx).score(best.number, detector)  # same split and H as the trial's
+    # Every row shares the data, base and score settings: the shared context scores as the trial did.
+    score = Objective(shared.ctx).score(best.number, detector)
     records = [TrialRecord.from_trial(t) for t in trials_]
     so_far, best_h = [], -math.inf
     for t in trials_:
@@ -185,12 +184,13 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
         so_far.append(best_h)
     winner_path = out / "winners" / f"{row}-s{seed}.safetensors"
     _save(detector, shared, winner_path)
+    path = lineage(study, best.number)
     return {
         **_judge(shared, detector, score),
         "trial": best.number,
         "recorded_h": float(best.value),
-        "lineage": [t.number for t in lineage(study, best.number)],
-        "moves": [str(TrialRecord.from_trial(t).move) for t in lineage(study, best.number)],
+        "lineage": [t.number for t in path],
+        "moves": [str(TrialRecord.from_trial(t).move) for t in path],
         "best_so_far": so_far,
         "completed": sum(r.value is not None for r in records),
         "train_images": sum(r.train_images or 0 for r in records),
