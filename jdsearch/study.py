@@ -98,10 +98,17 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class BaseSpec:
-    """The base detector: a preset name or YAML path, and its checkpoint (trained when absent)."""
+    """The base detector: a preset name or YAML path, and its checkpoint (trained when absent).
+
+    ``resolution``: the size the base is deployed at, R_base of the score H; unset, the base
+    detector's own input size. ``backbone_weights``: a torchvision classification ``state_dict``
+    (ImageNet ResNet/ResNeXt) that initialises the body of a base the study trains itself.
+    """
 
     detector: str
     checkpoint: Path | None = None
+    resolution: Resolution | None = None
+    backbone_weights: Path | None = None
     train: TrainConfig = field(default=BASE_TRAIN, metadata=STUDY_SET)
 
 
@@ -151,6 +158,12 @@ class SearchSpec:
         check(ok, self, "channel_fraction", "must lie in (0, 1)")
         ok = self.strategy in STRATEGIES
         check(ok, self, "strategy", f"must be one of {', '.join(STRATEGIES)}")
+        art = self.artifacts.strip()
+        ok = art in ("", "db") or (art.startswith("file:") and len(art) > len("file:"))
+        check(ok, self, "artifacts", "expected 'db' or 'file:DIR'")
+        url = self.storage
+        ok = url is None or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.*", url) is not None
+        check(ok, self, "storage", "expected a database URL such as sqlite:///runs/NAME.db")
 
 
 @dataclass(frozen=True)

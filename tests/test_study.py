@@ -56,6 +56,58 @@ def test_bad_study_specs_name_file_and_field(tmp_path: Path, patch: dict, needle
     assert str(p) in str(info.value) and needle in str(info.value), str(info.value)
 
 
+def _merged(data: dict, patch: dict) -> dict:
+    """``data`` with ``patch`` merged in, mapping by mapping (lists and values replace)."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merged(data[key], value)
+        else:
+            data[key] = value
+    return data
+
+
+#: One bad value per field family of a study, set deep inside the quickstart: each fails when the
+#: file loads, with one line naming the file, the dotted field and the value.
+FIELD_FAMILIES = {
+    "data": ({"data": {"max_val_images": 0}}, "data.max_val_images: must be ≥ 1, got 0"),
+    "data.synth": ({"data": {"synth": {"sise": 3}}}, "data.synth.sise: unknown key"),
+    "data.test": ({"data": {"test": ["a"]}}, "data.test: expected a string, got ['a']"),
+    "base": ({"base": {"resolution": "big"}}, "base.resolution: resolution 'big' is not"),
+    "base.checkpoint": ({"base": {"checkpoint": 3}}, "base.checkpoint: expected a string, got 3"),
+    "base.train": ({"base": {"train": {"schedule": "cosin"}}}, "base.train.schedule: must be"),
+    "pool": ({"pool": {"kind": "wide"}}, "pool.kind: must be 'basic' or 'bottleneck', got 'wide'"),
+    "pool.space": (
+        {"pool": {"space": {"widths": [0.0001, 1.0]}}},
+        "pool.space.widths: stage 1 multipliers [0.0001, 1.0]",
+    ),
+    "pool.phases": (
+        {"pool": {"phases": [{"name": "supernet", "epochs": 1, "lr": 0.02, "depth": 1}]}},
+        "pool.phases[0].depth: unknown key",
+    ),
+    "pool.train": ({"pool": {"train": {"grad_clip": -1}}}, "pool.train.grad_clip: must be"),
+    "pool.kd": ({"pool": {"kd": {"temperature": 0}}}, "pool.kd.temperature: must be"),
+    "resolutions": ({"resolutions": ["80"]}, "resolutions: resolution '80' is not"),
+    "score": ({"score": {"beta": -1}}, "score.beta: must be ≥ 0, got -1.0"),
+    "kd": ({"kd": {"feat_normalize": "yes"}}, "kd.feat_normalize: expected true or false"),
+    "fast_eval": ({"fast_eval": {"milestones": [2]}}, "fast_eval.milestones: must be increasing"),
+    "search": ({"search": {"artifacts": "s3:x"}}, "search.artifacts: expected 'db' or 'file:DIR'"),
+    "search.storage": ({"search": {"storage": "runs/x.db"}}, "search.storage: expected a database"),
+    "amp": ({"amp": "yes"}, "amp: expected true or false, got 'yes'"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FIELD_FAMILIES))
+def test_every_field_family_fails_at_load(tmp_path: Path, family: str) -> None:
+    patch, needle = FIELD_FAMILIES[family]
+    data = _merged(yaml.safe_load(QUICKSTART.read_text()), patch)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as info:
+        load_study(p)
+    message = str(info.value)
+    assert message.startswith(f"{p}: ") and needle in message and "\n" not in message, message
+
+
 def test_missing_pool_and_fractional_epochs(tmp_path: Path) -> None:
     data = yaml.safe_load(QUICKSTART.read_text())
     data["base"]["train"]["epochs"] = 0.5
