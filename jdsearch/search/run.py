@@ -229,7 +229,7 @@ def _load_assets(
             f"base detector has {base.num_classes - 1} classes, "
             f"the dataset {train_set.num_classes - 1}"
         )
-    base_res = base.spec.input.size
+    base_res = spec.base.resolution or base.spec.input.size
     base_flops = count_flops(base.detector, size=base_res.hw).total
     study.set_user_attr(BASE_FLOPS_ATTR, base_flops)
     study.set_user_attr(BASE_RESOLUTION_ATTR, str(base_res))
