@@ -574,6 +574,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(comparison.format())
     print()
     print(f"report: {files.html}")
+    print(files.png_summary())
     return 0
 
 

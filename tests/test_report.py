@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -524,30 +525,47 @@ def test_figures_need_a_completed_trial(fn: Any) -> None:
 
 
 def test_png_export_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    figs = {"a": go.Figure(), "b": go.Figure()}
-    monkeypatch.setattr(report_html, "_png_exporter_missing", lambda: "no image exporter: test")
-    assert report_html._write_pngs(figs, tmp_path) == ({}, "no image exporter: test")
-
-    monkeypatch.setattr(report_html, "_png_exporter_missing", lambda: None)
-    monkeypatch.setattr(
-        go.Figure, "write_image", lambda self, path: Path(path).write_bytes(b"\x89PNG")
+    figs = {"a": go.Figure(), "b": go.Figure(layout={"height": 640})}
+    find_spec = importlib.util.find_spec
+    # No kaleido: nothing is tried, and the line says how to get it.
+    with monkeypatch.context() as m:
+        m.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == "kaleido" else find_spec(n, *a)
+        )
+        written, skipped = report_html._write_pngs(figs, tmp_path)
+    assert written == {} and skipped == (
+        'no image exporter: kaleido is not installed (pip install -e ".[png]")'
     )
-    written, skipped = report_html._write_pngs(figs, tmp_path)
-    assert skipped is None and written == {"a": tmp_path / "a.png", "b": tmp_path / "b.png"}
+    kaleido_errors = pytest.importorskip("kaleido.errors")  # in the dev extra, so run in CI
 
-    def broken(self: go.Figure, path: str) -> None:
-        Path(path).write_bytes(b"partial")
-        raise RuntimeError("Kaleido requires Google Chrome\nmore")
+    def render(writes: list[str], then: Any) -> Any:
+        def fake(figures: Any, paths: dict[str, Path]) -> list[str]:
+            assert list(figures) == list(paths) == ["a", "b"]  # one call renders every figure
+            for key in writes:
+                paths[key].write_bytes(b"\x89PNG")
+            if isinstance(then, BaseException):
+                raise then
+            return then
 
-    for p in written.values():
-        p.unlink()
-    monkeypatch.setattr(go.Figure, "write_image", broken)
-    written, skipped = report_html._write_pngs(figs, tmp_path)
-    assert (
-        written == {}
-        and skipped == "image export failed at a: RuntimeError: Kaleido requires Google Chrome"
-    )
-    assert not list(tmp_path.iterdir())
+        return fake
+
+    failed = "image export failed for"
+    cases = [  # what the renderer writes, then returns or raises; what _write_pngs says
+        (["a", "b"], [], None),
+        (["a"], RuntimeError("browser closed\nmore"), f"{failed} b: RuntimeError: browser closed"),
+        ([], ["JavascriptError: bad figure"], f"{failed} a, b: JavascriptError: bad figure"),
+        ([], kaleido_errors.ChromeNotFoundError("x"), report_html._NO_BROWSER),
+    ]
+    for writes, then, expect_skipped in cases:
+        monkeypatch.setattr(report_html, "_render_pngs", render(writes, then))
+        for key in figs:  # PNGs of an earlier report must not pass for new ones
+            (tmp_path / f"{key}.png").write_bytes(b"stale")
+        written, skipped = report_html._write_pngs(figs, tmp_path)
+        assert written == {k: tmp_path / f"{k}.png" for k in writes}
+        assert skipped == expect_skipped
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"{k}.png" for k in writes]
+        for p in tmp_path.iterdir():
+            p.unlink()
 
 
 # ---------------------------------------------------------------------- the real small study
@@ -779,7 +797,8 @@ def test_write_report_html_json_and_dashboard(study_copy: Any, tmp_path: Path) -
 
     handle = study_copy
     comparison = compare_study(handle, fps=False)
-    files = write_report(handle, tmp_path / "out", comparison=comparison, attach=False)
+    # PNGs: tests/test_browser.py (kaleido needs a browser; here it would only cost time).
+    files = write_report(handle, tmp_path / "out", comparison=comparison, png=False, attach=False)
     assert dashboard_plots(handle) == ({}, 0)  # attach=False leaves the study alone
 
     text = files.html.read_text(encoding="utf-8")
@@ -803,8 +822,6 @@ def test_write_report_html_json_and_dashboard(study_copy: Any, tmp_path: Path) -
     for key, path in files.figures.items():
         assert path == tmp_path / "out" / "figures" / f"{key}.json"
         assert json.loads(path.read_text())["data"] == json.loads(figs[key].to_json())["data"]
-    if report_html._png_exporter_missing() is not None:
-        assert files.png == {} and files.png_skipped and "kaleido" in files.png_skipped
 
     # attach: visible to optuna-dashboard under stable ids; a second report overwrites.
     files = write_report(handle, tmp_path / "out", png=False, attach=True)
@@ -864,6 +881,7 @@ def test_cli_report_prints_the_table_and_writes_the_report(
     base = next(line for line in text.splitlines() if line.startswith("base "))
     assert base.split()[1] == "0" and float(base.split()[4]) > 0  # trial 0, measured FPS
     assert "change" in text and (out / "report.html").is_file()
+    assert "PNGs: none written (PNG export not requested)" in text.splitlines()
     page = (out / "report.html").read_text()
     assert "Base vs upgraded detector" in page and all(f'id="fig-{k}"' in page for k in FIGURE_KEYS)
     from jdsearch.search.queries import open_study

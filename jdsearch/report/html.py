@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,16 @@ class ReportFiles:
     png: dict[str, Path] = field(default_factory=dict)  # key → figures/<key>.png (when exported)
     png_skipped: str | None = None  # why no PNG was written (None: all written)
     attached: tuple[str, ...] = ()  # optuna-dashboard graph object ids
+    png_seconds: float | None = None  # how long PNG export took (None: not attempted)
+
+    def png_summary(self) -> str:
+        """One line: where the PNGs went and how long they took, or why (some) are missing."""
+        if not self.png:
+            return f"PNGs: none written ({self.png_skipped})"
+        where = self.png[next(iter(self.png))].parent
+        took = f" in {self.png_seconds:.1f} s" if self.png_seconds is not None else ""
+        line = f"PNGs: {len(self.png)} figures written to {where}{took}"
+        return f"{line}; {self.png_skipped}" if self.png_skipped else line
 
 
 _TEXT = {
@@ -175,28 +186,70 @@ def _comparison_html(comparison: Comparison) -> str:
     return "\n".join(out)
 
 
+# Kaleido renders every figure in one headless Chrome/Chromium session (starting the browser is
+# most of the time: about 4 s, then about 0.4 s a figure); each figure is bounded by this timeout.
+PNG_TIMEOUT_S = 60.0
+PNG_WIDTH = 1100
+_NO_BROWSER = (
+    "no browser for kaleido: install Chrome or Chromium (apt-get install chromium) "
+    "or set BROWSER_PATH"
+)
+
+
 def _png_exporter_missing() -> str | None:
     if importlib.util.find_spec("kaleido") is None:
-        return "no image exporter: kaleido is not installed"
+        return 'no image exporter: kaleido is not installed (pip install -e ".[png]")'
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _render_pngs(figures: Mapping[str, go.Figure], paths: Mapping[str, Path]) -> list[str]:
+    """Render every figure to its path in one kaleido session; the errors it reports, if any."""
+    import kaleido
+
+    specs = [
+        {
+            "fig": fig.to_plotly_json(),
+            "path": paths[key],
+            # The page's sizes: responsive width, 560 px high unless the figure sets its height.
+            "opts": {"format": "png", "width": PNG_WIDTH, "height": fig.layout.height or 560},
+        }
+        for key, fig in figures.items()
+    ]
+    # mathjax=False: the figures use no LaTeX, and kaleido would fetch MathJax from a CDN.
+    errors = kaleido.write_fig_from_object_sync(
+        specs, kopts={"mathjax": False, "timeout": PNG_TIMEOUT_S}
+    )
+    return [_first_line(e) for e in errors or ()]
 
 
 def _write_pngs(
     figures: Mapping[str, go.Figure], directory: Path
 ) -> tuple[dict[str, Path], str | None]:
+    """Write ``<key>.png`` for every figure; returns the PNGs written and, unless all were, why."""
     missing = _png_exporter_missing()
     if missing is not None:
         return {}, missing
-    written: dict[str, Path] = {}
-    for key, fig in figures.items():
-        path = directory / f"{key}.png"
-        try:
-            fig.write_image(str(path))
-        except Exception as e:  # kaleido without a browser, a broken install…: report, don't fail
-            path.unlink(missing_ok=True)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return written, f"image export failed at {key}: {type(e).__name__}: {first}"
-        written[key] = path
+    paths = {key: directory / f"{key}.png" for key in figures}
+    for path in paths.values():
+        path.unlink(missing_ok=True)  # an old PNG must not pass for a new one
+    from kaleido.errors import ChromeNotFoundError
+
+    try:
+        errors = _render_pngs(figures, paths)
+    except ChromeNotFoundError:
+        return {}, _NO_BROWSER
+    except Exception as e:  # a browser that fails to start, a broken install…: report, don't fail
+        errors = [_first_line(e)]
+    written = {key: p for key, p in paths.items() if p.is_file() and p.stat().st_size > 0}
+    if errors or len(written) < len(paths):
+        failed = [key for key in paths if key not in written]
+        which = f"failed for {', '.join(failed)}" if failed else "reported errors"
+        return written, f"image export {which}: {'; '.join(errors) or 'no error reported'}"
     return written, None
 
 
@@ -230,7 +283,9 @@ def write_report(
             (default: the best).
         comparison: the table-4 comparison (:func:`jdsearch.report.compare.compare_study`) of the
             same study and trial, shown when given.
-        png: write PNGs (when an image exporter works).
+        png: write PNGs when kaleido and a Chrome/Chromium browser are present (one browser
+            session for all figures, each bounded by :data:`PNG_TIMEOUT_S`); otherwise the
+            returned ``png_skipped`` says why none were written.
         attach: also save the figures in the study for optuna-dashboard.
         phases: fig. 6's number of generation phases.
 
@@ -253,14 +308,17 @@ def write_report(
     for key, fig in figures.items():
         json_paths[key] = fig_dir / f"{key}.json"
         json_paths[key].write_text(fig.to_json(), encoding="utf-8")
+    png_paths: dict[str, Path] = {}
+    png_skipped: str | None = "PNG export not requested"
+    png_seconds: float | None = None
     if png:
+        start = time.perf_counter()
         png_paths, png_skipped = _write_pngs(figures, fig_dir)
-    else:
-        png_paths, png_skipped = {}, "PNG export not requested"
+        png_seconds = time.perf_counter() - start
     html_path = out / "report.html"
     html_path.write_text(_page(handle, upgraded, figures, comparison, phases), encoding="utf-8")
     attached = attach_figures(handle, figures) if attach else ()
-    return ReportFiles(html_path, json_paths, png_paths, png_skipped, attached)
+    return ReportFiles(html_path, json_paths, png_paths, png_skipped, attached, png_seconds)
 
 
 def _check_comparison(comparison: Comparison | None, handle: StudyHandle, upgraded: int) -> None:
