@@ -270,6 +270,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """``jdsearch init``: write a commented study spec for a dataset and a base detector and
+    print what it chose; returns 0."""
+    from jdsearch.search.init_study import data_files, init_study
+
+    name = args.name or Path(args.out).stem
+    files = data_files(name, args.data, args.train, args.val, args.images)
+    result = init_study(
+        args.out, files, base=args.base, name=name, device=args.study_device, force=args.force
+    )
+    print("\n".join(result.lines))
+    return 0
+
+
 def cmd_pool_train(args: argparse.Namespace) -> int:
     """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
     ``runs/NAME/pool.safetensors``); returns 0."""
@@ -607,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_eval,
         _add_evolve,
+        _add_init,
         _add_search,
         _add_pool,
         _add_export,
@@ -714,6 +729,27 @@ def _add_search(sub: Any) -> None:
         "time estimate; trains nothing",
     )
     q.set_defaults(func=cmd_search)
+
+
+def _add_init(sub: Any) -> None:
+    i = sub.add_parser("init", help="write a commented study spec for your COCO dataset")
+    i.add_argument("--data", help="dataset folder with images/, train.json and val.json")
+    i.add_argument("--train", help="training annotation file (default DATA/train.json)")
+    i.add_argument("--val", help="validation annotation file (default DATA/val.json)")
+    i.add_argument("--images", help="folder the files' file_name paths start in (DATA/images)")
+    i.add_argument(
+        "--base",
+        default="r50-fpn",
+        help="trained checkpoint (.safetensors), or detector preset/YAML the study trains "
+        "(default r50-fpn)",
+    )
+    i.add_argument("--out", required=True, help="study spec to write, e.g. studies/NAME.yaml")
+    i.add_argument("--name", help="study name (default: the --out file's stem)")
+    i.add_argument(
+        "--device", dest="study_device", help="the study's device (default: cuda if seen, else cpu)"
+    )
+    i.add_argument("--force", action="store_true", help="overwrite --out and what it needs")
+    i.set_defaults(func=cmd_init)
 
 
 def _add_pool(sub: Any) -> None:
