@@ -127,11 +127,17 @@ def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:
     from jdsearch.store.checkpoint import load_checkpoint
 
     if args.init:
+        if args.backbone_weights:
+            raise JDSearchError("--backbone-weights initialises a new detector; not with --init")
         detector = load_checkpoint(args.init).detector
         spec = detector.spec
     else:
         spec = load_spec(args.spec)
         detector = build_detector(spec, train_set.num_classes, seed=args.seed)
+        if args.backbone_weights:
+            from jdsearch.models.torchvision_body import load_backbone_weights
+
+            print(load_backbone_weights(detector, args.backbone_weights).line())
     classes = detector.roi_heads.box_predictor.cls_score.out_features
     if classes != train_set.num_classes:
         raise JDSearchError(
@@ -195,6 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({result.images_per_s:.1f} img/s); final losses: {losses}"
     )
     extra: dict[str, Any] = {"train": result.to_dict(), "data": str(data_dir)}
+    if args.backbone_weights:
+        extra["backbone_weights"] = str(args.backbone_weights)
     names = train_set.class_names
     out = save_checkpoint(args.out, detector, class_names=names, extra=extra)  # before eval
     print(f"saved {out}")
@@ -204,6 +212,50 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra["eval"] = {k: v.to_dict() for k, v in metrics.items()}
         save_checkpoint(args.out, detector, class_names=names, extra=extra)
     print(_describe(detector, spec.input.size.hw))
+    return 0
+
+
+def _import_class_names(args: argparse.Namespace) -> list[str] | None:
+    """``--classes`` (one name a line) or ``--ann`` (COCO categories, in label order)."""
+    if args.classes:
+        try:
+            lines = Path(args.classes).read_text().splitlines()
+        except OSError as e:
+            raise JDSearchError(f"{args.classes}: cannot read class names: {e.strerror}") from None
+        return [line.strip() for line in lines if line.strip()]
+    if args.ann:  # only its categories are read: label k is the k-th smallest category id
+        try:
+            cats = json.loads(Path(args.ann).read_text())["categories"]
+            return [str(c["name"]) for c in sorted(cats, key=lambda c: int(c["id"]))]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise JDSearchError(f"{args.ann}: cannot read its categories ({e})") from None
+    return None
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``jdsearch import``: convert a torchvision Faster R-CNN file into a checkpoint, after both
+    models gave the same detections on check images; returns 0."""
+    from jdsearch.models.torchvision_import import import_torchvision
+    from jdsearch.spec import load_spec
+    from jdsearch.store.checkpoint import save_checkpoint
+
+    arch = load_spec(args.arch) if args.arch else None
+    names = _import_class_names(args)
+    result = import_torchvision(args.src, arch=arch, class_names=names, images=args.check_images)
+    check = result.check
+    print(
+        f"{result.source} ({result.kind}): {result.spec.name}, "
+        f"{result.spec.num_classes - 1} classes, input {result.spec.input.size}"
+    )
+    print(
+        f"check: {check.detections} detections on {check.images} images agree "
+        f"(largest box diff {check.max_box_diff:.2g}, score diff {check.max_score_diff:.2g})"
+    )
+    out = save_checkpoint(
+        args.out, result.detector, class_names=names, extra={"import": result.record()}
+    )
+    print(f"saved {out}")
+    print(_describe(result.detector, result.spec.input.size.hw))
     return 0
 
 
@@ -619,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_flops,
         _add_data,
         _add_train,
+        _add_import,
         _add_eval,
         _add_evolve,
         _add_init,
@@ -668,6 +721,10 @@ def _add_train(sub: Any) -> None:
     )
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     t.add_argument("--init", help="start from this checkpoint's weights and architecture")
+    t.add_argument(
+        "--backbone-weights",
+        help="torchvision classification state_dict (e.g. ImageNet resnet50) for the body",
+    )
     t.add_argument("--teacher", help="checkpoint of a teacher detector: knowledge distillation")
     t.add_argument("--epochs", type=float, default=12)
     t.add_argument("--iters", type=int, default=None, help="iterations (overrides --epochs)")
@@ -687,6 +744,27 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--no-eval", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+
+def _add_import(sub: Any) -> None:
+    im = sub.add_parser(
+        "import",
+        help="turn a torchvision Faster R-CNN (state_dict or saved model) into a checkpoint",
+    )
+    im.add_argument(
+        "src", help="torch.save file of fasterrcnn_resnet50_fpn or a ResNet-FPN FasterRCNN"
+    )
+    im.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    im.add_argument(
+        "--arch",
+        help="detector spec or preset (r50-fpn…) to take the name and, for a state_dict, the "
+        "input and head settings from (default: read from the file, torchvision's defaults)",
+    )
+    names = im.add_mutually_exclusive_group()
+    names.add_argument("--classes", help="class names, one a line (without the background)")
+    names.add_argument("--ann", help="COCO annotation file whose categories name the classes")
+    im.add_argument("--check-images", type=int, default=2, help="images both models must agree on")
+    im.set_defaults(func=cmd_import)
 
 
 def _add_eval(sub: Any) -> None:

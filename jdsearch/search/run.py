@@ -23,6 +23,7 @@ from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.flops import count_flops
 from jdsearch.models import build_detector
+from jdsearch.models.torchvision_body import load_backbone_weights
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
 from jdsearch.search.objective import (
@@ -92,6 +93,8 @@ def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> st
 def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) -> Path:
     """The base detector's checkpoint file: given, cached, or trained now."""
     if spec.base.checkpoint is not None:
+        if spec.base.backbone_weights is not None:
+            log.warning("base.backbone_weights is not used: base.checkpoint is given")
         if not spec.base.checkpoint.is_file():
             raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
         return spec.base.checkpoint
@@ -100,6 +103,10 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
         return path
     det_spec = load_spec(spec.base.detector)
     detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
+    extra: dict[str, Any] = {}
+    if spec.base.backbone_weights is not None:
+        _say(load_backbone_weights(detector, spec.base.backbone_weights).line())
+        extra["backbone_weights"] = str(spec.base.backbone_weights)
     _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
     config = spec.train_config(spec.base.train, spec.search.seed)
     terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
@@ -107,9 +114,8 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
     _say(
         f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)"
     )
-    return save_checkpoint(
-        path, detector, class_names=train_set.class_names, extra={"train": result.to_dict()}
-    )
+    extra["train"] = result.to_dict()
+    return save_checkpoint(path, detector, class_names=train_set.class_names, extra=extra)
 
 
 def _pool_file(
