@@ -215,21 +215,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_class_names(args: argparse.Namespace) -> list[str] | None:
-    """``--classes`` (one name a line) or ``--ann`` (COCO categories, in label order)."""
+def _import_categories(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None]:
+    """Class names from ``--classes`` (one a line) or ``--ann`` (COCO categories, in label
+    order: label k is the k-th smallest category id), and with ``--ann`` the category ids."""
     if args.classes:
         try:
             lines = Path(args.classes).read_text().splitlines()
         except OSError as e:
             raise JDSearchError(f"{args.classes}: cannot read class names: {e.strerror}") from None
-        return [line.strip() for line in lines if line.strip()]
-    if args.ann:  # only its categories are read: label k is the k-th smallest category id
+        return [line.strip() for line in lines if line.strip()], None
+    if args.ann:  # only its categories are read
         try:
-            cats = json.loads(Path(args.ann).read_text())["categories"]
-            return [str(c["name"]) for c in sorted(cats, key=lambda c: int(c["id"]))]
+            cats = sorted(
+                json.loads(Path(args.ann).read_text())["categories"], key=lambda c: int(c["id"])
+            )
+            return [str(c["name"]) for c in cats], [int(c["id"]) for c in cats]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise JDSearchError(f"{args.ann}: cannot read its categories ({e})") from None
-    return None
+    return None, None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -240,8 +243,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from jdsearch.store.checkpoint import save_checkpoint
 
     arch = load_spec(args.arch) if args.arch else None
-    names = _import_class_names(args)
-    result = import_torchvision(args.src, arch=arch, class_names=names, images=args.check_images)
+    names, ids = _import_categories(args)
+    result = import_torchvision(
+        args.src, arch=arch, class_names=names, category_ids=ids, images=args.check_images
+    )
     check = result.check
     print(
         f"{result.source} ({result.kind}): {result.spec.name}, "
@@ -251,6 +256,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"check: {check.detections} detections on {check.images} images agree "
         f"(largest box diff {check.max_box_diff:.2g}, score diff {check.max_score_diff:.2g})"
     )
+    if result.kept_ids:
+        print(
+            f"outputs indexed by category id: kept ids {result.kept_ids[0]}..{result.kept_ids[-1]} "
+            f"as classes 1..{len(result.kept_ids)}"
+        )
     out = save_checkpoint(
         args.out, result.detector, class_names=names, extra={"import": result.record()}
     )

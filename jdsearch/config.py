@@ -15,7 +15,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, NoReturn, TypeVar
 
 import yaml
@@ -73,7 +73,9 @@ class FieldError(SpecError):
 def check(ok: bool, owner: object, name: str, why: str) -> None:
     """Raise :class:`FieldError` for field ``name`` of ``owner`` (a dataclass) unless ``ok``."""
     if not ok:
-        raise FieldError(type(owner).__name__, name, why, getattr(owner, name))
+        value = getattr(owner, name)
+        shown = str(value) if isinstance(value, PurePath) else value  # as the file wrote it
+        raise FieldError(type(owner).__name__, name, why, shown)
 
 
 def is_int(v: Any) -> bool:

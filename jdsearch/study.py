@@ -111,6 +111,11 @@ class BaseSpec:
     backbone_weights: Path | None = None
     train: TrainConfig = field(default=BASE_TRAIN, metadata=STUDY_SET)
 
+    def __post_init__(self) -> None:
+        ok = self.checkpoint is None or self.backbone_weights is None
+        why = "initialises a base the study trains; not with base.checkpoint (already trained)"
+        check(ok, self, "backbone_weights", why)
+
 
 @dataclass(frozen=True)
 class ScoreSpec:

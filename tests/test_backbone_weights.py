@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch
 from jdsearch.cli import main
-from jdsearch.errors import CheckpointError
+from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.models import build_detector
 from jdsearch.models.torchvision_body import load_backbone_weights
 from jdsearch.spec import DetectorSpec, load_spec
@@ -163,6 +163,7 @@ def test_train_takes_backbone_weights(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_a_study_trains_its_base_from_backbone_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from jdsearch.search.check import check_study
     from jdsearch.search.run import _base_checkpoint as base_checkpoint
     from jdsearch.search.run import ensure_data
     from jdsearch.study import study_from_dict
@@ -184,3 +185,14 @@ def test_a_study_trains_its_base_from_backbone_weights(
     path = base_checkpoint(spec, train_set, progress=False)
     assert_body_from(path, sd)
     assert load_checkpoint(path).extra["backbone_weights"] == str(tmp_path / "r18.pth")
+    assert base_checkpoint(spec, train_set, progress=False) == path  # cached: reused
+    lines = "\n".join(check_study(spec, steps=0).lines)  # search --check maps them too
+    assert (
+        f"backbone weights {tmp_path / 'r18.pth'}: " in lines
+        and "unmapped: fc.bias, fc.weight" in lines
+    )
+    del raw["base"]["backbone_weights"]  # the cached base is not from random weights
+    other = study_from_dict(raw, source="test")
+    for step in (lambda: base_checkpoint(other, train_set, False), lambda: check_study(other)):
+        with pytest.raises(SpecError, match=r"started from .*r18\.pth: delete it to train a new"):
+            step()

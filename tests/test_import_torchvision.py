@@ -83,7 +83,7 @@ def torchvision_detector(family: str, norm_layer: Any = FrozenBatchNorm2d, **kw:
             backbone = resnet_fpn_backbone(
                 backbone_name=family, weights=None, trainable_layers=3, norm_layer=norm_layer
             )
-            model = FasterRCNN(backbone, num_classes=3, **{**SMALL, **kw})
+            model = FasterRCNN(backbone, **{"num_classes": 3, **SMALL, **kw})
     return randomise(model)
 
 
@@ -349,3 +349,35 @@ def test_class_names_and_a_spec_that_does_not_fit(
         in err
     )
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_outputs_indexed_by_category_id_keep_the_datasets_classes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Like torchvision's COCO models (91 outputs indexed by category id): the dataset's ids
+    pick the rows, in id order, and each kept class's logits and box deltas are the source's."""
+    source = torchvision_detector("resnet18", num_classes=11)
+    torch.save(source.state_dict(), tmp_path / "sd.pth")
+    ann = tmp_path / "train.json"
+    cats = [{"id": 9, "name": "c9"}, {"id": 3, "name": "c3"}, {"id": 5, "name": "c5"}]
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    out = tmp_path / "k.safetensors"
+    argv = ["import", str(tmp_path / "sd.pth"), "--out", str(out), "--ann", str(ann)]
+    argv += ["--arch", str(spec_yaml(tmp_path / "r18.yaml", R18)), "--check-images", "1"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "kept ids 3..9 as classes 1..3" in stdout
+    ckpt = load_checkpoint(out)
+    assert ckpt.class_names == ("c3", "c5", "c9") and ckpt.num_classes == 4
+    assert ckpt.extra["import"]["kept_category_ids"] == [3, 5, 9]
+    features = torch.randn(5, 1024)
+    with torch.no_grad():
+        logits, deltas = source.roi_heads.box_predictor(features)
+        kept_logits, kept_deltas = ckpt.detector.roi_heads.box_predictor(features)
+    rows = [0, 3, 5, 9]
+    assert torch.allclose(kept_logits, logits[:, rows], atol=1e-6)
+    assert torch.allclose(kept_deltas, deltas.view(5, 11, 4)[:, rows].flatten(1), atol=1e-6)
+    cats.append({"id": 11, "name": "beyond"})  # not an output: the file's own classes stand
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "4 class names for a detector with 10 classes" in err

@@ -74,6 +74,11 @@ FIELD_FAMILIES = {
     "data.test": ({"data": {"test": ["a"]}}, "data.test: expected a string, got ['a']"),
     "base": ({"base": {"resolution": "big"}}, "base.resolution: resolution 'big' is not"),
     "base.checkpoint": ({"base": {"checkpoint": 3}}, "base.checkpoint: expected a string, got 3"),
+    "base.backbone_weights": (
+        {"base": {"checkpoint": "b.safetensors", "backbone_weights": "r50.pth"}},
+        "base.backbone_weights: initialises a base the study trains; not with base.checkpoint "
+        "(already trained), got 'r50.pth'",
+    ),
     "base.train": ({"base": {"train": {"schedule": "cosin"}}}, "base.train.schedule: must be"),
     "pool": ({"pool": {"kind": "wide"}}, "pool.kind: must be 'basic' or 'bottleneck', got 'wide'"),
     "pool.space": (

@@ -471,10 +471,20 @@ class Imported:
     kind: str
     check: DetectionCheck
     source: str
+    kept_ids: tuple[int, ...] = ()  # outputs kept when the file's are indexed by category id
 
     def record(self) -> dict[str, Any]:
         """What the checkpoint's ``extra`` keeps of the import."""
-        return {"from": self.source, "kind": self.kind, "check": self.check.to_dict()}
+        out = {"from": self.source, "kind": self.kind, "check": self.check.to_dict()}
+        return {**out, "kept_category_ids": list(self.kept_ids)} if self.kept_ids else out
+
+
+def by_category_id(category_ids: Sequence[int] | None, num_classes: int) -> bool:
+    """Whether a detector of ``num_classes`` outputs indexes them by ``category_ids`` (as
+    torchvision's COCO models do: 91 outputs for ids up to 90) rather than numbering the
+    dataset's K classes 1..K."""
+    ids = list(category_ids or ())
+    return bool(ids) and len(ids) != num_classes - 1 and max(ids) < num_classes
 
 
 def import_torchvision(
@@ -482,6 +492,7 @@ def import_torchvision(
     *,
     arch: DetectorSpec | None = None,
     class_names: Sequence[str] | None = None,
+    category_ids: Sequence[int] | None = None,
     images: int = 2,
     seed: int = 0,
 ) -> Imported:
@@ -493,6 +504,9 @@ def import_torchvision(
         arch: a detector spec to take the name and settings from (see
             :func:`spec_from_torchvision`); default: read from the file.
         class_names: checked against the file's classes (K foreground names, or K+1).
+        category_ids: the dataset's category ids, in label order; when the file has more
+            outputs than classes and every id is one of them, its outputs are indexed by id
+            and only these are kept (:func:`keep_classes`), after the check.
         images: check images both models run on.
         seed: of the check images.
 
@@ -508,7 +522,9 @@ def import_torchvision(
     weights = read_weights_file(path)
     spec, sd = spec_from_torchvision(weights, arch)
     n = spec.num_classes
-    if class_names is not None and len(class_names) not in (n, n - 1):
+    assert n is not None
+    by_id = by_category_id(category_ids, n)
+    if class_names is not None and not by_id and len(class_names) not in (n, n - 1):
         raise CheckpointError(
             f"{weights.source}: {len(class_names)} class names for a detector with {n - 1} "
             f"classes (give {n - 1} names, or {n} with the background)"
@@ -523,4 +539,37 @@ def import_torchvision(
         reference, detector, check_images(size, images, seed), size=size, source=weights.source
     )
     kind = "model" if weights.model is not None else "state_dict"
-    return Imported(detector, detector.spec, kind, check, weights.source)
+    if not by_id:
+        return Imported(detector, detector.spec, kind, check, weights.source)
+    kept = tuple(int(i) for i in category_ids or ())
+    detector = keep_classes(detector, kept, source=weights.source)
+    return Imported(detector, detector.spec, kind, check, weights.source, kept)
+
+
+@torch.no_grad()
+def keep_classes(detector: Detector, labels: Sequence[int], *, source: str = "") -> Detector:
+    """A copy of ``detector`` whose classes are its ``labels`` rows, in that order, after the
+    background: a model whose outputs are indexed by category id (torchvision's COCO models have
+    91, for 80 categories with ids up to 90) becomes one of K classes numbered 1..K in id order,
+    as a study's data numbers them. The kept classes' logits and box deltas are the source's
+    rows unchanged; the softmax then runs over the kept classes only.
+
+    Raises:
+        CheckpointError: a label that is the background, repeated or not an output.
+    """
+    n = detector.spec.num_classes
+    assert n is not None
+    bad = [k for k in labels if not 1 <= k < n]
+    if bad or len(set(labels)) != len(labels):
+        why = f"outputs 1..{n - 1}" if bad else "distinct labels"
+        raise CheckpointError(f"{source}: cannot keep classes {list(labels)}: expected {why}")
+    rows = torch.tensor([0, *labels])
+    boxes = (rows[:, None] * 4 + torch.arange(4)).flatten()
+    out = build_detector(detector.spec, len(rows))
+    state = detector.state_dict()
+    for layer, index in (("cls_score", rows), ("bbox_pred", boxes)):
+        for p in ("weight", "bias"):
+            key = f"roi_heads.box_predictor.{layer}.{p}"
+            state[key] = state[key][index].clone()
+    out.load_state_dict(state)
+    return out.eval()

@@ -88,7 +88,7 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.errors import JDSearchError
     from jdsearch.models import build_detector
-    from jdsearch.search.run import run_dir
+    from jdsearch.search.run import check_cached_base, run_dir
     from jdsearch.spec import load_spec
     from jdsearch.store.checkpoint import load_checkpoint
 
@@ -100,7 +100,12 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
             f"(no base.checkpoint){' unless the study holds one' if not cache.is_file() else ''}"
             f"{f', or taken from {cache}' if cache.is_file() else ''}"
         )
-        return build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
+        if cache.is_file():
+            check_cached_base(spec, cache)  # it started from the spec's backbone weights
+        detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
+        if spec.base.backbone_weights is not None:
+            _check_backbone_weights(spec, detector, report)
+        return detector
     if not spec.base.checkpoint.is_file():
         raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
     ck = load_checkpoint(spec.base.checkpoint)
@@ -111,6 +116,13 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
         )
     report.add(f"base: {spec.base.checkpoint} loads and fits the dataset's classes")
     return ck.detector
+
+
+def _check_backbone_weights(spec: StudySpec, detector: Any, report: CheckReport) -> None:
+    """The ImageNet weights load into the base's body: every body tensor mapped."""
+    from jdsearch.models.torchvision_body import load_backbone_weights
+
+    report.add(load_backbone_weights(detector, spec.base.backbone_weights).line())
 
 
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:

@@ -51,7 +51,11 @@ from jdsearch.search.storage import storage_for
 from jdsearch.search.summary import print_trial
 from jdsearch.spec import load_spec
 from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
-from jdsearch.store.checkpoint import checkpoint_from_bytes, save_checkpoint
+from jdsearch.store.checkpoint import (
+    checkpoint_from_bytes,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
 from jdsearch.study import StudySpec, study_from_stored
 from jdsearch.train import train
 
@@ -90,16 +94,26 @@ def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> st
     return artifact_id
 
 
+def check_cached_base(spec: StudySpec, path: Path) -> None:
+    """A base trained earlier is reused only if it started from the spec's backbone weights."""
+    used = read_checkpoint_metadata(path).get("extra", {}).get("backbone_weights")
+    wanted = None if spec.base.backbone_weights is None else str(spec.base.backbone_weights)
+    if used != wanted:
+        raise SpecError(
+            f"{spec.source}: base.backbone_weights is {wanted}, but the base trained earlier, "
+            f"{path}, started from {used or 'random weights'}: delete it to train a new base"
+        )
+
+
 def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) -> Path:
     """The base detector's checkpoint file: given, cached, or trained now."""
     if spec.base.checkpoint is not None:
-        if spec.base.backbone_weights is not None:
-            log.warning("base.backbone_weights is not used: base.checkpoint is given")
         if not spec.base.checkpoint.is_file():
             raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
         return spec.base.checkpoint
     path = run_dir(spec) / "base.safetensors"
     if path.is_file():
+        check_cached_base(spec, path)
         return path
     det_spec = load_spec(spec.base.detector)
     detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
