@@ -8,13 +8,25 @@ Random images (with a few random boxes each) are resized by the detector's own t
     python bench/train_throughput.py --size 208x128 --iters 20 --presets tiny-r18-fpn tiny-r50-fpn
 
 r18-fpn at 1333x800 on a CPU takes seconds per image: keep ``--iters`` small there.
+
+``--contend`` measures, for each preset, images/s with 1 thread, 2 threads and torch's default,
+each with OpenMP's default wait policy and with ``OMP_WAIT_POLICY=PASSIVE``, alone and next to
+one competing busy process. Every cell runs in a fresh process (the wait policy is read when
+OpenMP starts); cells are interleaved so that drifting load hits every row alike:
+
+    python bench/train_throughput.py --contend --size 208x128 --iters 20 --batch-size 4 \
+        --presets tiny-r18-fpn r18-fpn
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import platform
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -81,6 +93,58 @@ def measure(preset: str, size: Resolution, args: argparse.Namespace) -> dict[str
     }
 
 
+#: (label, thread count or None for torch's default, OMP_WAIT_POLICY or None) of --contend.
+CONTEND_SETTINGS = [
+    ("1 thread", 1, None),
+    ("2 threads", 2, None),
+    ("default", None, None),
+    ("1 thread, PASSIVE", 1, "PASSIVE"),
+    ("2 threads, PASSIVE", 2, "PASSIVE"),
+    ("default, PASSIVE", None, "PASSIVE"),
+]
+
+
+def _cell(preset: str, threads: int | None, policy: str | None, args: argparse.Namespace) -> float:
+    """Images/s of ``preset`` measured in a fresh process with that thread count and policy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    cmd = [sys.executable, __file__, "--cell", preset, "--threads", str(threads or 0)]
+    cmd += ["--size", args.size, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    cmd += ["--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["img_s"])
+
+
+def contend(args: argparse.Namespace) -> None:
+    """The --contend table: img/s per preset, thread setting and load, and the ratios."""
+    results: dict[tuple[str, str, bool], float] = {}
+    for busy in (False, True):
+        hog = None
+        if busy:  # one competing process that never sleeps
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for label, threads, policy in CONTEND_SETTINGS:
+                for preset in args.presets:
+                    results[(preset, label, busy)] = r = _cell(preset, threads, policy, args)
+                    print(f"# {preset}, {label}, busy={busy}: {r:.2f} img/s", file=sys.stderr)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    print(
+        f"# --contend: size {args.size}, batch {args.batch_size}, {args.iters} timed iters, "
+        f"{os.cpu_count()} CPUs, torch default threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'preset':<14} {'setting':<20} {'alone img/s':>11} {'+1 busy img/s':>13} {'busy/alone':>10}"
+    )
+    for preset in args.presets:
+        for label, _, _ in CONTEND_SETTINGS:
+            alone, busy = results[(preset, label, False)], results[(preset, label, True)]
+            print(f"{preset:<14} {label:<20} {alone:>11.2f} {busy:>13.2f} {busy / alone:>10.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,11 +157,21 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--presets", nargs=2, default=["tiny-r18-fpn", "r18-fpn"], metavar="PRESET")
+    ap.add_argument(
+        "--contend", action="store_true", help="threads × wait policy × one busy process"
+    )
+    ap.add_argument("--cell", metavar="PRESET", help=argparse.SUPPRESS)  # one --contend cell
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = Resolution.parse(args.size)
+    if args.contend:
+        contend(args)
+        return
+    if args.cell:
+        print(json.dumps(measure(args.cell, size, args)))
+        return
 
     print(
         f"# train throughput: size {size}, batch {args.batch_size}, {args.iters} timed iters "

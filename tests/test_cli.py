@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,20 @@ def test_threads_option_sets_torch_threads(capsys: pytest.CaptureFixture[str]) -
         assert "--threads must be ≥ 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_command_line_lets_idle_openmp_threads_sleep(tmp_path: Path) -> None:
+    """OMP_WAIT_POLICY is PASSIVE when torch loads under the CLI (spinning threads collapse next
+    to a busy process: bench/train_throughput.py --contend), and a user's own choice stands."""
+    code = (
+        "import os, sys; from jdsearch.cli import main; rc = main(['flops', 'tiny-r18-fpn']); "
+        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules, rc)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+        )
+        assert done.stdout.splitlines()[-1] == f"{expected} True 0", done.stderr

@@ -137,6 +137,8 @@ def test_a_users_dataset_runs_from_init_to_a_search(
     handle = open_study("sqlite:///runs/shapes.db", "shapes")
     # Labels 1..3 are the sorted category ids, the empty one included.
     assert handle.categories() == [(3, "block"), (7, "disc"), (12, "unused")]
+    # R_base of H is the spec's base.resolution (the native size), not the preset's input size.
+    assert handle.study.user_attrs["base_resolution"] == "112x80"  # tiny-r18-fpn: 208x128
     trials = handle.study.trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     for t in trials:  # scored (AP on the val images, every size of the ladder)
