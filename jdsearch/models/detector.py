@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 from jdsearch.arch import BackboneArch
+from jdsearch.errors import CheckpointError
 from jdsearch.models.heads import RecordingRoIHeads
 from jdsearch.models.resnet import ResNet
 from jdsearch.spec import DetectorSpec, RoISpec, RPNSpec
@@ -183,3 +185,41 @@ def build_detector(
     det.roi_heads = RecordingRoIHeads.from_heads(det.roi_heads)
     det.spec = spec if spec.num_classes == n else dataclasses.replace(spec, num_classes=n)
     return det
+
+
+_MAX_LISTED = 3  # names listed in a mismatch message before "and N more"
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def load_weights_exactly(
+    module: nn.Module, tensors: Mapping[str, Tensor], *, source: str, what: str
+) -> None:
+    """``module.load_state_dict(tensors, strict=True)``, after checking that the tensors fit:
+    a misfit is one line naming the missing, unexpected and misshapen tensors.
+
+    Raises:
+        CheckpointError: ``SOURCE: weights do not match WHAT: missing …; unexpected …; shape
+            mismatch NAME (file) vs (module) …``.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch {_listing(wrong)} (file vs spec)")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match {what}: " + "; ".join(problems))
+    module.load_state_dict(tensors, strict=True)

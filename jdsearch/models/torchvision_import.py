@@ -35,7 +35,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from jdsearch.arch import BOTTLENECK, BackboneArch
 from jdsearch.errors import CheckpointError
-from jdsearch.models.detector import Detector, build_detector
+from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
 from jdsearch.models.torchvision_body import WeightsFile, body_arch, map_body, read_weights_file
 from jdsearch.resolution import Resolution
 from jdsearch.spec import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
@@ -257,23 +257,6 @@ def spec_from_torchvision(
 
 
 # ---------------------------------------------------------------------- conversion
-def _load_exactly(module: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
-    """``load_state_dict(strict=True)`` with one line naming the first misfit tensor."""
-    expected = module.state_dict()
-    for name, t in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{source}: has no tensor for {name} {tuple(t.shape)} of {what}")
-        if state[name].shape != t.shape:
-            raise CheckpointError(
-                f"{source}: {name} {tuple(state[name].shape)} does not fit {tuple(t.shape)} of "
-                f"{what}"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source}: {extra[0]} has no place in {what} ({len(extra)} such)")
-    module.load_state_dict(state, strict=True)
-
-
 def convert(sd: Mapping[str, Tensor], spec: DetectorSpec, source: str) -> Detector:
     """The jdsearch detector of ``spec`` holding the torchvision state dict ``sd`` (body renamed,
     ``FrozenBatchNorm2d`` buffers into trainable ``BatchNorm2d``), in eval mode.
@@ -292,7 +275,7 @@ def convert(sd: Mapping[str, Tensor], spec: DetectorSpec, source: str) -> Detect
         raise CheckpointError(f"{source}: {BODY}{unmapped[0]} has no place in {what}")
     state = {k: v for k, v in sd.items() if not k.startswith(BODY)}
     state.update({BODY + k: v for k, v in body_state.items()})
-    _load_exactly(detector, state, source, what)
+    load_weights_exactly(detector, state, source=source, what=what)
     return detector.eval()
 
 
@@ -311,7 +294,8 @@ def _reference(sd: Mapping[str, Tensor], detector: Detector, source: str) -> nn.
     )
     reference = copy.deepcopy(detector)
     reference.backbone.body = IntermediateLayerGetter(resnet, _RETURN_LAYERS)
-    _load_exactly(reference, sd, source, "torchvision's ResNet of the same depths and widths")
+    what = "torchvision's ResNet of the same depths and widths"
+    load_weights_exactly(reference, sd, source=source, what=what)
     return reference.eval()
 
 

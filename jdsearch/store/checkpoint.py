@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from jdsearch.errors import CheckpointError, JDSearchError
-from jdsearch.models.detector import Detector, build_detector
+from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
 from jdsearch.spec import DetectorSpec, spec_from_dict
 
 FORMAT_NAME = "jdsearch-checkpoint"
@@ -29,7 +29,6 @@ FORMAT_VERSION = 1
 META_KEY = "jdsearch"
 META_HASH_KEY = "jdsearch.sha256"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-_MAX_LISTED = 3  # names listed in a mismatch message before "and N more"
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,33 +192,6 @@ def _read_metadata(data: bytes, source: str) -> dict[str, Any]:
     return doc
 
 
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
-
-
-def _check_fits(detector: Detector, tensors: Mapping[str, Tensor], source: str) -> None:
-    expected = detector.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_listing(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch {_listing(wrong)} (file vs spec)")
-    if problems:
-        raise CheckpointError(
-            f"{source}: weights do not match the checkpoint's architecture: " + "; ".join(problems)
-        )
-
-
 def checkpoint_from_bytes(
     data: bytes, source: str = "<bytes>", *, device: str | torch.device = "cpu"
 ) -> Checkpoint:
@@ -249,8 +221,7 @@ def checkpoint_from_bytes(
         raise CheckpointError(
             f"{source}: cannot build the detector its spec describes: {e}"
         ) from None
-    _check_fits(detector, tensors, source)
-    detector.load_state_dict(tensors, strict=True)
+    load_weights_exactly(detector, tensors, source=source, what="the checkpoint's architecture")
     detector.to(device)
     detector.eval()
     names = doc["class_names"]
