@@ -87,24 +87,21 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
 
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.errors import JDSearchError
-    from jdsearch.models import build_detector
-    from jdsearch.search.run import check_cached_base, run_dir
-    from jdsearch.spec import load_spec
+    from jdsearch.search.run import check_cached_base, new_base_detector, run_dir
     from jdsearch.store.checkpoint import load_checkpoint
 
     if spec.base.checkpoint is None:
-        det_spec = load_spec(spec.base.detector)
         cache = run_dir(spec) / "base.safetensors"
+        if cache.is_file():
+            check_cached_base(spec, cache)  # it started from the spec's backbone weights
+        detector, loaded = new_base_detector(spec, train_set.num_classes)
         report.add(
-            f"base: {det_spec.name} will be trained for {spec.base.train.epochs:g} epochs "
+            f"base: {detector.spec.name} will be trained for {spec.base.train.epochs:g} epochs "
             f"(no base.checkpoint){' unless the study holds one' if not cache.is_file() else ''}"
             f"{f', or taken from {cache}' if cache.is_file() else ''}"
         )
-        if cache.is_file():
-            check_cached_base(spec, cache)  # it started from the spec's backbone weights
-        detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
-        if spec.base.backbone_weights is not None:
-            _check_backbone_weights(spec, detector, report)
+        if loaded is not None:  # every body tensor mapped
+            report.add(loaded)
         return detector
     if not spec.base.checkpoint.is_file():
         raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
@@ -116,13 +113,6 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
         )
     report.add(f"base: {spec.base.checkpoint} loads and fits the dataset's classes")
     return ck.detector
-
-
-def _check_backbone_weights(spec: StudySpec, detector: Any, report: CheckReport) -> None:
-    """The ImageNet weights load into the base's body: every body tensor mapped."""
-    from jdsearch.models.torchvision_body import load_backbone_weights
-
-    report.add(load_backbone_weights(detector, spec.base.backbone_weights).line())
 
 
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:

@@ -22,7 +22,7 @@ from jdsearch import synth
 from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.flops import count_flops
-from jdsearch.models import build_detector
+from jdsearch.models import Detector, build_detector
 from jdsearch.models.torchvision_body import load_backbone_weights
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
@@ -105,6 +105,16 @@ def check_cached_base(spec: StudySpec, path: Path) -> None:
         )
 
 
+def new_base_detector(spec: StudySpec, num_classes: int) -> tuple[Detector, str | None]:
+    """The untrained base of a study that trains its own: ``base.detector`` seeded by
+    ``search.seed``, its body from ``base.backbone_weights`` if given (then also the line that
+    says what was loaded)."""
+    detector = build_detector(load_spec(spec.base.detector), num_classes, seed=spec.search.seed)
+    if spec.base.backbone_weights is None:
+        return detector, None
+    return detector, load_backbone_weights(detector, spec.base.backbone_weights).line()
+
+
 def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) -> Path:
     """The base detector's checkpoint file: given, cached, or trained now."""
     if spec.base.checkpoint is not None:
@@ -115,13 +125,12 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
     if path.is_file():
         check_cached_base(spec, path)
         return path
-    det_spec = load_spec(spec.base.detector)
-    detector = build_detector(det_spec, train_set.num_classes, seed=spec.search.seed)
+    detector, loaded = new_base_detector(spec, train_set.num_classes)
     extra: dict[str, Any] = {}
-    if spec.base.backbone_weights is not None:
-        _say(load_backbone_weights(detector, spec.base.backbone_weights).line())
+    if loaded is not None:
+        _say(loaded)
         extra["backbone_weights"] = str(spec.base.backbone_weights)
-    _say(f"training the base detector {det_spec.name} ({spec.base.train.epochs:g} epochs) ...")
+    _say(f"training the base detector {detector.spec.name} ({spec.base.train.epochs:g} epochs) ...")
     config = spec.train_config(spec.base.train, spec.search.seed)
     terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
     result = train(detector, train_set, config, loss_terms=terms, progress=progress)
