@@ -226,13 +226,10 @@ def _import_categories(args: argparse.Namespace) -> tuple[list[str] | None, list
             raise JDSearchError(f"{args.classes}: cannot read class names: {e.strerror}") from None
         return [line.strip() for line in lines if line.strip()], None
     if args.ann:  # only its categories are read
-        try:
-            cats = sorted(
-                json.loads(Path(args.ann).read_text())["categories"], key=lambda c: int(c["id"])
-            )
-            return [str(c["name"]) for c in cats], [int(c["id"]) for c in cats]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise JDSearchError(f"{args.ann}: cannot read its categories ({e})") from None
+        from jdsearch.data import read_categories
+
+        cats = read_categories(args.ann)
+        return [c.name for c in cats], [c.id for c in cats]
     return None, None
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "collate",
     "load_image",
     "make_loader",
+    "read_categories",
     "set_resolution",
     "targets_to",
     "using_resolution",
@@ -251,6 +252,17 @@ def _parse_categories(v: _Validator, items: list[Any]) -> tuple[CategoryRecord, 
     if not categories:
         v.fail("", "'categories' is empty; a detection dataset needs at least one category")
     return tuple(categories[cid] for cid in sorted(categories))
+
+
+def read_categories(ann_file: str | Path) -> tuple[CategoryRecord, ...]:
+    """The validated ``categories`` of a COCO annotation file, in label order (label k is the
+    k-th smallest category id); its images and annotations are not read further.
+
+    Raises:
+        DataError: an unreadable or invalid file, or a bad category record (one line naming it).
+    """
+    path = Path(ann_file)
+    return _parse_categories(_Validator(path), _read_json(path)["categories"])
 
 
 def _parse_images(v: _Validator, items: list[Any], folder: _ImageFolder) -> list[ImageRecord]:
