@@ -40,6 +40,7 @@ __all__ = [
     "SearchSpec",
     "StudySpec",
     "SynthSpec",
+    "artifact_dir",
     "load_study",
     "study_from_dict",
     "study_from_stored",
@@ -131,6 +132,24 @@ class ScoreSpec:
         check(self.metric in METRICS, self, "metric", f"must be one of {', '.join(METRICS)}")
 
 
+def artifact_dir(value: str) -> str | None:
+    """Where ``search.artifacts`` keeps artifacts: ``None`` for ``db`` (or empty: the study's
+    own database), else the directory of ``file:DIR``.
+
+    Raises:
+        ValueError: any other value, saying what is expected.
+    """
+    text = value.strip()
+    if text in ("", "db"):
+        return None
+    if not text.startswith("file:"):
+        raise ValueError("expected 'db' or 'file:DIR'")
+    directory = text.removeprefix("file:")
+    if not directory:
+        raise ValueError("'file:' needs a directory, e.g. file:./ckpt")
+    return directory
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     """The search: its strategy, hill climbing (top-k, student freeze, student/teacher odds),
@@ -163,9 +182,10 @@ class SearchSpec:
         check(ok, self, "channel_fraction", "must lie in (0, 1)")
         ok = self.strategy in STRATEGIES
         check(ok, self, "strategy", f"must be one of {', '.join(STRATEGIES)}")
-        art = self.artifacts.strip()
-        ok = art in ("", "db") or (art.startswith("file:") and len(art) > len("file:"))
-        check(ok, self, "artifacts", "expected 'db' or 'file:DIR'")
+        try:
+            artifact_dir(self.artifacts)
+        except ValueError as e:
+            check(False, self, "artifacts", str(e))
         url = self.storage
         ok = url is None or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.*", url) is not None
         check(ok, self, "storage", "expected a database URL such as sqlite:///runs/NAME.db")

@@ -26,6 +26,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from jdsearch.errors import CheckpointError, JDSearchError, SpecError
+from jdsearch.study import artifact_dir
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -630,16 +631,14 @@ def make_artifact_store(spec: str, storage_url: str) -> SQLArtifactStore | FileS
     ``"file:DIR"`` uses optuna's ``FileSystemArtifactStore`` in ``DIR`` (created if absent) —
     for checkpoints too large to want in the database.
     """
-    text = spec.strip()
-    if text in ("", "db"):
+    try:
+        directory = artifact_dir(spec)
+    except ValueError as e:
+        raise SpecError(f"artifact store {spec!r}: {e}") from None
+    if directory is None:
         return SQLArtifactStore(storage_url)
-    if text.startswith("file:"):
-        directory = text[len("file:") :]
-        if not directory:
-            raise SpecError(f"artifact store {spec!r}: 'file:' needs a directory, e.g. file:./ckpt")
-        path = Path(os.path.expanduser(directory))
-        if path.exists() and not path.is_dir():
-            raise SpecError(f"artifact store {spec!r}: {path} exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
-        return FileSystemArtifactStore(path)
-    raise SpecError(f"artifact store {spec!r}: expected 'db' or 'file:DIR'")
+    path = Path(os.path.expanduser(directory))
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"artifact store {spec!r}: {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(path)
