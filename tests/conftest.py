@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 PG_BASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
-def _unavailable(why: str) -> None:
-    """Skip on a developer's machine without PostgreSQL; fail in CI, where it must be tested."""
+def unavailable(why: str, in_ci: str = "CI must test the PostgreSQL paths") -> None:
+    """Skip on a developer's machine that lacks a service or program; fail in CI (``in_ci``
+    says why), where what needs it must be tested."""
     if os.environ.get("CI"):
-        pytest.fail(f"{why} (CI must test the PostgreSQL paths)")
+        pytest.fail(f"{why} ({in_ci})")
     pytest.skip(why)
 
 
@@ -41,13 +42,13 @@ def pg_url() -> Iterator[str]:
     try:
         import psycopg2
     except ImportError as e:  # pragma: no cover - psycopg2 is a dev dependency
-        _unavailable(f"psycopg2 not installed ({e})")
+        unavailable(f"psycopg2 not installed ({e})")
     try:
         conn = psycopg2.connect(
             host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3
         )
     except psycopg2.OperationalError as e:
-        _unavailable(f"PostgreSQL at 127.0.0.1:5432/test unreachable: {str(e).strip()}")
+        unavailable(f"PostgreSQL at 127.0.0.1:5432/test unreachable: {str(e).strip()}")
     schema = f"jdsearch_test_{uuid.uuid4().hex[:8]}"
     conn.autocommit = True
     conn.cursor().execute(f"CREATE SCHEMA {schema}")

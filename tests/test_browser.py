@@ -9,7 +9,6 @@ fail in CI (``CI`` set), where ``.ci/run`` installs Chromium and the ``dev`` ext
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from jdsearch.report.figures import FIGURE_KEYS, build_figures
 from jdsearch.report.html import PNG_WIDTH, ReportFiles, write_report
 from jdsearch.search.queries import StudyHandle, open_study
 
+from .conftest import unavailable
 from .test_dashboard import dashboard_command, free_port, get, server
 
 pytestmark = pytest.mark.slow  # a real (tiny) search, a browser, a server
@@ -34,9 +34,7 @@ RENDER_TIMEOUT_MS = 60_000  # generous: a busy 2-core machine, the first paint o
 
 def _unavailable(why: str) -> None:
     """Skip on a developer's machine; fail in CI, where the pictures must be tested."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{why} (CI must test the pictures in a browser)")
-    pytest.skip(why)
+    unavailable(why, "CI must test the pictures in a browser")
 
 
 def _chromium() -> str:

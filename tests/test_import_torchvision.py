@@ -324,25 +324,10 @@ def test_class_names_and_a_spec_that_does_not_fit(
     assert load_checkpoint(out).class_names == ("cat", "dog")  # label order: sorted category id
     names = tmp_path / "names.txt"
     names.write_text("a\nb\nc\nd\n")
-    code, _, err = run(
-        capsys,
-        "import",
-        str(tmp_path / "m.pth"),
-        "--out",
-        str(tmp_path / "n.safetensors"),
-        "--classes",
-        str(names),
-    )
+    refused = ["import", str(tmp_path / "m.pth"), "--out", str(tmp_path / "n.safetensors")]
+    code, _, err = run(capsys, *refused, "--classes", str(names))
     assert code == 2 and "4 class names for a detector with 2 classes" in err
-    code, _, err = run(
-        capsys,
-        "import",
-        str(tmp_path / "m.pth"),
-        "--out",
-        str(tmp_path / "n.safetensors"),
-        "--arch",
-        "r50-fpn",
-    )
+    code, _, err = run(capsys, *refused, "--arch", "r50-fpn")
     assert code == 2 and err.count("\n") == 1
     assert (
         "layer1.0.conv1.weight (64, 64, 3, 3) does not fit stages.0.0.conv1.weight (64, 64, 1, 1)"
