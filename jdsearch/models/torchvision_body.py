@@ -43,10 +43,12 @@ from jdsearch.arch import BackboneArch, Block, Stage
 from jdsearch.errors import CheckpointError, SpecError
 
 __all__ = [
+    "BODY",
     "SAFE_MODULE_CLASSES",
     "BackboneWeights",
     "WeightsFile",
     "body_arch",
+    "body_tensors",
     "jdsearch_body_name",
     "load_backbone_weights",
     "map_body",
@@ -184,6 +186,15 @@ def read_weights_file(path: str | Path) -> WeightsFile:
 
 
 # ---------------------------------------------------------------------- names and architecture
+BODY = "backbone.body."  # where a torchvision Faster R-CNN keeps its ResNet body
+
+
+def body_tensors(detector_tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ``backbone.body.*`` tensors of a torchvision detector state dict, named as the
+    ResNet's own (``layer1.0.conv1.weight``…); empty when it has none."""
+    return {k.removeprefix(BODY): v for k, v in detector_tensors.items() if k.startswith(BODY)}
+
+
 _STEM = re.compile(r"(conv1|bn1)\.(.+)")
 _BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(.+)")
 _DOWNSAMPLE = {"downsample.0": "shortcut.conv", "downsample.1": "shortcut.bn"}
@@ -317,10 +328,7 @@ def load_backbone_weights(detector: nn.Module, path: str | Path) -> BackboneWeig
             tensor and both shapes in one line).
     """
     weights = read_weights_file(path)
-    tensors = weights.tensors
-    prefix = "backbone.body."
-    if any(k.startswith(prefix) for k in tensors):
-        tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    tensors = body_tensors(weights.tensors) or weights.tensors  # a detector's, or a classifier's
     body = detector.backbone.body
     spec_name = getattr(getattr(detector, "spec", None), "name", "the detector")
     state, unmapped = map_body(

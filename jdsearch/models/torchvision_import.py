@@ -36,7 +36,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from jdsearch.arch import BOTTLENECK, BackboneArch
 from jdsearch.errors import CheckpointError
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
-from jdsearch.models.torchvision_body import WeightsFile, body_arch, map_body, read_weights_file
+from jdsearch.models.torchvision_body import (
+    BODY,
+    WeightsFile,
+    body_arch,
+    body_tensors,
+    map_body,
+    read_weights_file,
+)
 from jdsearch.resolution import Resolution
 from jdsearch.spec import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
 
@@ -55,7 +62,6 @@ __all__ = [
 
 TOLERANCE = 1e-4  # largest box-coordinate or score difference two agreeing detections may have
 CHECK_SHORT = 320  # the check's short side at most (float64 on a CPU: seconds, not minutes)
-BODY = "backbone.body."
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 _RETURN_LAYERS = {f"layer{i + 1}": str(i) for i in range(4)}
 _LEGACY = (  # torchvision < 0.13 names, which its own loaders still upgrade
@@ -119,8 +125,7 @@ def _refuse_unsupported(sd: Mapping[str, Tensor], source: str) -> None:
 def _architecture(sd: Mapping[str, Tensor], source: str) -> tuple[BackboneArch, int, RoISpec]:
     """Body and FPN, number of classes and box-head sizes, from the tensor shapes."""
     fpn = int(sd["backbone.fpn.layer_blocks.0.0.weight"].shape[0])
-    body = {k.removeprefix(BODY): v for k, v in sd.items() if k.startswith(BODY)}
-    arch = body_arch(body, fpn=fpn, source=source)
+    arch = body_arch(body_tensors(sd), fpn=fpn, source=source)
     n = len({k.split(".")[3] for k in sd if k.startswith("backbone.fpn.inner_blocks.")})
     if n != 4:
         raise CheckpointError(
@@ -266,10 +271,9 @@ def convert(sd: Mapping[str, Tensor], spec: DetectorSpec, source: str) -> Detect
     """
     assert spec.num_classes is not None
     detector = build_detector(spec, spec.num_classes)
-    body = {k.removeprefix(BODY): v for k, v in sd.items() if k.startswith(BODY)}
     what = f"spec {spec.name}"
     body_state, unmapped = map_body(
-        body, detector.backbone.body.state_dict(), source=source, spec_name=what
+        body_tensors(sd), detector.backbone.body.state_dict(), source=source, spec_name=what
     )
     if unmapped:
         raise CheckpointError(f"{source}: {BODY}{unmapped[0]} has no place in {what}")
