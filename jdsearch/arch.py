@@ -12,12 +12,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from jdsearch.config import shown as _shown
 from jdsearch.errors import SpecError
 
 BASIC = "basic"
 BOTTLENECK = "bottleneck"
 NUM_STAGES = 4
 DEFAULT_STRIDES = (1, 2, 2, 2)
+#: The widest conv (channels) and the deepest stage (blocks) an architecture may have: eight times
+#: ResNet's widest (2048) and far beyond any searched depth; more only exhausts memory.
+MAX_WIDTH = 16384
+MAX_BLOCKS = 256
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,9 @@ class BackboneArch:
         if len(self.stages) != NUM_STAGES:
             raise SpecError(f"backbone arch: expected {NUM_STAGES} stages, got {len(self.stages)}")
         for name, value in (("stem", self.stem), ("fpn", self.fpn)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_WIDTH:
                 raise SpecError(
-                    f"backbone arch: {name} width must be a positive integer, got {value!r}"
+                    f"backbone arch: {name} width must be an integer in 1..{MAX_WIDTH}, got {_shown(value)}"
                 )
         slots: list[BlockSlot] = []
         kind: str | None = None
@@ -172,6 +177,10 @@ class BackboneArch:
                 )
             if not stage.blocks:
                 raise SpecError(f"backbone arch: stage {si + 1} has no blocks")
+            if len(stage.blocks) > MAX_BLOCKS:
+                raise SpecError(
+                    f"backbone arch: stage {si + 1} has {len(stage.blocks)} blocks, at most {MAX_BLOCKS}"
+                )
             for bi, block in enumerate(stage.blocks):
                 kind = _check_block(block, f"stage {si + 1} block {bi + 1}", kind)
                 stride = stage.stride if bi == 0 else 1
@@ -225,11 +234,11 @@ class BackboneArch:
             block_texts = stage_text.strip().split("-")
             blocks = []
             for bi, bt in enumerate(block_texts):
-                m = re.fullmatch(r"\s*\(\s*(\d+(?:\s*,\s*\d+)*)\s*\)\s*", bt)
+                m = re.fullmatch(r"\s*\(\s*(\d{1,9}(?:\s*,\s*\d{1,9})*)\s*\)\s*", bt)
                 if m is None:
                     raise SpecError(
-                        f"arch encoding: stage {si + 1} block {bi + 1}: cannot read {bt.strip()!r}"
-                        " (expected '(c1, c_out)' or '(c1, c2, c_out)')"
+                        f"arch encoding: stage {si + 1} block {bi + 1}: cannot read {_shown(bt.strip())}"
+                        " (expected '(c1, c_out)' or '(c1, c2, c_out)', widths up to 9 digits)"
                     )
                 chans = tuple(int(x) for x in m.group(1).split(","))
                 groups = 1
@@ -358,6 +367,11 @@ class BackboneArch:
 def _check_block(block: Block, position: str, kind: str | None) -> str:
     """Raise :class:`SpecError` unless ``block`` is valid in a backbone of ``kind`` (``None``:
     the first block); the backbone's kind."""
+    if any(c > MAX_WIDTH for c in block.channels):
+        big = max(block.channels)
+        raise SpecError(
+            f"backbone arch: {position}: width {_shown(big)} is more than {MAX_WIDTH} channels"
+        )
     where = f"backbone arch: {position} {block.encode()}"
     if len(block.channels) not in (2, 3):
         raise SpecError(f"{where}: a block has 2 (basic) or 3 (bottleneck) conv widths")

@@ -34,10 +34,22 @@ __all__ = [
     "preset_dir",
     "read_dataclass",
     "read_yaml",
+    "shown",
 ]
 
 T = TypeVar("T")
 _PACKAGE = Path(__file__).resolve().parent
+
+#: Every integer a config holds must fit in 64 bits: torch and NumPy take them as ``int64``.
+INT_LIMIT = 2**63 - 1
+#: The largest RPN anchor (pixels): sixteen times the paper's largest (512) and beyond any input
+#: size a detector is run at; a larger one matches no object, so it can only be a typo.
+MAX_ANCHOR_SIZE = 8192
+#: Upper bounds the dataclasses themselves do not check, by ``(dataclass, field)``: ``(limit,
+#: unit)``; every value of a list field is checked.
+FIELD_LIMITS: dict[tuple[str, str], tuple[int, str]] = {
+    ("RPNSpec", "anchor_sizes"): (MAX_ANCHOR_SIZE, "pixels"),
+}
 
 
 def preset_dir(kind: str) -> Path:
@@ -84,8 +96,22 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float that is not a bool (an integer beyond float range is not finite)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters; a huge integer by its size (its
+    digits would fill the line, or be refused by Python's int-to-str limit)."""
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"<integer of about {int(value.bit_length() * 0.30103)} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_yaml(path: Path) -> Any:
@@ -95,11 +121,21 @@ def read_yaml(path: Path) -> Any:
         SpecError: the file is not valid YAML.
     """
     try:
-        return yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{path}: not a YAML text file (byte {e.start} is not UTF-8; a binary file?)"
+        ) from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: invalid YAML: nested too deeply") from None
 
 
 class Fields:
@@ -164,7 +200,7 @@ class Fields:
         """The non-empty list of mappings under ``key`` (required), one :class:`Fields` each."""
         items = self.raw(key)
         if not isinstance(items, list) or not items:
-            self.fail(key, f"expected a non-empty list of mappings, got {items!r}")
+            self.fail(key, f"expected a non-empty list of mappings, got {shown(items)}")
         return [
             Fields(item, self.source, self._child(f"{key}[{i}]")) for i, item in enumerate(items)
         ]
@@ -199,12 +235,12 @@ class Fields:
             return self.convert(key, value, inner)
         if origin is tuple:
             if not isinstance(value, list | tuple):
-                self.fail(key, f"expected a list, got {value!r}")
+                self.fail(key, f"expected a list, got {shown(value)}")
             return tuple(self.convert(key, v, args[0]) for v in value)
         if kind in _PARSED:  # before dataclasses: Resolution is one
             what, parse = _PARSED[kind]
             if not isinstance(value, str):
-                self.fail(key, f"expected {what}, got {value!r}")
+                self.fail(key, f"expected {what}, got {shown(value)}")
             try:
                 return parse(value)
             except SpecError as e:
@@ -213,8 +249,17 @@ class Fields:
             return read_dataclass(Fields(value, self.source, self._child(key)), kind)
         ok, what = _SCALARS[kind]
         if not ok(value):
-            self.fail(key, f"expected {what}, got {value!r}")
+            self.fail(key, f"expected {what}, got {shown(value)}")
+        if kind is int and abs(value) > INT_LIMIT:
+            self.fail(key, f"{shown(value)} does not fit in 64 bits")
         return float(value) if kind is float else value
+
+    def limit(self, key: str, value: Any, bound: tuple[int, str]) -> None:
+        """Fail unless ``value`` (each value of a tuple) is at most ``bound = (limit, unit)``."""
+        top, unit = bound
+        for v in value if isinstance(value, tuple) else (value,):
+            if is_number(v) and v > top:
+                self.fail(key, f"{shown(v)} is larger than {top} {unit}")
 
 
 _SCALARS: dict[Any, tuple[Callable[[Any], bool], str]] = {
@@ -273,6 +318,9 @@ def read_dataclass(f: Fields, cls: type[T], base: Any = None, *, exclude: Iterab
         nested = _nested(hints[fd.name], f.data[fd.name])
         if nested is None:
             kwargs[fd.name] = f.take(fd.name, hints[fd.name])
+            bound = FIELD_LIMITS.get((cls.__name__, fd.name))
+            if bound is not None:
+                f.limit(fd.name, kwargs[fd.name], bound)
             continue
         sub = f.sub(fd.name)
         custom = getattr(nested, "from_fields", None)

@@ -11,9 +11,12 @@ Conventions (torchvision's):
 * labels are contiguous, ``1..K`` in the order of sorted category id; ``0`` is background;
 * target boxes are ``float32`` ``[N, 4]`` in absolute pixel ``x1, y1, x2, y2``;
 * ``iscrowd`` annotations are kept in the targets by default with ``iscrowd == 1``. torchvision's
-  Faster R-CNN ignores that field and treats crowd boxes as ordinary objects, so pass
-  ``keep_crowd=False`` to train without them. Evaluation (:meth:`CocoDataset.coco_gt`) always
-  includes them, because ``COCOeval`` handles crowd regions itself.
+  Faster R-CNN ignores that field and would treat crowd boxes as ordinary objects, so
+  :func:`jdsearch.train.train` drops them from every batch (COCO practice); ``keep_crowd=False``
+  drops them here already. Evaluation (:meth:`CocoDataset.coco_gt`) always includes them, because
+  ``COCOeval`` handles crowd regions itself.
+* boxes are validated as training sees them: clipped to the image and in ``float32``, so a box
+  that is only positive in ``float64`` (``1e-9`` wide) is refused before training starts.
 
 Dynamic resolution (Joint-DetNAS, sections 3.1.2 and A.1.3) samples one :class:`Resolution` per
 training iteration. A resolution ``LONGxSHORT`` means what it means in mmdetection and torchvision:
@@ -53,6 +56,7 @@ __all__ = [
     "collate",
     "load_image",
     "make_loader",
+    "open_image",
     "read_categories",
     "set_resolution",
     "targets_to",
@@ -65,6 +69,13 @@ logger = logging.getLogger(__name__)
 #: How far (in pixels) a box may stick out of its image before it is rejected; covers float
 #: rounding in converted datasets. Boxes inside the tolerance are clipped to the image.
 BBOX_TOLERANCE = 1.0
+
+#: The fewest ``float32`` steps (at the image's size) a clipped box side must span: fewer and it
+#: may collapse to zero width once torchvision rescales or flips it, which stops training.
+MIN_BOX_ULPS = 8
+
+#: Integer fields (ids, sizes) must fit in a signed 64-bit integer, as NumPy and torch hold them.
+_INT_LIMIT = 2**63 - 1
 
 Target = dict[str, Any]
 
@@ -125,7 +136,8 @@ class DataSummary:
             f"annotation file: {self.ann_file}",
             f"image folder:    {self.image_dir}",
             f"images:          {self.images} ({self.images_without_objects} without objects)",
-            f"annotations:     {self.annotations} ({self.crowd_annotations} crowd)",
+            f"annotations:     {self.annotations} ({self.crowd_annotations} crowd"
+            + (", left out of training)" if self.crowd_annotations else ")"),
             f"categories:      {self.categories}",
         ]
         out.extend(f"  {name}: {count}" for name, count in self.per_category)
@@ -139,6 +151,8 @@ class DataSummary:
 
 def _short(value: Any, limit: int = 80) -> str:
     """A compact one-line rendering of a JSON value for error messages."""
+    if isinstance(value, int) and value.bit_length() > 200:  # str() of a huge int is slow or fails
+        return f"<integer of about {int(value.bit_length() * 0.30103)} digits>"
     try:
         text = json.dumps(value, allow_nan=True, separators=(", ", ": "))
     except (TypeError, ValueError):
@@ -168,15 +182,39 @@ class _Validator:
                 self.fail(where, f"{key} {_short(value)} is not finite")
             if not value.is_integer():
                 self.fail(where, f"{key} {_short(value)} is not an integer")
+        if abs(value) > _INT_LIMIT:
+            self.fail(where, f"{key} {_short(value)} does not fit in 64 bits")
         return int(value)
 
     def number(self, value: Any, what: str, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(where, f"{what} {_short(value)} is not a number")
-        number = float(value)
+        number = _as_float(value)
         if not math.isfinite(number):
             self.fail(where, f"{what} {_short(value)} is not finite")
         return number
+
+
+def _as_float(value: float) -> float:
+    """``float(value)``; ``inf`` for an integer beyond float range."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _parse_json(v: _Validator, raw: bytes) -> Any:
+    """The parsed bytes; any failure one line (an integer too long for Python is one too)."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        v.fail("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except json.JSONDecodeError as exc:
+        v.fail("", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+    except RecursionError:
+        v.fail("", "invalid JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        v.fail("", f"invalid JSON: {str(exc).split(';')[0]}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -191,14 +229,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         v.fail("", f"cannot read annotation file ({exc.strerror or exc})")
     if not raw.strip():
         v.fail("", "annotation file is empty")
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        v.fail("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-    except json.JSONDecodeError as exc:
-        v.fail("", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
-    except RecursionError:
-        v.fail("", "invalid JSON: nested too deeply")
+    data = _parse_json(v, raw)
     if not isinstance(data, dict):
         v.fail("", f"top level is a JSON {type(data).__name__}, expected an object")
     missing = [key for key in ("images", "annotations", "categories") if key not in data]
@@ -347,9 +378,10 @@ def _parse_bbox(
         v.fail(where, f"bbox {_short(bbox)} is not a list of 4 numbers")
     if any(isinstance(c, bool) or not isinstance(c, int | float) for c in bbox):
         v.fail(where, f"bbox {_short(bbox)} is not a list of 4 numbers")
-    if not all(math.isfinite(c) for c in bbox):
+    coords = [_as_float(c) for c in bbox]
+    if not all(math.isfinite(c) for c in coords):
         v.fail(where, f"bbox {_short(bbox)} has a non-finite number")
-    x, y, w, h = (float(c) for c in bbox)
+    x, y, w, h = coords
     if w <= 0:
         v.fail(where, f"bbox {_short(bbox)} has non-positive width")
     if h <= 0:
@@ -359,7 +391,23 @@ def _parse_bbox(
         v.fail(where, f"bbox {_short(bbox)} lies outside the {img.width}x{img.height} image")
     if min(x + w, img.width) - max(x, 0.0) <= 0 or min(y + h, img.height) - max(y, 0.0) <= 0:
         v.fail(where, f"bbox {_short(bbox)} is empty once clipped to the image")
+    _check_float32_box(v, bbox, where, img)
     return x, y, w, h
+
+
+def _check_float32_box(v: _Validator, bbox: list[Any], where: str, img: ImageRecord) -> None:
+    """Fail unless the box, clipped to the image and in ``float32`` as training holds it, spans at
+    least :data:`MIN_BOX_ULPS` ``float32`` steps each way (torchvision stops on a flat box)."""
+    x, y, w, h = (float(c) for c in bbox)
+    step = float(np.spacing(np.float32(max(img.width, img.height))))
+    for what, lo, hi, side in (("wide", x, x + w, img.width), ("high", y, y + h, img.height)):
+        size = float(np.float32(min(hi, side)) - np.float32(max(lo, 0.0)))
+        if size < MIN_BOX_ULPS * step:
+            v.fail(
+                where,
+                f"bbox {_short(bbox)} is {size:.3g} px {what} once clipped and in float32 "
+                f"(training's dtype); boxes need at least {MIN_BOX_ULPS * step:.2g} px",
+            )
 
 
 def _load_entries(
@@ -408,16 +456,40 @@ def _to_chw_float(img: Image.Image) -> np.ndarray:
     return out
 
 
-def load_image(path: str | Path) -> Tensor:
-    """One image file as the detector's input: ``float32 [3, H, W]`` RGB in ``[0, 1]``."""
+@contextlib.contextmanager
+def open_image(path: str | Path, where: str = "") -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)`` for reading; every failure to open or decode it (inside the
+    ``with`` block too), a missing file and an image too large to decode safely (PIL's
+    decompression-bomb limit) is one :class:`DataError` line: ``WHERE`` (e.g. the annotation file
+    and image id), then the file, then what is wrong."""
     p = Path(path)
+    prefix = f"{where}: {p}" if where else str(p)
     try:
         with Image.open(p) as img:
-            return torch.from_numpy(_to_chw_float(img))
+            yield img
     except FileNotFoundError:
-        raise DataError(f"{p}: no such image file") from None
+        raise DataError(f"{prefix}: no such image file") from None
+    except Image.DecompressionBombError as exc:
+        what = str(exc).split(", could be")[0]
+        raise DataError(f"{prefix}: image too large to decode safely ({what})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{p}: cannot decode image ({exc})") from None
+        raise DataError(f"{prefix}: cannot decode image ({exc})") from None
+
+
+def _check_size(ann_file: Path, rec: ImageRecord, path: Path, size: tuple[int, int]) -> None:
+    """Fail unless an opened image has the size its record says (checked before decoding)."""
+    if size != (rec.width, rec.height):
+        raise DataError(
+            f"{ann_file}: image id {rec.id}: {path} is {size[0]}x{size[1]} "
+            f"but the record says {rec.width}x{rec.height}"
+        )
+
+
+def load_image(path: str | Path) -> Tensor:
+    """One image file as the detector's input: ``float32 [3, H, W]`` RGB in ``[0, 1]``; a
+    :class:`DataError` line naming the file when it cannot be read (see :func:`open_image`)."""
+    with open_image(path) as img:
+        return torch.from_numpy(_to_chw_float(img))
 
 
 class CocoDataset(Dataset[tuple[Tensor, Target]]):
@@ -533,21 +605,9 @@ class CocoDataset(Dataset[tuple[Tensor, Target]]):
     def _read_image(self, entry: _ImageEntry) -> Tensor:
         rec = entry.image
         path = self.image_dir / rec.file_name
-        try:
-            with Image.open(path) as img:
-                size = img.size
-                array = _to_chw_float(img)
-        except FileNotFoundError:
-            raise DataError(f"{self.ann_file}: image id {rec.id}: file {path} vanished") from None
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(
-                f"{self.ann_file}: image id {rec.id}: cannot decode {path} ({exc})"
-            ) from None
-        if size != (rec.width, rec.height):
-            raise DataError(
-                f"{self.ann_file}: image id {rec.id}: {path} is {size[0]}x{size[1]} "
-                f"but the record says {rec.width}x{rec.height}"
-            )
+        with open_image(path, f"{self.ann_file}: image id {rec.id}") as img:
+            _check_size(self.ann_file, rec, path, img.size)
+            array = _to_chw_float(img)
         return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
@@ -698,18 +758,8 @@ def validate(
         for entry in entries:
             rec = entry.image
             path = image_path / rec.file_name
-            try:
-                with Image.open(path) as img:
-                    size = img.size
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise DataError(
-                    f"{ann_path}: image id {rec.id}: cannot decode {path} ({exc})"
-                ) from None
-            if size != (rec.width, rec.height):
-                raise DataError(
-                    f"{ann_path}: image id {rec.id}: {path} is {size[0]}x{size[1]} "
-                    f"but the record says {rec.width}x{rec.height}"
-                )
+            with open_image(path, f"{ann_path}: image id {rec.id}") as img:
+                _check_size(ann_path, rec, path, img.size)
     counts: Counter[int] = Counter()
     for entry in entries:
         counts.update(int(c) for c in entry.category_ids)

@@ -27,9 +27,17 @@ import torch
 from torch import Tensor, nn
 
 from jdsearch.data import CocoDataset, make_loader, using_resolution
+from jdsearch.errors import DataError
 from jdsearch.resolution import Resolution
 
-__all__ = ["CocoMetrics", "Detections", "coco_metrics", "evaluate", "predict"]
+__all__ = [
+    "CocoMetrics",
+    "Detections",
+    "coco_metrics",
+    "evaluate",
+    "match_categories",
+    "predict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +142,61 @@ def coco_metrics(
     return CocoMetrics(**clean, detections=len(results))
 
 
-def _results(dataset: CocoDataset, image_id: int, out: dict[str, Tensor]) -> list[dict[str, Any]]:
+def match_categories(
+    dataset: CocoDataset,
+    num_classes: int,
+    names: Sequence[str] | None = None,
+    ids: Sequence[int] | None = None,
+    *,
+    source: str = "the detector",
+) -> tuple[int, ...]:
+    """The dataset's category id of each label ``1..K`` of a detector with ``num_classes``
+    (background included) whose classes are ``names`` with COCO ids ``ids`` (as its checkpoint
+    records them; either may be ``None``).
+
+    Classes are matched by id (and their names must agree) when ids are recorded, else by name;
+    with neither, by position (nothing can be checked). The dataset must have exactly the
+    detector's categories: a missing, extra or renamed one would make the AP silently wrong.
+
+    Raises:
+        DataError: one line naming the annotation file, ``source`` and the first category that
+            differs.
+    """
+    k = num_classes - 1
+    have = dict(zip(dataset.category_ids, dataset.class_names, strict=True))
+    where = f"{dataset.ann_file}: categories do not match {source}"
+    if len(have) != k:
+        raise DataError(f"{where}: {len(have)} categories here, {k} classes there")
+    if ids is not None:
+        for i, cid in enumerate(ids):
+            theirs = names[i] if names is not None else None
+            if cid not in have:
+                raise DataError(
+                    f"{where}: its class {i + 1} {theirs!r} has category id {cid}, not here"
+                )
+            if theirs is not None and have[cid] != theirs:
+                raise DataError(
+                    f"{where}: category id {cid} is {have[cid]!r} here, {theirs!r} there"
+                )
+        return tuple(int(i) for i in ids)
+    if names is None:
+        logger.warning("%s records no class names: classes matched by position", source)
+        return tuple(dataset.category_ids)
+    by_name = {name: cid for cid, name in have.items()}
+    for i, name in enumerate(names):
+        if name not in by_name:
+            raise DataError(f"{where}: its class {i + 1} {name!r} is not a category here")
+    if len(by_name) != len(have):
+        raise DataError(f"{where}: category names repeat here, so they cannot be matched by name")
+    return tuple(by_name[name] for name in names)
+
+
+def _results(
+    category_ids: Sequence[int], image_id: int, out: dict[str, Tensor]
+) -> list[dict[str, Any]]:
     boxes = out["boxes"].numpy().astype(np.float64)
     scores = out["scores"].numpy().astype(np.float64)
     labels = out["labels"].numpy()
-    category_ids = dataset.category_ids
     rows = []
     for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True):
         rows.append(
@@ -160,12 +218,23 @@ def evaluate(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    category_ids: Sequence[int] | None = None,
 ) -> dict[str, CocoMetrics]:
     """COCO box metrics of ``detector`` on ``dataset`` at each of ``sizes`` (key: ``str(size)``).
 
     The detector is moved to ``device`` and stays there; its sizes and mode are restored.
-    Labels ``1..K`` are mapped back to the dataset's category ids; boxes go ``xyxy → xywh``.
+    Labels ``1..K`` are mapped to ``category_ids`` (see :func:`match_categories`; default: the
+    dataset's ids in label order, for a detector trained on this dataset's categories); boxes go
+    ``xyxy → xywh``.
     """
+    ids = tuple(dataset.category_ids if category_ids is None else category_ids)
+    predictor = getattr(getattr(detector, "roi_heads", None), "box_predictor", None)
+    classes = getattr(getattr(predictor, "cls_score", None), "out_features", None)
+    if classes is not None and classes - 1 != len(ids):
+        raise DataError(
+            f"{getattr(dataset, 'ann_file', 'dataset')}: {len(ids)} categories to evaluate, but the "
+            f"detector has {classes - 1} classes"
+        )
     dev = torch.device(device)
     detector.to(dev)
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
@@ -179,7 +248,7 @@ def evaluate(
         with _inference(detector, size):
             for images, targets in loader:
                 for target, out in zip(targets, _run(detector, images, dev), strict=True):
-                    results.extend(_results(dataset, target["image_id"], out))
+                    results.extend(_results(ids, target["image_id"], out))
         seconds = time.perf_counter() - start
         m = coco_metrics(coco_gt, results, image_ids)
         m = CocoMetrics(

@@ -147,6 +147,27 @@ def _hflip(
     return out_images, out_targets
 
 
+def _without_crowd(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets without their crowd objects (``iscrowd == 1``), as COCO practice trains:
+    torchvision's Faster R-CNN would take a crowd region for one ordinary object. Every
+    per-object tensor (boxes, labels, area…) is filtered alike; targets without crowd pass as is."""
+    out = []
+    for target in targets:
+        crowd = target.get("iscrowd")
+        if not isinstance(crowd, Tensor) or not bool(crowd.any()):
+            out.append(target)
+            continue
+        keep = crowd == 0
+        n = len(crowd)
+        out.append(
+            {
+                k: v[keep] if isinstance(v, Tensor) and v.dim() and len(v) == n else v
+                for k, v in target.items()
+            }
+        )
+    return out
+
+
 def _trainable(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     seen: set[int] = set()
     params = []
@@ -202,7 +223,8 @@ def train(
     that holds a frozen teacher must keep it frozen itself — ``requires_grad_(False)`` and an
     overridden ``train()`` that leaves the teacher in eval mode.
 
-    A non-finite total loss raises :class:`TrainingDiverged` naming the iteration and the terms
+    Crowd objects (``iscrowd == 1`` in a target) are left out of training, as in COCO practice;
+    evaluation still sees them. A non-finite total loss raises :class:`TrainingDiverged` naming the iteration and the terms
     that were non-finite. ``callback(StepInfo)`` runs after every optimizer step (an exception in
     it stops training and propagates, e.g. Optuna's ``TrialPruned``).
     """
@@ -305,7 +327,8 @@ def _loop(run: _Run, progress: bool, callback: Callback | None) -> TrainResult:
             if run.sampler is not None:
                 resolution = run.sampler.next()
                 set_resolution(run.detector, resolution)
-            images, targets = _hflip(list(images), list(targets), run.config.hflip, flip_gen)
+            targets = _without_crowd(list(targets))
+            images, targets = _hflip(list(images), targets, run.config.hflip, flip_gen)
             losses, loss = _step(run, it, lr, images, targets)
             info = log.add(it, epoch, lr, resolution, losses, loss, len(images))
             if progress:

@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from jdsearch.config import shown as _show
 from jdsearch.errors import CheckpointError, JDSearchError
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
 from jdsearch.spec import DetectorSpec, spec_from_dict
@@ -29,6 +30,8 @@ FORMAT_VERSION = 1
 META_KEY = "jdsearch"
 META_HASH_KEY = "jdsearch.sha256"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_CLASSES = 100_000  # far above any detection dataset (LVIS: 1203), far below a memory blow-up
+_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +45,16 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = "<bytes>"
     format_version: int = FORMAT_VERSION
+    #: COCO category id of label ``1..K`` as recorded when it was saved; ``None`` when it was not.
+    category_ids: tuple[int, ...] | None = None
+
+    @property
+    def foreground_names(self) -> tuple[str, ...] | None:
+        """The ``K`` names of labels ``1..K`` (the background name dropped when one was stored)."""
+        names = self.class_names
+        if names is None:
+            return None
+        return names[1:] if len(names) == self.num_classes else names
 
 
 # ---------------------------------------------------------------------- hashing
@@ -69,8 +82,10 @@ def checkpoint_to_bytes(
     class_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     source: str = "<bytes>",
+    category_ids: Sequence[int] | None = None,
 ) -> bytes:
-    """Serialise ``detector`` (weights + spec + class names + ``extra``) to safetensors bytes."""
+    """Serialise ``detector`` (weights + spec + class names + their COCO category ids +
+    ``extra``) to safetensors bytes."""
     spec = getattr(detector, "spec", None)
     if not isinstance(spec, DetectorSpec):
         raise CheckpointError(
@@ -84,6 +99,7 @@ def checkpoint_to_bytes(
                 f"{source}: {len(class_names)} class names for a detector with {num_classes} classes "
                 f"(give {num_classes - 1} foreground names, or {num_classes} with the background)"
             )
+    ids = _category_ids_to_save(category_ids, num_classes, source)
     tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
     doc = {
         "format": FORMAT_NAME,
@@ -91,6 +107,7 @@ def checkpoint_to_bytes(
         "spec": spec.to_dict(),
         "num_classes": num_classes,
         "class_names": class_names,
+        **({"category_ids": ids} if ids is not None else {}),
         "extra": dict(extra or {}),
         "tensors_sha256": tensors_sha256(tensors),
     }
@@ -101,12 +118,26 @@ def checkpoint_to_bytes(
     return st_save(tensors, metadata={META_KEY: text, META_HASH_KEY: _text_sha256(text)})
 
 
+def _category_ids_to_save(
+    category_ids: Sequence[int] | None, num_classes: int, source: str
+) -> list[int] | None:
+    if category_ids is None:
+        return None
+    ids = [int(i) for i in category_ids]
+    if len(ids) != num_classes - 1 or len(set(ids)) != len(ids):
+        raise CheckpointError(
+            f"{source}: category ids {ids} are not {num_classes - 1} distinct ids (one per class)"
+        )
+    return ids
+
+
 def save_checkpoint(
     path: str | Path,
     detector: Detector,
     *,
     class_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    category_ids: Sequence[int] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (a temporary file in the same folder, then a rename).
 
@@ -115,6 +146,8 @@ def save_checkpoint(
         detector: a jdsearch detector.
         class_names: the foreground class names, stored with it.
         extra: JSON-serialisable record (training, lineage…).
+        category_ids: the COCO category id of each foreground class (labels ``1..K``), stored
+            with it so that evaluation matches classes to a dataset's categories by id.
 
     Returns:
         ``path``.
@@ -123,7 +156,9 @@ def save_checkpoint(
         CheckpointError: the file cannot be written.
     """
     p = Path(path)
-    data = checkpoint_to_bytes(detector, class_names=class_names, extra=extra, source=str(p))
+    data = checkpoint_to_bytes(
+        detector, class_names=class_names, extra=extra, source=str(p), category_ids=category_ids
+    )
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -145,17 +180,29 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------- loading
-def _read_metadata(data: bytes, source: str) -> dict[str, Any]:
-    """Parse the safetensors header ourselves (the bytes API of safetensors drops metadata)."""
+def _json(text: str | bytes, source: str, what: str) -> Any:
+    """Parsed JSON; any failure (syntax, bad UTF-8, too deep, a too long integer) one line."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CheckpointError(
+            f"{source}: corrupt checkpoint ({what} is nested too deeply)"
+        ) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int conversion limits
+        reason = str(e).split(";")[0]
+        raise CheckpointError(
+            f"{source}: corrupt checkpoint ({what} is not valid JSON: {reason})"
+        ) from None
+
+
+def _metadata_text(data: bytes, source: str) -> str:
+    """The jdsearch metadata string of a safetensors file, checked against its sha256."""
     if len(data) < 8:
         raise CheckpointError(f"{source}: not a checkpoint (file too short: {len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > _MAX_HEADER or 8 + n > len(data):
         raise CheckpointError(f"{source}: corrupt or truncated checkpoint (bad header length {n})")
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{source}: corrupt checkpoint (header is not valid JSON)") from None
+    header = _json(data[8 : 8 + n], source, "the header")
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or META_KEY not in meta:
         raise CheckpointError(f"{source}: not a jdsearch checkpoint (no '{META_KEY}' metadata)")
@@ -164,15 +211,55 @@ def _read_metadata(data: bytes, source: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{source}: checkpoint metadata was modified or damaged (sha256 mismatch)"
         )
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{source}: corrupt checkpoint metadata (not valid JSON)") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{source}: not a jdsearch checkpoint (format {doc.get('format')!r})")
+    return text
+
+
+def _check_classes(doc: dict[str, Any], source: str) -> None:
+    """``num_classes`` in range; ``class_names`` and ``category_ids``, when given, fit it."""
+    k = doc["num_classes"]
+    if isinstance(k, bool) or not 2 <= k <= MAX_CLASSES:
+        raise CheckpointError(
+            f"{source}: checkpoint metadata field 'num_classes' is {_show(k)}, expected 2..{MAX_CLASSES}"
+            " (it counts the background)"
+        )
+    names = doc.get("class_names")
+    if names is not None and not (
+        isinstance(names, list)
+        and all(isinstance(c, str) for c in names)
+        and len(names) in (k, k - 1)
+    ):
+        raise CheckpointError(
+            f"{source}: checkpoint metadata field 'class_names' is malformed ({_show(names)}; "
+            f"expected {k - 1} names for {k - 1} classes)"
+        )
+    ids = doc.get("category_ids")
+    if ids is not None and not (
+        isinstance(ids, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) and abs(i) <= _INT64 for i in ids)
+        and len(ids) == k - 1
+        and len(set(ids)) == len(ids)
+    ):
+        raise CheckpointError(
+            f"{source}: checkpoint metadata field 'category_ids' is malformed ({_show(ids)}; "
+            f"expected {k - 1} distinct integer ids)"
+        )
+
+
+def _read_metadata(data: bytes, source: str) -> dict[str, Any]:
+    """Parse the safetensors header ourselves (the bytes API of safetensors drops metadata)."""
+    doc = _json(_metadata_text(data, source), source, "its metadata")
+    if not isinstance(doc, dict):
+        raise CheckpointError(
+            f"{source}: not a jdsearch checkpoint (metadata is a JSON {type(doc).__name__}, "
+            "expected an object)"
+        )
+    if doc.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{source}: not a jdsearch checkpoint (format {_show(doc.get('format'))})"
+        )
     if doc.get("version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{source}: unsupported checkpoint version {doc.get('version')!r} (this jdsearch reads {FORMAT_VERSION})"
+            f"{source}: unsupported checkpoint version {_show(doc.get('version'))} (this jdsearch reads {FORMAT_VERSION})"
         )
     for key, kind in (
         ("spec", dict),
@@ -184,11 +271,7 @@ def _read_metadata(data: bytes, source: str) -> dict[str, Any]:
             raise CheckpointError(
                 f"{source}: checkpoint metadata field '{key}' is missing or malformed"
             )
-    names = doc.get("class_names")
-    if names is not None and not (
-        isinstance(names, list) and all(isinstance(c, str) for c in names)
-    ):
-        raise CheckpointError(f"{source}: checkpoint metadata field 'class_names' is malformed")
+    _check_classes(doc, source)
     return doc
 
 
@@ -211,20 +294,16 @@ def checkpoint_from_bytes(
     except JDSearchError as e:
         raise CheckpointError(f"{source}: invalid detector spec in metadata: {e}") from None
     num_classes = doc["num_classes"]
-    if num_classes < 2:
-        raise CheckpointError(
-            f"{source}: num_classes must be ≥ 2 (it counts the background), got {num_classes}"
-        )
     try:
         detector = build_detector(spec, num_classes)
-    except (JDSearchError, ValueError, RuntimeError) as e:
+    except (JDSearchError, ValueError, RuntimeError, OverflowError) as e:
         raise CheckpointError(
             f"{source}: cannot build the detector its spec describes: {e}"
         ) from None
     load_weights_exactly(detector, tensors, source=source, what="the checkpoint's architecture")
     detector.to(device)
     detector.eval()
-    names = doc["class_names"]
+    names, ids = doc["class_names"], doc.get("category_ids")
     return Checkpoint(
         detector=detector,
         spec=detector.spec,
@@ -232,6 +311,7 @@ def checkpoint_from_bytes(
         class_names=tuple(names) if names is not None else None,
         extra=doc["extra"],
         source=source,
+        category_ids=tuple(ids) if ids is not None else None,
     )
 
 

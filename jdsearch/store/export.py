@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jdsearch.config import INT_LIMIT, is_int, shown
 from jdsearch.data import get_resolution, load_image, set_resolution
 from jdsearch.errors import ExportError, JDSearchError
 from jdsearch.flops import count_flops
@@ -29,6 +30,7 @@ from jdsearch.store.files import atomic_path, sha256_file
 from jdsearch.store.onnx import ONNX_OPSET, OnnxCheck, cpu_copy, export_onnx, verified_onnx
 
 __all__ = [
+    "ASSUMED_IDS",
     "INFO_FILE",
     "ONNX_FILE",
     "WEIGHTS_FILE",
@@ -149,14 +151,14 @@ def export_detector(
         check, files["onnx"] = _write_onnx(out, det, size, check_images, origin.check_images)
     else:
         (out / ONNX_FILE).unlink(missing_ok=True)
-    categories = origin.categories if category_ids is not None else _ASSUMED_IDS
+    categories = origin.categories if category_ids is not None else ASSUMED_IDS
     info = _info(det, size, names, ids, files, check, origin.source, categories)
     with atomic_path(out / INFO_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=1) + "\n")
     return Exported(out, det, size, names, ids, info)
 
 
-_ASSUMED_IDS = "assumed 1..K (no category ids given)"
+ASSUMED_IDS = "assumed 1..K (no category ids given)"
 
 
 def _write_weights(
@@ -254,6 +256,10 @@ def _info_path(path: Path) -> Path:
 def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Exported:
     """Read an export folder (or its ``detector.json``), verifying the weights' sha256.
 
+    ``detector.json`` is not trusted: the weights must be a plain file named inside the folder, of
+    at most :data:`MAX_WEIGHTS_BYTES`, hashed as they are read; ``class_names`` and
+    ``categories`` must name each of the detector's classes once.
+
     Args:
         path: the export folder or its ``detector.json``.
         device: where the detector is put.
@@ -262,45 +268,138 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Ex
         The detector, its input size, class names, category ids and ``detector.json``.
 
     Raises:
-        ExportError: not an export folder, an unreadable or foreign ``detector.json``, or files that
-            do not match their hashes.
+        ExportError: not an export folder, an unreadable or foreign ``detector.json``, a weights
+            path outside the folder, files that do not match their hashes, or classes that do not
+            match the detector's.
     """
     info_path = _info_path(Path(path))
     folder = info_path.parent
+    info = _read_info(info_path)
     try:
+        entry = info["files"]["weights"]
+        size = Resolution.parse(info["input_size"])
+        expected = entry["sha256"]
+    except (KeyError, TypeError, JDSearchError) as e:
+        raise ExportError(f"{info_path}: malformed field ({type(e).__name__}: {e})") from None
+    weights = _weights_path(folder, entry, info_path)
+    data = _read_weights(weights, expected)
+    ckpt = checkpoint_from_bytes(data, source=str(weights), device=device)
+    names, ids = _classes(info, info_path, ckpt.num_classes - 1)
+    det = _with_input_size(ckpt.detector, size)
+    det.eval()
+    det.class_names = names  # type: ignore[attr-defined]  # plain attribute for users
+    return Exported(folder, det, size, names, ids, info)
+
+
+#: The largest weights file an export may name: ten times the biggest preset's (X101, ~0.4 GB).
+MAX_WEIGHTS_BYTES = 4 << 30
+#: The largest ``detector.json`` read (a real one is a few kB).
+MAX_INFO_BYTES = 16 << 20
+
+
+def _read_info(info_path: Path) -> dict[str, Any]:
+    """``detector.json``, checked to be this format and version."""
+    folder = info_path.parent
+    try:
+        if info_path.is_file() and info_path.stat().st_size > MAX_INFO_BYTES:
+            raise ExportError(f"{info_path}: more than {MAX_INFO_BYTES} bytes, not a description")
+        if info_path.exists() and not info_path.is_file():
+            raise ExportError(f"{info_path}: not a regular file")
         info = json.loads(info_path.read_text())
     except FileNotFoundError:
         raise ExportError(
             f"{folder}: not an export folder (no {INFO_FILE}; write one with `jdsearch export`)"
         ) from None
+    except RecursionError:
+        raise ExportError(f"{info_path}: unreadable (nested too deeply)") from None
     except (OSError, ValueError) as e:
-        raise ExportError(f"{info_path}: unreadable ({e})") from None
+        reason = str(e).split(";")[0]
+        raise ExportError(f"{info_path}: unreadable ({reason})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise ExportError(
-            f"{info_path}: not a jdsearch detector description (format {info.get('format') if isinstance(info, dict) else None!r})"
-        )
+        fmt = info.get("format") if isinstance(info, dict) else None
+        raise ExportError(f"{info_path}: not a jdsearch detector description (format {shown(fmt)})")
     if info.get("version") != FORMAT_VERSION:
         raise ExportError(
-            f"{info_path}: format version {info.get('version')!r}, this jdsearch reads {FORMAT_VERSION}"
+            f"{info_path}: format version {shown(info.get('version'))}, this jdsearch reads {FORMAT_VERSION}"
         )
+    return info
+
+
+def _weights_path(folder: Path, entry: Any, info_path: Path) -> Path:
+    """The weights file ``entry["path"]`` names: a plain file name inside ``folder`` (no folder
+    part, no ``..``, not a link out of the folder) of a regular file."""
+    name = entry.get("path") if isinstance(entry, dict) else None
+    plain = isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+    if not plain or "\\" in name or "\0" in name:
+        raise ExportError(
+            f"{info_path}: files.weights.path {shown(name)} must be a file name inside the export "
+            f"folder (like {WEIGHTS_FILE!r})"
+        )
+    weights = folder / name
+    if not weights.exists():
+        raise ExportError(f"{folder}: the weights file named in {INFO_FILE} is missing ({name})")
+    if not weights.is_file() or weights.resolve().parent != folder.resolve():
+        raise ExportError(
+            f"{weights}: files.weights.path in {INFO_FILE} must name a regular file inside the "
+            "export folder"
+        )
+    return weights
+
+
+def _read_weights(weights: Path, expected: Any) -> bytes:
+    """The file's bytes, read in chunks while hashing, at most :data:`MAX_WEIGHTS_BYTES`; an
+    :class:`ExportError` when it is larger or its sha256 is not ``expected``."""
+    too_big = ExportError(
+        f"{weights}: more than {MAX_WEIGHTS_BYTES} bytes, too large for detector weights"
+    )
+    digest = hashlib.sha256()
+    data = bytearray()
     try:
-        entry = info["files"]["weights"]
-        weights = folder / entry["path"]
-        data = weights.read_bytes()
-        size = Resolution.parse(info["input_size"])
-        names = tuple(info["class_names"])
-        ids = tuple(int(c["id"]) for c in info["categories"])
-    except FileNotFoundError:
-        raise ExportError(f"{folder}: the weights file named in {INFO_FILE} is missing") from None
-    except (KeyError, TypeError, ValueError, JDSearchError) as e:
-        raise ExportError(f"{info_path}: malformed field ({type(e).__name__}: {e})") from None
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        if weights.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise too_big
+        with weights.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                data += chunk
+                digest.update(chunk)
+                if len(data) > MAX_WEIGHTS_BYTES:
+                    raise too_big
+    except OSError as e:
+        raise ExportError(f"{weights}: cannot read ({e.strerror or e})") from None
+    if digest.hexdigest() != expected:
         raise ExportError(f"{weights}: sha256 does not match {INFO_FILE} (replaced or damaged)")
-    ckpt = checkpoint_from_bytes(data, source=str(weights), device=device)
-    det = _with_input_size(ckpt.detector, size)
-    det.eval()
-    det.class_names = names  # type: ignore[attr-defined]  # plain attribute for users
-    return Exported(folder, det, size, names, ids, info)
+    return bytes(data)
+
+
+def _classes(
+    info: Mapping[str, Any], info_path: Path, k: int
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``class_names`` and the ids of ``categories``, checked: ``k`` names, and ``k``
+    categories with distinct integer ids whose names are the class names, in order."""
+    names = info.get("class_names")
+    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) for n in names):
+        raise ExportError(
+            f"{info_path}: class_names {shown(names)} must be a list of {k} names (the detector has "
+            f"{k} classes)"
+        )
+    cats = info.get("categories")
+    if not isinstance(cats, list) or len(cats) != k:
+        raise ExportError(
+            f"{info_path}: categories {shown(cats)} must be a list of {k} categories (the detector "
+            f"has {k} classes)"
+        )
+    ids: list[int] = []
+    for i, (cat, name) in enumerate(zip(cats, names, strict=True)):
+        cid = cat.get("id") if isinstance(cat, dict) else None
+        if not is_int(cid) or abs(cid) > INT_LIMIT or cid in ids:
+            what = "repeats an earlier id" if cid in ids else "is not an integer"
+            raise ExportError(f"{info_path}: categories[{i}].id {shown(cid)} {what}")
+        if cat.get("name", name) != name:
+            raise ExportError(
+                f"{info_path}: categories[{i}].name {shown(cat.get('name'))} is not "
+                f"class_names[{i}] {name!r}"
+            )
+        ids.append(cid)
+    return tuple(names), tuple(ids)
 
 
 def load_detector(path: str | Path, *, device: str | torch.device = "cpu") -> Detector:
