@@ -24,6 +24,7 @@ SCHEDULES = (COSINE, STEP)
 #: (``fixed``, conventional KD, paper fig. 4) or there is none (``off``: NAS + pruning alone).
 KD_MODES = ("dynamic", "fixed", "off")
 _POSITIVE = "must be a positive number"
+MAX_LR = 10.0  # the largest learning rate a spec may ask for
 # torch.device's accepted forms: a device type, optionally with an index.
 _DEVICE_RE = re.compile(r"(cpu|cuda|mps|xpu|xla|meta|hpu|mtia|privateuseone)(:\d+)?")
 
@@ -97,6 +98,8 @@ class TrainConfig:
 
     def _check_optimizer(self) -> None:
         check(self.lr > 0 and math.isfinite(self.lr), self, "lr", _POSITIVE)
+        # SGD on a detector diverges far below this; a larger value is a typo (1e6 for 1e-6).
+        check(self.lr <= MAX_LR, self, "lr", f"must be ≤ {MAX_LR:g} (detectors train at ~0.02)")
         check(0 <= self.momentum < 1, self, "momentum", "must lie in [0, 1)")
         check(self.weight_decay >= 0, self, "weight_decay", "must be ≥ 0")
         ok = self.grad_clip is None or self.grad_clip > 0

@@ -41,6 +41,7 @@ __all__ = [
     "StudySpec",
     "SynthSpec",
     "artifact_dir",
+    "check_storage_url",
     "load_study",
     "study_from_dict",
     "study_from_stored",
@@ -49,6 +50,8 @@ __all__ = [
 STUDIES_DIR = preset_dir("studies")  # the presets (top-level studies/, or the wheel's copy)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS = ("AP", "AP50", "AP75")
+#: The largest α and β of the score H (:class:`ScoreSpec`).
+MAX_EXPONENT = 10.0
 #: How the search picks each trial's parent: algorithm 1 (rank-weighted from the top-k), always
 #: the best pair, a random walk over every completed trial, or hill climbing whose students are
 #: sub-networks of the elastic teacher pool (the paper's "ETP search", appendix F).
@@ -127,8 +130,13 @@ class ScoreSpec:
     metric: str = "AP"  # which COCO metric is the "mAP" of H
 
     def __post_init__(self) -> None:
-        check(is_number(self.alpha) and self.alpha >= 0, self, "alpha", "must be ≥ 0")
-        check(is_number(self.beta) and self.beta >= 0, self, "beta", "must be ≥ 0")
+        # H raises the FLOPs and pixel ratios to these powers: beyond MAX_EXPONENT a ratio
+        # overflows a float (or underflows to 0, then divides by it), failing every trial.
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            check(is_number(value) and value >= 0, self, name, "must be ≥ 0")
+            why = f"must be ≤ {MAX_EXPONENT:g}, an exponent of H (the paper uses 0.4 and 0.8)"
+            check(value <= MAX_EXPONENT, self, name, why)
         check(self.metric in METRICS, self, "metric", f"must be one of {', '.join(METRICS)}")
 
 
@@ -148,6 +156,35 @@ def artifact_dir(value: str) -> str | None:
     if not directory:
         raise ValueError("'file:' needs a directory, e.g. file:./ckpt")
     return directory
+
+
+def check_storage_url(url: str) -> None:
+    """Check, from its text alone, that ``url`` is a database URL whose study outlives the
+    process: a study in an in-memory SQLite database (``sqlite://``, ``sqlite:///``,
+    ``:memory:``) is lost at exit. Whether SQLAlchemy knows its dialect and driver
+    (:func:`jdsearch.search.storage.check_dialect`), the driver is installed and the server
+    answers is checked when the search starts, before anything is trained.
+
+    Raises:
+        ValueError: the text is not a database URL, or names an in-memory database; saying
+            what is expected.
+    """
+    shape = re.fullmatch(r"([A-Za-z][A-Za-z0-9_]*)(\+[A-Za-z0-9_]+)?://(.*)", url, re.DOTALL)
+    if shape is None:
+        raise ValueError("expected a database URL such as sqlite:///runs/NAME.db")
+    if shape.group(1).lower() == "sqlite" and _in_memory(shape.group(3)):
+        raise ValueError(
+            "an in-memory SQLite database is lost when the search exits; "
+            "name a file, e.g. sqlite:///runs/NAME.db"
+        )
+
+
+def _in_memory(rest: str) -> bool:
+    """Whether what follows ``sqlite://`` names an in-memory database."""
+    path, _, query = rest.partition("?")
+    database = path[1:] if path.startswith("/") else path
+    memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    return memory or "mode=memory" in query.split("&")
 
 
 @dataclass(frozen=True)
@@ -186,9 +223,11 @@ class SearchSpec:
             artifact_dir(self.artifacts)
         except ValueError as e:
             check(False, self, "artifacts", str(e))
-        url = self.storage
-        ok = url is None or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.*", url) is not None
-        check(ok, self, "storage", "expected a database URL such as sqlite:///runs/NAME.db")
+        if self.storage is not None:
+            try:
+                check_storage_url(self.storage)
+            except ValueError as e:
+                check(False, self, "storage", str(e))
 
 
 @dataclass(frozen=True)
@@ -300,4 +339,26 @@ def load_study(path: str | Path) -> StudySpec:
     if not p.is_file():
         known = ", ".join(sorted(q.stem for q in STUDIES_DIR.glob("*.yaml")))
         raise SpecError(f"{path}: no such study spec file (presets: {known})")
-    return study_from_dict(read_yaml(p), source=str(p))
+    spec = study_from_dict(read_yaml(p), source=str(p))
+    _check_detectors(spec)
+    return spec
+
+
+def _check_detectors(spec: StudySpec) -> None:
+    """``base.detector`` and ``pool.detector`` name detector specs that load (a preset, or a file
+    relative to the working directory, where the search reads them). Checked for a spec file only:
+    a study's stored spec is read where those files may not be (export, report).
+
+    Raises:
+        SpecError: naming the study file, the field and the detector spec's own error.
+    """
+    from jdsearch.spec import load_spec
+
+    for name, value in (
+        ("base.detector", spec.base.detector),
+        ("pool.detector", spec.pool.detector),
+    ):
+        try:
+            load_spec(value)
+        except SpecError as e:
+            raise SpecError(f"{spec.source}: {name}: {e}") from None

@@ -32,23 +32,32 @@ class CheckReport:
         self.lines.append(line)
 
 
-def check_study(spec: StudySpec, *, steps: int = 4) -> CheckReport:
-    """Check ``spec``'s data, base detector and pool, and plan its search (nothing is trained).
+def check_study(spec: StudySpec, *, steps: int = 4, storage_url: str | None = None) -> CheckReport:
+    """Check ``spec``'s device, storage, data, base detector and pool, and plan its search
+    (nothing is trained; nothing is written).
 
     Args:
         spec: a loaded (hence validated) study.
         steps: training steps timed for the estimate (0: no estimate).
+        storage_url: the storage the search will use (default the spec's).
 
     Returns:
         The report: what was checked and the plan.
 
     Raises:
-        SpecError: missing data, base checkpoint or pool preset, or a pool space that does not fit.
+        SpecError: missing data, base checkpoint or pool preset, a pool space that does not fit,
+            a device that is not here, or a cache under ``runs/<name>/`` made by other settings.
         DataError: an invalid annotation file or image (named with the file and the record).
-        JDSearchError: a base checkpoint that does not fit the dataset.
+        JDSearchError: a base checkpoint that does not fit the dataset, a storage URL whose
+            driver is missing or whose server does not answer.
     """
+    from jdsearch.search.run import check_device
+
     report = CheckReport()
     report.add(f"study {spec.name} ({spec.source}): the spec is valid")
+    check_device(spec)
+    report.add(f"device: {spec.device}: available")
+    _check_storage(spec, storage_url, report)
     train_set = _check_data(spec, report)
     if train_set is None:
         return report  # synthetic data not generated yet: nothing more to measure on
@@ -60,8 +69,36 @@ def check_study(spec: StudySpec, *, steps: int = 4) -> CheckReport:
     return report
 
 
+def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport) -> None:
+    """The URL is one, its driver is installed and, for a server, it answers (a SQLite file is
+    not opened: that would create it)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from jdsearch.errors import JDSearchError
+    from jdsearch.search.run import storage_url_for
+    from jdsearch.search.storage import public_url, root_cause
+
+    url = storage_url_for(spec, storage_url)
+    if make_url(url).get_backend_name() == "sqlite":
+        report.add(f"storage: {public_url(url)} (a SQLite file)")
+        return
+    engine = create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # SQLAlchemy/driver errors: unreachable server, bad credentials
+        raise JDSearchError(
+            f"{public_url(url)}: cannot open the study's storage ({root_cause(e)})"
+        ) from None
+    finally:
+        engine.dispose()
+    report.add(f"storage: {public_url(url)}: reachable")
+
+
 def _check_data(spec: StudySpec, report: CheckReport) -> Any:
     from jdsearch.data import CocoDataset, validate
+    from jdsearch.search.run import check_cached_data
     from jdsearch.search.splits import heldout_split, selection_split
 
     d = spec.data.dir
@@ -72,6 +109,7 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
         s = spec.data.synth
         report.add(f"data: {d} will be generated ({s.images} synthetic images, seed {s.seed})")
         return None
+    check_cached_data(spec)  # synthetic data generated earlier by these data.synth settings
     for f in files:
         summary = validate(f, d / "images")
         report.add(
@@ -87,13 +125,13 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
 
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.errors import JDSearchError
-    from jdsearch.search.run import check_cached_base, new_base_detector, run_dir
+    from jdsearch.search.run import base_cache, check_cached_base, new_base_detector
     from jdsearch.store.checkpoint import load_checkpoint
 
     if spec.base.checkpoint is None:
-        cache = run_dir(spec) / "base.safetensors"
+        cache = base_cache(spec).path
         if cache.is_file():
-            check_cached_base(spec, cache)  # it started from the spec's backbone weights
+            check_cached_base(spec)  # these spec parts made it (detector, training, data…)
         detector, loaded = new_base_detector(spec, train_set.num_classes)
         report.add(
             f"base: {detector.spec.name} will be trained for {spec.base.train.epochs:g} epochs "
@@ -117,12 +155,19 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
 
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.pool import ElasticPool
+    from jdsearch.search.run import cached_pool_done, pool_cache
 
     pool = ElasticPool(spec.pool, train_set.num_classes)  # checks every member fits
     epochs = sum(p.epochs for p in spec.pool.phases)
+    cache = pool_cache(spec).path
+    if not cache.is_file():
+        cached = "unless the study holds one"
+    else:  # refused here if other settings made it
+        cached = "or taken from" if cached_pool_done(spec) else "or resumed from"
+        cached += f" {cache}"
     report.add(
         f"pool: {spec.pool.space.size()} sub-networks of {spec.pool.detector} fit the super-net; "
-        f"trained for {epochs:g} epochs over {len(spec.pool.phases)} phases unless cached"
+        f"trained for {epochs:g} epochs over {len(spec.pool.phases)} phases {cached}"
     )
     return pool
 

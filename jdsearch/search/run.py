@@ -10,22 +10,28 @@ re-queues it with the same parent and move.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 
 from jdsearch import synth
+from jdsearch.config import plain
 from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.flops import count_flops
 from jdsearch.models import Detector, build_detector
 from jdsearch.models.torchvision_body import load_backbone_weights
 from jdsearch.morph.pruning import BNSparsity
-from jdsearch.pool import PoolSpec, load_pool, pool_from_bytes, train_and_save_pool
+from jdsearch.pool import PoolSpec, pool_from_bytes, train_and_save_pool
 from jdsearch.search.objective import (
     Objective,
     SearchContext,
@@ -47,17 +53,23 @@ from jdsearch.search.record import (
 )
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.splits import selection_split
-from jdsearch.search.storage import storage_for
+from jdsearch.search.storage import (
+    check_dialect,
+    public_url,
+    root_cause,
+    storage_for,
+    with_driver,
+)
 from jdsearch.search.summary import print_trial
 from jdsearch.spec import load_spec
-from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
+from jdsearch.store.artifacts import SQLArtifactStore, check_artifact_id, make_artifact_store
 from jdsearch.store.checkpoint import (
     checkpoint_from_bytes,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from jdsearch.study import StudySpec, study_from_stored
-from jdsearch.train import train
+from jdsearch.study import STUDY_SET, StudySpec, check_storage_url, study_from_stored
+from jdsearch.train import TrainingDiverged, train
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +83,21 @@ def run_dir(spec: StudySpec) -> Path:
     return Path("runs") / spec.name
 
 
-def ensure_data(spec: StudySpec) -> tuple[CocoDataset, CocoDataset]:
+def ensure_data(spec: StudySpec, *, generate: bool = True) -> tuple[CocoDataset, CocoDataset]:
     """The study's train and val sets, generated from ``data.synth`` first when the files are
-    missing. Raises :class:`SpecError` when they are missing and there is no ``data.synth``."""
+    missing (unless ``generate`` is false). Raises :class:`SpecError` when they are missing and
+    there is no ``data.synth``."""
     d = spec.data.dir
     if not (d / "train.json").is_file() or not (d / "val.json").is_file():
-        if spec.data.synth is None:
+        if spec.data.synth is None or not generate:
             raise SpecError(
                 f"{spec.source}: data.dir {d} has no train.json/val.json and no data.synth to generate them"
             )
         s = spec.data.synth
         _say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
         synth.generate(d, images=s.images, seed=s.seed, size=s.size)
+        write_made_by(data_cache(spec), data_fields(spec))
+    check_cached_data(spec)
     return CocoDataset(d / "train.json", d / "images"), selection_split(spec)
 
 
@@ -94,15 +109,219 @@ def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> st
     return artifact_id
 
 
-def check_cached_base(spec: StudySpec, path: Path) -> None:
-    """A base trained earlier is reused only if it started from the spec's backbone weights."""
-    used = read_checkpoint_metadata(path).get("extra", {}).get("backbone_weights")
-    wanted = None if spec.base.backbone_weights is None else str(spec.base.backbone_weights)
-    if used != wanted:
-        raise SpecError(
-            f"{spec.source}: base.backbone_weights is {wanted}, but the base trained earlier, "
-            f"{path}, started from {used or 'random weights'}: delete it to train a new base"
-        )
+# ---------------------------------------------------------------------- caches under runs/<name>/
+# Each cache (the synthetic data, the base, the pool) is reused only if the spec parts that made
+# it are the spec's now: they are recorded, as dotted study fields, with their hash (the cache's
+# key) in a JSON file next to it, written when jdsearch makes it. A mismatch is one SpecError
+# naming the field, both values and what to delete. A cache without a record (an earlier
+# jdsearch, `jdsearch pool train`, a copy) is checked on what its own file records.
+MADE_BY = ".made-by.json"
+_NOT_MAKING = ("num_workers", "log_every", "history_points")  # train settings that change nothing
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A cached artifact, what it is called in messages and what deleting it leads to."""
+
+    path: Path
+    made: str  # "the base trained earlier, PATH, started from"
+    remedy: str  # "train a new base"
+
+    @property
+    def record(self) -> Path:
+        """The JSON file that records the spec parts that made it."""
+        if self.path.is_dir():
+            return self.path / MADE_BY.lstrip(".")
+        return self.path.with_name(self.path.name + MADE_BY)
+
+    def stamp(self) -> list[int]:
+        """What identifies this very file (size, mtime): a record of another file is stale."""
+        target = self.path / "train.json" if self.path.is_dir() else self.path
+        st = target.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    """The hash of the spec parts (dotted study fields → plain values) that made a cache."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_made_by(cache: Cache, fields: dict[str, Any]) -> None:
+    """Record ``fields`` (and their key) as what made ``cache``; atomically."""
+    doc = {"key": cache_key(fields), "stamp": cache.stamp(), "fields": fields}
+    tmp = cache.record.with_name(cache.record.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
+    tmp.replace(cache.record)
+
+
+def read_made_by(cache: Cache) -> dict[str, Any] | None:
+    """The recorded fields that made ``cache``; ``None`` when unrecorded, unreadable or stale."""
+    try:
+        doc = json.loads(cache.record.read_text())
+        fresh = doc["stamp"] == cache.stamp()
+        return doc["fields"] if fresh and isinstance(doc["fields"], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_cache(
+    spec: StudySpec, cache: Cache, wanted: dict[str, Any], made: dict[str, Any]
+) -> None:
+    """Refuse ``cache`` unless the fields that ``made`` it are the ones ``wanted`` now (only the
+    fields ``made`` knows are compared: an unrecorded cache tells only some)."""
+    if cache_key(made) == cache_key({k: wanted.get(k) for k in made}):
+        return
+    field = next(k for k in sorted(made) if made[k] != wanted.get(k))
+    now, then = wanted.get(field), made[field]
+    if then is None and field == "base.backbone_weights":
+        then = "random weights"
+    raise SpecError(
+        f"{spec.source}: {field} is {'unset' if now is None else now}, but {cache.made} "
+        f"{'unset' if then is None else then}: delete it to {cache.remedy}"
+    )
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """A nested mapping as dotted fields (``base.train`` → ``base.train.lr``, ``pool.phases`` →
+    ``pool.phases[1].lr``…); lists of plain values stay one field."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        items = {f"[{i}]": v for i, v in enumerate(value)}
+    elif isinstance(value, dict):
+        items = {f".{k}": v for k, v in value.items()}
+    else:
+        return {prefix: value}
+    return {k: v for key, sub in items.items() for k, v in _flat(prefix + key, sub).items()}
+
+
+def train_data_hash(spec: StudySpec) -> str:
+    """The hash of the training annotation file: which data a base or a pool was trained on."""
+    path = (spec.data.dir / "train.json").resolve()
+    st = path.stat()
+    return _file_hash(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per version of it (a COCO train.json is 0.5 GB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def data_cache(spec: StudySpec) -> Cache:
+    """The data folder as a cache of ``data.synth``."""
+    return Cache(
+        spec.data.dir, f"the data generated earlier in {spec.data.dir} had", "regenerate it"
+    )
+
+
+def data_fields(spec: StudySpec) -> dict[str, Any]:
+    """What makes the synthetic data: ``data.synth``."""
+    return _flat("data.synth", plain(spec.data.synth))
+
+
+def check_cached_data(spec: StudySpec) -> None:
+    """Synthetic data generated earlier is reused only if ``data.synth`` made it (data not
+    generated by jdsearch, or generated by an earlier one, is the user's: taken as it is)."""
+    cache = data_cache(spec)
+    made = read_made_by(cache) if spec.data.synth is not None else None
+    if made is not None:
+        check_cache(spec, cache, data_fields(spec), made)
+
+
+def base_cache(spec: StudySpec) -> Cache:
+    """``runs/<name>/base.safetensors``, the base detector a study trains itself."""
+    path = run_dir(spec) / "base.safetensors"
+    return Cache(path, f"the base trained earlier, {path}, started from", "train a new base")
+
+
+def base_fields(spec: StudySpec) -> dict[str, Any]:
+    """The spec parts that make a base the study trains: the detector (its name and its spec),
+    the initial weights, the training settings, the seed, BN sparsity and the training data."""
+    train = {k: v for k, v in plain(spec.base.train).items() if k not in _NOT_MAKING}
+    for key in STUDY_SET["exclude"]:
+        train.pop(key)
+    weights = spec.base.backbone_weights
+    return {
+        "base.detector": spec.base.detector,
+        "base.detector's spec": cache_key(load_spec(spec.base.detector).to_dict()),
+        "base.backbone_weights": None if weights is None else str(weights),
+        **_flat("base.train", train),
+        "search.seed": spec.search.seed,
+        "search.bn_sparsity": spec.search.bn_sparsity,
+        "amp": spec.amp,
+        "resolutions": [str(r) for r in spec.resolutions],
+        "data (train.json's hash)": train_data_hash(spec),
+    }
+
+
+def _base_made_by_metadata(path: Path) -> dict[str, Any]:
+    """What a base without a record tells of what made it: its initial weights and detector."""
+    meta = read_checkpoint_metadata(path)
+    stored = meta.get("spec") or {}
+    return {
+        "base.backbone_weights": meta.get("extra", {}).get("backbone_weights"),
+        "base.detector's name": stored.get("name"),
+    }
+
+
+def check_cached_base(spec: StudySpec) -> None:
+    """A base trained earlier is reused only if this spec's parts made it (:func:`base_fields`).
+
+    Raises:
+        SpecError: naming the first field that differs, both values, and the file to delete.
+    """
+    cache = base_cache(spec)
+    wanted = base_fields(spec)
+    made = read_made_by(cache)
+    if made is None:
+        wanted["base.detector's name"] = load_spec(spec.base.detector).name
+        made = _base_made_by_metadata(cache.path)
+    check_cache(spec, cache, wanted, made)
+
+
+def pool_cache(spec: StudySpec) -> Cache:
+    """``runs/<name>/pool.safetensors``, the elastic teacher pool."""
+    path = run_dir(spec) / "pool.safetensors"
+    return Cache(path, f"the pool trained earlier, {path}, was trained with", "train a new pool")
+
+
+def _pool_doc_fields(pool: Any) -> dict[str, Any]:
+    """A pool spec's to_dict form as dotted fields, less what changes nothing in its weights
+    (the BN recalibration of extracted teachers, logging)."""
+    fields = _flat("pool", {k: v for k, v in pool.items() if k != "recalibration_batches"})
+    return {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in _NOT_MAKING}
+
+
+def pool_fields(spec: StudySpec) -> dict[str, Any]:
+    """The spec parts that make the pool: the ``pool`` section and the training data."""
+    return {
+        **_pool_doc_fields(spec.pool.to_dict()),
+        "data (train.json's hash)": train_data_hash(spec),
+    }
+
+
+def _pool_metadata(path: Path) -> dict[str, Any]:
+    try:
+        doc = read_checkpoint_metadata(path).get("extra", {}).get("pool")
+    except JDSearchError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise SpecError(f"{path}: not a teacher pool: delete it to train the pool")
+    return doc
+
+
+def cached_pool_done(spec: StudySpec) -> bool:
+    """Whether the pool trained earlier can serve: it is refused (:class:`SpecError`) unless this
+    spec's parts made it; ``False`` when phases are left to train (resumed by the search)."""
+    cache = pool_cache(spec)
+    doc = _pool_metadata(cache.path)
+    made = read_made_by(cache) or _pool_doc_fields(doc["spec"])
+    check_cache(spec, cache, pool_fields(spec), made)
+    return len(doc.get("record") or []) >= len(spec.pool.phases)
 
 
 def new_base_detector(spec: StudySpec, num_classes: int) -> tuple[Detector, str | None]:
@@ -121,9 +340,12 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
         if not spec.base.checkpoint.is_file():
             raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
         return spec.base.checkpoint
-    path = run_dir(spec) / "base.safetensors"
+    cache = base_cache(spec)
+    path = cache.path
     if path.is_file():
-        check_cached_base(spec, path)
+        check_cached_base(spec)
+        if read_made_by(cache) is None:
+            _say(f"using {path}, trained by an earlier jdsearch that did not record its settings")
         return path
     detector, loaded = new_base_detector(spec, train_set.num_classes)
     extra: dict[str, Any] = {}
@@ -133,31 +355,51 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
     _say(f"training the base detector {detector.spec.name} ({spec.base.train.epochs:g} epochs) ...")
     config = spec.train_config(spec.base.train, spec.search.seed)
     terms = [BNSparsity(spec.search.bn_sparsity)] if spec.search.bn_sparsity > 0 else []
-    result = train(detector, train_set, config, loss_terms=terms, progress=progress)
+    try:
+        result = train(detector, train_set, config, loss_terms=terms, progress=progress)
+    except TrainingDiverged as e:  # the spec's settings (lr…) make it diverge: name them
+        raise SpecError(f"{spec.source}: base.train: {e}") from None
     _say(
         f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)"
     )
     extra["train"] = result.to_dict()
-    return save_checkpoint(path, detector, class_names=train_set.class_names, extra=extra)
+    save_checkpoint(
+        path,
+        detector,
+        class_names=train_set.class_names,
+        extra=extra,
+        category_ids=train_set.category_ids,
+    )
+    write_made_by(cache, base_fields(spec))
+    return path
 
 
 def _pool_file(
     spec: StudySpec, pool_spec: PoolSpec, train_set: CocoDataset, progress: bool
 ) -> Path:
-    path = run_dir(spec) / "pool.safetensors"
-    _say(f"training the elastic teacher pool (cache {path}) ...")
-    train_and_save_pool(pool_spec, train_set, path, device=spec.device, progress=progress)
-    return path
+    cache = pool_cache(spec)
+    _say(f"training the elastic teacher pool (cache {cache.path}) ...")
+    train_and_save_pool(pool_spec, train_set, cache.path, device=spec.device, progress=progress)
+    write_made_by(cache, pool_fields(spec))
+    return cache.path
 
 
 def prepare(
-    spec: StudySpec, storage_url: str | None = None, *, progress: bool = True
+    spec: StudySpec,
+    storage_url: str | None = None,
+    *,
+    progress: bool = True,
+    stored: bool = False,
 ) -> tuple[optuna.Study, SearchContext]:
     """Open (or create) the study and make sure its storage holds what every worker needs.
 
     Its phases: open the study with the hill-climbing sampler, record the spec and the dataset's
     category ids, upload the base detector and the pool (trained here when the storage has
     neither), then load both back from the storage.
+
+    ``stored``: ``spec`` was read from the study itself (``noise``, ``finetune``), so anyone who
+    can write the database wrote it: nothing is generated, trained or uploaded from the paths it
+    names; the study must already hold its base and pool, and the dataset must be here.
 
     Returns:
         The study and the :class:`SearchContext` its trials share.
@@ -166,18 +408,77 @@ def prepare(
         SpecError: the data, base checkpoint or pool the spec names are missing.
         JDSearchError: the base detector does not fit the dataset, or the storage fails.
     """
-    storage = storage_for(spec, storage_url)  # first: it creates a SQLite file's folder
-    store = make_artifact_store(spec.search.artifacts, storage_url or spec.storage_url)
+    check_device(spec)
+    storage, url = open_storage(spec, storage_url)  # first: it creates a SQLite file's folder
+    store = make_artifact_store(spec.search.artifacts, url)
     if isinstance(store, SQLArtifactStore):
-        # Uploads of workers killed mid-write, older than a day: nobody will finish them.
-        store.purge_incomplete(older_than_s=24 * 3600.0)
-    train_set, val_set = ensure_data(spec)
+        # Uploads of workers killed mid-write, older than an hour: nobody will finish them
+        # (`jdsearch gc` removes the rest of what no study reads).
+        store.purge_incomplete(older_than_s=3600.0)
+    train_set, val_set = ensure_data(spec, generate=not stored)
     holder: dict[str, SearchContext] = {}
     study = _open(spec, storage, lambda parent: holder["ctx"].feasible(parent))
+    if stored:
+        _require_assets(study)
     _record_spec(study, spec, train_set)
     _upload_assets(study, store, spec, train_set, progress)
     holder["ctx"] = _load_assets(study, store, spec, train_set, val_set, progress)
     return study, holder["ctx"]
+
+
+def check_device(spec: StudySpec) -> None:
+    """The spec's ``device`` exists here (a CUDA device needs a GPU that torch sees).
+
+    Raises:
+        SpecError: naming the study file, ``device`` and what torch said.
+    """
+    import torch
+
+    try:
+        dev = torch.device(spec.device)
+        count = torch.cuda.device_count() if dev.type == "cuda" else 0
+        if dev.type == "cuda" and (dev.index or 0) >= count:
+            raise RuntimeError(f"torch sees {count} CUDA device(s) here")
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA" is an assert
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SpecError(f"{spec.source}: device: {spec.device!r} is not usable ({why})") from None
+
+
+def storage_url_for(spec: StudySpec, storage_url: str | None = None) -> str:
+    """The URL the search opens: ``storage_url`` (checked as the spec's ``search.storage`` is at
+    load) or the spec's, with an installed driver (``postgresql://`` names none).
+
+    Raises:
+        JDSearchError: a URL that is not one, an in-memory database, a driver not installed.
+    """
+    url = storage_url or spec.storage_url
+    try:
+        if storage_url is not None:
+            check_storage_url(storage_url)
+        check_dialect(url)
+    except ValueError as e:
+        where = f"storage {public_url(url)}" if storage_url else f"{spec.source}: search.storage"
+        raise JDSearchError(f"{where}: {e}") from None
+    return with_driver(url)
+
+
+def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[RDBStorage, str]:
+    """The study's storage, and the URL it was opened with (:func:`storage_url_for`).
+
+    Raises:
+        JDSearchError: a bad URL, or a database that cannot be opened (unreachable, refused,
+            not writable), with the driver's reason, password masked.
+    """
+    url = storage_url_for(spec, storage_url)
+    try:
+        return storage_for(spec, url), url
+    except JDSearchError:
+        raise
+    except Exception as e:  # SQLAlchemy/driver errors: unreachable server, bad credentials
+        raise JDSearchError(
+            f"{public_url(url)}: cannot open the study's storage ({root_cause(e)})"
+        ) from None
 
 
 def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
@@ -225,6 +526,29 @@ def _record_spec(study: optuna.Study, spec: StudySpec, train_set: CocoDataset) -
         set_study_system_attr(study, CATEGORIES_SYSATTR, categories)
 
 
+def _require_assets(study: optuna.Study) -> None:
+    """A study opened with its own stored spec must hold its base and pool already."""
+    for key, what in ((BASE_ATTR, "base detector"), (POOL_ATTR, "teacher pool")):
+        if key not in study.user_attrs:
+            raise JDSearchError(
+                f"study {study.study_name!r} holds no {what} yet; run `jdsearch search SPEC` "
+                "(which trains and uploads it) before this command"
+            )
+
+
+def _read_study_artifact(store: Any, study: optuna.Study, key: str) -> bytes:
+    """The study-level artifact its user attr ``key`` names, in one line if it is missing."""
+    what = f"study {study.study_name!r}: {key}"
+    artifact_id = check_artifact_id(study.user_attrs[key], what)
+    try:
+        with store.open_reader(artifact_id) as reader:
+            return reader.read()
+    except ArtifactNotFound:
+        raise JDSearchError(
+            f"{what} {artifact_id} is missing from the study's artifact store"
+        ) from None
+
+
 def _upload_assets(
     study: optuna.Study, store: Any, spec: StudySpec, train_set: CocoDataset, progress: bool
 ) -> None:
@@ -232,9 +556,9 @@ def _upload_assets(
     if BASE_ATTR not in study.user_attrs:
         _study_artifact(study, store, BASE_ATTR, _base_checkpoint(spec, train_set, progress))
     if POOL_ATTR not in study.user_attrs:
-        cache = run_dir(spec) / "pool.safetensors"
-        matches = cache.is_file() and _pool_matches(cache, spec.pool)
-        path = cache if matches else _pool_file(spec, spec.pool, train_set, progress)
+        cache = pool_cache(spec).path
+        done = cache.is_file() and cached_pool_done(spec)
+        path = cache if done else _pool_file(spec, spec.pool, train_set, progress)
         _study_artifact(study, store, POOL_ATTR, path)
 
 
@@ -248,11 +572,11 @@ def _load_assets(
 ) -> SearchContext:
     """The pool and base detector as the storage holds them (what every worker sees)."""
     base_id = study.user_attrs[BASE_ATTR]
-    with store.open_reader(study.user_attrs[POOL_ATTR]) as reader:
-        pool = pool_from_bytes(reader.read(), source=f"study {spec.name}: pool", device=spec.device)
-    with store.open_reader(base_id) as reader:
-        source = f"study {spec.name}: base"
-        base = checkpoint_from_bytes(reader.read(), source=source, device=spec.device)
+    pool_bytes = _read_study_artifact(store, study, POOL_ATTR)
+    pool = pool_from_bytes(pool_bytes, source=f"study {spec.name}: pool", device=spec.device)
+    source = f"study {spec.name}: base"
+    base_bytes = _read_study_artifact(store, study, BASE_ATTR)
+    base = checkpoint_from_bytes(base_bytes, source=source, device=spec.device)
     if base.num_classes != train_set.num_classes:
         raise JDSearchError(
             f"base detector has {base.num_classes - 1} classes, "
@@ -281,13 +605,6 @@ def _same_spec(stored: Any, spec: StudySpec) -> bool:
         return False
 
 
-def _pool_matches(path: Path, pool_spec: PoolSpec) -> bool:
-    try:
-        return load_pool(path).spec.same_architecture(pool_spec)
-    except JDSearchError:
-        return False
-
-
 def run_search(
     spec: StudySpec,
     storage_url: str | None = None,
@@ -312,18 +629,46 @@ def run_search(
         JDSearchError: the base detector does not fit the dataset, or the storage fails. A trial
             that fails (a user error inside it) is recorded FAIL and the search goes on.
     """
+    if n_trials is not None and n_trials < 1:
+        raise JDSearchError(f"n_trials must be ≥ 1, got {n_trials}")
     study, ctx = prepare(spec, storage_url, progress=progress)
     n = n_trials if n_trials is not None else spec.search.n_trials
-    _say(
-        f"searching: study {spec.name!r} on {storage_url or spec.storage_url}, {n} trials in this worker"
-    )
+    shown = public_url(storage_url or spec.storage_url)
+    _say(f"searching: study {spec.name!r} on {shown}, {n} trials in this worker")
     started = time.perf_counter()
+    outcomes = _Outcomes(Objective(ctx))
     study.optimize(
-        Objective(ctx),
+        outcomes,
         n_trials=n,
         catch=(JDSearchError,),
-        callbacks=[print_trial],
+        callbacks=[print_trial, outcomes.finished],
         gc_after_trial=True,
     )
     _say(f"done in {time.perf_counter() - started:.0f} s")
+    if outcomes.completed == 0:
+        raise JDSearchError(
+            f"study {spec.name}: none of the {n} trials of this worker completed; "
+            f"the first failed: {outcomes.failure or 'no reason recorded'}"
+        )
     return study
+
+
+class _Outcomes:
+    """The objective, counting this worker's completed trials and keeping the first failure."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.completed = 0
+        self.failure: str | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self.objective(trial)
+        except JDSearchError as e:
+            self.failure = self.failure or str(e)
+            raise
+
+    def finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """An ``optimize`` callback: count a completed trial."""
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            self.completed += 1
