@@ -79,7 +79,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from jdsearch.spec import load_spec
     from jdsearch.store.checkpoint import load_checkpoint
 
-    if args.spec.endswith(".safetensors"):
+    if _model_file(args.spec, export=False).suffix == ".safetensors":
         detector = load_checkpoint(args.spec).detector
         spec = detector.spec
         size = Resolution.parse(args.size) if args.size else spec.input.size
@@ -130,7 +130,9 @@ def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:
     if args.init:
         if args.backbone_weights:
             raise JDSearchError("--backbone-weights initialises a new detector; not with --init")
-        detector = load_checkpoint(args.init).detector
+        init = load_checkpoint(args.init)
+        _match_checkpoint(train_set, init)
+        detector = init.detector
         spec = detector.spec
     else:
         spec = load_spec(args.spec)
@@ -148,8 +150,19 @@ def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:
     return detector, spec
 
 
-def _train_terms(args: argparse.Namespace, detector: Any) -> list[Any]:
-    """BN sparsity (``--bn-sparsity``) and distillation (``--teacher``) loss terms."""
+def _match_checkpoint(dataset: Any, ckpt: Any) -> tuple[int, ...]:
+    """The dataset's category id of each class of checkpoint ``ckpt``, matched by the ids and
+    names it records; a :class:`~jdsearch.errors.DataError` line when they differ."""
+    from jdsearch.evaluate import match_categories
+
+    return match_categories(
+        dataset, ckpt.num_classes, ckpt.foreground_names, ckpt.category_ids, source=ckpt.source
+    )
+
+
+def _train_terms(args: argparse.Namespace, detector: Any, train_set: Any) -> list[Any]:
+    """BN sparsity (``--bn-sparsity``) and distillation (``--teacher``, whose classes must be the
+    training set's) loss terms."""
     from jdsearch.store.checkpoint import load_checkpoint
 
     terms: list[Any] = []
@@ -161,10 +174,27 @@ def _train_terms(args: argparse.Namespace, detector: Any) -> list[Any]:
         from jdsearch.distill import make_distiller
         from jdsearch.settings import KDConfig
 
-        teacher = load_checkpoint(args.teacher, device=args.device).detector
+        teacher_ckpt = load_checkpoint(args.teacher, device=args.device)
+        _match_checkpoint(train_set, teacher_ckpt)
+        teacher = teacher_ckpt.detector
         terms.append(make_distiller(detector, teacher, KDConfig(), seed=args.seed))
         print(f"distilling from {args.teacher} ({teacher.arch.encode()[:60]}...)")
     return terms
+
+
+def _val_split(data_dir: Path, train_set: Any) -> Any:
+    """``val.json``, checked to hold the training set's categories (ids and names)."""
+    from jdsearch.evaluate import match_categories
+
+    val_set = open_split(data_dir, "val")
+    match_categories(
+        val_set,
+        train_set.num_classes,
+        train_set.class_names,
+        train_set.category_ids,
+        source=str(train_set.ann_file),
+    )
+    return val_set
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -178,6 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data_dir = ensure_data(args.data)
     train_set = open_split(data_dir, "train")
+    val_set = None if args.no_eval else _val_split(data_dir, train_set)  # before training
     detector, spec = _train_target(args, train_set)
     resolutions = _sizes(args.resolutions) or spec.input.resolutions
     config = TrainConfig(
@@ -193,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
         num_workers=args.workers,
     )
-    terms = _train_terms(args, detector)
+    terms = _train_terms(args, detector, train_set)
     print(f"training {spec.name} on {data_dir} ({len(train_set)} images), {config.epochs} epochs")
     result = train(detector, train_set, config, loss_terms=terms, progress=not args.quiet)
     losses = ", ".join(f"{k}={v:.3f}" for k, v in result.final_losses.items())
@@ -204,14 +235,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"train": result.to_dict(), "data": str(data_dir)}
     if args.backbone_weights:
         extra["backbone_weights"] = str(args.backbone_weights)
-    names = train_set.class_names
-    out = save_checkpoint(args.out, detector, class_names=names, extra=extra)  # before eval
+    classes = {"class_names": train_set.class_names, "category_ids": train_set.category_ids}
+    out = save_checkpoint(args.out, detector, extra=extra, **classes)  # before eval
     print(f"saved {out}")
-    if not args.no_eval:
-        metrics = evaluate(detector, open_split(data_dir, "val"), resolutions, device=args.device)
+    if val_set is not None:
+        metrics = evaluate(
+            detector, val_set, resolutions, device=args.device, category_ids=train_set.category_ids
+        )
         _print_metrics(metrics)
         extra["eval"] = {k: v.to_dict() for k, v in metrics.items()}
-        save_checkpoint(args.out, detector, class_names=names, extra=extra)
+        save_checkpoint(args.out, detector, extra=extra, **classes)
     print(_describe(detector, spec.input.size.hw))
     return 0
 
@@ -260,7 +293,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             f"as classes 1..{len(result.kept_ids)}"
         )
     out = save_checkpoint(
-        args.out, result.detector, class_names=names, extra={"import": result.record()}
+        args.out,
+        result.detector,
+        class_names=names,
+        extra={"import": result.record()},
+        category_ids=result.kept_ids or None,
     )
     print(f"saved {out}")
     print(_describe(result.detector, result.spec.input.size.hw))
@@ -275,9 +312,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
     dataset = open_split(ensure_data(args.data), args.split)
+    ids = _match_checkpoint(dataset, ckpt)
     sizes = _sizes(args.sizes) or ckpt.spec.input.resolutions
     metrics = evaluate(
-        ckpt.detector, dataset, sizes, device=args.device, batch_size=args.batch_size
+        ckpt.detector,
+        dataset,
+        sizes,
+        device=args.device,
+        batch_size=args.batch_size,
+        category_ids=ids,
     )
     _print_metrics(metrics)
     if args.json:
@@ -306,23 +349,27 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     print(f"child  {_describe(child, size)}")
     extra = dict(ckpt.extra)
     extra["lineage"] = [*extra.get("lineage", []), args.action]
-    out = save_checkpoint(args.out, child, class_names=ckpt.class_names, extra=extra)
+    out = save_checkpoint(
+        args.out, child, class_names=ckpt.class_names, extra=extra, category_ids=ckpt.category_ids
+    )
     print(f"saved {out}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``jdsearch search``: add trials to the study spec's search and print the study summary;
-    returns 0."""
+    returns 0 (a search in which none of this worker's trials completed raises instead)."""
     from jdsearch.search.run import run_search
     from jdsearch.search.summary import summary
     from jdsearch.study import load_study
 
+    if args.n_trials is not None and args.n_trials < 1:
+        raise JDSearchError(f"--n-trials must be ≥ 1, got {args.n_trials}")
     spec = load_study(args.study)
     if args.check:
         from jdsearch.search.check import check_study
 
-        print("\n".join(check_study(spec).lines))
+        print("\n".join(check_study(spec, storage_url=args.storage).lines))
         print("ok: nothing was trained")
         return 0
     study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
@@ -430,6 +477,18 @@ def _image_files(items: Sequence[str]) -> list[Path]:
     return files
 
 
+def _match_export(dataset: Any, exported: Any) -> None:
+    """Refuse an annotation file whose categories are not the export's (by id, or by name when
+    the export's ids were only assumed), which would make its AP silently wrong."""
+    from jdsearch.evaluate import match_categories
+    from jdsearch.store.export import ASSUMED_IDS
+
+    assumed = exported.info.get("categories_source") == ASSUMED_IDS
+    ids = None if assumed else exported.category_ids
+    k = len(exported.class_names) + 1
+    match_categories(dataset, k, exported.class_names, ids, source=str(exported.path))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``jdsearch predict``: write an exported detector's detections on images as JSON; with
     ``--ann``, only on the images it lists, and print their AP. Returns 0; :class:`JDSearchError`
@@ -449,6 +508,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from jdsearch.data import CocoDataset
 
         gt = CocoDataset(args.ann, files[0].parent)
+        _match_export(gt, exported)
         image_ids = {
             Path(gt.image_record(i).file_name).name: gt.image_record(i).id for i in range(len(gt))
         }
@@ -482,10 +542,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``latency`` and ``flops`` read, by file name suffix ("" is a preset's name).
+_SPEC_SUFFIXES = ("", ".yaml", ".yml")
+_MODEL_FILES = "a detector spec (.yaml/.yml or a preset name) or a checkpoint (.safetensors)"
+
+
+def _model_file(target: str, *, export: bool) -> Path:
+    """``target`` as a path, refused unless it is a kind of file the command reads (a torchvision
+    ``.pt`` file, say, is converted with ``jdsearch import`` first)."""
+    p = Path(target)
+    if export and (p.is_dir() or p.name == "detector.json"):
+        return p
+    if p.suffix.lower() in (*_SPEC_SUFFIXES, ".safetensors") and not p.is_dir():
+        return p
+    what = _MODEL_FILES + (", or an export folder" if export else "")
+    raise JDSearchError(
+        f"{target}: not {what}; convert a torchvision .pt/.pth file with `jdsearch import`"
+    )
+
+
 def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any]:
     """(label, detector on the CPU, default size) of an export folder, a checkpoint, or a
     spec/preset; :func:`jdsearch.latency.measure_latencies` moves it to the device."""
-    p = Path(target)
+    p = _model_file(target, export=True)
     if p.is_dir() or p.name == "detector.json":
         from jdsearch.store.export import load_exported
 
@@ -585,7 +664,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
 
     url = _storage(args)
     handle = open_study(url, args.study)
-    study, ctx = prepare(handle.spec, url, progress=False)
+    study, ctx = prepare(handle.spec, url, progress=False, stored=True)
     floor = measure_noise(study, ctx, args.trial, seeds=args.seeds)
     print(
         f"trial {floor.trial}: recorded H {floor.recorded_h:.4f}, AP {100 * floor.recorded_ap:.1f}"
@@ -607,7 +686,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     url = _storage(args)
     handle = open_study(url, args.study)
-    study, ctx = prepare(handle.spec, url, progress=not args.quiet)
+    study, ctx = prepare(handle.spec, url, progress=not args.quiet, stored=True)
     child = finetune(study, ctx, args.trial, epochs=args.epochs, lr=args.lr)
     parent = next(t for t in study.get_trials() if t.number == TrialRecord.from_trial(child).parent)
     before, after = summary_cells(parent), summary_cells(child)
@@ -691,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_report,
         _add_noise,
         _add_finetune,
+        _add_gc,
     ):
         add(sub)
     return p
@@ -929,6 +1009,41 @@ def _add_finetune(sub: Any) -> None:
     ft.add_argument("--lr", type=float, default=None, help="peak lr (default: the fast eval's)")
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(func=cmd_finetune)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``jdsearch gc``: remove the artifacts no study of a storage reads again (partial uploads,
+    failed trials' checkpoints, unreferenced uploads), printing each; returns 0."""
+    from jdsearch.search.gc import collect, describe, summary
+    from jdsearch.search.queries import open_storage
+    from jdsearch.search.storage import with_driver
+
+    if not args.older_than >= 0:
+        raise JDSearchError(f"--older-than must be a number of seconds ≥ 0, got {args.older_than}")
+    url = with_driver(args.storage)
+    storage, _ = open_storage(url)
+    removed = collect(storage, url, older_than_s=args.older_than, dry_run=args.dry_run)
+    for r in removed:
+        print(describe(r, args.dry_run))
+    print(summary(removed, args.dry_run))
+    return 0
+
+
+def _add_gc(sub: Any) -> None:
+    g = sub.add_parser(
+        "gc",
+        help="remove artifacts no study reads again: partial uploads, failed trials' checkpoints",
+    )
+    g.add_argument("--storage", required=True, help="the studies' storage URL")
+    g.add_argument(
+        "--older-than",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="only what is older than S seconds (default 3600; 0 only when no worker runs)",
+    )
+    g.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+    g.set_defaults(func=cmd_gc)
 
 
 def _add_report(sub: Any) -> None:

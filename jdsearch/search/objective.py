@@ -13,7 +13,9 @@ weighted by β. A trial's value is the best H over the study's resolutions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -27,12 +29,14 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from optuna.artifacts import upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
 from jdsearch.data import CocoDataset
 from jdsearch.distill import make_distiller
-from jdsearch.errors import JDSearchError
+from jdsearch.errors import CheckpointError, JDSearchError
 from jdsearch.evaluate import CocoMetrics, evaluate
 from jdsearch.flops import FlopsReport, count_flops, count_spec_flops
 from jdsearch.models import Detector
@@ -41,16 +45,19 @@ from jdsearch.morph.actions import MorphConfig, all_actions, evolve_with_report,
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
 from jdsearch.resolution import Resolution
-from jdsearch.search.optuna_internals import set_trial_system_attr
+from jdsearch.search.optuna_internals import set_study_system_attr, set_trial_system_attr
 from jdsearch.search.record import (
     BASE_MOVE,
+    FAIL_REASON_ATTR,
     FINETUNE_ATTRS,
     FINETUNE_MOVE,
     MOVE_PARAM,
     PARENT_ATTR,
+    SET_ASIDE_PREFIX,
     WORKER_SYSATTR,
     TrialRecord,
 )
+from jdsearch.store.artifacts import check_artifact_id
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.study import StudySpec
 from jdsearch.train import train
@@ -145,7 +152,7 @@ class SearchContext:
     def download(self, artifact_id: str, source: str) -> Checkpoint:
         """The checkpoint stored as artifact ``artifact_id``, loaded on the study's device;
         ``source`` names it in errors (:class:`CheckpointError` if it is damaged)."""
-        with self.store.open_reader(artifact_id) as reader:
+        with self.store.open_reader(check_artifact_id(artifact_id, source)) as reader:
             data = reader.read()
         return checkpoint_from_bytes(data, source=source, device=self.spec.device)
 
@@ -159,7 +166,11 @@ class SearchContext:
         """Store ``detector``'s checkpoint (with ``extra``) as an artifact of ``trial`` (a trial or
         the study) under the file name ``name``; returns the artifact id."""
         data = checkpoint_to_bytes(
-            detector, class_names=self.train_set.class_names, extra=dict(extra), source=name
+            detector,
+            class_names=self.train_set.class_names,
+            extra=dict(extra),
+            source=name,
+            category_ids=self.train_set.category_ids,
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
@@ -276,9 +287,27 @@ class Objective:
         set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
         parent = trial.user_attrs.get(PARENT_ATTR)
-        pair = self.load_pair(trial.study, trial.number, move, parent)
-        trained = self.train_pair(pair, self.seed_of(trial.number))
-        score = self.score(trial.number, pair.student)
+        try:
+            return self._run(trial, move, parent)
+        except JDSearchError as e:  # why it failed, where `optuna trials` and the dashboard show
+            with contextlib.suppress(Exception):  # never hide the error behind a storage one
+                trial.set_user_attr(FAIL_REASON_ATTR, str(e))
+            raise
+
+    def _run(self, trial: optuna.Trial, move: str, parent: int | None) -> float:
+        oom: str | None = None
+        try:
+            pair, trained, score = self._evaluate(trial.study, trial.number, move, parent)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            oom = _first_line(e)  # leave the handler first: its traceback holds the tensors
+        if oom is not None:
+            free_memory()  # the failed step's frames went with its traceback, its tensors too
+            raise TrialFailed(
+                f"trial {trial.number} ({move} from {parent}): out of memory on "
+                f"{self.ctx.spec.device} ({oom}); the trial fails, the worker goes on"
+            )
         self.record(trial, move, parent, pair, trained, score)
         log.info(
             "trial %d (%s from %s): H %.4f at %s",
@@ -289,6 +318,14 @@ class Objective:
             score.best_resolution,
         )
         return score.value
+
+    def _evaluate(
+        self, study: optuna.Study, number: int, move: str, parent: int | None
+    ) -> tuple[_Pair, _Trained, _Score]:
+        """Load, move, train and score trial ``number``'s pair (nothing is recorded yet)."""
+        pair = self.load_pair(study, number, move, parent)
+        trained = self.train_pair(pair, self.seed_of(number))
+        return pair, trained, self.score(number, pair.student)
 
     def seed_of(self, number: int) -> int:
         """The training seed of trial ``number``: the study's seed and the trial number."""
@@ -318,7 +355,7 @@ class Objective:
             return _Pair(student, teacher, {}, time.perf_counter() - t0, subnet)
         if parent.checkpoint is None:
             raise TrialFailed(f"trial {number}: parent {parent_no} has no checkpoint")
-        student = ctx.download(parent.checkpoint, f"trial {parent_no}").detector
+        student = self._parent_student(study, number, int(parent_no), parent.checkpoint)
         if move == FINETUNE_MOVE:
             epochs, lr = _finetune_request(_trial(study, number))
             return _Pair(student, teacher, {}, time.perf_counter() - t0, subnet, (epochs, lr))
@@ -330,6 +367,37 @@ class Objective:
             morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
             subnet = None  # an evolved pool student is no longer the pool's sub-network
         return _Pair(student, teacher, morph, time.perf_counter() - t0, subnet)
+
+    def _parent_student(
+        self, study: optuna.Study, number: int, parent_no: int, artifact_id: str
+    ) -> Detector:
+        """The parent's student from its checkpoint. An unreadable one (missing, failing its
+        sha256, not a checkpoint) sets the parent aside for good (:func:`set_aside`) and fails
+        this trial, naming the artifact."""
+        try:
+            return self.ctx.download(artifact_id, f"trial {parent_no}").detector
+        except (CheckpointError, ArtifactNotFound) as e:
+            reason = _first_line(e)
+        set_aside(study, parent_no, artifact_id, reason)
+        raise TrialFailed(
+            f"trial {number}: the checkpoint of its parent, trial {parent_no} (artifact "
+            f"{artifact_id}), is unreadable ({reason}); trial {parent_no} is never a parent again"
+        )
+
+    def _upload_student(
+        self, trial: optuna.Trial, student: Detector, lineage: Mapping[str, Any]
+    ) -> str:
+        """Upload the trained student; a store that fails (I/O, a database down past the retry
+        window) fails this trial only."""
+        try:
+            return self.ctx.upload(trial, student, lineage, f"trial-{trial.number}.safetensors")
+        except JDSearchError:
+            raise
+        except Exception as e:
+            raise TrialFailed(
+                f"trial {trial.number}: uploading its checkpoint failed "
+                f"({type(e).__name__}: {_first_line(e)}); the trial fails, the worker goes on"
+            ) from e
 
     def _moved_teacher(self, number: int, move: str, teacher: SubnetConfig | None) -> SubnetConfig:
         if teacher is None:
@@ -423,7 +491,7 @@ class Objective:
             "move": move,
             "teacher": "" if pair.teacher is None else str(pair.teacher),
         }
-        artifact_id = ctx.upload(trial, student, lineage, f"trial-{trial.number}.safetensors")
+        artifact_id = self._upload_student(trial, student, lineage)
         upload_s = time.perf_counter() - t3
         timings = {
             "train_s": trained.train_s,
@@ -459,6 +527,35 @@ class Objective:
         for key, value in system.items():  # machine-facing: hidden from `optuna trials`
             set_trial_system_attr(trial, key, value)
         return record
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocator's out-of-memory error (CUDA, MPS or the CPU's)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text
+    )
+
+
+def free_memory() -> None:
+    """Give back what a failed trial held: Python's cycles, then the accelerator's cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def set_aside(study: optuna.Study, number: int, artifact_id: str, reason: str) -> None:
+    """Record that trial ``number``'s checkpoint is unreadable: the sampler never picks it as a
+    parent again (one study system attr per trial, so concurrent workers never race)."""
+    log.warning("trial %d's checkpoint %s is unreadable: %s", number, artifact_id, reason)
+    value = {"artifact": artifact_id, "reason": reason, "worker": worker_id()}
+    set_study_system_attr(study, f"{SET_ASIDE_PREFIX}{number}", value)
 
 
 def _finetune_request(trial: FrozenTrial) -> tuple[float, float | None]:

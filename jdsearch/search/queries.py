@@ -24,8 +24,8 @@ from jdsearch.search.record import (
     TrialRecord,
     is_complete,
 )
-from jdsearch.search.storage import public_url, root_cause
-from jdsearch.store.artifacts import make_artifact_store
+from jdsearch.search.storage import public_url, root_cause, with_driver
+from jdsearch.store.artifacts import check_artifact_id, make_artifact_store
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
 from jdsearch.study import StudySpec, study_from_stored
 
@@ -109,6 +109,7 @@ class StudyHandle:
         return None if stored is None else [(int(i), str(n)) for i, n in stored]
 
     def _read(self, artifact_id: str, what: str) -> bytes:
+        check_artifact_id(artifact_id, f"study {self.study.study_name!r}: the {what}")
         try:
             with self.store.open_reader(artifact_id) as reader:
                 return reader.read()
@@ -136,6 +137,29 @@ class StudyHandle:
         return self._read(self.study.user_attrs[key], key)
 
 
+def open_storage(url: str) -> tuple[RDBStorage, list[optuna.study.StudySummary]]:
+    """An existing Optuna storage (never created here) and its studies' summaries.
+
+    Raises:
+        JDSearchError: a missing SQLite file, or an unreachable or non-Optuna database (the
+            driver's reason, password masked).
+    """
+    url = with_driver(url)
+    shown = public_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise JDSearchError(f"{shown}: no such database file {path}")
+    try:
+        storage = RDBStorage(url, skip_table_creation=True)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception as e:  # SQLAlchemy/driver errors: unreachable server, not an Optuna database
+        raise JDSearchError(
+            f"{shown}: cannot read an Optuna study database ({root_cause(e)})"
+        ) from None
+    return storage, summaries
+
+
 def open_study(url: str, name: str | None = None) -> StudyHandle:
     """Open an existing jdsearch study for reading (export, report); never creates anything.
 
@@ -150,18 +174,9 @@ def open_study(url: str, name: str | None = None) -> StudyHandle:
         JDSearchError: a missing SQLite file, an unreachable or non-Optuna database (the driver's
             reason, password masked), no or several studies, or a study not made by jdsearch.
     """
+    url = with_driver(url)
     shown = public_url(url)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise JDSearchError(f"{shown}: no such database file {path}")
-    try:
-        storage = RDBStorage(url, skip_table_creation=True)
-        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    except Exception as e:  # SQLAlchemy/driver errors: unreachable server, not an Optuna database
-        raise JDSearchError(
-            f"{shown}: cannot read an Optuna study database ({root_cause(e)})"
-        ) from None
+    storage, summaries = open_storage(url)
     names = sorted(s.study_name for s in summaries)
     if name is None:
         if len(names) != 1:

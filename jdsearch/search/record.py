@@ -21,6 +21,7 @@ __all__ = [
     "BASE_MOVE",
     "BASE_RESOLUTION_ATTR",
     "CATEGORIES_SYSATTR",
+    "FAIL_REASON_ATTR",
     "FINETUNE_ATTRS",
     "FINETUNE_MOVE",
     "KD_MODE_ATTR",
@@ -29,6 +30,7 @@ __all__ = [
     "NOISE_ATTR",
     "PARENT_ATTR",
     "POOL_ATTR",
+    "SET_ASIDE_PREFIX",
     "SPEC_FILE_ATTR",
     "SPEC_SYSATTR",
     "STRATEGY_ATTR",
@@ -37,6 +39,7 @@ __all__ = [
     "TrialRecord",
     "decision_attrs",
     "is_complete",
+    "set_aside_trials",
 ]
 
 # -- the trial parameter and what the sampler records when it decides
@@ -50,6 +53,7 @@ FINETUNE_MOVE = "finetune"  # a post-search fine-tuning of its parent's pair (jd
 FINETUNE_ATTRS = ("finetune_epochs", "finetune_lr", "finetune_request")
 
 # -- what the objective records (user attributes: what `optuna trials` and the dashboard show)
+FAIL_REASON_ATTR = "fail_reason"  # a failed trial: the one-line error that failed it
 _CHECKPOINT = "checkpoint"  # artifact id of the trial's student checkpoint
 _STUDENT = "student"  # appendix-B encoding of the student
 _STUDENT_SUBNET = "student_subnet"  # SubnetConfig string of a student cut from the pool ("pool")
@@ -83,11 +87,23 @@ KD_MODE_ATTR = "kd_mode"  # kd.mode: dynamic, fixed or off
 NOISE_ATTR = "noise_floor"  # a trial re-run with other seeds (jdsearch.search.noise)
 SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too long to print)
 CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
+# + a trial number: that trial's checkpoint was found unreadable ({artifact, reason, worker})
+SET_ASIDE_PREFIX = "jdsearch:unreadable:"
 
 
 def decision_attrs(parent: int | None, kind: str) -> dict[str, Any]:
     """The user attributes that record the sampler's choice of parent and kind of move."""
     return {PARENT_ATTR: parent, KIND_ATTR: kind}
+
+
+def set_aside_trials(study_system_attrs: Mapping[str, Any]) -> frozenset[int]:
+    """Trials whose checkpoints were found unreadable, from the study's system attrs: never a
+    parent again."""
+    return frozenset(
+        int(k.removeprefix(SET_ASIDE_PREFIX))
+        for k in study_system_attrs
+        if k.startswith(SET_ASIDE_PREFIX) and k.removeprefix(SET_ASIDE_PREFIX).isdigit()
+    )
 
 
 def is_complete(t: FrozenTrial) -> bool:

@@ -17,13 +17,18 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.search.optuna_internals import keep_alive, set_running_user_attr
+from jdsearch.search.optuna_internals import (
+    keep_alive,
+    set_running_user_attr,
+    study_system_attrs,
+)
 from jdsearch.search.record import (
     BASE_MOVE,
     FINETUNE_MOVE,
     MOVE_PARAM,
     PARENT_ATTR,
     decision_attrs,
+    set_aside_trials,
 )
 from jdsearch.study import STRATEGIES
 
@@ -188,8 +193,10 @@ class HillClimbingSampler(BaseSampler):
                 if t.params.get(MOVE_PARAM) != FINETUNE_MOVE
             ]
             others = [t for t in trials if t.number != trial.number]
-            if top_k(others, 1):
-                return self.choose(others, trial.number)
+            # A trial whose checkpoint was found unreadable is never a parent again.
+            aside = set_aside_trials(study_system_attrs(study))
+            if top_k([t for t in others if t.number not in aside], 1):
+                return self.choose(others, trial.number, aside)
             # The root is (being) taken by a running base trial, or by a lower-numbered trial
             # that is still choosing its move: two workers starting together must not both take
             # it. A base trial re-queued after its worker died (WAITING) does not count: every
@@ -215,12 +222,16 @@ class HillClimbingSampler(BaseSampler):
             # trial runs the root would otherwise leave every other worker waiting here.
             keep_alive(study, trial)
 
-    def choose(self, trials: Sequence[FrozenTrial], number: int) -> Decision:
-        """The step of the sampler's strategy over the other trials, for trial ``number``."""
+    def choose(
+        self, trials: Sequence[FrozenTrial], number: int, aside: frozenset[int] = frozenset()
+    ) -> Decision:
+        """The step of the sampler's strategy over the other trials, for trial ``number``; the
+        trials in ``aside`` (unreadable checkpoints) are never the parent."""
         rng = np.random.default_rng([self.seed, number])
+        parents = [t for t in trials if t.number not in aside]
         if self.strategy == RANDOM:
-            return self._random_step(trials, rng)
-        ranked = top_k(trials, 1 if self.strategy == GREEDY else self.k)
+            return self._random_step(parents, rng)
+        ranked = top_k(parents, 1 if self.strategy == GREEDY else self.k)
         assert ranked, "choose() needs at least one COMPLETE trial"
         frozen = student_iterations(trials) < self.freeze_student
         weights = np.arange(len(ranked), 0, -1, dtype=float)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
+from jdsearch.store.reconnect import with_reconnect
 from jdsearch.study import StudySpec
 
 
@@ -17,7 +23,7 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     hb = spec.search.heartbeat_s
-    return RDBStorage(
+    return ResilientRDBStorage(
         url,
         heartbeat_interval=hb,
         grace_period=2 * hb,
@@ -26,6 +32,30 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
         ),
         engine_kwargs={"pool_pre_ping": True},
     )
+
+
+def check_dialect(url: str) -> None:
+    """Check that SQLAlchemy knows ``url``'s dialect and driver (the text itself was checked at
+    load, :func:`jdsearch.study.check_storage_url`).
+
+    Raises:
+        ValueError: an unknown dialect or driver, saying what is expected.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError("expected a database URL such as sqlite:///runs/NAME.db") from None
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        hint = " (SQLAlchemy spells it postgresql)" if parsed.drivername == "postgres" else ""
+        raise ValueError(
+            f"unknown database dialect or driver {parsed.drivername!r}{hint}; "
+            "expected e.g. sqlite:///runs/NAME.db or postgresql://USER@HOST/DB"
+        ) from None
 
 
 def public_url(url: str) -> str:
@@ -44,3 +74,108 @@ def root_cause(e: BaseException) -> str:
         e = e.__cause__ or e.orig  # type: ignore[attr-defined]
     text = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {re.sub(r'://[^@/ ]*@', '://***@', text)}"
+
+
+#: The drivers tried, in order, for a PostgreSQL URL that names none (``postgresql://``):
+#: psycopg2 first, which the ``postgresql`` and ``dev`` extras install and through which the
+#: artifact store moves chunks by binary COPY; then psycopg 3, SQLAlchemy 2.1's own default.
+PG_DRIVERS = ("psycopg2", "psycopg")
+
+
+def with_driver(url: str) -> str:
+    """``url`` with an installed PostgreSQL driver when it names none (``postgresql://…`` →
+    ``postgresql+psycopg2://…``), else as it is; call it on every URL before opening it.
+
+    Raises:
+        JDSearchError: the URL's database driver is not installed (saying how to install it).
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    from jdsearch.errors import JDSearchError
+
+    if url.startswith("postgresql://"):
+        found = [d for d in PG_DRIVERS if importlib.util.find_spec(d) is not None]
+        url = url.replace("postgresql://", f"postgresql+{(found or PG_DRIVERS)[0]}://", 1)
+    parsed = make_url(url)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as e:
+        pg = parsed.get_backend_name() == "postgresql"
+        hint = ": pip install 'jdsearch[postgresql]'" if pg else ""
+        raise JDSearchError(
+            f"{public_url(url)}: its database driver is not installed ({e}){hint}"
+        ) from None
+    return url
+
+
+# Every RDBStorage call a worker makes during a search. Not retried: schema upgrades and the
+# version queries (run once, by hand), and remove_session (no database round trip).
+_RETRIED = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+)
+
+
+class ResilientRDBStorage(RDBStorage):
+    """An ``RDBStorage`` whose calls ride out a database that is briefly unreachable (a
+    PostgreSQL restart): a call that fails with a connection error is retried, on a fresh
+    connection, for up to ``JDSEARCH_DB_RETRY_S`` seconds (default 300) instead of failing the
+    trial or the worker (:func:`jdsearch.store.reconnect.with_reconnect`). Errors that are not
+    about the connection propagate at once.
+
+    A write whose commit reached the server just before the connection dropped is sent again;
+    for ``tell`` (:meth:`set_trial_state_values`) that is recognised and not an error.
+    """
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Optuna's, retried; a retry that finds the trial already in ``state`` (the first
+        attempt's commit did arrive) returns ``True`` instead of raising."""
+        attempts = [0]
+
+        def call() -> bool:
+            attempts[0] += 1
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except UpdateFinishedTrialError:
+                if attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                    return True
+                raise
+
+        return with_reconnect(call, f"storage: set_trial_state_values({trial_id})")
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    @functools.wraps(getattr(RDBStorage, name))
+    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(RDBStorage, name)  # looked up per call: what RDBStorage has now
+        return with_reconnect(lambda: method(self, *args, **kwargs), f"storage: {name}")
+
+    return call
+
+
+for _name in _RETRIED:
+    setattr(ResilientRDBStorage, _name, _retrying(_name))

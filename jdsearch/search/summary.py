@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 
 from jdsearch.search.queries import best_of, lineage, root_of
-from jdsearch.search.record import KD_MODE_ATTR, STRATEGY_ATTR, TrialRecord
+from jdsearch.search.record import FAIL_REASON_ATTR, KD_MODE_ATTR, STRATEGY_ATTR, TrialRecord
 
 
 def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -13,7 +13,9 @@ def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     r = TrialRecord.from_trial(trial)
     move = str(r.move)
     if trial.state != optuna.trial.TrialState.COMPLETE:
-        print(f"trial {trial.number:3d}  {move:<20} {trial.state.name}", flush=True)
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR)
+        why = f": {reason}" if reason else ""
+        print(f"trial {trial.number:3d}  {move:<20} {trial.state.name}{why}", flush=True)
         return
     c = summary_cells(trial)
     parent = "-" if r.parent is None else r.parent

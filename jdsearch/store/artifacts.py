@@ -5,6 +5,7 @@ several workers. Design notes: ``docs/storage.md``, "The study's artifact store"
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -26,6 +27,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from jdsearch.errors import CheckpointError, JDSearchError, SpecError
+from jdsearch.store.reconnect import with_reconnect
 from jdsearch.study import artifact_dir
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ArtifactInfo",
     "ArtifactIntegrityError",
     "SQLArtifactStore",
+    "check_artifact_id",
     "make_artifact_store",
 ]
 
@@ -84,6 +87,21 @@ def _check_id(artifact_id: str) -> None:
         )
 
 
+_READ_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def check_artifact_id(artifact_id: Any, what: str) -> str:
+    """``artifact_id`` as read from a study attr, if it is a plain name (what optuna's uploads
+    make: a uuid4), so that no store takes it for a path; else one-line :class:`CheckpointError`
+    naming ``what`` it was read for."""
+    if isinstance(artifact_id, str) and _READ_ID_RE.fullmatch(artifact_id):
+        return artifact_id
+    raise CheckpointError(
+        f"{what}: artifact id {str(artifact_id)[:80]!r} is not a plain name (letters, digits, "
+        "'.', '_', '-'; not starting with '.'); the study's record is damaged or was tampered with"
+    )
+
+
 def _read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
     """Yield exactly ``chunk_size`` bytes per chunk (the last may be shorter, never empty)."""
     while True:
@@ -102,6 +120,11 @@ def _read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
         yield parts[0] if len(parts) == 1 else b"".join(parts)
         if have < chunk_size:
             return
+
+
+def _info(row: Any) -> ArtifactInfo:
+    """The :class:`ArtifactInfo` of a header row."""
+    return ArtifactInfo(**{f.name: getattr(row, f.name) for f in dataclasses.fields(ArtifactInfo)})
 
 
 class SQLArtifactStore:
@@ -249,7 +272,20 @@ class SQLArtifactStore:
 
     # ------------------------------------------------------------ transactions
     def _transaction(self, body: Callable[[Connection], _T]) -> _T:
-        """Run ``body`` in one transaction, retrying the whole of it on lock contention."""
+        """Run ``body`` in one transaction, retrying the whole of it on lock contention, and
+        while the database is unreachable (:func:`~jdsearch.store.reconnect.with_reconnect`)."""
+        return with_reconnect(lambda: self._contended(body), f"artifact store {self._url_text()}")
+
+    def _read(self, body: Callable[[Connection], _T]) -> _T:
+        """Run ``body`` on a connection, retried while the database is unreachable."""
+
+        def once() -> _T:
+            with self.engine.connect() as conn:
+                return body(conn)
+
+        return with_reconnect(once, f"artifact store {self._url_text()}")
+
+    def _contended(self, body: Callable[[Connection], _T]) -> _T:
         delay = 0.05
         for attempt in range(self._max_retries):
             try:
@@ -272,18 +308,7 @@ class SQLArtifactStore:
             .order_by(h.completed_at.desc(), h.blob_id.desc())
             .limit(1)
         ).first()
-        if row is None:
-            return None
-        return ArtifactInfo(
-            artifact_id=row.artifact_id,
-            blob_id=row.blob_id,
-            size=row.size,
-            sha256=row.sha256,
-            n_chunks=row.n_chunks,
-            chunk_size=row.chunk_size,
-            created_at=row.created_at,
-            completed_at=row.completed_at,
-        )
+        return None if row is None else _info(row)
 
     def _delete_where(self, conn: Connection, condition: sa.ColumnElement[bool]) -> int:
         """Delete the versions whose header matches ``condition``, chunks first; the count.
@@ -404,8 +429,7 @@ class SQLArtifactStore:
     def stat(self, artifact_id: str) -> ArtifactInfo:
         """The header of a complete artifact; :class:`ArtifactNotFound` if absent."""
         _check_id(artifact_id)
-        with self.engine.connect() as conn:
-            info = self._complete_header(conn, artifact_id)
+        info = self._read(lambda conn: self._complete_header(conn, artifact_id))
         if info is None:
             raise ArtifactNotFound(f"artifact {artifact_id!r} not found in {self.headers.name}")
         return info
@@ -422,11 +446,30 @@ class SQLArtifactStore:
     def list_ids(self) -> list[str]:
         """Ids of all complete artifacts, sorted."""
         h = self.headers.c
-        with self.engine.connect() as conn:
-            ids = conn.scalars(
-                sa.select(h.artifact_id).where(h.complete.is_(True)).distinct()
-            ).all()
-        return sorted(ids)
+        query = sa.select(h.artifact_id).where(h.complete.is_(True)).distinct()
+        return sorted(self._read(lambda conn: conn.scalars(query).all()))
+
+    def complete(self) -> list[ArtifactInfo]:
+        """The headers of every complete artifact version, by artifact id."""
+        h = self.headers.c
+        query = sa.select(self.headers).where(h.complete.is_(True)).order_by(h.artifact_id)
+        rows = self._read(lambda conn: conn.execute(query).all())
+        return [_info(r) for r in rows]
+
+    def list_incomplete(self, older_than_s: float = 24 * 3600.0) -> list[tuple[str, int]]:
+        """``(artifact id, bytes written so far)`` of the uploads that :meth:`purge_incomplete`
+        would delete."""
+        h, c = self.headers.c, self.chunks.c
+        written = sa.func.coalesce(sa.func.sum(sa.func.length(c.data)), 0)
+        query = (
+            sa.select(h.artifact_id, written)
+            .select_from(self.headers.outerjoin(self.chunks, c.blob_id == h.blob_id))
+            .where(h.complete.is_(False), h.created_at <= time.time() - older_than_s)
+            .group_by(h.blob_id, h.artifact_id)
+            .order_by(h.artifact_id)
+        )
+        rows = self._read(lambda conn: conn.execute(query).all())
+        return [(str(a), int(n)) for a, n in rows]
 
     def purge_incomplete(self, older_than_s: float = 24 * 3600.0) -> int:
         """Delete uploads left incomplete (a killed writer) for longer than ``older_than_s``.
@@ -449,10 +492,10 @@ class SQLArtifactStore:
     # --------------------------------------------------------- reader support
     def _fetch_chunk(self, blob_id: str, seq: int) -> bytes | memoryview | None:
         c = self.chunks.c
-        with self.engine.connect() as conn:
-            if self._pg_copy:
-                return _pg_copy_out(conn, self._chunks_sql(), blob_id, seq)
-            return conn.scalar(sa.select(c.data).where(c.blob_id == blob_id, c.seq == seq))
+        if self._pg_copy:
+            return self._read(lambda conn: _pg_copy_out(conn, self._chunks_sql(), blob_id, seq))
+        query = sa.select(c.data).where(c.blob_id == blob_id, c.seq == seq)
+        return self._read(lambda conn: conn.scalar(query))
 
 
 # ------------------------------------------------------- PostgreSQL binary COPY
