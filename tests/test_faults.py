@@ -142,6 +142,34 @@ def test_the_storage_retries_a_dropped_write_and_a_tell_that_did_arrive(
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
+def test_every_storage_call_a_study_makes_is_retried() -> None:
+    """Optuna's ``_CachedStorage`` (what every Study wraps an RDBStorage in) calls some private
+    methods of its backend; each call that reaches the database must be one the resilient
+    storage retries, now and after an optuna upgrade."""
+    import inspect
+    import re
+
+    from optuna.storages import _CachedStorage
+
+    from jdsearch.search.storage import NOT_RETRIED
+
+    called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
+    public = {
+        n for n in vars(RDBStorage) if not n.startswith("_") and callable(getattr(RDBStorage, n))
+    }
+    database = {"create_new_study", "get_trial", "_get_trials", "record_heartbeat"}
+    assert database <= called | public  # the scan sees what it should
+    unretried = [
+        name
+        for name in sorted(called | public)
+        if name not in NOT_RETRIED
+        and name not in ("upgrade", "get_current_version", "get_head_version", "get_all_versions")
+        and name not in ("check_table_schema_compatibility",)
+        and getattr(ResilientRDBStorage, name) is getattr(RDBStorage, name)
+    ]
+    assert unretried == []
+
+
 # ------------------------------------------------------------------ a real PostgreSQL restart
 def _cluster() -> list[str]:
     """``pg_ctlcluster VERSION main`` for the local server, or skip/fail when it can't be run."""

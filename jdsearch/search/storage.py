@@ -23,14 +23,18 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     hb = spec.search.heartbeat_s
-    return ResilientRDBStorage(
-        url,
-        heartbeat_interval=hb,
-        grace_period=2 * hb,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-            max_retry=spec.search.max_retry
+    # A worker (re)started while the database restarts waits for it, as running workers do.
+    return with_reconnect(
+        lambda: ResilientRDBStorage(
+            url,
+            heartbeat_interval=hb,
+            grace_period=2 * hb,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                max_retry=spec.search.max_retry
+            ),
+            engine_kwargs={"pool_pre_ping": True},
         ),
-        engine_kwargs={"pool_pre_ping": True},
+        "storage: opening",
     )
 
 
@@ -137,7 +141,14 @@ _RETRIED = (
     "get_best_trial",
     "record_heartbeat",
     "_get_stale_trial_ids",
+    # what optuna's _CachedStorage (every Study's wrapper of an RDBStorage) calls directly
+    "_create_new_trial",
+    "_get_best_trial_id",
+    "_get_trials",
+    "_set_trial_param",
 )
+# The RDBStorage calls that only read settings, never the database.
+NOT_RETRIED = ("get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session")
 
 
 class ResilientRDBStorage(RDBStorage):
