@@ -437,23 +437,25 @@ def check_study(run: Run, name: str) -> dict[str, Any]:
     }
 
 
-def killed_trials_retried(trials: list[FrozenTrial]) -> tuple[int, int]:
-    """``(killed trials, those retried with the same parent and move, ending COMPLETE)``; a retry
-    that was itself killed counts through its own retry."""
+def killed_trials_retried(trials: list[FrozenTrial]) -> tuple[int, int, int]:
+    """``(killed trials, those retried with the same parent and move, those whose retry ended
+    COMPLETE)``; a retry that was itself killed counts through its own retry, and one that
+    failed for another reason (one of the bench's own faults) is retried but not COMPLETE."""
     retry_of = retries(trials)
     killed = [t for t in trials if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs]
-    ok = 0
+    same = done = 0
     for t in killed:
         retry = retry_of.get(t.number)
         while retry is not None and retry.state == TrialState.FAIL and retry.number in retry_of:
             retry = retry_of[retry.number]
-        ok += bool(
+        if (
             retry is not None
-            and retry.state == TrialState.COMPLETE
             and retry.params.get("move") == t.params.get("move")
             and retry.user_attrs.get("parent") == t.user_attrs.get("parent")
-        )
-    return len(killed), ok
+        ):
+            same += 1
+            done += retry.state == TrialState.COMPLETE
+    return len(killed), same, done
 
 
 def orphans(storage: str, dry_run: bool) -> int:
@@ -497,11 +499,11 @@ def recovery_times(workdir: Path, trials: list[FrozenTrial]) -> list[tuple[str, 
         label = e["kind"] + (f" (trial {e['trial']})" if "trial" in e else "")
         redone = ""
         retry = retry_of.get(e.get("trial")) if e["kind"] == "kill" else None
-        while retry is not None and retry.state == TrialState.FAIL:  # killed again: its retry
-            retry = retry_of.get(retry.number)
+        while retry is not None and retry.number in retry_of:  # killed again: its retry
+            retry = retry_of[retry.number]
         if retry is not None and retry.datetime_complete is not None:
-            redone = f"retried as trial {retry.number}, COMPLETE after "
-            redone += f"{retry.datetime_complete.timestamp() - e['t']:.1f} s"
+            end = retry.datetime_complete.timestamp() - e["t"]
+            redone = f"retried as trial {retry.number}, {retry.state.name} after {end:.1f} s"
         out.append((label, float("nan") if nxt is None else nxt - e["t"], redone))
     return out
 
@@ -533,7 +535,7 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
         for k in ("kill", "pg_restart", "upload", "nan", "oom")
     }
     gap, who = idle_gaps(verdict["trials"])
-    killed, killed_ok = verdict["killed_ok"]
+    killed, killed_ok, killed_done = verdict["killed_ok"]
     rows = [
         ("storage", "PostgreSQL" if run.storage.startswith("postgresql") else "SQLite"),
         ("workers / target trials", f"{args.workers} / {args.trials}"),
@@ -545,7 +547,8 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
         ("trials COMPLETE", verdict["complete"]),
         ("trials FAIL", verdict["failed"]),
         ("trials retried (re-queued after a kill)", verdict["retried"]),
-        ("killed trials retried, same parent+move, COMPLETE", f"{killed_ok} of {killed}"),
+        ("killed trials retried with the same parent+move", f"{killed_ok} of {killed}"),
+        ("  ... whose retry is COMPLETE (else: another fault)", f"{killed_done} of {killed}"),
         ("trials lost", len(verdict["lost"])),
         ("unreadable checkpoints of COMPLETE trials", len(verdict["unreadable"])),
         ("orphaned artifacts before gc", before),
