@@ -11,6 +11,7 @@ sizes); ``--only tiny`` takes ~2 min.
 
     python bench/kd_overhead.py                 # tiny preset at its size, r18-fpn at 512x320
     python bench/kd_overhead.py --size 1333x800 --device cuda --steps 30
+    python bench/kd_overhead.py --only tiny --steps 2 --json kd.json   # also write the rows
 
 Pairs: each student with a same-architecture teacher (pure KD machinery + one extra forward) and
 with the R50-style teacher the paper uses for it (tiny-r50-fpn / r50-fpn).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -146,6 +148,7 @@ def main() -> None:
         help="torch CPU threads (1 gives steadier timings on a shared CPU)",
     )
     ap.add_argument("--only", choices=["tiny", "r18"], default=None)
+    ap.add_argument("--json", metavar="FILE", help="also write the measured rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -175,9 +178,22 @@ def main() -> None:
     header += f"{'teacher fwd ms':>16}{'excess':>8}"
     print(header)
     print("-" * len(header))
+    rows = []
     for student, teacher, res in pairs:
         t = measure(student, teacher, res, args)
         excess = (t["kd"] - t["plain"] - t["teacher"]) / t["plain"]
+        rows.append(
+            {
+                "student": student,
+                "teacher": teacher,
+                "size": str(res),
+                "plain_ms": t["plain"] * 1e3,
+                "kd_ms": t["kd"] * 1e3,
+                "teacher_ms": t["teacher"] * 1e3,
+                "ratio": t["kd"] / t["plain"],
+                "excess": excess,
+            }
+        )
         print(
             f"{student:<14}{teacher:<14}{res!s:>9}{t['plain'] * 1e3:>10.1f}{t['kd'] * 1e3:>9.1f}"
             f"{t['kd'] / t['plain']:>6.2f}x{t['teacher'] * 1e3:>16.1f}{excess:>+7.0%}"
@@ -186,6 +202,10 @@ def main() -> None:
         "ratio = KD step / plain step; excess = (KD − plain − teacher forward) / plain: the adapter,"
         " the KD losses and their backward"
     )
+    if args.json:
+        doc = {"device": where, "batch": args.batch, "steps": args.steps, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ Random images (with a few random boxes each) are resized by the detector's own t
 
 r18-fpn at 1333x800 on a CPU takes seconds per image: keep ``--iters`` small there.
 
+``--amp-compare`` trains each preset twice, in float32 and with AMP (float16 autocast +
+``GradScaler``, CUDA only: on a CPU the AMP rows are left out), and prints images/s, the AMP
+speed-up and, on CUDA, the peak memory (``torch.cuda.max_memory_allocated``) of each; ``--json
+FILE`` also writes every measured row (``bench/gpu_check.sh`` reads it):
+
+    python bench/train_throughput.py --size 1333x800 --presets r18-fpn r50-fpn --device cuda \
+        --iters 10 --warmup 3 --amp-compare --json throughput.json
+
 ``--contend`` measures, for each preset, images/s with 1 thread, 2 threads and torch's default,
 each with OpenMP's default wait policy and with ``OMP_WAIT_POLICY=PASSIVE``, alone and next to
 one competing busy process. Every cell runs in a fresh process (the wait policy is read when
@@ -21,6 +29,7 @@ OpenMP starts); cells are interleaved so that drifting load hits every row alike
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -60,10 +69,20 @@ class RandomBoxes(Dataset[tuple[torch.Tensor, dict[str, Any]]]):
         return image, {"boxes": boxes, "labels": labels, "image_id": i}
 
 
-def measure(preset: str, size: Resolution, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    preset: str, size: Resolution, args: argparse.Namespace, amp: bool | None = None
+) -> dict[str, Any]:
+    """Images/s of ``preset`` training at ``size`` (``amp``: default ``args.amp``); on CUDA also
+    the peak memory allocated over its warm-up and timed iterations."""
+    amp = args.amp if amp is None else amp
     spec = load_spec(preset)
     torch.manual_seed(0)
     det = build_detector(spec, 6)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:  # the previous measurement's memory is gone before this one's peak is tracked
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(args.device)
     params = sum(p.numel() for p in det.parameters())
     # Images come in already at the target size: the transform's resize is then ~free, as
     # with a data pipeline that pre-scales; the timing is the network's.
@@ -74,7 +93,7 @@ def measure(preset: str, size: Resolution, args: argparse.Namespace) -> dict[str
         warmup_iters=0,
         device=args.device,
         resolutions=(size,),
-        amp=args.amp,
+        amp=amp,
         seed=0,
     )
     if args.warmup:
@@ -82,15 +101,64 @@ def measure(preset: str, size: Resolution, args: argparse.Namespace) -> dict[str
     start = time.perf_counter()
     result = train(det, data, TrainConfig(max_iters=args.iters, **common))  # type: ignore[arg-type]
     wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(args.device) if cuda else None
     return {
         "preset": preset,
+        "amp": amp,
         "params_m": params / 1e6,
         "images": result.images,
         "seconds": result.seconds,
         "wall": wall,
         "img_s": result.images_per_s,
         "loss": sum(result.final_losses.values()),
+        "peak_mib": None if peak is None else peak / 2**20,
     }
+
+
+def amp_compare(size: Resolution, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The --amp-compare table: each preset in float32 and (on CUDA) with AMP."""
+    cuda = torch.device(args.device).type == "cuda"
+    rows = []
+    for preset in args.presets:
+        rows.append(measure(preset, size, args, amp=False))
+        if cuda:
+            rows.append(measure(preset, size, args, amp=True))
+    print(
+        f"{'preset':<16} {'precision':<9} {'images':>6} {'seconds':>8} {'img/s':>8} "
+        f"{'loss':>7} {'peak MiB':>9} {'AMP/fp32':>8}"
+    )
+    fp32 = {r["preset"]: r["img_s"] for r in rows if not r["amp"]}
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        gain = f"{r['img_s'] / fp32[r['preset']]:.2f}x" if r["amp"] else ""
+        print(
+            f"{r['preset']:<16} {'AMP' if r['amp'] else 'fp32':<9} {r['images']:>6d} "
+            f"{r['seconds']:>8.2f} {r['img_s']:>8.2f} {r['loss']:>7.3f} {peak:>9} {gain:>8}"
+        )
+    if not cuda:
+        print("(AMP needs CUDA: float32 only on this device)")
+    return rows
+
+
+def write_json(path: str, size: Resolution, args: argparse.Namespace, rows: list[Any]) -> None:
+    """The measured rows and the settings they were measured with, as JSON."""
+    doc = {
+        "size": str(size),
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "device": args.device,
+        "device_name": (
+            torch.cuda.get_device_name(args.device)
+            if torch.device(args.device).type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 #: (label, thread count or None for torch's default, OMP_WAIT_POLICY or None) of --contend.
@@ -160,6 +228,12 @@ def main() -> None:
     ap.add_argument(
         "--contend", action="store_true", help="threads × wait policy × one busy process"
     )
+    ap.add_argument(
+        "--amp-compare",
+        action="store_true",
+        help="each preset in float32 and with AMP (CUDA), with peak memory on CUDA",
+    )
+    ap.add_argument("--json", metavar="FILE", help="also write the measured rows here")
     ap.add_argument("--cell", metavar="PRESET", help=argparse.SUPPRESS)  # one --contend cell
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -178,7 +252,14 @@ def main() -> None:
         f"(+{args.warmup} warm-up), device {args.device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
+    if args.amp_compare:
+        rows = amp_compare(size, args)
+        if args.json:
+            write_json(args.json, size, args, rows)
+        return
     rows = [measure(p, size, args) for p in args.presets]
+    if args.json:
+        write_json(args.json, size, args, rows)
     print(f"{'preset':<16} {'params(M)':>9} {'images':>6} {'seconds':>8} {'img/s':>8} {'loss':>7}")
     for r in rows:
         print(
