@@ -17,14 +17,16 @@ import contextlib
 import dataclasses
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from jdsearch.data import (
     ResolutionSampler,
@@ -34,13 +36,16 @@ from jdsearch.data import (
     targets_to,
     using_resolution,
 )
-from jdsearch.errors import DataError, JDSearchError, SpecError
+from jdsearch.errors import CheckpointError, DataError, JDSearchError, SpecError
 from jdsearch.resolution import Resolution
 from jdsearch.settings import COSINE, TrainConfig
+from jdsearch.store.trainstate import TrainState, flatten, unflatten
 
 __all__ = [
+    "StateHook",
     "StepInfo",
     "TrainResult",
+    "TrainState",
     "TrainingDiverged",
     "lr_factor",
     "train",
@@ -110,17 +115,96 @@ LossTerm = nn.Module
 Callback = Callable[[StepInfo], None]
 
 
-def _cycle(loader: Any) -> Iterator[tuple[int, Any]]:
-    """Endless ``(epoch, batch)``; each pass reshuffles with the loader's own seeded generator."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield epoch, batch
-        if empty:
-            raise DataError("training dataset yielded no batch")
-        epoch += 1
+@dataclass(frozen=True)
+class StateHook:
+    """Hand the run's resumable :class:`TrainState` to ``save`` every ``every`` iterations (never
+    after the last one; 0 = never). It runs after the step's ``callback``, so whatever the callback
+    changed for the next step (the pool's next sub-network) has happened; an exception in ``save``
+    stops training and propagates."""
+
+    every: int
+    save: Callable[[TrainState], None]
+
+    def due(self, done: int, total: int) -> bool:
+        """Whether a state is saved after ``done`` of ``total`` iterations."""
+        return self.every > 0 and done % self.every == 0 and done < total
+
+
+class _Skip(Sampler[list[int]]):
+    """A batch sampler without the first ``skip`` batches of ``inner`` (indices only: the images
+    of the skipped batches are never read)."""
+
+    def __init__(self, inner: Any, skip: int) -> None:
+        self.inner, self.skip = inner, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = iter(self.inner)
+        for _ in range(self.skip):
+            if next(batches, None) is None:
+                return
+        yield from batches
+
+    def __len__(self) -> int:
+        return max(0, len(self.inner) - self.skip)
+
+
+def _skipping(loader: Any, skip: int) -> DataLoader[Any]:
+    """``loader`` without its first ``skip`` batches: the same dataset, workers, collate function
+    and shuffling generator (drawn from in the same order), its batch sampler wrapped."""
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=_Skip(loader.batch_sampler, skip),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+    )
+
+
+_END = object()
+
+
+class _Batches:
+    """Endless ``(epoch, batch)``; each pass reshuffles with the loader's own seeded generator.
+
+    It knows where it is — the generator's state as the pass began and the batches taken from it —
+    so a resumed run restores the generator, skips the batches taken and sees the same order."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.epoch, self.taken = 0, 0
+        self.epoch_rng: Tensor | None = None
+        self._batches: Iterator[Any] | None = None
+
+    def _begin(self, skip: int) -> None:
+        self.epoch_rng = self.loader.generator.get_state()
+        self.taken = skip
+        self._batches = iter(self.loader if skip == 0 else _skipping(self.loader, skip))
+
+    def __next__(self) -> tuple[int, Any]:
+        if self._batches is None:
+            self._begin(0)
+        batch = next(self._batches, _END)  # type: ignore[arg-type]
+        if batch is _END:
+            if self.taken == 0:
+                raise DataError("training dataset yielded no batch")
+            self.epoch += 1
+            self._begin(0)
+            batch = next(self._batches, _END)  # type: ignore[arg-type]
+            if batch is _END:
+                raise DataError("training dataset yielded no batch")
+        self.taken += 1
+        return self.epoch, batch
+
+    def restore(self, epoch: int, taken: int, epoch_rng: Tensor) -> None:
+        """Continue at batch ``taken`` of pass ``epoch``, whose generator state was ``epoch_rng``."""
+        self.loader.generator.set_state(epoch_rng)
+        self.epoch = epoch
+        self._begin(taken)
 
 
 def _hflip(
@@ -202,6 +286,8 @@ def train(
     loss_terms: Sequence[nn.Module] = (),
     progress: bool = False,
     callback: Callback | None = None,
+    resume: TrainState | None = None,
+    state_hook: StateHook | None = None,
 ) -> TrainResult:
     """Train ``detector`` (a torchvision ``GeneralizedRCNN``, in place) on ``dataset``.
 
@@ -224,9 +310,15 @@ def train(
     overridden ``train()`` that leaves the teacher in eval mode.
 
     Crowd objects (``iscrowd == 1`` in a target) are left out of training, as in COCO practice;
-    evaluation still sees them. A non-finite total loss raises :class:`TrainingDiverged` naming the iteration and the terms
-    that were non-finite. ``callback(StepInfo)`` runs after every optimizer step (an exception in
-    it stops training and propagates, e.g. Optuna's ``TrialPruned``).
+    evaluation still sees them. A non-finite total loss raises :class:`TrainingDiverged` naming
+    the iteration and the terms that were non-finite. ``callback(StepInfo)`` runs after every
+    optimizer step (an exception in it stops training and propagates, e.g. Optuna's ``TrialPruned``).
+
+    **Resuming.** ``state_hook`` receives a :class:`TrainState` every ``every`` iterations;
+    ``resume`` (one of them, built on the same detector, terms, data and config) continues that
+    run at its iteration: weights, optimizer, data position and every RNG are restored, so the
+    result equals the uninterrupted run's (bit for bit at one CPU thread). A state that does not
+    fit raises :class:`CheckpointError` before any step.
     """
     run = _setup(detector, dataset, config, loss_terms)
     was_training = detector.training
@@ -240,7 +332,7 @@ def train(
         for term in run.terms:
             term.train()
         try:
-            return _loop(run, progress, callback)
+            return _loop(run, progress, callback, resume, state_hook)
         finally:
             detector.train(was_training)
 
@@ -310,35 +402,175 @@ def _setup(
     )
 
 
-def _loop(run: _Run, progress: bool, callback: Callback | None) -> TrainResult:
+@dataclass
+class _Cursor:
+    """Where a run is: its batches, its flip generator, its log (what a state restores)."""
+
+    batches: _Batches
+    flip: torch.Generator
+    log: _Log
+    resolution: Resolution | None = None
+
+
+def _loop(
+    run: _Run,
+    progress: bool,
+    callback: Callback | None,
+    resume: TrainState | None,
+    hook: StateHook | None,
+) -> TrainResult:
     from tqdm.auto import tqdm
 
-    log = _Log(run.config, run.total)
-    resolution: Resolution | None = None
-    bar = tqdm(total=run.total, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
-    batches = _cycle(run.loader)
-    flip_gen = torch.Generator().manual_seed(run.config.seed)
+    cursor = _Cursor(
+        _Batches(run.loader),
+        torch.Generator().manual_seed(run.config.seed),
+        _Log(run.config, run.total),
+    )
+    start = 0 if resume is None else _restore(run, cursor, resume)
+    bar = tqdm(
+        total=run.total,
+        initial=start,
+        disable=not progress,
+        desc="train",
+        unit="it",
+        dynamic_ncols=True,
+    )
     try:
-        for it in range(run.total):
-            epoch, (images, targets) = next(batches)
-            lr = run.config.lr * lr_factor(run.config, it, run.total)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            if run.sampler is not None:
-                resolution = run.sampler.next()
-                set_resolution(run.detector, resolution)
-            targets = _without_crowd(list(targets))
-            images, targets = _hflip(list(images), targets, run.config.hflip, flip_gen)
-            losses, loss = _step(run, it, lr, images, targets)
-            info = log.add(it, epoch, lr, resolution, losses, loss, len(images))
+        for it in range(start, run.total):
+            info = _iteration(run, cursor, it)
             if progress:
                 bar.set_postfix(loss=f"{info.loss:.3f}", img_s=f"{info.images / info.seconds:.1f}")
             bar.update(1)
             if callback is not None:
                 callback(info)
+            if hook is not None and hook.due(it + 1, run.total):
+                hook.save(_capture(run, cursor, it + 1))
     finally:
         bar.close()
-    return log.result()
+    return cursor.log.result()
+
+
+def _iteration(run: _Run, cursor: _Cursor, it: int) -> StepInfo:
+    """Iteration ``it``: the next batch, its learning rate and resolution, one step, its log."""
+    epoch, (images, targets) = next(cursor.batches)
+    lr = run.config.lr * lr_factor(run.config, it, run.total)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if run.sampler is not None:
+        cursor.resolution = run.sampler.next()
+        set_resolution(run.detector, cursor.resolution)
+    targets = _without_crowd(list(targets))
+    images, targets = _hflip(list(images), targets, run.config.hflip, cursor.flip)
+    losses, loss = _step(run, it, lr, images, targets)
+    return cursor.log.add(it, epoch, lr, cursor.resolution, losses, loss, len(images))
+
+
+def _term_params(run: _Run) -> dict[str, Tensor]:
+    """The loss terms' own trainable parameters (a KD adapter), by ``term index.name``."""
+    own = {id(p) for p in run.detector.parameters()}
+    return {
+        f"{i}.{name}": p
+        for i, term in enumerate(run.terms)
+        for name, p in term.named_parameters()
+        if p.requires_grad and id(p) not in own
+    }
+
+
+def _capture(run: _Run, cursor: _Cursor, done: int) -> TrainState:
+    """The run after ``done`` iterations as a :class:`TrainState` (CPU copies of everything)."""
+    tensors = {
+        f"model.{k}": v.detach().to("cpu", copy=True) for k, v in run.detector.state_dict().items()
+    }
+    for name, p in _term_params(run).items():
+        tensors[f"terms.{name}"] = p.detach().to("cpu", copy=True)
+    assert cursor.batches.epoch_rng is not None  # a pass has begun: done ≥ 1
+    tensors["data.epoch_rng"] = cursor.batches.epoch_rng.clone()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.flip"] = cursor.flip.get_state()
+    if run.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(run.device)
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    meta = {
+        "total": run.total,
+        "seed": run.config.seed,
+        "optimizer": flatten(run.optimizer.state_dict(), "optim", tensors),
+        "scaler": flatten(run.scaler.state_dict(), "scaler", tensors),
+        "sampler": None if run.sampler is None else run.sampler.state_dict(),
+        "data": {"epoch": cursor.batches.epoch, "taken": cursor.batches.taken},
+        "numpy": [str(np_state[0]), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": flatten(random.getstate(), "python", tensors),
+        "log": cursor.log.state_dict(),
+    }
+    return TrainState(done, tensors, meta)
+
+
+def _restore(run: _Run, cursor: _Cursor, state: TrainState) -> int:
+    """Put ``state`` into the run; the iteration to continue at. :class:`CheckpointError` when
+    it was saved by another run (length, seed, parameters)."""
+    meta, t = state.meta, state.tensors
+    if meta.get("total") != run.total or meta.get("seed") != run.config.seed:
+        raise CheckpointError(
+            f"training state of a run of {meta.get('total')} iterations with seed "
+            f"{meta.get('seed')}; this run has {run.total} with seed {run.config.seed}"
+        )
+    if not 0 < state.iteration <= run.total:
+        raise CheckpointError(f"training state at a bad iteration {state.iteration}")
+    _check_fits(run, t)
+    try:
+        model = {k.removeprefix("model."): v for k, v in t.items() if k.startswith("model.")}
+        run.detector.load_state_dict(model, strict=True)
+        _load_term_params(run, t)
+        run.optimizer.load_state_dict(unflatten(meta["optimizer"], t))
+        run.scaler.load_state_dict(unflatten(meta["scaler"], t))
+        if run.sampler is not None:
+            run.sampler.load_state_dict(meta["sampler"])
+        data = meta["data"]
+        cursor.batches.restore(int(data["epoch"]), int(data["taken"]), t["data.epoch_rng"])
+        cursor.flip.set_state(t["rng.flip"])
+        cursor.log.load_state_dict(meta["log"])
+        _restore_rngs(run, meta, t)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"training state does not fit this run ({e})") from None
+    return state.iteration
+
+
+def _check_fits(run: _Run, tensors: Mapping[str, Tensor]) -> None:
+    """Refuse (before anything is changed) a state whose weights are not this run's: other
+    names or shapes of the detector's state or of the loss terms' parameters."""
+    here = {f"model.{k}": v for k, v in run.detector.state_dict().items()}
+    here.update({f"terms.{k}": v for k, v in _term_params(run).items()})
+    saved = {k: v for k, v in tensors.items() if k.startswith(("model.", "terms."))}
+    if set(here) != set(saved):
+        odd = sorted(set(here) ^ set(saved))[:3]
+        raise CheckpointError(f"training state of another model (weights differ: {odd}…)")
+    for k, v in here.items():
+        if tuple(saved[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"training state of another model ({k}: {tuple(saved[k].shape)})")
+
+
+def _load_term_params(run: _Run, tensors: Mapping[str, Tensor]) -> None:
+    params = _term_params(run)
+    saved = {k.removeprefix("terms."): v for k, v in tensors.items() if k.startswith("terms.")}
+    if set(saved) != set(params):
+        raise KeyError(f"loss-term parameters {sorted(saved)} saved, {sorted(params)} here")
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise ValueError(f"loss-term parameter {name}: shape {tuple(saved[name].shape)}")
+            p.copy_(saved[name])
+
+
+def _restore_rngs(run: _Run, meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+    """torch's (CPU and the run's CUDA device), NumPy's and Python's global generators."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if run.device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], run.device)
+    name, pos, has_gauss, cached = meta["numpy"]
+    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+    np.random.set_state((name, keys, int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = unflatten(meta["python"], tensors)
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _step(
@@ -421,6 +653,22 @@ class _Log:
             images=self.images,
             seconds=elapsed,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON form of what was logged so far (its seconds included)."""
+        return {
+            "history": list(self.history),
+            "recent": list(self.recent),
+            "images": self.images,
+            "seconds": time.perf_counter() - self.start,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the log of a :meth:`state_dict`."""
+        self.history = [float(v) for v in state["history"]]
+        self.recent = [{str(k): float(v) for k, v in r.items()} for r in state["recent"]]
+        self.images = int(state["images"])
+        self.start = time.perf_counter() - float(state["seconds"])
 
     def result(self) -> TrainResult:
         seconds = time.perf_counter() - self.start

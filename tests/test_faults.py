@@ -458,3 +458,25 @@ def test_a_parent_with_an_unreadable_checkpoint_is_set_aside(
     assert attrs[f"{SET_ASIDE_PREFIX}{best.number}"]["artifact"] == artifact_id
     assert all(t.state == TrialState.COMPLETE for t in new[1:])
     assert all(t.user_attrs[PARENT_ATTR] != best.number for t in new[1:])
+
+
+def test_gc_keeps_a_training_state_that_a_retry_will_resume_from(tmp_path: Path) -> None:
+    """A killed attempt's mid-trial state (``jdsearch:train_state``) is kept while a retry that
+    will resume from it waits, and removed once nothing will."""
+    from jdsearch.search.gc import collect
+    from jdsearch.search.resume import STATE_SYSATTR
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = SQLArtifactStore(url)
+    store.write("trainstate-abc", io.BytesIO(b"state"))
+    study = optuna.create_study(study_name="s", storage=url)
+    storage = study._storage
+    killed, retry = study.ask(), study.ask()
+    for t in (killed, retry):
+        storage.set_trial_system_attr(t._trial_id, STATE_SYSATTR, {"artifact": "trainstate-abc"})
+    study.tell(killed, state=TrialState.FAIL)
+    rdb = RDBStorage(url)
+    assert collect(rdb, url, older_than_s=0) == [] and store.exists("trainstate-abc")
+    study.tell(retry, state=TrialState.FAIL)  # the retry failed too, and is not retried
+    (removed,) = collect(rdb, url, older_than_s=0)
+    assert removed.artifact_id == "trainstate-abc" and not store.exists("trainstate-abc")

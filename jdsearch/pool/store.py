@@ -20,7 +20,7 @@ from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.spec import PoolSpec
 from jdsearch.pool.supernet import ElasticPool
-from jdsearch.pool.training import train_pool
+from jdsearch.pool.training import PHASE_CHECKPOINT_EVERY, PhaseStates, resume_pool
 from jdsearch.spec import DetectorSpec
 from jdsearch.store.checkpoint import (
     checkpoint_from_bytes,
@@ -120,6 +120,26 @@ def load_pool(path: str | Path, *, device: str | torch.device = "cpu") -> Elasti
     return _pool_from_checkpoint(load_checkpoint(path, device=device), str(path))
 
 
+def _resumed_pool(
+    p: Path, pool_spec: PoolSpec, dataset: Dataset[Any], device: str | torch.device
+) -> ElasticPool:
+    """The pool saved at ``p`` after its last finished phase, checked against the spec and the
+    dataset, to train the phases still to do."""
+    pool = load_pool(p, device=device)
+    if not pool.spec.same_architecture(pool_spec):
+        raise SpecError(
+            f"{p}: holds a pool with another super-net or space; remove it or change the path"
+        )
+    num_classes = getattr(dataset, "num_classes", pool.num_classes)
+    if num_classes != pool.num_classes:
+        raise SpecError(f"{p}: the pool has {pool.num_classes} classes, the dataset {num_classes}")
+    pool.spec = pool_spec
+    logger.info(
+        "resuming pool %s after %d of %d phases", p, len(pool.record), len(pool_spec.phases)
+    )
+    return pool
+
+
 def train_and_save_pool(
     pool_spec: PoolSpec,
     dataset: Dataset[Any],
@@ -140,20 +160,7 @@ def train_and_save_pool(
     """
     p = Path(path)
     if resume and p.exists():
-        pool = load_pool(p, device=device)
-        if not pool.spec.same_architecture(pool_spec):
-            raise SpecError(
-                f"{p}: holds a pool with another super-net or space; remove it or change the path"
-            )
-        num_classes = getattr(dataset, "num_classes", pool.num_classes)
-        if num_classes != pool.num_classes:
-            raise SpecError(
-                f"{p}: the pool has {pool.num_classes} classes, the dataset {num_classes}"
-            )
-        pool.spec = pool_spec
-        logger.info(
-            "resuming pool %s after %d of %d phases", p, len(pool.record), len(pool_spec.phases)
-        )
+        pool = _resumed_pool(p, pool_spec, dataset, device)
     else:
         num_classes = getattr(dataset, "num_classes", None)
         if not isinstance(num_classes, int):
@@ -164,10 +171,16 @@ def train_and_save_pool(
             detector_spec=detector_spec,
             class_names=getattr(dataset, "class_names", None),
         )
+    # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
+    # the pool file, continued from when the phase is run again (a killed `prepare`).
+    states = PhaseStates(p.with_name(p.name + ".phase-state"), PHASE_CHECKPOINT_EVERY)
+    if not resume:
+        states.path.unlink(missing_ok=True)
     for i in range(len(pool.record), len(pool_spec.phases)):
-        train_pool(
+        resume_pool(
             pool,
             dataset,
+            states,
             pool_spec,
             device=device,
             progress=progress,

@@ -8,14 +8,24 @@ once-for-all's sequential progressive shrinking — and trains it with the detec
 distillation from a frozen copy of the phase-0 super-net (:func:`jdsearch.distill.make_distiller`).
 Dynamic resolution throughout. Every phase is one :func:`jdsearch.train.train` run: the next
 sub-network is activated by the step callback, which runs after each optimizer step.
+
+**Resuming inside a phase** (:func:`resume_pool`): every ``PhaseStates.every`` iterations the
+phase's training state (:class:`~jdsearch.store.trainstate.TrainState`, with the sub-network
+schedule's generator, counts and active sub-network) replaces one local file; a later run that
+starts from the pool as that phase began (the pool file saved after the previous phase) rebuilds
+the phase's teacher and channel order as before, then continues at the saved iteration — with
+the weights an uninterrupted phase would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from jdsearch.distill import make_distiller
-from jdsearch.errors import SpecError
+from jdsearch.errors import CheckpointError, SpecError
 from jdsearch.models.heads import stop_recording
 from jdsearch.pool.bn import recalibrate_bn
 from jdsearch.pool.elastic import ElasticConv2d, reorder_channels
@@ -32,9 +42,10 @@ from jdsearch.pool.record import PhaseRecord
 from jdsearch.pool.space import SubnetConfig, SubnetSpace
 from jdsearch.pool.spec import PhaseSpec, PoolSpec
 from jdsearch.pool.supernet import ElasticPool
-from jdsearch.train import StepInfo, TrainResult, train
+from jdsearch.store.trainstate import TrainState, trainstate_from_bytes, trainstate_to_bytes
+from jdsearch.train import StateHook, StepInfo, TrainResult, train
 
-__all__ = ["train_pool"]
+__all__ = ["PHASE_CHECKPOINT_EVERY", "PhaseStates", "resume_pool", "train_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,64 @@ class _SubnetSchedule:
     def after_step(self, info: StepInfo) -> None:
         if info.iteration < info.total_iters:
             self.next()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON form: the generator's state, the counts and the active sub-network."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "sampled": {str(cfg): n for cfg, n in self.sampled.items()},
+            "active": str(self.pool.active),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a :meth:`state_dict`: the same draws follow, the same sub-network is active."""
+        try:
+            self.rng.bit_generator.state = state["rng"]
+            self.sampled = Counter(
+                {SubnetConfig.parse(k): int(n) for k, n in state["sampled"].items()}
+            )
+            self.pool.activate(SubnetConfig.parse(state["active"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"pool phase state: bad sub-network schedule ({e})") from None
+
+
+#: Iterations between two saves of a pool phase's training state (``train_and_save_pool``): at
+#: the paper's scale a save every few minutes; the quickstart's phases are shorter and never save.
+PHASE_CHECKPOINT_EVERY = 1000
+
+
+class PhaseStates:
+    """The resumable state of the pool phase in progress, in one local file (``path``; the latest
+    state only), saved every ``every`` iterations of a phase (0: never)."""
+
+    def __init__(self, path: str | Path, every: int) -> None:
+        self.path, self.every = Path(path), int(every)
+
+    def load(self, phase: int) -> TrainState | None:
+        """The state saved inside phase ``phase``; ``None`` if there is none, it belongs to another
+        phase or it cannot be read (then with a warning: the phase starts over)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = trainstate_from_bytes(self.path.read_bytes(), source=str(self.path))
+        except (OSError, CheckpointError) as e:
+            logger.warning("%s: unreadable, phase %d starts over (%s)", self.path, phase, e)
+            return None
+        saved = state.meta.get("pool")
+        return state if isinstance(saved, dict) and saved.get("phase") == phase else None
+
+    def save(self, phase: int, state: TrainState, schedule: dict[str, Any]) -> None:
+        """Replace the file with ``state`` of phase ``phase`` (atomically)."""
+        meta = {**state.meta, "pool": {"phase": phase, "schedule": schedule}}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(trainstate_to_bytes(TrainState(state.iteration, state.tensors, meta)))
+        os.replace(tmp, self.path)
+        logger.info("pool phase %d: state saved at iteration %d", phase, state.iteration)
+
+    def clear(self) -> None:
+        """Remove the file (the phases it served are done)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def train_pool(
@@ -83,24 +152,41 @@ def train_pool(
     then a mixture) — so running the phases in one call or one call per phase is the same. The
     distiller's adapter is made elastic, so it reads whatever FPN width the sampled student has.
     """
+    spec, dev = _check(pool, pool_spec, device)
+    run = _PhaseRun(pool, dataset, spec, dev, progress, max_iters, callback)
+    return run.phases(phases)
+
+
+def resume_pool(
+    pool: ElasticPool,
+    dataset: Dataset[Any],
+    states: PhaseStates,
+    pool_spec: PoolSpec | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    phases: Sequence[int] | None = None,
+    max_iters: int | None = None,
+) -> tuple[PhaseRecord, ...]:
+    """:func:`train_pool` that also saves each phase's training state to ``states`` every
+    ``states.every`` iterations, and continues a phase from the state saved there (``pool`` must
+    then be the pool as that phase began: the file saved after the phase before)."""
+    spec, dev = _check(pool, pool_spec, device)
+    run = _PhaseRun(pool, dataset, spec, dev, progress, max_iters, None, states)
+    return run.phases(phases)
+
+
+def _check(
+    pool: ElasticPool, pool_spec: PoolSpec | None, device: str | torch.device
+) -> tuple[PoolSpec, torch.device]:
     spec = pool_spec or pool.spec
     if not spec.same_architecture(pool.spec):
         raise SpecError(
             f"train_pool: the pool spec describes another super-net or space than pool {pool.name}"
         )
-    todo = list(range(len(pool.record), len(spec.phases))) if phases is None else list(phases)
-    for i in todo:
-        if not 0 <= i < len(spec.phases):
-            raise SpecError(f"train_pool: no phase {i} (the spec has {len(spec.phases)})")
     dev = torch.device(device)
     pool.to(dev)
-    run = _PhaseRun(pool, dataset, spec, dev, progress, max_iters, callback)
-    records = []
-    for i in todo:
-        record = run.phase(i)
-        records.append(record)
-        pool.record = (*pool.record, record)
-    return tuple(records)
+    return spec, dev
 
 
 @dataclass
@@ -114,6 +200,26 @@ class _PhaseRun:
     progress: bool
     max_iters: int | None
     callback: Callable[[int, StepInfo], None] | None
+    states: PhaseStates | None = None
+
+    def phases(self, phases: Sequence[int] | None) -> tuple[PhaseRecord, ...]:
+        """Train ``phases`` (default: those not in the pool's record), appending their records."""
+        todo = (
+            list(range(len(self.pool.record), len(self.spec.phases)))
+            if phases is None
+            else list(phases)
+        )
+        for i in todo:
+            if not 0 <= i < len(self.spec.phases):
+                raise SpecError(f"train_pool: no phase {i} (the spec has {len(self.spec.phases)})")
+        records = []
+        for i in todo:
+            record = self.phase(i)
+            records.append(record)
+            self.pool.record = (*self.pool.record, record)
+            if self.states is not None:  # its state is spent (the phase is in the record now)
+                self.states.clear()
+        return tuple(records)
 
     def phase(self, i: int) -> PhaseRecord:
         """Train phase ``i``: its loss terms, one sub-network per step, then its record."""
@@ -132,7 +238,12 @@ class _PhaseRun:
             phase.epochs,
             phase.lr,
         )
-        schedule.next()
+        resume = None if self.states is None else self.states.load(i)
+        if resume is None:
+            schedule.next()
+        else:
+            logger.info("IPS phase %d: resuming at iteration %d", i, resume.iteration)
+            schedule.load_state_dict(resume.meta["pool"]["schedule"])
 
         def step(info: StepInfo) -> None:
             schedule.after_step(info)
@@ -147,11 +258,20 @@ class _PhaseRun:
                 loss_terms=terms,
                 progress=self.progress,
                 callback=step,
+                resume=resume,
+                state_hook=self.hook(i, schedule),
             )
         finally:
             stop_recording(pool.supernet)
             pool.activate(pool.largest)
         return _record(i, phase, result, len(schedule.sampled), reordered)
+
+    def hook(self, i: int, schedule: _SubnetSchedule) -> StateHook | None:
+        """Phase ``i``'s state saver (with the schedule's state); ``None`` without states."""
+        states = self.states
+        if states is None or states.every <= 0:
+            return None
+        return StateHook(states.every, lambda st: states.save(i, st, schedule.state_dict()))
 
     def terms(self, i: int) -> tuple[list[nn.Module], bool]:
         """Phase ``i``'s loss terms (none for the super-net phase; KD from a frozen copy of the

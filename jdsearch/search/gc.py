@@ -32,6 +32,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from jdsearch.search.record import BASE_ATTR, POOL_ATTR, SPEC_SYSATTR
+from jdsearch.search.resume import STATE_SYSATTR
 from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
 from jdsearch.study import artifact_dir
 
@@ -70,6 +71,13 @@ def _uploads(attrs: dict[str, Any]) -> list[str]:
     return [k.removeprefix(ARTIFACTS_PREFIX) for k in attrs if k.startswith(ARTIFACTS_PREFIX)]
 
 
+def _train_state(attrs: dict[str, Any]) -> list[str]:
+    """The mid-trial training state an attempt saved (its retry resumes from it)."""
+    state = attrs.get(STATE_SYSATTR)
+    artifact = state.get("artifact") if isinstance(state, dict) else None
+    return [artifact] if isinstance(artifact, str) else []
+
+
 def references(storage: RDBStorage) -> References:
     """Every artifact the storage's studies and trials name, sorted into kept and dead."""
     refs = References()
@@ -84,7 +92,7 @@ def references(storage: RDBStorage) -> References:
             refs.mark(leftovers, keep=False, why=f"study {study.study_name}: an unused upload")
         trials = optuna.load_study(study_name=study.study_name, storage=storage)
         for t in trials.get_trials(deepcopy=False):
-            ids = _uploads(t.system_attrs)
+            ids = _uploads(t.system_attrs) + _train_state(t.system_attrs)
             if t.state in _LIVE:
                 refs.mark(ids, keep=True)
             else:

@@ -57,10 +57,12 @@ from jdsearch.search.record import (
     WORKER_SYSATTR,
     TrialRecord,
 )
+from jdsearch.search.resume import TrialStates
+from jdsearch.settings import TrainConfig
 from jdsearch.store.artifacts import check_artifact_id
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.study import StudySpec
-from jdsearch.train import train
+from jdsearch.train import TrainResult, TrainState, train
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +297,19 @@ class Objective:
             raise
 
     def _run(self, trial: optuna.Trial, move: str, parent: int | None) -> float:
+        # The attempt's training states: resumed from (a retry), saved, and removed at its end.
+        states = TrialStates(self.ctx.store, trial, self.ctx.spec.search.trial_checkpoint_every)
+        try:
+            return self._attempt(trial, move, parent, states)
+        finally:
+            states.discard()
+
+    def _attempt(
+        self, trial: optuna.Trial, move: str, parent: int | None, states: TrialStates
+    ) -> float:
         oom: str | None = None
         try:
-            pair, trained, score = self._evaluate(trial.study, trial.number, move, parent)
+            pair, trained, score = self._evaluate(trial.study, trial.number, move, parent, states)
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
@@ -320,11 +332,21 @@ class Objective:
         return score.value
 
     def _evaluate(
-        self, study: optuna.Study, number: int, move: str, parent: int | None
+        self,
+        study: optuna.Study,
+        number: int,
+        move: str,
+        parent: int | None,
+        states: TrialStates | None = None,
     ) -> tuple[_Pair, _Trained, _Score]:
-        """Load, move, train and score trial ``number``'s pair (nothing is recorded yet)."""
+        """Load, move, train and score trial ``number``'s pair (nothing is recorded yet). With
+        ``states``, a retry trains with its first attempt's seed and resumes the state that
+        attempt left, and the training saves its state through them."""
         pair = self.load_pair(study, number, move, parent)
-        trained = self.train_pair(pair, self.seed_of(number))
+        if states is None:
+            trained = self.train_pair(pair, self.seed_of(number))
+        else:
+            trained = self.train_pair(pair, self.seed_of(states.first_number), states)
         return pair, trained, self.score(number, pair.student)
 
     def seed_of(self, number: int) -> int:
@@ -423,9 +445,10 @@ class Objective:
             raise TrialFailed(f"trial {number}: {move} leaves the pool's space from {subnet}")
         return moved
 
-    def train_pair(self, pair: _Pair, seed: int) -> _Trained:
+    def train_pair(self, pair: _Pair, seed: int, states: TrialStates | None = None) -> _Trained:
         """Extract the teacher from the pool and train the student with it (the fast evaluation:
-        KD, BN sparsity, dynamic resolution), seeded by ``seed`` (:meth:`seed_of` in a search)."""
+        KD, BN sparsity, dynamic resolution), seeded by ``seed`` (:meth:`seed_of` in a search).
+        ``states``: resume the state a killed attempt saved, and save this one's."""
         ctx, spec = self.ctx, self.ctx.spec
         terms: list[Any] = []
         teacher_params, teacher_s = 0, 0.0
@@ -441,9 +464,46 @@ class Objective:
             config = dataclasses.replace(config, epochs=epochs, lr=config.lr if lr is None else lr)
         elif spec.search.bn_sparsity > 0:
             terms.append(BNSparsity(spec.search.bn_sparsity))
-        result = train(pair.student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress)
+        if states is None:
+            result = train(
+                pair.student, ctx.train_set, config, loss_terms=terms, progress=ctx.progress
+            )
+        else:
+            result = self._train_resumable(pair, config, terms, states)
         stop_recording(pair.student)
         return _Trained(teacher_params, teacher_s, result.seconds, result.images)
+
+    def _train_resumable(
+        self, pair: _Pair, config: TrainConfig, terms: list[Any], states: TrialStates
+    ) -> TrainResult:
+        """Train, resuming the state ``states`` inherited when there is one that fits (else from
+        the start), saving this attempt's every ``search.trial_checkpoint_every`` iterations."""
+        ctx = self.ctx
+        resume: TrainState | None = states.load()
+        states.resumed(0 if resume is None else resume.iteration)
+        if resume is not None:
+            log.info("resuming the training at iteration %d", resume.iteration)
+            try:
+                return train(
+                    pair.student,
+                    ctx.train_set,
+                    config,
+                    loss_terms=terms,
+                    progress=ctx.progress,
+                    resume=resume,
+                    state_hook=states.hook,
+                )
+            except CheckpointError as e:  # refused before any step (names, shapes checked first)
+                log.warning("the saved training state does not fit (%s): starting over", e)
+                states.resumed(0)
+        return train(
+            pair.student,
+            ctx.train_set,
+            config,
+            loss_terms=terms,
+            progress=ctx.progress,
+            state_hook=states.hook,
+        )
 
     def score(self, number: int, student: Detector) -> _Score:
         """AP at every resolution of the study, FLOPs, and H (the best over resolutions)."""
