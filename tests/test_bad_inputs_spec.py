@@ -188,6 +188,8 @@ def test_an_unreachable_postgresql_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], check: bool
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    # A search waits a while for a server that refuses (it may be restarting); not this long here.
+    monkeypatch.setenv("JDSEARCH_DB_RETRY_S", "2")
     url = "postgresql+psycopg2://alice:s3cret@127.0.0.1:1/db"  # nothing listens on port 1
     p = _quickstart(tmp_path, {"search": {"storage": url}})
     assert main(["search", str(p), "--quiet", *(["--check"] if check else [])]) == 2

@@ -12,8 +12,10 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from jdsearch.store.reconnect import with_reconnect
+from jdsearch.store.reconnect import retry_window_s, with_reconnect
 from jdsearch.study import StudySpec
+
+OPEN_RETRY_S = 20.0  # how long opening the storage waits for a server that refuses connections
 
 
 def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
@@ -23,7 +25,8 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     hb = spec.search.heartbeat_s
-    # A worker (re)started while the database restarts waits for it, as running workers do.
+    # A worker (re)started while the database restarts waits for it, as running workers do, but
+    # briefly: a server that is not there at all is more often a wrong URL than a restart.
     return with_reconnect(
         lambda: ResilientRDBStorage(
             url,
@@ -35,6 +38,7 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
             engine_kwargs={"pool_pre_ping": True},
         ),
         "storage: opening",
+        window_s=min(OPEN_RETRY_S, retry_window_s()),
     )
 
 

@@ -1,0 +1,869 @@
+"""Bad inputs, fed to the command line as a new user would: how each one ends.
+
+Usage::
+
+    python bench/bad_inputs.py [--repo DIR] [--timeout 60] [--only CLASS] [--list] [--keep]
+
+Each case runs one ``python -m jdsearch ...`` command in a fresh temporary folder (a subprocess
+with ``OMP_NUM_THREADS=1``, ``CUDA_VISIBLE_DEVICES=`` so that "no GPU" holds everywhere, stdin
+from ``/dev/null``, a timeout, and a 6 GiB address-space limit so that a ``/dev/zero``-style input
+cannot exhaust the machine) and is classified as:
+
+* ``clean``: a bad input refused with a non-zero exit whose last stderr line is one
+  ``jdsearch: error: ...`` line (or argparse's ``jdsearch CMD: error: ...``), and no traceback;
+* ``ok``: a valid input (marked expected-valid) that exits 0 (and passes its output check);
+* ``traceback``: a ``Traceback`` in stderr, or a non-zero exit without that one error line
+  (a signal, a MemoryError, a multi-line message);
+* ``hang``: timed out;
+* ``silent``: a bad input that exits 0 (a silent wrong result, or a failure left for later),
+  or an exit 0 whose output fails the case's check (e.g. crowd boxes not reported);
+* ``broken``: a valid input that does not exit 0 cleanly.
+
+The cases come in four classes: ``export`` (crafted export folders), ``files`` (crafted
+checkpoints, COCO files, images, pickles and detector YAML), ``spec`` (bad study specs and search
+arguments, mostly with ``search --check``, a few as real searches) and ``classes`` (datasets
+whose categories differ from the checkpoint's). The inputs are built here from a tiny setup made
+once with the probed CLI itself: an 8-image synthetic dataset, a checkpoint trained for one
+iteration, and a one-trial study search on 16 synthetic images with its export.
+
+``--repo DIR`` probes another checkout (e.g. ``git worktree add /tmp/old COMMIT``): the CLI runs
+with ``PYTHONPATH=DIR`` from a temporary folder, and a first probe checks that ``jdsearch`` is
+imported from DIR. The output is one table (a row per case) and a summary per class; the exit
+status is 0 whatever the outcomes (it is a measurement), 1 when the setup itself fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MEMORY_LIMIT = 6 << 30
+OUTCOMES = ("clean", "ok", "traceback", "hang", "silent", "broken")
+CLASSES = ("export", "files", "spec", "classes")
+ERROR_LINE = re.compile(r"^jdsearch(?: [\w-]+)*: error: ")
+STUDY = "tiny"  # the setup study's name: its caches are runs/tiny/{base,pool}.safetensors
+PG_README = "postgresql://postgres@127.0.0.1:5432/test"
+PG_UNREACHABLE = "postgresql+psycopg2://postgres@127.0.0.1:1/test"
+HUGE = "9" * 5000
+DELETE = "<delete detector.json>"
+
+
+# ---------------------------------------------------------------------- running one command
+@dataclass(frozen=True)
+class Result:
+    rc: int | None  # None: timed out
+    out: str
+    err: str
+    seconds: float
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def run_command(cmd: list[str], repo: Path, cwd: Path, timeout: float) -> Result:
+    """``cmd`` in ``cwd`` with ``repo`` on ``PYTHONPATH``; its whole process group is killed at
+    ``timeout``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), CUDA_VISIBLE_DEVICES="")
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_limit_memory,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        rc: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        rc = None
+    text = (out.decode(errors="replace"), err.decode(errors="replace"))
+    return Result(rc, *text, time.monotonic() - start)
+
+
+def jdsearch(argv: tuple[str, ...] | list[str]) -> list[str]:
+    return [sys.executable, "-m", "jdsearch", *argv]
+
+
+# ---------------------------------------------------------------------- the cases
+Prepare = Callable[[Path, "Setup"], None]
+Check = Callable[[Result], "str | None"]
+
+
+@dataclass(frozen=True)
+class Case:
+    cls: str
+    name: str
+    argv: tuple[str, ...]  # after `python -m jdsearch`, paths relative to the case's folder
+    prepare: Prepare
+    valid: bool = False
+    check: Check | None = None  # on exit 0: None when the output is right, else why not
+
+    @property
+    def command(self) -> str:
+        return "jdsearch " + shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the cases are built from: ``root`` holds data/ (8 images), ckpt.safetensors, exp/
+    (an export folder), model.pt, data16/ and runs/tiny/ (the study's caches)."""
+
+    root: Path
+    repo: Path
+    study: dict[str, Any] = field(default_factory=dict)  # the tiny study spec
+
+
+def copy_in(cwd: Path, setup: Setup, *names: str) -> None:
+    for name in names:
+        src, dst = setup.root / name, cwd / name
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copyfile(src, dst)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, doc: Any) -> None:
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def nothing(cwd: Path, setup: Setup) -> None:
+    pass
+
+
+def needs(*names: str) -> Prepare:
+    return lambda cwd, setup: copy_in(cwd, setup, *names)
+
+
+# ---- 1. export folders
+def export_with(change: Callable[[dict[str, Any], Path], Any] | None = None) -> Prepare:
+    """exp/ (a copy of the setup's export) and img/ (two images), detector.json through
+    ``change(info, cwd)``, which may return a replacement text for the whole file (or
+    :data:`DELETE`)."""
+
+    def prepare(cwd: Path, setup: Setup) -> None:
+        copy_in(cwd, setup, "exp")
+        (cwd / "img").mkdir()
+        for p in sorted((setup.root / "data" / "images").iterdir())[:2]:
+            shutil.copyfile(p, cwd / "img" / p.name)
+        if change is None:
+            return
+        info_path = cwd / "exp" / "detector.json"
+        info = read_json(info_path)
+        text = change(info, cwd)
+        if text is None:
+            write_json(info_path, info)
+        elif text == DELETE:
+            info_path.unlink()
+        else:
+            info_path.write_text(text)
+
+    return prepare
+
+
+def weights_path(path: str | Callable[[Path], str], move_to: str | None = None) -> Prepare:
+    """files.weights.path set to ``path``; the weights moved to ``move_to`` (their recorded
+    sha256 still matches them there)."""
+
+    def change(info: dict[str, Any], cwd: Path) -> None:
+        if move_to is not None:
+            (cwd / move_to).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(cwd / "exp" / "model.safetensors", cwd / move_to)
+        info["files"]["weights"]["path"] = path(cwd) if callable(path) else path
+
+    return export_with(change)
+
+
+def set_key(key: str, value: Callable[[Any], Any]) -> Prepare:
+    def change(info: dict[str, Any], cwd: Path) -> None:
+        info[key] = value(info[key])
+
+    return export_with(change)
+
+
+def repeated_ids(info: dict[str, Any], cwd: Path) -> None:
+    for cat in info["categories"]:
+        cat["id"] = 1
+
+
+def no_info(info: dict[str, Any], cwd: Path) -> str:
+    return DELETE
+
+
+def export_cases() -> list[Case]:
+    bad: list[tuple[str, Prepare]] = [
+        ("weights /dev/zero", weights_path("/dev/zero")),
+        ("weights /dev/stdin", weights_path("/dev/stdin")),
+        ("weights ''", weights_path("")),
+        (
+            "weights ../other.safetensors (hash matches)",
+            weights_path("../other.safetensors", move_to="other.safetensors"),
+        ),
+        (
+            "weights absolute path (hash matches)",
+            weights_path(lambda cwd: str(cwd / "abs" / "m.safetensors"), "abs/m.safetensors"),
+        ),
+        ("class_names short", set_key("class_names", lambda names: names[:2])),
+        ("class_names a string", set_key("class_names", lambda _: "abc")),
+        ("categories duplicate ids", export_with(repeated_ids)),
+        ("detector.json missing", export_with(no_info)),
+        ("detector.json not JSON", export_with(lambda info, cwd: "{not json")),
+        ("detector.json a list", export_with(lambda info, cwd: "[1, 2]")),
+    ]
+    predict = ("predict", "exp", "img", "--out", "p.json")
+    latency = ("latency", "exp", "--repeats", "1", "--warmup", "1")
+    cases = []
+    for name, prepare in bad:
+        cases.append(Case("export", f"{name}: predict", predict, prepare))
+        cases.append(Case("export", f"{name}: latency", latency, prepare))
+    renamed = weights_path("weights.safetensors", move_to="exp/weights.safetensors")
+    cases += [
+        Case("export", "valid export: predict", predict, export_with(), valid=True),
+        Case("export", "valid export: latency", latency, export_with(), valid=True),
+        Case("export", "valid: weights renamed in the folder", predict, renamed, valid=True),
+        Case(
+            "export",
+            "valid: predict --ann val.json",
+            ("predict", "exp", "data/images", "--out", "p.json", "--ann", "data/val.json"),
+            lambda cwd, setup: (export_with()(cwd, setup), copy_in(cwd, setup, "data")),
+            valid=True,
+        ),
+    ]
+    return cases
+
+
+# ---- 2. crafted files
+def forged_checkpoint(text: str) -> bytes:
+    """A safetensors file (one float32 tensor) whose jdsearch metadata is ``text``, with the
+    metadata's sha256 recomputed so that it gets past the hash check."""
+    meta = {"jdsearch": text, "jdsearch.sha256": hashlib.sha256(text.encode()).hexdigest()}
+    header = {"__metadata__": meta, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 4
+
+
+def metadata_doc(**change: Any) -> str:
+    doc = {
+        "format": "jdsearch-checkpoint",
+        "version": 1,
+        "spec": {},
+        "num_classes": 3,
+        "class_names": ["a", "b"],
+        "extra": {},
+        "tensors_sha256": "0" * 64,
+    }
+    return json.dumps({**doc, **change})
+
+
+FORGED = {
+    "a list": "[1, 2]",
+    "a string": '"hello"',
+    "deeply nested": "[" * 100_000 + "]" * 100_000,
+    "a 5000-digit integer": metadata_doc(num_classes=0).replace(
+        '"num_classes": 0', '"num_classes": ' + HUGE
+    ),
+}
+
+
+def forged(text: str) -> Prepare:
+    def prepare(cwd: Path, setup: Setup) -> None:
+        copy_in(cwd, setup, "data")
+        (cwd / "forged.safetensors").write_bytes(forged_checkpoint(text))
+
+    return prepare
+
+
+def with_data(change: Callable[[Path], None]) -> Prepare:
+    """data/ (a copy of the 8-image dataset) changed by ``change(data_dir)``."""
+
+    def prepare(cwd: Path, setup: Setup) -> None:
+        copy_in(cwd, setup, "data")
+        change(cwd / "data")
+
+    return prepare
+
+
+def huge_image_id(split: str) -> Callable[[Path], None]:
+    def change(data: Path) -> None:
+        doc = read_json(data / f"{split}.json")
+        doc["images"][0]["id"] = "HUGE-ID"
+        text = json.dumps(doc, indent=1).replace('"HUGE-ID"', HUGE)
+        (data / f"{split}.json").write_text(text)
+
+    return change
+
+
+def png_bomb_bytes(side: int = 40_000) -> bytes:
+    """A small PNG written by PIL whose IHDR then declares ``side``×``side`` pixels (its CRC
+    recomputed): a few hundred bytes that decode to 4.8 GB."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 30, 200)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    assert png[12:16] == b"IHDR"
+    png[16:24] = struct.pack(">II", side, side)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])) & 0xFFFFFFFF)
+    return bytes(png)
+
+
+def bomb_first_train_image(data: Path) -> None:
+    name = read_json(data / "train.json")["images"][0]["file_name"]
+    (data / "images" / name).write_bytes(png_bomb_bytes())
+
+
+def bomb_file(cwd: Path, setup: Setup) -> None:
+    export_with()(cwd, setup)
+    (cwd / "bomb.png").write_bytes(png_bomb_bytes())
+
+
+def set_box(bbox: list[float], *, crowd: bool = False) -> Callable[[Path], None]:
+    """The first train annotation's bbox (and iscrowd)."""
+
+    def change(data: Path) -> None:
+        doc = read_json(data / "train.json")
+        doc["annotations"][0]["bbox"] = bbox
+        if crowd:
+            doc["annotations"][0]["iscrowd"] = 1
+        write_json(data / "train.json", doc)
+
+    return change
+
+
+def mentions_crowd(res: Result) -> str | None:
+    text = res.out + res.err
+    if re.search(r"\b[1-9]\d* crowd", text):
+        return None
+    return "exit 0, the summary does not report the crowd box"
+
+
+def anchor_yaml(cwd: Path, setup: Setup) -> None:
+    copy_in(cwd, setup, "data")
+    text = (setup.repo / "detectors" / "tiny-r18-fpn.yaml").read_text()
+    big = text.replace(
+        "anchor_sizes: [8, 16, 32, 64, 128]", f"anchor_sizes: [8, 16, 32, 64, {10**30}]"
+    )
+    assert big != text, "tiny-r18-fpn.yaml has other anchor sizes"
+    (cwd / "big.yaml").write_text(big)
+
+
+def plain_yaml(cwd: Path, setup: Setup) -> None:
+    shutil.copyfile(setup.repo / "detectors" / "tiny-r18-fpn.yaml", cwd / "mine.yaml")
+
+
+TRAIN = ("train", "tiny-r18-fpn", "--data", "data", "--out", "m.safetensors", "--quiet")
+TRAIN_ALL = (*TRAIN, "--iters", "1", "--batch-size", "6", "--fixed-size", "--no-eval")
+LATENCY = ("--repeats", "1", "--warmup", "1")
+
+
+def files_cases() -> list[Case]:
+    cases = []
+    for what, text in FORGED.items():
+        prepare = forged(text)
+        for argv in (
+            ("eval", "forged.safetensors", "--data", "data", "--sizes", "64x64"),
+            ("flops", "forged.safetensors"),
+            ("latency", "forged.safetensors", *LATENCY),
+        ):
+            cases.append(Case("files", f"checkpoint metadata {what}: {argv[0]}", argv, prepare))
+    check = ("data", "check", "--ann", "data/train.json", "--images", "data/images")
+    cases += [
+        Case(
+            "files",
+            "COCO 5000-digit image id: data check",
+            check,
+            with_data(huge_image_id("train")),
+        ),
+        Case(
+            "files", "COCO 5000-digit image id: train", TRAIN_ALL, with_data(huge_image_id("train"))
+        ),
+        Case(
+            "files",
+            "COCO 5000-digit image id: predict --ann",
+            ("predict", "exp", "data/images", "--out", "p.json", "--ann", "data/val.json"),
+            lambda cwd, setup: (
+                export_with()(cwd, setup),
+                with_data(huge_image_id("val"))(cwd, setup),
+            ),
+        ),
+        Case(
+            "files",
+            "PNG declaring 40000x40000: data check",
+            check,
+            with_data(bomb_first_train_image),
+        ),
+        Case(
+            "files",
+            "PNG declaring 40000x40000: train",
+            TRAIN_ALL,
+            with_data(bomb_first_train_image),
+        ),
+        Case(
+            "files",
+            "PNG declaring 40000x40000: predict",
+            ("predict", "exp", "bomb.png", "--out", "p.json"),
+            bomb_file,
+        ),
+        Case(
+            "files",
+            "PNG declaring 40000x40000: latency --images",
+            ("latency", "tiny-r18-fpn", "--images", "bomb.png", *LATENCY),
+            bomb_file,
+        ),
+        Case("files", ".pt pickle: latency", ("latency", "model.pt", *LATENCY), needs("model.pt")),
+        Case("files", ".pt pickle: flops", ("flops", "model.pt"), needs("model.pt")),
+        Case("files", "anchor_sizes 1e30: flops", ("flops", "big.yaml"), anchor_yaml),
+        Case("files", "anchor_sizes 1e30: latency", ("latency", "big.yaml", *LATENCY), anchor_yaml),
+        Case(
+            "files",
+            "anchor_sizes 1e30: train",
+            ("train", "big.yaml", *TRAIN_ALL[2:]),
+            anchor_yaml,
+        ),
+        Case(
+            "files", "box 1e-9 wide: data check", check, with_data(set_box([10.0, 10.0, 1e-9, 5.0]))
+        ),
+        Case(
+            "files", "box 1e-9 wide: train", TRAIN_ALL, with_data(set_box([10.0, 10.0, 1e-9, 5.0]))
+        ),
+        Case(
+            "files",
+            "crowd box: data check reports it",
+            check,
+            with_data(set_box([10.0, 10.0, 20.0, 20.0], crowd=True)),
+            valid=True,
+            check=mentions_crowd,
+        ),
+        # expected-valid
+        Case("files", "valid: data check", check, needs("data"), valid=True),
+        Case(
+            "files",
+            "valid: box 0.01 wide: data check",
+            check,
+            with_data(set_box([10.0, 10.0, 0.01, 5.0])),
+            valid=True,
+        ),
+        Case(
+            "files",
+            "valid: flops checkpoint",
+            ("flops", "ckpt.safetensors"),
+            needs("ckpt.safetensors"),
+            valid=True,
+        ),
+        Case(
+            "files",
+            "valid: latency checkpoint",
+            ("latency", "ckpt.safetensors", *LATENCY),
+            needs("ckpt.safetensors"),
+            valid=True,
+        ),
+        Case("files", "valid: flops detector YAML", ("flops", "mine.yaml"), plain_yaml, valid=True),
+        Case("files", "valid: train 1 iteration", TRAIN_ALL, needs("data"), valid=True),
+    ]
+    return cases
+
+
+# ---- 3. study specs
+def tiny_study(repo: Path) -> dict[str, Any]:
+    """The repository's ``studies/quickstart.yaml`` shrunk to seconds: 16 synthetic 64-px
+    images, 0.1-epoch base, 0.05-epoch pool phases and fast evaluation, one trial."""
+    spec = yaml.safe_load((repo / "studies" / "quickstart.yaml").read_text())
+    spec["name"] = STUDY
+    spec["data"] = {
+        "dir": "data16",
+        "synth": {"images": 16, "seed": 0, "size": 64},
+        "max_val_images": 4,
+    }
+    spec["base"]["train"] = {"epochs": 0.1, "lr": 0.02, "batch_size": 4, "warmup_iters": 1}
+    for phase in spec["pool"]["phases"]:
+        phase["epochs"] = 0.05
+    spec["pool"]["recalibration_batches"] = 1
+    spec["resolutions"] = ["64x64", "96x64"]
+    spec["fast_eval"] = {"epochs": 0.05, "lr": 0.01, "batch_size": 4, "warmup_iters": 1}
+    spec["search"].update({"n_trials": 1, "freeze_student": 1, "storage": "sqlite:///study.db"})
+    return spec
+
+
+def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def study_spec(patch: dict[str, Any], *, caches: bool) -> Prepare:
+    """s.yaml: the tiny study with ``patch``; with ``caches``, the setup's data16/ and
+    runs/tiny/ (base and pool) too, so that a real search only runs its trial."""
+
+    def prepare(cwd: Path, setup: Setup) -> None:
+        (cwd / "s.yaml").write_text(yaml.safe_dump(merged(setup.study, patch), sort_keys=False))
+        if caches:
+            copy_in(cwd, setup, "data16", "runs")
+
+    return prepare
+
+
+SPEC_CASES: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = [
+    # name, patch, extra search arguments, also as a real search
+    ("storage garbage", {"search": {"storage": "garbage"}}, (), True),
+    ("storage foo://bar", {"search": {"storage": "foo://bar"}}, (), True),
+    ("storage unreachable PostgreSQL", {"search": {"storage": PG_UNREACHABLE}}, (), True),
+    ("storage sqlite://", {"search": {"storage": "sqlite://"}}, (), True),
+    ("storage sqlite:///", {"search": {"storage": "sqlite:///"}}, (), True),
+    ("data.max_val_images 0", {"data": {"max_val_images": 0}}, (), True),
+    ("data.max_val_images -1", {"data": {"max_val_images": -1}}, (), False),
+    ("search.heartbeat_s 0", {"search": {"heartbeat_s": 0}}, (), True),
+    ("score.alpha 1e6", {"score": {"alpha": 1e6}}, (), False),
+    ("score.beta .nan", {"score": {"beta": float("nan")}}, (), False),
+    ("device tpu", {"device": "tpu"}, (), False),
+    ("device cuda (no GPU)", {"device": "cuda"}, (), True),
+    ("unknown kd key", {"kd": {"bogus": 1}}, (), False),
+    ("negative kd weight", {"kd": {"cls_weight": -1}}, (), False),
+    ("fast_eval.epochs 0", {"fast_eval": {"epochs": 0}}, (), True),
+    ("fast_eval.batch_size 0", {"fast_eval": {"batch_size": 0}}, (), True),
+    ("fast_eval.schedule unknown", {"fast_eval": {"schedule": "linear"}}, (), False),
+    ("--n-trials -1", {}, ("--n-trials", "-1"), True),
+    ("base.detector nope-fpn", {"base": {"detector": "nope-fpn"}}, (), False),
+    ("base.train.lr 1e6", {"base": {"train": {"lr": 1e6}}}, (), False),
+]
+
+
+def spec_cases() -> list[Case]:
+    cases = []
+    for name, patch, extra, real in SPEC_CASES:
+        cases.append(
+            Case(
+                "spec",
+                f"{name}: --check",
+                ("search", "s.yaml", "--check", *extra),
+                study_spec(patch, caches=False),
+            )
+        )
+        if real:
+            cases.append(
+                Case(
+                    "spec",
+                    f"{name}: search",
+                    ("search", "s.yaml", "--quiet", *extra),
+                    study_spec(patch, caches=True),
+                )
+            )
+    # The cached base of the setup's search (tiny-r18-fpn), a spec now asking for tiny-r50-fpn and
+    # a fresh storage: reusing the r18 base without a word is a silent wrong result.
+    r50 = study_spec({"base": {"detector": "tiny-r50-fpn"}}, caches=True)
+    cases += [
+        Case(
+            "spec", "cached r18 base, spec now r50: --check", ("search", "s.yaml", "--check"), r50
+        ),
+        Case("spec", "cached r18 base, spec now r50: search", ("search", "s.yaml", "--quiet"), r50),
+        # expected-valid
+        Case(
+            "spec",
+            "valid tiny spec: --check",
+            ("search", "s.yaml", "--check"),
+            study_spec({}, caches=False),
+            valid=True,
+        ),
+        Case(
+            "spec",
+            "valid tiny spec: search",
+            ("search", "s.yaml", "--quiet"),
+            study_spec({}, caches=True),
+            valid=True,
+        ),
+        Case(
+            "spec",
+            "valid: studies/quickstart.yaml --check",
+            ("search", "quickstart.yaml", "--check"),
+            lambda cwd, setup: shutil.copyfile(
+                setup.repo / "studies" / "quickstart.yaml", cwd / "quickstart.yaml"
+            ),
+            valid=True,
+        ),
+    ]
+    return cases
+
+
+# ---- 4. classes and categories
+def val_categories(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def apply(data: Path) -> None:
+        doc = read_json(data / "val.json")
+        change(doc)
+        write_json(data / "val.json", doc)
+
+    return apply
+
+
+def fewer(doc: dict[str, Any]) -> None:
+    doc["categories"] = doc["categories"][:2]
+    keep = {c["id"] for c in doc["categories"]}
+    doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] in keep]
+
+
+def renamed(doc: dict[str, Any]) -> None:
+    doc["categories"][0]["name"] = "zebra"
+
+
+def extra(doc: dict[str, Any]) -> None:
+    doc["categories"].append({"id": 99, "name": "extra", "supercategory": "shape"})
+
+
+def reordered(doc: dict[str, Any]) -> None:
+    doc["categories"] = doc["categories"][::-1]
+
+
+def ckpt_and(change: Callable[[dict[str, Any]], None]) -> Prepare:
+    def prepare(cwd: Path, setup: Setup) -> None:
+        copy_in(cwd, setup, "ckpt.safetensors")
+        with_data(val_categories(change))(cwd, setup)
+
+    return prepare
+
+
+def classes_cases() -> list[Case]:
+    evaluate = ("eval", "ckpt.safetensors", "--data", "data", "--sizes", "64x64")
+    train = (*TRAIN, "--iters", "1", "--batch-size", "2")
+    predict = ("predict", "exp", "data/images", "--out", "p.json", "--ann", "data/val.json")
+
+    def export_and(change: Callable[[dict[str, Any]], None]) -> Prepare:
+        return lambda cwd, setup: (
+            export_with()(cwd, setup),
+            with_data(val_categories(change))(cwd, setup),
+        )
+
+    readme = ("search", "s.yaml", "--check", "--storage", PG_README)
+    return [
+        Case("classes", "val.json fewer categories: eval", evaluate, ckpt_and(fewer)),
+        Case("classes", "val.json renamed category: eval", evaluate, ckpt_and(renamed)),
+        Case("classes", "val.json extra category: eval", evaluate, ckpt_and(extra)),
+        Case(
+            "classes", "val.json fewer categories: train", train, with_data(val_categories(fewer))
+        ),
+        Case("classes", "val.json fewer categories: predict --ann", predict, export_and(fewer)),
+        # expected-valid
+        Case(
+            "classes",
+            "README PostgreSQL URL: search --check",
+            readme,
+            study_spec({}, caches=False),
+            valid=True,
+        ),
+        Case(
+            "classes",
+            "valid: eval, same categories",
+            evaluate,
+            ckpt_and(lambda doc: None),
+            valid=True,
+        ),
+        Case(
+            "classes",
+            "valid: eval, categories listed in reverse",
+            evaluate,
+            ckpt_and(reordered),
+            valid=True,
+        ),
+        Case("classes", "valid: train, same categories", train, needs("data"), valid=True),
+    ]
+
+
+def all_cases() -> list[Case]:
+    return export_cases() + files_cases() + spec_cases() + classes_cases()
+
+
+# ---------------------------------------------------------------------- setup
+def make_setup(root: Path, repo: Path, timeout: float) -> Setup:
+    """The shared inputs, made by the probed CLI itself; exits 1 when a step fails."""
+    setup = Setup(root, repo, tiny_study(repo))
+    (root / "s.yaml").write_text(yaml.safe_dump(setup.study, sort_keys=False))
+    steps: list[list[str]] = [
+        [sys.executable, "-c", "import jdsearch; print(jdsearch.__file__)"],
+        jdsearch(
+            ("data", "synth", "--out", "data", "--images", "8", "--seed", "0", "--size", "64")
+        ),
+        jdsearch(
+            (
+                "train",
+                "tiny-r18-fpn",
+                "--data",
+                "data",
+                "--epochs",
+                "0.1",
+                "--out",
+                "ckpt.safetensors",
+                "--quiet",
+                "--no-eval",
+            )
+        ),
+        jdsearch(("search", "s.yaml", "--quiet")),
+        jdsearch(("export", "--storage", "sqlite:///study.db", "--out", "exp", "--no-onnx")),
+        [sys.executable, "-c", "import torch; torch.save({'w': torch.zeros(2)}, 'model.pt')"],
+    ]
+    for i, cmd in enumerate(steps):
+        res = run_command(cmd, repo, root, max(timeout, 300))
+        shown = shlex.join(cmd[1:] if cmd[1] == "-c" else cmd[3:])
+        if res.rc != 0:
+            print(f"setup failed: {shown}\n{res.out}{res.err}", file=sys.stderr)
+            sys.exit(1)
+        if i == 0:
+            imported = Path(res.out.strip()).resolve()
+            if not imported.is_relative_to(repo.resolve()):
+                print(
+                    f"setup: jdsearch is imported from {imported}, not from {repo}", file=sys.stderr
+                )
+                sys.exit(1)
+            print(f"jdsearch imported from {imported}")
+        print(f"setup: {shown} ({res.seconds:.1f} s)", flush=True)
+    for name in (
+        "data16",
+        "runs/tiny/base.safetensors",
+        "runs/tiny/pool.safetensors",
+        "exp/detector.json",
+    ):
+        if not (root / name).exists():
+            print(f"setup: the tiny search left no {name}", file=sys.stderr)
+            sys.exit(1)
+    return setup
+
+
+# ---------------------------------------------------------------------- classify and report
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def exception_line(err: str) -> str:
+    """The exception line of the last traceback in ``err`` ("" when there is none)."""
+    _, found, after = err.rpartition("Traceback (most recent call last):")
+    lines = after.splitlines() if found else []
+    return next((line.strip() for line in lines if line.strip() and not line[0].isspace()), "")
+
+
+def classify(case: Case, res: Result, timeout: float) -> tuple[str, str]:
+    """(outcome, what to show: the last stderr line, the exception of a traceback, or why)."""
+    last = last_line(res.err)
+    if res.rc is None:
+        return "hang", f"timed out after {timeout:g} s" + (f"; stderr: {last}" if last else "")
+    tail = exception_line(res.err) or last
+    tail = tail or (f"stdout: {last_line(res.out)}" if res.out.strip() else "")
+    if res.rc < 0:
+        tail = f"killed by signal {-res.rc}" + (f"; {tail}" if tail else "")
+    traceback = "Traceback" in res.err
+    if res.rc == 0 and not traceback:
+        wrong = case.check(res) if case.check is not None else None
+        if wrong is not None:
+            return "silent", wrong
+        return ("ok", tail) if case.valid else ("silent", tail or "exit 0")
+    if case.valid:
+        return "broken", tail
+    if not traceback and ERROR_LINE.match(last):
+        return "clean", tail
+    return "traceback", tail
+
+
+def cell(text: str, width: int | None = None) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text[:width] if width else text
+
+
+def summary(rows: list[tuple[Case, str]]) -> str:
+    lines = ["| class | " + " | ".join(OUTCOMES) + " | total |", "|---" * (len(OUTCOMES) + 2) + "|"]
+    classes = [c for c in CLASSES if any(case.cls == c for case, _ in rows)]
+    for name in [*classes, "all"]:
+        outcomes = [o for case, o in rows if name in ("all", case.cls)]
+        counts = [str(outcomes.count(o)) for o in OUTCOMES]
+        lines.append(f"| {name} | " + " | ".join(counts) + f" | {len(outcomes)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose CLI to probe")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
+    parser.add_argument("--only", choices=CLASSES, help="run one class of cases")
+    parser.add_argument("--list", action="store_true", help="print the cases, run nothing")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder (each case's output too)"
+    )
+    args = parser.parse_args(argv)
+    cases = [c for c in all_cases() if args.only in (None, c.cls)]
+    if args.list:
+        for c in cases:
+            print(f"{c.cls:<8} {'valid' if c.valid else 'bad':<6} {c.name:<50} {c.command}")
+        print(f"{len(cases)} cases")
+        return 0
+
+    repo = args.repo.resolve()
+    start = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="jdsearch-bad-inputs-"))
+    try:
+        (root / "setup").mkdir()
+        setup = make_setup(root / "setup", repo, args.timeout)
+        print(f"probing {repo}: {len(cases)} cases, timeout {args.timeout:g} s\n")
+        print("| class | case | command | outcome | stderr (last line) |")
+        print("|---|---|---|---|---|", flush=True)
+        rows: list[tuple[Case, str]] = []
+        for i, case in enumerate(cases):
+            cwd = root / "cases" / f"{i:03d}"
+            cwd.mkdir(parents=True)
+            case.prepare(cwd, setup)
+            res = run_command(jdsearch(case.argv), repo, cwd, args.timeout)
+            outcome, tail = classify(case, res, args.timeout)
+            (cwd / "stdout.txt").write_text(res.out)
+            (cwd / "stderr.txt").write_text(res.err)
+            rows.append((case, outcome))
+            name = case.name + (" (valid)" if case.valid else "")
+            print(
+                f"| {case.cls} | {cell(name)} | `{cell(case.command)}` | {outcome} | {cell(tail, 120)} |",
+                flush=True,
+            )
+            if not args.keep:
+                shutil.rmtree(cwd, ignore_errors=True)
+        print(f"\nsummary ({repo}):\n")
+        print(summary(rows))
+        print(f"\nwall time: {time.monotonic() - start:.0f} s")
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
