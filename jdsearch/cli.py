@@ -202,6 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     distillation), save it, then unless ``--no-eval`` evaluate it and save it again with the
     metrics; returns 0."""
     from jdsearch.evaluate import evaluate
+    from jdsearch.flops import count_flops
     from jdsearch.settings import TrainConfig
     from jdsearch.store.checkpoint import save_checkpoint
     from jdsearch.train import train
@@ -211,6 +212,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_set = None if args.no_eval else _val_split(data_dir, train_set)  # before training
     detector, spec = _train_target(args, train_set)
     resolutions = _sizes(args.resolutions) or spec.input.resolutions
+    largest = max(resolutions, key=lambda r: r.pixels, default=spec.input.size)
+    small_detector_threads(args, count_flops(detector, size=largest.hw).total / 1e9)
     config = TrainConfig(
         epochs=args.epochs,
         max_iters=args.iters,
@@ -366,6 +369,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise JDSearchError(f"--n-trials must be ≥ 1, got {args.n_trials}")
     spec = load_study(args.study)
+    small_detector_threads(args, _study_gflops(spec))
     if args.check:
         from jdsearch.search.check import check_study
 
@@ -375,6 +379,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
     print(summary(study))
     return 0
+
+
+def _study_gflops(spec: Any) -> float:
+    """Multiply-adds (G) per image of the study's base detector at its largest resolution."""
+    from jdsearch.flops import count_spec_flops
+    from jdsearch.spec import load_spec
+
+    largest = max(spec.resolutions, key=lambda r: r.pixels)
+    return count_spec_flops(load_spec(spec.base.detector), size=largest.hw).total / 1e9
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -1062,6 +1075,29 @@ def _add_report(sub: Any) -> None:
         help="do not attach the figures to the study (optuna-dashboard)",
     )
     rp.set_defaults(func=cmd_report)
+
+
+# Measured with bench/train_throughput.py --contend (2 cores, 208x128, batch 2): tiny-r18-fpn
+# (0.14 GFLOPs per image there) trains at 17.7 img/s on 1 thread and 15.7 on torch's default
+# (2, idle threads sleeping) alone, 18.4 and 9.8 next to a busy process; r18-fpn (18 GFLOPs)
+# at 0.60 and 0.75 alone, 0.65 and 0.65 busy. Below this size one thread is the faster choice.
+SMALL_DETECTOR_GFLOPS = 1.0
+
+
+def small_detector_threads(args: argparse.Namespace, gflops: float) -> None:
+    """Train a small detector (under :data:`SMALL_DETECTOR_GFLOPS` multiply-adds per image at
+    its largest training size) on one torch thread, unless the user chose a thread count
+    (``--threads``, ``OMP_NUM_THREADS``); says so in one line."""
+    if args.threads is not None or "OMP_NUM_THREADS" in os.environ:
+        return
+    if gflops < SMALL_DETECTOR_GFLOPS:
+        import torch
+
+        torch.set_num_threads(1)
+        print(
+            f"torch threads: 1 (a small detector, {gflops:.2f} GFLOPs per image, trains fastest "
+            "on one; --threads N to change)"
+        )
 
 
 def passive_openmp_threads() -> None:
