@@ -479,31 +479,28 @@ class Objective:
         """Train, resuming the state ``states`` inherited when there is one that fits (else from
         the start), saving this attempt's every ``search.trial_checkpoint_every`` iterations."""
         ctx = self.ctx
+
+        def run(resume: TrainState | None) -> Any:
+            return train(
+                pair.student,
+                ctx.train_set,
+                config,
+                loss_terms=terms,
+                progress=ctx.progress,
+                resume=resume,
+                state_hook=states.hook,
+            )
+
         resume: TrainState | None = states.load()
         states.resumed(0 if resume is None else resume.iteration)
         if resume is not None:
             log.info("resuming the training at iteration %d", resume.iteration)
             try:
-                return train(
-                    pair.student,
-                    ctx.train_set,
-                    config,
-                    loss_terms=terms,
-                    progress=ctx.progress,
-                    resume=resume,
-                    state_hook=states.hook,
-                )
+                return run(resume)
             except CheckpointError as e:  # refused before any step (names, shapes checked first)
                 log.warning("the saved training state does not fit (%s): starting over", e)
                 states.resumed(0)
-        return train(
-            pair.student,
-            ctx.train_set,
-            config,
-            loss_terms=terms,
-            progress=ctx.progress,
-            state_hook=states.hook,
-        )
+        return run(None)
 
     def score(self, number: int, student: Detector) -> _Score:
         """AP at every resolution of the study, FLOPs, and H (the best over resolutions)."""
