@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -387,7 +388,11 @@ def _study_gflops(spec: Any) -> float:
     from jdsearch.spec import load_spec
 
     largest = max(spec.resolutions, key=lambda r: r.pixels)
-    return count_spec_flops(load_spec(spec.base.detector), size=largest.hw).total / 1e9
+    try:
+        detector = load_spec(spec.base.detector)
+    except JDSearchError:  # not here (a worker joining a study that holds its base): no rule
+        return math.inf
+    return count_spec_flops(detector, size=largest.hw).total / 1e9
 
 
 def cmd_init(args: argparse.Namespace) -> int:

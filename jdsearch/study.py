@@ -360,6 +360,11 @@ def load_study(path: str | Path) -> StudySpec:
     return spec
 
 
+def _is_path(value: str) -> bool:
+    """Whether a detector reference names a file (rather than a preset)."""
+    return "/" in value or "\\" in value or value.endswith((".yaml", ".yml"))
+
+
 def _check_detectors(spec: StudySpec) -> None:
     """``base.detector`` and ``pool.detector`` name detector specs that load (a preset, or a file
     relative to the working directory, where the search reads them). Checked for a spec file only:
@@ -374,6 +379,10 @@ def _check_detectors(spec: StudySpec) -> None:
         ("base.detector", spec.base.detector),
         ("pool.detector", spec.pool.detector),
     ):
+        if _is_path(value) and not Path(value).expanduser().exists():
+            # A YAML file of the user's: a worker joining a study that already holds its base and
+            # pool never reads it; a search that must train one says so before training.
+            continue
         try:
             load_spec(value)
         except SpecError as e:

@@ -480,3 +480,43 @@ def test_gc_keeps_a_training_state_that_a_retry_will_resume_from(tmp_path: Path)
     study.tell(retry, state=TrialState.FAIL)  # the retry failed too, and is not retried
     (removed,) = collect(rdb, url, older_than_s=0)
     assert removed.artifact_id == "trainstate-abc" and not store.exists("trainstate-abc")
+
+
+def test_gc_removes_from_a_file_store_only_what_its_studies_name_as_dead(tmp_path: Path) -> None:
+    """A ``file:DIR`` folder may be shared with other storages (or hold the user's own files):
+    gc removes a failed trial's upload there, never a file that no study of this storage names."""
+    from jdsearch.search.gc import collect
+    from jdsearch.search.optuna_internals import set_study_system_attr
+    from jdsearch.search.record import SPEC_SYSATTR
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "someone-elses.safetensors").write_bytes(b"x" * 10)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    set_study_system_attr(study, SPEC_SYSATTR, {"search": {"artifacts": f"file:{folder}"}})
+    failed = study.ask()
+    upload_artifact(
+        study_or_trial=failed,
+        file_path=_file(tmp_path),
+        artifact_store=optuna.artifacts.FileSystemArtifactStore(folder),
+    )
+    study.tell(failed, state=TrialState.FAIL)
+    (removed,) = collect(RDBStorage(url), url, older_than_s=0)
+    assert "is FAIL" in removed.why
+    assert [p.name for p in folder.iterdir()] == ["someone-elses.safetensors"]
+
+
+def test_a_parent_read_while_short_of_memory_is_not_set_aside() -> None:
+    from jdsearch.errors import CheckpointError
+    from jdsearch.search.objective import _short_of_memory
+
+    def wrapped(cause: BaseException) -> CheckpointError:
+        try:
+            raise CheckpointError("trial 3: cannot load the checkpoint") from cause
+        except CheckpointError as e:
+            return e
+
+    assert _short_of_memory(wrapped(MemoryError()))
+    assert _short_of_memory(wrapped(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    assert not _short_of_memory(wrapped(ValueError("sha256 mismatch")))

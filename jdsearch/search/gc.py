@@ -8,8 +8,10 @@ What a shared study's artifact store accumulates when workers die, uploads break
   never arrived, the database refused an attribute) — nothing reads a failed trial's checkpoint;
 - **study-level leftovers**: a base detector or pool uploaded by a worker that lost the race to
   record it (the study's ``base_artifact`` / ``pool_artifact`` attrs name the winners);
-- **unreferenced artifacts**: stored, but named by no study or trial of the storage (the worker
-  died between the upload and the attribute write, or the study was deleted).
+- **unreferenced artifacts**: stored in the database's own store, but named by no study or trial
+  of the storage (the worker died between the upload and the attribute write, or the study was
+  deleted). In a ``file:DIR`` store, which other storages or the user may share, only what this
+  storage's studies name as dead is removed.
 
 What is kept: everything a COMPLETE trial, a RUNNING or WAITING trial, or a study's base and pool
 attrs name; every artifact of a study that jdsearch did not create; and anything younger than
@@ -114,9 +116,12 @@ def collect(
         store = make_artifact_store(artifacts, storage_url)
         removed += _partial_uploads(store, older_than_s, dry_run)
         cutoff = time.time() - older_than_s
+        owned = isinstance(store, SQLArtifactStore)  # a file:DIR may hold other storages' files
         for artifact_id, size, stamp in _stored(store, artifact_dir(artifacts)):
             if artifact_id in refs.keep or stamp > cutoff:
                 continue
+            if not owned and artifact_id not in refs.dead:
+                continue  # named by no study here: perhaps another storage's, or not ours at all
             why = refs.dead.get(artifact_id, "named by no study or trial")
             if not dry_run:
                 store.remove(artifact_id)

@@ -399,12 +399,24 @@ class Objective:
         try:
             return self.ctx.download(artifact_id, f"trial {parent_no}").detector
         except (CheckpointError, ArtifactNotFound) as e:
+            if _short_of_memory(e) or (
+                isinstance(e, ArtifactNotFound) and self._readable(artifact_id)
+            ):
+                raise  # this worker's trouble (memory, a store that blinked), not the checkpoint's
             reason = _first_line(e)
         set_aside(study, parent_no, artifact_id, reason)
         raise TrialFailed(
             f"trial {number}: the checkpoint of its parent, trial {parent_no} (artifact "
             f"{artifact_id}), is unreadable ({reason}); trial {parent_no} is never a parent again"
         )
+
+    def _readable(self, artifact_id: str) -> bool:
+        """Whether the artifact opens now (a store that blinked says "not found" once)."""
+        try:
+            with self.ctx.store.open_reader(artifact_id):
+                return True
+        except (ArtifactNotFound, OSError):
+            return False
 
     def _upload_student(
         self, trial: optuna.Trial, student: Detector, lineage: Mapping[str, Any]
@@ -495,10 +507,14 @@ class Objective:
         states.resumed(0 if resume is None else resume.iteration)
         if resume is not None:
             log.info("resuming the training at iteration %d", resume.iteration)
+            modules = [pair.student, *terms]
+            before = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
             try:
                 return run(resume)
-            except CheckpointError as e:  # refused before any step (names, shapes checked first)
+            except CheckpointError as e:  # refused before any step
                 log.warning("the saved training state does not fit (%s): starting over", e)
+                for module, state in zip(modules, before, strict=True):
+                    module.load_state_dict(state)  # a refusal may come after the weights loaded
                 states.resumed(0)
         return run(None)
 
@@ -594,6 +610,15 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and (
         "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text
     )
+
+
+def _short_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` or what caused it is a failed allocation (the reader's, not the file's)."""
+    while e is not None:
+        if isinstance(e, MemoryError) or is_out_of_memory(e):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
 
 
 def free_memory() -> None:

@@ -167,8 +167,9 @@ class ResilientRDBStorage(RDBStorage):
     """
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
-        """Optuna's, retried; a retry that finds the trial already in ``state`` (the first
-        attempt's commit did arrive) returns ``True`` instead of raising."""
+        """Optuna's, retried; a retry of a ``tell`` (COMPLETE or PRUNED) that finds the trial
+        already in that state (the first attempt's commit did arrive) returns ``True`` instead of
+        raising."""
         attempts = [0]
 
         def call() -> bool:
@@ -176,7 +177,9 @@ class ResilientRDBStorage(RDBStorage):
             try:
                 return RDBStorage.set_trial_state_values(self, trial_id, state, values)
             except UpdateFinishedTrialError:
-                if attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                # Only a trial's own result: a FAIL may be another worker's (a stale trial).
+                own = state in (TrialState.COMPLETE, TrialState.PRUNED)
+                if own and attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
                     return True
                 raise
 
