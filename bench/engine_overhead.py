@@ -150,32 +150,40 @@ def tiny_study(root: Path, name: str, storage: str, base: Path | None, n_trials:
     return study_from_dict(spec, source=f"bench:{name}")
 
 
-def pg_schema(url: str) -> tuple[str, Callable[[], None]] | None:
-    """A throwaway schema on the server of ``url`` (its URL and a dropper), or None."""
+def pg_schema(url: str, prefix: str = "bench_overhead") -> tuple[str, Callable[[], None]] | None:
+    """A throwaway schema on the server of ``url`` (its URL and a dropper), or None. The dropper
+    connects anew: the server may have restarted since (bench/faults.py restarts it)."""
     try:
         import psycopg2
         import sqlalchemy as sa
 
         u = sa.make_url(url)
-        conn = psycopg2.connect(
-            host=u.host,
-            port=u.port or 5432,
-            user=u.username,
-            password=u.password,
-            dbname=u.database,
-            connect_timeout=3,
-        )
+
+        def connect() -> Any:
+            conn = psycopg2.connect(
+                host=u.host,
+                port=u.port or 5432,
+                user=u.username,
+                password=u.password,
+                dbname=u.database,
+                connect_timeout=5,
+            )
+            conn.autocommit = True
+            return conn
+
+        conn = connect()
     except Exception as e:
         print(f"PostgreSQL skipped: {' '.join(str(e).split())}")
         return None
-    schema = f"bench_overhead_{uuid.uuid4().hex[:8]}"
-    conn.autocommit = True
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
     conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    conn.close()
 
     def drop() -> None:
-        conn.cursor().execute("SET lock_timeout = '20s'")
-        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
+        c = connect()
+        c.cursor().execute("SET lock_timeout = '20s'")
+        c.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        c.close()
 
     return f"{url}?options=-csearch_path%3D{schema}", drop
 

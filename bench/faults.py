@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ sys.path.insert(0, str(BENCH))
 
 import optuna  # noqa: E402
 import yaml  # noqa: E402
-from engine_overhead import tiny_study  # noqa: E402
+from engine_overhead import pg_schema, tiny_study  # noqa: E402
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
@@ -246,29 +245,6 @@ class Run:
 def pg_cluster() -> list[str]:
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
-
-
-def pg_schema() -> tuple[str, Callable[[], None]]:
-    """A throwaway schema on the local server (its URL and a dropper that reconnects)."""
-    import psycopg2
-
-    def connect() -> Any:
-        conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=5)
-        conn.autocommit = True
-        return conn
-
-    schema = f"bench_faults_{uuid.uuid4().hex[:8]}"
-    conn = connect()
-    conn.cursor().execute(f"CREATE SCHEMA {schema}")
-    conn.close()
-
-    def drop() -> None:
-        c = connect()
-        c.cursor().execute("SET lock_timeout = '20s'")
-        c.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        c.close()
-
-    return f"{PG}?options=-csearch_path%3D{schema}", drop
 
 
 def trials_now(storage: str, name: str) -> list[FrozenTrial] | None:
@@ -619,12 +595,15 @@ def main() -> int:
         p.error("--pg-restart needs PostgreSQL storage")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="jdsearch-faults-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     drop: Callable[[], None] | None = None
     storage = args.storage
     if storage is None:
-        storage, drop = pg_schema()
+        pg = pg_schema(PG, prefix="bench_faults")
+        if pg is None:
+            return 2
+        storage, drop = pg
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="jdsearch-faults-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         started = time.time()
         spec_file, name = prepare_study(workdir, storage, args)

@@ -15,6 +15,13 @@ class JDSearchError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of ``e``'s message (its type's name when it has none), at most ``limit``
+    characters: what a one-line error quotes of another error."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if limit is None else text[:limit]
+
+
 class SpecError(JDSearchError):
     """A detector/study spec or an architecture encoding is malformed or inconsistent."""
 

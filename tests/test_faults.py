@@ -286,7 +286,6 @@ def test_an_upload_that_breaks_halfway_fails_its_trial_only(
     search_assets: SearchAssets,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -375,7 +374,6 @@ def test_an_out_of_memory_trial_fails_alone_and_the_worker_goes_on(
     search_assets: SearchAssets,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     _, spec = write_spec(tmp_path, search_assets, "oom", f"sqlite:///{tmp_path / 'study.db'}")

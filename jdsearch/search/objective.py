@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial
 
 from jdsearch.data import CocoDataset
 from jdsearch.distill import make_distiller
-from jdsearch.errors import CheckpointError, JDSearchError
+from jdsearch.errors import CheckpointError, JDSearchError, first_line
 from jdsearch.evaluate import CocoMetrics, evaluate
 from jdsearch.flops import FlopsReport, count_flops, count_spec_flops
 from jdsearch.models import Detector
@@ -313,7 +313,7 @@ class Objective:
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
-            oom = _first_line(e)  # leave the handler first: its traceback holds the tensors
+            oom = first_line(e, 300)  # leave the handler first: its traceback holds the tensors
         if oom is not None:
             free_memory()  # the failed step's frames went with its traceback, its tensors too
             raise TrialFailed(
@@ -403,7 +403,7 @@ class Objective:
                 isinstance(e, ArtifactNotFound) and self._readable(artifact_id)
             ):
                 raise  # this worker's trouble (memory, a store that blinked), not the checkpoint's
-            reason = _first_line(e)
+            reason = first_line(e, 300)
         set_aside(study, parent_no, artifact_id, reason)
         raise TrialFailed(
             f"trial {number}: the checkpoint of its parent, trial {parent_no} (artifact "
@@ -430,7 +430,7 @@ class Objective:
         except Exception as e:
             raise TrialFailed(
                 f"trial {trial.number}: uploading its checkpoint failed "
-                f"({type(e).__name__}: {_first_line(e)}); the trial fails, the worker goes on"
+                f"({type(e).__name__}: {first_line(e, 300)}); the trial fails, the worker goes on"
             ) from e
 
     def _moved_teacher(self, number: int, move: str, teacher: SubnetConfig | None) -> SubnetConfig:
@@ -626,10 +626,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def set_aside(study: optuna.Study, number: int, artifact_id: str, reason: str) -> None:

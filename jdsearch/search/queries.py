@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
@@ -25,7 +24,7 @@ from jdsearch.search.record import (
     is_complete,
 )
 from jdsearch.search.storage import public_url, root_cause, with_driver
-from jdsearch.store.artifacts import check_artifact_id, make_artifact_store
+from jdsearch.store.artifacts import make_artifact_store, read_artifact
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
 from jdsearch.study import StudySpec, study_from_stored
 
@@ -109,14 +108,9 @@ class StudyHandle:
         return None if stored is None else [(int(i), str(n)) for i, n in stored]
 
     def _read(self, artifact_id: str, what: str) -> bytes:
-        check_artifact_id(artifact_id, f"study {self.study.study_name!r}: the {what}")
-        try:
-            with self.store.open_reader(artifact_id) as reader:
-                return reader.read()
-        except ArtifactNotFound:
-            raise JDSearchError(
-                f"study {self.study.study_name!r}: the {what} (artifact {artifact_id}) is missing from its artifact store"
-            ) from None
+        return read_artifact(
+            self.store, artifact_id, f"study {self.study.study_name!r}: the {what}"
+        )
 
     def checkpoint(self, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> Checkpoint:
         """The student checkpoint a trial uploaded (verified, never unpickled)."""

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 
 from jdsearch import synth
 from jdsearch.config import plain
 from jdsearch.data import CocoDataset
-from jdsearch.errors import JDSearchError, SpecError
+from jdsearch.errors import JDSearchError, SpecError, first_line
 from jdsearch.flops import count_flops
 from jdsearch.models import Detector, build_detector
 from jdsearch.models.torchvision_body import load_backbone_weights
@@ -62,7 +61,7 @@ from jdsearch.search.storage import (
 )
 from jdsearch.search.summary import print_trial
 from jdsearch.spec import load_spec
-from jdsearch.store.artifacts import SQLArtifactStore, check_artifact_id, make_artifact_store
+from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store, read_artifact
 from jdsearch.store.checkpoint import (
     checkpoint_from_bytes,
     read_checkpoint_metadata,
@@ -441,7 +440,7 @@ def check_device(spec: StudySpec) -> None:
             raise RuntimeError(f"torch sees {count} CUDA device(s) here")
         torch.empty(1, device=dev)
     except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA" is an assert
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
         raise SpecError(f"{spec.source}: device: {spec.device!r} is not usable ({why})") from None
 
 
@@ -536,19 +535,6 @@ def _require_assets(study: optuna.Study) -> None:
             )
 
 
-def _read_study_artifact(store: Any, study: optuna.Study, key: str) -> bytes:
-    """The study-level artifact its user attr ``key`` names, in one line if it is missing."""
-    what = f"study {study.study_name!r}: {key}"
-    artifact_id = check_artifact_id(study.user_attrs[key], what)
-    try:
-        with store.open_reader(artifact_id) as reader:
-            return reader.read()
-    except ArtifactNotFound:
-        raise JDSearchError(
-            f"{what} {artifact_id} is missing from the study's artifact store"
-        ) from None
-
-
 def _upload_assets(
     study: optuna.Study, store: Any, spec: StudySpec, train_set: CocoDataset, progress: bool
 ) -> None:
@@ -572,10 +558,10 @@ def _load_assets(
 ) -> SearchContext:
     """The pool and base detector as the storage holds them (what every worker sees)."""
     base_id = study.user_attrs[BASE_ATTR]
-    pool_bytes = _read_study_artifact(store, study, POOL_ATTR)
+    pool_bytes = read_artifact(store, study.user_attrs[POOL_ATTR], f"study {spec.name}: the pool")
     pool = pool_from_bytes(pool_bytes, source=f"study {spec.name}: pool", device=spec.device)
     source = f"study {spec.name}: base"
-    base_bytes = _read_study_artifact(store, study, BASE_ATTR)
+    base_bytes = read_artifact(store, base_id, f"study {spec.name}: the base")
     base = checkpoint_from_bytes(base_bytes, source=source, device=spec.device)
     if base.num_classes != train_set.num_classes:
         raise JDSearchError(

@@ -37,6 +37,7 @@ __all__ = [
     "SQLArtifactStore",
     "check_artifact_id",
     "make_artifact_store",
+    "read_artifact",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -100,6 +101,24 @@ def check_artifact_id(artifact_id: Any, what: str) -> str:
         f"{what}: artifact id {str(artifact_id)[:80]!r} is not a plain name (letters, digits, "
         "'.', '_', '-'; not starting with '.'); the study's record is damaged or was tampered with"
     )
+
+
+def read_artifact(store: Any, artifact_id: Any, what: str) -> bytes:
+    """The bytes of the artifact a study attr names (``what``, in errors), read whole from
+    ``store``: the id checked first (:func:`check_artifact_id`), a missing artifact one line.
+
+    Raises:
+        CheckpointError: the id is not a plain name, or the bytes fail their sha256.
+        JDSearchError: the store has no such artifact.
+    """
+    checked = check_artifact_id(artifact_id, what)
+    try:
+        with store.open_reader(checked) as reader:
+            return reader.read()
+    except ArtifactNotFound:
+        raise JDSearchError(
+            f"{what} (artifact {checked}) is missing from its artifact store"
+        ) from None
 
 
 def _read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:

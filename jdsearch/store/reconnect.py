@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 
+from jdsearch.errors import first_line
+
 __all__ = ["RETRY_WINDOW_ENV", "is_disconnect", "retry_window_s", "with_reconnect"]
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def _driver_words(exc: BaseException) -> str:
         if not isinstance(e, sa.exc.SQLAlchemyError) and type(e).__module__ != "optuna.exceptions":
             inner = e
             break
-    return (str(inner).strip().splitlines() or [type(inner).__name__])[0][:200]
+    return first_line(inner, 200)
 
 
 def with_reconnect(
