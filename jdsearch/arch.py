@@ -101,7 +101,10 @@ class BlockSlot:
 class BackboneArch:
     """A ResNet/ResNeXt backbone for an FPN detector.
 
-    ``stem`` is the width of the 7×7 stem conv; ``fpn`` the FPN (neck) width. Construct from the
+    ``stem`` is the width of the 7×7 stem conv; ``fpn`` the FPN (neck) width.
+    ``stride_in_1x1`` puts a strided bottleneck's stride on its first 1×1 conv instead of its 3×3
+    conv (detectron2's MSRA ResNets, ``RESNETS.STRIDE_IN_1X1``; basic blocks have no 1×1 conv).
+    Construct from the
     paper's encoding with :meth:`parse`, a uniform recipe with :meth:`resnet`, or a dict with
     :meth:`from_dict`. Instances are validated on construction and immutable; actions return new
     instances.
@@ -115,10 +118,15 @@ class BackboneArch:
     stages: tuple[Stage, ...]
     stem: int = 64
     fpn: int = 256
+    stride_in_1x1: bool = False
     _slots: tuple[BlockSlot, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        if not isinstance(self.stride_in_1x1, bool):
+            raise SpecError(
+                f"backbone arch: stride_in_1x1 must be true or false, got {_shown(self.stride_in_1x1)}"
+            )
         object.__setattr__(self, "_slots", tuple(self._validate()))
 
     # ------------------------------------------------------------------ structure
@@ -257,8 +265,8 @@ class BackboneArch:
     # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form: ``stem``, ``fpn`` and each stage's stride and blocks (``groups`` only
-        where not 1); read back by :meth:`from_dict`."""
-        return {
+        where not 1, ``stride_in_1x1`` only when set); read back by :meth:`from_dict`."""
+        out: dict[str, Any] = {
             "stem": self.stem,
             "fpn": self.fpn,
             "stages": [
@@ -275,6 +283,9 @@ class BackboneArch:
                 for s in self.stages
             ],
         }
+        if self.stride_in_1x1:
+            out["stride_in_1x1"] = True
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BackboneArch:
@@ -283,7 +294,7 @@ class BackboneArch:
         an invalid arch."""
         if not isinstance(d, Mapping):
             raise SpecError(f"backbone arch: expected a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"stem", "fpn", "stages"}
+        unknown = set(d) - {"stem", "fpn", "stages", "stride_in_1x1"}
         if unknown:
             raise SpecError(f"backbone arch: unknown key(s) {sorted(unknown)}")
         if "stages" not in d:
@@ -297,7 +308,12 @@ class BackboneArch:
                 stages.append(Stage(blocks, int(sd.get("stride", DEFAULT_STRIDES[min(si, 3)]))))
             except (KeyError, TypeError, ValueError) as e:
                 raise SpecError(f"backbone arch: stage {si + 1} is malformed ({e!r})") from None
-        return cls(tuple(stages), stem=int(d.get("stem", 64)), fpn=int(d.get("fpn", 256)))
+        return cls(
+            tuple(stages),
+            stem=int(d.get("stem", 64)),
+            fpn=int(d.get("fpn", 256)),
+            stride_in_1x1=d.get("stride_in_1x1", False),
+        )
 
     def to_json(self) -> str:
         """Compact JSON of :meth:`to_dict`."""

@@ -38,6 +38,11 @@ PAPER_SIZE = Resolution(1333, 800)
 PAPER_RESOLUTIONS = (Resolution(512, 512), Resolution(800, 600), Resolution(1080, 720), PAPER_SIZE)
 # Fields of the RPN and RoI-head specs that are fractions or IoU thresholds; the others are sizes.
 _FRACTIONS = ("nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "score_thresh", "positive_fraction")
+# Fields that may be 0 (RoIAlign's sampling ratio 0: adaptive, as detectron2's default).
+_COUNTS = ("sampling_ratio",)
+# Options added after the first checkpoints: written out only when set otherwise than by default,
+# so that the spec of every earlier detector (and every cache keyed on it) stays as it was.
+_OPTIONS = {"round_anchors": True, "fixed_anchor_strides": False, "aligned": False}
 
 
 def _check_heads(spec: Any) -> None:
@@ -45,7 +50,11 @@ def _check_heads(spec: Any) -> None:
     for fd in dataclasses.fields(spec):
         value = getattr(spec, fd.name)
         values = value if isinstance(value, tuple) else (value,)
-        if fd.name in _FRACTIONS:
+        if fd.name in _OPTIONS:
+            check(isinstance(value, bool), spec, fd.name, "must be true or false")
+        elif fd.name in _COUNTS:
+            check(value >= 0, spec, fd.name, "must be 0 (adaptive) or more")
+        elif fd.name in _FRACTIONS:
             check(0.0 <= value <= 1.0, spec, fd.name, "must lie in [0, 1]")
         else:
             check(bool(values) and all(v > 0 for v in values), spec, fd.name, "must be positive")
@@ -55,7 +64,12 @@ def _check_heads(spec: Any) -> None:
 class RPNSpec:
     """RPN settings (torchvision's ``rpn_*`` arguments), one anchor size per FPN level. Raises
     :class:`FieldError` for a fraction or threshold outside [0, 1], any other value that is not
-    positive, or not 5 anchor sizes."""
+    positive, or not 5 anchor sizes.
+
+    ``round_anchors`` rounds the cell anchors' corners to whole pixels (torchvision); detectron2
+    keeps them exact. ``fixed_anchor_strides`` places the anchors of each level at the level's
+    stride (4, 8, …, 64: detectron2) instead of the padded image size over the feature size
+    (torchvision; for P6 of an 800-pixel side that is 61, not 64)."""
 
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -68,6 +82,8 @@ class RPNSpec:
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
+    round_anchors: bool = True
+    fixed_anchor_strides: bool = False
 
     def __post_init__(self) -> None:
         _check_heads(self)
@@ -79,7 +95,10 @@ class RPNSpec:
 class RoISpec:
     """RoI-head settings: pooler, box head and torchvision's ``box_*`` arguments. Raises
     :class:`FieldError` for a fraction or threshold outside [0, 1] or any other value that is not
-    positive."""
+    positive (``sampling_ratio`` may be 0: adaptive).
+
+    ``aligned`` pools with RoIAlign's half-pixel alignment (detectron2's ``ROIAlignV2``);
+    torchvision's Faster R-CNN pools without it."""
 
     representation_size: int = 1024
     pool_size: int = 7
@@ -91,6 +110,7 @@ class RoISpec:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    aligned: bool = False
 
     def __post_init__(self) -> None:
         _check_heads(self)
@@ -145,11 +165,16 @@ class DetectorSpec:
             "name": self.name,
             "backbone": {"arch": self.arch.to_dict()},
             "fpn": {"channels": self.arch.fpn},
-            "rpn": plain(self.rpn),
-            "roi_heads": plain(self.roi),
+            "rpn": _set_options(plain(self.rpn)),
+            "roi_heads": _set_options(plain(self.roi)),
             "input": plain(self.input),
             **({"num_classes": self.num_classes} if self.num_classes is not None else {}),
         }
+
+
+def _set_options(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without the options of :data:`_OPTIONS` left at their defaults."""
+    return {k: v for k, v in fields.items() if k not in _OPTIONS or _OPTIONS[k] != v}
 
 
 # ---------------------------------------------------------------------- reading
@@ -185,6 +210,12 @@ def _read_backbone(f: Fields, fpn: int) -> BackboneArch:
         arch_dict = f.raw("arch")
         f.done()
         return _arch(f, "arch", lambda: BackboneArch.from_dict(arch_dict)).with_fpn(fpn)
+    in_1x1 = f.take("stride_in_1x1", bool, False)
+    return dataclasses.replace(_read_layout(f, fpn), stride_in_1x1=in_1x1)
+
+
+def _read_layout(f: Fields, fpn: int) -> BackboneArch:
+    """The backbone of an ``encoding`` or a uniform recipe (``kind``, ``depths``…)."""
     strides = _ints(f, "strides", (1, 2, 2, 2))
     stem = _positive_int(f, "stem", 64)
     if f.has("encoding"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -129,7 +130,8 @@ def hand_count(
             n = 9 * slot.in_channels * c1 * ao + 3 * c1 * ao + 9 * c1 * co * ao + 2 * co * ao
         else:
             c1, c2, co = b.channels
-            n = slot.in_channels * c1 * ai + 3 * c1 * ai  # 1×1, BN, ReLU at the input size
+            a1 = ao if arch.stride_in_1x1 else ai  # the 1×1 conv strided (detectron2's MSRA)
+            n = slot.in_channels * c1 * a1 + 3 * c1 * a1  # 1×1, BN, ReLU
             n += 9 * (c1 // b.groups) * c2 * ao + 3 * c2 * ao + c2 * co * ao + 2 * co * ao
         if slot.has_projection:
             n += slot.in_channels * co * ao + 2 * co * ao
@@ -163,7 +165,12 @@ GROUPED_ARCH = BackboneArch.parse(
 )
 
 
-@pytest.mark.parametrize("arch", [BASIC_ARCH, GROUPED_ARCH], ids=["basic", "resnext"])
+IN_1X1_ARCH = dataclasses.replace(GROUPED_ARCH, stride_in_1x1=True)
+
+
+@pytest.mark.parametrize(
+    "arch", [BASIC_ARCH, GROUPED_ARCH, IN_1X1_ARCH], ids=["basic", "resnext", "stride-in-1x1"]
+)
 @pytest.mark.parametrize("size", [(64, 96), (50, 77)])
 def test_tiny_detector_counts_exactly(arch: BackboneArch, size: tuple[int, int]) -> None:
     spec = DetectorSpec(
@@ -191,6 +198,10 @@ def test_tiny_detector_counts_exactly(arch: BackboneArch, size: tuple[int, int])
     assert r.total == want["total"]
     assert r.num_rois == 13 and r.size == size
     assert r.params == sum(p.numel() for p in det.parameters())
+    if arch.stride_in_1x1:  # strided earlier: fewer multiply-adds than the same blocks without
+        assert (
+            r.backbone < count_flops(build_detector(spec.with_arch(GROUPED_ARCH), 5), size).backbone
+        )
 
 
 def test_single_modules_count_exactly() -> None:

@@ -27,6 +27,7 @@ from torchvision.ops.poolers import initLevelMapper
 from jdsearch.arch import BackboneArch
 from jdsearch.errors import CheckpointError
 from jdsearch.models.heads import RecordingRoIHeads
+from jdsearch.models.layers import AlignedMultiScaleRoIAlign, SpecAnchorGenerator
 from jdsearch.models.resnet import ResNet
 from jdsearch.spec import DetectorSpec, RoISpec, RPNSpec
 
@@ -112,18 +113,28 @@ def _head_settings(rpn: RPNSpec, roi: RoISpec) -> dict[str, Any]:
     }
 
 
+def _anchor_generator(spec: DetectorSpec) -> AnchorGenerator:
+    """torchvision's anchors, or (``rpn.round_anchors`` false, ``rpn.fixed_anchor_strides``)
+    detectron2's."""
+    rpn = spec.rpn
+    sizes = tuple((s,) for s in rpn.anchor_sizes)
+    ratios = (tuple(rpn.aspect_ratios),) * len(rpn.anchor_sizes)
+    if rpn.round_anchors and not rpn.fixed_anchor_strides:
+        return AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
+    strides = feature_strides(spec.arch)
+    strides.append(2 * strides[-1])  # P6: max-pooled P5
+    fixed = strides if rpn.fixed_anchor_strides else None
+    return SpecAnchorGenerator(sizes, ratios, rounded=rpn.round_anchors, strides=fixed)
+
+
 def _assemble(spec: DetectorSpec, n: int) -> Detector:
     """The torchvision modules of the detector, built in a fixed order (the seeded weights
     depend on it)."""
     arch, rpn, roi, inp = spec.arch, spec.rpn, spec.roi, spec.input
     backbone = ResNetFPN(arch)
-    anchor_gen = AnchorGenerator(
-        sizes=tuple((s,) for s in rpn.anchor_sizes),
-        aspect_ratios=(tuple(rpn.aspect_ratios),) * len(rpn.anchor_sizes),
-    )
-    pool = MultiScaleRoIAlign(
-        FEATURE_NAMES, output_size=roi.pool_size, sampling_ratio=roi.sampling_ratio
-    )
+    anchor_gen = _anchor_generator(spec)
+    pooler = AlignedMultiScaleRoIAlign if roi.aligned else MultiScaleRoIAlign
+    pool = pooler(FEATURE_NAMES, output_size=roi.pool_size, sampling_ratio=roi.sampling_ratio)
     fix_roi_scales(pool, arch)
     box_head = TwoMLPHead(arch.fpn * roi.pool_size**2, roi.representation_size)
     det = Detector(

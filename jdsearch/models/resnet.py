@@ -6,7 +6,8 @@ address parameters by name:
 
 ``stem.conv``, ``stem.bn``, ``stages.{s}.{b}.conv1/bn1/conv2/bn2[/conv3/bn3]`` and, for a block
 with a projection shortcut, ``stages.{s}.{b}.shortcut.conv/bn``. Strides sit on the 3×3 conv (the
-"pytorch" ResNet style used by torchvision and mmdetection).
+"pytorch" ResNet style used by torchvision and mmdetection), or, for an arch with
+``stride_in_1x1``, on a bottleneck's first 1×1 conv (detectron2's MSRA style).
 """
 
 from __future__ import annotations
@@ -67,15 +68,22 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(BasicBlock):
-    """1×1 → 3×3 (strided, grouped) → 1×1: widths ``(c1, c2, c_out)``."""
+    """1×1 → 3×3 (strided, grouped) → 1×1: widths ``(c1, c2, c_out)``; with ``stride_in_1x1``
+    the first 1×1 conv carries the stride instead."""
 
     def __init__(
-        self, in_ch: int, channels: tuple[int, ...], stride: int = 1, groups: int = 1
+        self,
+        in_ch: int,
+        channels: tuple[int, ...],
+        stride: int = 1,
+        groups: int = 1,
+        stride_in_1x1: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         c1, c2, c_out = channels
-        self.conv1, self.bn1 = conv_bn(in_ch, c1, 1)
-        self.conv2, self.bn2 = conv_bn(c1, c2, 3, stride, groups)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1, self.bn1 = conv_bn(in_ch, c1, 1, s1)
+        self.conv2, self.bn2 = conv_bn(c1, c2, 3, s3, groups)
         self.conv3, self.bn3 = conv_bn(c2, c_out, 1)
         self.shortcut = Shortcut(in_ch, c_out, stride) if (in_ch != c_out or stride != 1) else None
         self.relu = nn.ReLU(inplace=True)
@@ -87,11 +95,13 @@ class Bottleneck(BasicBlock):
         return self.bn3(self.conv3(y))
 
 
-def make_block(slot: BlockSlot) -> BasicBlock:
+def make_block(slot: BlockSlot, stride_in_1x1: bool = False) -> BasicBlock:
     """The :class:`BasicBlock` or :class:`Bottleneck` of ``slot``: its input width, conv widths,
-    stride and groups."""
-    cls = BasicBlock if slot.block.kind == BASIC else Bottleneck
-    return cls(slot.in_channels, slot.block.channels, slot.stride, slot.block.groups)
+    stride and groups (a bottleneck's stride on its 1×1 conv with ``stride_in_1x1``)."""
+    b = slot.block
+    if b.kind == BASIC:
+        return BasicBlock(slot.in_channels, b.channels, slot.stride, b.groups)
+    return Bottleneck(slot.in_channels, b.channels, slot.stride, b.groups, stride_in_1x1)
 
 
 class Stem(nn.Module):
@@ -118,7 +128,7 @@ class ResNet(nn.Module):
         self.stem = Stem(arch.stem)
         stages: list[list[nn.Module]] = [[] for _ in arch.stages]
         for slot in arch.slots():
-            stages[slot.stage].append(make_block(slot))
+            stages[slot.stage].append(make_block(slot, arch.stride_in_1x1))
         self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
         init_weights(self)
 

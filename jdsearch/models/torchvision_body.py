@@ -53,6 +53,7 @@ __all__ = [
     "load_backbone_weights",
     "map_body",
     "read_weights_file",
+    "torchvision_body_name",
 ]
 
 # Every global a pickled torchvision ResNet or Faster R-CNN (v1, and v2 so that it is refused by
@@ -210,6 +211,25 @@ def jdsearch_body_name(name: str) -> str | None:
     if m:
         stage, block, module, leaf = m.groups()
         return f"stages.{int(stage) - 1}.{block}.{_DOWNSAMPLE.get(module, module)}.{leaf}"
+    return None
+
+
+_JD_STEM = re.compile(r"stem\.(conv|bn)\.(.+)")
+_JD_BLOCK = re.compile(r"stages\.([0-3])\.(\d+)\.(conv\d|bn\d|shortcut\.conv|shortcut\.bn)\.(.+)")
+_SHORTCUT = {v: k for k, v in _DOWNSAMPLE.items()}
+
+
+def torchvision_body_name(name: str) -> str | None:
+    """The torchvision ResNet name of jdsearch body tensor ``name``, the inverse of
+    :func:`jdsearch_body_name` (``stages.1.0.shortcut.bn.bias`` → ``layer2.0.downsample.1.bias``);
+    ``None`` for a name no jdsearch body has."""
+    m = _JD_STEM.fullmatch(name)
+    if m:
+        return f"{'conv1' if m.group(1) == 'conv' else 'bn1'}.{m.group(2)}"
+    m = _JD_BLOCK.fullmatch(name)
+    if m:
+        stage, block, module, leaf = m.groups()
+        return f"layer{int(stage) + 1}.{block}.{_SHORTCUT.get(module, module)}.{leaf}"
     return None
 
 

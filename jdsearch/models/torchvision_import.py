@@ -51,12 +51,16 @@ __all__ = [
     "TOLERANCE",
     "DetectionCheck",
     "Imported",
+    "architecture",
     "check_images",
     "check_size",
     "compare_detections",
     "compare_settings",
     "convert",
+    "family_name",
     "import_torchvision",
+    "match_detections",
+    "scaled_size",
     "spec_from_torchvision",
 ]
 
@@ -122,8 +126,9 @@ def _refuse_unsupported(sd: Mapping[str, Tensor], source: str) -> None:
         )
 
 
-def _architecture(sd: Mapping[str, Tensor], source: str) -> tuple[BackboneArch, int, RoISpec]:
-    """Body and FPN, number of classes and box-head sizes, from the tensor shapes."""
+def architecture(sd: Mapping[str, Tensor], source: str) -> tuple[BackboneArch, int, RoISpec]:
+    """Body and FPN, number of classes and box-head sizes of a torchvision Faster R-CNN state
+    dict, from the tensor shapes (:class:`CheckpointError` for what jdsearch cannot build)."""
     fpn = int(sd["backbone.fpn.layer_blocks.0.0.weight"].shape[0])
     arch = body_arch(body_tensors(sd), fpn=fpn, source=source)
     n = len({k.split(".")[3] for k in sd if k.startswith("backbone.fpn.inner_blocks.")})
@@ -207,7 +212,7 @@ def _input_settings(model: nn.Module, base: InputSpec | None, source: str) -> In
     )
 
 
-def _family(arch: BackboneArch) -> str:
+def family_name(arch: BackboneArch) -> str:
     """``r50-fpn``, ``x101-32x4d-fpn``…: the name torchvision's ResNet of ``arch`` goes by."""
     per_block = 3 if arch.kind == BOTTLENECK else 2
     depth = per_block * arch.num_blocks() + 2
@@ -239,8 +244,8 @@ def spec_from_torchvision(
     source = weights.source
     sd = _normalise(weights.tensors)
     _refuse_unsupported(sd, source)
-    body, num_classes, shapes = _architecture(sd, source)
-    base = arch or DetectorSpec(name=_family(body), arch=body)
+    body, num_classes, shapes = architecture(sd, source)
+    base = arch or DetectorSpec(name=family_name(body), arch=body)
     rpn, inputs = base.rpn, base.input
     roi = dataclasses.replace(
         base.roi, representation_size=shapes.representation_size, pool_size=shapes.pool_size
@@ -321,7 +326,11 @@ class DetectionCheck:
 def check_size(spec: DetectorSpec, short: int = CHECK_SHORT) -> Resolution:
     """The size the check runs at: the spec's input size, scaled down to a short side of at most
     ``short`` pixels (the weights are what is checked; the settings are compared one by one)."""
-    size = spec.input.size
+    return scaled_size(spec.input.size, short)
+
+
+def scaled_size(size: Resolution, short: int = CHECK_SHORT) -> Resolution:
+    """``size`` scaled down (aspect ratio kept) to a short side of at most ``short`` pixels."""
     if size.short <= short:
         return size
     return Resolution(max(short, round(size.long * short / size.short)), short)
@@ -385,23 +394,24 @@ def compare_settings(reference: nn.Module, detector: nn.Module, *, source: str) 
             )
 
 
-def _match(
-    a: Mapping[str, Tensor], b: Mapping[str, Tensor], tol: float
+def match_detections(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], tol: float, score_tol: float | None = None
 ) -> tuple[bool, float, float]:
-    """Whether every detection of ``a`` has one of ``b`` with its label and, within ``tol``, its
-    box and score (order aside), and the largest differences over the best matches."""
+    """Whether every detection of ``a`` has one of ``b`` with its label and, within ``tol``
+    (boxes, in pixels) and ``score_tol`` (scores; default ``tol``), its box and score (order
+    aside), and the largest differences over the best matches."""
     if len(a["boxes"]) != len(b["boxes"]):
         return False, math.inf, math.inf
     if len(a["boxes"]) == 0:
         return True, 0.0, 0.0
-    box = (a["boxes"][:, None] - b["boxes"][None]).abs().amax(-1)
-    score = (a["scores"][:, None] - b["scores"][None]).abs()
-    cost = torch.maximum(box, score).masked_fill(
+    box = (a["boxes"][:, None] - b["boxes"][None]).abs().amax(-1).double()
+    score = (a["scores"][:, None] - b["scores"][None]).abs().double()
+    cost = torch.maximum(box / tol, score / (score_tol or tol)).masked_fill(
         a["labels"][:, None] != b["labels"][None], math.inf
     )
     best = cost.argmin(1)
     rows = torch.arange(len(best))
-    ok = bool((cost[rows, best] <= tol).all()) and len(set(best.tolist())) == len(best)
+    ok = bool((cost[rows, best] <= 1.0).all()) and len(set(best.tolist())) == len(best)
     return ok, float(box[rows, best].max()), float(score[rows, best].max())
 
 
@@ -433,7 +443,7 @@ def compare_detections(
         runs.append(m([img.double() for img in images]))
     total, worst_box, worst_score = 0, 0.0, 0.0
     for i, (a, b) in enumerate(zip(*runs, strict=True)):
-        ok, box, score = _match(a, b, TOLERANCE)
+        ok, box, score = match_detections(a, b, TOLERANCE)
         if not ok:
             raise CheckpointError(
                 f"{source}: the converted detector disagrees with the source on check image {i} "
