@@ -7,6 +7,8 @@ each of ``--seeds`` seeds (``search.seed``), every row below gets the same train
 ``trials × fast_eval.epochs`` epochs of the training set.
 
     hill_climb      the default search (algorithm 1, dynamic KD)
+    pareto          hill climbing in a Pareto study (score.mode: pareto): parents from the
+                    non-dominated set of (AP, cost), no single α
     random          a random walk with inheritance
     greedy          hill climbing from the best pair only
     pool            ETP search: students cut from the teacher pool (appendix F)
@@ -21,6 +23,9 @@ each of ``--seeds`` seeds (``search.seed``), every row below gets the same train
     longer_all      the base trained on for the whole budget, no teacher
     longer_all_kd   the same, distilled from the super-net
 
+``--alphas A ...`` adds one hill-climbing row per α, ``hill_climb_aA`` (the study's H with α = A),
+so a Pareto search is compared with single-H searches at several trade-offs at the same budget.
+
 A search row's winner is its best trial by H on the selection split (``data.max_val_images``);
 a control's detector is scored the same way (H at every resolution, the best one kept). Every
 winner is then judged on the held-out split (``data.test``, else the val images beyond
@@ -31,11 +36,19 @@ Each (row, seed) writes ``results/ROW-sSEED.json`` under ``--out``; a run that f
 so an interrupted bench resumes, and several processes with disjoint ``--seed-list`` or ``--rows``
 can share the work (then ``--table-only`` prints the table of everything there). The table gives
 mean ± sd over seeds, the training images and wall time each row actually used, and the noise
-floor (the seed-0 hill-climbing winner re-run with three other seeds). ``search_quality.html``
+floor (the seed-0 hill-climbing winner re-run with three other seeds) and the hypervolume (HV)
+of each row's held-out front relative to the base point: the search's non-dominated trials by
+(selection AP, cost) where they scored best, each judged on the held-out split, and the area
+(AP points × cost, cost being the score's (C/C_base)·(R/R_base)^β) they dominate that is better
+than the base detector in both AP (held-out, at the base resolution) and cost (1); a control's
+front is its one detector. ``search_quality.html``
 has best-so-far H against trials for every search row and the held-out AP–FLOPs points of every
 winner.
 
     python bench/search_quality.py --study studies/quickstart.yaml --seeds 3
+    python bench/search_quality.py --study studies/quickstart.yaml --seeds 3 \
+        --rows hill_climb pareto --alphas 0.1 1.0   # Pareto against H at α 0.1, 0.4 (the
+                                                    # study's), 1.0: same trials, same seeds
 """
 
 from __future__ import annotations
@@ -53,11 +66,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-SEARCH_ROWS = ("hill_climb", "random", "greedy", "pool", "kd_fixed", "kd_off")
+SEARCH_ROWS = ("hill_climb", "pareto", "random", "greedy", "pool", "kd_fixed", "kd_off")
 CONTROL_ROWS = ("pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
 ROWS = SEARCH_ROWS + CONTROL_ROWS
-_SEARCH_SETTINGS = {  # row -> (search.strategy, kd.mode)
+_SEARCH_SETTINGS = {  # row -> (search.strategy, kd.mode); score.mode pareto for "pareto"
     "hill_climb": ("hill_climb", "dynamic"),
+    "pareto": ("hill_climb", "dynamic"),
     "random": ("random", "dynamic"),
     "greedy": ("greedy", "dynamic"),
     "pool": ("pool", "dynamic"),
@@ -65,6 +79,23 @@ _SEARCH_SETTINGS = {  # row -> (search.strategy, kd.mode)
     "kd_off": ("hill_climb", "off"),
 }
 PIPELINE_SPARSITY = 1e-4  # BN-sparsity weight of the pipelining baseline's first half
+ALPHA_ROW = "hill_climb_a"  # + α: hill climbing scored by H with that α (--alphas)
+
+
+def alpha_row(alpha: float) -> str:
+    """The row of hill climbing with H's α = ``alpha``: ``hill_climb_a0.1``."""
+    return f"{ALPHA_ROW}{alpha:g}"
+
+
+def is_search_row(row: str) -> bool:
+    """A search row (one of :data:`SEARCH_ROWS`, or an α row of ``--alphas``)."""
+    return row in SEARCH_ROWS or row.startswith(ALPHA_ROW)
+
+
+def row_order(rows: Any) -> list[str]:
+    """Rows in table order: the fixed rows, then the α rows by α."""
+    extra = sorted((r for r in rows if r not in ROWS), key=lambda r: float(r[len(ALPHA_ROW) :]))
+    return [r for r in ROWS if r in rows] + extra
 
 
 # ---------------------------------------------------------------------- budget accounting
@@ -72,7 +103,7 @@ def budget_epochs(row: str, trials: int, fast_epochs: float, lineage: int) -> fl
     """Training epochs a row may spend: ``trials × fast_epochs`` for every search, pipelining and
     the whole-budget controls; ``lineage × fast_epochs`` for the lineage controls (``lineage``:
     trials from the root to the hill-climbing winner, both included)."""
-    if row not in ROWS:
+    if row not in ROWS and not row.startswith(ALPHA_ROW):
         raise ValueError(f"unknown row {row!r} (known: {', '.join(ROWS)})")
     if row in ("longer", "longer_kd"):
         return lineage * fast_epochs
@@ -114,11 +145,17 @@ def shared_assets(spec: Any, out: Path) -> Shared:
 
 
 def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any:
-    """The study spec of a search row: the shared base and pool, its strategy and KD mode."""
+    """The study spec of a search row: the shared base and pool, its strategy, KD mode and
+    score (mode, α)."""
     from jdsearch.search.run import run_dir
 
-    strategy, kd_mode = _SEARCH_SETTINGS[row]
+    strategy, kd_mode = _SEARCH_SETTINGS.get(row, ("hill_climb", "dynamic"))
     spec = shared.spec
+    score = spec.score
+    if row == "pareto":
+        score = dataclasses.replace(score, mode="pareto")
+    elif row.startswith(ALPHA_ROW):
+        score = dataclasses.replace(score, alpha=float(row[len(ALPHA_ROW) :]))
     name = f"{spec.name}-sq-{row}-s{seed}".replace("_", "-")
     variant = dataclasses.replace(
         spec,
@@ -132,6 +169,7 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
             storage=f"sqlite:///{out / 'studies' / (name + '.db')}",
         ),
         kd=dataclasses.replace(spec.kd, mode=kd_mode),
+        score=score,
     )
     cache = run_dir(variant) / "pool.safetensors"
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +195,7 @@ def _judge(shared: Shared, detector: Any, score: Any) -> dict[str, Any]:
         "flops": int(score.flops.total),
         "flops_at": int(score.flops_at[res]),
         "params": int(score.flops.params),
+        "cost": float(score.cost[res]),
     }
 
 
@@ -164,7 +203,7 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
     """One search: its winner (best H on the selection split) judged on the held-out split."""
     from jdsearch.search.objective import Objective
     from jdsearch.search.queries import best_of, lineage, open_study
-    from jdsearch.search.record import TrialRecord
+    from jdsearch.search.record import TrialRecord, h_of
     from jdsearch.search.run import run_search
 
     spec = _variant(shared, row, seed, trials, out)
@@ -180,7 +219,8 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
     records = [TrialRecord.from_trial(t) for t in trials_]
     so_far, best_h = [], -math.inf
     for t in trials_:
-        best_h = max(best_h, t.value if t.value is not None else -math.inf)
+        h = h_of(t)
+        best_h = max(best_h, h if h is not None else -math.inf)
         so_far.append(best_h)
     winner_path = out / "winners" / f"{row}-s{seed}.safetensors"
     _save(detector, shared, winner_path)
@@ -188,7 +228,7 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
     return {
         **_judge(shared, detector, score),
         "trial": best.number,
-        "recorded_h": float(best.value),
+        "recorded_h": float(h_of(best)),  # type: ignore[arg-type]
         "lineage": [t.number for t in path],
         "moves": [str(TrialRecord.from_trial(t).move) for t in path],
         "best_so_far": so_far,
@@ -197,7 +237,55 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
         "wall_s": wall,
         "winner": str(winner_path),
         "study": spec.storage_url,
+        "front": heldout_front(shared, handle, trials_),
     }
+
+
+def heldout_front(shared: Shared, handle: Any, trials: list[Any]) -> list[dict[str, Any]]:
+    """The search's front (non-dominated by selection AP and cost where each trial scored
+    best), each trial judged on the held-out split at that resolution."""
+    from jdsearch.evaluate import evaluate
+    from jdsearch.resolution import Resolution
+    from jdsearch.search.queries import front_of
+    from jdsearch.search.record import TrialRecord
+
+    out = []
+    for t in front_of(trials):
+        r = TrialRecord.from_trial(t)
+        res = str(r.best_resolution)
+        detector = handle.checkpoint(t, device=shared.spec.device).detector
+        held = evaluate(
+            detector, shared.heldout, [Resolution.parse(res)], device=shared.spec.device
+        )
+        out.append({"trial": t.number, "heldout_ap": float(held[res].AP), "cost": r.cost[res]})
+    return out
+
+
+def base_point(shared: Shared, out: Path) -> tuple[float, float]:
+    """The reference of the hypervolume: the base detector's held-out AP at the base resolution,
+    and its cost there (1). Measured once, kept in ``out/base_point.json``."""
+    path = out / "base_point.json"
+    if not path.is_file():
+        from jdsearch.evaluate import evaluate
+
+        res = shared.ctx.base_resolution
+        held = evaluate(_base(shared), shared.heldout, [res], device=shared.spec.device)
+        doc = {"resolution": str(res), "heldout_ap": float(held[str(res)].AP), "cost": 1.0}
+        path.write_text(json.dumps(doc, indent=1))
+    doc = json.loads(path.read_text())
+    return float(doc["heldout_ap"]), float(doc["cost"])
+
+
+def hypervolume(result: dict[str, Any], base: tuple[float, float]) -> float:
+    """HV (AP points × cost) of a row's held-out front relative to the base point; a control's
+    front is its one detector."""
+    from jdsearch.search.pareto import hypervolume_2d
+
+    front = result.get("front")
+    if front is None:  # a control: one detector
+        front = [{"heldout_ap": result["heldout_ap"], "cost": result.get("cost", math.inf)}]
+    points = [(-100 * p["heldout_ap"], p["cost"]) for p in front]
+    return hypervolume_2d(points, (-100 * base[0], base[1]))
 
 
 def _save(detector: Any, shared: Shared, path: Path) -> None:
@@ -318,12 +406,15 @@ def _fps_ratios(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) 
 def table(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> str:
     """One row per strategy: mean ± sd over seeds."""
     base_flops, base_params = shared.ctx.base_flops, _base_params(shared)
+    rows = row_order({name for name, _ in results})
+    w = max(14, *(len(r) + 1 for r in rows))
     head = (
-        f"{'row':<14}{'seeds':>5}  {'held-out AP':>12}  {'sel. AP':>10}  {'FLOPs×':>11}  "
-        f"{'params×':>11}  {'FPS×':>11}  {'best H':>15}  {'train imgs':>10}  {'wall s':>9}"
+        f"{'row':<{w}}{'seeds':>5}  {'held-out AP':>12}  {'sel. AP':>10}  {'FLOPs×':>11}  "
+        f"{'params×':>11}  {'FPS×':>11}  {'best H':>15}  {'train imgs':>10}  {'wall s':>9}  "
+        f"{'HV (AP pts × cost)':>19}"
     )
     lines = [head, "-" * len(head)]
-    for row in ROWS:
+    for row in rows:
         rs = [r for (name, _), r in sorted(results.items()) if name == row]
         if not rs:
             continue
@@ -333,11 +424,12 @@ def table(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> str
             return f"{m:{fmt}} ± {s:{fmt}}"
 
         lines.append(
-            f"{row:<14}{len(rs):>5}  {cell('heldout_ap', 100):>12}  {cell('selection_ap', 100):>10}  "
+            f"{row:<{w}}{len(rs):>5}  {cell('heldout_ap', 100):>12}  {cell('selection_ap', 100):>10}  "
             f"{cell('flops', 1 / base_flops, '.2f'):>11}  {cell('params', 1 / base_params, '.2f'):>11}  "
             f"{cell('fps_ratio', 1, '.2f'):>11}  {cell('h', 1, '.4f'):>15}  "
             f"{statistics.fmean(r['train_images'] for r in rs):>10.0f}  "
-            f"{statistics.fmean(r['wall_s'] for r in rs):>9.0f}"
+            f"{statistics.fmean(r['wall_s'] for r in rs):>9.0f}  "
+            f"{cell('hypervolume', 1, '.3f'):>19}"
         )
     return "\n".join(lines)
 
@@ -358,7 +450,8 @@ def write_html(results: dict[tuple[str, int], dict[str, Any]], base_flops: int, 
     )
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                "#7f7f7f", "#bcbd22", "#17becf", "#393b79"]  # fmt: skip
-    colours = dict(zip(ROWS, palette, strict=True))
+    ordered = row_order({name for name, _ in results})
+    colours = {row: palette[i % len(palette)] for i, row in enumerate(ordered)}
     for (row, seed), r in sorted(results.items()):
         if "best_so_far" in r:
             fig.add_trace(
@@ -375,7 +468,7 @@ def write_html(results: dict[tuple[str, int], dict[str, Any]], base_flops: int, 
                 row=1,
                 col=1,
             )
-    for row in ROWS:
+    for row in ordered:
         rs = [(s, r) for (n, s), r in sorted(results.items()) if n == row]
         if rs:
             fig.add_trace(
@@ -443,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (search.seed)")
     p.add_argument("--seed-list", type=int, nargs="+", help="run only these seeds")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run")
+    p.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also hill climbing with H at each of these α (rows hill_climb_aA)",
+    )
     p.add_argument("--out", default=None, help="default runs/search_quality/<study name>")
     p.add_argument("--table-only", action="store_true", help="print the table of what is there")
     p.add_argument("--no-table", action="store_true", help="only run (a worker of a split run)")
@@ -465,18 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     shared = shared_assets(spec, out)
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     if not args.table_only:
-        _run_all(shared, args.rows, seeds, trials, out)
+        _run_all(shared, args.rows + [alpha_row(a) for a in args.alphas], seeds, trials, out)
     return 0 if args.no_table else _report(shared, out, trials)
 
 
 def _run_all(shared: Shared, rows: list[str], seeds: list[int], trials: int, out: Path) -> None:
-    todo = [r for r in ROWS if r in rows]
+    todo = row_order(set(rows))
     for seed in seeds:
         for row in todo:
             if (out / "results" / f"{row}-s{seed}.json").is_file():
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {row}, seed {seed} ...", flush=True)
-            if row in SEARCH_ROWS:
+            if is_search_row(row):
                 result = run_search_row(shared, row, seed, trials, out)
             else:
                 hc = _load(out).get(("hill_climb", seed)) or _hill_climb_first(
@@ -503,6 +603,9 @@ def _report(shared: Shared, out: Path, trials: int) -> int:
         print("no results yet", file=sys.stderr)
         return 1
     _fps_ratios(shared, results)
+    base = base_point(shared, out)
+    for r in results.values():
+        r["hypervolume"] = hypervolume(r, base)
     for (row, seed), r in results.items():  # the FPS ratios are kept with the results
         _store(out, row, seed, {k: v for k, v in r.items() if k not in ("row", "seed")})
     spec = shared.spec
@@ -513,6 +616,11 @@ def _report(shared: Shared, out: Path, trials: int) -> int:
         f"GFLOPs at {shared.ctx.base_resolution}\n"
     )
     print(table(shared, results))
+    print(
+        f"\nHV: the held-out front's area better than the base point (held-out AP "
+        f"{100 * base[0]:.1f} at {shared.ctx.base_resolution}, cost {base[1]:g}) in AP points × "
+        f"cost ({shared.spec.score.cost}: (C/C_base)·(R/R_base)^{shared.spec.score.beta:g})"
+    )
     if any(row == "hill_climb" for row, _ in results):
         print("\n" + _noise(shared, results, out))
     write_html(results, shared.ctx.base_flops, out / "search_quality.html")

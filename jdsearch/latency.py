@@ -15,6 +15,7 @@ comparing detectors against each other but not as an absolute figure.
 from __future__ import annotations
 
 import contextlib
+import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from jdsearch.data import using_resolution
 from jdsearch.errors import JDSearchError
 from jdsearch.resolution import Resolution
 
-__all__ = ["Latency", "check_device", "measure_latencies", "measure_latency"]
+__all__ = ["Latency", "check_device", "device_name", "measure_latencies", "measure_latency"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,30 @@ def check_device(device: str | torch.device) -> torch.device:
     elif dev.type != "cpu":
         raise JDSearchError(f"device {device!r}: expected cpu, cuda or cuda:N")
     return dev
+
+
+def device_name(device: str | torch.device) -> str:
+    """What a latency was measured on, to tell machines apart: the GPU's name
+    (``cuda:0 NVIDIA H200``), or the CPU's model with torch's thread count
+    (``cpu AMD EPYC 7B13, 1 thread``)."""
+    dev = check_device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    threads = torch.get_num_threads()
+    return f"cpu {_cpu_model()}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f,
+    ):
+        for line in f:
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def measure_latencies(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.config import (
+    FieldError,
     Fields,
     check,
     is_number,
@@ -32,7 +33,9 @@ from jdsearch.settings import KDConfig, TrainConfig, is_device
 
 __all__ = [
     "BASE_TRAIN",
+    "COSTS",
     "FAST_EVAL",
+    "SCORE_MODES",
     "STUDIES_DIR",
     "TRIAL_CHECKPOINT_EVERY",
     "BaseSpec",
@@ -53,6 +56,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS = ("AP", "AP50", "AP75")
 #: The largest α and β of the score H (:class:`ScoreSpec`).
 MAX_EXPONENT = 10.0
+#: How a trial is scored (``score.mode``): one score H (algorithm 1), or a Pareto search over the
+#: accuracy and the cost (a multi-objective study: maximise AP, minimise the cost).
+SCORE_MODES = ("h", "pareto")
+#: What C of the score is (``score.cost``): multiply-adds at the base resolution, parameters, or
+#: the median batch-1 latency on the worker's own device, timed against the base detector.
+COSTS = ("flops", "params", "latency")
 #: How the search picks each trial's parent: algorithm 1 (rank-weighted from the top-k), always
 #: the best pair, a random walk over every completed trial, or hill climbing whose students are
 #: sub-networks of the elastic teacher pool (the paper's "ETP search", appendix F).
@@ -130,13 +139,29 @@ class BaseSpec:
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """H(S, R) = mAP × [(C/C_base)·(R/R_base)^β]^−α (paper 3.1.4; α 0.4, β 0.8)."""
+    """H(S, R) = mAP × [(C/C_base)·(R/R_base)^β]^−α (paper 3.1.4; α 0.4, β 0.8).
+
+    ``mode``: ``h`` (the study maximises H) or ``pareto`` (it maximises AP and minimises the
+    cost ``(C/C_base)·(R/R_base)^β``, both at the resolution where H is best; H is recorded too).
+    ``cost``: what C is: ``flops`` (multiply-adds at the base resolution), ``params`` or
+    ``latency`` (median batch-1 latency on the study's ``device``, timed interleaved with the base
+    detector at the same resolution, ``latency_warmup`` untimed and ``latency_repeats`` timed
+    calls each).
+    """
 
     alpha: float = 0.4
     beta: float = 0.8
     metric: str = "AP"  # which COCO metric is the "mAP" of H
+    mode: str = "h"
+    cost: str = "flops"
+    latency_repeats: int = 20
+    latency_warmup: int = 3
 
     def __post_init__(self) -> None:
+        check(self.mode in SCORE_MODES, self, "mode", f"must be one of {', '.join(SCORE_MODES)}")
+        check(self.cost in COSTS, self, "cost", f"must be one of {', '.join(COSTS)}")
+        check(self.latency_repeats >= 1, self, "latency_repeats", "must be ≥ 1")
+        check(self.latency_warmup >= 0, self, "latency_warmup", "must not be negative")
         # H raises the FLOPs and pixel ratios to these powers: beyond MAX_EXPONENT a ratio
         # overflows a float (or underflows to 0, then divides by it), failing every trial.
         for name in ("alpha", "beta"):
@@ -276,6 +301,9 @@ class StudySpec:
         repeated = sorted({str(r) for r in self.resolutions if self.resolutions.count(r) > 1})
         check(not repeated, self, "resolutions", f"{', '.join(repeated)} listed twice")
         check(is_device(self.device), self, "device", "expected a device such as cpu or cuda:0")
+        if self.score.mode == "pareto" and self.search.strategy == "greedy":
+            why = "follows the single best pair, which a Pareto search (score.mode: pareto) lacks"
+            raise FieldError(type(self).__name__, "search.strategy", why, self.search.strategy)
         if self.data.dir is None:
             data = dataclasses.replace(self.data, dir=Path("runs") / self.name / "data")
             object.__setattr__(self, "data", data)

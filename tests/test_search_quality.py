@@ -86,3 +86,23 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
     # a second run finds every result and only prints the table
     assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out)]) == 0
     assert "seed 0 ..." not in capsys.readouterr().out
+
+
+def test_hypervolume_of_a_held_out_front_against_the_base_point() -> None:
+    sq = _bench()
+    base = (0.20, 1.0)  # held-out AP 20 %, cost 1
+    front = [{"heldout_ap": 0.25, "cost": 0.5}, {"heldout_ap": 0.30, "cost": 0.8}]
+    # AP 20→25 over cost 0.5→1 (5 · 0.5), then AP 25→30 over cost 0.8→1 (5 · 0.2)
+    assert sq.hypervolume({"front": front}, base) == pytest.approx(5 * 0.5 + 5 * 0.2)
+    worse = [{"heldout_ap": 0.15, "cost": 0.5}, {"heldout_ap": 0.35, "cost": 1.2}]
+    assert sq.hypervolume({"front": worse}, base) == 0.0  # never better in both
+    assert sq.hypervolume({"heldout_ap": 0.3, "cost": 0.5}, base) == pytest.approx(10 * 0.5)
+    assert sq.hypervolume({"heldout_ap": 0.3}, base) == 0.0  # a control without its cost
+    assert sq.row_order({"hill_climb_a1", "pareto", "hill_climb_a0.1", "hill_climb"}) == [
+        "hill_climb",
+        "pareto",
+        "hill_climb_a0.1",
+        "hill_climb_a1",
+    ]
+    assert sq.alpha_row(0.1) == "hill_climb_a0.1" and sq.is_search_row("hill_climb_a0.1")
+    assert sq.budget_epochs("hill_climb_a0.1", 8, 0.5, 3) == sq.budget_epochs("pareto", 8, 0.5, 3)

@@ -26,7 +26,7 @@ from jdsearch.data import CocoDataset
 from jdsearch.evaluate import evaluate
 from jdsearch.flops import count_flops
 from jdsearch.latency import Latency, measure_latencies
-from jdsearch.report.trials import percent
+from jdsearch.report.trials import percent, trial_h
 from jdsearch.resolution import Resolution
 from jdsearch.search.noise import stored_noise
 from jdsearch.search.queries import StudyHandle
@@ -186,7 +186,7 @@ def _row(
         input_size=str(res),
         flops=report.total,
         params=report.params,
-        h=float(trial.value),  # type: ignore[arg-type]
+        h=trial_h(trial),
         metrics=_metrics_at(trial, size),
     )
     return row, detector

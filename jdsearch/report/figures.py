@@ -36,14 +36,16 @@ from jdsearch.report.trials import (
     teacher_params,
     trial_ap,
     trial_gflops,
+    trial_h,
 )
-from jdsearch.search.queries import StudyHandle, best_of
+from jdsearch.search.queries import StudyHandle, best_of, front_of
 from jdsearch.search.record import BASE_MOVE, TrialRecord
 
 __all__ = [
     "FIGURE_KEYS",
     "build_figures",
     "fig_action_gain",
+    "fig_cost_front",
     "fig_h_per_iteration",
     "fig_lineage",
     "fig_pareto",
@@ -96,7 +98,7 @@ def _hover(t: FrozenTrial) -> str:
     )
     parts = [
         f"<b>trial {t.number}</b>: {r.move or '?'}{origin}",
-        f"H {float(t.value):.4f} at {res}",  # type: ignore[arg-type]
+        f"H {trial_h(t):.4f} at {res}",
         f"AP {percent(trial_ap(t))} at {res}",
         flops,
         f"teacher {r.teacher or '?'}",
@@ -162,7 +164,7 @@ def fig_h_per_iteration(trials: Sequence[FrozenTrial]) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=[t.number for t in done],
-            y=[float(b.value) for b in best],
+            y=[trial_h(b) for b in best],
             mode="lines",
             line_shape="hv",  # type: ignore[arg-type]
             name="best H so far",
@@ -230,6 +232,69 @@ def fig_pareto(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go.
 
 
 _BLACK_EDGE = {"color": "black", "width": 1}
+
+
+def fig_cost_front(
+    trials: Sequence[FrozenTrial], *, best: int | None = None, cost: str = "cost"
+) -> go.Figure:
+    """A Pareto study's front (``score.mode: pareto``): AP against the cost of the score, both
+    where each trial scored best (the study's own values, :meth:`TrialRecord.point`), the
+    non-dominated trials as a step line, the base trial and the upgraded trial (the best H, or
+    trial ``best``: the chosen student) marked. ``cost`` names the cost on the axis."""
+    done = [t for t in require_completed(trials, "the front") if _cost_point(t) is not None]
+    if not done:
+        raise JDSearchError("report: no completed trial records both AP and its cost")
+    top = _completed_trial(trials, best)
+    if _cost_point(top) is None:
+        raise JDSearchError(f"report: trial {top.number} records no cost to mark on the front")
+    fig = go.Figure()
+    marker = {"color": "#8c9fb8", "size": 7}
+    fig.add_trace(_ap_cost(done, mode="markers", name="trials", marker=marker))
+    front_line = {"color": "#d62728", "width": 2}
+    fig.add_trace(
+        _ap_cost(
+            front_of(done),
+            mode="lines+markers",
+            line_shape="hv",
+            name="Pareto front",
+            line=front_line,
+            marker={"color": "#d62728", "size": 9},
+        )
+    )
+    roots = [t for t in done if TrialRecord.from_trial(t).move == BASE_MOVE]
+    if roots:
+        marker = {"symbol": "square", "size": 13, "color": "#444444"}
+        fig.add_trace(
+            _ap_cost(
+                roots[:1], mode="markers", name=f"base (trial {roots[0].number})", marker=marker
+            )
+        )
+    marker = {"symbol": "star", "size": 17, "color": "#ffbf00", "line": _BLACK_EDGE}
+    name = f"upgraded ({upgraded_label(trials, top.number)})"
+    fig.add_trace(_ap_cost([top], mode="markers", name=name, marker=marker))
+    fig.update_layout(
+        title="AP vs cost of every completed trial, with the Pareto front the search kept",
+        xaxis_title=f"{cost}: (C/C_base)·(R/R_base)^β at the trial's best resolution",
+        yaxis_title="AP (%) at the trial's best resolution",
+    )
+    return fig
+
+
+def _cost_point(t: FrozenTrial) -> tuple[float, float] | None:
+    return TrialRecord.from_trial(t).point()
+
+
+def _ap_cost(ts: Sequence[FrozenTrial], **kw: Any) -> go.Scatter:
+    """Trials as points of the cost front (cost, AP %), with the trial hover."""
+    points = [_cost_point(t) or (math.nan, math.nan) for t in ts]
+    return go.Scatter(
+        x=[c for _, c in points],
+        y=[100 * ap for ap, _ in points],
+        customdata=[t.number for t in ts],
+        text=[_hover(t) for t in ts],
+        hovertemplate="%{text}<extra></extra>",
+        **kw,
+    )
 
 
 def _ap_flops(ts: Sequence[FrozenTrial], **kw: Any) -> go.Scatter:
@@ -476,7 +541,7 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
         p = parent_of(t)
         if p in by_number:
             ex += [p, t.number, None]
-            ey += [float(by_number[p].value), float(t.value), None]  # type: ignore[arg-type]
+            ey += [trial_h(by_number[p]), trial_h(t), None]
     fig = go.Figure()
     edges = {"color": "#cccccc", "width": 1}
     fig.add_trace(
@@ -486,7 +551,7 @@ def fig_lineage(trials: Sequence[FrozenTrial], *, best: int | None = None) -> go
     fig.add_trace(
         go.Scatter(
             x=[t.number for t in path],
-            y=[float(t.value) for t in path],  # type: ignore[arg-type]
+            y=[trial_h(t) for t in path],
             mode="lines",
             name=f"path to trial {target}",
             line={"color": "#ffbf00", "width": 5},
@@ -517,7 +582,7 @@ def _lineage_nodes(fam: str, ts: Sequence[FrozenTrial], on_path: set[int]) -> go
     """One family's trials as lineage nodes, those on the highlighted path larger and outlined."""
     return go.Scatter(
         x=[t.number for t in ts],
-        y=[float(t.value) for t in ts],  # type: ignore[arg-type]
+        y=[trial_h(t) for t in ts],
         mode="markers",
         name=fam,
         marker={
@@ -558,7 +623,7 @@ def build_figures(
     count = teacher_param_counter(handle)
     figures = {
         "h_per_iteration": fig_h_per_iteration(trials),
-        "pareto": fig_pareto(trials, best=top),
+        "pareto": _front_figure(handle, trials, top),
         "teacher_capacity": fig_teacher_capacity(trials, count=count),
         "action_gain": fig_action_gain(trials, phases=phases),
         "stage_flops": fig_stage_flops(trials, best=top),
@@ -566,6 +631,14 @@ def build_figures(
     }
     assert tuple(figures) == FIGURE_KEYS
     return figures
+
+
+def _front_figure(handle: StudyHandle, trials: Sequence[FrozenTrial], top: int) -> go.Figure:
+    """Fig. 9 (AP vs FLOPs) for an H study; a Pareto study's own front (AP vs its cost)."""
+    if len(handle.study.directions) < 2:
+        return fig_pareto(trials, best=top)
+    names = handle.study.metric_names or ["AP", "cost"]
+    return fig_cost_front(trials, best=top, cost=names[-1])
 
 
 def graph_object_id(key: str) -> str:

@@ -25,8 +25,9 @@ from jdsearch.report.trials import (
     phase_windows,
     trial_ap,
     trial_gflops,
+    trial_h,
 )
-from jdsearch.search.queries import StudyHandle
+from jdsearch.search.queries import StudyHandle, front_of
 from jdsearch.search.record import (
     BASE_FLOPS_ATTR,
     BASE_RESOLUTION_ATTR,
@@ -154,9 +155,7 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
     if upgraded.number == best.number:
         which = "the best H"
     else:
-        which = (
-            f"chosen for this report; the best H is trial {best.number}, H {float(best.value):.4f}"  # type: ignore[arg-type]
-        )
+        which = f"chosen for this report; the best H is trial {best.number}, H {trial_h(best):.4f}"
     parts = [
         f"{len(trials)} trials ({counts}).",
         f"Base resolution {base_res}, base detector "
@@ -164,13 +163,22 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
         f"Search strategy {html.escape(str(attrs.get(STRATEGY_ATTR, 'hill_climb')))}, "
         f"distillation {html.escape(str(attrs.get(KD_MODE_ATTR, 'dynamic')))}.",
         f"Score H = {html.escape(score.metric)} × [(C/C<sub>base</sub>)·(R/R<sub>base</sub>)<sup>{score.beta:g}</sup>]"
-        f"<sup>−{score.alpha:g}</sup>.",
+        f"<sup>−{score.alpha:g}</sup>, C: {html.escape(score.cost)}.",
+        *_pareto_phrase(handle, trials),
         f"Upgraded detector: trial {upgraded.number} ({which}), "
-        f"H {float(upgraded.value):.4f} ({html.escape(str(up.move))}), "  # type: ignore[arg-type]
+        f"H {trial_h(upgraded):.4f} ({html.escape(str(up.move))}), "
         f"AP {percent(trial_ap(upgraded))} at {html.escape(up.best_resolution or '?')}, "
         f"{_flops_phrase(upgraded)}.",
     ]
     return " ".join(parts)
+
+
+def _pareto_phrase(handle: StudyHandle, trials: Sequence[FrozenTrial]) -> list[str]:
+    """A Pareto study's sentence: what it optimises and how many trials its front holds."""
+    if handle.spec.score.mode != "pareto":
+        return []
+    n = len(front_of(trials))
+    return [f"Pareto search (max AP, min cost): {n} non-dominated trial{'s' if n != 1 else ''}."]
 
 
 def _comparison_html(comparison: Comparison) -> str:

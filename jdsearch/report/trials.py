@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.errors import JDSearchError
 from jdsearch.search.queries import StudyHandle, best_of, completed_trials, lineage_of, root_of
-from jdsearch.search.record import BASE_MOVE, FINETUNE_MOVE, POOL_ATTR, TrialRecord
+from jdsearch.search.record import BASE_MOVE, FINETUNE_MOVE, POOL_ATTR, TrialRecord, h_of
 from jdsearch.search.sampler import family
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "teacher_params",
     "trial_ap",
     "trial_gflops",
+    "trial_h",
 ]
 
 FAMILIES = ("channel_prune", "layer_prune", "add_layer", "rearrange", "teacher")
@@ -89,7 +90,7 @@ def running_best(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     out: list[FrozenTrial] = []
     best: FrozenTrial | None = None
     for t in completed(trials):
-        if best is None or float(t.value) > float(best.value):  # type: ignore[arg-type]
+        if best is None or trial_h(t) > trial_h(best):
             best = t
         out.append(best)
     return out
@@ -106,6 +107,13 @@ def action_family(move: str | None) -> str | None:
         if f.startswith(grouped + "."):
             return grouped
     return f
+
+
+def trial_h(t: FrozenTrial) -> float:
+    """The trial's score H (its value, or the ``h_value`` attribute of a Pareto study's trial);
+    NaN when not recorded."""
+    h = h_of(t)
+    return math.nan if h is None else h
 
 
 def trial_ap(t: FrozenTrial) -> float:
@@ -219,7 +227,7 @@ class ActionStep:
 def action_steps(trials: Sequence[FrozenTrial]) -> list[ActionStep]:
     """Every completed trial with a move other than ``base``, by trial number."""
     done = completed(trials)
-    value = {t.number: float(t.value) for t in done}  # type: ignore[arg-type]
+    value = {t.number: trial_h(t) for t in done}
     steps = []
     for t in done:
         move = TrialRecord.from_trial(t).move

@@ -126,8 +126,11 @@ def _source(handle: Any, t: Any, size: Resolution) -> dict[str, Any]:
         "study": handle.study.study_name,
         "storage": public_url(handle.url),
         "trial": t.number,
-        "H": t.value,
+        "H": r.value,
         "metrics": None if metrics is None else dict(metrics),
+        # score.cost's (C/C_base)·(R/R_base)^β at this size, and the latency measured there
+        "cost": {"kind": handle.spec.score.cost, "value": r.cost.get(str(size))},
+        "latency": r.latency.get(str(size)),
         "teacher": r.teacher or None,
         "lineage": [{"trial": p.number, "move": p.move, "H": p.value} for p in path],
         "base_resolution": handle.study.user_attrs.get(BASE_RESOLUTION_ATTR),

@@ -97,7 +97,8 @@ def measure_noise(
         h.append(score.value)
         ap.append(float(getattr(score.metrics[res], ctx.spec.score.metric)))
     recorded_ap = float(record.ap.get(record.best_resolution or "", float("nan")))
-    floor = NoiseFloor(t.number, tuple(used), tuple(h), tuple(ap), float(t.value), recorded_ap)
+    recorded_h = float(record.value)  # type: ignore[arg-type]  # H of a completed trial
+    floor = NoiseFloor(t.number, tuple(used), tuple(h), tuple(ap), recorded_h, recorded_ap)
     study.set_user_attr(NOISE_ATTR, floor.to_dict())
     return floor
 

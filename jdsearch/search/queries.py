@@ -16,12 +16,16 @@ from optuna.trial import FrozenTrial
 
 from jdsearch.errors import JDSearchError
 from jdsearch.search.optuna_internals import study_system_attrs
+from jdsearch.search.pareto import first_front
 from jdsearch.search.record import (
     BASE_MOVE,
     CATEGORIES_SYSATTR,
     SPEC_SYSATTR,
     TrialRecord,
+    h_of,
     is_complete,
+    metric_names,
+    score_directions,
 )
 from jdsearch.search.storage import public_url, root_cause, with_driver
 from jdsearch.store.artifacts import make_artifact_store, read_artifact
@@ -37,7 +41,57 @@ def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     """The completed trial with the highest H, the earlier one on a tie (``None``: none yet)."""
     done = completed_trials(trials)
-    return max(done, key=lambda t: (float(t.value), -t.number)) if done else None  # type: ignore[arg-type]
+    return max(done, key=lambda t: (float(h_of(t)), -t.number)) if done else None  # type: ignore[arg-type]
+
+
+def front_of(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The completed trials whose (AP, cost) where they scored best (:meth:`TrialRecord.point`:
+    a Pareto study's values) no other completed trial's dominates, by ascending cost (then
+    descending AP, then number). Trials recorded before the cost was take no part."""
+    done = [t for t in completed_trials(trials) if TrialRecord.from_trial(t).point() is not None]
+    points = [TrialRecord.from_trial(t).point() for t in done]
+    front = [(points[i], done[i]) for i in first_front([(-p[0], p[1]) for p in points])]  # type: ignore[index]
+    front.sort(key=lambda x: (x[0][1], -x[0][0], x[1].number))  # type: ignore[index]
+    return [t for _, t in front]
+
+
+def create_or_load(spec: StudySpec, storage: Any, sampler: Any) -> optuna.Study:
+    """The spec's study in ``storage`` with ``sampler``, created with the objectives of its
+    ``score.mode`` (H; or AP and the cost) and their names, which optuna-dashboard and the
+    ``optuna`` CLI show.
+
+    Raises:
+        JDSearchError: the study exists with another score mode (:func:`check_score_mode`).
+    """
+    score = spec.score
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        sampler=sampler,
+        directions=score_directions(score.mode),
+        load_if_exists=True,
+    )
+    check_score_mode(study, spec)
+    if study.metric_names is None:
+        study.set_metric_names(metric_names(score.mode, score.metric, score.cost))
+    return study
+
+
+def check_score_mode(study: optuna.Study, spec: StudySpec) -> None:
+    """The study was created for the spec's ``score.mode`` (Optuna cannot change a study's
+    objectives).
+
+    Raises:
+        JDSearchError: naming both modes and what to do.
+    """
+    wanted = score_directions(spec.score.mode)
+    if [d.name.lower() for d in study.directions] != wanted:
+        mode = "pareto" if len(study.directions) > 1 else "h"
+        raise JDSearchError(
+            f"{spec.source}: score.mode is {spec.score.mode}, but study {study.study_name!r} was "
+            f"created with score.mode {mode}; a study keeps its objectives: give the search "
+            "another name (or storage)"
+        )
 
 
 def root_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:

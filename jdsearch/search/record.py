@@ -38,7 +38,10 @@ __all__ = [
     "WORKER_SYSATTR",
     "TrialRecord",
     "decision_attrs",
+    "h_of",
     "is_complete",
+    "metric_names",
+    "score_directions",
     "set_aside_trials",
 ]
 
@@ -67,6 +70,9 @@ _PARAMS = "params"
 _METRICS = "metrics"  # resolution -> COCO AP, AP50, AP75, APs, APm, APl
 _AP = "ap"  # resolution -> the score's metric
 _H = "h"  # resolution -> H
+_H_VALUE = "h_value"  # the trial's H (its best over resolutions), in either score mode
+_COST = "cost"  # resolution -> (C/C_base)·(R/R_base)^β: what H raises to −α (score.cost's C)
+_LATENCY = "latency"  # resolution -> {ratio, ms, base_ms, device} (score.cost: latency)
 _BEST_RESOLUTION = "best_resolution"  # where H is highest: the trial's value
 _MORPH = "morph"  # new_params, inherited_params of a student action
 _TRAIN_IMAGES = "train_images"  # images the trial's training went through (its compute budget)
@@ -74,6 +80,7 @@ TIMINGS = ("train_s", "eval_s", "teacher_s", "load_s", "upload_s")  # seconds, e
 # (system attributes: machine-facing state, hidden from `optuna trials`)
 _ARCH = "jdsearch:student_arch"  # BackboneArch.to_dict() of the student
 _STUDENT_MOVES = "jdsearch:student_moves"  # feasible student actions from this student
+_ARCH_KEY = "jdsearch:arch_key"  # what a latency measurement is cached by (search.cost)
 WORKER_SYSATTR = "jdsearch:worker"  # "hostname:pid" of the worker that ran the last attempt
 
 # -- the study
@@ -91,6 +98,21 @@ CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in
 SET_ASIDE_PREFIX = "jdsearch:unreadable:"
 
 
+# -- the study's objectives: what Optuna, the dashboard and `optuna trials` call the values
+_COST_NAMES = {"flops": "FLOPs ratio", "params": "params ratio", "latency": "latency ratio"}
+
+
+def score_directions(mode: str) -> list[str]:
+    """The study's directions for ``score.mode``: maximise H, or maximise AP and minimise cost."""
+    return ["maximize", "minimize"] if mode == "pareto" else ["maximize"]
+
+
+def metric_names(mode: str, metric: str, cost: str) -> list[str]:
+    """The names of the study's values: ``H``, or the score's metric and the cost
+    (``AP``, ``latency ratio``): (C/C_base)·(R/R_base)^β, a ratio to the base."""
+    return [metric, _COST_NAMES[cost]] if mode == "pareto" else ["H"]
+
+
 def decision_attrs(parent: int | None, kind: str) -> dict[str, Any]:
     """The user attributes that record the sampler's choice of parent and kind of move."""
     return {PARENT_ATTR: parent, KIND_ATTR: kind}
@@ -106,19 +128,34 @@ def set_aside_trials(study_system_attrs: Mapping[str, Any]) -> frozenset[int]:
     )
 
 
+def h_of(t: FrozenTrial) -> float | None:
+    """The score H of a trial: its value in a single-objective study (``score.mode: h``), the
+    ``h_value`` attribute in a Pareto study (whose values are AP and the cost); ``None`` when it
+    has neither."""
+    if t.values is not None and len(t.values) == 1:
+        return float(t.values[0])
+    h = t.user_attrs.get(_H_VALUE)
+    return None if h is None else float(h)
+
+
 def is_complete(t: FrozenTrial) -> bool:
-    """COMPLETE with a finite value (H)."""
-    return t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    """COMPLETE with finite values and a finite H."""
+    if t.state != TrialState.COMPLETE or not t.values:
+        return False
+    h = h_of(t)
+    return h is not None and math.isfinite(h) and all(math.isfinite(v) for v in t.values)
 
 
 @dataclass(frozen=True)
 class TrialRecord:
     """One trial: its place in the lineage, the pair it trained and what it measured.
 
-    ``number``, ``move``, ``parent``, ``kind`` and ``value`` come from Optuna's own record of the
-    trial (and the sampler); the rest is what the objective measured, written by :meth:`to_attrs`.
-    FLOPs are multiply-adds; ``metrics``, ``ap``, ``h`` and ``flops_at`` map a resolution
-    (``LONGxSHORT``) to its value.
+    ``number``, ``move``, ``parent``, ``kind`` and ``value`` (H, :func:`h_of`: Optuna's value, or
+    the ``h_value`` attribute in a Pareto study) come from Optuna's own record of the trial (and
+    the sampler); the rest is what the objective measured, written by :meth:`to_attrs`
+    (``h_value``, H once more, is written by every trial since Pareto studies exist).
+    FLOPs are multiply-adds; ``metrics``, ``ap``, ``h``, ``cost``, ``latency`` and ``flops_at``
+    map a resolution (``LONGxSHORT``) to its value.
     """
 
     student: str = ""
@@ -139,6 +176,10 @@ class TrialRecord:
     metrics: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
     ap: Mapping[str, float] = field(default_factory=dict)
     h: Mapping[str, float] = field(default_factory=dict)
+    h_value: float | None = None
+    cost: Mapping[str, float] = field(default_factory=dict)
+    latency: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    arch_key: str | None = None
     best_resolution: str | None = None
     morph: Mapping[str, int] = field(default_factory=dict)
     train_images: int | None = None
@@ -168,6 +209,9 @@ class TrialRecord:
             _METRICS: {k: dict(v) for k, v in self.metrics.items()},
             _AP: dict(self.ap),
             _H: dict(self.h),
+            **({} if self.h_value is None else {_H_VALUE: self.h_value}),
+            **({_COST: dict(self.cost)} if self.cost else {}),
+            **({_LATENCY: {k: dict(v) for k, v in self.latency.items()}} if self.latency else {}),
             _BEST_RESOLUTION: self.best_resolution,
             _MORPH: dict(self.morph),
             **({} if self.train_images is None else {_TRAIN_IMAGES: self.train_images}),
@@ -176,6 +220,7 @@ class TrialRecord:
         system = {
             _ARCH: None if self.arch is None else dict(self.arch),
             _STUDENT_MOVES: list(self.student_moves),
+            **({} if self.arch_key is None else {_ARCH_KEY: self.arch_key}),
         }
         return user, system
 
@@ -194,7 +239,7 @@ class TrialRecord:
             move=t.params.get(MOVE_PARAM),
             parent=None if parent is None else int(parent),
             kind=a.get(KIND_ATTR),
-            value=t.values[0] if t.values else None,
+            value=h_of(t),
             teacher_params=a.get(_TEACHER_PARAMS),
             flops=a.get(_FLOPS),
             flops_at=dict(a.get(_FLOPS_AT) or {}),  # absent in the earliest 0.1 studies
@@ -204,6 +249,10 @@ class TrialRecord:
             metrics=dict(a.get(_METRICS) or {}),
             ap=dict(a.get(_AP) or {}),
             h=dict(a.get(_H) or {}),
+            h_value=a.get(_H_VALUE),
+            cost=dict(a.get(_COST) or {}),
+            latency=dict(a.get(_LATENCY) or {}),
+            arch_key=s.get(_ARCH_KEY),
             best_resolution=a.get(_BEST_RESOLUTION),
             morph=dict(a.get(_MORPH) or {}),
             train_images=a.get(_TRAIN_IMAGES),
@@ -217,6 +266,14 @@ class TrialRecord:
     def is_finetune(self) -> bool:
         """Whether the trial is a post-search fine-tuning (not a step of the search)."""
         return self.move == FINETUNE_MOVE
+
+    def point(self) -> tuple[float, float] | None:
+        """``(AP, cost)`` where the trial scored best: the score's metric and the cost of H there
+        (a Pareto study's values); ``None`` for a trial recorded before the cost was."""
+        res = self.best_resolution or ""
+        if res not in self.ap or res not in self.cost:
+            return None
+        return float(self.ap[res]), float(self.cost[res])
 
     def metric_at(self, resolution: str | None, key: str = "AP") -> float | None:
         """COCO ``key`` (in [0, 1]) at ``resolution``; ``None`` when not recorded."""

@@ -1,6 +1,7 @@
 """Hill climbing over (student, teacher) pairs as an Optuna sampler (paper algorithm 1): a
-rank-weighted parent from the top-k, a student or teacher move not yet tried from it. Pure
-decision logic, reproducible per (seed, trial number). Notes: ``docs/search.md``, "The sampler".
+rank-weighted parent from the top-k (by H; in a Pareto study, from the non-dominated set ranked by
+crowding distance), a student or teacher move not yet tried from it. Pure decision logic,
+reproducible per (seed, trial number). Notes: ``docs/search.md``, "The sampler".
 """
 
 from __future__ import annotations
@@ -22,20 +23,23 @@ from jdsearch.search.optuna_internals import (
     set_running_user_attr,
     study_system_attrs,
 )
+from jdsearch.search.pareto import crowding_distance, first_front
 from jdsearch.search.record import (
     BASE_MOVE,
     FINETUNE_MOVE,
     MOVE_PARAM,
     PARENT_ATTR,
     decision_attrs,
+    h_of,
     set_aside_trials,
 )
-from jdsearch.study import STRATEGIES
+from jdsearch.study import SCORE_MODES, STRATEGIES
 
 log = logging.getLogger(__name__)
 
 STUDENT, TEACHER = "student", "teacher"
 HILL_CLIMB, GREEDY, RANDOM, POOL = STRATEGIES
+H_MODE, PARETO = SCORE_MODES
 
 Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
 
@@ -64,10 +68,26 @@ def pick_by_family(moves: Sequence[str], rng: np.random.Generator) -> str:
 
 
 def top_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
-    """COMPLETE trials ranked by value (best first; ties: the older trial first)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    done.sort(key=lambda t: (-float(t.value), t.number))  # type: ignore[arg-type]
+    """COMPLETE trials ranked by H (best first; ties: the older trial first)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and h_of(t) is not None]
+    done.sort(key=lambda t: (-float(h_of(t)), t.number))  # type: ignore[arg-type]
     return done[:k]
+
+
+def front_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
+    """The COMPLETE trials of a Pareto study (values: AP maximised, cost minimised) that no other
+    dominates, the most isolated first (crowding distance; ties: the older trial first), at most
+    ``k`` of them."""
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.values is not None and len(t.values) == 2
+    ]
+    points = [(-float(t.values[0]), float(t.values[1])) for t in done]
+    front = first_front(points)
+    crowding = crowding_distance([points[i] for i in front])
+    ranked = sorted(zip(front, crowding, strict=True), key=lambda p: (-p[1], done[p[0]].number))
+    return [done[i] for i, _ in ranked[:k]]
 
 
 def tried_moves(trials: Sequence[FrozenTrial], parent: int) -> set[str]:
@@ -104,6 +124,10 @@ class HillClimbingSampler(BaseSampler):
             ``feasible`` callback offers the pool's mutations as the student moves).
         root_wait: a worker waiting for the root trial looks again every ``root_wait[0]``
             seconds, for ``root_wait[1]`` seconds at most.
+
+    In a study with two objectives (``score.mode: pareto``: AP and the cost) parents come from
+    the non-dominated set instead of the top-k by H, ranked by crowding distance
+    (:func:`front_k`); the rest of the step is the same.
 
     Raises:
         ValueError: a vocabulary without ``base`` or with duplicates, or out-of-range settings.
@@ -195,8 +219,9 @@ class HillClimbingSampler(BaseSampler):
             others = [t for t in trials if t.number != trial.number]
             # A trial whose checkpoint was found unreadable is never a parent again.
             aside = set_aside_trials(study_system_attrs(study))
-            if top_k([t for t in others if t.number not in aside], 1):
-                return self.choose(others, trial.number, aside)
+            mode = PARETO if len(study.directions) > 1 else H_MODE
+            if self._ranked([t for t in others if t.number not in aside], 1, mode):
+                return self.choose(others, trial.number, aside, mode=mode)
             # The root is (being) taken by a running base trial, or by a lower-numbered trial
             # that is still choosing its move: two workers starting together must not both take
             # it. A base trial re-queued after its worker died (WAITING) does not count: every
@@ -223,15 +248,22 @@ class HillClimbingSampler(BaseSampler):
             keep_alive(study, trial)
 
     def choose(
-        self, trials: Sequence[FrozenTrial], number: int, aside: frozenset[int] = frozenset()
+        self,
+        trials: Sequence[FrozenTrial],
+        number: int,
+        aside: frozenset[int] = frozenset(),
+        *,
+        mode: str = H_MODE,
     ) -> Decision:
         """The step of the sampler's strategy over the other trials, for trial ``number``; the
-        trials in ``aside`` (unreadable checkpoints) are never the parent."""
+        trials in ``aside`` (unreadable checkpoints) are never the parent. ``mode``: the study's
+        score mode, ``h`` or ``pareto``."""
         rng = np.random.default_rng([self.seed, number])
         parents = [t for t in trials if t.number not in aside]
         if self.strategy == RANDOM:
             return self._random_step(parents, rng)
-        ranked = top_k(parents, 1 if self.strategy == GREEDY else self.k)
+        k = 1 if self.strategy == GREEDY else self.k
+        ranked = self._ranked(parents, k, mode)
         assert ranked, "choose() needs at least one COMPLETE trial"
         frozen = student_iterations(trials) < self.freeze_student
         weights = np.arange(len(ranked), 0, -1, dtype=float)
@@ -263,6 +295,11 @@ class HillClimbingSampler(BaseSampler):
             raise RuntimeError("no feasible move from any pair in the top-k list")
         return fallback  # every move of every top-k pair was tried: repeat one (new seed, new data order)
 
+    @staticmethod
+    def _ranked(trials: Sequence[FrozenTrial], k: int, mode: str) -> list[FrozenTrial]:
+        """The parents to draw from, best first: the top-k by H, or a Pareto study's front."""
+        return front_k(trials, k) if mode == PARETO else top_k(trials, k)
+
     def _moves(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
         """The feasible student and teacher moves of ``parent`` that are in the vocabulary."""
         students, teachers = self.feasible(parent)
@@ -271,7 +308,10 @@ class HillClimbingSampler(BaseSampler):
     def _random_step(self, trials: Sequence[FrozenTrial], rng: np.random.Generator) -> Decision:
         """A random walk with inheritance: a parent uniformly from every completed trial, then a
         move uniformly from its feasible ones (no freeze, no untried-first, no families)."""
-        done = sorted(top_k(trials, len(trials)), key=lambda t: t.number)
+        done = sorted(
+            (t for t in trials if t.state == TrialState.COMPLETE and t.values is not None),
+            key=lambda t: t.number,
+        )
         assert done, "choose() needs at least one COMPLETE trial"
         for i in rng.permutation(len(done)):
             students, teachers = self._moves(done[int(i)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from jdsearch.search.queries import best_of, lineage, root_of
+from jdsearch.search.queries import best_of, front_of, lineage, root_of
 from jdsearch.search.record import FAIL_REASON_ATTR, KD_MODE_ATTR, STRATEGY_ATTR, TrialRecord
 
 
@@ -32,7 +32,7 @@ def summary_cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
     ap = r.metric_at(r.best_resolution)
     flops, _ = r.flops_where_scored()
     return {
-        "H": f"{t.value:.4f}",
+        "H": f"{r.value if r.value is not None else float('nan'):.4f}",
         "AP": "-" if ap is None else f"{100 * ap:.1f}",
         "GFLOPs": f"{(flops or 0) / 1e9:.3f}",
         "params (M)": f"{(r.params or 0) / 1e6:.3f}",
@@ -55,6 +55,10 @@ def summary(study: optuna.Study) -> str:
     lines.append(f"teacher     {r0.teacher}  ->  {r1.teacher}")
     path = [TrialRecord.from_trial(t) for t in lineage(study, best.number)]
     lines.append("lineage     " + " -> ".join(f"{t.move} (#{t.number})" for t in path))
+    if len(study.directions) > 1:  # score.mode: pareto
+        front = [(t.number, TrialRecord.from_trial(t).point()) for t in front_of(trials)]
+        cells = [f"#{n} (AP {100 * p[0]:.1f}, cost {p[1]:.3f})" for n, p in front if p]
+        lines.append(f"front       {len(front)} non-dominated: " + ", ".join(cells))
     strategy = study.user_attrs.get(STRATEGY_ATTR, "hill_climb")  # 0.1 studies: hill climbing
     lines.append(f"search      {strategy}, KD {study.user_attrs.get(KD_MODE_ATTR, 'dynamic')}")
     return "\n".join(lines)
