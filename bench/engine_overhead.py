@@ -52,10 +52,9 @@ import yaml
 from optuna.storages import BaseStorage
 
 import jdsearch.search.objective
-from jdsearch.errors import JDSearchError
 from jdsearch.models import build_detector
 from jdsearch.search.objective import Objective
-from jdsearch.search.run import prepare
+from jdsearch.search.run import optimize, prepare
 from jdsearch.spec import load_spec
 from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
@@ -130,9 +129,18 @@ def instrumented(study: optuna.Study, ctx: Any, clock: Clock) -> Iterator[None]:
                 delattr(obj, name)
 
 
-def tiny_study(root: Path, name: str, storage: str, base: Path | None, n_trials: int) -> StudySpec:
+def tiny_study(
+    root: Path, name: str, storage: str, base: Path | None, n_trials: int, scale: str = "tiny"
+) -> StudySpec:
+    """The quickstart study, as it is (``scale`` quickstart) or shrunk to seconds per trial."""
     spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
     spec["name"] = name
+    if scale == "quickstart":
+        spec["data"]["dir"] = str(root / "data")
+        if base is not None:
+            spec["base"]["checkpoint"] = str(base)
+        spec["search"].update({"n_trials": n_trials, "storage": storage})
+        return study_from_dict(spec, source=f"bench:{name}")
     spec["data"] = {
         "dir": str(root / "data"),
         "synth": {"images": 48, "seed": 1, "size": 96},
@@ -209,13 +217,7 @@ def search_phases(
 
     with instrumented(study, ctx, clock):
         last[0] = time.perf_counter()
-        study.optimize(
-            Objective(ctx),
-            n_trials=n_trials,
-            catch=(JDSearchError,),
-            callbacks=[on_trial],
-            gc_after_trial=True,
-        )
+        optimize(study, Objective(ctx), n_trials, [on_trial])  # as `jdsearch search` does
     by_number = {t.number: t for t in study.get_trials()}
     kept = [
         r for r in rows if r["number"] != 0 and r["ok"]
@@ -322,6 +324,12 @@ def main() -> None:
         "--big", default="r50-fpn", help="detector preset of the large-checkpoint round trip"
     )
     parser.add_argument("--paper-trial-s", type=float, default=3 * 118_287 / 80)
+    parser.add_argument(
+        "--scale",
+        choices=["tiny", "quickstart"],
+        default="tiny",
+        help="the study: quickstart's, shrunk to seconds per trial (tiny), or as it is",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
@@ -332,11 +340,10 @@ def main() -> None:
         root = Path(tmp)
         stack.enter_context(contextlib.chdir(root))
         t0 = time.perf_counter()
-        prepare(
-            tiny_study(root, "assets", f"sqlite:///{root / 'assets.db'}", None, 1), progress=False
-        )
+        assets = tiny_study(root, "assets", f"sqlite:///{root / 'assets.db'}", None, 1, args.scale)
+        prepare(assets, progress=False)
         base = root / "runs" / "assets" / "base.safetensors"
-        print(f"tiny base + pool trained in {time.perf_counter() - t0:.0f} s")
+        print(f"{args.scale} base + pool trained in {time.perf_counter() - t0:.0f} s")
 
         urls = {"sqlite": f"sqlite:///{root / 'study.db'}"}
         pg = pg_schema(args.pg_url)
@@ -353,7 +360,7 @@ def main() -> None:
             )
             t0 = time.perf_counter()
             results[name] = search_phases(
-                tiny_study(root, study_name, url, base, args.trials), args.trials
+                tiny_study(root, study_name, url, base, args.trials, args.scale), args.trials
             )
             print(f"{name}: {args.trials} trials in {time.perf_counter() - t0:.0f} s")
         print_phase_table(results)

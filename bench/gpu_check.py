@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -161,61 +160,51 @@ def study_summary(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- DDP
 def ddp(args: argparse.Namespace) -> int:
-    """One rank of a torchrun job: the detector's training step under DistributedDataParallel,
-    every rank on its own images; afterwards the weights must be identical on every rank (the
-    gradients were averaged) and differ from the initial ones (the steps happened)."""
+    """One rank of a torchrun job: jdsearch's own data-parallel training (:func:`jdsearch.train.
+    train` under torchrun: DistributedDataParallel, batch norm over the global batch), each rank
+    on its share of every batch; afterwards the weights must be identical on every rank (the
+    gradients were averaged, the BN statistics synchronized) and differ from the initial ones."""
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
     from train_throughput import RandomBoxes  # bench/ is this script's directory
 
-    from jdsearch.data import set_resolution
+    from jdsearch import distributed
     from jdsearch.models.detector import build_detector
     from jdsearch.resolution import Resolution
+    from jdsearch.settings import TrainConfig
     from jdsearch.spec import load_spec
+    from jdsearch.train import train
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ["LOCAL_RANK"])
     cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(local)
-    else:
+    if not cuda:
         torch.set_num_threads(1)
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    distributed.init_from_env(args.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     size = Resolution.parse(args.size)
-    det = build_detector(load_spec(args.preset), 6, seed=0).to(dev)
-    set_resolution(det, size)
-    det.train()
-    start = [p.detach().clone() for p in det.parameters()]
-    model = DistributedDataParallel(det, device_ids=[local] if cuda else None)
-    opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    det = build_detector(load_spec(args.preset), 6, seed=0)
+    start = [p.detach().clone().to(dev) for p in det.parameters()]
+    steps = args.warmup + args.iters
+    data = RandomBoxes(args.batch * world * steps, size.short, size.long, seed=1)
     amp = args.amp and cuda
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    data = RandomBoxes(args.batch, size.short, size.long, seed=1 + rank)
-    images = [data[i][0].to(dev) for i in range(args.batch)]
-    targets = [
-        {k: v.to(dev) for k, v in data[i][1].items() if k != "image_id"} for i in range(len(images))
-    ]
-    losses = []
-    for i in range(args.warmup + args.iters):
-        if i == args.warmup:
-            if cuda:
-                torch.cuda.synchronize(dev)
-            dist.barrier()
-            t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
-            loss = sum(model(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(float(loss.detach()))
-    if cuda:
-        torch.cuda.synchronize(dev)
-    dist.barrier()
-    seconds = time.perf_counter() - t0
-    flat = torch.cat([p.detach().flatten() for p in det.parameters()])
+    config = TrainConfig(
+        max_iters=steps, batch_size=args.batch, lr=0.005, warmup_iters=0, device=args.device,
+        resolutions=(size,), amp=amp, seed=0, hflip=0.0,
+    )  # fmt: skip
+    marks: dict[int, float] = {0: 0.0}
+    losses: list[float] = []
+
+    def mark(info: Any) -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        marks[info.iteration] = info.seconds
+        losses.append(info.loss)
+
+    train(det, data, config, callback=mark)
+    seconds = marks[steps] - marks[args.warmup]
+    flat = torch.cat(
+        [t.detach().flatten() for t in det.state_dict().values() if t.is_floating_point()]
+    )
     ref = flat.clone()
     dist.broadcast(ref, 0)
     diff = (flat - ref).abs().max()
@@ -234,7 +223,7 @@ def ddp(args: argparse.Namespace) -> int:
         )
         figures = [
             f"{where}: {args.preset} {size} batch {args.batch}/rank{' AMP' if amp else ''}: {img_s:.2f} img/s",
-            f"weights equal on all ranks (max |diff| {float(diff):.0e}, moved {moved:.0e})",
+            f"weights and BN statistics equal on all ranks (max |diff| {float(diff):.0e}, moved {moved:.0e})",
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps",
         ]
         doc = {
@@ -246,7 +235,7 @@ def ddp(args: argparse.Namespace) -> int:
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
         print("\n".join(figures))
-    dist.destroy_process_group()
+    distributed.shutdown()
     return 0
 
 

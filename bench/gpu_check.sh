@@ -11,9 +11,9 @@
 #                (bench/kd_overhead.py)
 #   latency      batch-1 FPS of the paper's base and upgraded presets (r18, r50, r101), as ratios
 #                beside the paper's table-4 V100 ratios (bench/latency.py)
-#   ddp          only with --ddp and at least 2 GPUs: the detector's training step under torch
-#                DistributedDataParallel on 2 GPUs (torchrun). jdsearch itself has no data-parallel
-#                trials yet: this checks torch DDP around its detector, not a jdsearch feature.
+#   ddp          only with --ddp and at least 2 GPUs: jdsearch's data-parallel training on 2 GPUs
+#                (torchrun, NCCL: DistributedDataParallel and batch norm over the global batch), its
+#                images/s, and the weights and BN statistics equal on both ranks afterwards
 # and ends with ONE table: step, what was measured, figures, pass/fail/skip, seconds. A failing
 # step is recorded there and the others still run; logs and JSON results stay in --out.
 #
@@ -165,7 +165,7 @@ if [[ $GC_DRY == 1 ]]; then
         [throughput]="training img/s, tiny-r18/r50-fpn 208x128, fp32"
         [kd-overhead]="KD step / plain step, tiny-r18-fpn, 2 teachers"
         [latency]="batch-1 FPS, tiny-r18-fpn 208x128 vs 176x112"
-        [ddp]="DDP training step, tiny-r18-fpn, 2 CPU procs (gloo)"
+        [ddp]="jdsearch data-parallel training, tiny-r18-fpn, 2 CPU procs (gloo)"
     )
     declare -A CAP=([device]=30 [cuda-tests]=90 [quickstart]=120 [throughput]=60 [kd-overhead]=60 [latency]=60 [ddp]=90)
 else
@@ -177,7 +177,7 @@ else
         [throughput]="training img/s, r18/r50-fpn 1333x800, fp32 vs AMP, peak mem"
         [kd-overhead]="KD step / plain step, r18-fpn 1333x800, r18/r50 teacher"
         [latency]="batch-1 FPS, paper base vs upgraded r18/r50/r101"
-        [ddp]="DDP training step, r18-fpn 1333x800 on 2 GPUs"
+        [ddp]="jdsearch data-parallel training, r18-fpn 1333x800 on 2 GPUs"
     )
     declare -A CAP=([device]=60 [cuda-tests]=150 [quickstart]=210 [throughput]=120 [kd-overhead]=90 [latency]=120 [ddp]=120)
 fi

@@ -24,6 +24,14 @@ OpenMP starts); cells are interleaved so that drifting load hits every row alike
 
     python bench/train_throughput.py --contend --size 208x128 --iters 20 --batch-size 4 \
         --presets tiny-r18-fpn r18-fpn
+
+``--loader`` trains on real image files (a synthetic COCO set of ``--loader-images`` PNGs at
+``--size``, read through :class:`~jdsearch.data.CocoDataset`) for two epochs, and prints the
+second epoch's images/s and the share of its wall time spent waiting for batches (reading,
+decoding, collating; ``StepInfo.data_seconds``), with the decoded-image cache off and on:
+
+    python bench/train_throughput.py --loader --size 208x128 --batch-size 4 \
+        --presets tiny-r18-fpn r18-fpn
 """
 
 from __future__ import annotations
@@ -213,6 +221,52 @@ def contend(args: argparse.Namespace) -> None:
             print(f"{preset:<14} {label:<20} {alone:>11.2f} {busy:>13.2f} {busy / alone:>10.2f}")
 
 
+def _loader_row(
+    preset: str, data: Any, size: Resolution, args: argparse.Namespace
+) -> dict[str, float]:
+    """The second of two epochs on ``data``: images/s and the share spent waiting for batches."""
+    torch.manual_seed(0)
+    det = build_detector(load_spec(preset), data.num_classes)
+    per_epoch = -(-len(data) // args.batch_size)
+    marks: dict[int, tuple[float, float, int]] = {}
+
+    def mark(info: Any) -> None:
+        if info.iteration in (per_epoch, 2 * per_epoch):
+            marks[info.iteration] = (info.seconds, info.data_seconds, info.images)
+
+    config = TrainConfig(
+        max_iters=2 * per_epoch,
+        batch_size=args.batch_size,
+        lr=0.005,
+        warmup_iters=0,
+        device=args.device,
+        resolutions=(size,),
+        seed=0,
+    )
+    train(det, data, config, callback=mark)
+    (s1, d1, n1), (s2, d2, n2) = marks[per_epoch], marks[2 * per_epoch]
+    return {"img_s": (n2 - n1) / (s2 - s1), "share": (d2 - d1) / (s2 - s1)}
+
+
+def loader(size: Resolution, args: argparse.Namespace) -> None:
+    """:func:`_loader_row` for each preset, the decoded-image cache off and on, interleaved."""
+    import tempfile
+    from pathlib import Path
+
+    from jdsearch.data import CocoDataset
+    from jdsearch.synth import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info = generate(Path(tmp), images=args.loader_images, seed=0, size=(size.short, size.long))
+        print(f"{'preset':<16} {'cache':<5} {'img/s':>8} {'loader share':>12}")
+        for preset in args.presets:
+            for cache in ("off", "on"):
+                os.environ["JDSEARCH_IMAGE_CACHE_MB"] = "0" if cache == "off" else "1024"
+                data = CocoDataset(info.train_json, info.image_dir)
+                row = _loader_row(preset, data, size, args)
+                print(f"{preset:<16} {cache:<5} {row['img_s']:>8.2f} {row['share']:>11.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,6 +288,10 @@ def main() -> None:
         help="each preset in float32 and with AMP (CUDA), with peak memory on CUDA",
     )
     ap.add_argument("--json", metavar="FILE", help="also write the measured rows here")
+    ap.add_argument(
+        "--loader", action="store_true", help="the data loader's share of a step, on PNG files"
+    )
+    ap.add_argument("--loader-images", type=int, default=48, help="images of the --loader set")
     ap.add_argument("--cell", metavar="PRESET", help=argparse.SUPPRESS)  # one --contend cell
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -245,6 +303,9 @@ def main() -> None:
         return
     if args.cell:
         print(json.dumps(measure(args.cell, size, args)))
+        return
+    if args.loader:
+        loader(size, args)
         return
 
     print(

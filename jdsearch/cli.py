@@ -270,18 +270,37 @@ def _import_categories(args: argparse.Namespace) -> tuple[list[str] | None, list
     return None, None
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    """``jdsearch import``: convert a torchvision Faster R-CNN file into a checkpoint, after both
-    models gave the same detections on check images; returns 0."""
-    from jdsearch.models.torchvision_import import import_torchvision
+def _import_file(args: argparse.Namespace, names: Any, ids: Any) -> Any:
+    """The :class:`~jdsearch.models.torchvision_import.Imported` of ``import``'s sources."""
     from jdsearch.spec import load_spec
-    from jdsearch.store.checkpoint import save_checkpoint
 
     arch = load_spec(args.arch) if args.arch else None
+    want = 2 if args.source == "detectron2" else 1
+    if len(args.src) != want:
+        what = "CONFIG.yaml WEIGHTS" if want == 2 else "one torch.save file"
+        raise JDSearchError(
+            f"import --from {args.source}: expected {what}, got {len(args.src)} paths: "
+            f"{' '.join(args.src)}"
+        )
+    if args.source == "torchvision":
+        from jdsearch.models.torchvision_import import import_torchvision
+
+        return import_torchvision(
+            args.src[0], arch=arch, class_names=names, category_ids=ids, images=args.check_images
+        )
+    from jdsearch.models.detectron2_import import import_detectron2
+
+    return import_detectron2(*args.src, arch=arch, class_names=names, images=args.check_images)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``jdsearch import``: convert a torchvision Faster R-CNN file (or a detectron2 config and
+    its weights) into a checkpoint, after both models gave the same detections on check images;
+    returns 0."""
+    from jdsearch.store.checkpoint import save_checkpoint
+
     names, ids = _import_categories(args)
-    result = import_torchvision(
-        args.src, arch=arch, class_names=names, category_ids=ids, images=args.check_images
-    )
+    result = _import_file(args, names, ids)
     check = result.check
     print(
         f"{result.source} ({result.kind}): {result.spec.name}, "
@@ -377,8 +396,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("\n".join(check_study(spec, storage_url=args.storage).lines))
         print("ok: nothing was trained")
         return 0
-    study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
-    print(summary(study))
+    from jdsearch import distributed
+
+    try:
+        study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
+        if distributed.is_main():  # under torchrun, rank 0 speaks for the worker
+            print(summary(study))
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -436,6 +461,36 @@ def _storage(args: argparse.Namespace) -> str:
     raise JDSearchError("give --storage URL (and --study NAME when it holds several studies)")
 
 
+def _export_detectron2(args: argparse.Namespace, handle: Any) -> int:
+    """``jdsearch export --format detectron2``: the trial's student as detectron2 files, checked
+    in detectron2 when it is installed; returns 0."""
+    from jdsearch.search.record import TrialRecord
+    from jdsearch.store.detectron2_export import export_detectron2
+    from jdsearch.store.export import foreground_names
+
+    if args.front:
+        raise JDSearchError("export: --format detectron2 writes one trial, not --front")
+    t = handle.trial(_chosen_trial(args, handle))
+    ckpt = handle.checkpoint(t)
+    size = args.size or TrialRecord.from_trial(t).best_resolution
+    names = foreground_names(ckpt.class_names, ckpt.num_classes)
+    done = export_detectron2(ckpt.detector, args.out, class_names=names, input_size=size)
+    print(f"exported trial {t.number} of study {handle.study.study_name!r} to {done.path}")
+    print(f"  files       {', '.join(done.files)} (detectron2)")
+    print(f"  arch        {ckpt.detector.arch.encode()}")
+    print(f"  input size  {done.input_size} (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST), BGR 0-255")
+    c = done.check
+    if c is None:
+        print(f"  check       not run: {done.unchecked}")
+    else:
+        print(
+            f"  check       detectron2's build_model agrees on {c.detections} detections of "
+            f"{c.images} images (boxes within {c.max_box_diff:.2g} px, scores within "
+            f"{c.max_score_diff:.2g})"
+        )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``jdsearch export``: export a trial of a study (default: the best) as a self-contained
     detector folder and print what it holds; returns 0."""
@@ -443,10 +498,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jdsearch.search.queries import open_study
 
     handle = open_study(_storage(args), args.study)
+    if args.format == "detectron2":
+        return _export_detectron2(args, handle)
+    if args.front:
+        return _export_front(args, handle)
     exported = export_trial(
         handle,
         args.out,
-        trial=args.trial,
+        trial=_chosen_trial(args, handle),
         input_size=args.size,
         onnx=not args.no_onnx,
         heldout=_heldout(handle),
@@ -476,6 +535,54 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{check['images']} images ({check['detections']} detections; boxes within {check['max_box_diff']:.2g} px, "
             f"scores within {check['max_score_diff']:.2g})"
         )
+    return 0
+
+
+def _chosen_trial(args: argparse.Namespace, handle: Any) -> int | None:
+    """``--trial``, or the most accurate trial within ``--max-latency-ms`` / ``--max-flops``."""
+    if args.max_latency_ms is None and args.max_flops is None:
+        return args.trial
+    if args.trial is not None:
+        raise JDSearchError("export: --trial or --max-latency-ms/--max-flops, not both")
+    from jdsearch.search.front import choose_trial
+
+    choice = choose_trial(
+        handle,
+        max_latency_ms=args.max_latency_ms,
+        max_gflops=args.max_flops,
+        device=args.device,
+        repeats=args.repeats,
+    )
+    print(choice.describe())
+    return choice.trial
+
+
+def _export_front(args: argparse.Namespace, handle: Any) -> int:
+    """``jdsearch export --front``: every non-dominated trial, and ``front.json``."""
+    from jdsearch.search.front import export_front
+
+    if args.trial is not None or args.size or args.max_latency_ms or args.max_flops:
+        raise JDSearchError("export --front exports every front trial at its best resolution")
+    front = export_front(
+        handle,
+        args.out,
+        device=args.device,
+        repeats=args.repeats,
+        onnx=not args.no_onnx,
+        heldout=_heldout(handle),
+    )
+    doc = front.doc
+    n, cost = len(doc["front"]), doc["score"]["cost"]
+    print(f"{n} non-dominated trials (AP, {cost} cost) -> {front.path}")
+    print(f"{'trial':>6} {'AP':>6} {'cost':>7} {'GFLOPs':>8} {'FPS':>8}  folder")
+    rows = [*doc["front"], *([{**doc["base"], "folder": "(base)"}] if doc["base"] else [])]
+    for e in rows:
+        cost = "-" if e["cost"] is None else f"{e['cost']:.3f}"
+        print(
+            f"{e['trial']:>6} {_pct(e['AP']):>6} {cost:>7} {e['GFLOPs']:>8.3f} "
+            f"{e['FPS']:>8.1f}  {e['folder']}"
+        )
+    print(f"FPS: batch 1 on {doc['fps']['device']}")
     return 0
 
 
@@ -855,10 +962,21 @@ def _add_train(sub: Any) -> None:
 def _add_import(sub: Any) -> None:
     im = sub.add_parser(
         "import",
-        help="turn a torchvision Faster R-CNN (state_dict or saved model) into a checkpoint",
+        help="turn a torchvision Faster R-CNN (state_dict or saved model) or a detectron2 "
+        "Faster R-CNN (config + weights) into a checkpoint",
     )
     im.add_argument(
-        "src", help="torch.save file of fasterrcnn_resnet50_fpn or a ResNet-FPN FasterRCNN"
+        "src",
+        nargs="+",
+        help="torch.save file of fasterrcnn_resnet50_fpn or a ResNet-FPN FasterRCNN; with "
+        "--from detectron2: CONFIG.yaml WEIGHTS (.pth or model-zoo .pkl)",
+    )
+    im.add_argument(
+        "--from",
+        dest="source",
+        choices=("torchvision", "detectron2"),
+        default="torchvision",
+        help="what SRC is (default torchvision)",
     )
     im.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     im.add_argument(
@@ -959,6 +1077,32 @@ def _add_export(sub: Any) -> None:
     )
     x.add_argument("--size", help="input size LONGxSHORT (default: the trial's best resolution)")
     x.add_argument("--no-onnx", action="store_true", help="skip the ONNX graph and its check")
+    x.add_argument(
+        "--format",
+        choices=("jdsearch", "detectron2"),
+        default="jdsearch",
+        help="jdsearch: the export folder; detectron2: config.yaml, model_final.pth and "
+        "jdsearch_backbone.py (checked in detectron2 when it is installed)",
+    )
+    x.add_argument(
+        "--front",
+        action="store_true",
+        help="every non-dominated trial (AP vs cost) into OUT/trial-N, and OUT/front.json",
+    )
+    x.add_argument(
+        "--max-latency-ms",
+        type=float,
+        metavar="X",
+        help="the most accurate trial whose batch-1 latency, measured here on --device, is ≤ X ms",
+    )
+    x.add_argument(
+        "--max-flops",
+        type=float,
+        metavar="G",
+        help="the most accurate trial of at most G GFLOPs at its best resolution",
+    )
+    x.add_argument("--device", default="cpu", help="where latency and FPS are measured")
+    x.add_argument("--repeats", type=int, default=10, help="timed runs per detector")
     x.set_defaults(func=cmd_export)
 
 

@@ -446,14 +446,36 @@ def _load_entries(
 
 def _to_chw_float(img: Image.Image) -> np.ndarray:
     """Decode to ``float32 [3, H, W]`` RGB in ``[0, 1]`` (NumPy: far cheaper than small torch ops)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+    rgb = _decode_rgb8(img)
+    if rgb is None:
         # 16-bit grayscale: PIL's RGB conversion would saturate it, so scale by hand.
         gray = np.clip(np.asarray(img, dtype=np.float32) / np.float32(65535), 0.0, 1.0)
         return np.ascontiguousarray(np.broadcast_to(gray, (3, *gray.shape)))
-    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    return _rgb8_to_chw_float(rgb)
+
+
+def _decode_rgb8(img: Image.Image) -> np.ndarray | None:
+    """The decoded ``uint8 [H, W, 3]`` RGB pixels; ``None`` for a 16-bit grayscale image."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        return None
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def _rgb8_to_chw_float(rgb: np.ndarray) -> np.ndarray:
     out = np.empty((3, rgb.shape[0], rgb.shape[1]), dtype=np.float32)
     np.divide(rgb.transpose(2, 0, 1), np.float32(255), out=out, dtype=np.float32)
     return out
+
+
+def image_cache_bytes() -> int:
+    """How many bytes of decoded images a dataset keeps in memory: ``JDSEARCH_IMAGE_CACHE_MB``
+    (default 1024); a dataset whose images take more keeps none."""
+    raw = os.environ.get("JDSEARCH_IMAGE_CACHE_MB", "1024")
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        raise DataError(f"JDSEARCH_IMAGE_CACHE_MB: not a number: {raw!r}") from None
+    return int(max(0.0, megabytes) * 2**20)
 
 
 @contextlib.contextmanager
@@ -544,6 +566,12 @@ class CocoDataset(Dataset[tuple[Tensor, Target]]):
         self._categories = categories
         self._entries = entries
         self._label_of = {c.id: i + 1 for i, c in enumerate(categories)}
+        # A small set keeps its decoded pixels (uint8): each epoch and each evaluation size
+        # after the first reads no file and decodes nothing.
+        pixels = sum(3 * e.image.width * e.image.height for e in entries)
+        self._decoded: dict[int, np.ndarray] | None = (
+            {} if 0 < pixels <= image_cache_bytes() else None
+        )
 
     # -- categories ------------------------------------------------------------------------
 
@@ -604,10 +632,16 @@ class CocoDataset(Dataset[tuple[Tensor, Target]]):
 
     def _read_image(self, entry: _ImageEntry) -> Tensor:
         rec = entry.image
+        cached = None if self._decoded is None else self._decoded.get(rec.id)
+        if cached is not None:
+            return torch.from_numpy(_rgb8_to_chw_float(cached))
         path = self.image_dir / rec.file_name
         with open_image(path, f"{self.ann_file}: image id {rec.id}") as img:
             _check_size(self.ann_file, rec, path, img.size)
-            array = _to_chw_float(img)
+            rgb = _decode_rgb8(img)
+            array = _to_chw_float(img) if rgb is None else _rgb8_to_chw_float(rgb)
+        if rgb is not None and self._decoded is not None:
+            self._decoded[rec.id] = rgb
         return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
@@ -715,11 +749,13 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader[Any]:
     """A ``DataLoader`` with :func:`collate` whose order depends only on ``seed`` and the epoch.
 
     The shuffling generator is owned by the loader, so iterating it twice gives two different
     (but reproducible) epochs, and two loaders built with the same seed give the same sequence.
+    ``pin_memory``: batches in page-locked memory, for fast copies to a GPU.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -732,6 +768,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=drop_last,
+        pin_memory=pin_memory,
         generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         persistent_workers=False,

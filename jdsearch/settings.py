@@ -51,6 +51,9 @@ class TrainConfig:
     * ``hflip``: probability of flipping each training image (and its boxes) left-right, the
       standard detection augmentation (mmdetection's ``RandomFlip(0.5)``); 0 disables it.
     * ``history_points``: at most this many points in :attr:`TrainResult.loss_history`.
+    * ``batch_size``: images per step, per rank under ``torchrun`` (the global batch is
+      ``batch_size`` × ranks, and an epoch takes that many times fewer iterations).
+    * ``num_workers``: data-loading processes; on CUDA, 0 picks up to 4 from the free cores.
 
     Raises:
         FieldError: an invalid value (a :class:`~jdsearch.errors.SpecError`), e.g.

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from jdsearch import distributed
 from jdsearch.data import (
     ResolutionSampler,
     get_resolution,
@@ -88,6 +90,7 @@ class StepInfo:
     loss: float  # their sum
     images: int  # images seen so far
     seconds: float
+    data_seconds: float = 0.0  # of those, waiting for batches (reading, decoding, collating)
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,36 @@ class _Skip(Sampler[list[int]]):
         return max(0, len(self.inner) - self.skip)
 
 
+class _Shard(Sampler[list[int]]):
+    """This rank's part of each global batch of ``inner``: the ``rank``-th of ``world`` nearly
+    equal contiguous chunks (a batch shorter than ``world`` gives an empty chunk its first image,
+    so that every rank steps)."""
+
+    def __init__(self, inner: Any, rank: int, world: int) -> None:
+        self.inner, self.rank, self.world = inner, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.inner:
+            n, r, w = len(batch), self.rank, self.world
+            part = list(batch[r * n // w : (r + 1) * n // w])
+            yield part or list(batch[:1])
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def _skipping(loader: Any, skip: int) -> DataLoader[Any]:
-    """``loader`` without its first ``skip`` batches: the same dataset, workers, collate function
-    and shuffling generator (drawn from in the same order), its batch sampler wrapped."""
+    """``loader`` without its first ``skip`` batches (the images of the skipped batches are
+    never read)."""
+    return _rebatched(loader, _Skip(loader.batch_sampler, skip))
+
+
+def _rebatched(loader: Any, batch_sampler: Sampler[list[int]]) -> DataLoader[Any]:
+    """``loader`` with another batch sampler: the same dataset, workers, collate function and
+    shuffling generator (drawn from in the same order)."""
     return DataLoader(
         loader.dataset,
-        batch_sampler=_Skip(loader.batch_sampler, skip),
+        batch_sampler=batch_sampler,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
@@ -325,6 +352,7 @@ def train(
     rng_devices = [run.device.index or 0] if run.device.type == "cuda" else []
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        stack.enter_context(distributed.synchronized_batch_norm())  # a no-op in one process
         # using_resolution restores the transform's original sizes (also on error).
         stack.enter_context(using_resolution(detector, get_resolution(detector)))
         torch.manual_seed(config.seed)
@@ -335,6 +363,7 @@ def train(
             return _loop(run, progress, callback, resume, state_hook)
         finally:
             detector.train(was_training)
+            run.parallel = None  # its reducer lets go of the parameters' gradient hooks
 
 
 @dataclass
@@ -351,6 +380,9 @@ class _Run:
     total: int
     use_amp: bool
     device: torch.device
+    # What runs a step's forward: None for the detector and the terms one after the other in this
+    # process, or their DistributedDataParallel (``torchrun``: gradients averaged over the ranks).
+    parallel: nn.Module | None = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -377,9 +409,19 @@ def _setup(
     detector.to(device)
     for term in terms:
         term.to(device)
+    world = distributed.world_size()
+    # Under torchrun the batch size is per rank: one loader order for the global batch (the same
+    # on every rank, by the seed), of which each rank reads its share.
     loader = make_loader(
-        dataset, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
+        dataset,
+        config.batch_size * world,
+        shuffle=True,
+        seed=config.seed,
+        num_workers=loader_workers(config.num_workers, device),
+        pin_memory=device.type == "cuda",
     )
+    if world > 1:
+        loader = _rebatched(loader, _Shard(loader.batch_sampler, distributed.rank(), world))
     params = _trainable([detector, *terms])
     if not params:
         raise JDSearchError(
@@ -399,6 +441,63 @@ def _setup(
         total=config.total_iters(len(loader)),
         use_amp=use_amp,
         device=device,
+        parallel=_data_parallel(detector, terms, device) if world > 1 else None,
+    )
+
+
+def loader_workers(asked: int, device: torch.device) -> int:
+    """Data-loading processes: ``asked``, except that on a GPU, 0 (the default) means as many
+    as the CPU cores this rank may use allow (up to 4), so that decoding keeps the GPU fed."""
+    if asked > 0 or device.type != "cuda":
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(4, (cores or 1) // distributed.world_size() - 1))
+
+
+class _Joint(nn.Module):
+    """The detector and its loss terms as one module: one forward gives every loss."""
+
+    def __init__(self, detector: nn.Module, terms: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.detector = detector
+        self.terms = nn.ModuleList(terms)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Any]]) -> dict[str, Tensor]:
+        return _losses(self.detector, self.terms, images, targets)
+
+
+def _losses(
+    detector: nn.Module,
+    terms: Sequence[nn.Module],
+    images: list[Tensor],
+    targets: list[dict[str, Any]],
+) -> dict[str, Tensor]:
+    """The detector's losses on a batch, then each loss term's (which reads that forward)."""
+    losses: dict[str, Tensor] = dict(detector(images, targets))
+    for term in terms:
+        extra = term(detector)
+        clash = set(extra) & set(losses)
+        assert not clash, f"loss term {type(term).__name__} reuses names {sorted(clash)}"
+        losses.update(extra)
+    return losses
+
+
+def _data_parallel(detector: nn.Module, terms: Sequence[nn.Module], device: torch.device) -> Any:
+    """The detector and terms wrapped in ``DistributedDataParallel``: rank 0's weights and
+    buffers (the teacher's too) copied to every rank as it is built, gradients averaged after
+    each backward. Buffers are not re-sent at each step: the batch-norm statistics are the global
+    batch's on every rank already. A module with ``may_skip_parameters`` (the pool's elastic
+    stages, whose shallower sub-networks leave blocks unused) makes DDP look for unused ones."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+    skips = any(getattr(m, "may_skip_parameters", False) for m in detector.modules())
+    return DistributedDataParallel(
+        _Joint(detector, terms),
+        device_ids=[index] if device.type == "cuda" else None,
+        forward_sync_buffers=False,
+        find_unused_parameters=skips,
     )
 
 
@@ -423,7 +522,8 @@ def _loop(
 
     cursor = _Cursor(
         _Batches(run.loader),
-        torch.Generator().manual_seed(run.config.seed),
+        # Each rank flips its own share of the batch (rank 0 as one process would).
+        torch.Generator().manual_seed(run.config.seed + 7919 * distributed.rank()),
         _Log(run.config, run.total),
     )
     start = 0 if resume is None else _restore(run, cursor, resume)
@@ -452,7 +552,9 @@ def _loop(
 
 def _iteration(run: _Run, cursor: _Cursor, it: int) -> StepInfo:
     """Iteration ``it``: the next batch, its learning rate and resolution, one step, its log."""
+    waited = time.perf_counter()
     epoch, (images, targets) = next(cursor.batches)
+    cursor.log.data_seconds += time.perf_counter() - waited
     lr = run.config.lr * lr_factor(run.config, it, run.total)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -580,15 +682,14 @@ def _step(
     images = [im.to(run.device, non_blocking=True) for im in images]
     targets = targets_to(targets, run.device)
     with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=run.use_amp):
-        losses: dict[str, Tensor] = dict(run.detector(images, targets))
-        for term in run.terms:
-            extra = term(run.detector)
-            clash = set(extra) & set(losses)
-            assert not clash, f"loss term {type(term).__name__} reuses names {sorted(clash)}"
-            losses.update(extra)
+        if run.parallel is not None:
+            losses: dict[str, Tensor] = dict(run.parallel(images, targets))
+        else:
+            losses = _losses(run.detector, run.terms, images, targets)
     loss = sum(v.float() for v in losses.values())
     assert isinstance(loss, Tensor)
-    if not torch.isfinite(loss):
+    # Under torchrun every rank stops at once when one diverges (a lone one would hang the rest).
+    if not distributed.agree(bool(torch.isfinite(loss))):
         bad = {k: v for k, v in losses.items() if not torch.isfinite(v).all()}
         raise TrainingDiverged(
             f"training diverged at iteration {it + 1}/{run.total} (lr {lr:.3g}): total loss "
@@ -613,6 +714,7 @@ class _Log:
         self.recent: list[dict[str, float]] = []
         self.images = 0
         self.start = time.perf_counter()
+        self.data_seconds = 0.0  # this process's waits for batches (not kept in a state)
 
     def add(
         self,
@@ -652,6 +754,7 @@ class _Log:
             loss=total_value,
             images=self.images,
             seconds=elapsed,
+            data_seconds=self.data_seconds,
         )
 
     def state_dict(self) -> dict[str, Any]:

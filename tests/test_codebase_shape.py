@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("data", ["data", "synth"]),
     ("models", ["models", "flops"]),
     ("store", ["store"]),
-    ("engine", ["train", "evaluate", "latency"]),
+    ("engine", ["train", "evaluate", "latency", "distributed"]),
     ("methods", ["distill", "morph", "pool.*"]),
     ("search", ["search"]),
     ("report", ["report"]),

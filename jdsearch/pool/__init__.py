@@ -40,6 +40,7 @@ _EXPORTS = {
     "pool_to_bytes": "store",
     "save_pool": "store",
     "train_and_save_pool": "store",
+    "train_pool_along": "store",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -145,6 +145,8 @@ class ElasticStage(nn.Sequential):
     """A stage (``nn.Sequential`` of blocks) that runs only its first ``active_depth`` blocks."""
 
     active_depth: int | None = None
+    # A depth below the full one leaves blocks unused (DistributedDataParallel must know).
+    may_skip_parameters = True
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """The output of the first ``active_depth`` blocks on ``x`` (all blocks when ``None``)."""

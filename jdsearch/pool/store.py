@@ -159,21 +159,10 @@ def train_and_save_pool(
     ``pool_spec``.
     """
     p = Path(path)
-    if resume and p.exists():
-        pool = _resumed_pool(p, pool_spec, dataset, device)
-    else:
-        num_classes = getattr(dataset, "num_classes", None)
-        if not isinstance(num_classes, int):
-            raise SpecError("train_and_save_pool: the dataset does not tell its num_classes")
-        pool = ElasticPool(
-            pool_spec,
-            num_classes,
-            detector_spec=detector_spec,
-            class_names=getattr(dataset, "class_names", None),
-        )
+    pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec)
     # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
     # the pool file, continued from when the phase is run again (a killed `prepare`).
-    states = PhaseStates(p.with_name(p.name + ".phase-state"), PHASE_CHECKPOINT_EVERY)
+    states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY)
     if not resume:
         states.path.unlink(missing_ok=True)
     for i in range(len(pool.record), len(pool_spec.phases)):
@@ -192,3 +181,41 @@ def train_and_save_pool(
     if not p.exists():
         save_pool(p, pool)
     return pool
+
+
+def train_pool_along(
+    pool_spec: PoolSpec, dataset: Dataset[Any], path: str | Path, *, device: str | torch.device
+) -> None:
+    """What :func:`train_and_save_pool` trains, from where it resumes (``path`` and its phase
+    state, as they are), without writing anything: a rank other than 0 under ``torchrun``, which
+    trains its share of each batch while rank 0 saves."""
+    p = Path(path)
+    pool = _open_pool(pool_spec, dataset, p, device, None)
+    states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY, readonly=True)
+    for i in range(len(pool.record), len(pool_spec.phases)):
+        resume_pool(pool, dataset, states, pool_spec, device=device, phases=[i])
+
+
+def _phase_state_path(path: Path) -> Path:
+    return path.with_name(path.name + ".phase-state")
+
+
+def _open_pool(
+    pool_spec: PoolSpec,
+    dataset: Dataset[Any],
+    path: Path | None,
+    device: str | torch.device,
+    detector_spec: DetectorSpec | None,
+) -> ElasticPool:
+    """The pool saved at ``path`` (when there is one), else a new one for ``dataset``'s classes."""
+    if path is not None and path.exists():
+        return _resumed_pool(path, pool_spec, dataset, device)
+    num_classes = getattr(dataset, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise SpecError("train_and_save_pool: the dataset does not tell its num_classes")
+    return ElasticPool(
+        pool_spec,
+        num_classes,
+        detector_spec=detector_spec,
+        class_names=getattr(dataset, "class_names", None),
+    )

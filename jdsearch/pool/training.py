@@ -94,10 +94,11 @@ PHASE_CHECKPOINT_EVERY = 1000
 
 class PhaseStates:
     """The resumable state of the pool phase in progress, in one local file (``path``; the latest
-    state only), saved every ``every`` iterations of a phase (0: never)."""
+    state only), saved every ``every`` iterations of a phase (0: never). ``readonly``: only
+    read (a rank other than 0 under ``torchrun`` resumes what rank 0 saved, and writes nothing)."""
 
-    def __init__(self, path: str | Path, every: int) -> None:
-        self.path, self.every = Path(path), int(every)
+    def __init__(self, path: str | Path, every: int, *, readonly: bool = False) -> None:
+        self.path, self.every, self.readonly = Path(path), int(every), readonly
 
     def load(self, phase: int) -> TrainState | None:
         """The state saved inside phase ``phase``; ``None`` if there is none, it belongs to another
@@ -114,6 +115,8 @@ class PhaseStates:
 
     def save(self, phase: int, state: TrainState, schedule: dict[str, Any]) -> None:
         """Replace the file with ``state`` of phase ``phase`` (atomically)."""
+        if self.readonly:
+            return
         meta = {**state.meta, "pool": {"phase": phase, "schedule": schedule}}
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(trainstate_to_bytes(TrainState(state.iteration, state.tensors, meta)))
@@ -122,6 +125,8 @@ class PhaseStates:
 
     def clear(self) -> None:
         """Remove the file (the phases it served are done)."""
+        if self.readonly:
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -269,7 +274,7 @@ class _PhaseRun:
     def hook(self, i: int, schedule: _SubnetSchedule) -> StateHook | None:
         """Phase ``i``'s state saver (with the schedule's state); ``None`` without states."""
         states = self.states
-        if states is None or states.every <= 0:
+        if states is None or states.every <= 0 or states.readonly:
             return None
         return StateHook(states.every, lambda st: states.save(i, st, schedule.state_dict()))
 

@@ -14,6 +14,7 @@ weighted by β. A trial's value is the best H over the study's resolutions.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import logging
@@ -23,7 +24,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from optuna.artifacts import upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
+from jdsearch import distributed
 from jdsearch.data import CocoDataset
 from jdsearch.distill import make_distiller
 from jdsearch.errors import CheckpointError, JDSearchError, first_line
@@ -45,7 +47,9 @@ from jdsearch.morph.actions import MorphConfig, all_actions, evolve_with_report,
 from jdsearch.morph.pruning import BNSparsity
 from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
 from jdsearch.resolution import Resolution
+from jdsearch.search.cost import CostMeter, arch_key, weighted_cost
 from jdsearch.search.optuna_internals import set_study_system_attr, set_trial_system_attr
+from jdsearch.search.ranks import TRIAL, announce
 from jdsearch.search.record import (
     BASE_MOVE,
     FAIL_REASON_ATTR,
@@ -57,7 +61,7 @@ from jdsearch.search.record import (
     WORKER_SYSATTR,
     TrialRecord,
 )
-from jdsearch.search.resume import TrialStates
+from jdsearch.search.resume import FollowedStates, TrialStates
 from jdsearch.settings import TrainConfig
 from jdsearch.store.artifacts import check_artifact_id
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
@@ -72,6 +76,7 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+SUBNETS_KEPT = 4  # extracted pool sub-networks a worker keeps (SearchContext.subnet)
 POOL_START = "pool.start"  # strategy pool: the root's pool student (see SearchContext.pool_start)
 _POOL_PREFIX, _TEACHER_PREFIX = "pool.", "teacher."
 
@@ -124,9 +129,9 @@ def score_h(
     alpha: float,
     beta: float,
 ) -> float:
-    """The paper's H(S, R) for one resolution."""
-    ratio = (flops / flops_base) * (res.pixels / res_base.pixels) ** beta
-    return ap * ratio ** (-alpha)
+    """The paper's H(S, R) for one resolution, C being ``flops`` against ``flops_base`` (another
+    cost's C/C_base passes as ``flops`` with ``flops_base`` 1)."""
+    return ap * weighted_cost(flops / flops_base, res, res_base, beta) ** (-alpha)
 
 
 @dataclass
@@ -144,6 +149,46 @@ class SearchContext:
     progress: bool = False
     vocabulary: tuple[str, ...] = ()  # the study's move choices; empty: move_vocabulary()
     _pool_start: SubnetConfig | None = None
+    _cost: CostMeter | None = None
+    # This worker's last extracted sub-networks (BN-recalibrated) and FLOPs counts: a teacher
+    # comes back with each student move, a student with each teacher move.
+    _subnets: dict[str, Detector] = field(default_factory=dict)
+    _flops: dict[tuple[Any, tuple[int, int]], FlopsReport] = field(default_factory=dict)
+
+    def subnet(self, config: SubnetConfig) -> Detector:
+        """The pool's sub-network ``config``, extracted and BN-recalibrated on the training set
+        (a fresh copy of the last :data:`SUBNETS_KEPT` extractions': recalibration is seeded,
+        so a copy equals a new extraction)."""
+        key = str(config)
+        if key not in self._subnets:
+            if len(self._subnets) >= SUBNETS_KEPT:
+                del self._subnets[next(iter(self._subnets))]
+            self._subnets[key] = self.pool.teacher(config, self.train_set, device=self.spec.device)
+        else:
+            self._subnets[key] = self._subnets.pop(key)  # the most recently used last
+        return copy.deepcopy(self._subnets[key])
+
+    def flops(self, student: Detector, size: tuple[int, int]) -> FlopsReport:
+        """:func:`count_flops` of ``student`` at ``size`` (``(h, w)``), counted once per
+        detector spec (its architecture included) and size in this worker."""
+        key = (student.spec, (int(size[0]), int(size[1])))
+        if key not in self._flops:
+            self._flops[key] = count_flops(student, size=key[1])
+        return self._flops[key]
+
+    def cost_meter(self) -> CostMeter:
+        """C/C_base of the score (``score.cost``), built on first use."""
+        if self._cost is None:
+            score = self.spec.score
+            self._cost = CostMeter(
+                score.cost,
+                lambda: self.download(self.base_artifact, "base detector").detector,
+                self.base_flops,
+                device=self.spec.device,
+                warmup=score.latency_warmup,
+                repeats=score.latency_repeats,
+            )
+        return self._cost
 
     @property
     def morph_config(self) -> MorphConfig:
@@ -266,10 +311,21 @@ class _Score:
     h: dict[str, float]
     best_resolution: str
     eval_s: float
+    cost: dict[str, float] = dataclasses.field(default_factory=dict)  # (C/C_base)·(R/R_base)^β
+    latency: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    arch_key: str | None = None
 
     @property
     def value(self) -> float:
         return self.h[self.best_resolution]
+
+    def objectives(self, mode: str, metric: str) -> float | tuple[float, float]:
+        """The trial's value(s) in a study of score mode ``mode``: H, or (AP, cost) where H is
+        best."""
+        if mode != "pareto":
+            return self.value
+        res = self.best_resolution
+        return float(getattr(self.metrics[res], metric)), self.cost[res]
 
 
 class Objective:
@@ -284,7 +340,7 @@ class Objective:
         self.ctx = ctx
         self.vocabulary = list(ctx.vocabulary) or move_vocabulary()
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         # Set first (a retried trial inherits the killed attempt's system attrs, this one included).
         set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
@@ -296,7 +352,9 @@ class Objective:
                 trial.set_user_attr(FAIL_REASON_ATTR, str(e))
             raise
 
-    def _run(self, trial: optuna.Trial, move: str, parent: int | None) -> float:
+    def _run(
+        self, trial: optuna.Trial, move: str, parent: int | None
+    ) -> float | tuple[float, float]:
         # The attempt's training states: resumed from (a retry), saved, and removed at its end.
         states = TrialStates(self.ctx.store, trial, self.ctx.spec.search.trial_checkpoint_every)
         try:
@@ -306,7 +364,7 @@ class Objective:
 
     def _attempt(
         self, trial: optuna.Trial, move: str, parent: int | None, states: TrialStates
-    ) -> float:
+    ) -> float | tuple[float, float]:
         oom: str | None = None
         try:
             pair, trained, score = self._evaluate(trial.study, trial.number, move, parent, states)
@@ -329,7 +387,7 @@ class Objective:
             score.value,
             score.best_resolution,
         )
-        return score.value
+        return score.objectives(self.ctx.spec.score.mode, self.ctx.spec.score.metric)
 
     def _evaluate(
         self,
@@ -342,12 +400,38 @@ class Objective:
         """Load, move, train and score trial ``number``'s pair (nothing is recorded yet). With
         ``states``, a retry trains with its first attempt's seed and resumes the state that
         attempt left, and the training saves its state through them."""
-        pair = self.load_pair(study, number, move, parent)
-        if states is None:
-            trained = self.train_pair(pair, self.seed_of(number))
-        else:
-            trained = self.train_pair(pair, self.seed_of(states.first_number), states)
-        return pair, trained, self.score(number, pair.student)
+        seed = self.seed_of(number if states is None else states.first_number)
+        # Under torchrun the other ranks train this pair too: tell them the sampler's decision.
+        announce(TRIAL, number=number, move=move, parent=parent, seed=seed)
+        pair = self.load_together(study, number, move, parent)
+        trained = self.train_pair(pair, seed, states)
+        return pair, trained, self.score(number, pair.student, study)
+
+    def follow(
+        self, study: optuna.Study, number: int, move: str, parent: int | None, seed: int
+    ) -> None:
+        """A rank other than 0 under ``torchrun``: load and train trial ``number``'s pair with
+        rank 0 (which alone scores and records it); a failure is rank 0's to report."""
+        try:
+            pair = self.load_together(study, number, move, parent)
+            self.train_pair(pair, seed, FollowedStates(number))
+        except JDSearchError as e:
+            log.info("trial %d on this rank: %s", number, e)
+
+    def load_together(
+        self, study: optuna.Study, number: int, move: str, parent: int | None
+    ) -> _Pair:
+        """:meth:`load_pair` on every rank of the worker: all go on to train, or none does."""
+        if not distributed.is_distributed():
+            return self.load_pair(study, number, move, parent)
+        try:
+            pair = self.load_pair(study, number, move, parent)
+        except Exception:
+            distributed.agree(False)
+            raise
+        if not distributed.agree(True):
+            raise TrialFailed(f"trial {number}: another rank of this worker could not load it")
+        return pair
 
     def seed_of(self, number: int) -> int:
         """The training seed of trial ``number``: the study's seed and the trial number."""
@@ -373,7 +457,7 @@ class Objective:
         subnet = SubnetConfig.parse(parent.student_subnet) if parent.student_subnet else None
         if move in pool_moves():
             subnet = self._pool_subnet(number, move, subnet)
-            student = ctx.pool.teacher(subnet, ctx.train_set, device=ctx.spec.device)
+            student = ctx.subnet(subnet)
             return _Pair(student, teacher, {}, time.perf_counter() - t0, subnet)
         if parent.checkpoint is None:
             raise TrialFailed(f"trial {number}: parent {parent_no} has no checkpoint")
@@ -457,7 +541,9 @@ class Objective:
             raise TrialFailed(f"trial {number}: {move} leaves the pool's space from {subnet}")
         return moved
 
-    def train_pair(self, pair: _Pair, seed: int, states: TrialStates | None = None) -> _Trained:
+    def train_pair(
+        self, pair: _Pair, seed: int, states: TrialStates | FollowedStates | None = None
+    ) -> _Trained:
         """Extract the teacher from the pool and train the student with it (the fast evaluation:
         KD, BN sparsity, dynamic resolution), seeded by ``seed`` (:meth:`seed_of` in a search).
         ``states``: resume the state a killed attempt saved, and save this one's."""
@@ -466,7 +552,7 @@ class Objective:
         teacher_params, teacher_s = 0, 0.0
         if pair.teacher is not None:
             t1 = time.perf_counter()
-            teacher = ctx.pool.teacher(pair.teacher, ctx.train_set, device=spec.device)
+            teacher = ctx.subnet(pair.teacher)
             teacher_s = time.perf_counter() - t1
             teacher_params = sum(p.numel() for p in teacher.backbone.body.parameters())
             terms.append(make_distiller(pair.student, teacher, spec.kd, seed=seed))
@@ -486,7 +572,11 @@ class Objective:
         return _Trained(teacher_params, teacher_s, result.seconds, result.images)
 
     def _train_resumable(
-        self, pair: _Pair, config: TrainConfig, terms: list[Any], states: TrialStates
+        self,
+        pair: _Pair,
+        config: TrainConfig,
+        terms: list[Any],
+        states: TrialStates | FollowedStates,
     ) -> TrainResult:
         """Train, resuming the state ``states`` inherited when there is one that fits (else from
         the start), saving this attempt's every ``search.trial_checkpoint_every`` iterations."""
@@ -503,7 +593,8 @@ class Objective:
                 state_hook=states.hook,
             )
 
-        resume: TrainState | None = states.load()
+        # Every rank resumes the state rank 0 found (the others have none of their own).
+        resume: TrainState | None = distributed.broadcast_object(states.load())
         states.resumed(0 if resume is None else resume.iteration)
         if resume is not None:
             log.info("resuming the training at iteration %d", resume.iteration)
@@ -518,33 +609,33 @@ class Objective:
                 states.resumed(0)
         return run(None)
 
-    def score(self, number: int, student: Detector) -> _Score:
-        """AP at every resolution of the study, FLOPs, and H (the best over resolutions)."""
+    def score(self, number: int, student: Detector, study: optuna.Study | None = None) -> _Score:
+        """AP at every resolution of the study, FLOPs, the cost (``score.cost``) and H (the best
+        over resolutions). ``study``: its trials' recorded latencies serve as a cache."""
         ctx, spec = self.ctx, self.ctx.spec
         t2 = time.perf_counter()
         metrics = evaluate(student, ctx.val_set, spec.resolutions, device=spec.device)
         eval_s = time.perf_counter() - t2
-        flops = count_flops(student, size=ctx.base_resolution.hw)
+        flops = ctx.flops(student, ctx.base_resolution.hw)
         # What the student costs at each size it was evaluated at (the AP–FLOPs front, table 4).
-        flops_at = {
-            key: count_flops(student, size=Resolution.parse(key).hw).total for key in metrics
-        }
-        h = {
-            key: score_h(
-                getattr(m, spec.score.metric),
-                flops.total,
-                ctx.base_flops,
-                Resolution.parse(key),
-                ctx.base_resolution,
-                spec.score.alpha,
-                spec.score.beta,
-            )
-            for key, m in metrics.items()
-        }
+        flops_at = {key: ctx.flops(student, Resolution.parse(key).hw).total for key in metrics}
+        latency = spec.score.cost == "latency" and study is not None
+        known = study.get_trials(deepcopy=False) if latency else ()  # its timings: a cache
+        ratios, latency = ctx.cost_meter().ratios(
+            student, list(metrics), flops=flops.total, params=flops.params, known=known
+        )
+        s, base_res = spec.score, ctx.base_resolution
+        h, cost = {}, {}
+        for key, m in metrics.items():
+            # C/C_base over 1.0: for flops the very float division H always did (flops / C_base)
+            ap, res = getattr(m, s.metric), Resolution.parse(key)
+            h[key] = score_h(ap, ratios[key], 1.0, res, base_res, s.alpha, s.beta)
+            cost[key] = weighted_cost(ratios[key], res, base_res, s.beta)
         best = max(h, key=lambda k: h[k])
-        if not math.isfinite(h[best]):
-            raise TrialFailed(f"trial {number}: score is not finite ({h[best]})")
-        return _Score(metrics, flops, flops_at, h, best, eval_s)
+        if not math.isfinite(h[best]) or not math.isfinite(cost[best]):
+            raise TrialFailed(f"trial {number}: score is not finite ({h[best]}, cost {cost[best]})")
+        key = arch_key(student)
+        return _Score(metrics, flops, flops_at, h, best, eval_s, cost, latency, key)
 
     def record(
         self,
@@ -587,6 +678,10 @@ class Objective:
             metrics={k: _metrics_dict(m) for k, m in score.metrics.items()},
             ap={k: getattr(m, spec.score.metric) for k, m in score.metrics.items()},
             h=score.h,
+            h_value=score.value,
+            cost=score.cost,
+            latency=score.latency,
+            arch_key=score.arch_key,
             best_resolution=score.best_resolution,
             morph=pair.morph,
             train_images=trained.images,

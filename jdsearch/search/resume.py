@@ -136,3 +136,20 @@ class TrialStates:
             pass
         except Exception as e:  # `jdsearch gc` removes what is left
             log.warning("could not remove training state %s (%s)", artifact_id, e)
+
+
+class FollowedStates:
+    """What a rank other than 0 under ``torchrun`` has of a trial's training states: nothing of
+    its own. It saves nothing; the state it resumes is rank 0's, which
+    :meth:`~jdsearch.search.objective.Objective.train_pair` broadcasts."""
+
+    hook: StateHook | None = None
+
+    def __init__(self, first_number: int) -> None:
+        self.first_number = first_number
+
+    def load(self) -> TrainState | None:
+        return None
+
+    def resumed(self, iteration: int) -> None:
+        pass

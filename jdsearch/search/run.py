@@ -11,6 +11,7 @@ re-queues it with the same parent and move.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 
-from jdsearch import synth
+from jdsearch import distributed, synth
 from jdsearch.config import plain
 from jdsearch.data import CocoDataset
 from jdsearch.errors import JDSearchError, SpecError, first_line
@@ -39,6 +40,8 @@ from jdsearch.search.objective import (
     study_vocabulary,
 )
 from jdsearch.search.optuna_internals import set_study_system_attr, study_system_attrs
+from jdsearch.search.queries import create_or_load
+from jdsearch.search.ranks import BASE, POOL, READY, STOP, announce
 from jdsearch.search.record import (
     BASE_ATTR,
     BASE_FLOPS_ATTR,
@@ -74,6 +77,8 @@ log = logging.getLogger(__name__)
 
 
 def _say(msg: str) -> None:
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for the worker
+        return
     print(msg, flush=True)
 
 
@@ -346,6 +351,24 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
         if read_made_by(cache) is None:
             _say(f"using {path}, trained by an earlier jdsearch that did not record its settings")
         return path
+    announce(BASE)
+    detector, extra = train_base(spec, train_set, progress)
+    save_checkpoint(
+        path,
+        detector,
+        class_names=train_set.class_names,
+        extra=extra,
+        category_ids=train_set.category_ids,
+    )
+    write_made_by(cache, base_fields(spec))
+    return path
+
+
+def train_base(
+    spec: StudySpec, train_set: CocoDataset, progress: bool
+) -> tuple[Detector, dict[str, Any]]:
+    """Build the study's base detector and train it (``base.train``, BN sparsity); the detector,
+    and what its checkpoint records of the training."""
     detector, loaded = new_base_detector(spec, train_set.num_classes)
     extra: dict[str, Any] = {}
     if loaded is not None:
@@ -362,15 +385,7 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
         f"  {result.iterations} iterations in {result.seconds:.0f} s ({result.images_per_s:.1f} img/s)"
     )
     extra["train"] = result.to_dict()
-    save_checkpoint(
-        path,
-        detector,
-        class_names=train_set.class_names,
-        extra=extra,
-        category_ids=train_set.category_ids,
-    )
-    write_made_by(cache, base_fields(spec))
-    return path
+    return detector, extra
 
 
 def _pool_file(
@@ -378,6 +393,7 @@ def _pool_file(
 ) -> Path:
     cache = pool_cache(spec)
     _say(f"training the elastic teacher pool (cache {cache.path}) ...")
+    announce(POOL)
     train_and_save_pool(pool_spec, train_set, cache.path, device=spec.device, progress=progress)
     write_made_by(cache, pool_fields(spec))
     return cache.path
@@ -421,7 +437,7 @@ def prepare(
         _require_assets(study)
     _record_spec(study, spec, train_set)
     _upload_assets(study, store, spec, train_set, progress)
-    holder["ctx"] = _load_assets(study, store, spec, train_set, val_set, progress)
+    holder["ctx"] = load_assets(study, store, spec, train_set, val_set, progress)
     return study, holder["ctx"]
 
 
@@ -492,16 +508,8 @@ def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
         seed=spec.search.seed,
         strategy=spec.search.strategy,
     )
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        sampler=sampler,
-        direction="maximize",
-        load_if_exists=True,
-    )
+    study = create_or_load(spec, storage, sampler)  # score.mode's objectives and their names
     sampler.moves = tuple(study_vocabulary(study))  # an older study keeps its own choices
-    if study.metric_names is None:  # the dashboard and `optuna` CLI call the value "H"
-        study.set_metric_names(["H"])
     return study
 
 
@@ -548,15 +556,18 @@ def _upload_assets(
         _study_artifact(study, store, POOL_ATTR, path)
 
 
-def _load_assets(
+def load_assets(
     study: optuna.Study,
     store: Any,
     spec: StudySpec,
     train_set: CocoDataset,
     val_set: CocoDataset,
     progress: bool,
+    *,
+    write: bool = True,
 ) -> SearchContext:
-    """The pool and base detector as the storage holds them (what every worker sees)."""
+    """The pool and base detector as the storage holds them (what every worker sees).
+    ``write``: also record the base's FLOPs and resolution in the study (rank 0)."""
     base_id = study.user_attrs[BASE_ATTR]
     pool_bytes = read_artifact(store, study.user_attrs[POOL_ATTR], f"study {spec.name}: the pool")
     pool = pool_from_bytes(pool_bytes, source=f"study {spec.name}: pool", device=spec.device)
@@ -570,9 +581,10 @@ def _load_assets(
         )
     base_res = spec.base.resolution or base.spec.input.size
     base_flops = count_flops(base.detector, size=base_res.hw).total
-    study.set_user_attr(BASE_FLOPS_ATTR, base_flops)
-    study.set_user_attr(BASE_RESOLUTION_ATTR, str(base_res))
-    vocabulary = tuple(study.sampler.moves)  # the study's own choices, as _open read them
+    if write:
+        study.set_user_attr(BASE_FLOPS_ATTR, base_flops)
+        study.set_user_attr(BASE_RESOLUTION_ATTR, str(base_res))
+    vocabulary = tuple(study_vocabulary(study))  # the study's own choices, as _open read them
     if spec.search.strategy == "pool" and not set(pool_moves()) <= set(vocabulary):
         raise JDSearchError(
             f"study {spec.name}: created by an older jdsearch whose trials know no pool moves; "
@@ -617,19 +629,28 @@ def run_search(
     """
     if n_trials is not None and n_trials < 1:
         raise JDSearchError(f"n_trials must be ≥ 1, got {n_trials}")
+    # Under torchrun: rank 0 searches, the other ranks train along (jdsearch.search.ranks).
+    if distributed.init_from_env(spec.device) and not distributed.is_main():
+        from jdsearch.search.follower import follow
+
+        return follow(spec, storage_url)
+    try:
+        return _search(spec, storage_url, n_trials, progress)
+    finally:
+        announce(STOP)
+
+
+def _search(
+    spec: StudySpec, storage_url: str | None, n_trials: int | None, progress: bool
+) -> optuna.Study:
     study, ctx = prepare(spec, storage_url, progress=progress)
+    announce(READY)
     n = n_trials if n_trials is not None else spec.search.n_trials
     shown = public_url(storage_url or spec.storage_url)
     _say(f"searching: study {spec.name!r} on {shown}, {n} trials in this worker")
     started = time.perf_counter()
     outcomes = _Outcomes(Objective(ctx))
-    study.optimize(
-        outcomes,
-        n_trials=n,
-        catch=(JDSearchError,),
-        callbacks=[print_trial, outcomes.finished],
-        gc_after_trial=True,
-    )
+    optimize(study, outcomes, n, [print_trial, outcomes.finished])
     _say(f"done in {time.perf_counter() - started:.0f} s")
     if outcomes.completed == 0:
         raise JDSearchError(
@@ -637,6 +658,25 @@ def run_search(
             f"the first failed: {outcomes.failure or 'no reason recorded'}"
         )
     return study
+
+
+def optimize(study: optuna.Study, objective: Any, n_trials: int, callbacks: list[Any]) -> None:
+    """``study.optimize``, as a worker adds its trials: a failing trial (a
+    :class:`JDSearchError`) is recorded and the next one starts; garbage is collected after each
+    trial (a freed trial's tensors go), but what prepare built (data, pool, base) and every module
+    imported so far live as long as the search: frozen, the collections do not walk them again."""
+    gc.collect()
+    gc.freeze()
+    try:
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            catch=(JDSearchError,),
+            callbacks=callbacks,
+            gc_after_trial=True,
+        )
+    finally:
+        gc.unfreeze()
 
 
 class _Outcomes:

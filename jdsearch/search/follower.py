@@ -1,0 +1,74 @@
+"""A rank other than 0 of a worker under ``torchrun``: it trains what rank 0 announces.
+
+See :mod:`jdsearch.search.ranks` for the commands. A follower reads the study (the pair of each
+trial, the base and the pool) but writes nothing to it, nor to the run folder: rank 0 saves,
+uploads, evaluates and tells Optuna.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+
+from jdsearch.errors import JDSearchError
+from jdsearch.pool import train_pool_along
+from jdsearch.search.objective import Objective
+from jdsearch.search.ranks import BASE, POOL, READY, STOP, TRIAL, receive
+from jdsearch.search.run import (
+    ensure_data,
+    load_assets,
+    open_storage,
+    pool_cache,
+    train_base,
+)
+from jdsearch.store.artifacts import make_artifact_store
+from jdsearch.study import StudySpec
+
+__all__ = ["follow"]
+
+log = logging.getLogger(__name__)
+
+
+def follow(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
+    """Train along with rank 0 until it stops; returns the study (as rank 0 left it).
+
+    Raises:
+        JDSearchError: rank 0 stopped before its study was ready (its own error says why).
+    """
+    objective: Objective | None = None
+    study: optuna.Study | None = None
+    while True:
+        command, payload = receive()
+        log.debug("rank command %s %s", command, payload)
+        if command == STOP:
+            break
+        if command == BASE:
+            train_base(spec, ensure_data(spec, generate=False)[0], progress=False)
+        elif command == POOL:
+            _train_pool(spec)
+        elif command == READY:
+            study, objective = _ready(spec, storage_url)
+        elif command == TRIAL and objective is not None and study is not None:
+            objective.follow(study, **payload)
+        else:
+            raise JDSearchError(f"rank command {command!r} out of order")
+    if study is None:
+        raise JDSearchError(f"study {spec.name}: rank 0 stopped before the study was ready")
+    return study
+
+
+def _train_pool(spec: StudySpec) -> None:
+    train_set, _ = ensure_data(spec, generate=False)
+    train_pool_along(spec.pool, train_set, pool_cache(spec).path, device=spec.device)
+
+
+def _ready(spec: StudySpec, storage_url: str | None) -> tuple[optuna.Study, Objective]:
+    """The study rank 0 prepared, read (not written) from its storage, and its objective."""
+    storage, url = open_storage(spec, storage_url)
+    store = make_artifact_store(spec.search.artifacts, url)
+    train_set, val_set = ensure_data(spec, generate=False)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    ctx: Any = load_assets(study, store, spec, train_set, val_set, False, write=False)
+    return study, Objective(ctx)
