@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.errors import JDSearchError
+from jdsearch.errors import JDSearchError, RanksOutOfStep
 
 log = logging.getLogger("jdsearch")
 
@@ -403,7 +403,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if distributed.is_main():  # under torchrun, rank 0 speaks for the worker
             print(summary(study))
     finally:
-        distributed.shutdown()
+        if not distributed.out_of_step():  # else a collective may never return: just exit
+            distributed.shutdown()
     return 0
 
 
@@ -1291,6 +1292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JDSearchError as e:
         print(f"jdsearch: error: {e}", file=sys.stderr)
         return 2
+    except RanksOutOfStep as e:  # under torchrun: torchrun stops the other ranks
+        print(f"jdsearch: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("jdsearch: interrupted", file=sys.stderr)
         return 130

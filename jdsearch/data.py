@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from jdsearch.errors import CheckpointError, DataError, SpecError
 from jdsearch.resolution import Resolution, parse_resolutions
@@ -640,7 +640,8 @@ class CocoDataset(Dataset[tuple[Tensor, Target]]):
             _check_size(self.ann_file, rec, path, img.size)
             rgb = _decode_rgb8(img)
             array = _to_chw_float(img) if rgb is None else _rgb8_to_chw_float(rgb)
-        if rgb is not None and self._decoded is not None:
+        if rgb is not None and self._decoded is not None and get_worker_info() is None:
+            # Kept by the main process only: a loader worker's copy would go with the worker.
             self._decoded[rec.id] = rgb
         return torch.from_numpy(array)
 

@@ -28,16 +28,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from jdsearch.errors import JDSearchError
+from jdsearch.errors import JDSearchError, RanksOutOfStep
 
 __all__ = [
+    "RanksOutOfStep",
     "agree",
     "barrier",
     "broadcast_object",
+    "check_in_step",
     "init_from_env",
     "is_distributed",
     "is_main",
+    "lockstep",
+    "out_of_step",
     "rank",
+    "settle",
     "shutdown",
     "synchronized_batch_norm",
     "world_size",
@@ -73,7 +78,12 @@ def init_from_env(device: str) -> bool:
         return False
     if not dist.is_available():
         raise JDSearchError("torchrun: torch.distributed is not available in this build of torch")
-    cuda = torch.device(device).type == "cuda"
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda and dev.index is not None:
+        raise JDSearchError(
+            f"device: {device!r} under torchrun: write 'cuda' (each rank uses cuda:LOCAL_RANK)"
+        )
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # The other ranks wait while rank 0 evaluates, uploads and asks for the next trial: at paper
@@ -109,6 +119,41 @@ def broadcast_object(obj: Any = None) -> Any:
     return box[0]
 
 
+_UNSETTLED = {"section": ""}
+
+
+@contextlib.contextmanager
+def lockstep(what: str) -> Iterator[None]:
+    """A section (``what``) that every rank runs together. An exception inside it leaves the
+    ranks out of step (:func:`out_of_step`), unless every rank raised it at the same point and
+    said so with :func:`settle`. Nothing with one process."""
+    if not is_distributed():
+        yield
+        return
+    _UNSETTLED["section"] = what
+    yield  # no finally: an exception keeps the section unsettled
+    _UNSETTLED["section"] = ""
+
+
+def settle() -> None:
+    """Every rank raises the same error at the same point (it was agreed): in step still."""
+    _UNSETTLED["section"] = ""
+
+
+def out_of_step() -> str:
+    """The section a rank left by an error the others did not share (``""``: none)."""
+    return _UNSETTLED["section"] if is_distributed() else ""
+
+
+def check_in_step(error: BaseException) -> None:
+    """Raise :class:`RanksOutOfStep` from ``error`` when it left the ranks out of step."""
+    if out_of_step():
+        raise RanksOutOfStep(
+            f"rank {rank()} failed alone in {out_of_step()} ({type(error).__name__}: {error}); "
+            "the other ranks cannot go on with it: this worker stops"
+        ) from error
+
+
 def agree(ok: bool) -> bool:
     """Whether every rank says ``ok`` (so that all go on together, or none does)."""
     if not is_distributed():
@@ -125,7 +170,10 @@ def _collective_device() -> torch.device:
 
 
 class _SyncBatchNorm(torch.autograd.Function):
-    """Training-mode batch norm over the channels of the global batch (every rank's share)."""
+    """Training-mode batch norm over the channels of the global batch (every rank's share).
+
+    The sums are taken in float64 and the normalization done in float32, whatever the input's
+    dtype (float16 under AMP): the output and the input's gradient come back in that dtype."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -137,49 +185,51 @@ class _SyncBatchNorm(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         dims = [0, *range(2, x.dim())]
+        x32 = x.float()
+        count = torch.full((x.shape[1],), x.numel() / x.shape[1], device=x.device)
         local = torch.stack(
             [
-                x.double().sum(dims),
-                (x.double() ** 2).sum(dims),
-                torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=torch.float64),
+                x32.sum(dims, dtype=torch.float64),
+                x32.square().sum(dims, dtype=torch.float64),
+                count.double(),
             ]
-        ).to(x.device)
+        )
         dist.all_reduce(local)
-        total, squares, count = local[0], local[1], local[2]
-        mean = total / count
-        var = (squares / count - mean**2).clamp_min(0)
-        _update_running(running, mean, var, count[0])
+        total, squares, n = local[0], local[1], local[2]
+        mean = total / n
+        var = (squares / n - mean**2).clamp_min(0)
+        _update_running(running, mean, var, n[0])
         shape = [1, -1, *([1] * (x.dim() - 2))]
-        invstd = (var + eps).rsqrt()
-        xhat = ((x.double() - mean.view(shape)) * invstd.view(shape)).to(x.dtype)
-        ctx.save_for_backward(xhat, weight, invstd.to(x.dtype), count.to(x.dtype))
+        invstd = (var + eps).rsqrt().float()
+        xhat = (x32 - mean.float().view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.n, ctx.dtype = float(n[0]), x.dtype
         ctx.has = (weight is not None, bias is not None)
         out = xhat
         if weight is not None:
-            out = out * weight.view(shape)
+            out = out * weight.float().view(shape)
         if bias is not None:
-            out = out + bias.view(shape)
-        return out
+            out = out + bias.float().view(shape)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, weight, invstd, count = ctx.saved_tensors
+        xhat, weight, invstd = ctx.saved_tensors
         dims = [0, *range(2, grad.dim())]
         shape = [1, -1, *([1] * (grad.dim() - 2))]
-        grad_bias = grad.sum(dims)
-        grad_weight = (grad * xhat).sum(dims)
+        g = grad.float()
+        grad_bias = g.sum(dims)
+        grad_weight = (g * xhat).sum(dims)
         sums = torch.stack([grad_bias, grad_weight])
         dist.all_reduce(sums)  # the sums over the global batch, for the inputs' gradient
-        scale = invstd if weight is None else invstd * weight
-        n = count[0]
-        grad_x = scale.view(shape) * (
-            grad - sums[0].view(shape) / n - xhat * sums[1].view(shape) / n
-        )
+        scale = invstd if weight is None else invstd * weight.float()
+        n = ctx.n
+        grad_x = scale.view(shape) * (g - sums[0].view(shape) / n - xhat * sums[1].view(shape) / n)
         has_weight, has_bias = ctx.has
         return (
-            grad_x,
-            grad_weight if has_weight else None,
-            grad_bias if has_bias else None,
+            grad_x.to(ctx.dtype),
+            grad_weight.to(weight.dtype) if has_weight else None,
+            grad_bias.to(weight.dtype if has_weight else ctx.dtype) if has_bias else None,
             None,
             None,
         )

@@ -36,3 +36,10 @@ class CheckpointError(JDSearchError):
 
 class ExportError(JDSearchError):
     """An export folder cannot be written or read, or its ONNX graph disagrees with PyTorch."""
+
+
+class RanksOutOfStep(RuntimeError):
+    """A rank failed alone inside a section every rank runs together (a training, loading a
+    trial's pair): the others wait in a collective that will never complete. Not a
+    :class:`~jdsearch.errors.JDSearchError`, so that no loop carries on: the process exits, and
+    ``torchrun`` stops the other ranks; the trial is retried like a killed worker's."""

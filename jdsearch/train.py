@@ -349,7 +349,7 @@ def train(
     """
     run = _setup(detector, dataset, config, loss_terms)
     was_training = detector.training
-    rng_devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    rng_devices = _cuda_index(run.device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
         stack.enter_context(distributed.synchronized_batch_norm())  # a no-op in one process
@@ -364,6 +364,14 @@ def train(
         finally:
             detector.train(was_training)
             run.parallel = None  # its reducer lets go of the parameters' gradient hooks
+
+
+def _cuda_index(device: torch.device) -> list[int]:
+    """``[index]`` of a CUDA ``device`` (``cuda`` is the current one: each rank's own under
+    torchrun), ``[]`` for another device."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if device.index is None else device.index]
 
 
 @dataclass
@@ -490,12 +498,10 @@ def _data_parallel(detector: nn.Module, terms: Sequence[nn.Module], device: torc
     stages, whose shallower sub-networks leave blocks unused) makes DDP look for unused ones."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
     skips = any(getattr(m, "may_skip_parameters", False) for m in detector.modules())
     return DistributedDataParallel(
         _Joint(detector, terms),
-        device_ids=[index] if device.type == "cuda" else None,
+        device_ids=_cuda_index(device) or None,
         forward_sync_buffers=False,
         find_unused_parameters=skips,
     )
@@ -564,7 +570,10 @@ def _iteration(run: _Run, cursor: _Cursor, it: int) -> StepInfo:
     targets = _without_crowd(list(targets))
     images, targets = _hflip(list(images), targets, run.config.hflip, cursor.flip)
     losses, loss = _step(run, it, lr, images, targets)
-    return cursor.log.add(it, epoch, lr, cursor.resolution, losses, loss, len(images))
+    # Images seen by every rank: the global batch (the ranks' shares are equal but for a last,
+    # shorter batch).
+    seen = len(images) * distributed.world_size()
+    return cursor.log.add(it, epoch, lr, cursor.resolution, losses, loss, seen)
 
 
 def _term_params(run: _Run) -> dict[str, Tensor]:
@@ -690,6 +699,7 @@ def _step(
     assert isinstance(loss, Tensor)
     # Under torchrun every rank stops at once when one diverges (a lone one would hang the rest).
     if not distributed.agree(bool(torch.isfinite(loss))):
+        distributed.settle()  # every rank raises it here
         bad = {k: v for k, v in losses.items() if not torch.isfinite(v).all()}
         raise TrainingDiverged(
             f"training diverged at iteration {it + 1}/{run.total} (lr {lr:.3g}): total loss "

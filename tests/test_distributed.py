@@ -10,6 +10,7 @@ get right — the gradient average, and batch norm over the global batch.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from jdsearch import distributed
+from jdsearch.errors import RanksOutOfStep
 from jdsearch.models.detector import build_detector
 from jdsearch.settings import TrainConfig
 from jdsearch.spec import load_spec
@@ -173,3 +175,41 @@ def test_a_search_under_two_ranks_has_the_lineage_of_one_process(tmp_path: Path)
     assert out.count("lineage") == 1, out  # rank 0 alone prints the summary
     assert "training the base detector" in out and "training the elastic teacher pool" in out
     assert len(lineage) == 3 and lineage == runs["single"][1]
+
+
+def _step_states(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    seen = []
+    try:
+        # Every rank raises at the same agreed point: still in step.
+        try:
+            with distributed.lockstep("agreed"):
+                if not distributed.agree(rank == 0):
+                    distributed.settle()
+                    raise ValueError("shared")
+        except ValueError:
+            seen.append(distributed.out_of_step())
+        # Rank 1 alone fails inside a section: out of step, and check_in_step says so.
+        try:
+            with distributed.lockstep("trial 7"):
+                if rank == 1:
+                    raise KeyError("alone")
+        except KeyError as e:
+            try:
+                distributed.check_in_step(e)
+            except RanksOutOfStep as stop:
+                seen.append(str(stop))
+        seen.append(distributed.out_of_step())
+        Path(f"{out}.{rank}").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_failing_alone_leaves_the_ranks_out_of_step(tmp_path: Path) -> None:
+    out = str(tmp_path / "seen")
+    mp.spawn(_step_states, args=(2, free_port(), out), nprocs=2, join=True)
+    assert json.loads(Path(f"{out}.0").read_text()) == ["", ""]
+    seen = json.loads(Path(f"{out}.1").read_text())
+    assert seen[0] == "" and seen[2] == "trial 7"
+    assert seen[1].startswith("rank 1 failed alone in trial 7 (KeyError")

@@ -358,6 +358,23 @@ ALLOWED: list[tuple[str, str, str, str]] = [
         "Faster R-CNN v1 modules rebuilt from saved attributes, no code of the file runs), "
         "for the user's own file in `jdsearch import`",
     ),
+    (
+        "jdsearch.models.detectron2_files",
+        "WeightsUnpickler",
+        "pickle.Unpickler",
+        "`jdsearch import --from detectron2`: the user's own model-zoo .pkl, through an unpickler "
+        "whose find_class admits numpy arrays, dtypes and scalars and OrderedDict only; any other "
+        "global raises before it is looked up (tests/test_detectron2.py: a __reduce__ payload is "
+        "refused and never runs); study artifacts never reach it",
+    ),
+    (
+        "jdsearch.store.detectron2_export",
+        "load_in_detectron2",
+        "torch.load(weights_only=True)",
+        "`export --format detectron2` reads back the model_final.pth it has just written (a state "
+        "dict of tensors) to check it in detectron2; weights_only=True admits tensors and plain "
+        "containers only",
+    ),
 ]
 
 
@@ -797,7 +814,7 @@ def test_the_stored_spec_cannot_make_a_worker_upload_a_file_outside_its_folders(
     spec["data"] = {"dir": str(work / "data"), "synth": {"images": 4, "seed": 0, "size": 32}}
     spec["base"]["checkpoint"] = str(secret)  # what the writer of the database sets
     url = f"sqlite:///{work / 'study.db'}"
-    study = optuna.create_study(study_name="quickstart", storage=url)
+    study = optuna.create_study(study_name="quickstart", storage=url, direction="maximize")
     set_study_system_attr(study, SPEC_SYSATTR, spec)
     study.set_user_attr(POOL_ATTR, "no-such-artifact")  # no pool training: stop after the base
     synth.generate(work / "data", images=4, seed=0, size=32)  # the data is here: it gets that far

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from jdsearch import distributed
 from jdsearch.errors import JDSearchError
 from jdsearch.pool import train_pool_along
 from jdsearch.search.objective import Objective
@@ -44,10 +45,8 @@ def follow(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
         log.debug("rank command %s %s", command, payload)
         if command == STOP:
             break
-        if command == BASE:
-            train_base(spec, ensure_data(spec, generate=False)[0], progress=False)
-        elif command == POOL:
-            _train_pool(spec)
+        if command in (BASE, POOL):
+            _train_along(spec, command)
         elif command == READY:
             study, objective = _ready(spec, storage_url)
         elif command == TRIAL and objective is not None and study is not None:
@@ -59,9 +58,19 @@ def follow(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     return study
 
 
-def _train_pool(spec: StudySpec) -> None:
+def _train_along(spec: StudySpec, command: str) -> None:
+    """Train the base detector or the pool with rank 0; an error every rank shared (a diverged
+    training) is rank 0's to report, and its ``stop`` follows."""
     train_set, _ = ensure_data(spec, generate=False)
-    train_pool_along(spec.pool, train_set, pool_cache(spec).path, device=spec.device)
+    try:
+        with distributed.lockstep(command):
+            if command == BASE:
+                train_base(spec, train_set, progress=False)
+            else:
+                train_pool_along(spec.pool, train_set, pool_cache(spec).path, device=spec.device)
+    except JDSearchError as e:
+        distributed.check_in_step(e)
+        log.info("%s on this rank: %s", command, e)
 
 
 def _ready(spec: StudySpec, storage_url: str | None) -> tuple[optuna.Study, Objective]:

@@ -371,6 +371,7 @@ class Objective:
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
+            distributed.check_in_step(e)  # one rank short of memory alone: the worker stops
             oom = first_line(e, 300)  # leave the handler first: its traceback holds the tensors
         if oom is not None:
             free_memory()  # the failed step's frames went with its traceback, its tensors too
@@ -403,8 +404,9 @@ class Objective:
         seed = self.seed_of(number if states is None else states.first_number)
         # Under torchrun the other ranks train this pair too: tell them the sampler's decision.
         announce(TRIAL, number=number, move=move, parent=parent, seed=seed)
-        pair = self.load_together(study, number, move, parent)
-        trained = self.train_pair(pair, seed, states)
+        with distributed.lockstep(f"trial {number}"):
+            pair = self.load_together(study, number, move, parent)
+            trained = self.train_pair(pair, seed, states)
         return pair, trained, self.score(number, pair.student, study)
 
     def follow(
@@ -413,9 +415,11 @@ class Objective:
         """A rank other than 0 under ``torchrun``: load and train trial ``number``'s pair with
         rank 0 (which alone scores and records it); a failure is rank 0's to report."""
         try:
-            pair = self.load_together(study, number, move, parent)
-            self.train_pair(pair, seed, FollowedStates(number))
+            with distributed.lockstep(f"trial {number}"):
+                pair = self.load_together(study, number, move, parent)
+                self.train_pair(pair, seed, FollowedStates(number))
         except JDSearchError as e:
+            distributed.check_in_step(e)  # a failure rank 0 shared: it records it
             log.info("trial %d on this rank: %s", number, e)
 
     def load_together(
@@ -428,8 +432,10 @@ class Objective:
             pair = self.load_pair(study, number, move, parent)
         except Exception:
             distributed.agree(False)
+            distributed.settle()  # every rank raises here (the others a TrialFailed)
             raise
         if not distributed.agree(True):
+            distributed.settle()
             raise TrialFailed(f"trial {number}: another rank of this worker could not load it")
         return pair
 
@@ -488,7 +494,8 @@ class Objective:
             ):
                 raise  # this worker's trouble (memory, a store that blinked), not the checkpoint's
             reason = first_line(e, 300)
-        set_aside(study, parent_no, artifact_id, reason)
+        if distributed.is_main():  # under torchrun, rank 0 alone writes to the study
+            set_aside(study, parent_no, artifact_id, reason)
         raise TrialFailed(
             f"trial {number}: the checkpoint of its parent, trial {parent_no} (artifact "
             f"{artifact_id}), is unreadable ({reason}); trial {parent_no} is never a parent again"

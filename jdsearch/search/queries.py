@@ -84,13 +84,18 @@ def check_score_mode(study: optuna.Study, spec: StudySpec) -> None:
     Raises:
         JDSearchError: naming both modes and what to do.
     """
-    wanted = score_directions(spec.score.mode)
-    if [d.name.lower() for d in study.directions] != wanted:
-        mode = "pareto" if len(study.directions) > 1 else "h"
+    have = [d.name.lower() for d in study.directions]
+    if have != score_directions(spec.score.mode):
+        modes = {tuple(score_directions(m)): m for m in ("h", "pareto")}
+        found = (
+            f"score.mode {modes[tuple(have)]}"
+            if tuple(have) in modes
+            else f"the directions {have} (not by jdsearch)"
+        )
         raise JDSearchError(
             f"{spec.source}: score.mode is {spec.score.mode}, but study {study.study_name!r} was "
-            f"created with score.mode {mode}; a study keeps its objectives: give the search "
-            "another name (or storage)"
+            f"created with {found}; a study keeps its objectives: give the search another name "
+            "(or storage)"
         )
 
 

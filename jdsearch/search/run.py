@@ -352,7 +352,8 @@ def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) ->
             _say(f"using {path}, trained by an earlier jdsearch that did not record its settings")
         return path
     announce(BASE)
-    detector, extra = train_base(spec, train_set, progress)
+    with distributed.lockstep("the base detector's training"):
+        detector, extra = train_base(spec, train_set, progress)
     save_checkpoint(
         path,
         detector,
@@ -394,7 +395,8 @@ def _pool_file(
     cache = pool_cache(spec)
     _say(f"training the elastic teacher pool (cache {cache.path}) ...")
     announce(POOL)
-    train_and_save_pool(pool_spec, train_set, cache.path, device=spec.device, progress=progress)
+    with distributed.lockstep("the teacher pool's training"):
+        train_and_save_pool(pool_spec, train_set, cache.path, device=spec.device, progress=progress)
     write_made_by(cache, pool_fields(spec))
     return cache.path
 
@@ -637,7 +639,8 @@ def run_search(
     try:
         return _search(spec, storage_url, n_trials, progress)
     finally:
-        announce(STOP)
+        if not distributed.out_of_step():  # else the others wait elsewhere: torchrun stops them
+            announce(STOP)
 
 
 def _search(
@@ -691,6 +694,7 @@ class _Outcomes:
         try:
             return self.objective(trial)
         except JDSearchError as e:
+            distributed.check_in_step(e)  # under torchrun, a failure of this rank alone: stop
             self.failure = self.failure or str(e)
             raise
 
