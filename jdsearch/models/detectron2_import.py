@@ -50,12 +50,12 @@ from jdsearch.models.torchvision_import import (
     CHECK_SHORT,
     DetectionCheck,
     Imported,
+    agreement,
     architecture,
     check_images,
     check_size,
     convert,
     family_name,
-    match_detections,
 )
 from jdsearch.resolution import Resolution
 from jdsearch.spec import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
@@ -432,23 +432,14 @@ def compare_with_detectron2(
     ref.roi_heads.box_predictor.test_score_thresh = 0.0
     det.roi_heads.score_thresh = 0.0
     runs = zip(run_detectron2(ref, images, input_format), _run_jdsearch(det, images), strict=True)
-    total, worst_box, worst_score = 0, 0.0, 0.0
-    for i, (x, y) in enumerate(runs):
-        ok, box, score = match_detections(x, y, BOX_TOLERANCE, SCORE_TOLERANCE)
-        if not ok:
-            raise CheckpointError(
-                f"{source}: jdsearch's detector disagrees with detectron2's on check image {i} "
-                f"({len(x['boxes'])} vs {len(y['boxes'])} detections, box diff {box:.3g}, score "
-                f"diff {score:.3g}); nothing written"
-            )
-        total += len(x["boxes"])
-        worst_box, worst_score = max(worst_box, box), max(worst_score, score)
-    if total == 0:
-        raise CheckpointError(
-            f"{source}: detectron2's model detects nothing on the check images even at score 0, "
-            "so the conversion cannot be verified; nothing written"
-        )
-    return DetectionCheck(len(images), total, worst_box, worst_score)
+    return agreement(
+        runs,
+        len(images),
+        source,
+        tol=BOX_TOLERANCE,
+        score_tol=SCORE_TOLERANCE,
+        names=("jdsearch's detector", "detectron2's", "detectron2's model"),
+    )
 
 
 def import_detectron2(

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,12 +441,32 @@ def compare_detections(
         if size is not None:
             m.transform.min_size, m.transform.max_size = (size.short,), size.long
         runs.append(m([img.double() for img in images]))
+    return agreement(zip(*runs, strict=True), len(images), source, tol=TOLERANCE)
+
+
+def agreement(
+    pairs: Iterable[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]],
+    images: int,
+    source: str,
+    *,
+    tol: float,
+    score_tol: float | None = None,
+    names: tuple[str, str, str] = ("the converted detector", "the source", "the source"),
+) -> DetectionCheck:
+    """The :class:`DetectionCheck` of the reference's and the converted detector's detections on
+    each check image (``pairs``: reference first), compared by :func:`match_detections`.
+    ``names``: the converted detector, the reference, the reference as a subject.
+
+    Raises:
+        CheckpointError: an image on which they differ, or no detection at all to compare.
+    """
+    converted, reference, subject = names
     total, worst_box, worst_score = 0, 0.0, 0.0
-    for i, (a, b) in enumerate(zip(*runs, strict=True)):
-        ok, box, score = match_detections(a, b, TOLERANCE)
+    for i, (a, b) in enumerate(pairs):
+        ok, box, score = match_detections(a, b, tol, score_tol)
         if not ok:
             raise CheckpointError(
-                f"{source}: the converted detector disagrees with the source on check image {i} "
+                f"{source}: {converted} disagrees with {reference} on check image {i} "
                 f"({len(a['boxes'])} vs {len(b['boxes'])} detections, box diff {box:.3g}, score "
                 f"diff {score:.3g}); nothing written"
             )
@@ -454,10 +474,10 @@ def compare_detections(
         worst_box, worst_score = max(worst_box, box), max(worst_score, score)
     if total == 0:  # agreeing on nothing proves nothing
         raise CheckpointError(
-            f"{source}: the source detects nothing on the check images even at score 0, so the "
+            f"{source}: {subject} detects nothing on the check images even at score 0, so the "
             "conversion cannot be verified; nothing written"
         )
-    return DetectionCheck(len(images), total, worst_box, worst_score)
+    return DetectionCheck(images, total, worst_box, worst_score)
 
 
 @dataclass(frozen=True)
