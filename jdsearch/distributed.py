@@ -261,8 +261,7 @@ def _batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    if not training or not is_distributed() or momentum is None:
-        # Eval mode, one process, or a cumulative average (BN recalibration): torch's own.
+    if not training or not is_distributed():  # eval mode, or one process: torch's own
         return _PLAIN_BATCH_NORM(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
