@@ -12,11 +12,16 @@ each of ``--seeds`` seeds (``search.seed``), every row below gets the same train
     random          a random walk with inheritance
     greedy          hill climbing from the best pair only
     pool            ETP search: students cut from the teacher pool (appendix F)
-    kd_fixed        hill climbing, the super-net as the only teacher (fig. 4's conventional KD)
+    kd_always       hill climbing with dynamic KD whatever the teacher pool is worth
+                    (``kd.when: always``; the default distils only from a pool whose largest
+                    sub-network beats the base, ``jdsearch.search.teacher_check``)
+    kd_fixed        hill climbing, the super-net as the only teacher (fig. 4's conventional KD,
+                    ``kd.when: always``)
     kd_off          hill climbing without a teacher (NAS + pruning)
     pipelining      table 5: BN-sparsity training of the base (half the budget), channel and
                     layer pruning down to the hill-climbing winner's FLOPs, then distillation
-                    from the super-net (the other half)
+                    from the super-net (the other half; plain training when the study's teacher
+                    check refuses the pool, as the default search does)
     longer          the base trained on with no search and no teacher, for as many epochs as
                     the hill-climbing winner's lineage had (root included)
     longer_kd       the same, distilled from the super-net
@@ -66,10 +71,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-SEARCH_ROWS = ("hill_climb", "pareto", "random", "greedy", "pool", "kd_fixed", "kd_off")
+SEARCH_ROWS = (
+    "hill_climb", "pareto", "random", "greedy", "pool", "kd_always", "kd_fixed", "kd_off",
+)  # fmt: skip
+_ALWAYS_DISTIL = ("kd_always", "kd_fixed")  # rows about distillation itself: kd.when always
 CONTROL_ROWS = ("pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
 ROWS = SEARCH_ROWS + CONTROL_ROWS
 _SEARCH_SETTINGS = {  # row -> (search.strategy, kd.mode); score.mode pareto for "pareto"
+    "kd_always": ("hill_climb", "dynamic"),
     "hill_climb": ("hill_climb", "dynamic"),
     "pareto": ("hill_climb", "dynamic"),
     "random": ("random", "dynamic"),
@@ -150,6 +159,7 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
     from jdsearch.search.run import run_dir
 
     strategy, kd_mode = _SEARCH_SETTINGS.get(row, ("hill_climb", "dynamic"))
+    when = "always" if row in _ALWAYS_DISTIL else shared.spec.kd.when
     spec = shared.spec
     score = spec.score
     if row == "pareto":
@@ -168,7 +178,7 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
             n_trials=trials,
             storage=f"sqlite:///{out / 'studies' / (name + '.db')}",
         ),
-        kd=dataclasses.replace(spec.kd, mode=kd_mode),
+        kd=dataclasses.replace(spec.kd, mode=kd_mode, when=when),
         score=score,
     )
     cache = run_dir(variant) / "pool.safetensors"
@@ -288,6 +298,12 @@ def hypervolume(result: dict[str, Any], base: tuple[float, float]) -> float:
     return hypervolume_2d(points, (-100 * base[0], base[1]))
 
 
+def heldout_h(result: dict[str, Any], alpha: float) -> float:
+    """H of a winner on the held-out split: its held-out AP at the resolution where it scored
+    best on the selection split, times the cost there (the score's, relative to the base) to −α."""
+    return result["heldout_ap"] * result["cost"] ** (-alpha)
+
+
 def _save(detector: Any, shared: Shared, path: Path) -> None:
     from jdsearch.store.checkpoint import save_checkpoint
 
@@ -364,8 +380,10 @@ def run_control_row(
         moves, detector = prune_to(
             detector, hill_climb["flops"], shared.ctx.base_resolution.hw, shared.ctx.morph_config
         )
-        images += _train(shared, detector, seed + 1, distill, kd=True)
-        extra["pruning"] = moves
+        # distilled as the default search would be: not from a pool the teacher check refused
+        distils = shared.ctx.spec.kd.mode != "off"
+        images += _train(shared, detector, seed + 1, distill, kd=distils)
+        extra.update(pruning=moves, distilled=distils)
     else:
         images = _train(shared, detector, seed, epochs, kd=row.endswith("_kd"))
     wall = time.perf_counter() - t0
@@ -410,7 +428,8 @@ def table(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> str
     w = max(14, *(len(r) + 1 for r in rows))
     head = (
         f"{'row':<{w}}{'seeds':>5}  {'held-out AP':>12}  {'sel. AP':>10}  {'FLOPs×':>11}  "
-        f"{'params×':>11}  {'FPS×':>11}  {'best H':>15}  {'train imgs':>10}  {'wall s':>9}  "
+        f"{'params×':>11}  {'FPS×':>11}  {'best H':>15}  {'held-out H':>15}  {'train imgs':>10}  "
+        f"{'wall s':>9}  "
         f"{'HV (AP pts × cost)':>19}"
     )
     lines = [head, "-" * len(head)]
@@ -427,6 +446,7 @@ def table(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> str
             f"{row:<{w}}{len(rs):>5}  {cell('heldout_ap', 100):>12}  {cell('selection_ap', 100):>10}  "
             f"{cell('flops', 1 / base_flops, '.2f'):>11}  {cell('params', 1 / base_params, '.2f'):>11}  "
             f"{cell('fps_ratio', 1, '.2f'):>11}  {cell('h', 1, '.4f'):>15}  "
+            f"{cell('heldout_h', 1, '.4f'):>15}  "
             f"{statistics.fmean(r['train_images'] for r in rs):>10.0f}  "
             f"{statistics.fmean(r['wall_s'] for r in rs):>9.0f}  "
             f"{cell('hypervolume', 1, '.3f'):>19}"
@@ -606,6 +626,7 @@ def _report(shared: Shared, out: Path, trials: int) -> int:
     base = base_point(shared, out)
     for r in results.values():
         r["hypervolume"] = hypervolume(r, base)
+        r["heldout_h"] = heldout_h(r, shared.spec.score.alpha)
     for (row, seed), r in results.items():  # the FPS ratios are kept with the results
         _store(out, row, seed, {k: v for k, v in r.items() if k not in ("row", "seed")})
     spec = shared.spec

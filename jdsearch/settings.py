@@ -15,7 +15,16 @@ from typing import Any
 from jdsearch.config import Fields, check, is_number, plain, read_dataclass
 from jdsearch.resolution import Resolution
 
-__all__ = ["COSINE", "KD_MODES", "SCHEDULES", "STEP", "KDConfig", "TrainConfig", "is_device"]
+__all__ = [
+    "COSINE",
+    "KD_MODES",
+    "KD_WHEN",
+    "SCHEDULES",
+    "STEP",
+    "KDConfig",
+    "TrainConfig",
+    "is_device",
+]
 
 COSINE = "cosine"
 STEP = "step"
@@ -23,6 +32,7 @@ SCHEDULES = (COSINE, STEP)
 #: How a search distils: the teacher is searched (``dynamic``), the pool's super-net only
 #: (``fixed``, conventional KD, paper fig. 4) or there is none (``off``: NAS + pruning alone).
 KD_MODES = ("dynamic", "fixed", "off")
+KD_WHEN = ("stronger", "always")  # kd.when: distil from a pool stronger than the base, or always
 _POSITIVE = "must be a positive number"
 MAX_LR = 10.0  # the largest learning rate a spec may ask for
 # torch.device's accepted forms: a device type, optionally with an index.
@@ -144,6 +154,9 @@ class KDConfig:
     A weight of 0 switches a term off (its loss is still reported, as 0, so logs keep one shape).
     ``feat_normalize`` divides the feature loss by the teacher's mean squared feature. ``mode``
     (one of :data:`KD_MODES`) applies to a search: its teacher is searched, fixed or absent.
+    ``when`` (one of :data:`KD_WHEN`) too: ``stronger`` distils only when the pool's largest
+    sub-network beats the base detector on the selection split (``jdsearch.search.teacher_check``),
+    ``always`` whatever the pool holds.
 
     Raises:
         FieldError: a negative or non-finite weight, a temperature ≤ 0, a non-bool switch.
@@ -155,6 +168,7 @@ class KDConfig:
     temperature: float = 1.0
     feat_normalize: bool = True
     mode: str = "dynamic"
+    when: str = "stronger"
 
     def __post_init__(self) -> None:
         for name in ("feat_weight", "cls_weight", "loc_weight"):
@@ -165,6 +179,7 @@ class KDConfig:
         ok = isinstance(self.feat_normalize, bool)
         check(ok, self, "feat_normalize", "must be true or false")
         check(self.mode in KD_MODES, self, "mode", f"must be one of {', '.join(KD_MODES)}")
+        check(self.when in KD_WHEN, self, "when", f"must be one of {', '.join(KD_WHEN)}")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "", path: str = "kd") -> KDConfig:

@@ -98,6 +98,8 @@ def test_hypervolume_of_a_held_out_front_against_the_base_point() -> None:
     assert sq.hypervolume({"front": worse}, base) == 0.0  # never better in both
     assert sq.hypervolume({"heldout_ap": 0.3, "cost": 0.5}, base) == pytest.approx(10 * 0.5)
     assert sq.hypervolume({"heldout_ap": 0.3}, base) == 0.0  # a control without its cost
+    # H on the held-out split: held-out AP at the winner's cost, to -α
+    assert sq.heldout_h({"heldout_ap": 0.3, "cost": 0.5}, 0.4) == pytest.approx(0.3 * 2**0.4)
     assert sq.row_order({"hill_climb_a1", "pareto", "hill_climb_a0.1", "hill_climb"}) == [
         "hill_climb",
         "pareto",

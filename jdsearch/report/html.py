@@ -31,10 +31,10 @@ from jdsearch.search.queries import StudyHandle, front_of
 from jdsearch.search.record import (
     BASE_FLOPS_ATTR,
     BASE_RESOLUTION_ATTR,
-    KD_MODE_ATTR,
     STRATEGY_ATTR,
     TrialRecord,
 )
+from jdsearch.search.teacher_check import kd_summary
 
 __all__ = [
     "ReportFiles",
@@ -161,7 +161,7 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
         f"Base resolution {base_res}, base detector "
         f"{float(attrs.get(BASE_FLOPS_ATTR, math.nan)) / 1e9:.3f} GFLOPs at {base_res}.",
         f"Search strategy {html.escape(str(attrs.get(STRATEGY_ATTR, 'hill_climb')))}, "
-        f"distillation {html.escape(str(attrs.get(KD_MODE_ATTR, 'dynamic')))}.",
+        f"distillation {html.escape(kd_summary(attrs))}.",
         f"Score H = {html.escape(score.metric)} × [(C/C<sub>base</sub>)·(R/R<sub>base</sub>)<sup>{score.beta:g}</sup>]"
         f"<sup>−{score.alpha:g}</sup>, C: {html.escape(score.cost)}.",
         *_pareto_phrase(handle, trials),

@@ -496,7 +496,8 @@ def _score_lines(p: StudyPlan) -> list[str]:
         *_comment(
             "KD: the paper's weights. A pool trained briefly is a weak teacher that can pull the "
             "students down; studies/quickstart.yaml uses 0.1 at CPU scale. mode: dynamic "
-            "(default), fixed or off."
+            "(default), fixed or off. when: stronger (default: distil only if the pool's largest "
+            "sub-network beats the base on the selection split) or always."
         ),
         _line("kd", {"feat_weight": 1.0, "cls_weight": 1.0, "loc_weight": 1.0}, indent=0),
         _line("fast_eval", fast, "E/4 epochs per trial", 0),

@@ -63,6 +63,7 @@ from jdsearch.search.storage import (
     with_driver,
 )
 from jdsearch.search.summary import print_trial
+from jdsearch.search.teacher_check import apply_teacher_check
 from jdsearch.spec import load_spec
 from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store, read_artifact
 from jdsearch.store.checkpoint import (
@@ -440,6 +441,8 @@ def prepare(
     _record_spec(study, spec, train_set)
     _upload_assets(study, store, spec, train_set, progress)
     holder["ctx"] = load_assets(study, store, spec, train_set, val_set, progress)
+    if holder["ctx"].spec.kd.mode != spec.kd.mode:  # kd.when: no teacher, so nothing to freeze for
+        study.sampler.freeze_student = 0  # type: ignore[attr-defined]
     return study, holder["ctx"]
 
 
@@ -592,9 +595,13 @@ def load_assets(
             f"study {spec.name}: created by an older jdsearch whose trials know no pool moves; "
             "search.strategy: pool needs a new study"
         )
-    return SearchContext(
+    ctx = SearchContext(
         spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress, vocabulary
     )
+    check = apply_teacher_check(study, ctx, base.detector, write=write)  # kd.when
+    if check is not None and write:
+        _say(check.describe())
+    return ctx
 
 
 def _same_spec(stored: Any, spec: StudySpec) -> bool:

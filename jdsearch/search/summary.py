@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 
 from jdsearch.search.queries import best_of, front_of, lineage, root_of
-from jdsearch.search.record import FAIL_REASON_ATTR, KD_MODE_ATTR, STRATEGY_ATTR, TrialRecord
+from jdsearch.search.record import FAIL_REASON_ATTR, STRATEGY_ATTR, TrialRecord
+from jdsearch.search.teacher_check import kd_summary
 
 
 def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -60,5 +61,5 @@ def summary(study: optuna.Study) -> str:
         cells = [f"#{n} (AP {100 * p[0]:.1f}, cost {p[1]:.3f})" for n, p in front if p]
         lines.append(f"front       {len(front)} non-dominated: " + ", ".join(cells))
     strategy = study.user_attrs.get(STRATEGY_ATTR, "hill_climb")  # 0.1 studies: hill climbing
-    lines.append(f"search      {strategy}, KD {study.user_attrs.get(KD_MODE_ATTR, 'dynamic')}")
+    lines.append(f"search      {strategy}, KD {kd_summary(study.user_attrs)}")
     return "\n".join(lines)
