@@ -191,3 +191,20 @@ def test_a_small_detector_trains_on_one_thread_unless_the_user_chose(
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_pool_train_writes_into_a_folder_that_does_not_exist_yet(
+    search_assets, tmp_path: Path
+) -> None:
+    """The pool's phase states are saved next to the pool file from the first phase on: the folder
+    must be made first (it was not: ``jdsearch pool train SPEC`` failed with a traceback)."""
+    import yaml
+
+    from .conftest import tiny_study_dict
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(tiny_study_dict(search_assets.data_dir, "fresh")))
+    out = tmp_path / "new" / "folder" / "pool.safetensors"
+    assert main(["pool", "train", str(spec), "--out", str(out), "--quiet"]) == 0
+    assert out.is_file()

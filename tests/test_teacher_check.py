@@ -68,7 +68,7 @@ def test_a_teacher_weaker_than_the_base_turns_distillation_off_for_the_whole_stu
     assert all(r.kind in ("base", "student") for r in records)  # no teacher move, no freeze
     assert study.user_attrs["kd_mode"] == "dynamic"  # what the spec asked; the check says the rest
     line = "KD dynamic, off: the pool's largest sub-network AP 0.4 does not beat the base's 11.2"
-    assert line in summary(study)
+    assert line in summary(study) and "teacher     none (no distillation)" in summary(study)
     # a resumed worker reads the check back: no second measurement, still no teacher
     study = run_search(spec, n_trials=1, progress=False)
     assert calls == [1] and not TrialRecord.from_trial(study.get_trials()[-1]).teacher

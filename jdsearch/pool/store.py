@@ -159,6 +159,7 @@ def train_and_save_pool(
     ``pool_spec``.
     """
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)  # its phase states are written there from the start
     pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec)
     # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
     # the pool file, continued from when the phase is run again (a killed `prepare`).

@@ -22,7 +22,7 @@ def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     parent = "-" if r.parent is None else r.parent
     print(
         f"trial {trial.number:3d}  {move:<20} from {parent:>3}: H {c['H']}  "
-        f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {r.teacher or None}",
+        f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {r.teacher or 'none'}",
         flush=True,
     )
 
@@ -53,7 +53,10 @@ def summary(study: optuna.Study) -> str:
     lines += [f"{k:<12}{base[k]:<20}{top[k]}" for k in base]
     lines.append(f"student     {r0.student}")
     lines.append(f"        ->  {r1.student}")
-    lines.append(f"teacher     {r0.teacher}  ->  {r1.teacher}")
+    if r0.teacher or r1.teacher:
+        lines.append(f"teacher     {r0.teacher or 'none'}  ->  {r1.teacher or 'none'}")
+    else:
+        lines.append("teacher     none (no distillation)")
     path = [TrialRecord.from_trial(t) for t in lineage(study, best.number)]
     lines.append("lineage     " + " -> ".join(f"{t.move} (#{t.number})" for t in path))
     if len(study.directions) > 1:  # score.mode: pareto
