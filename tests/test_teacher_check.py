@@ -72,6 +72,10 @@ def test_a_teacher_weaker_than_the_base_turns_distillation_off_for_the_whole_stu
     # a resumed worker reads the check back: no second measurement, still no teacher
     study = run_search(spec, n_trials=1, progress=False)
     assert calls == [1] and not TrialRecord.from_trial(study.get_trials()[-1]).teacher
+    # once recorded, the check decides for the whole study, whatever kd.when a later spec sets
+    again = _spec(search_assets, tmp_path, "weak", when="always", n_trials=1)
+    study = run_search(again, progress=False)
+    assert calls == [1] and not TrialRecord.from_trial(study.get_trials()[-1]).teacher
     # finetune and noise open the study with its stored spec: the same decision
     _, ctx = prepare(open_study(spec.storage_url).spec, spec.storage_url, stored=True)
     assert ctx.spec.kd.mode == "off" and calls == [1]
@@ -118,6 +122,7 @@ def test_a_bad_recorded_check_or_kd_when_is_refused_in_one_line(search_assets) -
         ({**good, "base_ap": "high"}, "base_ap = 'high'"),
         ({**good, "base_ap": float("nan")}, "base_ap = nan"),
         ({"teacher": "t"}, "must map"),
+        ({**good, "teacher": None}, "teacher = None"),
         ([1, 2], "must map"),
     ]:
         with pytest.raises(JDSearchError, match=where) as e:

@@ -7,6 +7,7 @@ uploads, evaluates and tells Optuna.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -48,7 +49,7 @@ def follow(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
         if command in (BASE, POOL):
             _train_along(spec, command)
         elif command == READY:
-            study, objective = _ready(spec, storage_url)
+            study, objective = _ready(spec, storage_url, payload.get("kd_mode"))
         elif command == TRIAL and objective is not None and study is not None:
             objective.follow(study, **payload)
         else:
@@ -73,11 +74,16 @@ def _train_along(spec: StudySpec, command: str) -> None:
         log.info("%s on this rank: %s", command, e)
 
 
-def _ready(spec: StudySpec, storage_url: str | None) -> tuple[optuna.Study, Objective]:
-    """The study rank 0 prepared, read (not written) from its storage, and its objective."""
+def _ready(
+    spec: StudySpec, storage_url: str | None, kd_mode: str | None
+) -> tuple[optuna.Study, Objective]:
+    """The study rank 0 prepared, read (not written) from its storage, and its objective;
+    ``kd_mode``: rank 0's, after its teacher check (the ranks must build the same losses)."""
     storage, url = open_storage(spec, storage_url)
     store = make_artifact_store(spec.search.artifacts, url)
     train_set, val_set = ensure_data(spec, generate=False)
     study = optuna.load_study(study_name=spec.name, storage=storage)
     ctx: Any = load_assets(study, store, spec, train_set, val_set, False, write=False)
+    if kd_mode is not None and kd_mode != ctx.spec.kd.mode:
+        ctx.spec = dataclasses.replace(ctx.spec, kd=dataclasses.replace(ctx.spec.kd, mode=kd_mode))
     return study, Objective(ctx)

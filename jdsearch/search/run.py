@@ -654,7 +654,7 @@ def _search(
     spec: StudySpec, storage_url: str | None, n_trials: int | None, progress: bool
 ) -> optuna.Study:
     study, ctx = prepare(spec, storage_url, progress=progress)
-    announce(READY)
+    announce(READY, kd_mode=ctx.spec.kd.mode)  # the teacher check's decision, for every rank
     n = n_trials if n_trials is not None else spec.search.n_trials
     shown = public_url(storage_url or spec.storage_url)
     _say(f"searching: study {spec.name!r} on {shown}, {n} trials in this worker")

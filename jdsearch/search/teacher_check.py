@@ -8,11 +8,12 @@ at equal training (issue 11's bench: ``longer_all_kd`` against ``longer_all``).
 So when a study is prepared, the pool's largest sub-network (BN-recalibrated, as every teacher
 is) and the base detector are scored on the selection split at the base resolution. With
 ``kd.when: stronger`` (the default) a study whose teacher does not beat the base searches without
-one, as with ``kd.mode: off`` (no distillation, no teacher moves), and says so; ``kd.when:
-always`` distils from whatever the pool holds. The first worker to prepare the study measures the
-check and records it in the study (user attr ``teacher_check``), so every worker, rank, resume
-and ``finetune`` decides alike. A study that has trials but no check (it began before the check
-existed) goes on as it began.
+one, as with ``kd.mode: off`` (no distillation, no teacher moves), and says so; a study made with
+``kd.when: always`` distils from whatever the pool holds. The first worker to prepare the study
+measures the check and records it in the study (user attr ``teacher_check``); once recorded it
+decides for the whole study, so every worker, rank, resume, ``noise`` and ``finetune`` distils
+alike (under ``torchrun`` rank 0 also hands its decision to the other ranks). A study that has
+trials but no check (made with ``always``, or before the check existed) goes on as it began.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class TeacherCheck:
         verdict = (
             "the search distils"
             if self.stronger
-            else "the search does not distil (kd.mode acts as off; kd.when: always distils anyway)"
+            else "the search does not distil (kd.mode acts as off; a new study with kd.when: "
+            "always distils anyway)"
         )
         return (
             f"teacher check at {self.resolution} on the selection split: the pool's largest "
@@ -85,13 +87,18 @@ class TeacherCheck:
         names = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(data, dict) or sorted(data) != sorted(names):
             raise JDSearchError(f"{source}: {TEACHER_CHECK_ATTR} must map {names}, got {data!r}")
+        for key in ("teacher", "resolution"):
+            if not isinstance(data[key], str):
+                raise JDSearchError(
+                    f"{source}: {TEACHER_CHECK_ATTR}.{key} = {data[key]!r}: not a name"
+                )
         for key in ("teacher_ap", "base_ap"):
             v = data[key]
             ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or not 0 <= v <= 1:
                 raise JDSearchError(f"{source}: {TEACHER_CHECK_ATTR}.{key} = {v!r}: not in [0, 1]")
-        return cls(str(data["teacher"]), float(data["teacher_ap"]), float(data["base_ap"]),
-                   str(data["resolution"]))  # fmt: skip
+        return cls(data["teacher"], float(data["teacher_ap"]), float(data["base_ap"]),
+                   data["resolution"])  # fmt: skip
 
 
 def measure_teacher(ctx: SearchContext, base: nn.Module) -> TeacherCheck:
@@ -102,7 +109,8 @@ def measure_teacher(ctx: SearchContext, base: nn.Module) -> TeacherCheck:
     config = ctx.pool.space.largest()
     res, metric, device = ctx.base_resolution, ctx.spec.score.metric, ctx.spec.device
     scores = []
-    for detector in (ctx.subnet(config), base):
+    teacher = ctx.pool.teacher(config, ctx.train_set, device=device)  # not kept: maybe never used
+    for detector in (teacher, base):
         metrics = evaluate(detector, ctx.val_set, [res], device=device)
         scores.append(float(getattr(metrics[str(res)], metric)))
     return TeacherCheck(str(config), scores[0], scores[1], str(res))
@@ -112,20 +120,27 @@ def apply_teacher_check(
     study: optuna.Study, ctx: SearchContext, base: nn.Module, *, write: bool
 ) -> TeacherCheck | None:
     """Apply ``kd.when`` to the context's spec: measured once per study (``write``: record it),
-    read back after. With a teacher that does not beat the base, ``ctx.spec.kd.mode`` becomes
-    ``off`` for this worker. Returns the check (``None``: none applies)."""
+    read back after. A recorded check decides for the whole study, whatever ``kd.when`` a later
+    spec sets: every worker, re-run and fine-tune of one study distils alike. With a teacher that
+    does not beat the base, ``ctx.spec.kd.mode`` becomes ``off`` for this worker. Returns the check
+    (``None``: none applies)."""
     kd = ctx.spec.kd
-    if kd.mode == "off" or kd.when == "always":
+    if kd.mode == "off":
         return None
+    # Trials first, then the check: a worker records its check before it makes any trial, so a
+    # trial seen here means its check is seen too (read the other way round, a worker starting
+    # beside the first could miss both its check and then see its first trial).
+    begun = bool(study.get_trials(deepcopy=False))
     stored = study.user_attrs.get(TEACHER_CHECK_ATTR)
+    if stored is None and (kd.when == "always" or begun):
+        return None  # distils as asked, or as the study began (before the check existed)
+    if stored is None:
+        check = measure_teacher(ctx, base)
+        stored = study.user_attrs.get(TEACHER_CHECK_ATTR)  # another worker's, measured meanwhile
+        if stored is None and write:
+            study.set_user_attr(TEACHER_CHECK_ATTR, check.to_dict())
     if stored is not None:
         check = TeacherCheck.from_dict(stored, f"study {study.study_name}")
-    elif study.get_trials(deepcopy=False):
-        return None  # begun before the check: it goes on as it began
-    else:
-        check = measure_teacher(ctx, base)
-        if write:
-            study.set_user_attr(TEACHER_CHECK_ATTR, check.to_dict())
     log.info("%s", check.describe())
     if not check.stronger:
         ctx.spec = dataclasses.replace(ctx.spec, kd=dataclasses.replace(kd, mode="off"))
