@@ -113,6 +113,8 @@ def study_dict(out: Path, dry_run: bool) -> dict[str, Any]:
         phase["epochs"] = epochs
     # The study-level `amp` covers the base and the trials; the pool's training has its own.
     spec["pool"].setdefault("train", {})["amp"] = spec["amp"]
+    # The check distils with the teacher under AMP: a pool of minutes would fail the teacher check.
+    spec["kd"]["when"] = "always"
     return spec
 
 
