@@ -8,6 +8,7 @@ import pytest
 
 from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.evaluate import evaluate
+from jdsearch.report.html import write_report
 from jdsearch.search import teacher_check
 from jdsearch.search.queries import open_study
 from jdsearch.search.record import TrialRecord
@@ -72,6 +73,10 @@ def test_a_teacher_weaker_than_the_base_turns_distillation_off_for_the_whole_stu
     # a resumed worker reads the check back: no second measurement, still no teacher
     study = run_search(spec, n_trials=1, progress=False)
     assert calls == [1] and not TrialRecord.from_trial(study.get_trials()[-1]).teacher
+    # the report says why fig. 5 shows no teacher
+    files = write_report(open_study(spec.storage_url), tmp_path / "report", png=False, attach=False)
+    page = files.html.read_text()
+    assert "This study distilled from no teacher (KD dynamic, off: the pool&#x27;s largest" in page
     # once recorded, the check decides for the whole study, whatever kd.when a later spec sets
     again = _spec(search_assets, tmp_path, "weak", when="always", n_trials=1)
     study = run_search(again, progress=False)
@@ -93,6 +98,8 @@ def test_a_stronger_teacher_keeps_dynamic_distillation(
     records = [TrialRecord.from_trial(t) for t in study.get_trials()]
     assert all(r.teacher for r in records) and records[1].kind == "teacher"  # the freeze
     assert "KD dynamic (teacher check: AP 30.0 against the base's 10.0)" in summary(study)
+    files = write_report(open_study(spec.storage_url), tmp_path / "report", png=False, attach=False)
+    assert "distilled from no teacher" not in files.html.read_text()
     assert calls == [1]
 
 

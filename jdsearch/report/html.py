@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.errors import JDSearchError
 from jdsearch.report.compare import Comparison
@@ -380,8 +380,9 @@ def _page(
         "upgraded": upgraded_label(trials, upgraded.number),
         "phases": str(len(phase_windows(trials, phases))),
     }
+    notes = {"teacher_capacity": _no_teacher_note(handle, trials)}
     for key, fig in figures.items():
-        body += _figure_section(key, fig, fill)
+        body += _figure_section(key, fig, fill, notes.get(key, ""))
     head = [
         '<meta charset="utf-8">',
         f"<title>jdsearch report: {name}</title>",
@@ -392,7 +393,16 @@ def _page(
     return "\n".join([*document, "<body>", *body, "</body>", "</html>", ""])
 
 
-def _figure_section(key: str, fig: go.Figure, fill: Mapping[str, str]) -> list[str]:
+def _no_teacher_note(handle: StudyHandle, trials: Sequence[FrozenTrial]) -> str:
+    """Fig. 5's note for a study whose trials distilled from no teacher (``kd.mode: off``, or
+    the teacher check turned it off): empty when one trial had a teacher."""
+    if any(TrialRecord.from_trial(t).teacher for t in trials if t.state == TrialState.COMPLETE):
+        return ""
+    kd = kd_summary(handle.study.user_attrs)
+    return f"This study distilled from no teacher (KD {kd}): every teacher below has 0 parameters."
+
+
+def _figure_section(key: str, fig: go.Figure, fill: Mapping[str, str], note: str = "") -> list[str]:
     title, text = _TEXT[key]
     div = fig.to_html(
         full_html=False,
@@ -404,5 +414,6 @@ def _figure_section(key: str, fig: go.Figure, fill: Mapping[str, str]) -> list[s
     return [
         f'<h2 id="sec-{key}">{html.escape(title)}</h2>',
         f"<p>{html.escape(_render(text, **fill))}</p>",
+        *([f'<p class="note">{html.escape(note)}</p>'] if note else []),
         f'<div class="figure">{div}</div>',
     ]
