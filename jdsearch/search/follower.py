@@ -7,9 +7,7 @@ uploads, evaluates and tells Optuna.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any
 
 import optuna
 
@@ -83,7 +81,5 @@ def _ready(
     store = make_artifact_store(spec.search.artifacts, url)
     train_set, val_set = ensure_data(spec, generate=False)
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    ctx: Any = load_assets(study, store, spec, train_set, val_set, False, write=False)
-    if kd_mode is not None and kd_mode != ctx.spec.kd.mode:
-        ctx.spec = dataclasses.replace(ctx.spec, kd=dataclasses.replace(ctx.spec.kd, mode=kd_mode))
+    ctx = load_assets(study, store, spec, train_set, val_set, False, write=False, kd_mode=kd_mode)
     return study, Objective(ctx)

@@ -63,7 +63,7 @@ from jdsearch.search.storage import (
     with_driver,
 )
 from jdsearch.search.summary import print_trial
-from jdsearch.search.teacher_check import apply_teacher_check
+from jdsearch.search.teacher_check import apply_teacher_check, use_kd_mode
 from jdsearch.spec import load_spec
 from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store, read_artifact
 from jdsearch.store.checkpoint import (
@@ -440,10 +440,12 @@ def prepare(
         _require_assets(study)
     _record_spec(study, spec, train_set)
     _upload_assets(study, store, spec, train_set, progress)
-    holder["ctx"] = load_assets(study, store, spec, train_set, val_set, progress)
-    if holder["ctx"].spec.kd.mode != spec.kd.mode:  # kd.when: no teacher, so nothing to freeze for
-        study.sampler.freeze_student = 0  # type: ignore[attr-defined]
-    return study, holder["ctx"]
+    ctx = holder["ctx"] = load_assets(study, store, spec, train_set, val_set, progress)
+    # With a fixed teacher or none (kd.mode, or the teacher check) there is no teacher to adapt
+    # first: no freeze.
+    freeze = spec.search.freeze_student if ctx.spec.kd.mode == "dynamic" else 0
+    study.sampler.freeze_student = freeze  # type: ignore[attr-defined]
+    return study, ctx
 
 
 def check_device(spec: StudySpec) -> None:
@@ -502,13 +504,11 @@ def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[RDBSt
 
 
 def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
-    # With a fixed teacher or none there is no teacher to adapt first: no freeze.
-    freeze = spec.search.freeze_student if spec.kd.mode == "dynamic" else 0
     sampler = HillClimbingSampler(
         move_vocabulary(),
         feasible,
         top_k=spec.search.top_k,
-        freeze_student=freeze,
+        freeze_student=0,  # prepare sets it once the teacher check has decided
         p_student=spec.search.p_student,
         seed=spec.search.seed,
         strategy=spec.search.strategy,
@@ -570,9 +570,12 @@ def load_assets(
     progress: bool,
     *,
     write: bool = True,
+    kd_mode: str | None = None,
 ) -> SearchContext:
     """The pool and base detector as the storage holds them (what every worker sees).
-    ``write``: also record the base's FLOPs and resolution in the study (rank 0)."""
+    ``write``: also record the base's FLOPs and resolution in the study (rank 0). ``kd_mode``:
+    the KD mode rank 0's teacher check decided (a rank under torchrun), used as it is; else this
+    worker applies the check (``kd.when``)."""
     base_id = study.user_attrs[BASE_ATTR]
     pool_bytes = read_artifact(store, study.user_attrs[POOL_ATTR], f"study {spec.name}: the pool")
     pool = pool_from_bytes(pool_bytes, source=f"study {spec.name}: pool", device=spec.device)
@@ -598,6 +601,9 @@ def load_assets(
     ctx = SearchContext(
         spec, store, train_set, val_set, pool, base_id, base_res, base_flops, progress, vocabulary
     )
+    if kd_mode is not None:
+        use_kd_mode(ctx, kd_mode)
+        return ctx
     check = apply_teacher_check(study, ctx, base.detector, write=write)  # kd.when
     if check is not None and write:
         _say(check.describe())

@@ -39,6 +39,7 @@ __all__ = [
     "apply_teacher_check",
     "kd_summary",
     "measure_teacher",
+    "use_kd_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,14 @@ def apply_teacher_check(
         check = TeacherCheck.from_dict(stored, f"study {study.study_name}")
     log.info("%s", check.describe())
     if not check.stronger:
-        ctx.spec = dataclasses.replace(ctx.spec, kd=dataclasses.replace(kd, mode="off"))
+        use_kd_mode(ctx, "off")
     return check
+
+
+def use_kd_mode(ctx: SearchContext, mode: str) -> None:
+    """This worker's trials distil as ``mode`` says (the teacher check's decision, this worker's
+    or rank 0's), whatever the spec asked."""
+    ctx.spec = dataclasses.replace(ctx.spec, kd=dataclasses.replace(ctx.spec.kd, mode=mode))
 
 
 def kd_summary(attrs: dict[str, Any]) -> str:
@@ -160,7 +167,10 @@ def kd_summary(attrs: dict[str, Any]) -> str:
     except JDSearchError as e:
         return f"{mode} ({e})"
     if check.stronger:
-        return f"{mode} (teacher check: AP {100 * check.teacher_ap:.1f} against the base's {100 * check.base_ap:.1f})"
+        return (
+            f"{mode} (teacher check: AP {100 * check.teacher_ap:.1f} against the base's "
+            f"{100 * check.base_ap:.1f})"
+        )
     return (
         f"{mode}, off: the pool's largest sub-network AP {100 * check.teacher_ap:.1f} does not "
         f"beat the base's {100 * check.base_ap:.1f} (kd.when)"
