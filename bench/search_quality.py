@@ -74,18 +74,19 @@ from typing import Any
 SEARCH_ROWS = (
     "hill_climb", "pareto", "random", "greedy", "pool", "kd_always", "kd_fixed", "kd_off",
 )  # fmt: skip
-_ALWAYS_DISTIL = ("kd_always", "kd_fixed")  # rows about distillation itself: kd.when always
 CONTROL_ROWS = ("pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
 ROWS = SEARCH_ROWS + CONTROL_ROWS
-_SEARCH_SETTINGS = {  # row -> (search.strategy, kd.mode); score.mode pareto for "pareto"
-    "kd_always": ("hill_climb", "dynamic"),
-    "hill_climb": ("hill_climb", "dynamic"),
-    "pareto": ("hill_climb", "dynamic"),
-    "random": ("random", "dynamic"),
-    "greedy": ("greedy", "dynamic"),
-    "pool": ("pool", "dynamic"),
-    "kd_fixed": ("hill_climb", "fixed"),
-    "kd_off": ("hill_climb", "off"),
+# row -> (search.strategy, kd.mode, kd.when; None: the study's); score.mode pareto for "pareto".
+# The rows about distillation itself distil whatever the teacher check would say.
+_SEARCH_SETTINGS: dict[str, tuple[str, str, str | None]] = {
+    "hill_climb": ("hill_climb", "dynamic", None),
+    "pareto": ("hill_climb", "dynamic", None),
+    "random": ("random", "dynamic", None),
+    "greedy": ("greedy", "dynamic", None),
+    "pool": ("pool", "dynamic", None),
+    "kd_always": ("hill_climb", "dynamic", "always"),
+    "kd_fixed": ("hill_climb", "fixed", "always"),
+    "kd_off": ("hill_climb", "off", None),
 }
 PIPELINE_SPARSITY = 1e-4  # BN-sparsity weight of the pipelining baseline's first half
 ALPHA_ROW = "hill_climb_a"  # + α: hill climbing scored by H with that α (--alphas)
@@ -158,8 +159,7 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
     score (mode, α)."""
     from jdsearch.search.run import run_dir
 
-    strategy, kd_mode = _SEARCH_SETTINGS.get(row, ("hill_climb", "dynamic"))
-    when = "always" if row in _ALWAYS_DISTIL else shared.spec.kd.when
+    strategy, kd_mode, when = _SEARCH_SETTINGS.get(row, ("hill_climb", "dynamic", None))
     spec = shared.spec
     score = spec.score
     if row == "pareto":
@@ -178,7 +178,7 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
             n_trials=trials,
             storage=f"sqlite:///{out / 'studies' / (name + '.db')}",
         ),
-        kd=dataclasses.replace(spec.kd, mode=kd_mode, when=when),
+        kd=dataclasses.replace(spec.kd, mode=kd_mode, when=when or spec.kd.when),
         score=score,
     )
     cache = run_dir(variant) / "pool.safetensors"
