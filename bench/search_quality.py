@@ -140,7 +140,8 @@ class Shared:
 
 def shared_assets(spec: Any, out: Path) -> Shared:
     """Train (or find in ``runs/<study>/``) the base detector and the pool, once for all rows."""
-    from jdsearch.search.run import prepare, run_dir
+    from jdsearch.search.caches import run_dir
+    from jdsearch.search.run import prepare
     from jdsearch.search.splits import heldout_split
 
     study, ctx = prepare(spec, f"sqlite:///{out / 'shared.db'}", progress=False)
@@ -157,7 +158,7 @@ def shared_assets(spec: Any, out: Path) -> Shared:
 def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any:
     """The study spec of a search row: the shared base and pool, its strategy, KD mode and
     score (mode, α)."""
-    from jdsearch.search.run import run_dir
+    from jdsearch.search.caches import run_dir
 
     strategy, kd_mode, when = _SEARCH_SETTINGS.get(row, ("hill_climb", "dynamic", None))
     spec = shared.spec

@@ -320,7 +320,7 @@ def _own_base_spec(search_assets: Any, tmp: Path, name: str, **base: Any) -> Any
 
 def _cache_base(search_assets: Any, spec: Any, record: bool) -> Path:
     """Put a trained tiny-r18 base where ``spec`` caches its base, recorded as made by ``spec``."""
-    from jdsearch.search.run import base_cache, base_fields, write_made_by
+    from jdsearch.search.caches import base_cache, base_fields, write_made_by
 
     cache = base_cache(spec)
     cache.path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,7 @@ def test_a_cached_base_of_another_detector_is_refused(
 ) -> None:
     """The issue's case: base.detector tiny-r18 → tiny-r50 on a fresh storage used the cached r18
     base. With a record (this jdsearch) or without one (an earlier jdsearch), it is refused."""
-    from jdsearch.search.run import check_cached_base
+    from jdsearch.search.caches import check_cached_base
 
     monkeypatch.chdir(tmp_path)
     r18, _ = _own_base_spec(search_assets, tmp_path, "swap")
@@ -364,7 +364,7 @@ def test_a_cached_base_of_another_detector_is_refused(
 def test_a_cached_base_trained_with_other_settings_is_refused(
     search_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jdsearch.search.run import check_cached_base
+    from jdsearch.search.caches import check_cached_base
 
     monkeypatch.chdir(tmp_path)
     made, _ = _own_base_spec(search_assets, tmp_path, "lr")
@@ -387,8 +387,8 @@ def test_a_cached_pool_trained_with_another_schedule_is_refused(
 ) -> None:
     """A pool from `jdsearch pool train` or a copy (no record) is checked on its own stored spec:
     before, only its architecture was compared and another schedule was silently reused."""
+    from jdsearch.search.caches import cached_pool_done
     from jdsearch.search.check import check_study
-    from jdsearch.search.run import cached_pool_done
     from jdsearch.study import study_from_dict
 
     monkeypatch.chdir(tmp_path)

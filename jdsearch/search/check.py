@@ -98,7 +98,7 @@ def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport
 
 def _check_data(spec: StudySpec, report: CheckReport) -> Any:
     from jdsearch.data import CocoDataset, validate
-    from jdsearch.search.run import check_cached_data
+    from jdsearch.search.caches import check_cached_data
     from jdsearch.search.splits import heldout_split, selection_split
 
     d = spec.data.dir
@@ -125,7 +125,8 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
 
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.errors import JDSearchError
-    from jdsearch.search.run import base_cache, check_cached_base, new_base_detector
+    from jdsearch.search.caches import base_cache, check_cached_base
+    from jdsearch.search.run import new_base_detector
     from jdsearch.store.checkpoint import load_checkpoint
 
     if spec.base.checkpoint is None:
@@ -155,7 +156,7 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
 
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.pool import ElasticPool
-    from jdsearch.search.run import cached_pool_done, pool_cache
+    from jdsearch.search.caches import cached_pool_done, pool_cache
 
     pool = ElasticPool(spec.pool, train_set.num_classes)  # checks every member fits
     epochs = sum(p.epochs for p in spec.pool.phases)
