@@ -54,7 +54,8 @@ from optuna.storages import BaseStorage
 import jdsearch.search.objective
 from jdsearch.models import build_detector
 from jdsearch.search.objective import Objective
-from jdsearch.search.run import optimize, prepare
+from jdsearch.search.run import optimize
+from jdsearch.search.session import prepare
 from jdsearch.spec import load_spec
 from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes

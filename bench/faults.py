@@ -133,10 +133,11 @@ def install_faults(workdir: Path, plan: dict[str, int]) -> None:
 
     import jdsearch.search.objective as objective
     import jdsearch.search.run as run
+    import jdsearch.search.session as session
     from jdsearch.search.objective import Objective
 
     current: dict[str, int] = {}
-    real_run, real_train, real_store = Objective._run, objective.train, run.make_artifact_store
+    real_run, real_train, real_store = Objective._run, objective.train, session.make_artifact_store
 
     def run_trial(self: Objective, trial: optuna.Trial, move: str, parent: int | None) -> float:
         current["trial"] = trial.number
@@ -166,7 +167,7 @@ def install_faults(workdir: Path, plan: dict[str, int]) -> None:
 
     Objective._run = run_trial  # type: ignore[method-assign]
     objective.train = train
-    run.make_artifact_store = store
+    session.make_artifact_store = store
     run.print_trial = after_trial
 
 
@@ -552,7 +553,7 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
 # ============================================================================ main
 def prepare_study(workdir: Path, storage: str, args: argparse.Namespace) -> tuple[Path, str]:
     """The tiny study's spec file, its base and pool trained and uploaded (in this process)."""
-    from jdsearch.search.run import prepare
+    from jdsearch.search.session import prepare
 
     name = "faults"
     spec = tiny_study(workdir, name, storage, None, args.trials)

@@ -141,7 +141,7 @@ class Shared:
 def shared_assets(spec: Any, out: Path) -> Shared:
     """Train (or find in ``runs/<study>/``) the base detector and the pool, once for all rows."""
     from jdsearch.search.caches import run_dir
-    from jdsearch.search.run import prepare
+    from jdsearch.search.session import prepare
     from jdsearch.search.splits import heldout_split
 
     study, ctx = prepare(spec, f"sqlite:///{out / 'shared.db'}", progress=False)
@@ -539,7 +539,7 @@ def _noise(shared: Shared, results: dict[tuple[str, int], dict[str, Any]], out: 
     if not path.is_file():
         from jdsearch.search.noise import measure_noise
         from jdsearch.search.queries import open_study
-        from jdsearch.search.run import prepare
+        from jdsearch.search.session import prepare
 
         first = min(s for (row, s) in results if row == "hill_climb")
         url = results[("hill_climb", first)]["study"]

@@ -109,7 +109,7 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
 def search_assets(tmp_path_factory: pytest.TempPathFactory) -> SearchAssets:
     import optuna
 
-    from jdsearch.search.run import prepare
+    from jdsearch.search.session import prepare
     from jdsearch.study import study_from_dict
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -163,9 +163,9 @@ def test_train_takes_backbone_weights(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_a_study_trains_its_base_from_backbone_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from jdsearch.search.assets import _base_checkpoint as base_checkpoint
+    from jdsearch.search.assets import ensure_data
     from jdsearch.search.check import check_study
-    from jdsearch.search.run import _base_checkpoint as base_checkpoint
-    from jdsearch.search.run import ensure_data
     from jdsearch.study import study_from_dict
     from tests.conftest import tiny_study_dict
 

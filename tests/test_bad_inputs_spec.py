@@ -254,7 +254,7 @@ def test_a_search_in_which_no_trial_completed_exits_non_zero(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from jdsearch.search import run
+    from jdsearch.search import session
 
     class Failing:
         def __init__(self, ctx: Any) -> None:
@@ -264,7 +264,7 @@ def test_a_search_in_which_no_trial_completed_exits_non_zero(
             raise JDSearchError(f"trial {trial.number}: boom")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(run, "Objective", Failing)
+    monkeypatch.setattr(session, "Objective", Failing)
     spec = search_assets.study("allfail", f"sqlite:///{tmp_path / 'f.db'}", n_trials=2)
     search_assets.install_pool(tmp_path, "allfail")
     p = _write(tmp_path / "allfail.yaml", spec)
@@ -284,7 +284,7 @@ def test_the_readme_postgresql_url_works_as_written(
     jdsearch opens it with the installed psycopg2 (whose binary COPY the artifact store uses)."""
     import optuna
 
-    from jdsearch.search.run import open_storage
+    from jdsearch.search.session import open_storage
     from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
     from jdsearch.study import study_from_dict
 
@@ -411,7 +411,7 @@ def test_a_cached_pool_trained_with_another_schedule_is_refused(
 def test_synthetic_data_generated_with_other_settings_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jdsearch.search.run import ensure_data
+    from jdsearch.search.assets import ensure_data
     from jdsearch.study import study_from_dict
 
     monkeypatch.chdir(tmp_path)

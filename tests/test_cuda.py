@@ -240,7 +240,7 @@ def test_tiny_search_on_cuda_with_amp(tmp_path: Path, monkeypatch: pytest.Monkey
     assert all(t.user_attrs["ap"] for t in done)
     # the trials' checkpoints load onto the GPU
     from jdsearch.search.record import TrialRecord
-    from jdsearch.search.run import prepare
+    from jdsearch.search.session import prepare
 
     _, ctx = prepare(spec, progress=False)
     with ctx.store.open_reader(TrialRecord.from_trial(done[-1]).checkpoint) as r:

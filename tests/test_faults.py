@@ -30,13 +30,14 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 import jdsearch.search.objective
-import jdsearch.search.run
+import jdsearch.search.session
 from bench.faults import BreakingStore, BreaksAfter
 from jdsearch.cli import main
 from jdsearch.search.objective import Objective
 from jdsearch.search.optuna_internals import study_system_attrs
 from jdsearch.search.record import FAIL_REASON_ATTR, PARENT_ATTR, SET_ASIDE_PREFIX, TrialRecord
-from jdsearch.search.run import prepare, run_search
+from jdsearch.search.run import run_search
+from jdsearch.search.session import prepare
 from jdsearch.search.storage import ResilientRDBStorage
 from jdsearch.store.artifacts import SQLArtifactStore
 from jdsearch.store.reconnect import RETRY_WINDOW_ENV, is_disconnect, with_reconnect
@@ -271,13 +272,13 @@ def _breaking_store(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> list[Brea
     """The search's artifact store wrapped by the fault bench's: the first checkpoint upload of
     a trial numbered 1 or more breaks after half its bytes."""
     made: list[BreakingStore] = []
-    real = jdsearch.search.run.make_artifact_store
+    real = jdsearch.search.session.make_artifact_store
 
     def make(spec: str, url: str) -> Any:
         made.append(BreakingStore(real(spec, url), {"upload": 1}, workdir))
         return made[-1]
 
-    monkeypatch.setattr(jdsearch.search.run, "make_artifact_store", make)
+    monkeypatch.setattr(jdsearch.search.session, "make_artifact_store", make)
     return made
 
 

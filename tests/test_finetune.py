@@ -17,7 +17,8 @@ from jdsearch.search.objective import Objective
 from jdsearch.search.optuna_internals import keep_alive
 from jdsearch.search.queries import lineage, open_study
 from jdsearch.search.record import FINETUNE_MOVE, MOVE_PARAM, TrialRecord
-from jdsearch.search.run import prepare, run_search
+from jdsearch.search.run import run_search
+from jdsearch.search.session import prepare
 from jdsearch.study import study_from_stored
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -12,7 +12,7 @@ from jdsearch.search.noise import measure_noise, stored_noise
 from jdsearch.search.objective import Objective
 from jdsearch.search.queries import open_study
 from jdsearch.search.record import TrialRecord
-from jdsearch.search.run import prepare
+from jdsearch.search.session import prepare
 
 
 @pytest.mark.slow

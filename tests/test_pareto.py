@@ -37,7 +37,8 @@ from jdsearch.search.record import (
     h_of,
     is_complete,
 )
-from jdsearch.search.sampler import HillClimbingSampler, front_k
+from jdsearch.search.sampler import HillClimbingSampler
+from jdsearch.search.strategies import ParetoScore, front_k
 from jdsearch.spec import load_spec
 from jdsearch.study import study_from_dict
 
@@ -189,7 +190,9 @@ def test_pareto_parents_come_from_the_front_only_and_isolated_ones_more_often() 
     add(study, "channel_prune", 0, 0.40, 1.2)
     add(study, "layer_prune", 0, 0.25, 0.9)  # dominated by 2
     trials = study.get_trials()
-    parents = Counter(sampler.choose(trials, n, mode="pareto").parent for n in range(100, 1300))
+    parents = Counter(
+        sampler.choose(trials, n, score=ParetoScore()).parent for n in range(100, 1300)
+    )
     assert set(parents) == {1, 4, 3}  # the three most isolated of the front
     assert parents[1] > parents[4] > parents[3]  # rank weights 3 : 2 : 1
     assert 520 < parents[1] < 680 and 140 < parents[3] < 260

@@ -25,7 +25,8 @@ from jdsearch.search.objective import score_h
 from jdsearch.search.pareto import dominates
 from jdsearch.search.queries import create_or_load, front_of, open_study
 from jdsearch.search.record import KIND_ATTR, MOVE_PARAM, PARENT_ATTR, TrialRecord
-from jdsearch.search.run import prepare, run_search
+from jdsearch.search.run import run_search
+from jdsearch.search.session import prepare
 from jdsearch.search.summary import summary
 from jdsearch.store.export import INFO_FILE, load_detector
 from jdsearch.study import study_from_dict

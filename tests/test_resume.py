@@ -199,7 +199,7 @@ def test_a_killed_trial_is_resumed_by_its_retry_at_the_saved_iteration(
     from jdsearch.search.objective import Objective
     from jdsearch.search.record import MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR
     from jdsearch.search.resume import RESUMED_ATTR, STATE_SYSATTR
-    from jdsearch.search.run import prepare
+    from jdsearch.search.session import prepare
     from jdsearch.study import load_study
 
     from .test_workers import WORKER_TIMEOUT_S, fresh_trials, wait_for, workers, write_spec

@@ -10,7 +10,8 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from jdsearch.search.record import BASE_MOVE, KIND_ATTR, MOVE_PARAM, PARENT_ATTR
-from jdsearch.search.sampler import HillClimbingSampler, top_k
+from jdsearch.search.sampler import HillClimbingSampler
+from jdsearch.search.strategies import top_k
 
 STUDENT_MOVES = ["channel_prune", "layer_prune", "add_layer:1", "add_layer:2"]
 TEACHER_MOVES = ["teacher:fpn=16", "teacher:depth1=1", "teacher:width2=1.5"]
@@ -189,7 +190,7 @@ def test_action_families_are_equally_likely() -> None:
     """rearrange has six variants and channel_prune one; each family is still picked ~1/4."""
     import numpy as np
 
-    from jdsearch.search.sampler import family, pick_by_family
+    from jdsearch.search.strategies import family, pick_by_family
 
     moves = ["channel_prune", "layer_prune", *[f"add_layer:{s}" for s in range(1, 5)]]
     moves += [f"rearrange:{a}->{b}" for a, b in ((1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3))]

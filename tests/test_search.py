@@ -13,7 +13,8 @@ from jdsearch.morph.actions import MorphConfig, evolve
 from jdsearch.pool import SubnetConfig
 from jdsearch.search.objective import score_h
 from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, TrialRecord
-from jdsearch.search.run import prepare, run_search
+from jdsearch.search.run import run_search
+from jdsearch.search.session import prepare
 from jdsearch.search.summary import summary
 from jdsearch.store.checkpoint import checkpoint_from_bytes
 from jdsearch.study import study_from_dict

@@ -632,6 +632,7 @@ class SharedStudy:
 
     def context(self, base_artifact: str) -> Any:
         from jdsearch.search.objective import SearchContext
+        from jdsearch.search.strategies import HillClimb, HScore, NoKD
 
         return SearchContext(
             spec=SimpleNamespace(device="cpu"),  # type: ignore[arg-type]
@@ -642,6 +643,9 @@ class SharedStudy:
             base_artifact=base_artifact,
             base_resolution=None,  # type: ignore[arg-type]
             base_flops=0,
+            strategy=HillClimb(),
+            kd=NoKD(),
+            score=HScore(),
         )
 
 
@@ -801,7 +805,7 @@ def test_the_stored_spec_cannot_make_a_worker_upload_a_file_outside_its_folders(
     from jdsearch.search.optuna_internals import set_study_system_attr
     from jdsearch.search.queries import open_study
     from jdsearch.search.record import POOL_ATTR, SPEC_SYSATTR
-    from jdsearch.search.run import prepare
+    from jdsearch.search.session import prepare
     from jdsearch.store.artifacts import SQLArtifactStore
     from jdsearch.study import load_study
 

@@ -12,7 +12,8 @@ from jdsearch.report.html import write_report
 from jdsearch.search import teacher_check
 from jdsearch.search.queries import open_study
 from jdsearch.search.record import TrialRecord
-from jdsearch.search.run import prepare, run_search
+from jdsearch.search.run import run_search
+from jdsearch.search.session import prepare
 from jdsearch.search.summary import summary
 from jdsearch.search.teacher_check import TEACHER_CHECK_ATTR, TeacherCheck
 from jdsearch.store.checkpoint import load_checkpoint
@@ -49,7 +50,7 @@ def test_the_check_scores_the_pools_largest_subnet_and_the_base_on_the_selection
     assert check.teacher == str(ctx.pool.space.largest()) and check.resolution == str(res)
     assert check.teacher_ap == evaluate(teacher, ctx.val_set, [res])[str(res)].AP
     assert check.base_ap == evaluate(base, ctx.val_set, [res])[str(res)].AP
-    assert ctx.spec.kd.mode == ("dynamic" if check.stronger else "off")
+    assert ctx.kd.name == ("dynamic" if check.stronger else "off")
 
 
 @pytest.mark.slow
@@ -83,7 +84,7 @@ def test_a_teacher_weaker_than_the_base_turns_distillation_off_for_the_whole_stu
     assert calls == [1] and not TrialRecord.from_trial(study.get_trials()[-1]).teacher
     # finetune and noise open the study with its stored spec: the same decision
     _, ctx = prepare(open_study(spec.storage_url).spec, spec.storage_url, stored=True)
-    assert ctx.spec.kd.mode == "off" and calls == [1]
+    assert ctx.kd.name == "off" and calls == [1]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 
 from jdsearch import flops as flops_module
 from jdsearch.search import objective as objective_module
-from jdsearch.search.run import prepare
+from jdsearch.search.session import prepare
 from jdsearch.study import study_from_dict
 
 from .conftest import SearchAssets

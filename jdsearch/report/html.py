@@ -34,6 +34,7 @@ from jdsearch.search.record import (
     STRATEGY_ATTR,
     TrialRecord,
 )
+from jdsearch.search.strategies import score_mode_named
 from jdsearch.search.teacher_check import kd_summary
 
 __all__ = [
@@ -175,7 +176,7 @@ def _summary(handle: StudyHandle, trials: Sequence[FrozenTrial], upgraded: Froze
 
 def _pareto_phrase(handle: StudyHandle, trials: Sequence[FrozenTrial]) -> list[str]:
     """A Pareto study's sentence: what it optimises and how many trials its front holds."""
-    if handle.spec.score.mode != "pareto":
+    if not score_mode_named(handle.spec.score.mode).has_front:
         return []
     n = len(front_of(trials))
     return [f"Pareto search (max AP, min cost): {n} non-dominated trial{'s' if n != 1 else ''}."]

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from jdsearch.errors import JDSearchError
 from jdsearch.search.queries import StudyHandle, best_of, completed_trials, lineage_of, root_of
 from jdsearch.search.record import BASE_MOVE, FINETUNE_MOVE, POOL_ATTR, TrialRecord, h_of
-from jdsearch.search.sampler import family
+from jdsearch.search.strategies import family
 
 __all__ = [
     "FAMILIES",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jdsearch.errors import SpecError
+from jdsearch.search.strategies import kd_mode_named
 from jdsearch.study import StudySpec
 
 __all__ = ["CheckReport", "check_study"]
@@ -51,7 +52,7 @@ def check_study(spec: StudySpec, *, steps: int = 4, storage_url: str | None = No
         JDSearchError: a base checkpoint that does not fit the dataset, a storage URL whose
             driver is missing or whose server does not answer.
     """
-    from jdsearch.search.run import check_device
+    from jdsearch.search.session import check_device
 
     report = CheckReport()
     report.add(f"study {spec.name} ({spec.source}): the spec is valid")
@@ -76,7 +77,7 @@ def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport
     from sqlalchemy.engine import make_url
 
     from jdsearch.errors import JDSearchError
-    from jdsearch.search.run import storage_url_for
+    from jdsearch.search.session import storage_url_for
     from jdsearch.search.storage import public_url, root_cause
 
     url = storage_url_for(spec, storage_url)
@@ -125,8 +126,8 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
 
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.errors import JDSearchError
+    from jdsearch.search.assets import new_base_detector
     from jdsearch.search.caches import base_cache, check_cached_base
-    from jdsearch.search.run import new_base_detector
     from jdsearch.store.checkpoint import load_checkpoint
 
     if spec.base.checkpoint is None:
@@ -201,7 +202,7 @@ def _estimate(
         "trials": spec.search.n_trials
         * spec.fast_eval.epochs
         * n
-        * (rate["base"] + (rate["pool"] / 3 if spec.kd.mode != "off" else 0.0)),
+        * (rate["base"] + (rate["pool"] / 3 if kd_mode_named(spec.kd.mode).distils else 0.0)),
     }
     report.estimate_s.update(est)
     report.add(

@@ -50,7 +50,7 @@ def finetune(
     """Fine-tune trial ``trial``'s pair (default: the best trial of the search) as a child trial.
 
     Args:
-        study: the study, as :func:`jdsearch.search.run.prepare` opened it.
+        study: the study, as :func:`jdsearch.search.session.prepare` opened it.
         ctx: what its trials share (from the same ``prepare``).
         trial: a completed trial's number; default the best one that is not itself a fine-tuning.
         epochs: training epochs (> 0).

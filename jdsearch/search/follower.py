@@ -14,16 +14,11 @@ import optuna
 from jdsearch import distributed
 from jdsearch.errors import JDSearchError
 from jdsearch.pool import train_pool_along
+from jdsearch.search.assets import ensure_data, train_base
+from jdsearch.search.caches import pool_cache
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import BASE, POOL, READY, STOP, TRIAL, receive
-from jdsearch.search.run import (
-    ensure_data,
-    load_assets,
-    open_storage,
-    pool_cache,
-    train_base,
-)
-from jdsearch.store.artifacts import make_artifact_store
+from jdsearch.search.session import open_run
 from jdsearch.study import StudySpec
 
 __all__ = ["follow"]
@@ -75,11 +70,9 @@ def _train_along(spec: StudySpec, command: str) -> None:
 def _ready(
     spec: StudySpec, storage_url: str | None, kd_mode: str | None
 ) -> tuple[optuna.Study, Objective]:
-    """The study rank 0 prepared, read (not written) from its storage, and its objective;
+    """The study rank 0 prepared, built as a run read-only from its storage, and its objective;
     ``kd_mode``: rank 0's, after its teacher check (the ranks must build the same losses)."""
-    storage, url = open_storage(spec, storage_url)
-    store = make_artifact_store(spec.search.artifacts, url)
-    train_set, val_set = ensure_data(spec, generate=False)
-    study = optuna.load_study(study_name=spec.name, storage=storage)
-    ctx = load_assets(study, store, spec, train_set, val_set, False, write=False, kd_mode=kd_mode)
-    return study, Objective(ctx)
+    if kd_mode is None:
+        raise JDSearchError(f"study {spec.name}: rank 0 sent no KD mode")
+    run = open_run(spec, storage_url, progress=False, decided_kd=kd_mode)
+    return run.study, run.objective()

@@ -65,7 +65,7 @@ def measure_noise(
     """Re-run trial ``trial`` (default: the best) with ``seeds`` other training seeds.
 
     Args:
-        study: the study, as :func:`jdsearch.search.run.prepare` opened it.
+        study: the study, as :func:`jdsearch.search.session.prepare` opened it.
         ctx: what its trials share (from the same ``prepare``).
         trial: a completed trial's number; default the best.
         seeds: how many re-runs (≥ 2).

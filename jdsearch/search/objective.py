@@ -62,6 +62,7 @@ from jdsearch.search.record import (
     TrialRecord,
 )
 from jdsearch.search.resume import FollowedStates, TrialStates
+from jdsearch.search.strategies import KDMode, ScoreMode, Strategy
 from jdsearch.settings import TrainConfig
 from jdsearch.store.artifacts import check_artifact_id
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
@@ -136,7 +137,9 @@ def score_h(
 
 @dataclass
 class SearchContext:
-    """What every trial of a study shares (built once per worker by :mod:`jdsearch.search`)."""
+    """What every trial of a study shares (built once per worker by
+    :func:`jdsearch.search.session.open_run`). ``strategy``, ``kd`` and ``score`` are the study's
+    strategy, KD mode (as its teacher check decided) and score mode, as objects."""
 
     spec: StudySpec
     store: Any  # optuna ArtifactStore
@@ -148,6 +151,9 @@ class SearchContext:
     base_flops: int
     progress: bool = False
     vocabulary: tuple[str, ...] = ()  # the study's move choices; empty: move_vocabulary()
+    strategy: Strategy = field(kw_only=True)
+    kd: KDMode = field(kw_only=True)
+    score: ScoreMode = field(kw_only=True)
     _pool_start: SubnetConfig | None = None
     _cost: CostMeter | None = None
     # This worker's last extracted sub-networks (BN-recalibrated) and FLOPs counts: a teacher
@@ -262,14 +268,8 @@ class SearchContext:
         (the pool's mutations of its sub-network under the ``pool`` strategy), and the pool's
         mutations of its teacher when the teacher is searched (``kd.mode: dynamic``)."""
         record = TrialRecord.from_trial(parent)
-        if self.spec.search.strategy == "pool":
-            students = self.pool_student_moves(record)
-        else:
-            students = list(record.student_moves)
-        if self.spec.kd.mode != "dynamic":  # the teacher is fixed or absent: no teacher moves
-            return students, []
-        teachers = sorted(self.pool.space.neighbours(SubnetConfig.parse(record.teacher)))
-        return students, teachers
+        students = self.strategy.student_moves(record, lambda: self.pool_student_moves(record))
+        return students, self.kd.teacher_moves(self.pool.space, record.teacher)
 
 
 class TrialFailed(JDSearchError):
@@ -319,13 +319,12 @@ class _Score:
     def value(self) -> float:
         return self.h[self.best_resolution]
 
-    def objectives(self, mode: str, metric: str) -> float | tuple[float, float]:
+    def objectives(self, mode: ScoreMode, metric: str) -> float | tuple[float, float]:
         """The trial's value(s) in a study of score mode ``mode``: H, or (AP, cost) where H is
         best."""
-        if mode != "pareto":
-            return self.value
         res = self.best_resolution
-        return float(getattr(self.metrics[res], metric)), self.cost[res]
+        ap = float(getattr(self.metrics[res], metric))
+        return mode.objectives(ap, self.cost.get(res, math.nan), self.value)
 
 
 class Objective:
@@ -388,7 +387,7 @@ class Objective:
             score.value,
             score.best_resolution,
         )
-        return score.objectives(self.ctx.spec.score.mode, self.ctx.spec.score.metric)
+        return score.objectives(self.ctx.score, self.ctx.spec.score.metric)
 
     def _evaluate(
         self,
@@ -451,15 +450,14 @@ class Objective:
         student from the pool instead, and ``finetune`` keeps the parent's pair as it is."""
         ctx = self.ctx
         t0 = time.perf_counter()
-        no_teacher = ctx.spec.kd.mode == "off"
         if move == BASE_MOVE:
             student = ctx.download(ctx.base_artifact, "base detector").detector
-            teacher = None if no_teacher else ctx.pool.space.largest()
+            teacher = ctx.kd.root_teacher(ctx.pool.space)
             return _Pair(student, teacher, {}, time.perf_counter() - t0)
         if parent_no is None:
             raise TrialFailed(f"trial {number}: move {move!r} without a parent")
         parent = TrialRecord.from_trial(_trial(study, int(parent_no)))
-        teacher = None if no_teacher else SubnetConfig.parse(parent.teacher)
+        teacher = ctx.kd.teacher_of(parent.teacher)
         subnet = SubnetConfig.parse(parent.student_subnet) if parent.student_subnet else None
         if move in pool_moves():
             subnet = self._pool_subnet(number, move, subnet)

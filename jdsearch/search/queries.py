@@ -24,10 +24,9 @@ from jdsearch.search.record import (
     TrialRecord,
     h_of,
     is_complete,
-    metric_names,
-    score_directions,
 )
 from jdsearch.search.storage import public_url, root_cause, with_driver
+from jdsearch.search.strategies import ScoreMode, score_mode_named
 from jdsearch.store.artifacts import make_artifact_store, read_artifact
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
 from jdsearch.study import StudySpec, study_from_stored
@@ -63,17 +62,17 @@ def create_or_load(spec: StudySpec, storage: Any, sampler: Any) -> optuna.Study:
     Raises:
         JDSearchError: the study exists with another score mode (:func:`check_score_mode`).
     """
-    score = spec.score
+    score, mode = spec.score, score_mode_named(spec.score.mode)
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
         sampler=sampler,
-        directions=score_directions(score.mode),
+        directions=list(mode.directions),
         load_if_exists=True,
     )
     check_score_mode(study, spec)
     if study.metric_names is None:
-        study.set_metric_names(metric_names(score.mode, score.metric, score.cost))
+        study.set_metric_names(mode.metric_names(score.metric, score.cost))
     return study
 
 
@@ -84,13 +83,13 @@ def check_score_mode(study: optuna.Study, spec: StudySpec) -> None:
     Raises:
         JDSearchError: naming both modes and what to do.
     """
-    have = [d.name.lower() for d in study.directions]
-    if have != score_directions(spec.score.mode):
-        modes = {tuple(score_directions(m)): m for m in ("h", "pareto")}
+    have = tuple(d.name.lower() for d in study.directions)
+    if have != score_mode_named(spec.score.mode).directions:
+        modes = {cls.directions: name for name, cls in ScoreMode.registry.items()}
         found = (
-            f"score.mode {modes[tuple(have)]}"
-            if tuple(have) in modes
-            else f"the directions {have} (not by jdsearch)"
+            f"score.mode {modes[have]}"
+            if have in modes
+            else f"the directions {list(have)} (not by jdsearch)"
         )
         raise JDSearchError(
             f"{spec.source}: score.mode is {spec.score.mode}, but study {study.study_name!r} was "

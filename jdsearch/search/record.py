@@ -37,11 +37,10 @@ __all__ = [
     "TIMINGS",
     "WORKER_SYSATTR",
     "TrialRecord",
+    "cost_name",
     "decision_attrs",
     "h_of",
     "is_complete",
-    "metric_names",
-    "score_directions",
     "set_aside_trials",
 ]
 
@@ -102,15 +101,10 @@ SET_ASIDE_PREFIX = "jdsearch:unreadable:"
 _COST_NAMES = {"flops": "FLOPs ratio", "params": "params ratio", "latency": "latency ratio"}
 
 
-def score_directions(mode: str) -> list[str]:
-    """The study's directions for ``score.mode``: maximise H, or maximise AP and minimise cost."""
-    return ["maximize", "minimize"] if mode == "pareto" else ["maximize"]
-
-
-def metric_names(mode: str, metric: str, cost: str) -> list[str]:
-    """The names of the study's values: ``H``, or the score's metric and the cost
-    (``AP``, ``latency ratio``): (C/C_base)·(R/R_base)^β, a ratio to the base."""
-    return [metric, _COST_NAMES[cost]] if mode == "pareto" else ["H"]
+def cost_name(cost: str) -> str:
+    """What a Pareto study calls its cost value (``score.cost`` ``latency`` → ``latency ratio``):
+    (C/C_base)·(R/R_base)^β, a ratio to the base."""
+    return _COST_NAMES[cost]
 
 
 def decision_attrs(parent: int | None, kind: str) -> dict[str, Any]:

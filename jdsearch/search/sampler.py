@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,94 +17,34 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from jdsearch.errors import JDSearchError
 from jdsearch.search.optuna_internals import (
     keep_alive,
     set_running_user_attr,
     study_system_attrs,
 )
-from jdsearch.search.pareto import crowding_distance, first_front
 from jdsearch.search.record import (
     BASE_MOVE,
     FINETUNE_MOVE,
     MOVE_PARAM,
     PARENT_ATTR,
     decision_attrs,
-    h_of,
     set_aside_trials,
 )
-from jdsearch.study import SCORE_MODES, STRATEGIES
+from jdsearch.search.strategies import (
+    Decision,
+    ScoreMode,
+    Step,
+    Strategy,
+    score_mode_of,
+    strategy_named,
+)
+
+__all__ = ["Decision", "Feasible", "HillClimbingSampler"]
 
 log = logging.getLogger(__name__)
 
-STUDENT, TEACHER = "student", "teacher"
-HILL_CLIMB, GREEDY, RANDOM, POOL = STRATEGIES
-H_MODE, PARETO = SCORE_MODES
-
 Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the sampler chose for one trial."""
-
-    parent: int | None  # trial number of the parent; None for the root
-    move: str
-    kind: str  # "base", "student" or "teacher"
-
-
-def family(move: str) -> str:
-    """The action family of a move: ``add_layer:3`` → ``add_layer``, ``teacher.depth3+`` →
-    ``teacher.depth``."""
-    return move.split(":")[0].rstrip("+-").rstrip("0123456789")
-
-
-def pick_by_family(moves: Sequence[str], rng: np.random.Generator) -> str:
-    """A family uniformly, then a move of it uniformly."""
-    families = sorted({family(m) for m in moves})
-    chosen = families[int(rng.integers(len(families)))]
-    options = [m for m in moves if family(m) == chosen]
-    return options[int(rng.integers(len(options)))]
-
-
-def top_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
-    """COMPLETE trials ranked by H (best first; ties: the older trial first)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and h_of(t) is not None]
-    done.sort(key=lambda t: (-float(h_of(t)), t.number))  # type: ignore[arg-type]
-    return done[:k]
-
-
-def front_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
-    """The COMPLETE trials of a Pareto study (values: AP maximised, cost minimised) that no other
-    dominates, the most isolated first (crowding distance; ties: the older trial first), at most
-    ``k`` of them."""
-    done = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.values is not None and len(t.values) == 2
-    ]
-    points = [(-float(t.values[0]), float(t.values[1])) for t in done]
-    front = first_front(points)
-    crowding = crowding_distance([points[i] for i in front])
-    ranked = sorted(zip(front, crowding, strict=True), key=lambda p: (-p[1], done[p[0]].number))
-    return [done[i] for i, _ in ranked[:k]]
-
-
-def tried_moves(trials: Sequence[FrozenTrial], parent: int) -> set[str]:
-    """Moves already taken from ``parent`` by any trial (running, failed or finished)."""
-    out = set()
-    for t in trials:
-        if t.user_attrs.get(PARENT_ATTR) == parent and MOVE_PARAM in t.params:
-            out.add(t.params[MOVE_PARAM])
-    return out
-
-
-def student_iterations(trials: Sequence[FrozenTrial]) -> int:
-    """Finished iterations after the root (the freeze period counts these)."""
-    return sum(
-        1
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.params.get(MOVE_PARAM, BASE_MOVE) != BASE_MOVE
-    )
 
 
 class HillClimbingSampler(BaseSampler):
@@ -118,7 +57,8 @@ class HillClimbingSampler(BaseSampler):
         freeze_student: finished iterations during which only the teacher moves.
         p_student: the chance of evolving the student once it is no longer frozen.
         seed: trial ``n``'s draws come from ``(seed, n)`` only.
-        strategy: ``hill_climb`` (algorithm 1), ``greedy`` (the parent is always the best pair),
+        strategy: a :class:`~jdsearch.search.strategies.Strategy`, or the name of one:
+            ``hill_climb`` (algorithm 1), ``greedy`` (the parent is always the best pair),
             ``random`` (a random walk: a uniform parent among all completed trials, a uniform
             feasible move) or ``pool`` (algorithm 1 over students cut from the teacher pool: the
             ``feasible`` callback offers the pool's mutations as the student moves).
@@ -127,7 +67,7 @@ class HillClimbingSampler(BaseSampler):
 
     In a study with two objectives (``score.mode: pareto``: AP and the cost) parents come from
     the non-dominated set instead of the top-k by H, ranked by crowding distance
-    (:func:`front_k`); the rest of the step is the same.
+    (:func:`~jdsearch.search.strategies.front_k`); the rest of the step is the same.
 
     Raises:
         ValueError: a vocabulary without ``base`` or with duplicates, or out-of-range settings.
@@ -147,11 +87,14 @@ class HillClimbingSampler(BaseSampler):
         freeze_student: int = 5,
         p_student: float = 0.5,
         seed: int | None = None,
-        strategy: str = HILL_CLIMB,
+        strategy: str | Strategy = "hill_climb",
         root_wait: tuple[float, float] = (2.0, 24 * 3600.0),
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if isinstance(strategy, str):
+            try:
+                strategy = strategy_named(strategy)
+            except JDSearchError as e:
+                raise ValueError(str(e).removeprefix("search.")) from None
         if BASE_MOVE not in moves:
             raise ValueError(f"the move vocabulary must contain {BASE_MOVE!r}")
         if len(set(moves)) != len(moves):
@@ -219,9 +162,9 @@ class HillClimbingSampler(BaseSampler):
             others = [t for t in trials if t.number != trial.number]
             # A trial whose checkpoint was found unreadable is never a parent again.
             aside = set_aside_trials(study_system_attrs(study))
-            mode = PARETO if len(study.directions) > 1 else H_MODE
-            if self._ranked([t for t in others if t.number not in aside], 1, mode):
-                return self.choose(others, trial.number, aside, mode=mode)
+            score = score_mode_of(study.directions)
+            if score.rank([t for t in others if t.number not in aside], 1):
+                return self.choose(others, trial.number, aside, score=score)
             # The root is (being) taken by a running base trial, or by a lower-numbered trial
             # that is still choosing its move: two workers starting together must not both take
             # it. A base trial re-queued after its worker died (WAITING) does not count: every
@@ -253,70 +196,24 @@ class HillClimbingSampler(BaseSampler):
         number: int,
         aside: frozenset[int] = frozenset(),
         *,
-        mode: str = H_MODE,
+        score: ScoreMode | None = None,
     ) -> Decision:
         """The step of the sampler's strategy over the other trials, for trial ``number``; the
-        trials in ``aside`` (unreadable checkpoints) are never the parent. ``mode``: the study's
-        score mode, ``h`` or ``pareto``."""
-        rng = np.random.default_rng([self.seed, number])
-        parents = [t for t in trials if t.number not in aside]
-        if self.strategy == RANDOM:
-            return self._random_step(parents, rng)
-        k = 1 if self.strategy == GREEDY else self.k
-        ranked = self._ranked(parents, k, mode)
-        assert ranked, "choose() needs at least one COMPLETE trial"
-        frozen = student_iterations(trials) < self.freeze_student
-        weights = np.arange(len(ranked), 0, -1, dtype=float)
-        order = list(
-            rng.choice(len(ranked), size=len(ranked), replace=False, p=weights / weights.sum())
+        trials in ``aside`` (unreadable checkpoints) are never the parent. ``score``: the study's
+        score mode (default H: parents ranked by H)."""
+        step = Step(
+            trials=trials,
+            parents=[t for t in trials if t.number not in aside],
+            rng=np.random.default_rng([self.seed, number]),
+            score=score or score_mode_of(["maximize"]),
+            top_k=self.k,
+            freeze_student=self.freeze_student,
+            p_student=self.p_student,
+            moves=self._moves,
         )
-        # Try parents in a rank-weighted random order until one has an untried move.
-        fallback: Decision | None = None
-        for i in order:
-            parent = ranked[i]
-            students, teachers = self._moves(parent)
-            if frozen:
-                students = []
-            tried = tried_moves(trials, parent.number)
-            fresh = {
-                STUDENT: [m for m in students if m not in tried],
-                TEACHER: [m for m in teachers if m not in tried],
-            }
-            kinds = [STUDENT, TEACHER] if rng.random() < self.p_student else [TEACHER, STUDENT]
-            for kind in kinds:
-                if fresh[kind]:
-                    return Decision(parent.number, pick_by_family(fresh[kind], rng), kind)
-            if fallback is None:
-                pool = [(STUDENT, m) for m in students] + [(TEACHER, m) for m in teachers]
-                if pool:
-                    kind, move = pool[int(rng.integers(len(pool)))]
-                    fallback = Decision(parent.number, move, kind)
-        if fallback is None:
-            raise RuntimeError("no feasible move from any pair in the top-k list")
-        return fallback  # every move of every top-k pair was tried: repeat one (new seed, new data order)
-
-    @staticmethod
-    def _ranked(trials: Sequence[FrozenTrial], k: int, mode: str) -> list[FrozenTrial]:
-        """The parents to draw from, best first: the top-k by H, or a Pareto study's front."""
-        return front_k(trials, k) if mode == PARETO else top_k(trials, k)
+        return self.strategy.choose(step)
 
     def _moves(self, parent: FrozenTrial) -> tuple[list[str], list[str]]:
         """The feasible student and teacher moves of ``parent`` that are in the vocabulary."""
         students, teachers = self.feasible(parent)
         return [m for m in students if m in self.moves], [m for m in teachers if m in self.moves]
-
-    def _random_step(self, trials: Sequence[FrozenTrial], rng: np.random.Generator) -> Decision:
-        """A random walk with inheritance: a parent uniformly from every completed trial, then a
-        move uniformly from its feasible ones (no freeze, no untried-first, no families)."""
-        done = sorted(
-            (t for t in trials if t.state == TrialState.COMPLETE and t.values is not None),
-            key=lambda t: t.number,
-        )
-        assert done, "choose() needs at least one COMPLETE trial"
-        for i in rng.permutation(len(done)):
-            students, teachers = self._moves(done[int(i)])
-            options = [(STUDENT, m) for m in students] + [(TEACHER, m) for m in teachers]
-            if options:
-                kind, move = options[int(rng.integers(len(options)))]
-                return Decision(done[int(i)].number, move, kind)
-        raise RuntimeError("no feasible move from any completed trial")

@@ -26,20 +26,20 @@ from typing import TYPE_CHECKING, Any
 
 from jdsearch.errors import JDSearchError
 from jdsearch.search.record import KD_MODE_ATTR
+from jdsearch.search.strategies import KDMode, NoKD, kd_mode_named
 
 if TYPE_CHECKING:
     import optuna
     from torch import nn
 
-    from jdsearch.search.objective import SearchContext
+    from jdsearch.search.assets import StudyAssets
 
 __all__ = [
     "TEACHER_CHECK_ATTR",
     "TeacherCheck",
-    "apply_teacher_check",
+    "decide_kd",
     "kd_summary",
     "measure_teacher",
-    "use_kd_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,31 +102,30 @@ class TeacherCheck:
                    data["resolution"])  # fmt: skip
 
 
-def measure_teacher(ctx: SearchContext, base: nn.Module) -> TeacherCheck:
+def measure_teacher(assets: StudyAssets, base: nn.Module) -> TeacherCheck:
     """Score the pool's largest sub-network and ``base`` on the selection split at the base
     resolution (the score's metric)."""
     from jdsearch.evaluate import evaluate
 
-    config = ctx.pool.space.largest()
-    res, metric, device = ctx.base_resolution, ctx.spec.score.metric, ctx.spec.device
+    config = assets.pool.space.largest()
+    res, metric, device = assets.base_resolution, assets.spec.score.metric, assets.spec.device
     scores = []
-    teacher = ctx.pool.teacher(config, ctx.train_set, device=device)  # not kept: maybe never used
+    teacher = assets.pool.teacher(config, assets.train_set, device=device)  # not kept
     for detector in (teacher, base):
-        metrics = evaluate(detector, ctx.val_set, [res], device=device)
+        metrics = evaluate(detector, assets.val_set, [res], device=device)
         scores.append(float(getattr(metrics[str(res)], metric)))
     return TeacherCheck(str(config), scores[0], scores[1], str(res))
 
 
-def apply_teacher_check(
-    study: optuna.Study, ctx: SearchContext, base: nn.Module, *, write: bool
+def teacher_check(
+    study: optuna.Study, assets: StudyAssets, base: nn.Module, *, write: bool
 ) -> TeacherCheck | None:
-    """Apply ``kd.when`` to the context's spec: measured once per study (``write``: record it),
+    """The study's teacher check (``kd.when``): measured once per study (``write``: record it),
     read back after. A recorded check decides for the whole study, whatever ``kd.when`` a later
-    spec sets: every worker, re-run and fine-tune of one study distils alike. With a teacher that
-    does not beat the base, ``ctx.spec.kd.mode`` becomes ``off`` for this worker. Returns the check
-    (``None``: none applies)."""
-    kd = ctx.spec.kd
-    if kd.mode == "off":
+    spec sets: every worker, re-run and fine-tune of one study distils alike. ``None``: none
+    applies (no distillation asked, ``kd.when: always``, or a study begun before the check)."""
+    kd = assets.spec.kd
+    if not kd_mode_named(kd.mode).distils:
         return None
     # Trials first, then the check: a worker records its check before it makes any trial, so a
     # trial seen here means its check is seen too (read the other way round, a worker starting
@@ -136,22 +135,25 @@ def apply_teacher_check(
     if stored is None and (kd.when == "always" or begun):
         return None  # distils as asked, or as the study began (before the check existed)
     if stored is None:
-        check = measure_teacher(ctx, base)
+        check = measure_teacher(assets, base)
         stored = study.user_attrs.get(TEACHER_CHECK_ATTR)  # another worker's, measured meanwhile
         if stored is None and write:
             study.set_user_attr(TEACHER_CHECK_ATTR, check.to_dict())
     if stored is not None:
         check = TeacherCheck.from_dict(stored, f"study {study.study_name}")
     log.info("%s", check.describe())
-    if not check.stronger:
-        use_kd_mode(ctx, "off")
     return check
 
 
-def use_kd_mode(ctx: SearchContext, mode: str) -> None:
-    """This worker's trials distil as ``mode`` says (the teacher check's decision, this worker's
-    or rank 0's), whatever the spec asked."""
-    ctx.spec = dataclasses.replace(ctx.spec, kd=dataclasses.replace(ctx.spec.kd, mode=mode))
+def decide_kd(
+    study: optuna.Study, assets: StudyAssets, base: nn.Module, *, write: bool
+) -> tuple[KDMode, TeacherCheck | None]:
+    """How this worker's trials distil: as ``kd.mode`` asks, unless the teacher check finds a
+    pool that does not beat the base (then without a teacher); and the check, if one applies."""
+    check = teacher_check(study, assets, base, write=write)
+    if check is not None and not check.stronger:
+        return NoKD(), check
+    return kd_mode_named(assets.spec.kd.mode), check
 
 
 def kd_summary(attrs: dict[str, Any]) -> str:
@@ -160,7 +162,7 @@ def kd_summary(attrs: dict[str, Any]) -> str:
     11.2``)."""
     mode = str(attrs.get(KD_MODE_ATTR, "dynamic"))  # 0.1 studies: dynamic
     stored = attrs.get(TEACHER_CHECK_ATTR)
-    if stored is None or mode == "off":
+    if stored is None or not KDMode.registry.get(mode, NoKD).distils:
         return mode
     try:
         check = TeacherCheck.from_dict(stored, "study")
