@@ -438,9 +438,10 @@ def killed_trials_retried(trials: list[FrozenTrial]) -> tuple[int, int, int]:
 def orphans(storage: str, dry_run: bool) -> int:
     from jdsearch.search.gc import collect
     from jdsearch.search.queries import open_storage
+    from jdsearch.search.record import artifact_holders
 
     rdb, _ = open_storage(storage)
-    return len(collect(rdb, storage, older_than_s=0.0, dry_run=dry_run))
+    return len(collect(rdb, storage, artifact_holders(), older_than_s=0.0, dry_run=dry_run))
 
 
 def idle_gaps(trials: list[FrozenTrial]) -> tuple[float, str]:

@@ -1179,13 +1179,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
     failed trials' checkpoints, unreferenced uploads), printing each; returns 0."""
     from jdsearch.search.gc import collect, describe, summary
     from jdsearch.search.queries import open_storage
+    from jdsearch.search.record import artifact_holders
     from jdsearch.search.storage import with_driver
 
     if not args.older_than >= 0:
         raise JDSearchError(f"--older-than must be a number of seconds ≥ 0, got {args.older_than}")
     url = with_driver(args.storage)
     storage, _ = open_storage(url)
-    removed = collect(storage, url, older_than_s=args.older_than, dry_run=args.dry_run)
+    removed = collect(
+        storage, url, artifact_holders(), older_than_s=args.older_than, dry_run=args.dry_run
+    )
     for r in removed:
         print(describe(r, args.dry_run))
     print(summary(removed, args.dry_run))

@@ -463,7 +463,7 @@ def test_gc_keeps_a_training_state_that_a_retry_will_resume_from(tmp_path: Path)
     """A killed attempt's mid-trial state (``jdsearch:train_state``) is kept while a retry that
     will resume from it waits, and removed once nothing will."""
     from jdsearch.search.gc import collect
-    from jdsearch.search.resume import STATE_SYSATTR
+    from jdsearch.search.record import STATE_SYSATTR, artifact_holders
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = SQLArtifactStore(url)
@@ -475,9 +475,11 @@ def test_gc_keeps_a_training_state_that_a_retry_will_resume_from(tmp_path: Path)
         storage.set_trial_system_attr(t._trial_id, STATE_SYSATTR, {"artifact": "trainstate-abc"})
     study.tell(killed, state=TrialState.FAIL)
     rdb = RDBStorage(url)
-    assert collect(rdb, url, older_than_s=0) == [] and store.exists("trainstate-abc")
+    assert collect(rdb, url, artifact_holders(), older_than_s=0) == [] and store.exists(
+        "trainstate-abc"
+    )
     study.tell(retry, state=TrialState.FAIL)  # the retry failed too, and is not retried
-    (removed,) = collect(rdb, url, older_than_s=0)
+    (removed,) = collect(rdb, url, artifact_holders(), older_than_s=0)
     assert removed.artifact_id == "trainstate-abc" and not store.exists("trainstate-abc")
 
 
@@ -486,7 +488,7 @@ def test_gc_removes_from_a_file_store_only_what_its_studies_name_as_dead(tmp_pat
     gc removes a failed trial's upload there, never a file that no study of this storage names."""
     from jdsearch.search.gc import collect
     from jdsearch.search.optuna_internals import set_study_system_attr
-    from jdsearch.search.record import SPEC_SYSATTR
+    from jdsearch.search.record import SPEC_SYSATTR, artifact_holders
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -501,7 +503,7 @@ def test_gc_removes_from_a_file_store_only_what_its_studies_name_as_dead(tmp_pat
         artifact_store=optuna.artifacts.FileSystemArtifactStore(folder),
     )
     study.tell(failed, state=TrialState.FAIL)
-    (removed,) = collect(RDBStorage(url), url, older_than_s=0)
+    (removed,) = collect(RDBStorage(url), url, artifact_holders(), older_than_s=0)
     assert "is FAIL" in removed.why
     assert [p.name for p in folder.iterdir()] == ["someone-elses.safetensors"]
 

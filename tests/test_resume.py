@@ -197,8 +197,8 @@ def test_a_killed_trial_is_resumed_by_its_retry_at_the_saved_iteration(
     second worker retries the trial, resumes at the saved iteration (not 0), completes it with
     the H an uninterrupted run of the trial gets, and removes the state artifact."""
     from jdsearch.search.objective import Objective
-    from jdsearch.search.record import MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR
-    from jdsearch.search.resume import RESUMED_ATTR, STATE_SYSATTR
+    from jdsearch.search.record import MOVE_PARAM, PARENT_ATTR, STATE_SYSATTR, WORKER_SYSATTR
+    from jdsearch.search.resume import RESUMED_ATTR
     from jdsearch.search.session import prepare
     from jdsearch.study import load_study
 

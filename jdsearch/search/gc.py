@@ -33,13 +33,21 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from jdsearch.search.record import BASE_ATTR, POOL_ATTR, SPEC_SYSATTR
-from jdsearch.search.resume import STATE_SYSATTR
 from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
 from jdsearch.study import artifact_dir
 
 ARTIFACTS_PREFIX = "artifacts:"  # optuna.artifacts.upload_artifact's attr key prefix
 _LIVE = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE)
+
+
+@dataclass(frozen=True)
+class Holders:
+    """Which attributes of a study and its trials name artifacts (the search's trial record
+    knows them: :func:`jdsearch.search.record.artifact_holders`)."""
+
+    marker: str  # a study system attr that only jdsearch's studies have (their spec)
+    study: tuple[str, ...]  # study user attrs naming the artifacts a study keeps (base, pool)
+    trial_state: str  # trial system attr of a saved training state, {"artifact": id}
 
 
 @dataclass
@@ -73,28 +81,28 @@ def _uploads(attrs: dict[str, Any]) -> list[str]:
     return [k.removeprefix(ARTIFACTS_PREFIX) for k in attrs if k.startswith(ARTIFACTS_PREFIX)]
 
 
-def _train_state(attrs: dict[str, Any]) -> list[str]:
+def _train_state(attrs: dict[str, Any], key: str) -> list[str]:
     """The mid-trial training state an attempt saved (its retry resumes from it)."""
-    state = attrs.get(STATE_SYSATTR)
+    state = attrs.get(key)
     artifact = state.get("artifact") if isinstance(state, dict) else None
     return [artifact] if isinstance(artifact, str) else []
 
 
-def references(storage: RDBStorage) -> References:
+def references(storage: RDBStorage, holders: Holders) -> References:
     """Every artifact the storage's studies and trials name, sorted into kept and dead."""
     refs = References()
     for study in storage.get_all_studies():
         system, user = study.system_attrs, study.user_attrs
-        if SPEC_SYSATTR not in system:  # not a jdsearch study: its artifacts are its own affair
+        if holders.marker not in system:  # not a jdsearch study: its artifacts are its own affair
             refs.mark(_uploads(system), keep=True)
         else:
-            named = {str(user[k]) for k in (BASE_ATTR, POOL_ATTR) if user.get(k)}
+            named = {str(user[k]) for k in holders.study if user.get(k)}
             refs.mark(named, keep=True)
             leftovers = [a for a in _uploads(system) if a not in named]
             refs.mark(leftovers, keep=False, why=f"study {study.study_name}: an unused upload")
         trials = optuna.load_study(study_name=study.study_name, storage=storage)
         for t in trials.get_trials(deepcopy=False):
-            ids = _uploads(t.system_attrs) + _train_state(t.system_attrs)
+            ids = _uploads(t.system_attrs) + _train_state(t.system_attrs, holders.trial_state)
             if t.state in _LIVE:
                 refs.mark(ids, keep=True)
             else:
@@ -104,15 +112,20 @@ def references(storage: RDBStorage) -> References:
 
 
 def collect(
-    storage: RDBStorage, storage_url: str, *, older_than_s: float = 3600.0, dry_run: bool = False
+    storage: RDBStorage,
+    storage_url: str,
+    holders: Holders,
+    *,
+    older_than_s: float = 3600.0,
+    dry_run: bool = False,
 ) -> list[Removed]:
     """Remove what :func:`references` says no study reads, and partial uploads, when older than
     ``older_than_s``, from every artifact store the storage's studies use (the database's own,
     and each ``file:DIR`` that exists here); returns what was removed (nothing is removed with
-    ``dry_run``)."""
-    refs = references(storage)
+    ``dry_run``). ``holders``: the attributes that name artifacts."""
+    refs = references(storage, holders)
     removed: list[Removed] = []
-    for artifacts in _store_specs(storage):
+    for artifacts in _store_specs(storage, holders.marker):
         store = make_artifact_store(artifacts, storage_url)
         removed += _partial_uploads(store, older_than_s, dry_run)
         cutoff = time.time() - older_than_s
@@ -131,12 +144,12 @@ def collect(
     return removed
 
 
-def _store_specs(storage: RDBStorage) -> list[str]:
+def _store_specs(storage: RDBStorage, marker: str) -> list[str]:
     """``search.artifacts`` of the storage's jdsearch studies (``db`` always; a ``file:DIR``
     only where DIR is a folder here)."""
     specs = {"db"}
     for study in storage.get_all_studies():
-        stored = study.system_attrs.get(SPEC_SYSATTR)
+        stored = study.system_attrs.get(marker)
         artifacts = stored.get("search", {}).get("artifacts") if isinstance(stored, dict) else None
         try:
             directory = artifact_dir(artifacts) if isinstance(artifacts, str) else None

@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from jdsearch.search.gc import Holders
 
 __all__ = [
     "BASE_ATTR",
@@ -33,10 +36,12 @@ __all__ = [
     "SET_ASIDE_PREFIX",
     "SPEC_FILE_ATTR",
     "SPEC_SYSATTR",
+    "STATE_SYSATTR",
     "STRATEGY_ATTR",
     "TIMINGS",
     "WORKER_SYSATTR",
     "TrialRecord",
+    "artifact_holders",
     "cost_name",
     "decision_attrs",
     "h_of",
@@ -95,6 +100,8 @@ SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too 
 CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
 # + a trial number: that trial's checkpoint was found unreadable ({artifact, reason, worker})
 SET_ASIDE_PREFIX = "jdsearch:unreadable:"
+# a trial's mid-trial training state ({"artifact": id}; jdsearch.search.resume)
+STATE_SYSATTR = "jdsearch:train_state"
 
 
 # -- the study's objectives: what Optuna, the dashboard and `optuna trials` call the values
@@ -105,6 +112,15 @@ def cost_name(cost: str) -> str:
     """What a Pareto study calls its cost value (``score.cost`` ``latency`` → ``latency ratio``):
     (C/C_base)·(R/R_base)^β, a ratio to the base."""
     return _COST_NAMES[cost]
+
+
+def artifact_holders() -> Holders:
+    """The attributes that name a study's artifacts, for ``jdsearch gc``: the spec marks a
+    jdsearch study, its base and pool attrs name what it keeps, a trial's training state what
+    its retry resumes from."""
+    from jdsearch.search.gc import Holders
+
+    return Holders(SPEC_SYSATTR, (BASE_ATTR, POOL_ATTR), STATE_SYSATTR)
 
 
 def decision_attrs(parent: int | None, kind: str) -> dict[str, Any]:

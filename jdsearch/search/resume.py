@@ -3,7 +3,7 @@
 Every ``search.trial_checkpoint_every`` iterations a trial uploads its resumable training state
 (:class:`~jdsearch.store.trainstate.TrainState`: weights, optimizer, data position, RNGs) as the
 artifact ``trainstate-<uuid>`` of this attempt, overwriting the previous one, and records it in
-the trial system attribute :data:`STATE_SYSATTR`. When the worker is killed, optuna's
+the trial system attribute :data:`~jdsearch.search.record.STATE_SYSATTR`. When the worker is killed, optuna's
 ``RetryHeartbeatStaleTrialCallback`` re-queues the trial with the killed attempt's system
 attributes, this one included: the retry downloads that state and trains on from its iteration
 (recorded as the user attribute :data:`RESUMED_ATTR`). Every attempt of a trial trains with the
@@ -29,17 +29,17 @@ from optuna.trial import FrozenTrial
 
 from jdsearch.errors import CheckpointError
 from jdsearch.search.optuna_internals import set_trial_system_attr
+from jdsearch.search.record import STATE_SYSATTR
 from jdsearch.store.artifacts import check_artifact_id
 from jdsearch.store.trainstate import TrainState, trainstate_from_bytes, trainstate_to_bytes
 from jdsearch.train import StateHook
 
-__all__ = ["RESUMED_ATTR", "STATE_SYSATTR", "TrialStates", "first_attempt"]
+__all__ = ["RESUMED_ATTR", "TrialStates", "first_attempt"]
 
 log = logging.getLogger(__name__)
 
 #: Trial system attribute: the latest saved training state of the trial,
 #: ``{"artifact": ID, "iteration": K, "trial": N}`` (``artifact`` None once removed).
-STATE_SYSATTR = "jdsearch:train_state"
 #: User attribute of a retried attempt: the iteration it resumed at (0: it started over).
 RESUMED_ATTR = "resumed_from"
 _PREFIX = "trainstate-"
