@@ -28,7 +28,8 @@ iteration, and a one-trial study search on 16 synthetic images with its export.
 
 ``--repo DIR`` probes another checkout (e.g. ``git worktree add /tmp/old COMMIT``): the CLI runs
 with ``PYTHONPATH=DIR`` from a temporary folder, and a first probe checks that ``jdsearch`` is
-imported from DIR. The output is one table (a row per case) and a summary per class; the exit
+imported from DIR (the bench itself shrinks DIR's ``studies/quickstart.yaml`` with the installed
+``jdsearch.testing``). The output is one table (a row per case) and a summary per class; the exit
 status is 0 whatever the outcomes (it is a measurement), 1 when the setup itself fails.
 """
 
@@ -57,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from jdsearch.testing import Shrink, shrunk_quickstart
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 6 << 30
@@ -497,24 +500,30 @@ def files_cases() -> list[Case]:
 
 
 # ---- 3. study specs
+#: How far the setup study shrinks the quickstart: 16 synthetic 64-px images, 0.1-epoch base,
+#: 0.05-epoch pool phases and fast evaluation (it keeps the quickstart's kd.when).
+SHRINK = Shrink(
+    images=16,
+    seed=0,
+    size=64,
+    max_val_images=4,
+    base_epochs=0.1,
+    pool_epochs=0.05,
+    recalibration_batches=1,
+    resolutions=("64x64", "96x64"),
+    eval_epochs=0.05,
+    eval_warmup_iters=1,
+    kd_when=None,
+)
+
+
 def tiny_study(repo: Path) -> dict[str, Any]:
-    """The repository's ``studies/quickstart.yaml`` shrunk to seconds: 16 synthetic 64-px
-    images, 0.1-epoch base, 0.05-epoch pool phases and fast evaluation, one trial."""
-    spec = yaml.safe_load((repo / "studies" / "quickstart.yaml").read_text())
-    spec["name"] = STUDY
-    spec["data"] = {
-        "dir": "data16",
-        "synth": {"images": 16, "seed": 0, "size": 64},
-        "max_val_images": 4,
-    }
-    spec["base"]["train"] = {"epochs": 0.1, "lr": 0.02, "batch_size": 4, "warmup_iters": 1}
-    for phase in spec["pool"]["phases"]:
-        phase["epochs"] = 0.05
-    spec["pool"]["recalibration_batches"] = 1
-    spec["resolutions"] = ["64x64", "96x64"]
-    spec["fast_eval"] = {"epochs": 0.05, "lr": 0.01, "batch_size": 4, "warmup_iters": 1}
-    spec["search"].update({"n_trials": 1, "freeze_student": 1, "storage": "sqlite:///study.db"})
-    return spec
+    """The repository's ``studies/quickstart.yaml`` shrunk to seconds (:data:`SHRINK`), one
+    trial."""
+    quickstart = repo / "studies" / "quickstart.yaml"
+    return shrunk_quickstart(
+        STUDY, "data16", SHRINK, quickstart=quickstart, n_trials=1, storage="sqlite:///study.db"
+    )
 
 
 def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -45,10 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import optuna
-import yaml
 from optuna.storages import BaseStorage
 
 import jdsearch.search.objective
@@ -59,9 +54,9 @@ from jdsearch.search.session import prepare
 from jdsearch.spec import load_spec
 from jdsearch.store.artifacts import make_artifact_store
 from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
-from jdsearch.study import StudySpec, study_from_dict
+from jdsearch.study import StudySpec
+from jdsearch.testing import install_pool, pg_schema, quiet_optuna, tiny_study
 
-REPO = Path(__file__).resolve().parents[1]
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 PHASES = ("train", "eval", "sampler", "storage", "ckpt download", "ckpt upload", "teacher", "other")
 ATTRS = ("load_s", "teacher_s", "train_s", "eval_s", "upload_s")
@@ -128,76 +123,6 @@ def instrumented(study: optuna.Study, ctx: Any, clock: Clock) -> Iterator[None]:
                 setattr(obj, name, original)
             else:
                 delattr(obj, name)
-
-
-def tiny_study(
-    root: Path, name: str, storage: str, base: Path | None, n_trials: int, scale: str = "tiny"
-) -> StudySpec:
-    """The quickstart study, as it is (``scale`` quickstart) or shrunk to seconds per trial."""
-    spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
-    spec["name"] = name
-    if scale == "quickstart":
-        spec["data"]["dir"] = str(root / "data")
-        if base is not None:
-            spec["base"]["checkpoint"] = str(base)
-        spec["search"].update({"n_trials": n_trials, "storage": storage})
-        return study_from_dict(spec, source=f"bench:{name}")
-    spec["data"] = {
-        "dir": str(root / "data"),
-        "synth": {"images": 48, "seed": 1, "size": 96},
-        "max_val_images": 12,
-    }
-    spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 2}
-    if base is not None:
-        spec["base"]["checkpoint"] = str(base)
-    for phase in spec["pool"]["phases"]:
-        phase["epochs"] = 0.25
-    spec["pool"]["recalibration_batches"] = 2
-    spec["resolutions"] = ["64x64", "96x96"]
-    spec["fast_eval"] = {"epochs": 0.5, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
-    spec["search"].update({"n_trials": n_trials, "freeze_student": 1, "storage": storage})
-    # Seconds of training leave pool and base near 0 AP: distil anyway, so that the teacher's
-    # share (and, in bench/faults.py, a fault during distillation) is measured.
-    spec["kd"]["when"] = "always"
-    return study_from_dict(spec, source=f"bench:{name}")
-
-
-def pg_schema(url: str, prefix: str = "bench_overhead") -> tuple[str, Callable[[], None]] | None:
-    """A throwaway schema on the server of ``url`` (its URL and a dropper), or None. The dropper
-    connects anew: the server may have restarted since (bench/faults.py restarts it)."""
-    try:
-        import psycopg2
-        import sqlalchemy as sa
-
-        u = sa.make_url(url)
-
-        def connect() -> Any:
-            conn = psycopg2.connect(
-                host=u.host,
-                port=u.port or 5432,
-                user=u.username,
-                password=u.password,
-                dbname=u.database,
-                connect_timeout=5,
-            )
-            conn.autocommit = True
-            return conn
-
-        conn = connect()
-    except Exception as e:
-        print(f"PostgreSQL skipped: {' '.join(str(e).split())}")
-        return None
-    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.cursor().execute(f"CREATE SCHEMA {schema}")
-    conn.close()
-
-    def drop() -> None:
-        c = connect()
-        c.cursor().execute("SET lock_timeout = '20s'")
-        c.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        c.close()
-
-    return f"{url}?options=-csearch_path%3D{schema}", drop
 
 
 def search_phases(
@@ -335,10 +260,7 @@ def main() -> None:
         help="the study: quickstart's, shrunk to seconds per trial (tiny), or as it is",
     )
     args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
@@ -357,11 +279,7 @@ def main() -> None:
         results = {}
         for name, url in urls.items():
             study_name = f"overhead-{name}"
-            (root / "runs" / study_name).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(
-                root / "runs" / "assets" / "pool.safetensors",
-                root / "runs" / study_name / "pool.safetensors",
-            )
+            install_pool(root / "runs" / "assets" / "pool.safetensors", root, study_name)
             t0 = time.perf_counter()
             results[name] = search_phases(
                 tiny_study(root, study_name, url, base, args.trials, args.scale), args.trials

@@ -48,21 +48,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
+import optuna
+import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
-import optuna  # noqa: E402
-import yaml  # noqa: E402
-from engine_overhead import pg_schema, tiny_study  # noqa: E402
-from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from jdsearch.testing import pg_schema, quiet_optuna, tiny_study
 
 STOP_FILE, PLAN_FILE, EVENTS_FILE = "stop", "plan.json", "events.jsonl"
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -595,8 +591,7 @@ def main() -> int:
         and (args.storage or "postgresql").split(":")[0].split("+")[0] != "postgresql"
     ):
         p.error("--pg-restart needs PostgreSQL storage")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
     drop: Callable[[], None] | None = None
     storage = args.storage
     if storage is None:

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-
 #: Exit statuses of a step (bench/gpu_check.sh): the script skipped it, or ``timeout`` killed it.
 SKIPPED, TIMED_OUT = 125, 124
 
@@ -88,20 +86,18 @@ def study_dict(out: Path, dry_run: bool) -> dict[str, Any]:
     at seconds' size (``dry_run``, float32). Data, caches and storage all live under ``out``."""
     import yaml
 
-    spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
-    spec["name"] = "gpu-check-dry" if dry_run else "gpu-check"
-    spec["search"]["storage"] = f"sqlite:///{out / 'study.db'}"
-    if dry_run:
-        spec["data"] = {"dir": str(out / "data"), "synth": {"images": 32, "seed": 1, "size": 96}}
-        spec["data"]["max_val_images"] = 8
-        spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 5}
-        phase_epochs = [0.25, 0.25, 0.25]
-        spec["pool"]["recalibration_batches"] = 2
-        spec["resolutions"] = ["64x64", "96x96"]
-        spec["fast_eval"] = {"epochs": 0.25, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
-        spec["search"].update({"n_trials": 3, "freeze_student": 1})
+    from jdsearch.testing import Shrink, quickstart_path, shrunk_quickstart
+
+    name = "gpu-check-dry" if dry_run else "gpu-check"
+    storage = f"sqlite:///{out / 'study.db'}"
+    if dry_run:  # the test suite's sizes, but 5 warm-up iterations for the base
+        dry = Shrink(base_warmup_iters=5)
+        spec = shrunk_quickstart(name, out / "data", dry, storage=storage, n_trials=3)
         spec["device"], spec["amp"] = "cpu", False
     else:
+        spec = yaml.safe_load(quickstart_path().read_text())
+        spec["name"] = name
+        spec["search"]["storage"] = storage
         spec["data"] = {"dir": str(out / "data"), "synth": {"images": 400, "seed": 0, "size": 128}}
         spec["data"]["max_val_images"] = 50
         spec["base"]["train"].update({"epochs": 3, "warmup_iters": 20})
@@ -109,8 +105,8 @@ def study_dict(out: Path, dry_run: bool) -> dict[str, Any]:
         spec["fast_eval"].update({"epochs": 0.5})
         spec["search"].update({"n_trials": 4, "freeze_student": 2})
         spec["device"], spec["amp"] = "cuda", True
-    for phase, epochs in zip(spec["pool"]["phases"], phase_epochs, strict=True):
-        phase["epochs"] = epochs
+        for phase, epochs in zip(spec["pool"]["phases"], phase_epochs, strict=True):
+            phase["epochs"] = epochs
     # The study-level `amp` covers the base and the trials; the pool's training has its own.
     spec["pool"].setdefault("train", {})["amp"] = spec["amp"]
     # The check distils with the teacher under AMP: a pool of minutes would fail the teacher check.

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from jdsearch.testing import install_pool, shrunk_quickstart
 
 REPO = Path(__file__).resolve().parent.parent
 PG_BASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -78,31 +79,15 @@ class SearchAssets:
 
     def install_pool(self, workdir: Path, name: str) -> None:
         """Put the pool where ``prepare`` looks for its cache (``runs/<name>/`` under ``workdir``)."""
-        cache = workdir / "runs" / name / "pool.safetensors"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.pool, cache)
+        install_pool(self.pool, workdir, name)
 
 
 def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
-    """``studies/quickstart.yaml`` shrunk to seconds per trial on a CPU."""
-    spec = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
-    spec["name"] = name
-    spec["data"] = {
-        "dir": str(data_dir),
-        "synth": {"images": 32, "seed": 1, "size": 96},
-        "max_val_images": 8,
-    }
-    spec["base"]["train"] = {"epochs": 1, "lr": 0.02, "batch_size": 4, "warmup_iters": 1}
-    for phase in spec["pool"]["phases"]:
-        phase["epochs"] = 0.25
-    spec["pool"]["recalibration_batches"] = 2
-    spec["resolutions"] = ["64x64", "96x96"]
-    spec["fast_eval"] = {"epochs": 0.25, "lr": 0.01, "batch_size": 4, "warmup_iters": 2}
-    spec["search"].update({"freeze_student": 1})
-    # Seconds of training leave teacher and base near 0 AP: the teacher check (kd.when: stronger)
-    # would turn distillation off in every test. Its own tests set it back.
-    spec["kd"]["when"] = "always"
-    return spec
+    """``studies/quickstart.yaml`` shrunk to seconds per trial on a CPU (the test suite's sizes,
+    :class:`jdsearch.testing.Shrink`'s defaults). It distils whatever the teacher check would
+    decide (``kd.when: always``): seconds of training leave teacher and base near 0 AP, which
+    would turn distillation off in every test. Its own tests set it back."""
+    return shrunk_quickstart(name, data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["distill", "morph", "pool.*"]),
     ("search", ["search"]),
     ("report", ["report"]),
-    ("app", ["cli", "__main__", "__init__"]),
+    ("app", ["cli", "__main__", "__init__", "testing"]),
 ]
 # Third-party packages a layer may not import (neither may any layer below it).
 FORBIDDEN = {

@@ -1,0 +1,196 @@
+"""Testing helpers, shared by ``tests/`` and ``bench/``: not part of the search itself.
+
+* :func:`shrunk_quickstart` — ``studies/quickstart.yaml`` cut down to seconds per trial on a CPU
+  (as a dict), how far set by a :class:`Shrink`; its defaults are the test suite's;
+* :func:`tiny_study` — the study of ``bench/engine_overhead.py`` and ``bench/faults.py``: that
+  shrunk quickstart (or the quickstart as it is) as a :class:`~jdsearch.study.StudySpec`;
+* :func:`install_pool` — a trained pool put where ``prepare`` looks for a study's cached pool;
+* :func:`pg_schema` — a throwaway schema on a PostgreSQL server, and its dropper;
+* :func:`quiet_optuna` — Optuna's logging and experimental-feature warnings silenced.
+
+Importing this module imports nothing heavy (PyYAML and the torch-free config reader); torch,
+Optuna, SQLAlchemy and psycopg2 are imported by the helpers that need them. It sits in the top
+layer (``app``, see ``docs/architecture.md``): it may use any part of jdsearch.
+
+The benches import it like any other jdsearch module: run them from the repository root with
+the package installed (``pip install -e .``), e.g. ``python bench/faults.py --help``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from jdsearch.config import preset_dir
+
+if TYPE_CHECKING:
+    from jdsearch.study import StudySpec
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """How far :func:`shrunk_quickstart` cuts the quickstart study down. The defaults are the test
+    suite's (``tests/conftest.py``); a bench passes its own."""
+
+    images: int = 32  # data.synth: images, seed, size
+    seed: int = 1
+    size: int = 96
+    max_val_images: int = 8
+    base_epochs: float = 1  # base.train: these, lr 0.02 and batch size 4
+    base_warmup_iters: int = 1
+    pool_epochs: float = 0.25  # every phase of pool.phases
+    recalibration_batches: int = 2
+    resolutions: tuple[str, ...] = ("64x64", "96x96")
+    eval_epochs: float = 0.25  # fast_eval: these, lr 0.01 and batch size 4
+    eval_warmup_iters: int = 2
+    freeze_student: int = 1
+    # Seconds of training leave pool and base near 0 AP: the teacher check (kd.when: stronger)
+    # would turn distillation off. None keeps the quickstart's kd.when.
+    kd_when: str | None = "always"
+
+
+def quickstart_path() -> Path:
+    """The bundled ``studies/quickstart.yaml`` (a checkout's own, or the installed wheel's)."""
+    return preset_dir("studies") / "quickstart.yaml"
+
+
+def shrunk_quickstart(
+    name: str,
+    data_dir: str | Path,
+    shrink: Shrink | None = None,
+    *,
+    quickstart: Path | None = None,
+    **search: Any,
+) -> dict[str, Any]:
+    """``studies/quickstart.yaml`` shrunk to seconds per trial on a CPU, as a study dict.
+
+    Args:
+        name: the study's name.
+        data_dir: ``data.dir``, where the synthetic data is generated (relative to where the
+            study runs, or absolute).
+        shrink: how far (default :class:`Shrink`'s defaults, the test suite's sizes).
+        quickstart: the quickstart file to read (default :func:`quickstart_path`).
+        **search: ``search.*`` fields to set besides ``freeze_student`` (``n_trials``,
+            ``storage``, ...).
+
+    Returns:
+        The spec as a dict (``base.checkpoint`` unset: ``prepare`` trains the base).
+    """
+    shrink = shrink or Shrink()
+    spec = yaml.safe_load((quickstart or quickstart_path()).read_text())
+    spec["name"] = name
+    spec["data"] = {
+        "dir": str(data_dir),
+        "synth": {"images": shrink.images, "seed": shrink.seed, "size": shrink.size},
+        "max_val_images": shrink.max_val_images,
+    }
+    spec["base"]["train"] = {
+        "epochs": shrink.base_epochs,
+        "lr": 0.02,
+        "batch_size": 4,
+        "warmup_iters": shrink.base_warmup_iters,
+    }
+    for phase in spec["pool"]["phases"]:
+        phase["epochs"] = shrink.pool_epochs
+    spec["pool"]["recalibration_batches"] = shrink.recalibration_batches
+    spec["resolutions"] = list(shrink.resolutions)
+    spec["fast_eval"] = {
+        "epochs": shrink.eval_epochs,
+        "lr": 0.01,
+        "batch_size": 4,
+        "warmup_iters": shrink.eval_warmup_iters,
+    }
+    spec["search"].update({"freeze_student": shrink.freeze_student, **search})
+    if shrink.kd_when is not None:
+        spec["kd"]["when"] = shrink.kd_when
+    return spec
+
+
+#: The sizes of :func:`tiny_study` (bench/engine_overhead.py, bench/faults.py).
+BENCH_SHRINK = Shrink(images=48, max_val_images=12, base_warmup_iters=2, eval_epochs=0.5)
+
+
+def tiny_study(
+    root: Path, name: str, storage: str, base: Path | None, n_trials: int, scale: str = "tiny"
+) -> StudySpec:
+    """The quickstart study, as it is (``scale`` quickstart) or shrunk to seconds per trial
+    (:data:`BENCH_SHRINK`, distilling anyway so that the teacher's share of a trial, and in
+    bench/faults.py a fault during distillation, is measured). Its data is ``root/data``; ``base``
+    is its base checkpoint (None: ``prepare`` trains one)."""
+    from jdsearch.study import study_from_dict
+
+    if scale == "quickstart":
+        spec = yaml.safe_load(quickstart_path().read_text())
+        spec["name"] = name
+        spec["data"]["dir"] = str(root / "data")
+        if base is not None:
+            spec["base"]["checkpoint"] = str(base)
+        spec["search"].update({"n_trials": n_trials, "storage": storage})
+        return study_from_dict(spec, source=f"bench:{name}")
+    spec = shrunk_quickstart(name, root / "data", BENCH_SHRINK, n_trials=n_trials, storage=storage)
+    if base is not None:
+        spec["base"]["checkpoint"] = str(base)
+    return study_from_dict(spec, source=f"bench:{name}")
+
+
+def install_pool(pool: Path, workdir: Path, name: str) -> None:
+    """Copy the trained ``pool`` where ``prepare`` looks for study ``name``'s cached pool
+    (``runs/<name>/pool.safetensors`` under ``workdir``), so that it is not trained again."""
+    cache = workdir / "runs" / name / "pool.safetensors"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pool, cache)
+
+
+def pg_schema(url: str, prefix: str = "bench_overhead") -> tuple[str, Callable[[], None]] | None:
+    """A throwaway schema on the server of ``url`` (its URL and a dropper), or None (and a line
+    saying why) when the server is unreachable. The dropper connects anew: the server may have
+    restarted since (bench/faults.py restarts it)."""
+    try:
+        import psycopg2
+        import sqlalchemy as sa
+
+        u = sa.make_url(url)
+
+        def connect() -> Any:
+            conn = psycopg2.connect(
+                host=u.host,
+                port=u.port or 5432,
+                user=u.username,
+                password=u.password,
+                dbname=u.database,
+                connect_timeout=5,
+            )
+            conn.autocommit = True
+            return conn
+
+        conn = connect()
+    except Exception as e:
+        print(f"PostgreSQL skipped: {' '.join(str(e).split())}")
+        return None
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    conn.close()
+
+    def drop() -> None:
+        c = connect()
+        c.cursor().execute("SET lock_timeout = '20s'")
+        c.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        c.close()
+
+    return f"{url}?options=-csearch_path%3D{schema}", drop
+
+
+def quiet_optuna() -> None:
+    """Optuna logs warnings only, and its experimental-feature warnings are ignored."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
