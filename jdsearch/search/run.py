@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage
 
 from jdsearch import distributed, synth
 from jdsearch.config import plain
@@ -56,6 +55,7 @@ from jdsearch.search.record import (
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.splits import selection_split
 from jdsearch.search.storage import (
+    ResilientStorage,
     check_dialect,
     public_url,
     root_cause,
@@ -485,7 +485,7 @@ def storage_url_for(spec: StudySpec, storage_url: str | None = None) -> str:
     return with_driver(url)
 
 
-def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[RDBStorage, str]:
+def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[ResilientStorage, str]:
     """The study's storage, and the URL it was opened with (:func:`storage_url_for`).
 
     Raises:
@@ -503,7 +503,7 @@ def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[RDBSt
         ) from None
 
 
-def _open(spec: StudySpec, storage: RDBStorage, feasible: Any) -> optuna.Study:
+def _open(spec: StudySpec, storage: ResilientStorage, feasible: Any) -> optuna.Study:
     sampler = HillClimbingSampler(
         move_vocabulary(),
         feasible,
