@@ -17,6 +17,7 @@ from torch.func import functional_call
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from jdsearch.errors import JDSearchError
+from jdsearch.models.torch_internals import BATCH_NORM_BASE, INSTANCE_NORM_BASE
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,10 @@ COCO_NUM_CLASSES = 81  # 80 classes + background: the paper's (and the default C
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (
-    nn.modules.batchnorm._BatchNorm,
+    BATCH_NORM_BASE,
     nn.GroupNorm,
     nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
+    INSTANCE_NORM_BASE,
     FrozenBatchNorm2d,
 )
 _ACT = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU)

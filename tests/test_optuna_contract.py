@@ -13,10 +13,16 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import (
+    BaseStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+    fail_stale_trials,
+)
 from optuna.trial import TrialState
 
 from jdsearch.search import optuna_internals as oi
+from jdsearch.search.storage import ResilientStorage
 
 from .conftest import optuna_cli
 
@@ -26,13 +32,16 @@ pytestmark = [
 ]
 
 
-def _storage(tmp_path: Path, heartbeat: int = 1) -> RDBStorage:
-    return RDBStorage(
+def _storage(tmp_path: Path, heartbeat: int = 1, wrapped: bool = False) -> BaseStorage:
+    """An RDB storage with heartbeats; ``wrapped``: inside the search's ``ResilientStorage``
+    (optuna's heartbeat and trial-cache machinery through the adapter's classes)."""
+    rdb = RDBStorage(
         f"sqlite:///{tmp_path / 'o.db'}",
         heartbeat_interval=heartbeat,
         grace_period=heartbeat,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
     )
+    return ResilientStorage(rdb) if wrapped else rdb
 
 
 def _running(study: optuna.Study, parent: int) -> optuna.Trial:
@@ -57,11 +66,13 @@ def test_system_attributes_of_studies_and_trials_round_trip(tmp_path: Path) -> N
     study.tell(trial, 1.0)
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["rdb", "resilient"])
 def test_a_stale_trial_is_failed_and_retried_with_its_parameters_and_attributes(
-    tmp_path: Path,
+    tmp_path: Path, wrapped: bool
 ) -> None:
-    """The lineage of a killed worker's trial survives: same move, same parent, new number."""
-    study = optuna.create_study(storage=_storage(tmp_path), study_name="s")
+    """The lineage of a killed worker's trial survives: same move, same parent, new number; the
+    search's wrapper of the storage keeps Optuna's heartbeats."""
+    study = optuna.create_study(storage=_storage(tmp_path, wrapped=wrapped), study_name="s")
     victim = _running(study, parent=7)
     oi.keep_alive(study, study.get_trials(deepcopy=False)[0])  # a heartbeat, then silence
     time.sleep(2.5)

@@ -46,6 +46,7 @@ from jdsearch.models.detectron2_files import (
     require_detectron2,
     torchvision_name,
 )
+from jdsearch.models.torch_internals import rpn_post_nms_top_n, rpn_pre_nms_top_n
 from jdsearch.models.torchvision_import import (
     CHECK_SHORT,
     DetectionCheck,
@@ -354,8 +355,8 @@ def detectron2_settings(model: nn.Module) -> dict[str, Any]:
 def _jdsearch_settings(detector: nn.Module) -> dict[str, Any]:
     rpn, heads = detector.rpn, detector.roi_heads
     return {
-        "rpn pre_nms_top_n": int(rpn._pre_nms_top_n["testing"]),
-        "rpn post_nms_top_n": int(rpn._post_nms_top_n["testing"]),
+        "rpn pre_nms_top_n": int(rpn_pre_nms_top_n(rpn)["testing"]),
+        "rpn post_nms_top_n": int(rpn_post_nms_top_n(rpn)["testing"]),
         "rpn nms_thresh": float(rpn.nms_thresh),
         "box score_thresh": float(heads.score_thresh),
         "box nms_thresh": float(heads.nms_thresh),

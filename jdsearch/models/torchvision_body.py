@@ -26,7 +26,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection import (
     anchor_utils,
     backbone_utils,
@@ -41,6 +40,7 @@ from torchvision.ops import poolers
 
 from jdsearch.arch import BackboneArch, Block, Stage
 from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.models import torch_internals
 
 __all__ = [
     "BODY",
@@ -75,7 +75,7 @@ SAFE_MODULE_CLASSES: tuple[Any, ...] = (
     tv_resnet.Bottleneck,
     tv_misc.FrozenBatchNorm2d,
     tv_misc.Conv2dNormActivation,
-    torchvision.models._utils.IntermediateLayerGetter,
+    torch_internals.IntermediateLayerGetter,
     backbone_utils.BackboneWithFPN,
     tv_fpn.FeaturePyramidNetwork,
     tv_fpn.LastLevelMaxPool,
@@ -90,9 +90,9 @@ SAFE_MODULE_CLASSES: tuple[Any, ...] = (
     faster_rcnn.FastRCNNPredictor,
     faster_rcnn.FastRCNNConvFCHead,
     transform.GeneralizedRCNNTransform,
-    det_utils.BoxCoder,
-    det_utils.Matcher,
-    det_utils.BalancedPositiveNegativeSampler,
+    torch_internals.BoxCoder,
+    torch_internals.Matcher,
+    torch_internals.BalancedPositiveNegativeSampler,
     torchvision.ops.boxes.box_iou,
 )
 _SAFE_NAMES = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_MODULE_CLASSES}

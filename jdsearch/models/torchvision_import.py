@@ -30,12 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from jdsearch.arch import BOTTLENECK, BackboneArch
 from jdsearch.errors import CheckpointError
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
+from jdsearch.models.torch_internals import (
+    IntermediateLayerGetter,
+    rpn_post_nms_top_n,
+    rpn_pre_nms_top_n,
+    skips_resize,
+)
 from jdsearch.models.torchvision_body import (
     BODY,
     WeightsFile,
@@ -160,13 +165,14 @@ def _rpn_settings(model: nn.Module, source: str) -> RPNSpec:
     _check(len(set(map(tuple, ratios))) == 1, source, "aspect ratios that differ between levels")
     _check(rpn.score_thresh == 0.0, source, f"an RPN score threshold ({rpn.score_thresh})")
     _check(tuple(rpn.box_coder.weights) == (1.0,) * 4, source, "RPN box-coder weights")
+    pre, post = rpn_pre_nms_top_n(rpn), rpn_post_nms_top_n(rpn)
     return RPNSpec(
         anchor_sizes=tuple(int(s[0]) for s in sizes),
         aspect_ratios=tuple(float(r) for r in ratios[0]),
-        pre_nms_top_n_train=int(rpn._pre_nms_top_n["training"]),
-        pre_nms_top_n_test=int(rpn._pre_nms_top_n["testing"]),
-        post_nms_top_n_train=int(rpn._post_nms_top_n["training"]),
-        post_nms_top_n_test=int(rpn._post_nms_top_n["testing"]),
+        pre_nms_top_n_train=int(pre["training"]),
+        pre_nms_top_n_test=int(pre["testing"]),
+        post_nms_top_n_train=int(post["training"]),
+        post_nms_top_n_test=int(post["testing"]),
         nms_thresh=float(rpn.nms_thresh),
         fg_iou_thresh=float(rpn.proposal_matcher.high_threshold),
         bg_iou_thresh=float(rpn.proposal_matcher.low_threshold),
@@ -197,7 +203,7 @@ def _roi_settings(model: nn.Module, shapes: RoISpec, source: str) -> RoISpec:
 
 def _input_settings(model: nn.Module, base: InputSpec | None, source: str) -> InputSpec:
     t = model.transform
-    _check(t.fixed_size is None and not t._skip_resize, source, "a fixed-size transform")
+    _check(t.fixed_size is None and not skips_resize(t), source, "a fixed-size transform")
     size = Resolution(int(t.max_size), int(t.min_size[-1]))
     if base is not None:
         resolutions = base.resolutions
@@ -361,8 +367,8 @@ def _settings(model: nn.Module) -> dict[str, Any]:
         "size_divisible": t.size_divisible,
         "anchor sizes": rpn.anchor_generator.sizes,
         "aspect ratios": rpn.anchor_generator.aspect_ratios,
-        "rpn pre_nms_top_n": rpn._pre_nms_top_n,
-        "rpn post_nms_top_n": rpn._post_nms_top_n,
+        "rpn pre_nms_top_n": rpn_pre_nms_top_n(rpn),
+        "rpn post_nms_top_n": rpn_post_nms_top_n(rpn),
         "rpn nms_thresh": rpn.nms_thresh,
         "rpn score_thresh": rpn.score_thresh,
         "RoI pool": (list(pool.featmap_names), tuple(pool.output_size), pool.sampling_ratio),

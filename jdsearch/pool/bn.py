@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from jdsearch.data import make_loader, using_resolution
 from jdsearch.errors import JDSearchError, SpecError
+from jdsearch.models.torch_internals import BATCH_NORM_BASE
 from jdsearch.resolution import Resolution
 
 __all__ = ["recalibrate_bn"]
@@ -60,7 +61,7 @@ def recalibrate_bn(
     """
     if batches < 1:
         raise SpecError(f"recalibrate_bn: batches must be ≥ 1, got {batches}")
-    bns = [m for m in detector.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in detector.modules() if isinstance(m, BATCH_NORM_BASE)]
     if not bns:
         return 0
     dev = torch.device(device) if device is not None else next(detector.parameters()).device

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from jdsearch.arch import BackboneArch
 from jdsearch.errors import SpecError
+from jdsearch.models.torch_internals import check_input_dim, conv_forward
 
 __all__ = [
     "ElasticBatchNorm2d",
@@ -65,7 +66,7 @@ class ElasticConv2d(nn.Conv2d):
             return super().forward(x)
         assert in_ch <= self.in_channels and out <= self.out_channels, (in_ch, out, self)
         bias = self.bias[:out] if self.bias is not None else None
-        return self._conv_forward(x, self.weight[:out, :in_ch], bias)
+        return conv_forward(self, x, self.weight[:out, :in_ch], bias)
 
     def extra_repr(self) -> str:
         """``Conv2d``'s repr, plus ``active_out`` when it is set."""
@@ -124,7 +125,7 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
         if c == self.num_features:
             return super().forward(x)
         assert c <= self.num_features, (c, self)
-        self._check_input_dim(x)
+        check_input_dim(self, x)
         # The same bookkeeping as torch's _BatchNorm.forward, on prefixes of the parameters.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

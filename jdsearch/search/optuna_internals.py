@@ -6,18 +6,22 @@ relies on is pinned by ``tests/test_optuna_contract.py``, which fails first when
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, fail_stale_trials
+from optuna.storages import BaseStorage, RDBStorage, _CachedStorage, fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial
 
 __all__ = [
+    "HeartbeatStorage",
+    "cached_storage",
     "keep_alive",
     "set_running_user_attr",
     "set_study_system_attr",
     "set_trial_system_attr",
+    "stale_trial_ids",
     "storage_of",
     "study_system_attrs",
 ]
@@ -68,3 +72,46 @@ def keep_alive(study: optuna.Study, trial: FrozenTrial) -> None:
     if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)
         fail_stale_trials(study)
+
+
+# ---------------------------------------------------------------------- storage wrappers
+def cached_storage(backend: RDBStorage) -> BaseStorage:
+    """Optuna's cache of a study's trials in front of ``backend``: finished trials are read from the
+    database once, later reads fetch only new and running ones.
+
+    ``optuna.create_study``/``load_study`` put this cache (the private ``_CachedStorage``) around
+    an ``RDBStorage`` only, and use any other storage as it is; a wrapper that holds an
+    ``RDBStorage`` (:class:`jdsearch.search.storage.ResilientStorage`) builds it itself so that a
+    search reads the database no more often than with a bare ``RDBStorage``.
+    """
+    return _CachedStorage(backend)
+
+
+class HeartbeatStorage(BaseStorage, BaseHeartbeat):
+    """A storage that Optuna treats as one with heartbeats: its trial heartbeat thread and
+    ``fail_stale_trials`` test ``isinstance(storage, BaseHeartbeat)``, a class of the private
+    ``optuna.storages._heartbeat``, and call its abstract method with a private name,
+    ``_get_stale_trial_ids``. A subclass implements :meth:`stale_trial_ids` instead, and
+    ``BaseHeartbeat``'s public ``record_heartbeat``, ``get_heartbeat_interval`` and
+    ``get_heartbeat_stale_trial_callback``."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # The name Optuna calls (fail_stale_trials); forwarded to the public one.
+        return self.stale_trial_ids(study_id)
+
+    @abc.abstractmethod
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """The ids of the study's running trials whose heartbeat has gone stale."""
+
+
+def stale_trial_ids(storage: BaseStorage, study_id: int) -> list[int]:
+    """The stale running trials of the study, as ``storage`` (an Optuna storage with heartbeats,
+    e.g. :func:`cached_storage`'s) reports them; the method has a private name,
+    ``BaseHeartbeat._get_stale_trial_ids``, and no public counterpart.
+
+    Raises:
+        TypeError: ``storage`` has no heartbeats.
+    """
+    if not isinstance(storage, BaseHeartbeat):
+        raise TypeError(f"{type(storage).__name__} has no heartbeats")
+    return storage._get_stale_trial_ids(study_id)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage
 
 from jdsearch.errors import JDSearchError, SpecError, first_line
 from jdsearch.models import Detector
@@ -32,6 +31,7 @@ from jdsearch.search.objective import Objective, SearchContext, pool_moves, stud
 from jdsearch.search.queries import create_or_load
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.storage import (
+    ResilientStorage,
     check_dialect,
     public_url,
     root_cause,
@@ -142,7 +142,13 @@ def open_run(
 
 
 def _assets(
-    spec: StudySpec, storage: RDBStorage, store: Any, *, progress: bool, stored: bool, write: bool
+    spec: StudySpec,
+    storage: ResilientStorage,
+    store: Any,
+    *,
+    progress: bool,
+    stored: bool,
+    write: bool,
 ) -> tuple[optuna.Study, StudyAssets, Detector]:
     """The data, the study's record of the spec, and the base and pool as its storage holds them
     (trained and uploaded first where it holds neither, unless ``stored`` or not ``write``)."""
@@ -191,7 +197,7 @@ def _context(
     )
 
 
-def _handle(spec: StudySpec, storage: RDBStorage, write: bool) -> optuna.Study:
+def _handle(spec: StudySpec, storage: ResilientStorage, write: bool) -> optuna.Study:
     """The study while its run is built: its attrs are read and written through it, but it never
     asks for a trial (the run's study, with its sampler, does)."""
     sampler = optuna.samplers.RandomSampler()
@@ -273,7 +279,7 @@ def storage_url_for(spec: StudySpec, storage_url: str | None = None) -> str:
     return with_driver(url)
 
 
-def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[RDBStorage, str]:
+def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[ResilientStorage, str]:
     """The study's storage, and the URL it was opened with (:func:`storage_url_for`).
 
     Raises:

@@ -12,15 +12,16 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from jdsearch.search.optuna_internals import HeartbeatStorage, cached_storage, stale_trial_ids
 from jdsearch.store.reconnect import retry_window_s, with_reconnect
 from jdsearch.study import StudySpec
 
 OPEN_RETRY_S = 20.0  # how long opening the storage waits for a server that refuses connections
 
 
-def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
+def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
     """The ``RDBStorage`` at ``url`` (default the spec's), with heartbeats and retries of stale
-    trials; creates a SQLite file's folder."""
+    trials, in a :class:`ResilientStorage`; creates a SQLite file's folder."""
     url = url or spec.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -28,14 +29,16 @@ def storage_for(spec: StudySpec, url: str | None = None) -> RDBStorage:
     # A worker (re)started while the database restarts waits for it, as running workers do, but
     # briefly: a server that is not there at all is more often a wrong URL than a restart.
     return with_reconnect(
-        lambda: ResilientRDBStorage(
-            url,
-            heartbeat_interval=hb,
-            grace_period=2 * hb,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=spec.search.max_retry
-            ),
-            engine_kwargs={"pool_pre_ping": True},
+        lambda: ResilientStorage(
+            RDBStorage(
+                url,
+                heartbeat_interval=hb,
+                grace_period=2 * hb,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=spec.search.max_retry
+                ),
+                engine_kwargs={"pool_pre_ping": True},
+            )
         ),
         "storage: opening",
         window_s=min(OPEN_RETRY_S, retry_window_s()),
@@ -118,53 +121,79 @@ def with_driver(url: str) -> str:
     return url
 
 
-# Every RDBStorage call a worker makes during a search. Not retried: schema upgrades and the
-# version queries (run once, by hand), and remove_session (no database round trip).
-_RETRIED = (
-    "create_new_study",
-    "delete_study",
-    "set_study_user_attr",
-    "set_study_system_attr",
-    "get_study_id_from_name",
-    "get_study_name_from_id",
-    "get_study_directions",
-    "get_study_user_attrs",
-    "get_study_system_attrs",
-    "get_trial_user_attrs",
-    "get_trial_system_attrs",
-    "get_all_studies",
-    "create_new_trial",
-    "set_trial_param",
-    "get_trial_param",
-    "set_trial_intermediate_value",
-    "set_trial_user_attr",
-    "set_trial_system_attr",
-    "get_trial_id_from_study_id_trial_number",
-    "get_trial",
-    "get_all_trials",
-    "get_best_trial",
-    "record_heartbeat",
-    "_get_stale_trial_ids",
-    # what optuna's _CachedStorage (every Study's wrapper of an RDBStorage) calls directly
-    "_create_new_trial",
-    "_get_best_trial_id",
-    "_get_trials",
-    "_set_trial_param",
-)
-# The RDBStorage calls that only read settings, never the database.
+# The wrapper's calls that only read settings or drop a session, never the database: not retried.
 NOT_RETRIED = ("get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session")
 
 
-class ResilientRDBStorage(RDBStorage):
-    """An ``RDBStorage`` whose calls ride out a database that is briefly unreachable (a
-    PostgreSQL restart): a call that fails with a connection error is retried, on a fresh
-    connection, for up to ``JDSEARCH_DB_RETRY_S`` seconds (default 300) instead of failing the
-    trial or the worker (:func:`jdsearch.store.reconnect.with_reconnect`). Errors that are not
-    about the connection propagate at once.
+def _retried(name: str) -> Callable[..., Any]:
+    """The :class:`ResilientStorage` method ``name``: the call of the same name on Optuna's
+    cache of the backend, retried while the database is unreachable."""
+
+    @functools.wraps(getattr(RDBStorage, name))  # its name, signature and docs
+    def call(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(self._cached, name)
+        return with_reconnect(lambda: method(*args, **kwargs), f"storage: {name}")
+
+    call.__qualname__ = f"ResilientStorage.{name}"
+    return call
+
+
+class ResilientStorage(HeartbeatStorage):
+    """An Optuna storage that holds an ``RDBStorage`` (:attr:`backend`) and rides out a database
+    that is briefly unreachable (a PostgreSQL restart): a call that fails with a connection error
+    is retried, on a fresh connection, for up to ``JDSEARCH_DB_RETRY_S`` seconds (default 300)
+    instead of failing the trial or the worker (:func:`jdsearch.store.reconnect.with_reconnect`).
+    Errors that are not about the connection propagate at once.
+
+    Every call goes through Optuna's cache of the backend (what a study puts around a bare
+    ``RDBStorage``), so the database is read no more often than without the wrapper; each call is
+    retried whole. Heartbeats are the backend's (:meth:`stale_trial_ids`).
 
     A write whose commit reached the server just before the connection dropped is sent again;
     for ``tell`` (:meth:`set_trial_state_values`) that is recognised and not an error.
     """
+
+    def __init__(self, backend: RDBStorage) -> None:
+        self.backend = backend
+        self._cached = cached_storage(backend)
+
+    @property
+    def engine(self) -> Any:
+        """The backend's SQLAlchemy engine."""
+        return self.backend.engine
+
+    @property
+    def url(self) -> str:
+        """The backend's database URL (with its password: print :func:`public_url` of it)."""
+        return self.backend.url
+
+    create_new_study = _retried("create_new_study")
+    delete_study = _retried("delete_study")
+    set_study_user_attr = _retried("set_study_user_attr")
+    set_study_system_attr = _retried("set_study_system_attr")
+    get_study_id_from_name = _retried("get_study_id_from_name")
+    get_study_name_from_id = _retried("get_study_name_from_id")
+    get_study_directions = _retried("get_study_directions")
+    get_study_user_attrs = _retried("get_study_user_attrs")
+    get_study_system_attrs = _retried("get_study_system_attrs")
+    get_all_studies = _retried("get_all_studies")
+    create_new_trial = _retried("create_new_trial")
+    set_trial_param = _retried("set_trial_param")
+    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
+    get_best_trial = _retried("get_best_trial")
+    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
+    set_trial_user_attr = _retried("set_trial_user_attr")
+    set_trial_system_attr = _retried("set_trial_system_attr")
+    get_trial = _retried("get_trial")
+    get_all_trials = _retried("get_all_trials")
+    record_heartbeat = _retried("record_heartbeat")
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """The study's running trials whose heartbeat has gone stale (what Optuna's
+        ``fail_stale_trials`` fails), retried."""
+        return with_reconnect(
+            lambda: stale_trial_ids(self._cached, study_id), "storage: stale_trial_ids"
+        )
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         """Optuna's, retried; a retry of a ``tell`` (COMPLETE or PRUNED) that finds the trial
@@ -175,25 +204,24 @@ class ResilientRDBStorage(RDBStorage):
         def call() -> bool:
             attempts[0] += 1
             try:
-                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+                return self._cached.set_trial_state_values(trial_id, state, values)
             except UpdateFinishedTrialError:
                 # Only a trial's own result: a FAIL may be another worker's (a stale trial).
                 own = state in (TrialState.COMPLETE, TrialState.PRUNED)
-                if own and attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                if own and attempts[0] > 1 and self.backend.get_trial(trial_id).state == state:
                     return True
                 raise
 
         return with_reconnect(call, f"storage: set_trial_state_values({trial_id})")
 
+    def get_heartbeat_interval(self) -> int | None:
+        """The backend's heartbeat interval in seconds (``None``: no heartbeats)."""
+        return self.backend.get_heartbeat_interval()
 
-def _retrying(name: str) -> Callable[..., Any]:
-    @functools.wraps(getattr(RDBStorage, name))
-    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(RDBStorage, name)  # looked up per call: what RDBStorage has now
-        return with_reconnect(lambda: method(self, *args, **kwargs), f"storage: {name}")
+    def get_heartbeat_stale_trial_callback(self) -> Callable[..., None] | None:
+        """What Optuna calls on each trial it failed for a stale heartbeat (the backend's)."""
+        return self.backend.get_heartbeat_stale_trial_callback()
 
-    return call
-
-
-for _name in _RETRIED:
-    setattr(ResilientRDBStorage, _name, _retrying(_name))
+    def remove_session(self) -> None:
+        """Drop the backend's SQLAlchemy session of this thread (no database round trip)."""
+        self.backend.remove_session()
