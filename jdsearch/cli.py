@@ -33,13 +33,7 @@ def ensure_data(data: str | None) -> Path:
 
     if data is not None:
         return Path(data)
-    if not (DEFAULT_DATA / "train.json").is_file() or not (DEFAULT_DATA / "val.json").is_file():
-        print(f"generating the embedded synthetic dataset in {DEFAULT_DATA} ...", flush=True)
-        info = synth.generate(DEFAULT_DATA, images=DEFAULT_SYNTH_IMAGES, seed=DEFAULT_SYNTH_SEED)
-        print(
-            f"  {info.train_images} train / {info.val_images} val images, classes: {', '.join(info.class_names)}"
-        )
-    return DEFAULT_DATA
+    return synth.ensure_dataset(DEFAULT_DATA, images=DEFAULT_SYNTH_IMAGES, seed=DEFAULT_SYNTH_SEED)
 
 
 def open_split(data_dir: Path, split: str) -> Any:
