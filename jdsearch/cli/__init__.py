@@ -1,4 +1,9 @@
-"""The ``jdsearch`` command line: parse, call the modules, print. No logic lives here."""
+"""The ``jdsearch`` command line: parse, call the modules, print. No logic lives here.
+
+The app layer: it may import every jdsearch layer (``docs/architecture.md``), but only inside the
+command handlers, so that ``jdsearch --help`` imports neither torch nor optuna; nothing below the
+app layer imports it. ``python -m jdsearch`` and ``python -m jdsearch.cli`` run :func:`main`.
+"""
 
 from __future__ import annotations
 
@@ -1242,7 +1247,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jdsearch: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
