@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from jdsearch.errors import SpecError
 
-__all__ = ["CLASS_NAMES", "SynthInfo", "generate"]
+__all__ = ["CLASS_NAMES", "SynthInfo", "ensure_dataset", "generate"]
 
 logger = logging.getLogger(__name__)
 
@@ -509,3 +509,17 @@ def generate(
     seconds = time.perf_counter() - started
     logger.info("synth: wrote %d images, %d objects to %s in %.1fs", n, objects, out, seconds)
     return info
+
+
+def ensure_dataset(out_dir: str | Path, *, images: int, seed: int) -> Path:
+    """``out_dir``, after writing a dataset there with :func:`generate` (``images`` images from
+    ``seed``, the default size) unless its ``train.json`` and ``val.json`` are there already;
+    says so on stdout when it generates. The command line's embedded dataset is made so."""
+    out = Path(out_dir)
+    if not (out / "train.json").is_file() or not (out / "val.json").is_file():
+        print(f"generating the embedded synthetic dataset in {out} ...", flush=True)
+        info = generate(out, images=images, seed=seed)
+        print(
+            f"  {info.train_images} train / {info.val_images} val images, classes: {', '.join(info.class_names)}"
+        )
+    return out

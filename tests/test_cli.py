@@ -169,25 +169,23 @@ def test_a_small_detector_trains_on_one_thread_unless_the_user_chose(
     """The default thread count by detector size (bench/train_throughput.py --contend): one
     thread for a detector under 1 GFLOPs per image, torch's choice above; --threads and
     OMP_NUM_THREADS always win."""
-    import argparse
-
     import torch
 
-    from jdsearch.cli import _study_gflops, small_detector_threads
     from jdsearch.study import load_study
+    from jdsearch.threads import small_detector_threads, study_gflops
 
-    quickstart = _study_gflops(load_study("studies/quickstart.yaml"))
+    quickstart = study_gflops(load_study("studies/quickstart.yaml"))
     assert 0.05 < quickstart < 1.0  # the tiny R18-FPN at 208x128: a small detector
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         for gflops, threads, chosen in [(quickstart, None, 1), (18.0, None, 2), (0.1, 2, 2)]:
             torch.set_num_threads(2)
-            small_detector_threads(argparse.Namespace(threads=threads), gflops)
+            small_detector_threads(threads, gflops)
             assert torch.get_num_threads() == chosen
         assert capsys.readouterr().out.count("torch threads: 1 (a small detector") == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        small_detector_threads(argparse.Namespace(threads=None), 0.1)
+        small_detector_threads(None, 0.1)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

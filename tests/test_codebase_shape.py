@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("data", ["data", "synth"]),
     ("models", ["models", "flops"]),
     ("store", ["store"]),
-    ("engine", ["train", "evaluate", "latency", "distributed"]),
+    ("engine", ["train", "evaluate", "latency", "distributed", "threads"]),
     ("methods", ["distill", "morph", "pool.*"]),
     ("search", ["search"]),
     ("report", ["report"]),
@@ -136,6 +136,7 @@ def test_no_layer_imports_a_package_it_must_not() -> None:
         ("jdsearch", "torch"),
         ("jdsearch.store.export", "optuna"),
         ("jdsearch.train", "optuna"),
+        ("jdsearch.threads", "torch"),  # the OpenMP policy is set before torch loads
     ],
 )
 def test_importing_a_layer_pulls_nothing_from_above(module: str, absent: str) -> None:

@@ -13,7 +13,7 @@ _EXPORTS = {
     "HillClimbingSampler": "sampler",
     "Objective": "objective",
     "score_h": "objective",
-    "prepare": "run",
+    "prepare": "session",
     "run_search": "run",
     **dict.fromkeys(
         ["StudyHandle", "best_of", "completed_trials", "lineage", "open_study", "root_of"],

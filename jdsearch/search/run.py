@@ -18,17 +18,16 @@ import optuna
 
 from jdsearch import distributed
 from jdsearch.errors import JDSearchError
-from jdsearch.search.assets import ensure_data, say
-from jdsearch.search.caches import run_dir
+from jdsearch.search.assets import say
 from jdsearch.search.follower import follow
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import READY, STOP, announce
-from jdsearch.search.session import open_run, open_storage, prepare
+from jdsearch.search.session import open_run
 from jdsearch.search.storage import public_url
 from jdsearch.search.summary import print_trial
 from jdsearch.study import StudySpec
 
-__all__ = ["ensure_data", "open_storage", "optimize", "prepare", "run_dir", "run_search"]
+__all__ = ["optimize", "run_search"]
 
 
 def run_search(

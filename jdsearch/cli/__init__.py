@@ -1,0 +1,103 @@
+"""The ``jdsearch`` command line: parse, call the modules, print. No logic lives here.
+
+One module per command or command group, each with the function that adds its sub-parser beside
+the ``cmd_*`` handler that sub-parser calls; :data:`COMMANDS` registers them by name and
+:func:`build_parser` builds the top-level parser from it. ``common`` holds what several commands
+share.
+
+The app layer: it may import every jdsearch layer (``docs/architecture.md``), but only inside the
+command handlers, so that ``jdsearch --help`` imports neither torch nor optuna; nothing below the
+app layer imports it. ``python -m jdsearch`` and ``python -m jdsearch.cli`` run :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jdsearch.cli import checkpoint, data, export, gc, measure, pool, report, retrain, search, train
+from jdsearch.errors import JDSearchError, RanksOutOfStep
+from jdsearch.threads import passive_openmp_threads
+
+log = logging.getLogger("jdsearch")
+
+#: Every sub-command, in the order ``jdsearch --help`` lists them: its name and the function that
+#: adds its sub-parser under that name to the ``add_subparsers()`` object it is given.
+COMMANDS: dict[str, Callable[[Any, str], None]] = {
+    "flops": measure.add_flops,
+    "data": data.add_data,
+    "train": train.add_train,
+    "import": checkpoint.add_import,
+    "eval": train.add_eval,
+    "evolve": checkpoint.add_evolve,
+    "init": search.add_init,
+    "search": search.add_search,
+    "pool": pool.add_pool,
+    "export": export.add_export,
+    "predict": export.add_predict,
+    "latency": measure.add_latency,
+    "report": report.add_report,
+    "noise": retrain.add_noise,
+    "finetune": retrain.add_finetune,
+    "gc": gc.add_gc,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jdsearch`` argument parser with every sub-command of :data:`COMMANDS`; each sets
+    ``func`` to its ``cmd_*``."""
+    p = argparse.ArgumentParser(
+        prog="jdsearch",
+        description="Upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is fastest for tiny detectors on a busy machine)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, add in COMMANDS.items():
+        add(sub, name)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``). Returns the exit status: the
+    command's, 2 after printing a :class:`JDSearchError`, 130 when interrupted."""
+    args = build_parser().parse_args(argv)
+    passive_openmp_threads()
+    import warnings
+
+    # optuna marks heartbeats and artifacts experimental; the CLI relies on them on purpose.
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
+    warnings.filterwarnings("ignore", message=".*experimental feature.*")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if getattr(args, "device", None) is not None:
+            from jdsearch.latency import check_device
+
+            check_device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise JDSearchError(f"--threads must be ≥ 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return int(args.func(args) or 0)
+    except JDSearchError as e:
+        print(f"jdsearch: error: {e}", file=sys.stderr)
+        return 2
+    except RanksOutOfStep as e:  # under torchrun: torchrun stops the other ranks
+        print(f"jdsearch: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jdsearch: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,71 @@
+"""What several commands share: the summary line of a detector, the image files of arguments, and
+the options, storage and held-out split of the commands that read a finished study."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jdsearch.errors import JDSearchError
+
+
+def describe(detector: Any, size: tuple[int, int]) -> str:
+    """The ``arch:`` and ``params:`` lines of a detector, FLOPs counted at ``size`` (H, W)."""
+    from jdsearch.flops import count_flops
+
+    report = count_flops(detector, size=size)
+    return (
+        f"arch: {detector.arch.encode()}\n"
+        f"params: {report.params / 1e6:.3f} M   FLOPs at {size[1]}x{size[0]}: {report.total / 1e9:.3f} G"
+        f" (backbone {report.backbone / 1e9:.3f} G)"
+    )
+
+
+def image_files(items: Sequence[str]) -> list[Path]:
+    """The image files among ``items`` and in the folders among them (in name order);
+    :class:`JDSearchError` for a missing path or when there are none."""
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in exts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise JDSearchError(f"{p}: no such image file or folder")
+    if not files:
+        raise JDSearchError(f"no image files in {' '.join(items)}")
+    return files
+
+
+def study_options(p: argparse.ArgumentParser, trial_help: str) -> None:
+    """--storage / --study / --trial of the commands that read a finished study."""
+    p.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
+    p.add_argument("--study", help="study name (optional when the storage holds one study)")
+    p.add_argument("--trial", type=int, default=None, help=f"{trial_help} (default: the best)")
+
+
+def storage_url(args: argparse.Namespace) -> str:
+    """``--storage`` or, with only ``--study``, the default ``sqlite:///runs/NAME.db``."""
+    if args.storage:
+        return str(args.storage)
+    if args.study:
+        return f"sqlite:///runs/{args.study}.db"
+    raise JDSearchError("give --storage URL (and --study NAME when it holds several studies)")
+
+
+def heldout(handle: Any) -> Any:
+    """The study's held-out split, or ``None`` (with a line saying why) when there is none here."""
+    from jdsearch.search.splits import heldout_split
+
+    try:
+        split = heldout_split(handle.spec)
+    except JDSearchError as e:
+        print(f"no held-out judgement: {e}")
+        return None
+    if split is None:
+        print("no held-out judgement: the study sets neither data.test nor data.max_val_images")
+    return split

@@ -1,0 +1,39 @@
+"""``jdsearch pool train``: train a study's elastic teacher pool."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_pool(sub: Any, name: str) -> None:
+    pl = sub.add_parser(name, help="elastic teacher pool").add_subparsers(
+        dest="pool_command", required=True
+    )
+    pt = pl.add_parser(
+        "train", help="train a study's teacher pool with integrated progressive shrinking"
+    )
+    pt.add_argument("study")
+    pt.add_argument("--out", help="pool file (default runs/NAME/pool.safetensors)")
+    pt.add_argument("--quiet", action="store_true")
+    pt.set_defaults(func=cmd_pool_train)
+
+
+def cmd_pool_train(args: argparse.Namespace) -> int:
+    """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
+    ``runs/NAME/pool.safetensors``); returns 0."""
+    from jdsearch.pool import train_and_save_pool
+    from jdsearch.search.assets import ensure_data
+    from jdsearch.search.caches import run_dir
+    from jdsearch.study import load_study
+
+    spec = load_study(args.study)
+    pool_spec = spec.pool
+    train_set, _ = ensure_data(spec)
+    out = Path(args.out) if args.out else run_dir(spec) / "pool.safetensors"
+    pool = train_and_save_pool(
+        pool_spec, train_set, out, device=spec.device, progress=not args.quiet
+    )
+    print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
+    return 0

@@ -1,0 +1,94 @@
+"""``jdsearch init`` and ``jdsearch search``: write a study spec for a dataset, then run (resume,
+join) its search."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from jdsearch.errors import JDSearchError
+from jdsearch.threads import small_detector_threads, study_gflops
+
+
+def add_init(sub: Any, name: str) -> None:
+    i = sub.add_parser(name, help="write a commented study spec for your COCO dataset")
+    i.add_argument("--data", help="dataset folder with images/, train.json and val.json")
+    i.add_argument("--train", help="training annotation file (default DATA/train.json)")
+    i.add_argument("--val", help="validation annotation file (default DATA/val.json)")
+    i.add_argument("--images", help="folder the files' file_name paths start in (DATA/images)")
+    i.add_argument(
+        "--base",
+        default="r50-fpn",
+        help="trained checkpoint (.safetensors), or detector preset/YAML the study trains "
+        "(default r50-fpn)",
+    )
+    i.add_argument("--out", required=True, help="study spec to write, e.g. studies/NAME.yaml")
+    i.add_argument("--name", help="study name (default: the --out file's stem)")
+    i.add_argument(
+        "--device", dest="study_device", help="the study's device (default: cuda if seen, else cpu)"
+    )
+    i.add_argument("--force", action="store_true", help="overwrite --out and what it needs")
+    i.set_defaults(func=cmd_init)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """``jdsearch init``: write a commented study spec for a dataset and a base detector and
+    print what it chose; returns 0."""
+    from jdsearch.search.init_study import data_files, init_study
+
+    name = args.name or Path(args.out).stem
+    files = data_files(name, args.data, args.train, args.val, args.images)
+    result = init_study(
+        args.out, files, base=args.base, name=name, device=args.study_device, force=args.force
+    )
+    print("\n".join(result.lines))
+    return 0
+
+
+def add_search(sub: Any, name: str) -> None:
+    q = sub.add_parser(name, help="run (or resume, or join) a Joint-DetNAS search")
+    q.add_argument("study", help="study spec YAML or preset name (e.g. quickstart)")
+    q.add_argument(
+        "--storage", help="Optuna storage URL (default: the spec's, sqlite:///runs/NAME.db)"
+    )
+    q.add_argument(
+        "--n-trials", type=int, default=None, help="trials this worker adds (default: the spec's)"
+    )
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument(
+        "--check",
+        action="store_true",
+        help="check the spec, data, base checkpoint and pool space and print the plan with a "
+        "time estimate; trains nothing",
+    )
+    q.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """``jdsearch search``: add trials to the study spec's search and print the study summary;
+    returns 0 (a search in which none of this worker's trials completed raises instead)."""
+    from jdsearch.search.run import run_search
+    from jdsearch.search.summary import summary
+    from jdsearch.study import load_study
+
+    if args.n_trials is not None and args.n_trials < 1:
+        raise JDSearchError(f"--n-trials must be ≥ 1, got {args.n_trials}")
+    spec = load_study(args.study)
+    small_detector_threads(args.threads, study_gflops(spec))
+    if args.check:
+        from jdsearch.search.check import check_study
+
+        print("\n".join(check_study(spec, storage_url=args.storage).lines))
+        print("ok: nothing was trained")
+        return 0
+    from jdsearch import distributed
+
+    try:
+        study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
+        if distributed.is_main():  # under torchrun, rank 0 speaks for the worker
+            print(summary(study))
+    finally:
+        if not distributed.out_of_step():  # else a collective may never return: just exit
+            distributed.shutdown()
+    return 0
