@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from jdsearch.store.artifacts import SQLArtifactStore
+from jdsearch.storage.artifacts import SQLArtifactStore
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 MiB = 1024 * 1024

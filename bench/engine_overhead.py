@@ -51,10 +51,10 @@ from jdsearch.models import build_detector
 from jdsearch.search.objective import Objective
 from jdsearch.search.run import optimize
 from jdsearch.search.session import prepare
-from jdsearch.spec import load_spec
-from jdsearch.store.artifacts import make_artifact_store
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.study import StudySpec
+from jdsearch.storage.artifacts import make_artifact_store
 from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
-from jdsearch.study import StudySpec
 from jdsearch.testing import install_pool, pg_schema, quiet_optuna, tiny_study
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"

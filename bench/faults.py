@@ -181,7 +181,7 @@ def worker_main(spec_file: Path, storage: str, workdir: Path) -> int:
     import torch
 
     from jdsearch.search.run import run_search
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -432,9 +432,9 @@ def killed_trials_retried(trials: list[FrozenTrial]) -> tuple[int, int, int]:
 
 
 def orphans(storage: str, dry_run: bool) -> int:
-    from jdsearch.search.gc import collect
     from jdsearch.search.queries import open_storage
     from jdsearch.search.record import artifact_holders
+    from jdsearch.storage.gc import collect
 
     rdb, _ = open_storage(storage)
     return len(collect(rdb, storage, artifact_holders(), older_than_s=0.0, dry_run=dry_run))
@@ -558,7 +558,7 @@ def prepare_study(workdir: Path, storage: str, args: argparse.Namespace) -> tupl
     doc["search"].update({"heartbeat_s": args.heartbeat, "max_retry": 5, "seed": args.seed})
     spec_file = workdir / "faults.yaml"
     spec_file.write_text(yaml.safe_dump(doc))
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     cwd = os.getcwd()
     os.chdir(workdir)

@@ -132,7 +132,7 @@ def study_summary(args: argparse.Namespace) -> int:
 
     from jdsearch.search.queries import best_of, completed_trials, root_of
     from jdsearch.search.summary import summary_cells
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     spec = load_study(args.spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -158,7 +158,7 @@ def study_summary(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- DDP
 def ddp(args: argparse.Namespace) -> int:
-    """One rank of a torchrun job: jdsearch's own data-parallel training (:func:`jdsearch.train.
+    """One rank of a torchrun job: jdsearch's own data-parallel training (:func:`jdsearch.engine.train.
     train` under torchrun: DistributedDataParallel, batch norm over the global batch), each rank
     on its share of every batch; afterwards the weights must be identical on every rank (the
     gradients were averaged, the BN statistics synchronized) and differ from the initial ones."""
@@ -166,12 +166,12 @@ def ddp(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from train_throughput import RandomBoxes  # bench/ is this script's directory
 
-    from jdsearch import distributed
+    from jdsearch.core.resolution import Resolution
+    from jdsearch.engine import distributed
+    from jdsearch.engine.train import train
     from jdsearch.models.detector import build_detector
-    from jdsearch.resolution import Resolution
-    from jdsearch.settings import TrainConfig
-    from jdsearch.spec import load_spec
-    from jdsearch.train import train
+    from jdsearch.spec.detector import load_spec
+    from jdsearch.spec.settings import TrainConfig
 
     cuda = args.device == "cuda"
     if not cuda:

@@ -33,16 +33,16 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.arch import BASIC, BackboneArch
-from jdsearch.data import CocoDataset, set_resolution
-from jdsearch.distill import make_distiller
-from jdsearch.evaluate import evaluate
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset, set_resolution
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.engine.train import train
+from jdsearch.methods.distill import make_distiller
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.settings import KDConfig, TrainConfig
-from jdsearch.spec import load_spec
-from jdsearch.synth import generate
-from jdsearch.train import train
+from jdsearch.spec.arch import BASIC, BackboneArch
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import KDConfig, TrainConfig
 
 
 @dataclass(frozen=True)

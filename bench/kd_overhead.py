@@ -29,13 +29,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from jdsearch.data import set_resolution
-from jdsearch.distill import make_distiller
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import set_resolution
+from jdsearch.methods.distill import make_distiller
 from jdsearch.models.detector import build_detector
 from jdsearch.models.heads import start_recording, stop_recording
-from jdsearch.resolution import Resolution
-from jdsearch.settings import KDConfig
-from jdsearch.spec import load_spec
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import KDConfig
 
 NUM_CLASSES = 7
 

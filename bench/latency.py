@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.flops import count_flops
-from jdsearch.latency import measure_latencies, measure_latency
+from jdsearch.core.resolution import Resolution
+from jdsearch.engine.latency import measure_latencies, measure_latency
 from jdsearch.models import build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.spec import load_spec
+from jdsearch.models.flops import count_flops
+from jdsearch.spec.detector import load_spec
 
 PAIRS = {
     "r18": ("r18-fpn", "r18-fpn-jdnas", "1333x800", "1080x720"),

@@ -3,10 +3,10 @@ fine-tune, and of the same child architecture trained from scratch for the same 
 
 On the synthetic shapes dataset, a tiny detector (``--preset``, default ``tiny-r18-fpn``) is trained
 briefly with the BN sparsity term (λ = ``--lam``, paper 1e-5). Then, for each action (one per kind
-by default), the child is built with :func:`jdsearch.morph.evolve` and evaluated with no training,
+by default), the child is built with :func:`jdsearch.methods.morph.evolve` and evaluated with no training,
 then fine-tuned for ``--ft-iters``; the same child arch is also trained from a fresh init for
 ``--ft-iters``. A ``parent`` row fine-tunes the unchanged parent for the same steps, as the control
-for "more training". FLOPs are multiply-adds at the evaluation size (``jdsearch.flops``); "loss" is
+for "more training". FLOPs are multiply-adds at the evaluation size (``jdsearch.models.flops``); "loss" is
 the detection loss over the last ≤ 20 training iterations, a less noisy signal than AP at this
 scale (APs of a few hundred CPU iterations sit near the noise floor: read differences below ~0.005
 as noise). Prints a table; asserts nothing.
@@ -25,17 +25,17 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.data import CocoDataset
-from jdsearch.evaluate import evaluate
-from jdsearch.flops import count_flops
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.engine.train import train
+from jdsearch.methods.morph.actions import MorphConfig, evolve_with_report
+from jdsearch.methods.morph.pruning import BNSparsity
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.morph.actions import MorphConfig, evolve_with_report
-from jdsearch.morph.pruning import BNSparsity
-from jdsearch.resolution import Resolution
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec
-from jdsearch.synth import generate
-from jdsearch.train import train
+from jdsearch.models.flops import count_flops
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import TrainConfig
 
 DEFAULT_ACTIONS = ("channel_prune", "layer_prune", "add_layer:3", "rearrange:3->4")
 

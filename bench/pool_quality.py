@@ -1,12 +1,12 @@
 """Quality of the elastic teacher pool (paper table 1, at CPU scale).
 
-On the synthetic dataset (:func:`jdsearch.synth.generate`) a tiny pool (``tiny-r50-fpn`` heads,
+On the synthetic dataset (:func:`jdsearch.data.synth.generate`) a tiny pool (``tiny-r50-fpn`` heads,
 base widths 8..64, depths ≤ [2,2,3,2], widths 1.0/1.25/1.5, FPN 16/24/32) is trained with
 integrated progressive shrinking. For three sub-networks (smallest, a middle one, largest) it
 prints the validation AP
 
 * as extracted from the pool, *without* BN recalibration (the super-net's mixed statistics),
-* as extracted, *with* BN recalibration (:func:`jdsearch.pool.recalibrate_bn`),
+* as extracted, *with* BN recalibration (:func:`jdsearch.methods.pool.recalibrate_bn`),
 * of the same architecture trained alone from scratch, with the plain detection loss, dynamic
   resolution and the same number of epochs as the pool's whole schedule (``--alone-epochs``).
 
@@ -33,13 +33,15 @@ from pathlib import Path
 
 import torch
 
-from jdsearch.data import CocoDataset
-from jdsearch.evaluate import evaluate
-from jdsearch.flops import count_flops
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.methods.pool import ElasticPool, recalibrate_bn, train_pool
 from jdsearch.models.detector import build_detector
-from jdsearch.pool import ElasticPool, PoolSpec, SubnetConfig, recalibrate_bn, train_pool
-from jdsearch.resolution import Resolution
-from jdsearch.synth import generate
+from jdsearch.models.flops import count_flops
+from jdsearch.spec.pool import PoolSpec
+from jdsearch.spec.pool_space import SubnetConfig
 
 
 def main() -> None:

@@ -191,8 +191,8 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
 # ---------------------------------------------------------------------- judging a detector
 def _judge(shared: Shared, detector: Any, score: Any) -> dict[str, Any]:
     """Selection H/AP at the best resolution and held-out AP there, FLOPs and params."""
-    from jdsearch.evaluate import evaluate
-    from jdsearch.resolution import Resolution
+    from jdsearch.core.resolution import Resolution
+    from jdsearch.engine.evaluate import evaluate
 
     res = score.best_resolution
     held = evaluate(detector, shared.heldout, [Resolution.parse(res)], device=shared.spec.device)
@@ -255,8 +255,8 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
 def heldout_front(shared: Shared, handle: Any, trials: list[Any]) -> list[dict[str, Any]]:
     """The search's front (non-dominated by selection AP and cost where each trial scored
     best), each trial judged on the held-out split at that resolution."""
-    from jdsearch.evaluate import evaluate
-    from jdsearch.resolution import Resolution
+    from jdsearch.core.resolution import Resolution
+    from jdsearch.engine.evaluate import evaluate
     from jdsearch.search.queries import front_of
     from jdsearch.search.record import TrialRecord
 
@@ -277,7 +277,7 @@ def base_point(shared: Shared, out: Path) -> tuple[float, float]:
     and its cost there (1). Measured once, kept in ``out/base_point.json``."""
     path = out / "base_point.json"
     if not path.is_file():
-        from jdsearch.evaluate import evaluate
+        from jdsearch.engine.evaluate import evaluate
 
         res = shared.ctx.base_resolution
         held = evaluate(_base(shared), shared.heldout, [res], device=shared.spec.device)
@@ -323,10 +323,10 @@ def _train(
 ) -> int:
     """Train ``detector`` on with the fast evaluation's settings for ``epochs`` (dynamic
     resolution), distilled from the super-net when ``kd``; returns the images it went through."""
-    from jdsearch.distill import make_distiller
+    from jdsearch.engine.train import train
+    from jdsearch.methods.distill import make_distiller
+    from jdsearch.methods.morph.pruning import BNSparsity
     from jdsearch.models.heads import stop_recording
-    from jdsearch.morph.pruning import BNSparsity
-    from jdsearch.train import train
 
     spec, ctx = shared.spec, shared.ctx
     config = dataclasses.replace(spec.train_config(spec.fast_eval, seed), epochs=epochs)
@@ -347,8 +347,8 @@ def prune_to(
     """Channel and layer pruning in turn (each by BN slimming's importance) until the detector
     costs at most ``target_flops`` at ``size``, or no pruning action is left. Returns the moves
     and the pruned detector."""
-    from jdsearch.flops import count_flops
-    from jdsearch.morph.actions import evolve, feasible_actions
+    from jdsearch.methods.morph.actions import evolve, feasible_actions
+    from jdsearch.models.flops import count_flops
 
     moves: list[str] = []
     order = ["channel_prune", "layer_prune"]
@@ -409,7 +409,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _fps_ratios(shared: Shared, results: dict[tuple[str, int], dict[str, Any]]) -> None:
     """Batch-1 FPS of each winner over the base's, timed interleaved pair by pair."""
-    from jdsearch.latency import measure_latencies
+    from jdsearch.engine.latency import measure_latencies
     from jdsearch.store.checkpoint import load_checkpoint
 
     base, base_res = _base(shared), str(shared.ctx.base_resolution)
@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
     import torch
 
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

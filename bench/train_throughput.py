@@ -2,7 +2,7 @@
 
 Random images (with a few random boxes each) are resized by the detector's own transform to
 ``--size``, exactly as in training; each preset trains ``--warmup`` untimed iterations, then
-``--iters`` timed ones through :func:`jdsearch.train.train`. Prints a table and the ratio.
+``--iters`` timed ones through :func:`jdsearch.engine.train.train`. Prints a table and the ratio.
 
     python bench/train_throughput.py --size 1333x800 --iters 3 --batch-size 2 --device cpu
     python bench/train_throughput.py --size 208x128 --iters 20 --presets tiny-r18-fpn tiny-r50-fpn
@@ -26,7 +26,7 @@ OpenMP starts); cells are interleaved so that drifting load hits every row alike
         --presets tiny-r18-fpn r18-fpn
 
 ``--loader`` trains on real image files (a synthetic COCO set of ``--loader-images`` PNGs at
-``--size``, read through :class:`~jdsearch.data.CocoDataset`) for two epochs, and prints the
+``--size``, read through :class:`~jdsearch.data.coco.CocoDataset`) for two epochs, and prints the
 second epoch's images/s and the share of its wall time spent waiting for batches (reading,
 decoding, collating; ``StepInfo.data_seconds``), with the decoded-image cache off and on:
 
@@ -50,11 +50,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from jdsearch.core.resolution import Resolution
+from jdsearch.engine.train import train
 from jdsearch.models.detector import build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec
-from jdsearch.train import train
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import TrainConfig
 
 
 class RandomBoxes(Dataset[tuple[torch.Tensor, dict[str, Any]]]):
@@ -253,8 +253,8 @@ def loader(size: Resolution, args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from jdsearch.data import CocoDataset
-    from jdsearch.synth import generate
+    from jdsearch.data.coco import CocoDataset
+    from jdsearch.data.synth import generate
 
     with tempfile.TemporaryDirectory() as tmp:
         info = generate(Path(tmp), images=args.loader_images, seed=0, size=(size.short, size.long))

@@ -3,7 +3,7 @@
 * :func:`shrunk_quickstart` — ``studies/quickstart.yaml`` cut down to seconds per trial on a CPU
   (as a dict), how far set by a :class:`Shrink`; its defaults are the test suite's;
 * :func:`tiny_study` — the study of ``bench/engine_overhead.py`` and ``bench/faults.py``: that
-  shrunk quickstart (or the quickstart as it is) as a :class:`~jdsearch.study.StudySpec`;
+  shrunk quickstart (or the quickstart as it is) as a :class:`~jdsearch.spec.study.StudySpec`;
 * :func:`install_pool` — a trained pool put where ``prepare`` looks for a study's cached pool;
 * :func:`pg_schema` — a throwaway schema on a PostgreSQL server, and its dropper;
 * :func:`quiet_optuna` — Optuna's logging and experimental-feature warnings silenced.
@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from jdsearch.config import preset_dir
+from jdsearch.core.config import preset_dir
 
 if TYPE_CHECKING:
-    from jdsearch.study import StudySpec
+    from jdsearch.spec.study import StudySpec
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def tiny_study(
     (:data:`BENCH_SHRINK`, distilling anyway so that the teacher's share of a trial, and in
     bench/faults.py a fault during distillation, is measured). Its data is ``root/data``; ``base``
     is its base checkpoint (None: ``prepare`` trains one)."""
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     if scale == "quickstart":
         spec = yaml.safe_load(quickstart_path().read_text())

@@ -95,7 +95,7 @@ def search_assets(tmp_path_factory: pytest.TempPathFactory) -> SearchAssets:
     import optuna
 
     from jdsearch.search.session import prepare
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = tmp_path_factory.mktemp("search_assets")
@@ -125,7 +125,7 @@ def small_study(
 ) -> SmallStudy:
     """Six trials of a real search: base, student actions and teacher moves, for export/report."""
     from jdsearch.search.run import run_search
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     root = tmp_path_factory.mktemp("small_study")
     url = f"sqlite:///{root / 'small.db'}"

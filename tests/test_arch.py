@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch, Block, Stage
-from jdsearch.errors import SpecError
+from jdsearch.core.errors import SpecError
+from jdsearch.spec.arch import BASIC, BOTTLENECK, BackboneArch, Block, Stage
 
 # Verbatim from appendix B of the paper (including its missing outer brackets).
 PAPER_R18 = "[(64, 64)], [(128, 128)-(128, 128)], [(256, 256)-(256, 256)], [(512, 512)-(512, 512)"

@@ -33,8 +33,8 @@ from optuna.artifacts import (
 )
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from jdsearch.errors import CheckpointError, SpecError
-from jdsearch.store.artifacts import ArtifactIntegrityError, SQLArtifactStore, make_artifact_store
+from jdsearch.core.errors import CheckpointError, SpecError
+from jdsearch.storage.artifacts import ArtifactIntegrityError, SQLArtifactStore, make_artifact_store
 
 CHUNK = 64
 RUN = uuid.uuid4().hex[:8]

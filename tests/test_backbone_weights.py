@@ -13,12 +13,12 @@ import torchvision
 import yaml
 from torch import Tensor, nn
 
-from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch
 from jdsearch.cli import main
-from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.core.errors import CheckpointError, SpecError
 from jdsearch.models import build_detector
 from jdsearch.models.torchvision_body import load_backbone_weights
-from jdsearch.spec import DetectorSpec, load_spec
+from jdsearch.spec.arch import BASIC, BOTTLENECK, BackboneArch
+from jdsearch.spec.detector import DetectorSpec, load_spec
 from jdsearch.store.checkpoint import load_checkpoint
 
 FAMILIES = {  # torchvision name: (block kind, depths, groups, width per group)
@@ -166,7 +166,7 @@ def test_a_study_trains_its_base_from_backbone_weights(
     from jdsearch.search.assets import _base_checkpoint as base_checkpoint
     from jdsearch.search.assets import ensure_data
     from jdsearch.search.check import check_study
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
     from tests.conftest import tiny_study_dict
 
     sd = classification_state_dict("resnet18", tmp_path / "r18.pth")

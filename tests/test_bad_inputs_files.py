@@ -15,16 +15,17 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from jdsearch import synth
-from jdsearch.arch import MAX_WIDTH, BackboneArch
 from jdsearch.cli import main
-from jdsearch.config import MAX_ANCHOR_SIZE, read_yaml
-from jdsearch.data import CocoDataset, load_image, validate
-from jdsearch.errors import CheckpointError, DataError, ExportError, SpecError
-from jdsearch.evaluate import match_categories
+from jdsearch.core.config import MAX_ANCHOR_SIZE, read_yaml
+from jdsearch.core.errors import CheckpointError, DataError, ExportError, SpecError
+from jdsearch.data import synth
+from jdsearch.data.coco import CocoDataset, load_image, validate
+from jdsearch.engine.evaluate import match_categories
+from jdsearch.engine.train import train
 from jdsearch.models import build_detector
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec, spec_from_dict
+from jdsearch.spec.arch import MAX_WIDTH, BackboneArch
+from jdsearch.spec.detector import load_spec, spec_from_dict
+from jdsearch.spec.settings import TrainConfig
 from jdsearch.store import export as export_mod
 from jdsearch.store.checkpoint import (
     META_HASH_KEY,
@@ -35,7 +36,6 @@ from jdsearch.store.checkpoint import (
     save_checkpoint,
 )
 from jdsearch.store.export import INFO_FILE, WEIGHTS_FILE, export_detector, load_exported
-from jdsearch.train import train
 
 NAMES = ("disc", "ring", "square", "triangle", "cross", "bar")  # synth's classes, ids 1..6
 
@@ -465,7 +465,7 @@ def test_eval_refuses_other_categories_before_evaluating(
     def no_eval(*_: Any, **__: Any) -> Any:
         raise AssertionError("evaluated despite the mismatch")
 
-    monkeypatch.setattr("jdsearch.evaluate.evaluate", no_eval)
+    monkeypatch.setattr("jdsearch.engine.evaluate.evaluate", no_eval)
     err = cli_error(capsys, "eval", ckpt, "--data", changed, "--sizes", "64x64")
     assert f"{changed / 'val.json'}: categories do not match {ckpt}: {needle}" in err
 
@@ -478,7 +478,7 @@ def test_train_refuses_other_val_categories_before_training(
     def no_train(*_: Any, **__: Any) -> Any:
         raise AssertionError("trained despite the mismatch")
 
-    monkeypatch.setattr("jdsearch.train.train", no_train)
+    monkeypatch.setattr("jdsearch.engine.train.train", no_train)
     out = tmp_path / "m.safetensors"
     err = cli_error(capsys, "train", "tiny-r18-fpn", "--data", changed, "--out", out, "--quiet")
     assert "val.json: categories do not match" in err and "train.json" in err
@@ -502,12 +502,12 @@ def test_train_refuses_an_init_checkpoint_of_other_categories(
 def test_train_records_category_ids_and_saves_before_evaluating(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jdsearch.errors import JDSearchError
+    from jdsearch.core.errors import JDSearchError
 
     def failing_eval(*_: Any, **__: Any) -> Any:
         raise JDSearchError("evaluation failed")
 
-    monkeypatch.setattr("jdsearch.evaluate.evaluate", failing_eval)
+    monkeypatch.setattr("jdsearch.engine.evaluate.evaluate", failing_eval)
     out = tmp_path / "m.safetensors"
     argv = ["train", "tiny-r18-fpn", "--data", data, "--out", out, "--quiet", "--iters", "1"]
     err = cli_error(capsys, *argv, "--fixed-size", "--batch-size", "2")

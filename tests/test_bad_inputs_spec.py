@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from jdsearch.cli import main
-from jdsearch.errors import JDSearchError, SpecError
-from jdsearch.study import load_study
+from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.spec.study import load_study
 
 from .conftest import tiny_study_dict
 
@@ -285,8 +285,8 @@ def test_the_readme_postgresql_url_works_as_written(
     import optuna
 
     from jdsearch.search.session import open_storage
-    from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
+    from jdsearch.storage.artifacts import SQLArtifactStore, make_artifact_store
 
     written = re.findall(r"--storage (postgresql://)\.\.\.", (REPO / "README.md").read_text())
     assert written == ["postgresql://"]
@@ -310,7 +310,7 @@ def test_the_readme_postgresql_url_works_as_written(
 # ---------------------------------------------------------------------- the runs/<name>/ caches
 def _own_base_spec(search_assets: Any, tmp: Path, name: str, **base: Any) -> Any:
     """A study over the shared assets that trains its own base (none given)."""
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     raw = search_assets.study(name, f"sqlite:///{tmp / (name + '.db')}")
     del raw["base"]["checkpoint"]
@@ -389,7 +389,7 @@ def test_a_cached_pool_trained_with_another_schedule_is_refused(
     before, only its architecture was compared and another schedule was silently reused."""
     from jdsearch.search.caches import cached_pool_done
     from jdsearch.search.check import check_study
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     monkeypatch.chdir(tmp_path)
     raw = search_assets.study("sched", f"sqlite:///{tmp_path / 's.db'}")
@@ -412,7 +412,7 @@ def test_synthetic_data_generated_with_other_settings_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jdsearch.search.assets import ensure_data
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     monkeypatch.chdir(tmp_path)
     raw = tiny_study_dict(tmp_path / "data", "synth")

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from jdsearch.cli import main
-from jdsearch.errors import DataError, JDSearchError, SpecError
+from jdsearch.core.errors import DataError, JDSearchError, SpecError
 from jdsearch.search.check import check_study
-from jdsearch.study import study_from_dict
+from jdsearch.spec.study import study_from_dict
 
 
 def _spec(search_assets, tmp_path: Path, **changes):

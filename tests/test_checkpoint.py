@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from jdsearch.arch import BackboneArch
-from jdsearch.errors import CheckpointError
+from jdsearch.core.errors import CheckpointError
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.spec import load_spec
+from jdsearch.spec.arch import BackboneArch
+from jdsearch.spec.detector import load_spec
 from jdsearch.store.checkpoint import (
     META_HASH_KEY,
     META_KEY,

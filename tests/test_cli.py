@@ -171,8 +171,8 @@ def test_a_small_detector_trains_on_one_thread_unless_the_user_chose(
     OMP_NUM_THREADS always win."""
     import torch
 
-    from jdsearch.study import load_study
-    from jdsearch.threads import small_detector_threads, study_gflops
+    from jdsearch.engine.threads import small_detector_threads, study_gflops
+    from jdsearch.spec.study import load_study
 
     quickstart = study_gflops(load_study("studies/quickstart.yaml"))
     assert 0.05 < quickstart < 1.0  # the tiny R18-FPN at 208x128: a small detector

@@ -16,30 +16,35 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jdsearch"
 
-# Bottom to top: a module may import jdsearch modules of its own layer or below. A pattern names a
-# module and everything under it; ``x.*`` only what is under ``x``, ``x!`` only ``x`` itself (the
-# pool package's lazy ``__init__`` sits in the spec layer, its runtime modules above).
-LAYERS: list[tuple[str, list[str]]] = [
-    ("core", ["errors", "resolution", "config", "lazy"]),
-    ("spec", ["arch", "spec", "settings", "study", "pool.space", "pool.spec", "pool!"]),
-    ("data", ["data", "synth"]),
-    ("models", ["models", "flops"]),
-    ("store", ["store"]),
-    ("engine", ["train", "evaluate", "latency", "distributed", "threads"]),
-    ("methods", ["distill", "morph", "pool.*"]),
-    ("search", ["search"]),
-    ("report", ["report"]),
-    ("app", ["cli", "__main__", "__init__", "testing"]),
+# Bottom to top, one folder per layer: a module may import jdsearch modules of its own layer or
+# below. The package's root modules (``__init__``, ``__main__``, ``testing``) are the app layer,
+# with ``cli/``.
+LAYERS: list[tuple[str, str]] = [
+    ("core", "core"),
+    ("spec", "spec"),
+    ("data", "data"),
+    ("models", "models"),
+    ("store", "store"),
+    ("init", "init"),
+    ("engine", "engine"),
+    ("methods", "methods"),
+    ("storage", "storage"),
+    ("search", "search"),
+    ("report", "report"),
+    ("app", "cli"),
 ]
+ROOT_MODULES = {"__init__", "__main__", "testing"}  # the app layer's, beside cli/
 # Third-party packages a layer may not import (neither may any layer below it).
 FORBIDDEN = {
     "core": {"torch", "torchvision", "optuna", "sqlalchemy", "plotly", "onnx", "onnxruntime"},
     "spec": {"torch", "torchvision", "optuna", "sqlalchemy", "plotly", "onnx", "onnxruntime"},
     "data": {"optuna", "sqlalchemy", "plotly"},
     "models": {"optuna", "sqlalchemy", "plotly"},
-    "store": {"plotly"},
+    "store": {"optuna", "sqlalchemy", "plotly"},
+    "init": {"optuna", "sqlalchemy", "plotly"},
     "engine": {"optuna", "sqlalchemy", "plotly"},
     "methods": {"optuna", "sqlalchemy", "plotly"},
+    "storage": {"plotly"},
     "search": {"plotly"},
 }
 MAX_FUNCTION_LINES = 60
@@ -54,21 +59,25 @@ def _module_name(path: Path) -> str:
 
 
 def _layer_of(module: str) -> int:
-    """Index in :data:`LAYERS` of a module name relative to ``jdsearch`` (most specific wins)."""
-    best, best_len = None, -1
-    for i, (_, patterns) in enumerate(LAYERS):
-        for pattern in patterns:
-            if pattern.endswith(".*"):
-                ok = module.startswith(pattern[:-1])
-            elif pattern.endswith("!"):
-                ok = module == pattern[:-1]
-            else:
-                ok = module == pattern or module.startswith(pattern + ".")
-            specific = len(pattern) - (2 if pattern.endswith(".*") else 0)
-            if ok and specific > best_len:
-                best, best_len = i, specific
-    assert best is not None, f"jdsearch.{module} is in no layer of LAYERS"
-    return best
+    """Index in :data:`LAYERS` of a module name relative to ``jdsearch``: its top folder's layer
+    (a root module's: the app layer)."""
+    top, _, rest = module.partition(".")
+    if not rest and top in ROOT_MODULES | {""}:
+        return len(LAYERS) - 1
+    folders = [folder for _, folder in LAYERS]
+    assert top in folders, f"jdsearch.{module} is in no layer's folder of LAYERS"
+    return folders.index(top)
+
+
+def test_every_module_is_in_a_layers_folder() -> None:
+    """The package root holds only the app layer's modules and one folder per layer."""
+    folders = {folder for _, folder in LAYERS}
+    root = {p.stem for p in PACKAGE.glob("*.py")}
+    assert root == ROOT_MODULES, f"modules at the package root: {sorted(root - ROOT_MODULES)}"
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert subpackages == folders, sorted(subpackages ^ folders)
+    for name, _, _ in _modules():
+        _layer_of(name)
 
 
 def _modules() -> list[tuple[str, Path, ast.Module]]:
@@ -130,13 +139,13 @@ def test_no_layer_imports_a_package_it_must_not() -> None:
 @pytest.mark.parametrize(
     ("module", "absent"),
     [
-        ("jdsearch.study", "torch"),
-        ("jdsearch.spec", "torch"),
-        ("jdsearch.pool.spec", "torch"),
+        ("jdsearch.spec.study", "torch"),
+        ("jdsearch.spec.detector", "torch"),
+        ("jdsearch.spec.pool", "torch"),
         ("jdsearch", "torch"),
         ("jdsearch.store.export", "optuna"),
-        ("jdsearch.train", "optuna"),
-        ("jdsearch.threads", "torch"),  # the OpenMP policy is set before torch loads
+        ("jdsearch.engine.train", "optuna"),
+        ("jdsearch.engine.threads", "torch"),  # the OpenMP policy is set before torch loads
     ],
 )
 def test_importing_a_layer_pulls_nothing_from_above(module: str, absent: str) -> None:
@@ -147,7 +156,7 @@ def test_importing_a_layer_pulls_nothing_from_above(module: str, absent: str) ->
 
 # The only modules that may touch another package's private names (attributes, modules), each use
 # with the reason the public API does not suffice.
-ADAPTERS = {"search.optuna_internals", "models.torch_internals"}
+ADAPTERS = {"storage.optuna_internals", "models.torch_internals"}
 # Private names known to be Optuna's or torchvision's: never allowed outside the adapters, even
 # should jdsearch define a name of its own that is spelled the same.
 FOREIGN = {"_storage", "_study_id", "_trial_id", "_backend", "_pre_nms_top_n", "_post_nms_top_n"}
@@ -281,7 +290,7 @@ def test_the_private_name_check_reports_what_it_should() -> None:
     user = ast.parse("def f(s):\n    return s._get_trials()\n")
     assert _private_uses(
         [
-            ("search.optuna_internals", PACKAGE / "search" / "optuna_internals.py", adapter),
+            ("storage.optuna_internals", PACKAGE / "storage" / "optuna_internals.py", adapter),
             ("search.run", PACKAGE / "search" / "run.py", user),
         ]
     ) == ["run.py:2: ._get_trials"]
@@ -346,7 +355,7 @@ def test_the_wheel_lists_every_package_and_carries_the_presets() -> None:
     folders): a new sub-package missing from the list would be missing from the wheel."""
     import tomllib
 
-    from jdsearch.config import preset_dir
+    from jdsearch.core.config import preset_dir
 
     setup = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from jdsearch.errors import JDSearchError
-from jdsearch.flops import count_flops
-from jdsearch.latency import check_device, measure_latencies
+from jdsearch.core.errors import JDSearchError
+from jdsearch.core.resolution import Resolution
+from jdsearch.engine.latency import check_device, measure_latencies
 from jdsearch.models import build_detector
+from jdsearch.models.flops import count_flops
 from jdsearch.report.compare import METRIC_KEYS, compare_study
-from jdsearch.resolution import Resolution
 from jdsearch.search.queries import open_study
-from jdsearch.spec import load_spec
+from jdsearch.spec.detector import load_spec
 
 
 @pytest.fixture

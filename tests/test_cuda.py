@@ -20,15 +20,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdsearch.data import CocoDataset, load_image, set_resolution
-from jdsearch.distill import make_distiller
-from jdsearch.latency import measure_latency
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset, load_image, set_resolution
+from jdsearch.data.synth import generate
+from jdsearch.engine.latency import measure_latency
+from jdsearch.engine.train import train
+from jdsearch.methods.distill import make_distiller
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec
-from jdsearch.synth import generate
-from jdsearch.train import train
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import TrainConfig
 
 from .conftest import tiny_study_dict
 
@@ -224,8 +224,8 @@ def test_a_detector_trained_on_cuda_exports_and_is_timed_on_cuda(
 # ---------------------------------------------------------------------- a search
 def test_tiny_search_on_cuda_with_amp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from jdsearch.search.run import run_search
+    from jdsearch.spec.study import study_from_dict
     from jdsearch.store.checkpoint import checkpoint_from_bytes
-    from jdsearch.study import study_from_dict
 
     monkeypatch.chdir(tmp_path)  # runs/<name>/ caches land here
     raw = tiny_study_dict(tmp_path / "data", "cuda-search")

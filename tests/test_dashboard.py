@@ -29,8 +29,8 @@ from optuna.trial import TrialState
 from jdsearch.search.objective import move_vocabulary
 from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR
 from jdsearch.search.run import run_search
-from jdsearch.store.artifacts import make_artifact_store
-from jdsearch.study import study_from_dict
+from jdsearch.spec.study import study_from_dict
+from jdsearch.storage.artifacts import make_artifact_store
 
 from .conftest import SearchAssets, optuna_cli
 
@@ -219,7 +219,7 @@ def test_optuna_dashboard_downloads_checkpoints_from_the_database(
     """Started with jdsearch's SQL artifact store, the dashboard serves the stored checkpoint bytes."""
     port = free_port()
     code = (
-        "import sys, optuna_dashboard; from jdsearch.store.artifacts import make_artifact_store; "
+        "import sys, optuna_dashboard; from jdsearch.storage.artifacts import make_artifact_store; "
         "optuna_dashboard.run_server(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), "
         "artifact_store=make_artifact_store('db', sys.argv[1]))"
     )

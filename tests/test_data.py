@@ -1,4 +1,4 @@
-"""Tests for COCO loading/validation, batching and dynamic resolution (jdsearch.data)."""
+"""Tests for COCO loading/validation, batching and dynamic resolution (jdsearch.data.coco)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from jdsearch.data import (
+from jdsearch.core.errors import CheckpointError, DataError, SpecError
+from jdsearch.core.resolution import Resolution, parse_resolutions
+from jdsearch.data.coco import (
     CocoDataset,
     ResolutionSampler,
     collate,
@@ -25,8 +27,6 @@ from jdsearch.data import (
     using_resolution,
     validate,
 )
-from jdsearch.errors import CheckpointError, DataError, SpecError
-from jdsearch.resolution import Resolution, parse_resolutions
 
 ANN = "annotations.json"
 

@@ -9,10 +9,10 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
-from jdsearch.arch import BackboneArch
 from jdsearch.models import build_detector
 from jdsearch.models.resnet import Bottleneck
-from jdsearch.spec import load_spec
+from jdsearch.spec.arch import BackboneArch
+from jdsearch.spec.detector import load_spec
 
 from .test_arch import PAPER_R101
 

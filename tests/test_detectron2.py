@@ -24,7 +24,9 @@ import yaml
 from torch import nn
 
 from jdsearch.cli import main
-from jdsearch.errors import CheckpointError, JDSearchError, SpecError
+from jdsearch.core.errors import CheckpointError, JDSearchError, SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.methods.morph.actions import evolve
 from jdsearch.models import build_detector, detectron2_import
 from jdsearch.models.detectron2_files import read_detectron2_weights
 from jdsearch.models.detectron2_import import (
@@ -34,9 +36,7 @@ from jdsearch.models.detectron2_import import (
     quantised_images,
 )
 from jdsearch.models.torchvision_import import match_detections
-from jdsearch.morph.actions import evolve
-from jdsearch.resolution import Resolution
-from jdsearch.spec import load_spec
+from jdsearch.spec.detector import load_spec
 from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 from jdsearch.store.detectron2_export import CONFIG_FILE, MODULE_FILE, export_detectron2
 
@@ -140,7 +140,7 @@ def save_pkl(model: nn.Module, path: Path) -> Path:
 
 # ---------------------------------------------------------------------- the spec's options
 def test_detectron2_options_round_trip_and_leave_existing_specs_as_they_were() -> None:
-    from jdsearch.spec import spec_from_dict
+    from jdsearch.spec.detector import spec_from_dict
 
     spec = load_spec("tiny-r50-fpn")
     plain = spec.to_dict()
@@ -430,7 +430,7 @@ def test_a_search_starts_from_a_detectron2_model_and_its_winner_goes_back(
     configs: Path, search_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from jdsearch.search.run import run_search
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     cats = json.loads((search_assets.data_dir / "train.json").read_text())["categories"]
     names = [c["name"] for c in sorted(cats, key=lambda c: c["id"])]

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from jdsearch.arch import BASIC, BOTTLENECK, BackboneArch
-from jdsearch.data import set_resolution
-from jdsearch.distill import (
+from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import set_resolution
+from jdsearch.methods.distill import (
     Distiller,
     class_aware_loc_loss,
     feature_loss,
@@ -23,7 +24,6 @@ from jdsearch.distill import (
     soft_cross_entropy,
     teacher_outputs,
 )
-from jdsearch.errors import JDSearchError, SpecError
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.models.heads import (
     RecordingRoIHeads,
@@ -32,9 +32,9 @@ from jdsearch.models.heads import (
     start_recording,
     stop_recording,
 )
-from jdsearch.resolution import Resolution
-from jdsearch.settings import KDConfig
-from jdsearch.spec import load_spec
+from jdsearch.spec.arch import BASIC, BOTTLENECK, BackboneArch
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import KDConfig
 
 NUM_CLASSES = 5
 KD_NAMES = {"loss_kd_feat", "loss_kd_cls", "loss_kd_loc"}
@@ -406,9 +406,9 @@ def test_teacher_outputs_on_student_proposals() -> None:
 
 # ---------------------------------------------------------------------- trainer
 def test_kd_training_with_the_trainer(tmp_path: Path) -> None:
-    train_mod = pytest.importorskip("jdsearch.train")
-    from jdsearch.data import CocoDataset
-    from jdsearch.synth import generate
+    train_mod = pytest.importorskip("jdsearch.engine.train")
+    from jdsearch.data.coco import CocoDataset
+    from jdsearch.data.synth import generate
 
     info = generate(tmp_path / "synth", images=8, seed=3, size=64)
     ds = CocoDataset(info.train_json, info.image_dir)

@@ -23,12 +23,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from jdsearch import distributed
-from jdsearch.errors import RanksOutOfStep
+from jdsearch.core.errors import RanksOutOfStep
+from jdsearch.engine import distributed
+from jdsearch.engine.train import train
 from jdsearch.models.detector import build_detector
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec
-from jdsearch.train import train
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import TrainConfig
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 

@@ -11,12 +11,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from jdsearch.data import CocoDataset, get_resolution
-from jdsearch.evaluate import CocoMetrics, evaluate, predict
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset, get_resolution
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import CocoMetrics, evaluate, predict
 from jdsearch.models.detector import build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.spec import load_spec
-from jdsearch.synth import generate
+from jdsearch.spec.detector import load_spec
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from jdsearch.cli import main
-from jdsearch.data import get_resolution, load_image, set_resolution
-from jdsearch.errors import ExportError, JDSearchError
-from jdsearch.latency import measure_latency
+from jdsearch.core.errors import ExportError, JDSearchError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import get_resolution, load_image, set_resolution
+from jdsearch.engine.latency import measure_latency
 from jdsearch.models import build_detector
-from jdsearch.resolution import Resolution
 from jdsearch.search.export import export_trial
 from jdsearch.search.queries import open_study
-from jdsearch.spec import load_spec
+from jdsearch.spec.detector import load_spec
 from jdsearch.store.checkpoint import load_checkpoint
 from jdsearch.store.export import INFO_FILE, ONNX_FILE, WEIGHTS_FILE, export_detector, load_detector
 from jdsearch.store.onnx import check_onnx, export_onnx
@@ -352,7 +352,7 @@ def test_errors_hide_the_database_password() -> None:
 
 
 def test_a_missing_checkpoint_artifact_is_one_line(small_study, tmp_path: Path) -> None:
-    from jdsearch.store.artifacts import SQLArtifactStore
+    from jdsearch.storage.artifacts import SQLArtifactStore
 
     db = tmp_path / "copy.db"
     shutil.copyfile(small_study.url.removeprefix("sqlite:///"), db)

@@ -34,13 +34,13 @@ import jdsearch.search.session
 from bench.faults import BreakingStore, BreaksAfter
 from jdsearch.cli import main
 from jdsearch.search.objective import Objective
-from jdsearch.search.optuna_internals import study_system_attrs
 from jdsearch.search.record import FAIL_REASON_ATTR, PARENT_ATTR, SET_ASIDE_PREFIX, TrialRecord
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
-from jdsearch.search.storage import ResilientStorage
-from jdsearch.store.artifacts import SQLArtifactStore
-from jdsearch.store.reconnect import RETRY_WINDOW_ENV, is_disconnect, with_reconnect
+from jdsearch.storage.artifacts import SQLArtifactStore
+from jdsearch.storage.optuna_internals import study_system_attrs
+from jdsearch.storage.rdb import ResilientStorage
+from jdsearch.storage.reconnect import RETRY_WINDOW_ENV, is_disconnect, with_reconnect
 
 from .conftest import PG_BASE, SearchAssets, unavailable
 from .test_workers import check_checkpoints, check_lineage, write_spec
@@ -156,8 +156,8 @@ def test_every_storage_call_a_study_makes_is_retried(
     from optuna.storages import BaseStorage, _CachedStorage
     from optuna.storages._heartbeat import BaseHeartbeat
 
-    from jdsearch.search import storage as storage_module
-    from jdsearch.search.storage import NOT_RETRIED
+    from jdsearch.storage import rdb as storage_module
+    from jdsearch.storage.rdb import NOT_RETRIED
 
     class Refused(Exception):
         pass
@@ -480,8 +480,8 @@ def test_a_parent_with_an_unreadable_checkpoint_is_set_aside(
 def test_gc_keeps_a_training_state_that_a_retry_will_resume_from(tmp_path: Path) -> None:
     """A killed attempt's mid-trial state (``jdsearch:train_state``) is kept while a retry that
     will resume from it waits, and removed once nothing will."""
-    from jdsearch.search.gc import collect
     from jdsearch.search.record import STATE_SYSATTR, artifact_holders
+    from jdsearch.storage.gc import collect
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = SQLArtifactStore(url)
@@ -504,9 +504,9 @@ def test_gc_keeps_a_training_state_that_a_retry_will_resume_from(tmp_path: Path)
 def test_gc_removes_from_a_file_store_only_what_its_studies_name_as_dead(tmp_path: Path) -> None:
     """A ``file:DIR`` folder may be shared with other storages (or hold the user's own files):
     gc removes a failed trial's upload there, never a file that no study of this storage names."""
-    from jdsearch.search.gc import collect
-    from jdsearch.search.optuna_internals import set_study_system_attr
     from jdsearch.search.record import SPEC_SYSATTR, artifact_holders
+    from jdsearch.storage.gc import collect
+    from jdsearch.storage.optuna_internals import set_study_system_attr
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -527,7 +527,7 @@ def test_gc_removes_from_a_file_store_only_what_its_studies_name_as_dead(tmp_pat
 
 
 def test_a_parent_read_while_short_of_memory_is_not_set_aside() -> None:
-    from jdsearch.errors import CheckpointError
+    from jdsearch.core.errors import CheckpointError
     from jdsearch.search.objective import _short_of_memory
 
     def wrapped(cause: BaseException) -> CheckpointError:

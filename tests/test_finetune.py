@@ -11,15 +11,15 @@ import optuna
 import pytest
 
 from jdsearch.cli import main
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.finetune import finetune
 from jdsearch.search.objective import Objective
-from jdsearch.search.optuna_internals import keep_alive
 from jdsearch.search.queries import lineage, open_study
 from jdsearch.search.record import FINETUNE_MOVE, MOVE_PARAM, TrialRecord
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
-from jdsearch.study import study_from_stored
+from jdsearch.spec.study import study_from_stored
+from jdsearch.storage.optuna_internals import keep_alive
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

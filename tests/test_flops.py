@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from jdsearch.arch import BackboneArch, Block, Stage
-from jdsearch.errors import JDSearchError
-from jdsearch.flops import count_flops, count_module, count_spec_flops, format_report
+from jdsearch.core.errors import JDSearchError
 from jdsearch.models.detector import build_detector
+from jdsearch.models.flops import count_flops, count_module, count_spec_flops, format_report
 from jdsearch.models.resnet import BasicBlock
-from jdsearch.spec import DetectorSpec, RoISpec, RPNSpec, load_spec
+from jdsearch.spec.arch import BackboneArch, Block, Stage
+from jdsearch.spec.detector import DetectorSpec, RoISpec, RPNSpec, load_spec
 
 R18_STUDENT = "[(64, 64)], [(128, 128)-(128, 128)], [(256, 256)-(256, 256)], [(512, 512)-(512, 512)"
 R50_STUDENT = (

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from jdsearch import data as data_module
-from jdsearch.data import CocoDataset
-from jdsearch.evaluate import evaluate
+from jdsearch.core.resolution import Resolution
+from jdsearch.data import coco as data_module
+from jdsearch.data.coco import CocoDataset
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
 from jdsearch.models.detector import build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.spec import load_spec
-from jdsearch.synth import generate
+from jdsearch.spec.detector import load_spec
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from jdsearch.cli import main
-from jdsearch.errors import CheckpointError
+from jdsearch.core.errors import CheckpointError
+from jdsearch.core.resolution import Resolution
 from jdsearch.models import torchvision_body
 from jdsearch.models.torchvision_import import (
     TOLERANCE,
@@ -33,7 +34,6 @@ from jdsearch.models.torchvision_import import (
     compare_settings,
     import_torchvision,
 )
-from jdsearch.resolution import Resolution
 from jdsearch.store.checkpoint import load_checkpoint
 
 # Small inputs and few proposals keep a 60M-parameter detector in float64 at seconds per image.

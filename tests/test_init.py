@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from jdsearch.cli import main
-from jdsearch.data import CocoDataset
-from jdsearch.errors import DataError, SpecError
-from jdsearch.pool import PoolSpec
-from jdsearch.resolution import Resolution
-from jdsearch.search.init_study import (
+from jdsearch.core.errors import DataError, SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.init.init_study import (
     Budgets,
     budgets,
     init_study,
@@ -22,8 +21,9 @@ from jdsearch.search.init_study import (
     native_size,
     resolution_ladder,
 )
-from jdsearch.spec import load_spec
-from jdsearch.study import load_study
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.pool import PoolSpec
+from jdsearch.spec.study import load_study
 
 from .test_user_layout import write_user_set
 
@@ -124,7 +124,7 @@ def test_a_resnext_base_gets_a_bottleneck_pool_of_its_output_widths() -> None:
 
 @pytest.mark.parametrize("preset", ["tiny-r18-fpn", "tiny-r50-fpn"])
 def test_every_member_of_a_matched_pool_fits_its_super_net(preset: str) -> None:
-    from jdsearch.pool import ElasticPool
+    from jdsearch.methods.pool import ElasticPool
 
     ElasticPool(_pool(preset, 100), num_classes=4)  # raises SpecError on a member that does not fit
 

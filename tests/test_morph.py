@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdsearch.arch import BackboneArch, Block, Stage
-from jdsearch.models.detector import Detector, build_detector
-from jdsearch.morph.actions import (
+from jdsearch.core.resolution import Resolution
+from jdsearch.methods.morph.actions import (
     Action,
     MorphConfig,
     MorphError,
@@ -24,8 +23,9 @@ from jdsearch.morph.actions import (
     evolve_with_report,
     feasible_actions,
 )
-from jdsearch.resolution import Resolution
-from jdsearch.spec import load_spec
+from jdsearch.models.detector import Detector, build_detector
+from jdsearch.spec.arch import BackboneArch, Block, Stage
+from jdsearch.spec.detector import load_spec
 
 SIZE = 64
 NUM_CLASSES = 4
@@ -461,7 +461,7 @@ def test_r101_student_pattern_stage3_blocks_at_the_start_of_stage4() -> None:
 # ---------------------------------------------------------------------- arch stays true
 def _flops_total(det: Detector) -> int | None:
     try:
-        from jdsearch.flops import count_flops
+        from jdsearch.models.flops import count_flops
     except ImportError:
         return None
     return count_flops(det, size=(SIZE, SIZE)).backbone

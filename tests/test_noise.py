@@ -46,7 +46,7 @@ def test_noise_is_measured_stored_and_shown_beside_the_comparison(
 
 
 def test_one_seed_is_no_spread(small_study_copy: str) -> None:
-    from jdsearch.errors import JDSearchError
+    from jdsearch.core.errors import JDSearchError
 
     handle = open_study(small_study_copy)
     with pytest.raises(JDSearchError, match="at least 2 seeds"):

@@ -1,6 +1,6 @@
 """What jdsearch relies on in Optuna, pinned: these fail first when an Optuna release changes it.
 
-Every use of Optuna internals goes through :mod:`jdsearch.search.optuna_internals`; this file
+Every use of Optuna internals goes through :mod:`jdsearch.storage.optuna_internals`; this file
 tests those calls and the public behaviour the search is built on (heartbeats, retried trials,
 system attributes kept out of ``optuna trials``).
 """
@@ -21,8 +21,8 @@ from optuna.storages import (
 )
 from optuna.trial import TrialState
 
-from jdsearch.search import optuna_internals as oi
-from jdsearch.search.storage import ResilientStorage
+from jdsearch.storage import optuna_internals as oi
+from jdsearch.storage.rdb import ResilientStorage
 
 from .conftest import optuna_cli
 

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
-from jdsearch.errors import SpecError
+from jdsearch.core.errors import SpecError
+from jdsearch.methods.morph.actions import MorphConfig, evolve
 from jdsearch.models import build_detector
-from jdsearch.morph.actions import MorphConfig, evolve
 from jdsearch.search import cost as cost_module
 from jdsearch.search.cost import CostMeter, arch_key, weighted_cost
 from jdsearch.search.pareto import (
@@ -39,8 +39,8 @@ from jdsearch.search.record import (
 )
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.strategies import ParetoScore, front_k
-from jdsearch.spec import load_spec
-from jdsearch.study import study_from_dict
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.study import study_from_dict
 
 from .conftest import REPO
 
@@ -298,7 +298,7 @@ def test_flops_and_params_costs_are_ratios_to_the_base() -> None:
     params = CostMeter("params", lambda: base, 200)
     ratios, _ = params.ratios(student, ["64x64", "96x96"], flops=150, params=n)
     assert ratios == {"64x64": n / n_base, "96x96": n / n_base} and n < n_base
-    from jdsearch.resolution import Resolution
+    from jdsearch.core.resolution import Resolution
 
     r, r0 = Resolution.parse("96x96"), Resolution.parse("64x64")
     assert weighted_cost(0.5, r, r0, 0.8) == pytest.approx(0.5 * (96 * 96 / 64 / 64) ** 0.8)

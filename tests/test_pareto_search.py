@@ -14,10 +14,10 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from jdsearch.cli import main
-from jdsearch.errors import JDSearchError
-from jdsearch.latency import device_name
+from jdsearch.core.errors import JDSearchError
+from jdsearch.core.resolution import Resolution
+from jdsearch.engine.latency import device_name
 from jdsearch.report.figures import build_figures
-from jdsearch.resolution import Resolution
 from jdsearch.search import cost as cost_module
 from jdsearch.search.cost import weighted_cost
 from jdsearch.search.front import FRONT_FILE, choose_trial
@@ -28,8 +28,8 @@ from jdsearch.search.record import KIND_ATTR, MOVE_PARAM, PARENT_ATTR, TrialReco
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
 from jdsearch.search.summary import summary
+from jdsearch.spec.study import study_from_dict
 from jdsearch.store.export import INFO_FILE, load_detector
-from jdsearch.study import study_from_dict
 
 from .conftest import SearchAssets
 from .test_dashboard import dashboard_command, free_port, get, server

@@ -15,16 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from jdsearch.data import CocoDataset, make_loader, using_resolution
-from jdsearch.errors import CheckpointError, SpecError
-from jdsearch.evaluate import evaluate
-from jdsearch.models.detector import build_detector
-from jdsearch.pool import (
+from jdsearch.core.errors import CheckpointError, SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset, make_loader, using_resolution
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.methods.pool import (
     ElasticPool,
-    PhaseSpec,
-    PoolSpec,
-    SubnetConfig,
-    SubnetSpace,
     load_pool,
     pool_from_bytes,
     pool_to_bytes,
@@ -33,12 +30,12 @@ from jdsearch.pool import (
     train_and_save_pool,
     train_pool,
 )
-from jdsearch.pool.elastic import ElasticBatchNorm2d, make_elastic, reorder_channels
-from jdsearch.pool.spec import POOL_TRAIN
-from jdsearch.resolution import Resolution
-from jdsearch.spec import load_spec
+from jdsearch.methods.pool.elastic import ElasticBatchNorm2d, make_elastic, reorder_channels
+from jdsearch.models.detector import build_detector
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.pool import POOL_TRAIN, PhaseSpec, PoolSpec
+from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace
 from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
-from jdsearch.synth import generate
 
 NUM_CLASSES = 4
 RES = (Resolution(64, 48), Resolution(80, 64))

@@ -6,12 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from jdsearch.arch import BackboneArch
-from jdsearch.errors import SpecError
-from jdsearch.models.detector import build_detector
-from jdsearch.models.resnet import ResNet
-from jdsearch.morph.actions import evolve
-from jdsearch.morph.pruning import (
+from jdsearch.core.errors import SpecError
+from jdsearch.methods.morph.actions import evolve
+from jdsearch.methods.morph.pruning import (
     BNSparsity,
     bn_l1,
     chains,
@@ -21,7 +18,10 @@ from jdsearch.morph.pruning import (
     prunable_bn_names,
     removable_blocks,
 )
-from jdsearch.spec import load_spec
+from jdsearch.models.detector import build_detector
+from jdsearch.models.resnet import ResNet
+from jdsearch.spec.arch import BackboneArch
+from jdsearch.spec.detector import load_spec
 
 R18 = BackboneArch.resnet([2, 2, 2, 2], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
 R50 = BackboneArch.resnet([2, 2, 2, 2], kind="bottleneck", widths=(4, 8, 8, 16), stem=8, fpn=16)
@@ -94,11 +94,11 @@ def test_bn_l1_falls_back_to_every_bn_of_a_foreign_model() -> None:
 
 @pytest.mark.slow
 def test_sparsity_term_shrinks_gammas_in_the_real_trainer(tmp_path) -> None:
-    from jdsearch.data import CocoDataset
-    from jdsearch.resolution import Resolution
-    from jdsearch.settings import TrainConfig
-    from jdsearch.synth import generate
-    from jdsearch.train import train
+    from jdsearch.core.resolution import Resolution
+    from jdsearch.data.coco import CocoDataset
+    from jdsearch.data.synth import generate
+    from jdsearch.engine.train import train
+    from jdsearch.spec.settings import TrainConfig
 
     info = generate(tmp_path, images=6, seed=0, size=64)
     data = CocoDataset(info.train_json, info.image_dir)

@@ -18,7 +18,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.report import html as report_html
 from jdsearch.report.figures import (
     FIGURE_KEYS,

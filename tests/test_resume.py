@@ -16,13 +16,15 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from jdsearch.data import CocoDataset
-from jdsearch.distill import make_distiller
-from jdsearch.errors import CheckpointError
+from jdsearch.core.errors import CheckpointError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.data.synth import generate
+from jdsearch.engine.train import StateHook, train
+from jdsearch.methods.distill import make_distiller
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import TrainConfig
 from jdsearch.store.trainstate import (
     TrainState,
     flatten,
@@ -30,8 +32,6 @@ from jdsearch.store.trainstate import (
     trainstate_to_bytes,
     unflatten,
 )
-from jdsearch.synth import generate
-from jdsearch.train import StateHook, train
 
 RES = (Resolution(64, 48), Resolution(80, 64))
 
@@ -153,8 +153,9 @@ def test_a_pool_phase_interrupted_and_resumed_inside_equals_the_uninterrupted_ph
     adapter) stopped right after its state is saved at iteration 2 of 5, then continued by a new
     run from the pool as the phase began: the same weights, sub-networks and losses as a phase
     that ran through. The state file is removed when the phase is done."""
-    from jdsearch.pool import ElasticPool, PoolSpec, pool_from_bytes, pool_to_bytes
-    from jdsearch.pool.training import PhaseStates, resume_pool, train_pool
+    from jdsearch.methods.pool import ElasticPool, pool_from_bytes, pool_to_bytes
+    from jdsearch.methods.pool.training import PhaseStates, resume_pool, train_pool
+    from jdsearch.spec.pool import PoolSpec
 
     from .test_pool import SMALL_POOL
 
@@ -200,7 +201,7 @@ def test_a_killed_trial_is_resumed_by_its_retry_at_the_saved_iteration(
     from jdsearch.search.record import MOVE_PARAM, PARENT_ATTR, STATE_SYSATTR, WORKER_SYSATTR
     from jdsearch.search.resume import RESUMED_ATTR
     from jdsearch.search.session import prepare
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     from .test_workers import WORKER_TIMEOUT_S, fresh_trials, wait_for, workers, write_spec
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import optuna
 import pytest
 
-from jdsearch.morph.actions import MorphConfig, evolve
-from jdsearch.pool import SubnetConfig
+from jdsearch.methods.morph.actions import MorphConfig, evolve
 from jdsearch.search.objective import score_h
 from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, TrialRecord
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
 from jdsearch.search.summary import summary
+from jdsearch.spec.pool_space import SubnetConfig
+from jdsearch.spec.study import study_from_dict
 from jdsearch.store.checkpoint import checkpoint_from_bytes
-from jdsearch.study import study_from_dict
 
 from .conftest import optuna_cli, tiny_study_dict
 
@@ -74,7 +74,7 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
             )
         # H is recomputed from the recorded AP and FLOPs
         best = t.user_attrs["best_resolution"]
-        from jdsearch.resolution import Resolution
+        from jdsearch.core.resolution import Resolution
 
         h = score_h(
             t.user_attrs["ap"][best],
@@ -130,7 +130,7 @@ def test_a_starting_worker_purges_day_old_incomplete_uploads(
 
     import sqlalchemy as sa
 
-    from jdsearch.store.artifacts import SQLArtifactStore
+    from jdsearch.storage.artifacts import SQLArtifactStore
 
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'purge.db'}"

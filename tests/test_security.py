@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jdsearch"
 
@@ -329,14 +329,14 @@ def scan_package() -> list[Finding]:
 # reason that starts "KNOWN: to fix" (and a line in the report of whoever found it).
 ALLOWED: list[tuple[str, str, str, str]] = [
     (
-        "jdsearch.lazy",
+        "jdsearch.core.lazy",
         "lazy_exports",
         "importlib.import_module(non-constant name)",
         "the package's own __init__ passes its own name (a constant at every call site); no "
         "value read from a study, a file or the command line reaches it",
     ),
     (
-        "jdsearch.lazy",
+        "jdsearch.core.lazy",
         "lazy_exports.__getattr__",
         "importlib.import_module(non-constant name)",
         "imports jdsearch.<pkg>.<module> where <module> is looked up in the package's constant "
@@ -653,7 +653,7 @@ class SharedStudy:
 def db_study(tmp_path: Path) -> Iterator[SharedStudy]:
     import optuna
 
-    from jdsearch.store.artifacts import SQLArtifactStore
+    from jdsearch.storage.artifacts import SQLArtifactStore
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -664,7 +664,7 @@ def db_study(tmp_path: Path) -> Iterator[SharedStudy]:
 
 
 def _readers(data: bytes, db_study: SharedStudy) -> dict[str, Callable[[], Any]]:
-    from jdsearch.pool import pool_from_bytes
+    from jdsearch.methods.pool import pool_from_bytes
     from jdsearch.store.checkpoint import checkpoint_from_bytes, read_checkpoint_metadata
 
     db_study.store.write("evil", io.BytesIO(data))
@@ -761,7 +761,7 @@ def test_an_artifact_id_in_the_db_store_is_a_key_never_a_path(
 
 @pytest.fixture
 def file_store(tmp_path: Path, db_study: SharedStudy) -> SharedStudy:
-    from jdsearch.store.artifacts import make_artifact_store
+    from jdsearch.storage.artifacts import make_artifact_store
 
     store = make_artifact_store(f"file:{tmp_path / 'artifacts'}", db_study.url)
     return SharedStudy(db_study.url, store, db_study.study)
@@ -801,13 +801,13 @@ def test_the_stored_spec_cannot_make_a_worker_upload_a_file_outside_its_folders(
 ) -> None:
     import optuna
 
-    from jdsearch import synth
-    from jdsearch.search.optuna_internals import set_study_system_attr
+    from jdsearch.data import synth
     from jdsearch.search.queries import open_study
     from jdsearch.search.record import POOL_ATTR, SPEC_SYSATTR
     from jdsearch.search.session import prepare
-    from jdsearch.store.artifacts import SQLArtifactStore
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
+    from jdsearch.storage.artifacts import SQLArtifactStore
+    from jdsearch.storage.optuna_internals import set_study_system_attr
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     work = tmp_path / "worker"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jdsearch.arch import BackboneArch
-from jdsearch.errors import SpecError
-from jdsearch.resolution import Resolution
-from jdsearch.spec import DETECTORS_DIR, load_spec, spec_from_dict
+from jdsearch.core.errors import SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.spec.arch import BackboneArch
+from jdsearch.spec.detector import DETECTORS_DIR, load_spec, spec_from_dict
 
 PRESETS = sorted(p.stem for p in DETECTORS_DIR.glob("*.yaml"))
 

@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from jdsearch.data import CocoDataset
-from jdsearch.errors import DataError
-from jdsearch.evaluate import evaluate
+from jdsearch.core.errors import DataError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
 from jdsearch.report.compare import compare_study
-from jdsearch.resolution import Resolution
 from jdsearch.search.export import export_trial
 from jdsearch.search.queries import open_study
 from jdsearch.search.splits import heldout_split, selection_split
-from jdsearch.study import study_from_dict
-from jdsearch.synth import generate
+from jdsearch.spec.study import study_from_dict
 
 from .conftest import tiny_study_dict
 

@@ -21,8 +21,8 @@ from jdsearch.search.strategies import (
     score_mode_named,
     strategy_named,
 )
-from jdsearch.settings import KD_MODES
-from jdsearch.study import SCORE_MODES, STRATEGIES
+from jdsearch.spec.settings import KD_MODES
+from jdsearch.spec.study import SCORE_MODES, STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "jdsearch"
@@ -95,7 +95,7 @@ def test_the_documented_example_strategy_runs_in_an_optuna_study() -> None:
 
 
 def test_an_unknown_name_is_refused_in_one_line() -> None:
-    from jdsearch.errors import JDSearchError
+    from jdsearch.core.errors import JDSearchError
 
     with pytest.raises(JDSearchError, match=r"search\.strategy must be one of hill_climb"):
         strategy_named("annealing")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jdsearch.errors import SpecError
-from jdsearch.resolution import Resolution
+from jdsearch.core.errors import SpecError
+from jdsearch.core.resolution import Resolution
 from jdsearch.search.objective import score_h
-from jdsearch.study import load_study
+from jdsearch.spec.study import load_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
 
@@ -139,7 +139,7 @@ def test_score_h_follows_the_paper() -> None:
 
 def test_to_dict_round_trips_through_study_from_dict() -> None:
     """What a study stores (``jdsearch:spec``) reads back as the same spec."""
-    from jdsearch.study import study_from_dict
+    from jdsearch.spec.study import study_from_dict
 
     spec = load_study(QUICKSTART)
     stored = spec.to_dict()
@@ -150,7 +150,7 @@ def test_to_dict_round_trips_through_study_from_dict() -> None:
 
 def test_specs_stored_by_jdsearch_0_1_0_still_open() -> None:
     """0.1.0 stored resolutions as mappings and unset fields as null."""
-    from jdsearch.study import study_from_dict, study_from_stored
+    from jdsearch.spec.study import study_from_dict, study_from_stored
 
     spec = load_study(QUICKSTART)
     old = spec.to_dict()

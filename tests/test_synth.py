@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes generator (jdsearch.synth)."""
+"""Tests for the synthetic shapes generator (jdsearch.data.synth)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from jdsearch.data import CocoDataset, validate
-from jdsearch.errors import SpecError
-from jdsearch.synth import CLASS_NAMES, SynthInfo, _shape_mask, generate
+from jdsearch.core.errors import SpecError
+from jdsearch.data.coco import CocoDataset, validate
+from jdsearch.data.synth import CLASS_NAMES, SynthInfo, _shape_mask, generate
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jdsearch.errors import JDSearchError, SpecError
-from jdsearch.evaluate import evaluate
+from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.engine.evaluate import evaluate
 from jdsearch.report.html import write_report
 from jdsearch.search import teacher_check
 from jdsearch.search.queries import open_study
@@ -16,8 +16,8 @@ from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
 from jdsearch.search.summary import summary
 from jdsearch.search.teacher_check import TEACHER_CHECK_ATTR, TeacherCheck
+from jdsearch.spec.study import study_from_dict
 from jdsearch.store.checkpoint import load_checkpoint
-from jdsearch.study import study_from_dict
 
 
 def _spec(search_assets, tmp_path: Path, name: str, *, when: str = "stronger", n_trials: int = 3):

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdsearch.data import CocoDataset, ResolutionSampler, get_resolution
-from jdsearch.errors import DataError, SpecError
-from jdsearch.evaluate import evaluate
+from jdsearch.core.errors import DataError, SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset, ResolutionSampler, get_resolution
+from jdsearch.data.synth import generate
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.engine.train import StepInfo, TrainingDiverged, lr_factor, train
 from jdsearch.models.detector import Detector, build_detector
-from jdsearch.resolution import Resolution
-from jdsearch.settings import TrainConfig
-from jdsearch.spec import load_spec
-from jdsearch.synth import generate
-from jdsearch.train import StepInfo, TrainingDiverged, lr_factor, train
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.settings import TrainConfig
 
 RES = (Resolution(64, 48), Resolution(80, 64), Resolution(96, 72))
 
@@ -183,7 +183,7 @@ def test_grad_clip_and_step_schedule_run(data: CocoDataset) -> None:
 
 
 def test_hflip_moves_boxes_with_pixels() -> None:
-    from jdsearch.train import _hflip
+    from jdsearch.engine.train import _hflip
 
     image = torch.zeros(3, 10, 20)
     image[:, 2:5, 1:4] = 1.0  # object at x 1..4, y 2..5

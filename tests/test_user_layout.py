@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from jdsearch.cli import main
 from jdsearch.search.queries import open_study
 from jdsearch.search.record import TrialRecord
-from jdsearch.study import load_study
+from jdsearch.spec.study import load_study
 
 # (width, height) cycle: landscape, portrait and square, 64-128 px.
 SIZES = [(128, 96), (96, 72), (80, 112), (112, 112), (120, 80), (72, 96)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jdsearch import flops as flops_module
+from jdsearch.models import flops as flops_module
 from jdsearch.search import objective as objective_module
 from jdsearch.search.session import prepare
-from jdsearch.study import study_from_dict
+from jdsearch.spec.study import study_from_dict
 
 from .conftest import SearchAssets
 

@@ -30,14 +30,14 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 import jdsearch.search.objective
+from jdsearch.engine.train import TrainingDiverged
 from jdsearch.search.objective import worker_id
 from jdsearch.search.queries import lineage
 from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR, TrialRecord
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
+from jdsearch.spec.study import StudySpec, load_study
 from jdsearch.store.checkpoint import checkpoint_from_bytes
-from jdsearch.study import StudySpec, load_study
-from jdsearch.train import TrainingDiverged
 
 from .conftest import SearchAssets
 

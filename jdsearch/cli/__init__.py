@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jdsearch.cli import checkpoint, data, export, gc, measure, pool, report, retrain, search, train
-from jdsearch.errors import JDSearchError, RanksOutOfStep
-from jdsearch.threads import passive_openmp_threads
+from jdsearch.core.errors import JDSearchError, RanksOutOfStep
+from jdsearch.engine.threads import passive_openmp_threads
 
 log = logging.getLogger("jdsearch")
 
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if getattr(args, "device", None) is not None:
-            from jdsearch.latency import check_device
+            from jdsearch.engine.latency import check_device
 
             check_device(args.device)
         if args.threads is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import describe
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 
 def add_import(sub: Any, name: str) -> None:
@@ -87,7 +87,7 @@ def _import_categories(args: argparse.Namespace) -> tuple[list[str] | None, list
             raise JDSearchError(f"{args.classes}: cannot read class names: {e.strerror}") from None
         return [line.strip() for line in lines if line.strip()], None
     if args.ann:  # only its categories are read
-        from jdsearch.data import read_categories
+        from jdsearch.data.coco import read_categories
 
         cats = read_categories(args.ann)
         return [c.name for c in cats], [c.id for c in cats]
@@ -96,7 +96,7 @@ def _import_categories(args: argparse.Namespace) -> tuple[list[str] | None, list
 
 def _import_file(args: argparse.Namespace, names: Any, ids: Any) -> Any:
     """The :class:`~jdsearch.models.torchvision_import.Imported` of ``import``'s sources."""
-    from jdsearch.spec import load_spec
+    from jdsearch.spec.detector import load_spec
 
     arch = load_spec(args.arch) if args.arch else None
     want = 2 if args.source == "detectron2" else 1
@@ -131,7 +131,7 @@ def add_evolve(sub: Any, name: str) -> None:
 def cmd_evolve(args: argparse.Namespace) -> int:
     """``jdsearch evolve``: apply one morph action to a checkpoint and save the child, with the
     action appended to its lineage; returns 0."""
-    from jdsearch.morph.actions import MorphConfig, evolve_with_report
+    from jdsearch.methods.morph.actions import MorphConfig, evolve_with_report
     from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)

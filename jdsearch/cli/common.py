@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 
 def describe(detector: Any, size: tuple[int, int]) -> str:
     """The ``arch:`` and ``params:`` lines of a detector, FLOPs counted at ``size`` (H, W)."""
-    from jdsearch.flops import count_flops
+    from jdsearch.models.flops import count_flops
 
     report = count_flops(detector, size=size)
     return (

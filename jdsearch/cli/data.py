@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 DEFAULT_DATA = Path("runs/synth")
 DEFAULT_SYNTH_IMAGES = 640
@@ -31,7 +31,7 @@ def add_data(sub: Any, name: str) -> None:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """``jdsearch data synth``: write a synthetic COCO dataset and print what it holds; returns 0.
     Raises :class:`JDSearchError` unless ``--size`` has one or two values."""
-    from jdsearch import synth
+    from jdsearch.data import synth
 
     if len(args.size) not in (1, 2):
         raise JDSearchError(f"--size: give one side or MIN MAX, got {args.size}")
@@ -47,7 +47,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     """``jdsearch data check``: validate an annotation file and its images and print the summary;
     returns 0."""
-    from jdsearch.data import validate
+    from jdsearch.data.coco import validate
 
     summary = validate(args.ann, args.images)
     print("\n".join(summary.lines()))
@@ -57,7 +57,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def ensure_data(data: str | None) -> Path:
     """``--data DIR`` or, when absent, the embedded synthetic dataset (generated once)."""
-    from jdsearch import synth
+    from jdsearch.data import synth
 
     if data is not None:
         return Path(data)
@@ -65,8 +65,8 @@ def ensure_data(data: str | None) -> Path:
 
 
 def open_split(data_dir: Path, split: str) -> Any:
-    """The :class:`~jdsearch.data.CocoDataset` of ``DATA_DIR/SPLIT.json`` over the images in
+    """The :class:`~jdsearch.data.coco.CocoDataset` of ``DATA_DIR/SPLIT.json`` over the images in
     ``DATA_DIR/images``."""
-    from jdsearch.data import CocoDataset
+    from jdsearch.data.coco import CocoDataset
 
     return CocoDataset(data_dir / f"{split}.json", data_dir / "images")

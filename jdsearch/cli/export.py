@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import heldout, image_files, storage_url, study_options
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 
 def add_export(sub: Any, name: str) -> None:
@@ -200,19 +200,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``jdsearch predict``: write an exported detector's detections on images as JSON; with
     ``--ann``, only on the images it lists, and print their AP. Returns 0; :class:`JDSearchError`
     when ``--ann`` lists none of them."""
-    from jdsearch.data import set_resolution
+    from jdsearch.data.coco import set_resolution
     from jdsearch.store.export import load_exported, predict_images
 
     exported = load_exported(args.detector, device=args.device)
     if args.size:
-        from jdsearch.resolution import Resolution
+        from jdsearch.core.resolution import Resolution
 
         set_resolution(exported.detector, Resolution.parse(args.size))
     files = image_files(args.images)
     image_ids = None
     gt = None
     if args.ann:
-        from jdsearch.data import CocoDataset
+        from jdsearch.data.coco import CocoDataset
 
         gt = CocoDataset(args.ann, files[0].parent)
         _match_export(gt, exported)
@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(rows))
     print(f"wrote {len(rows)} detections on {len(files)} images to {out}")
     if gt is not None:
-        from jdsearch.evaluate import coco_metrics
+        from jdsearch.engine.evaluate import coco_metrics
 
         ids = sorted({image_ids[f.name] for f in files if f.name in image_ids})
         m = coco_metrics(gt.coco_gt(), rows, ids)
@@ -252,7 +252,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _match_export(dataset: Any, exported: Any) -> None:
     """Refuse an annotation file whose categories are not the export's (by id, or by name when
     the export's ids were only assumed), which would make its AP silently wrong."""
-    from jdsearch.evaluate import match_categories
+    from jdsearch.engine.evaluate import match_categories
     from jdsearch.store.export import ASSUMED_IDS
 
     assumed = exported.info.get("categories_source") == ASSUMED_IDS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 
 def add_gc(sub: Any, name: str) -> None:
@@ -28,10 +28,10 @@ def add_gc(sub: Any, name: str) -> None:
 def cmd_gc(args: argparse.Namespace) -> int:
     """``jdsearch gc``: remove the artifacts no study of a storage reads again (partial uploads,
     failed trials' checkpoints, unreferenced uploads), printing each; returns 0."""
-    from jdsearch.search.gc import collect, describe, summary
     from jdsearch.search.queries import open_storage
     from jdsearch.search.record import artifact_holders
-    from jdsearch.search.storage import with_driver
+    from jdsearch.storage.gc import collect, describe, summary
+    from jdsearch.storage.rdb import with_driver
 
     if not args.older_than >= 0:
         raise JDSearchError(f"--older-than must be a number of seconds ≥ 0, got {args.older_than}")

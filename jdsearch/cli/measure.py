@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import image_files
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 
 #: What ``latency`` and ``flops`` read, by file name suffix ("" is a preset's name).
 _SPEC_SUFFIXES = ("", ".yaml", ".yml")
@@ -42,9 +42,9 @@ def add_flops(sub: Any, name: str) -> None:
 def cmd_flops(args: argparse.Namespace) -> int:
     """``jdsearch flops``: print the FLOPs report of a checkpoint, or of a spec counted on the meta
     device; returns 0."""
-    from jdsearch.flops import count_flops, count_spec_flops, format_report
-    from jdsearch.resolution import Resolution
-    from jdsearch.spec import load_spec
+    from jdsearch.core.resolution import Resolution
+    from jdsearch.models.flops import count_flops, count_spec_flops, format_report
+    from jdsearch.spec.detector import load_spec
     from jdsearch.store.checkpoint import load_checkpoint
 
     if _model_file(args.spec, export=False).suffix == ".safetensors":
@@ -95,9 +95,9 @@ def add_latency(sub: Any, name: str) -> None:
 def cmd_latency(args: argparse.Namespace) -> int:
     """``jdsearch latency``: time each target at batch 1 and print its images/s and GFLOPs, with a
     speed-up table against the first when there are several; returns 0."""
-    from jdsearch.data import load_image
-    from jdsearch.flops import count_flops
-    from jdsearch.latency import measure_latencies
+    from jdsearch.data.coco import load_image
+    from jdsearch.engine.latency import measure_latencies
+    from jdsearch.models.flops import count_flops
 
     images = (
         [load_image(f) for f in image_files(args.images)[: args.max_images]]
@@ -138,7 +138,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any]:
     """(label, detector on the CPU, default size) of an export folder, a checkpoint, or a
-    spec/preset; :func:`jdsearch.latency.measure_latencies` moves it to the device."""
+    spec/preset; :func:`jdsearch.engine.latency.measure_latencies` moves it to the device."""
     p = _model_file(target, export=True)
     if p.is_dir() or p.name == "detector.json":
         from jdsearch.store.export import load_exported
@@ -151,7 +151,7 @@ def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any
         ck = load_checkpoint(p)
         return f"{ck.spec.name} ({p})", ck.detector, ck.spec.input.size
     from jdsearch.models import build_detector
-    from jdsearch.spec import load_spec
+    from jdsearch.spec.detector import load_spec
 
     spec = load_spec(target)
     det = build_detector(spec, num_classes or spec.num_classes or 81)  # random weights: timing only

@@ -23,10 +23,10 @@ def add_pool(sub: Any, name: str) -> None:
 def cmd_pool_train(args: argparse.Namespace) -> int:
     """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
     ``runs/NAME/pool.safetensors``); returns 0."""
-    from jdsearch.pool import train_and_save_pool
+    from jdsearch.methods.pool import train_and_save_pool
     from jdsearch.search.assets import ensure_data
     from jdsearch.search.caches import run_dir
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     spec = load_study(args.study)
     pool_spec = spec.pool

@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jdsearch.errors import JDSearchError
-from jdsearch.threads import small_detector_threads, study_gflops
+from jdsearch.core.errors import JDSearchError
+from jdsearch.engine.threads import small_detector_threads, study_gflops
 
 
 def add_init(sub: Any, name: str) -> None:
@@ -35,7 +35,7 @@ def add_init(sub: Any, name: str) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     """``jdsearch init``: write a commented study spec for a dataset and a base detector and
     print what it chose; returns 0."""
-    from jdsearch.search.init_study import data_files, init_study
+    from jdsearch.init.init_study import data_files, init_study
 
     name = args.name or Path(args.out).stem
     files = data_files(name, args.data, args.train, args.val, args.images)
@@ -70,7 +70,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     returns 0 (a search in which none of this worker's trials completed raises instead)."""
     from jdsearch.search.run import run_search
     from jdsearch.search.summary import summary
-    from jdsearch.study import load_study
+    from jdsearch.spec.study import load_study
 
     if args.n_trials is not None and args.n_trials < 1:
         raise JDSearchError(f"--n-trials must be ≥ 1, got {args.n_trials}")
@@ -82,7 +82,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("\n".join(check_study(spec, storage_url=args.storage).lines))
         print("ok: nothing was trained")
         return 0
-    from jdsearch import distributed
+    from jdsearch.engine import distributed
 
     try:
         study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)

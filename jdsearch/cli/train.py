@@ -11,8 +11,8 @@ from typing import Any
 
 from jdsearch.cli.common import describe
 from jdsearch.cli.data import ensure_data, open_split
-from jdsearch.errors import JDSearchError
-from jdsearch.threads import small_detector_threads
+from jdsearch.core.errors import JDSearchError
+from jdsearch.engine.threads import small_detector_threads
 
 
 def add_train(sub: Any, name: str) -> None:
@@ -53,11 +53,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``jdsearch train``: train a detector (with BN sparsity and, given ``--teacher``,
     distillation), save it, then unless ``--no-eval`` evaluate it and save it again with the
     metrics; returns 0."""
-    from jdsearch.evaluate import evaluate
-    from jdsearch.flops import count_flops
-    from jdsearch.settings import TrainConfig
+    from jdsearch.engine.evaluate import evaluate
+    from jdsearch.engine.train import train
+    from jdsearch.models.flops import count_flops
+    from jdsearch.spec.settings import TrainConfig
     from jdsearch.store.checkpoint import save_checkpoint
-    from jdsearch.train import train
 
     data_dir = ensure_data(args.data)
     train_set = open_split(data_dir, "train")
@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:
     """The detector ``jdsearch train`` starts from (``--init`` checkpoint or spec) and its spec."""
     from jdsearch.models import build_detector
-    from jdsearch.spec import load_spec
+    from jdsearch.spec.detector import load_spec
     from jdsearch.store.checkpoint import load_checkpoint
 
     if args.init:
@@ -135,8 +135,8 @@ def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:
 
 def _match_checkpoint(dataset: Any, ckpt: Any) -> tuple[int, ...]:
     """The dataset's category id of each class of checkpoint ``ckpt``, matched by the ids and
-    names it records; a :class:`~jdsearch.errors.DataError` line when they differ."""
-    from jdsearch.evaluate import match_categories
+    names it records; a :class:`~jdsearch.core.errors.DataError` line when they differ."""
+    from jdsearch.engine.evaluate import match_categories
 
     return match_categories(
         dataset, ckpt.num_classes, ckpt.foreground_names, ckpt.category_ids, source=ckpt.source
@@ -150,12 +150,12 @@ def _train_terms(args: argparse.Namespace, detector: Any, train_set: Any) -> lis
 
     terms: list[Any] = []
     if args.bn_sparsity > 0:
-        from jdsearch.morph.pruning import BNSparsity
+        from jdsearch.methods.morph.pruning import BNSparsity
 
         terms.append(BNSparsity(args.bn_sparsity))
     if args.teacher:
-        from jdsearch.distill import make_distiller
-        from jdsearch.settings import KDConfig
+        from jdsearch.methods.distill import make_distiller
+        from jdsearch.spec.settings import KDConfig
 
         teacher_ckpt = load_checkpoint(args.teacher, device=args.device)
         _match_checkpoint(train_set, teacher_ckpt)
@@ -167,7 +167,7 @@ def _train_terms(args: argparse.Namespace, detector: Any, train_set: Any) -> lis
 
 def _val_split(data_dir: Path, train_set: Any) -> Any:
     """``val.json``, checked to hold the training set's categories (ids and names)."""
-    from jdsearch.evaluate import match_categories
+    from jdsearch.engine.evaluate import match_categories
 
     val_set = open_split(data_dir, "val")
     match_categories(
@@ -195,7 +195,7 @@ def add_eval(sub: Any, name: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``jdsearch eval``: print (and with ``--json`` write) a checkpoint's COCO metrics at each
     size; returns 0."""
-    from jdsearch.evaluate import evaluate
+    from jdsearch.engine.evaluate import evaluate
     from jdsearch.store.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
@@ -219,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _sizes(texts: Sequence[str] | None) -> tuple[Any, ...] | None:
-    from jdsearch.resolution import parse_resolutions
+    from jdsearch.core.resolution import parse_resolutions
 
     return parse_resolutions(texts) if texts else None
 

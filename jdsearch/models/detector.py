@@ -2,7 +2,7 @@
 
 torchvision supplies the detector family (``GeneralizedRCNNTransform``, RPN, ``RoIHeads``,
 ``MultiScaleRoIAlign``, FPN); jdsearch supplies the backbone body built from a
-:class:`~jdsearch.arch.BackboneArch`. The returned detector carries its spec (``detector.spec``) and
+:class:`~jdsearch.spec.arch.BackboneArch`. The returned detector carries its spec (``detector.spec``) and
 architecture (``detector.arch``) so that every later step — FLOPs, morph actions, checkpoints —
 reads the architecture from the model it acts on.
 """
@@ -24,12 +24,12 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
-from jdsearch.arch import BackboneArch
-from jdsearch.errors import CheckpointError
+from jdsearch.core.errors import CheckpointError
 from jdsearch.models.heads import RecordingRoIHeads
 from jdsearch.models.layers import AlignedMultiScaleRoIAlign, SpecAnchorGenerator
 from jdsearch.models.resnet import ResNet
-from jdsearch.spec import DetectorSpec, RoISpec, RPNSpec
+from jdsearch.spec.arch import BackboneArch
+from jdsearch.spec.detector import DetectorSpec, RoISpec, RPNSpec
 
 FEATURE_NAMES = ["0", "1", "2", "3"]
 

@@ -28,8 +28,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from jdsearch.config import shown
-from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.core.config import shown
+from jdsearch.core.errors import CheckpointError, SpecError
 from jdsearch.models.torchvision_body import read_weights_file
 
 __all__ = [

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jdsearch.arch import BOTTLENECK
-from jdsearch.config import shown
-from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.core.config import shown
+from jdsearch.core.errors import CheckpointError, SpecError
+from jdsearch.core.resolution import Resolution
 from jdsearch.models.detector import load_weights_exactly
 from jdsearch.models.detectron2_files import (
     detectron2_config,
@@ -58,8 +58,8 @@ from jdsearch.models.torchvision_import import (
     convert,
     family_name,
 )
-from jdsearch.resolution import Resolution
-from jdsearch.spec import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
+from jdsearch.spec.arch import BOTTLENECK
+from jdsearch.spec.detector import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
 
 __all__ = [
     "BOX_TOLERANCE",

@@ -1,4 +1,4 @@
-"""ResNet / ResNeXt backbones built block by block from a :class:`~jdsearch.arch.BackboneArch`.
+"""ResNet / ResNeXt backbones built block by block from a :class:`~jdsearch.spec.arch.BackboneArch`.
 
 Every conv gets its channel counts from the arch, so a block pruned to ``(58, 59, 205)`` is just
 another block. Module names are stable because morph actions, distillation and the teacher pool
@@ -17,7 +17,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from jdsearch.arch import BASIC, BackboneArch, BlockSlot
+from jdsearch.spec.arch import BASIC, BackboneArch, BlockSlot
 
 
 def conv_bn(

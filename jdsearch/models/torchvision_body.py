@@ -38,9 +38,9 @@ from torchvision.ops import feature_pyramid_network as tv_fpn
 from torchvision.ops import misc as tv_misc
 from torchvision.ops import poolers
 
-from jdsearch.arch import BackboneArch, Block, Stage
-from jdsearch.errors import CheckpointError, SpecError
+from jdsearch.core.errors import CheckpointError, SpecError
 from jdsearch.models import torch_internals
+from jdsearch.spec.arch import BackboneArch, Block, Stage
 
 __all__ = [
     "BODY",

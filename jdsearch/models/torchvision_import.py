@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from jdsearch.arch import BOTTLENECK, BackboneArch
-from jdsearch.errors import CheckpointError
+from jdsearch.core.errors import CheckpointError
+from jdsearch.core.resolution import Resolution
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
 from jdsearch.models.torch_internals import (
     IntermediateLayerGetter,
@@ -49,8 +49,8 @@ from jdsearch.models.torchvision_body import (
     map_body,
     read_weights_file,
 )
-from jdsearch.resolution import Resolution
-from jdsearch.spec import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
+from jdsearch.spec.arch import BOTTLENECK, BackboneArch
+from jdsearch.spec.detector import PAPER_RESOLUTIONS, DetectorSpec, InputSpec, RoISpec, RPNSpec
 
 __all__ = [
     "TOLERANCE",

@@ -6,7 +6,7 @@ Imports the search's queries and records, ``latency`` and ``flops``, and plotly;
 
 from __future__ import annotations
 
-from jdsearch.lazy import lazy_exports
+from jdsearch.core.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["Comparison", "compare_study"], "compare"),

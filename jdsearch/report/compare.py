@@ -1,7 +1,7 @@
 """Base vs upgraded detector, the way table 4 of the paper compares them.
 
 A row per detector: input size, FLOPs (multiply-adds at *that* input size), FPS (batch 1, measured
-here with :func:`jdsearch.latency.measure_latency`), AP, AP50, AP75, APs, APm, APl.
+here with :func:`jdsearch.engine.latency.measure_latency`), AP, AP50, AP75, APs, APm, APl.
 
 Both rows come from the study, so the comparison is like-for-like: the *base* row is the base
 trial (the base detector after the same short fast-evaluation training with distillation that
@@ -22,12 +22,12 @@ from typing import Any
 import optuna
 from torch import Tensor
 
-from jdsearch.data import CocoDataset
-from jdsearch.evaluate import evaluate
-from jdsearch.flops import count_flops
-from jdsearch.latency import Latency, measure_latencies
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.engine.latency import Latency, measure_latencies
+from jdsearch.models.flops import count_flops
 from jdsearch.report.trials import percent, trial_h
-from jdsearch.resolution import Resolution
 from jdsearch.search.noise import stored_noise
 from jdsearch.search.queries import StudyHandle
 from jdsearch.search.record import BASE_RESOLUTION_ATTR, TrialRecord
@@ -205,7 +205,7 @@ def compare_study(
 ) -> Comparison:
     """The table-4 comparison of the study's base trial and trial ``trial`` (default: the best).
 
-    FPS of the two detectors is timed interleaved (:func:`jdsearch.latency.measure_latencies`),
+    FPS of the two detectors is timed interleaved (:func:`jdsearch.engine.latency.measure_latencies`),
     once when both rows are the same trial. With ``heldout`` (:func:`~jdsearch.search.splits.
     heldout_split`) both are also evaluated, each at its input size, on images the search never
     saw.

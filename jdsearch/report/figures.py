@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
 from plotly.subplots import make_subplots
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.report.trials import (
     FAMILIES,
     ActionGains,
@@ -108,7 +108,7 @@ def _hover(t: FrozenTrial) -> str:
 
 
 def _resolution_order(keys: set[str]) -> list[str]:
-    from jdsearch.resolution import Resolution
+    from jdsearch.core.resolution import Resolution
 
     def key(text: str) -> tuple[int, str]:
         try:

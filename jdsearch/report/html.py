@@ -15,7 +15,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.report.compare import Comparison
 from jdsearch.report.figures import build_figures, graph_object_id, upgraded_label, upgraded_trial
 from jdsearch.report.trials import (

@@ -12,7 +12,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.queries import StudyHandle, best_of, completed_trials, lineage_of, root_of
 from jdsearch.search.record import BASE_MOVE, FINETUNE_MOVE, POOL_ATTR, TrialRecord, h_of
 from jdsearch.search.strategies import family
@@ -351,7 +351,8 @@ def teacher_param_counter(handle: StudyHandle) -> Callable[[str], int]:
 
     def count(cfg: str) -> int:
         if cfg not in cache:
-            from jdsearch.pool import SubnetConfig, pool_from_bytes
+            from jdsearch.methods.pool import pool_from_bytes
+            from jdsearch.spec.pool_space import SubnetConfig
 
             if not holder:
                 source = f"study {handle.study.study_name!r}: pool"

@@ -7,7 +7,7 @@ and Optuna, whose internals only ``optuna_internals`` touches; never the report 
 
 from __future__ import annotations
 
-from jdsearch.lazy import lazy_exports
+from jdsearch.core.lazy import lazy_exports
 
 _EXPORTS = {
     "HillClimbingSampler": "sampler",

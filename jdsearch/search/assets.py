@@ -15,15 +15,17 @@ from typing import Any
 
 import optuna
 
-from jdsearch import distributed, synth
-from jdsearch.data import CocoDataset
-from jdsearch.errors import JDSearchError, SpecError
-from jdsearch.flops import count_flops
+from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data import synth
+from jdsearch.data.coco import CocoDataset
+from jdsearch.engine import distributed
+from jdsearch.engine.train import TrainingDiverged, train
+from jdsearch.methods.morph.pruning import BNSparsity
+from jdsearch.methods.pool import ElasticPool, pool_from_bytes, train_and_save_pool
 from jdsearch.models import Detector, build_detector
+from jdsearch.models.flops import count_flops
 from jdsearch.models.torchvision_body import load_backbone_weights
-from jdsearch.morph.pruning import BNSparsity
-from jdsearch.pool import ElasticPool, PoolSpec, pool_from_bytes, train_and_save_pool
-from jdsearch.resolution import Resolution
 from jdsearch.search.caches import (
     base_cache,
     base_fields,
@@ -37,7 +39,6 @@ from jdsearch.search.caches import (
     read_made_by,
     write_made_by,
 )
-from jdsearch.search.optuna_internals import set_study_system_attr, study_system_attrs
 from jdsearch.search.ranks import BASE, POOL, announce
 from jdsearch.search.record import (
     BASE_ATTR,
@@ -51,11 +52,12 @@ from jdsearch.search.record import (
     STRATEGY_ATTR,
 )
 from jdsearch.search.splits import selection_split
-from jdsearch.spec import load_spec
-from jdsearch.store.artifacts import read_artifact
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.pool import PoolSpec
+from jdsearch.spec.study import StudySpec, study_from_stored
+from jdsearch.storage.artifacts import read_artifact
+from jdsearch.storage.optuna_internals import set_study_system_attr, study_system_attrs
 from jdsearch.store.checkpoint import checkpoint_from_bytes, save_checkpoint
-from jdsearch.study import StudySpec, study_from_stored
-from jdsearch.train import TrainingDiverged, train
 
 log = logging.getLogger(__name__)
 

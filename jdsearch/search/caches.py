@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jdsearch.config import plain
-from jdsearch.errors import JDSearchError, SpecError
-from jdsearch.spec import load_spec
+from jdsearch.core.config import plain
+from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.spec.detector import load_spec
+from jdsearch.spec.study import STUDY_SET, StudySpec
 from jdsearch.store.checkpoint import read_checkpoint_metadata
-from jdsearch.study import STUDY_SET, StudySpec
 
 
 def run_dir(spec: StudySpec) -> Path:

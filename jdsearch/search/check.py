@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jdsearch.errors import SpecError
+from jdsearch.core.errors import SpecError
 from jdsearch.search.strategies import kd_mode_named
-from jdsearch.study import StudySpec
+from jdsearch.spec.study import StudySpec
 
 __all__ = ["CheckReport", "check_study"]
 
@@ -76,9 +76,9 @@ def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
-    from jdsearch.errors import JDSearchError
+    from jdsearch.core.errors import JDSearchError
     from jdsearch.search.session import storage_url_for
-    from jdsearch.search.storage import public_url, root_cause
+    from jdsearch.storage.rdb import public_url, root_cause
 
     url = storage_url_for(spec, storage_url)
     if make_url(url).get_backend_name() == "sqlite":
@@ -98,7 +98,7 @@ def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport
 
 
 def _check_data(spec: StudySpec, report: CheckReport) -> Any:
-    from jdsearch.data import CocoDataset, validate
+    from jdsearch.data.coco import CocoDataset, validate
     from jdsearch.search.caches import check_cached_data
     from jdsearch.search.splits import heldout_split, selection_split
 
@@ -125,7 +125,7 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
 
 
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
-    from jdsearch.errors import JDSearchError
+    from jdsearch.core.errors import JDSearchError
     from jdsearch.search.assets import new_base_detector
     from jdsearch.search.caches import base_cache, check_cached_base
     from jdsearch.store.checkpoint import load_checkpoint
@@ -156,7 +156,7 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
 
 
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
-    from jdsearch.pool import ElasticPool
+    from jdsearch.methods.pool import ElasticPool
     from jdsearch.search.caches import cached_pool_done, pool_cache
 
     pool = ElasticPool(spec.pool, train_set.num_classes)  # checks every member fits
@@ -213,7 +213,7 @@ def _estimate(
 
 
 def _seconds_per_image(spec: StudySpec, train_set: Any, detector: Any, steps: int) -> float:
-    from jdsearch.train import train
+    from jdsearch.engine.train import train
 
     config = spec.train_config(spec.fast_eval, spec.search.seed)
     batch = config.batch_size

@@ -3,7 +3,7 @@ base resolution (``flops``, the paper's), parameters (``params``), or the median
 on the worker's own device (``latency``).
 
 A latency is timed interleaved against the base detector at the same resolution
-(:func:`jdsearch.latency.measure_latencies`), so a machine's load and speed hit both alike and the
+(:func:`jdsearch.engine.latency.measure_latencies`), so a machine's load and speed hit both alike and the
 ratio of workers on different machines stays comparable. It is cached per (architecture,
 resolution, device name): in this worker, and in the study, whose completed trials record their
 measurements, so a trial whose student has an architecture timed before on this device (a teacher
@@ -22,10 +22,10 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.config import plain
-from jdsearch.latency import device_name, measure_latencies
+from jdsearch.core.config import plain
+from jdsearch.core.resolution import Resolution
+from jdsearch.engine.latency import device_name, measure_latencies
 from jdsearch.models import Detector
-from jdsearch.resolution import Resolution
 from jdsearch.search.record import TrialRecord
 
 __all__ = ["CostMeter", "arch_key", "weighted_cost"]

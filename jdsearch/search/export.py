@@ -11,13 +11,13 @@ from typing import Any
 
 from torch import Tensor
 
-from jdsearch.data import CocoDataset, load_image
-from jdsearch.errors import JDSearchError
-from jdsearch.evaluate import evaluate
-from jdsearch.resolution import Resolution
+from jdsearch.core.errors import JDSearchError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset, load_image
+from jdsearch.engine.evaluate import evaluate
 from jdsearch.search.queries import lineage
 from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
-from jdsearch.search.storage import public_url
+from jdsearch.storage.rdb import public_url
 from jdsearch.store.export import Exported, Origin, export_detector, foreground_names
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.objective import Objective, SearchContext, move_vocabulary
 from jdsearch.search.queries import best_of
 from jdsearch.search.record import (

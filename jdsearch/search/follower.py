@@ -11,15 +11,15 @@ import logging
 
 import optuna
 
-from jdsearch import distributed
-from jdsearch.errors import JDSearchError
-from jdsearch.pool import train_pool_along
+from jdsearch.core.errors import JDSearchError
+from jdsearch.engine import distributed
+from jdsearch.methods.pool import train_pool_along
 from jdsearch.search.assets import ensure_data, train_base
 from jdsearch.search.caches import pool_cache
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import BASE, POOL, READY, STOP, TRIAL, receive
 from jdsearch.search.session import open_run
-from jdsearch.study import StudySpec
+from jdsearch.spec.study import StudySpec
 
 __all__ = ["follow"]
 

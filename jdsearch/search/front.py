@@ -21,8 +21,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from jdsearch.errors import JDSearchError
-from jdsearch.latency import Latency, device_name, measure_latencies, measure_latency
+from jdsearch.core.errors import JDSearchError
+from jdsearch.engine.latency import Latency, device_name, measure_latencies, measure_latency
 from jdsearch.search.cost import arch_key
 from jdsearch.search.export import export_trial
 from jdsearch.search.queries import completed_trials, front_of, root_of

@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.objective import Objective, SearchContext
 from jdsearch.search.record import NOISE_ATTR, TrialRecord
 

@@ -35,20 +35,25 @@ from optuna.artifacts import upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
-from jdsearch import distributed
-from jdsearch.data import CocoDataset
-from jdsearch.distill import make_distiller
-from jdsearch.errors import CheckpointError, JDSearchError, first_line
-from jdsearch.evaluate import CocoMetrics, evaluate
-from jdsearch.flops import FlopsReport, count_flops, count_spec_flops
+from jdsearch.core.errors import CheckpointError, JDSearchError, first_line
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.engine import distributed
+from jdsearch.engine.evaluate import CocoMetrics, evaluate
+from jdsearch.engine.train import TrainResult, TrainState, train
+from jdsearch.methods.distill import make_distiller
+from jdsearch.methods.morph.actions import (
+    MorphConfig,
+    all_actions,
+    evolve_with_report,
+    feasible_actions,
+)
+from jdsearch.methods.morph.pruning import BNSparsity
+from jdsearch.methods.pool import ElasticPool
 from jdsearch.models import Detector
+from jdsearch.models.flops import FlopsReport, count_flops, count_spec_flops
 from jdsearch.models.heads import stop_recording
-from jdsearch.morph.actions import MorphConfig, all_actions, evolve_with_report, feasible_actions
-from jdsearch.morph.pruning import BNSparsity
-from jdsearch.pool import ElasticPool, SubnetConfig, SubnetSpace
-from jdsearch.resolution import Resolution
 from jdsearch.search.cost import CostMeter, arch_key, weighted_cost
-from jdsearch.search.optuna_internals import set_study_system_attr, set_trial_system_attr
 from jdsearch.search.ranks import TRIAL, announce
 from jdsearch.search.record import (
     BASE_MOVE,
@@ -63,11 +68,12 @@ from jdsearch.search.record import (
 )
 from jdsearch.search.resume import FollowedStates, TrialStates
 from jdsearch.search.strategies import KDMode, ScoreMode, Strategy
-from jdsearch.settings import TrainConfig
-from jdsearch.store.artifacts import check_artifact_id
+from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace
+from jdsearch.spec.settings import TrainConfig
+from jdsearch.spec.study import StudySpec
+from jdsearch.storage.artifacts import check_artifact_id
+from jdsearch.storage.optuna_internals import set_study_system_attr, set_trial_system_attr
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
-from jdsearch.study import StudySpec
-from jdsearch.train import TrainResult, TrainState, train
 
 log = logging.getLogger(__name__)
 

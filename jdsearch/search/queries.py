@@ -14,8 +14,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
-from jdsearch.errors import JDSearchError
-from jdsearch.search.optuna_internals import study_system_attrs
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.pareto import first_front
 from jdsearch.search.record import (
     BASE_MOVE,
@@ -25,11 +24,12 @@ from jdsearch.search.record import (
     h_of,
     is_complete,
 )
-from jdsearch.search.storage import public_url, root_cause, with_driver
 from jdsearch.search.strategies import ScoreMode, score_mode_named
-from jdsearch.store.artifacts import make_artifact_store, read_artifact
+from jdsearch.spec.study import StudySpec, study_from_stored
+from jdsearch.storage.artifacts import make_artifact_store, read_artifact
+from jdsearch.storage.optuna_internals import study_system_attrs
+from jdsearch.storage.rdb import public_url, root_cause, with_driver
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
-from jdsearch.study import StudySpec, study_from_stored
 
 
 def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:

@@ -4,7 +4,7 @@ Rank 0 alone talks to Optuna and to the study's storage: it prepares the study, 
 trial (the sampler decides there), evaluates, uploads and tells. Before every training it
 *announces* what is to be trained, and the other ranks, in :func:`jdsearch.search.follower.follow`,
 build the same models and train their share of each batch with it
-(:mod:`jdsearch.distributed`). The commands:
+(:mod:`jdsearch.engine.distributed`). The commands:
 
 ``base``   the base detector is trained (nothing cached or given).
 ``pool``   the elastic teacher pool is trained (its phases still to do).
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jdsearch import distributed
+from jdsearch.engine import distributed
 
 __all__ = ["BASE", "POOL", "READY", "STOP", "TRIAL", "announce", "receive"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 if TYPE_CHECKING:
-    from jdsearch.search.gc import Holders
+    from jdsearch.storage.gc import Holders
 
 __all__ = [
     "BASE_ATTR",
@@ -118,7 +118,7 @@ def artifact_holders() -> Holders:
     """The attributes that name a study's artifacts, for ``jdsearch gc``: the spec marks a
     jdsearch study, its base and pool attrs name what it keeps, a trial's training state what
     its retry resumes from."""
-    from jdsearch.search.gc import Holders
+    from jdsearch.storage.gc import Holders
 
     return Holders(SPEC_SYSATTR, (BASE_ATTR, POOL_ATTR), STATE_SYSATTR)
 

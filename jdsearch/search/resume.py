@@ -27,12 +27,12 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
-from jdsearch.errors import CheckpointError
-from jdsearch.search.optuna_internals import set_trial_system_attr
+from jdsearch.core.errors import CheckpointError
+from jdsearch.engine.train import StateHook
 from jdsearch.search.record import STATE_SYSATTR
-from jdsearch.store.artifacts import check_artifact_id
+from jdsearch.storage.artifacts import check_artifact_id
+from jdsearch.storage.optuna_internals import set_trial_system_attr
 from jdsearch.store.trainstate import TrainState, trainstate_from_bytes, trainstate_to_bytes
-from jdsearch.train import StateHook
 
 __all__ = ["RESUMED_ATTR", "TrialStates", "first_attempt"]
 
@@ -78,7 +78,7 @@ class TrialStates:
 
     @property
     def hook(self) -> StateHook | None:
-        """What :func:`jdsearch.train.train` saves through (``None`` when saving is off)."""
+        """What :func:`jdsearch.engine.train.train` saves through (``None`` when saving is off)."""
         return StateHook(self.every, self.save) if self.every > 0 else None
 
     def load(self) -> TrainState | None:

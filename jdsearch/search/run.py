@@ -16,16 +16,16 @@ from typing import Any
 
 import optuna
 
-from jdsearch import distributed
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
+from jdsearch.engine import distributed
 from jdsearch.search.assets import say
 from jdsearch.search.follower import follow
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import READY, STOP, announce
 from jdsearch.search.session import open_run
-from jdsearch.search.storage import public_url
 from jdsearch.search.summary import print_trial
-from jdsearch.study import StudySpec
+from jdsearch.spec.study import StudySpec
+from jdsearch.storage.rdb import public_url
 
 __all__ = ["optimize", "run_search"]
 

@@ -17,12 +17,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.errors import JDSearchError
-from jdsearch.search.optuna_internals import (
-    keep_alive,
-    set_running_user_attr,
-    study_system_attrs,
-)
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.record import (
     BASE_MOVE,
     FINETUNE_MOVE,
@@ -38,6 +33,11 @@ from jdsearch.search.strategies import (
     Strategy,
     score_mode_of,
     strategy_named,
+)
+from jdsearch.storage.optuna_internals import (
+    keep_alive,
+    set_running_user_attr,
+    study_system_attrs,
 )
 
 __all__ = ["Decision", "Feasible", "HillClimbingSampler"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from jdsearch.errors import JDSearchError, SpecError, first_line
+from jdsearch.core.errors import JDSearchError, SpecError, first_line
 from jdsearch.models import Detector
 from jdsearch.search.assets import (
     StudyAssets,
@@ -30,14 +30,6 @@ from jdsearch.search.assets import (
 from jdsearch.search.objective import Objective, SearchContext, pool_moves, study_vocabulary
 from jdsearch.search.queries import create_or_load
 from jdsearch.search.sampler import HillClimbingSampler
-from jdsearch.search.storage import (
-    ResilientStorage,
-    check_dialect,
-    public_url,
-    root_cause,
-    storage_for,
-    with_driver,
-)
 from jdsearch.search.strategies import (
     KDMode,
     Strategy,
@@ -46,8 +38,16 @@ from jdsearch.search.strategies import (
     strategy_named,
 )
 from jdsearch.search.teacher_check import TeacherCheck, decide_kd
-from jdsearch.store.artifacts import SQLArtifactStore, make_artifact_store
-from jdsearch.study import StudySpec, check_storage_url
+from jdsearch.spec.study import StudySpec, check_storage_url
+from jdsearch.storage.artifacts import SQLArtifactStore, make_artifact_store
+from jdsearch.storage.rdb import (
+    ResilientStorage,
+    check_dialect,
+    public_url,
+    root_cause,
+    storage_for,
+    with_driver,
+)
 
 __all__ = [
     "SearchRun",

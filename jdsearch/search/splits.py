@@ -8,9 +8,9 @@ rest of ``val.json``; with neither there is none. The two never share an image.
 
 from __future__ import annotations
 
-from jdsearch.data import CocoDataset
-from jdsearch.errors import DataError
-from jdsearch.study import StudySpec
+from jdsearch.core.errors import DataError
+from jdsearch.data.coco import CocoDataset
+from jdsearch.spec.study import StudySpec
 
 __all__ = ["heldout_split", "selection_split"]
 

@@ -9,7 +9,7 @@ class registers itself under its ``name``; :func:`strategy_named`, :func:`kd_mod
 compares those names.
 
 Adding a strategy is one class here (its ``name`` registers it) and its name in
-:data:`jdsearch.study.STRATEGIES`, the names a spec accepts; ``docs/search.md`` has an example.
+:data:`jdsearch.spec.study.STRATEGIES`, the names a spec accepts; ``docs/search.md`` has an example.
 Imports the spec and pool layers' names and :mod:`jdsearch.search.record`; never torch.
 """
 
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.errors import JDSearchError
-from jdsearch.pool.space import SubnetConfig, SubnetSpace
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.pareto import crowding_distance, first_front
 from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, cost_name, h_of
+from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace
 
 if TYPE_CHECKING:
     from jdsearch.search.record import TrialRecord

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jdsearch.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError
 from jdsearch.search.record import KD_MODE_ATTR
 from jdsearch.search.strategies import KDMode, NoKD, kd_mode_named
 
@@ -105,7 +105,7 @@ class TeacherCheck:
 def measure_teacher(assets: StudyAssets, base: nn.Module) -> TeacherCheck:
     """Score the pool's largest sub-network and ``base`` on the selection split at the base
     resolution (the score's metric)."""
-    from jdsearch.evaluate import evaluate
+    from jdsearch.engine.evaluate import evaluate
 
     config = assets.pool.space.largest()
     res, metric, device = assets.base_resolution, assets.spec.score.metric, assets.spec.device

@@ -1,13 +1,14 @@
-"""What jdsearch writes down: checkpoints (safetensors + sha256), the SQL artifact store of a
-study, and self-contained export folders (weights, ``detector.json``, ONNX graph).
+"""What jdsearch writes down as files: checkpoints (safetensors + sha256), mid-trial training
+states, self-contained export folders (weights, ``detector.json``, ONNX graph) and detectron2
+exports.
 
-Imports the spec layer, ``data``, ``models`` and ``flops``; of Optuna only ``optuna.artifacts``;
-never training, the pool, the search or the report. Nothing it reads can run code.
+Imports the core and spec layers, ``data`` and ``models``; never Optuna, SQLAlchemy, training,
+the pool, the search or the report. Nothing it reads can run code.
 """
 
 from __future__ import annotations
 
-from jdsearch.lazy import lazy_exports
+from jdsearch.core.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(
@@ -15,7 +16,6 @@ _EXPORTS = {
         "checkpoint",
     ),
     "save_checkpoint": "checkpoint",
-    **dict.fromkeys(["SQLArtifactStore", "make_artifact_store"], "artifacts"),
     **dict.fromkeys(
         ["Exported", "export_detector", "load_detector", "load_exported", "predict_images"],
         "export",

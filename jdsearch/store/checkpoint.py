@@ -1,6 +1,6 @@
 """Detector checkpoints: one safetensors file holding the weights and a JSON description of the
 detector (spec, classes, extra), both hashed; loading never unpickles and every failure is one
-:class:`~jdsearch.errors.CheckpointError` line. Layout: ``docs/storage.md``, "Checkpoints".
+:class:`~jdsearch.core.errors.CheckpointError` line. Layout: ``docs/storage.md``, "Checkpoints".
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from jdsearch.config import shown as _show
-from jdsearch.errors import CheckpointError, JDSearchError
+from jdsearch.core.config import shown as _show
+from jdsearch.core.errors import CheckpointError, JDSearchError
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
-from jdsearch.spec import DetectorSpec, spec_from_dict
+from jdsearch.spec.detector import DetectorSpec, spec_from_dict
 
 FORMAT_NAME = "jdsearch-checkpoint"
 FORMAT_VERSION = 1

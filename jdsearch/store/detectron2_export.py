@@ -28,15 +28,15 @@ import torch
 import yaml
 from torch import Tensor
 
-from jdsearch.data import get_resolution
-from jdsearch.errors import ExportError, JDSearchError
+from jdsearch.core.errors import ExportError, JDSearchError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import get_resolution
 from jdsearch.models import Detector
 from jdsearch.models.detector import load_weights_exactly
 from jdsearch.models.detectron2_files import detectron2_config, detectron2_name
 from jdsearch.models.detectron2_import import compare_with_detectron2, quantised_images
 from jdsearch.models.torchvision_body import BODY, torchvision_body_name
 from jdsearch.models.torchvision_import import CHECK_SHORT, DetectionCheck, scaled_size
-from jdsearch.resolution import Resolution
 from jdsearch.store.onnx import cpu_copy
 
 __all__ = [

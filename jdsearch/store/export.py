@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdsearch.config import INT_LIMIT, is_int, shown
-from jdsearch.data import get_resolution, load_image, set_resolution
-from jdsearch.errors import ExportError, JDSearchError
-from jdsearch.flops import count_flops
+from jdsearch.core.config import INT_LIMIT, is_int, shown
+from jdsearch.core.errors import ExportError, JDSearchError
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import get_resolution, load_image, set_resolution
 from jdsearch.models import Detector
-from jdsearch.resolution import Resolution
+from jdsearch.models.flops import count_flops
 from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.store.files import atomic_path, sha256_file
 from jdsearch.store.onnx import ONNX_OPSET, OnnxCheck, cpu_copy, export_onnx, verified_onnx

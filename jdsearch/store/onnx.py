@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from jdsearch.data import get_resolution
-from jdsearch.errors import ExportError
+from jdsearch.core.errors import ExportError
+from jdsearch.data.coco import get_resolution
 from jdsearch.models import Detector
 from jdsearch.store.files import atomic_path
 

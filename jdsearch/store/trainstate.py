@@ -1,6 +1,6 @@
 """A training run's resumable state as bytes: safetensors for the tensors, JSON for the rest.
 
-What a state holds is :func:`jdsearch.train.train`'s business (weights, optimizer, RNG states,
+What a state holds is :func:`jdsearch.engine.train.train`'s business (weights, optimizer, RNG states,
 data position…); this module only stores it, and reads it back without ever unpickling: the
 tensors are a safetensors file, everything else is one JSON document in its header, and both are
 hashed together so a damaged state is refused (:class:`CheckpointError`) rather than half-used.
@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from jdsearch.errors import CheckpointError
+from jdsearch.core.errors import CheckpointError
 from jdsearch.store.checkpoint import tensors_sha256
 
 __all__ = [

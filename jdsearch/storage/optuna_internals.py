@@ -1,0 +1,117 @@
+"""Every use of Optuna's internals, in one place, each with why the public API does not suffice.
+
+Checked against optuna 5.0 (``pyproject.toml`` bounds the major version); the behaviour jdsearch
+relies on is pinned by ``tests/test_optuna_contract.py``, which fails first when it changes.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage, _CachedStorage, fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.trial import FrozenTrial
+
+__all__ = [
+    "HeartbeatStorage",
+    "cached_storage",
+    "keep_alive",
+    "set_running_user_attr",
+    "set_study_system_attr",
+    "set_trial_system_attr",
+    "stale_trial_ids",
+    "storage_of",
+    "study_system_attrs",
+]
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The study's storage. ``Study`` does not expose it (``_storage``), and the system-attribute
+    and heartbeat calls below are methods of the storage."""
+    return study._storage
+
+
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's system attributes. ``Study.system_attrs`` was removed in optuna 5; the storage
+    method is public but needs the private ``_study_id``."""
+    return storage_of(study).get_study_system_attrs(study._study_id)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Set a study system attribute (the spec, the category ids: too long for user attributes,
+    which ``optuna studies`` prints). ``Study.set_system_attr`` was removed in optuna 5."""
+    storage_of(study).set_study_system_attr(study._study_id, key, value)
+
+
+def set_trial_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
+    """Set a system attribute of a running trial (machine-facing state hidden from
+    ``optuna trials``). ``Trial.set_system_attr`` was removed in optuna 5; the storage method is
+    public but needs the private ``_trial_id``."""
+    trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
+def set_running_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
+    """Set a user attribute of a running trial from inside a sampler, which is handed a
+    ``FrozenTrial`` (no ``set_user_attr`` that reaches the storage): write it to the storage (what
+    other workers and the dashboard see) and to the frozen copy that optuna's ``Trial`` caches
+    (what the objective reads through ``trial.user_attrs``)."""
+    storage_of(study).set_trial_user_attr(trial._trial_id, key, value)
+    trial.set_user_attr(key, value)
+
+
+def keep_alive(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Beat ``trial``'s heartbeat and fail the stale trials of dead workers.
+
+    Optuna starts a trial's heartbeat thread only after sampling, and fails stale trials only when
+    a worker starts a trial; a sampler that waits (for the root trial) must do both itself. The
+    heartbeat classes live in the private ``optuna.storages._heartbeat``.
+    """
+    storage = storage_of(study)
+    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)
+        fail_stale_trials(study)
+
+
+# ---------------------------------------------------------------------- storage wrappers
+def cached_storage(backend: RDBStorage) -> BaseStorage:
+    """Optuna's cache of a study's trials in front of ``backend``: finished trials are read from the
+    database once, later reads fetch only new and running ones.
+
+    ``optuna.create_study``/``load_study`` put this cache (the private ``_CachedStorage``) around
+    an ``RDBStorage`` only, and use any other storage as it is; a wrapper that holds an
+    ``RDBStorage`` (:class:`jdsearch.storage.rdb.ResilientStorage`) builds it itself so that a
+    search reads the database no more often than with a bare ``RDBStorage``.
+    """
+    return _CachedStorage(backend)
+
+
+class HeartbeatStorage(BaseStorage, BaseHeartbeat):
+    """A storage that Optuna treats as one with heartbeats: its trial heartbeat thread and
+    ``fail_stale_trials`` test ``isinstance(storage, BaseHeartbeat)``, a class of the private
+    ``optuna.storages._heartbeat``, and call its abstract method with a private name,
+    ``_get_stale_trial_ids``. A subclass implements :meth:`stale_trial_ids` instead, and
+    ``BaseHeartbeat``'s public ``record_heartbeat``, ``get_heartbeat_interval`` and
+    ``get_heartbeat_stale_trial_callback``."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # The name Optuna calls (fail_stale_trials); forwarded to the public one.
+        return self.stale_trial_ids(study_id)
+
+    @abc.abstractmethod
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """The ids of the study's running trials whose heartbeat has gone stale."""
+
+
+def stale_trial_ids(storage: BaseStorage, study_id: int) -> list[int]:
+    """The stale running trials of the study, as ``storage`` (an Optuna storage with heartbeats,
+    e.g. :func:`cached_storage`'s) reports them; the method has a private name,
+    ``BaseHeartbeat._get_stale_trial_ids``, and no public counterpart.
+
+    Raises:
+        TypeError: ``storage`` has no heartbeats.
+    """
+    if not isinstance(storage, BaseHeartbeat):
+        raise TypeError(f"{type(storage).__name__} has no heartbeats")
+    return storage._get_stale_trial_ids(study_id)

@@ -1,0 +1,227 @@
+"""The study's RDB storage: opening it for a search, and storage URLs safe to print."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from jdsearch.spec.study import StudySpec
+from jdsearch.storage.optuna_internals import HeartbeatStorage, cached_storage, stale_trial_ids
+from jdsearch.storage.reconnect import retry_window_s, with_reconnect
+
+OPEN_RETRY_S = 20.0  # how long opening the storage waits for a server that refuses connections
+
+
+def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
+    """The ``RDBStorage`` at ``url`` (default the spec's), with heartbeats and retries of stale
+    trials, in a :class:`ResilientStorage`; creates a SQLite file's folder."""
+    url = url or spec.storage_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    hb = spec.search.heartbeat_s
+    # A worker (re)started while the database restarts waits for it, as running workers do, but
+    # briefly: a server that is not there at all is more often a wrong URL than a restart.
+    return with_reconnect(
+        lambda: ResilientStorage(
+            RDBStorage(
+                url,
+                heartbeat_interval=hb,
+                grace_period=2 * hb,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=spec.search.max_retry
+                ),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        ),
+        "storage: opening",
+        window_s=min(OPEN_RETRY_S, retry_window_s()),
+    )
+
+
+def check_dialect(url: str) -> None:
+    """Check that SQLAlchemy knows ``url``'s dialect and driver (the text itself was checked at
+    load, :func:`jdsearch.spec.study.check_storage_url`).
+
+    Raises:
+        ValueError: an unknown dialect or driver, saying what is expected.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError("expected a database URL such as sqlite:///runs/NAME.db") from None
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        hint = " (SQLAlchemy spells it postgresql)" if parsed.drivername == "postgres" else ""
+        raise ValueError(
+            f"unknown database dialect or driver {parsed.drivername!r}{hint}; "
+            "expected e.g. sqlite:///runs/NAME.db or postgresql://USER@HOST/DB"
+        ) from None
+
+
+def public_url(url: str) -> str:
+    """``url`` with any password masked, for messages and exported metadata."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: keep only what follows the credentials
+        return url.rsplit("@", 1)[-1]
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost exception's first line (the driver's own words), credentials masked."""
+    while e.__cause__ is not None or getattr(e, "orig", None) is not None:
+        e = e.__cause__ or e.orig  # type: ignore[attr-defined]
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {re.sub(r'://[^@/ ]*@', '://***@', text)}"
+
+
+#: The drivers tried, in order, for a PostgreSQL URL that names none (``postgresql://``):
+#: psycopg2 first, which the ``postgresql`` and ``dev`` extras install and through which the
+#: artifact store moves chunks by binary COPY; then psycopg 3, SQLAlchemy 2.1's own default.
+PG_DRIVERS = ("psycopg2", "psycopg")
+
+
+def with_driver(url: str) -> str:
+    """``url`` with an installed PostgreSQL driver when it names none (``postgresql://…`` →
+    ``postgresql+psycopg2://…``), else as it is; call it on every URL before opening it.
+
+    Raises:
+        JDSearchError: the URL's database driver is not installed (saying how to install it).
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    from jdsearch.core.errors import JDSearchError
+
+    if url.startswith("postgresql://"):
+        found = [d for d in PG_DRIVERS if importlib.util.find_spec(d) is not None]
+        url = url.replace("postgresql://", f"postgresql+{(found or PG_DRIVERS)[0]}://", 1)
+    parsed = make_url(url)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as e:
+        pg = parsed.get_backend_name() == "postgresql"
+        hint = ": pip install 'jdsearch[postgresql]'" if pg else ""
+        raise JDSearchError(
+            f"{public_url(url)}: its database driver is not installed ({e}){hint}"
+        ) from None
+    return url
+
+
+# The wrapper's calls that only read settings or drop a session, never the database: not retried.
+NOT_RETRIED = ("get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session")
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    """The :class:`ResilientStorage` method ``name``: the call of the same name on Optuna's
+    cache of the backend, retried while the database is unreachable."""
+
+    @functools.wraps(getattr(RDBStorage, name))  # its name, signature and docs
+    def call(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(self._cached, name)
+        return with_reconnect(lambda: method(*args, **kwargs), f"storage: {name}")
+
+    call.__qualname__ = f"ResilientStorage.{name}"
+    return call
+
+
+class ResilientStorage(HeartbeatStorage):
+    """An Optuna storage that holds an ``RDBStorage`` (:attr:`backend`) and rides out a database
+    that is briefly unreachable (a PostgreSQL restart): a call that fails with a connection error
+    is retried, on a fresh connection, for up to ``JDSEARCH_DB_RETRY_S`` seconds (default 300)
+    instead of failing the trial or the worker (:func:`jdsearch.storage.reconnect.with_reconnect`).
+    Errors that are not about the connection propagate at once.
+
+    Every call goes through Optuna's cache of the backend (what a study puts around a bare
+    ``RDBStorage``), so the database is read no more often than without the wrapper; each call is
+    retried whole. Heartbeats are the backend's (:meth:`stale_trial_ids`).
+
+    A write whose commit reached the server just before the connection dropped is sent again;
+    for ``tell`` (:meth:`set_trial_state_values`) that is recognised and not an error.
+    """
+
+    def __init__(self, backend: RDBStorage) -> None:
+        self.backend = backend
+        self._cached = cached_storage(backend)
+
+    @property
+    def engine(self) -> Any:
+        """The backend's SQLAlchemy engine."""
+        return self.backend.engine
+
+    @property
+    def url(self) -> str:
+        """The backend's database URL (with its password: print :func:`public_url` of it)."""
+        return self.backend.url
+
+    create_new_study = _retried("create_new_study")
+    delete_study = _retried("delete_study")
+    set_study_user_attr = _retried("set_study_user_attr")
+    set_study_system_attr = _retried("set_study_system_attr")
+    get_study_id_from_name = _retried("get_study_id_from_name")
+    get_study_name_from_id = _retried("get_study_name_from_id")
+    get_study_directions = _retried("get_study_directions")
+    get_study_user_attrs = _retried("get_study_user_attrs")
+    get_study_system_attrs = _retried("get_study_system_attrs")
+    get_all_studies = _retried("get_all_studies")
+    create_new_trial = _retried("create_new_trial")
+    set_trial_param = _retried("set_trial_param")
+    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
+    get_best_trial = _retried("get_best_trial")
+    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
+    set_trial_user_attr = _retried("set_trial_user_attr")
+    set_trial_system_attr = _retried("set_trial_system_attr")
+    get_trial = _retried("get_trial")
+    get_all_trials = _retried("get_all_trials")
+    record_heartbeat = _retried("record_heartbeat")
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """The study's running trials whose heartbeat has gone stale (what Optuna's
+        ``fail_stale_trials`` fails), retried."""
+        return with_reconnect(
+            lambda: stale_trial_ids(self._cached, study_id), "storage: stale_trial_ids"
+        )
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Optuna's, retried; a retry of a ``tell`` (COMPLETE or PRUNED) that finds the trial
+        already in that state (the first attempt's commit did arrive) returns ``True`` instead of
+        raising."""
+        attempts = [0]
+
+        def call() -> bool:
+            attempts[0] += 1
+            try:
+                return self._cached.set_trial_state_values(trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # Only a trial's own result: a FAIL may be another worker's (a stale trial).
+                own = state in (TrialState.COMPLETE, TrialState.PRUNED)
+                if own and attempts[0] > 1 and self.backend.get_trial(trial_id).state == state:
+                    return True
+                raise
+
+        return with_reconnect(call, f"storage: set_trial_state_values({trial_id})")
+
+    def get_heartbeat_interval(self) -> int | None:
+        """The backend's heartbeat interval in seconds (``None``: no heartbeats)."""
+        return self.backend.get_heartbeat_interval()
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[..., None] | None:
+        """What Optuna calls on each trial it failed for a stale heartbeat (the backend's)."""
+        return self.backend.get_heartbeat_stale_trial_callback()
+
+    def remove_session(self) -> None:
+        """Drop the backend's SQLAlchemy session of this thread (no database round trip)."""
+        self.backend.remove_session()
