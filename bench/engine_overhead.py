@@ -54,6 +54,7 @@ from jdsearch.search.session import prepare
 from jdsearch.spec.detector import load_spec
 from jdsearch.spec.study import StudySpec
 from jdsearch.storage.artifacts import make_artifact_store
+from jdsearch.storage.optuna_internals import storage_of
 from jdsearch.store.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
 from jdsearch.testing import install_pool, pg_schema, quiet_optuna, tiny_study
 
@@ -92,7 +93,7 @@ class Clock:
 @contextlib.contextmanager
 def instrumented(study: optuna.Study, ctx: Any, clock: Clock) -> Iterator[None]:
     """Wrap the phases of ``study``'s trials (see the module docstring); undone on exit."""
-    storage = study._storage
+    storage = storage_of(study)
     names = [
         n
         for n in dir(BaseStorage)
@@ -152,7 +153,7 @@ def search_phases(
         r for r in rows if r["number"] != 0 and r["ok"]
     ]  # the root downloads the base, not a parent
     attrs = [{k: float(by_number[int(r["number"])].user_attrs[k]) for k in ATTRS} for r in kept]
-    study._storage.remove_session()
+    storage_of(study).remove_session()
     return kept, attrs
 
 

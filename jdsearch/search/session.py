@@ -129,12 +129,12 @@ def open_run(
     handle, assets, base = _assets(
         spec, storage, store, progress=progress, stored=stored, write=write
     )
-    if write:
+    if decided_kd is None:
         kd, check = decide_kd(handle, assets, base, write=True)  # kd.when
         if check is not None:
             say(check.describe())
     else:
-        kd, check = kd_mode_named(decided_kd), None  # type: ignore[arg-type]
+        kd, check = kd_mode_named(decided_kd), None
     del base  # the teacher check's alone: not kept for the search
     ctx = _context(handle, store, assets, kd, progress)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(ctx))
