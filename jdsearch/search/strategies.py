@@ -36,6 +36,7 @@ __all__ = [
     "TEACHER",
     "Decision",
     "KDMode",
+    "Registered",
     "ScoreMode",
     "Step",
     "Strategy",
@@ -61,6 +62,19 @@ class Decision:
     parent: int | None  # trial number of the parent; None for the root
     move: str
     kind: str  # "base", "student" or "teacher"
+
+
+class Registered:
+    """A family of classes whose members register themselves under their ``name``: the family's
+    base holds the ``registry``, and each subclass that sets ``name`` lands in it."""
+
+    name: ClassVar[str]
+    registry: ClassVar[dict[str, type[Any]]]
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            cls.registry[cls.name] = cls
 
 
 def _registry(kind: str, table: dict[str, Any], name: str) -> Any:
@@ -95,18 +109,13 @@ def front_k(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
 
 
 # ---------------------------------------------------------------------------- score modes
-class ScoreMode(ABC):
+class ScoreMode(Registered, ABC):
     """What a trial's value is (``score.mode``), and how completed trials rank as parents."""
 
     name: ClassVar[str]
     directions: ClassVar[tuple[str, ...]]  # the Optuna study's
     has_front: ClassVar[bool]  # the report draws the AP–cost front
     registry: ClassVar[dict[str, type[ScoreMode]]] = {}
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if "name" in cls.__dict__:
-            ScoreMode.registry[cls.name] = cls
 
     @abstractmethod
     def rank(self, trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
@@ -174,18 +183,13 @@ def score_mode_of(directions: Sequence[Any]) -> ScoreMode:
 
 
 # ---------------------------------------------------------------------------- KD modes
-class KDMode(ABC):
+class KDMode(Registered, ABC):
     """Whether a pair has a teacher (``kd.mode``), and whether the search moves it."""
 
     name: ClassVar[str]
     distils: ClassVar[bool]  # the pair has a teacher cut from the pool
     moves_teacher: ClassVar[bool]  # the sampler offers teacher mutations
     registry: ClassVar[dict[str, type[KDMode]]] = {}
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if "name" in cls.__dict__:
-            KDMode.registry[cls.name] = cls
 
     def root_teacher(self, space: SubnetSpace) -> SubnetConfig | None:
         """The root trial's teacher: the super-net, or none."""
@@ -247,18 +251,13 @@ class Step:
     moves: Moves  # a parent's feasible (student, teacher) moves, in the vocabulary
 
 
-class Strategy(ABC):
+class Strategy(Registered, ABC):
     """A search strategy: it picks a parent and a move for a trial (:meth:`choose`), and lists a
     parent's student moves (:meth:`student_moves`)."""
 
     name: ClassVar[str]
     pool_students: ClassVar[bool] = False  # students are cut from the pool (pool.* moves)
     registry: ClassVar[dict[str, type[Strategy]]] = {}
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if "name" in cls.__dict__:
-            Strategy.registry[cls.name] = cls
 
     @abstractmethod
     def choose(self, step: Step) -> Decision:
