@@ -122,6 +122,54 @@ def test_every_layer_imports_only_its_own_layer_and_the_ones_below() -> None:
     assert not problems, "\n".join(problems)
 
 
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the jdsearch modules it imports (anywhere in it, inside functions too)."""
+    names = {name for name, _, _ in _modules()}
+    graph: dict[str, set[str]] = {}
+    for name, _, tree in _modules():
+        edges = set()
+        for module, imported, _ in _imports(tree):
+            if module != "jdsearch" and not module.startswith("jdsearch."):
+                continue
+            base = module.removeprefix("jdsearch").lstrip(".")
+            for n in imported or [""]:
+                sub = f"{base}.{n}".lstrip(".")
+                edges.add(sub if sub in names else base)
+        graph[name] = edges & names - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (``[]``: none), by depth-first search."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(v: str) -> list[str]:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(graph[v]):
+            if state.get(w) == 1:
+                return [*path[path.index(w) :], w]
+            if w not in state and (found := visit(w)):
+                return found
+        state[v] = 2
+        path.pop()
+        return []
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return []
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """The import graph has no cycle (``search.run`` and ``search.follower`` once formed one),
+    counting imports inside functions too; the check finds one where there is one."""
+    cycle = _cycle(_import_graph())
+    assert not cycle, " -> ".join(cycle)
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
 def test_no_layer_imports_a_package_it_must_not() -> None:
     names = [layer for layer, _ in LAYERS]
     problems = []
