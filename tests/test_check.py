@@ -62,6 +62,38 @@ def test_check_names_a_bad_annotation_record(search_assets, tmp_path: Path) -> N
         check_study(spec, steps=0)
 
 
+def test_check_compares_the_splits_categories_one_line_each(
+    search_assets, tmp_path: Path, capsys
+) -> None:
+    """A category renamed, one in the val split only and one in train only: each is one line of
+    the refusal, naming the file, the id and the name (as ``jdsearch init`` does)."""
+    data = tmp_path / "data"
+    shutil.copytree(search_assets.data_dir, data)
+    val = json.loads((data / "val.json").read_text())
+    first, last = val["categories"][0], val["categories"][-1]
+    first["name"] = "renamed"
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != last["id"]]
+    last["id"] = 99  # in val only; its old id is in train only
+    (data / "val.json").write_text(json.dumps(val))
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec(search_assets, tmp_path, data__dir=str(data))))
+    assert main(["search", str(spec_file), "--check"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    train, val_file = data / "train.json", data / "val.json"
+    assert err[0] == (
+        f"jdsearch: error: {val_file}: its categories differ from {train}'s in 3 way(s), one "
+        "line each below; both splits need the same ids and names"
+    )
+    name = last["name"]
+    old = next(c["id"] for c in json.loads(train.read_text())["categories"] if c["name"] == name)
+    assert err[1:] == [
+        f"  {val_file}: category id {first['id']} is named 'renamed', in {train} "
+        f"{json.loads(train.read_text())['categories'][0]['name']!r}",
+        f"  {val_file}: category {name!r} (id 99) is not in {train} (there its id is {old})",
+        f"  {train}: category {name!r} (id {old}) is not in {val_file} (there its id is 99)",
+    ]
+
+
 def test_check_refuses_a_missing_or_misfit_base(search_assets, tmp_path: Path) -> None:
     missing = _spec(search_assets, tmp_path)
     missing["base"]["checkpoint"] = str(tmp_path / "nope.safetensors")

@@ -177,8 +177,12 @@ def test_splits_with_other_categories_are_refused(user_set: Path, tmp_path: Path
     val = json.loads((user_set / "val.json").read_text())
     val["categories"][0]["name"] = "renamed"
     (data / "val.json").write_text(json.dumps(val))
-    with pytest.raises(DataError, match=rf"^{data / 'val.json'}: categories .*12:renamed.* differ"):
+    with pytest.raises(DataError, match=rf"^{data / 'val.json'}: its categories differ") as e:
         init_study(tmp_path / "s.yaml", data, base="tiny-r18-fpn")
+    assert e.value.details[0].startswith(
+        f"{data / 'val.json'}: category id {val['categories'][0]['id']} is named 'renamed', in "
+        f"{data / 'train.json'} "
+    )
     assert not (tmp_path / "s.yaml").exists()
 
 

@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except JDSearchError as e:
         print(f"jdsearch: error: {e}", file=sys.stderr)
+        for line in e.details:
+            print(f"  {line}", file=sys.stderr)
         return 2
     except RanksOutOfStep as e:  # under torchrun: torchrun stops the other ranks
         print(f"jdsearch: error: {e}", file=sys.stderr)

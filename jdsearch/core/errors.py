@@ -6,13 +6,17 @@ fix the input without reading a traceback. Internal invariants use ``assert`` in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class JDSearchError(Exception):
     """Base class for errors caused by user input (specs, data, checkpoints, storage)."""
 
-    def __init__(self, message: str) -> None:
-        # One line, always: a multi-line message hides the part that names the culprit.
+    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+        # One line, always: a multi-line message hides the part that names the culprit. Several
+        # culprits (``details``) are one line each, printed under it.
         super().__init__(" ".join(str(message).split()))
+        self.details = tuple(" ".join(str(d).split()) for d in details)
 
 
 def first_line(e: BaseException, limit: int | None = None) -> str:

@@ -53,6 +53,8 @@ __all__ = [
     "CocoDataset",
     "DataSummary",
     "ResolutionSampler",
+    "category_differences",
+    "check_same_categories",
     "collate",
     "load_image",
     "make_loader",
@@ -914,3 +916,45 @@ class ResolutionSampler:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointError(f"resolution sampler state has a bad step {step!r}")
         self.step = step
+
+
+def category_differences(
+    train: str, train_cats: Sequence[tuple[int, str]], val: str, val_cats: Sequence[tuple[int, str]]
+) -> list[str]:
+    """How two splits' categories differ, one line each: an id named otherwise, an id in one
+    split only, a name under two ids; ``[]`` when both hold the same ``(id, name)`` pairs.
+    ``train``/``val`` name the files in the lines."""
+    a, b = dict(train_cats), dict(val_cats)
+    lines = [
+        f"{val}: category id {cid} is named {b[cid]!r}, in {train} {a[cid]!r}"
+        for cid in sorted(a.keys() & b.keys())
+        if a[cid] != b[cid]
+    ]
+    for here, there, cats, other in ((val, train, b, a), (train, val, a, b)):
+        for cid in sorted(cats.keys() - other.keys()):
+            name = cats[cid]
+            ids = [i for i, n in other.items() if n == name]
+            where = f" (there its id is {ids[0]})" if ids else ""
+            lines.append(f"{here}: category {name!r} (id {cid}) is not in {there}{where}")
+    return lines
+
+
+def check_same_categories(
+    train: str | Path,
+    cats: Sequence[tuple[int, str]],
+    val: str | Path,
+    other: Sequence[tuple[int, str]],
+) -> None:
+    """Refuse splits whose categories differ, one line for each difference.
+
+    Raises:
+        DataError: naming ``val``; its ``details``, one line for each id named otherwise or in
+            one split only.
+    """
+    diffs = category_differences(str(train), cats, str(val), other)
+    if diffs:
+        raise DataError(
+            f"{val}: its categories differ from {train}'s in {len(diffs)} way(s), one line each "
+            "below; both splits need the same ids and names",
+            details=diffs,
+        )

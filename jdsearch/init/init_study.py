@@ -34,7 +34,7 @@ import yaml
 
 from jdsearch.core.errors import DataError, SpecError
 from jdsearch.core.resolution import Resolution
-from jdsearch.data.coco import CocoDataset
+from jdsearch.data.coco import CocoDataset, check_same_categories
 from jdsearch.spec.arch import BASIC, BOTTLENECK, NUM_STAGES, BackboneArch
 from jdsearch.spec.detector import DetectorSpec, load_spec, spec_from_dict
 from jdsearch.spec.pool import POOL_TRAIN, PhaseSpec, PoolSpec
@@ -247,11 +247,7 @@ def read_dataset(train: Path, val: Path, images: Path, data_dir: Path) -> Datase
     train_set, val_set = CocoDataset(train, images), CocoDataset(val, images)
     cats = list(zip(train_set.category_ids, train_set.class_names, strict=True))
     other = list(zip(val_set.category_ids, val_set.class_names, strict=True))
-    if cats != other:
-        raise DataError(
-            f"{val}: categories {_cat_text(other)} differ from {train}'s {_cat_text(cats)}; both "
-            "splits need the same category ids and names"
-        )
+    check_same_categories(train, cats, val, other)
     sizes = [
         (r.width, r.height)
         for ds in (train_set, val_set)
@@ -270,11 +266,6 @@ def read_dataset(train: Path, val: Path, images: Path, data_dir: Path) -> Datase
         largest=max(sizes, key=lambda s: (s[0] * s[1], s)),
         box_side=float(statistics.median(sides)) if sides else 0.0,
     )
-
-
-def _cat_text(cats: Sequence[tuple[int, str]]) -> str:
-    text = ", ".join(f"{cid}:{name}" for cid, name in cats[:6])
-    return f"[{text}{', …' if len(cats) > 6 else ''}]"
 
 
 @dataclass(frozen=True)

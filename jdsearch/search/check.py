@@ -98,7 +98,7 @@ def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport
 
 
 def _check_data(spec: StudySpec, report: CheckReport) -> Any:
-    from jdsearch.data.coco import CocoDataset, validate
+    from jdsearch.data.coco import CocoDataset, check_same_categories, read_categories, validate
     from jdsearch.search.caches import check_cached_data
     from jdsearch.search.splits import heldout_split, selection_split
 
@@ -117,6 +117,10 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
             f"data: {f}: {summary.images} images, {summary.annotations} boxes, "
             f"{summary.categories} classes: ok"
         )
+    train_cats = [(c.id, c.name) for c in read_categories(files[0])]
+    for f in files[1:]:
+        check_same_categories(files[0], train_cats, f, [(c.id, c.name) for c in read_categories(f)])
+    report.add(f"data: the splits share their {len(train_cats)} categories (ids and names)")
     selection = selection_split(spec)
     heldout = heldout_split(spec, selection)
     held = "none (set data.test or data.max_val_images)" if heldout is None else len(heldout)
