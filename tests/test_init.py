@@ -233,3 +233,19 @@ def test_an_unknown_base_is_one_line_naming_it(user_set: Path, tmp_path: Path, c
     assert main([*args, "--base", "r7-fpn"]) == 2
     assert "r7-fpn: no such detector spec file" in capsys.readouterr().err
     assert not (tmp_path / "s.yaml").exists()
+
+
+def test_the_spec_says_cpu_whatever_this_machine_has(
+    user_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One data set, one spec: a machine that sees a GPU writes the same file as one that does
+    not (a worker runs elsewhere with ``jdsearch search --device``)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "s.yaml"
+    init_study(out, user_set, base="tiny-r18-fpn")
+    seen_gpu = out.read_text()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    init_study(out, user_set, base="tiny-r18-fpn", force=True)
+    assert load_study(out).device == "cpu" and out.read_text() == seen_gpu

@@ -4,6 +4,7 @@ join) its search."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ def add_init(sub: Any, name: str) -> None:
     i.add_argument("--out", required=True, help="study spec to write, e.g. studies/NAME.yaml")
     i.add_argument("--name", help="study name (default: the --out file's stem)")
     i.add_argument(
-        "--device", dest="study_device", help="the study's device (default: cuda if seen, else cpu)"
+        "--device",
+        dest="study_device",
+        help="the study's device (default cpu: the same file on every machine; each worker may "
+        "override it with search --device)",
     )
     i.add_argument("--force", action="store_true", help="overwrite --out and what it needs")
     i.set_defaults(func=cmd_init)
@@ -57,12 +61,29 @@ def add_search(sub: Any, name: str) -> None:
     )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument(
+        "--device",
+        dest="worker_device",
+        help="this worker's device, overriding the spec's (e.g. cuda:1); the study is unchanged",
+    )
+    q.add_argument(
         "--check",
         action="store_true",
         help="check the spec, data, base checkpoint and pool space and print the plan with a "
         "time estimate; trains nothing",
     )
     q.set_defaults(func=cmd_search)
+
+
+def check_device_name(device: str) -> None:
+    """``search --device`` names a device.
+
+    Raises:
+        JDSearchError: naming the flag and the value.
+    """
+    from jdsearch.spec.settings import is_device
+
+    if not is_device(device):
+        raise JDSearchError(f"--device: expected a device such as cpu or cuda:0, got {device!r}")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -75,17 +96,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise JDSearchError(f"--n-trials must be ≥ 1, got {args.n_trials}")
     spec = load_study(args.study)
+    device = args.worker_device
+    if device is not None:
+        check_device_name(device)
     small_detector_threads(args.threads, study_gflops(spec))
     if args.check:
         from jdsearch.search.check import check_study
 
-        print("\n".join(check_study(spec, storage_url=args.storage).lines))
+        checked = spec if device is None else dataclasses.replace(spec, device=device)
+        print("\n".join(check_study(checked, storage_url=args.storage).lines))
         print("ok: nothing was trained")
         return 0
     from jdsearch.engine import distributed
 
     try:
-        study = run_search(spec, args.storage, n_trials=args.n_trials, progress=not args.quiet)
+        study = run_search(
+            spec, args.storage, n_trials=args.n_trials, progress=not args.quiet, device=device
+        )
         if distributed.is_main():  # under torchrun, rank 0 speaks for the worker
             print(summary(study))
     finally:

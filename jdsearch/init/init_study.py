@@ -650,7 +650,8 @@ def init_study(
             :func:`data_files` gives them (``runs/NAME/data`` then links to them).
         base: a checkpoint (``.safetensors``) or a detector preset or YAML the study trains.
         name: the study's name; default the stem of ``out``.
-        device: default ``cuda`` when torch sees one, else ``cpu``.
+        device: default ``cpu``, so that one data set gives one spec on every machine (a worker
+            runs on another device with ``jdsearch search --device``).
         force: overwrite ``out`` and what it needs.
 
     Returns:
@@ -669,7 +670,7 @@ def init_study(
     for path in (out, side):
         if path is not None:
             _refuse(path, force)
-    plan = _plan(name, out, files, choice, str(side or base), device or _default_device())
+    plan = _plan(name, out, files, choice, str(side or base), device or "cpu")
     text = study_text(plan)
     spec = study_from_dict(yaml.safe_load(text), source=str(out))
     written = _write(out, text, files, side, choice, force)
@@ -693,12 +694,6 @@ def _write(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return tuple(written)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _summary(p: StudyPlan, spec: StudySpec) -> list[str]:

@@ -214,9 +214,11 @@ def upload_assets(
 def same_spec(stored: Any, spec: StudySpec) -> bool:
     """Whether a study's stored spec describes ``spec`` (once both are read and normalised)."""
     try:
-        return study_from_stored(stored, source="stored spec").to_dict() == spec.to_dict()
+        before = study_from_stored(stored, source="stored spec").to_dict()
     except SpecError:
         return False
+    # Each worker may run on its own device (`jdsearch search --device`): not a change.
+    return {**before, "device": None} == {**spec.to_dict(), "device": None}
 
 
 @dataclass(frozen=True)

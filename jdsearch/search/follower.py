@@ -26,7 +26,9 @@ __all__ = ["follow"]
 log = logging.getLogger(__name__)
 
 
-def follow(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
+def follow(
+    spec: StudySpec, storage_url: str | None = None, device: str | None = None
+) -> optuna.Study:
     """Train along with rank 0 until it stops; returns the study (as rank 0 left it).
 
     Raises:
@@ -42,7 +44,7 @@ def follow(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
         if command in (BASE, POOL):
             _train_along(spec, command)
         elif command == READY:
-            study, objective = _ready(spec, storage_url, payload.get("kd_mode"))
+            study, objective = _ready(spec, storage_url, payload.get("kd_mode"), device)
         elif command == TRIAL and objective is not None and study is not None:
             objective.follow(study, **payload)
         else:
@@ -68,11 +70,11 @@ def _train_along(spec: StudySpec, command: str) -> None:
 
 
 def _ready(
-    spec: StudySpec, storage_url: str | None, kd_mode: str | None
+    spec: StudySpec, storage_url: str | None, kd_mode: str | None, device: str | None
 ) -> tuple[optuna.Study, Objective]:
     """The study rank 0 prepared, built as a run read-only from its storage, and its objective;
     ``kd_mode``: rank 0's, after its teacher check (the ranks must build the same losses)."""
     if kd_mode is None:
         raise JDSearchError(f"study {spec.name}: rank 0 sent no KD mode")
-    run = open_run(spec, storage_url, progress=False, decided_kd=kd_mode)
+    run = open_run(spec, storage_url, progress=False, decided_kd=kd_mode, device=device)
     return run.study, run.objective()

@@ -36,6 +36,7 @@ def run_search(
     *,
     n_trials: int | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> optuna.Study:
     """Run, resume or join a search: prepare the study, then add trials in this worker.
 
@@ -45,6 +46,8 @@ def run_search(
             cooperate on one study.
         n_trials: trials this worker adds; default the spec's ``search.n_trials``.
         progress: progress bars and one line per trial.
+        device: this worker's device instead of the spec's (``jdsearch search --device``); the
+            study records the spec as given.
 
     Returns:
         The Optuna study.
@@ -57,19 +60,23 @@ def run_search(
     if n_trials is not None and n_trials < 1:
         raise JDSearchError(f"n_trials must be ≥ 1, got {n_trials}")
     # Under torchrun: rank 0 searches, the other ranks train along (jdsearch.search.ranks).
-    if distributed.init_from_env(spec.device) and not distributed.is_main():
-        return follow(spec, storage_url)
+    if distributed.init_from_env(device or spec.device) and not distributed.is_main():
+        return follow(spec, storage_url, device)
     try:
-        return _search(spec, storage_url, n_trials, progress)
+        return _search(spec, storage_url, n_trials, progress, device)
     finally:
         if not distributed.out_of_step():  # else the others wait elsewhere: torchrun stops them
             announce(STOP)
 
 
 def _search(
-    spec: StudySpec, storage_url: str | None, n_trials: int | None, progress: bool
+    spec: StudySpec,
+    storage_url: str | None,
+    n_trials: int | None,
+    progress: bool,
+    device: str | None,
 ) -> optuna.Study:
-    run = open_run(spec, storage_url, progress=progress)
+    run = open_run(spec, storage_url, progress=progress, device=device)
     announce(READY, kd_mode=run.kd.name)  # the teacher check's decision, for every rank
     n = n_trials if n_trials is not None else spec.search.n_trials
     shown = public_url(storage_url or spec.storage_url)

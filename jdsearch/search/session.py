@@ -11,6 +11,7 @@ and the follower.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,7 @@ def open_run(
     progress: bool = True,
     stored: bool = False,
     decided_kd: str | None = None,
+    device: str | None = None,
 ) -> SearchRun:
     """Open (or create) the study and build its run in one pass.
 
@@ -114,6 +116,8 @@ def open_run(
         decided_kd: a rank other than 0 under ``torchrun``: the KD mode rank 0's teacher check
             decided. The run is then built read-only: nothing is written to the study, the
             artifact store or the run folder.
+        device: this worker's device (``jdsearch search --device``), instead of the spec's; the
+            study records the spec as given.
 
     Returns:
         The :class:`SearchRun`.
@@ -123,11 +127,12 @@ def open_run(
         JDSearchError: the base detector does not fit the dataset, or the storage fails.
     """
     write = decided_kd is None
+    given, spec = spec, spec if device is None else dataclasses.replace(spec, device=device)
     check_device(spec)
     storage, url = open_storage(spec, storage_url)  # first: it creates a SQLite file's folder
     store = make_artifact_store(spec.search.artifacts, url)
     handle, assets, base = _assets(
-        spec, storage, store, progress=progress, stored=stored, write=write
+        spec, given, storage, store, progress=progress, stored=stored, write=write
     )
     if decided_kd is None:
         kd, check = decide_kd(handle, assets, base, write=True)  # kd.when
@@ -143,6 +148,7 @@ def open_run(
 
 def _assets(
     spec: StudySpec,
+    given: StudySpec,
     storage: ResilientStorage,
     store: Any,
     *,
@@ -150,8 +156,9 @@ def _assets(
     stored: bool,
     write: bool,
 ) -> tuple[optuna.Study, StudyAssets, Detector]:
-    """The data, the study's record of the spec, and the base and pool as its storage holds them
-    (trained and uploaded first where it holds neither, unless ``stored`` or not ``write``)."""
+    """The data, the study's record of the spec (``given``: as the user gave it, whatever device
+    this worker runs on), and the base and pool as its storage holds them (trained and uploaded
+    first where it holds neither, unless ``stored`` or not ``write``)."""
     if write and isinstance(store, SQLArtifactStore):
         # Uploads of workers killed mid-write, older than an hour: nobody will finish them
         # (`jdsearch gc` removes the rest of what no study reads).
@@ -161,7 +168,7 @@ def _assets(
     if write:
         if stored:
             require_assets(handle)
-        record_spec(handle, spec, train_set)
+        record_spec(handle, given, train_set)
         upload_assets(handle, store, spec, train_set, progress)
     assets, base = load_assets(handle, store, spec, train_set, val_set, write=write)
     return handle, assets, base
