@@ -3,10 +3,13 @@ row on the tiny assets (the figures themselves are the bench's to print, not a t
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,40 @@ def test_hypervolume_of_a_held_out_front_against_the_base_point() -> None:
     ]
     assert sq.alpha_row(0.1) == "hill_climb_a0.1" and sq.is_search_row("hill_climb_a0.1")
     assert sq.budget_epochs("hill_climb_a0.1", 8, 0.5, 3) == sq.budget_epochs("pareto", 8, 0.5, 3)
+
+
+def _imports_of(folder: Path, package: str) -> list[str]:
+    """The files under ``folder`` that import ``package`` anywhere (inside functions too)."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            if any(n.split(".")[0] == package for n in names):
+                found.append(str(path.relative_to(folder)))
+                break
+    return found
+
+
+def test_the_package_never_imports_the_bench_extra(tmp_path: Path) -> None:
+    """Torch-Pruning is the ``bench`` extra, which ``dev`` (CI's) pulls in, never a dependency:
+    no module of jdsearch imports it, not even inside a function, and importing jdsearch, its CLI
+    and every search module leaves it unloaded."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if "pruning" in d]
+    extras = project["optional-dependencies"]
+    assert extras["bench"] == ["torch-pruning==1.6.1"] and "jdsearch[bench]" in extras["dev"]
+    assert _imports_of(REPO / "jdsearch", "torch_pruning") == []
+    (tmp_path / "lazy.py").write_text("def f():\n    from torch_pruning import pruner\n")
+    assert _imports_of(tmp_path, "torch_pruning") == ["lazy.py"]  # the check finds one
+    search = sorted(p.stem for p in (REPO / "jdsearch/search").glob("*.py") if p.stem != "__init__")
+    modules = ", ".join(["jdsearch", "jdsearch.cli", *(f"jdsearch.search.{m}" for m in search)])
+    code = f"import sys, {modules}; print(sorted({{'torch', 'torch_pruning'}} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout.strip() == "['torch']"
+    )  # torch loaded (the probe sees imports), not the extra
