@@ -2,9 +2,18 @@
 (paper tables 5, 9, 10 and fig. 4), judged on images the search never saw.
 
 From one shared base checkpoint and one shared teacher pool (the study's own, trained once), for
-each of ``--seeds`` seeds (``search.seed``), every row below gets the same training budget:
-``--trials`` trials of the study's fast evaluation (``fast_eval.epochs`` each), i.e.
-``trials × fast_eval.epochs`` epochs of the training set.
+each of ``--seeds`` seeds (``search.seed``), each row below trains for a budget in epochs of the
+training set. A search gets ``--trials`` trials of the study's fast evaluation
+(``fast_eval.epochs`` each): the search budget, ``trials × fast_eval.epochs`` epochs. The
+``finetuned`` row is the hill-climbing search followed by ``jdsearch finetune`` of its winner for
+``--finetune-epochs`` (default half the search budget, the paper's appendix D fine-tunes a
+searched pair for a fraction of what the search spent; 0.5 × is that fraction at the bench's
+scale): the search budget plus the fine-tune budget. Every control but the two lineage ones
+(``longer``, ``longer_kd``) gets that same total, search budget + fine-tune budget, so that
+``finetuned`` is compared with each at equal compute; the searches themselves stay at the search
+budget (their winners are not fine-tuned). The table's "train imgs" is what each row actually
+trained on (a search's trials and the fine-tune included): equal, up to the rounding of each
+training to whole batches, for ``finetuned`` and every control but the lineage ones.
 
     hill_climb      the default search (algorithm 1, dynamic KD)
     pareto          hill climbing in a Pareto study (score.mode: pareto): parents from the
@@ -18,6 +27,10 @@ each of ``--seeds`` seeds (``search.seed``), every row below gets the same train
     kd_fixed        hill climbing, the super-net as the only teacher (fig. 4's conventional KD,
                     ``kd.when: always``)
     kd_off          hill climbing without a teacher (NAS + pruning)
+    finetuned       the hill_climb row's winner fine-tuned (``jdsearch.search.finetune``: a child
+                    trial trained with the winner's teacher at the fast evaluation's settings) in
+                    a copy of that row's study, so that the hill_climb row's front and the noise
+                    floor are the search's own
     pipelining      table 5: BN-sparsity training of the base (half the budget), channel and
                     layer pruning down to the hill-climbing winner's FLOPs, then distillation
                     from the super-net (the other half; plain training when the study's teacher
@@ -25,7 +38,7 @@ each of ``--seeds`` seeds (``search.seed``), every row below gets the same train
     longer          the base trained on with no search and no teacher, for as many epochs as
                     the hill-climbing winner's lineage had (root included)
     longer_kd       the same, distilled from the super-net
-    longer_all      the base trained on for the whole budget, no teacher
+    longer_all      the base trained on for the whole budget (search + fine-tune), no teacher
     longer_all_kd   the same, distilled from the super-net
 
 ``--alphas A ...`` adds one hill-climbing row per α, ``hill_climb_aA`` (the study's H with α = A),
@@ -74,8 +87,9 @@ from typing import Any
 SEARCH_ROWS = (
     "hill_climb", "pareto", "random", "greedy", "pool", "kd_always", "kd_fixed", "kd_off",
 )  # fmt: skip
-CONTROL_ROWS = ("pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
+CONTROL_ROWS = ("finetuned", "pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
 ROWS = SEARCH_ROWS + CONTROL_ROWS
+LINEAGE_ROWS = ("longer", "longer_kd")  # as many epochs as the hill-climbing winner's lineage had
 # row -> (search.strategy, kd.mode, kd.when; None: the study's); score.mode pareto for "pareto".
 # The rows about distillation itself distil whatever the teacher check would say.
 _SEARCH_SETTINGS: dict[str, tuple[str, str, str | None]] = {
@@ -109,15 +123,25 @@ def row_order(rows: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------- budget accounting
-def budget_epochs(row: str, trials: int, fast_epochs: float, lineage: int) -> float:
-    """Training epochs a row may spend: ``trials × fast_epochs`` for every search, pipelining and
-    the whole-budget controls; ``lineage × fast_epochs`` for the lineage controls (``lineage``:
-    trials from the root to the hill-climbing winner, both included)."""
+def budget_epochs(
+    row: str, trials: int, fast_epochs: float, lineage: int, finetune: float = 0.0
+) -> float:
+    """Training epochs a row may spend: the search budget ``trials × fast_epochs`` for every
+    search; ``lineage × fast_epochs`` for the lineage controls (``lineage``: trials from the root
+    to the hill-climbing winner, both included); the search budget plus ``finetune`` epochs for
+    ``finetuned`` (its search, then its fine-tune) and every other control."""
     if row not in ROWS and not row.startswith(ALPHA_ROW):
         raise ValueError(f"unknown row {row!r} (known: {', '.join(ROWS)})")
-    if row in ("longer", "longer_kd"):
+    if row in LINEAGE_ROWS:
         return lineage * fast_epochs
-    return trials * fast_epochs
+    if is_search_row(row):
+        return trials * fast_epochs
+    return trials * fast_epochs + finetune
+
+
+def default_finetune_epochs(trials: int, fast_epochs: float) -> float:
+    """``--finetune-epochs`` when not given: half the search budget."""
+    return trials * fast_epochs / 2
 
 
 def pipeline_split(total_epochs: float) -> tuple[float, float]:
@@ -252,6 +276,51 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
     }
 
 
+def run_finetuned_row(
+    shared: Shared, seed: int, hill_climb: dict[str, Any], epochs: float, out: Path
+) -> dict[str, Any]:
+    """The hill-climbing winner fine-tuned for ``epochs`` as a child trial, in a copy of the
+    hill-climbing study (whose front and noise floor stay the search's own); its training images
+    are the search's plus the fine-tune's."""
+    import sqlite3
+    from contextlib import closing
+
+    from jdsearch.search.finetune import finetune
+    from jdsearch.search.objective import Objective
+    from jdsearch.search.queries import open_study
+    from jdsearch.search.record import TrialRecord
+    from jdsearch.search.session import prepare
+
+    source = Path(hill_climb["study"].removeprefix("sqlite:///"))
+    copy = out / "studies" / f"{source.stem}-finetuned.db"
+    copy.unlink(missing_ok=True)  # an interrupted fine-tune starts again from the search
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(copy)) as dst:
+        src.backup(dst)
+    url = f"sqlite:///{copy}"
+    handle = open_study(url)
+    study, ctx = prepare(handle.spec, url, progress=False)
+    t0 = time.perf_counter()
+    trial = finetune(study, ctx, hill_climb["trial"], epochs=epochs)
+    wall = time.perf_counter() - t0
+    detector = handle.checkpoint(trial, device=shared.spec.device).detector
+    score = Objective(shared.ctx).score(trial.number, detector)
+    winner_path = out / "winners" / f"finetuned-s{seed}.safetensors"
+    _save(detector, shared, winner_path)
+    images = int(TrialRecord.from_trial(trial).train_images or 0)
+    return {
+        **_judge(shared, detector, score),
+        "trial": trial.number,
+        "parent": hill_climb["trial"],
+        "finetune_epochs": epochs,
+        "search_images": hill_climb["train_images"],
+        "finetune_images": images,
+        "train_images": hill_climb["train_images"] + images,
+        "wall_s": hill_climb["wall_s"] + wall,
+        "winner": str(winner_path),
+        "study": url,
+    }
+
+
 def heldout_front(shared: Shared, handle: Any, trials: list[Any]) -> list[dict[str, Any]]:
     """The search's front (non-dominated by selection AP and cost where each trial scored
     best), each trial judged on the held-out split at that resolution."""
@@ -364,14 +433,21 @@ def prune_to(
 
 
 def run_control_row(
-    shared: Shared, row: str, seed: int, trials: int, hill_climb: dict[str, Any], out: Path
+    shared: Shared,
+    row: str,
+    seed: int,
+    trials: int,
+    hill_climb: dict[str, Any],
+    out: Path,
+    finetune: float = 0.0,
 ) -> dict[str, Any]:
-    """A control: the base trained on (with or without KD), or pruned then distilled."""
+    """A control: the base trained on (with or without KD), or pruned then distilled, for its
+    budget (:func:`budget_epochs`; ``finetune``: the fine-tune epochs)."""
     from jdsearch.search.objective import Objective
 
     spec = shared.spec
     fast = spec.fast_eval.epochs
-    epochs = budget_epochs(row, trials, fast, len(hill_climb["lineage"]))
+    epochs = budget_epochs(row, trials, fast, len(hill_climb["lineage"]), finetune)
     detector = _base(shared)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {"epochs": epochs}
@@ -564,6 +640,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also hill climbing with H at each of these α (rows hill_climb_aA)",
     )
+    p.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=None,
+        help="epochs of the finetuned row's fine-tune, also added to every control's budget but "
+        "the lineage ones (default: half the search budget)",
+    )
     p.add_argument("--out", default=None, help="default runs/search_quality/<study name>")
     p.add_argument("--table-only", action="store_true", help="print the table of what is there")
     p.add_argument("--no-table", action="store_true", help="only run (a worker of a split run)")
@@ -581,16 +664,45 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     spec = load_study(args.study)
     trials = args.trials or spec.search.n_trials
+    fast = spec.fast_eval.epochs
+    finetune = args.finetune_epochs
+    if finetune is None:
+        finetune = default_finetune_epochs(trials, fast)
+    elif not (math.isfinite(finetune) and finetune > 0):
+        raise SystemExit(f"--finetune-epochs {finetune:g}: must be a positive number")
     out = Path(args.out or Path("runs") / "search_quality" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
+    trials, finetune = _budget(out, trials, fast, finetune, fixed=not args.table_only)
     shared = shared_assets(spec, out)
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     if not args.table_only:
-        _run_all(shared, args.rows + [alpha_row(a) for a in args.alphas], seeds, trials, out)
-    return 0 if args.no_table else _report(shared, out, trials)
+        rows = args.rows + [alpha_row(a) for a in args.alphas]
+        _run_all(shared, rows, seeds, trials, out, finetune)
+    return 0 if args.no_table else _report(shared, out, trials, finetune)
 
 
-def _run_all(shared: Shared, rows: list[str], seeds: list[int], trials: int, out: Path) -> None:
+def _budget(out: Path, trials: int, fast: float, finetune: float, fixed: bool) -> tuple[int, float]:
+    """The budget of ``out``'s results, kept in ``out/budget.json``: a run (``fixed``) must use
+    the one its results folder holds (one line naming the flag otherwise); the table reads it."""
+    path = out / "budget.json"
+    asked = {"trials": trials, "finetune_epochs": finetune, "fast_eval_epochs": fast}
+    if not path.is_file():
+        if fixed:
+            path.write_text(json.dumps(asked, indent=1))
+        return trials, finetune
+    held = json.loads(path.read_text())
+    for key, flag in (("trials", "--trials"), ("finetune_epochs", "--finetune-epochs")):
+        if fixed and held[key] != asked[key]:
+            raise SystemExit(
+                f"{flag} {asked[key]:g}: {out} holds results of {key} {held[key]:g}; "
+                "give another --out"
+            )
+    return int(held["trials"]), float(held["finetune_epochs"])
+
+
+def _run_all(
+    shared: Shared, rows: list[str], seeds: list[int], trials: int, out: Path, finetune: float
+) -> None:
     todo = row_order(set(rows))
     for seed in seeds:
         for row in todo:
@@ -603,7 +715,10 @@ def _run_all(shared: Shared, rows: list[str], seeds: list[int], trials: int, out
                 hc = _load(out).get(("hill_climb", seed)) or _hill_climb_first(
                     shared, seed, trials, out
                 )
-                result = run_control_row(shared, row, seed, trials, hc, out)
+                if row == "finetuned":
+                    result = run_finetuned_row(shared, seed, hc, finetune, out)
+                else:
+                    result = run_control_row(shared, row, seed, trials, hc, out, finetune)
             _store(out, row, seed, result)
             print(
                 f"  held-out AP {100 * result['heldout_ap']:.1f}, H {result['h']:.4f}, "
@@ -618,7 +733,7 @@ def _hill_climb_first(shared: Shared, seed: int, trials: int, out: Path) -> dict
     return {"row": "hill_climb", "seed": seed, **result}
 
 
-def _report(shared: Shared, out: Path, trials: int) -> int:
+def _report(shared: Shared, out: Path, trials: int, finetune: float) -> int:
     results = _load(out)
     if not results:
         print("no results yet", file=sys.stderr)
@@ -633,7 +748,9 @@ def _report(shared: Shared, out: Path, trials: int) -> int:
     spec = shared.spec
     print(
         f"\n{spec.name}: {trials} trials × {spec.fast_eval.epochs:g} epochs of "
-        f"{len(shared.ctx.train_set)} training images per search; selection {len(shared.ctx.val_set)}"
+        f"{len(shared.ctx.train_set)} training images per search, {finetune:g} more epochs for "
+        f"finetuned and every control but {' and '.join(LINEAGE_ROWS)}; selection "
+        f"{len(shared.ctx.val_set)}"
         f" images, held-out {len(shared.heldout)} images; base {shared.ctx.base_flops / 1e9:.3f} "
         f"GFLOPs at {shared.ctx.base_resolution}\n"
     )

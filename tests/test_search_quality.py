@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 import tomllib
@@ -32,15 +33,23 @@ def _bench():
 
 
 def test_every_row_gets_the_same_budget_but_the_lineage_controls() -> None:
+    """Searches: the search budget; finetuned (search, then fine-tune) and every control but the
+    lineage ones: the search budget plus the fine-tune's."""
     sq = _bench()
-    budgets = {row: sq.budget_epochs(row, 8, 0.5, lineage=3) for row in sq.ROWS}
+    budgets = {row: sq.budget_epochs(row, 8, 0.5, lineage=3, finetune=2.0) for row in sq.ROWS}
     assert set(sq.ROWS) == set(sq.SEARCH_ROWS) | set(sq.CONTROL_ROWS)
-    lineage_rows = {"longer", "longer_kd"}
-    assert {budgets[r] for r in sq.ROWS if r not in lineage_rows} == {4.0}
+    lineage_rows = set(sq.LINEAGE_ROWS)
+    assert lineage_rows == {"longer", "longer_kd"} and {"finetuned", "longer_all"} <= set(sq.ROWS)
+    assert {budgets[r] for r in sq.SEARCH_ROWS} == {4.0}
+    assert {budgets[r] for r in sq.CONTROL_ROWS if r not in lineage_rows} == {6.0}
     assert {budgets[r] for r in lineage_rows} == {1.5}
-    assert sum(sq.pipeline_split(4.0)) == 4.0
+    assert sq.default_finetune_epochs(8, 0.5) == 2.0  # half the search budget
+    assert sum(sq.pipeline_split(6.0)) == 6.0
     with pytest.raises(ValueError, match="unknown row"):
         sq.budget_epochs("annealing", 8, 0.5, 3)
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit, match=f"^--finetune-epochs {bad}: must be a positive"):
+            sq.main(["--study", str(REPO / "studies/quickstart.yaml"), "--finetune-epochs", bad])
 
 
 @pytest.mark.slow
@@ -65,14 +74,25 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
         r = results[f"{row}-s0"]
         study = open_study(r["study"]).study
         records = [TrialRecord.from_trial(t) for t in study.get_trials()]
+        assert len(records) == 3  # the finetuned row fine-tunes in a copy of hill_climb's study
         assert r["completed"] == 3 and r["train_images"] == sum(x.train_images for x in records)
         assert r["lineage"] == [t.number for t in lineage(study, r["trial"])]
         per_search.add(r["train_images"])
     assert len(per_search) == 1  # equal budgets, measured
     search_images = per_search.pop()
+    # finetuned: the search's images, then its fine-tune's (0.375 epochs: half of 3 × 0.25)
+    tuned = results["finetuned-s0"]
+    child = next(
+        t for t in open_study(tuned["study"]).study.get_trials() if t.number == tuned["trial"]
+    )
+    record = TrialRecord.from_trial(child)
+    assert record.is_finetune and record.parent == results["hill_climb-s0"]["trial"]
+    assert tuned["finetune_epochs"] == 0.375 and tuned["finetune_images"] == record.train_images
+    assert tuned["train_images"] == search_images + record.train_images
+    # every other control trains as much in all; iterations round up once per training
     batch, trainings = 4, {"pipelining": 2, "longer_all": 1, "longer_all_kd": 1}
-    for row, n in trainings.items():  # the same epochs; iterations round once per training
-        assert abs(results[f"{row}-s0"]["train_images"] - search_images) <= 3 * batch * n
+    for row, n in trainings.items():
+        assert abs(results[f"{row}-s0"]["train_images"] - tuned["train_images"]) < batch * (4 + n)
     hc_lineage = len(results["hill_climb-s0"]["lineage"])
     for row in ("longer", "longer_kd"):
         expected = search_images * hc_lineage / 3
@@ -84,11 +104,14 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
     for r in results.values():
         assert 0 <= r["heldout_ap"] <= 1 and math.isfinite(r["h"]) and r["fps_ratio"] > 0
     for row in sq.ROWS:
-        assert f"\n{row:<14}    1" in printed
+        assert re.search(rf"\n{row} +1  ", printed), row
     assert "noise floor: trial" in printed and (out / "search_quality.html").is_file()
     # a second run finds every result and only prints the table
     assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out)]) == 0
     assert "seed 0 ..." not in capsys.readouterr().out
+    # ... but not with another budget than its results' (nothing loaded before it says so)
+    with pytest.raises(SystemExit, match=r"^--finetune-epochs 1: .* finetune_epochs 0\.375;"):
+        sq.main(["--study", str(spec_file), "--out", str(out), "--finetune-epochs", "1"])
 
 
 def test_hypervolume_of_a_held_out_front_against_the_base_point() -> None:
