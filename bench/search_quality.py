@@ -387,11 +387,23 @@ def _base(shared: Shared) -> Any:
     return load_checkpoint(shared.base_path, device=shared.spec.device).detector
 
 
+def _supernet(shared: Shared) -> Any:
+    """The pool's largest sub-network, BN-recalibrated: the controls' teacher."""
+    ctx = shared.ctx
+    return ctx.pool.teacher(ctx.pool.space.largest(), ctx.train_set, device=shared.spec.device)
+
+
 def _train(
-    shared: Shared, detector: Any, seed: int, epochs: float, kd: bool, sparsity: float = 0.0
+    shared: Shared,
+    detector: Any,
+    seed: int,
+    epochs: float,
+    teacher: Any = None,
+    sparsity: float = 0.0,
 ) -> int:
     """Train ``detector`` on with the fast evaluation's settings for ``epochs`` (dynamic
-    resolution), distilled from the super-net when ``kd``; returns the images it went through."""
+    resolution), distilled from ``teacher`` when there is one; returns the images it went
+    through."""
     from jdsearch.engine.train import train
     from jdsearch.methods.distill import make_distiller
     from jdsearch.methods.morph.pruning import BNSparsity
@@ -400,8 +412,7 @@ def _train(
     spec, ctx = shared.spec, shared.ctx
     config = dataclasses.replace(spec.train_config(spec.fast_eval, seed), epochs=epochs)
     terms: list[Any] = []
-    if kd:
-        teacher = ctx.pool.teacher(ctx.pool.space.largest(), ctx.train_set, device=spec.device)
+    if teacher is not None:
         terms.append(make_distiller(detector, teacher, spec.kd, seed=seed))
     if sparsity > 0:
         terms.append(BNSparsity(sparsity))
@@ -432,6 +443,37 @@ def prune_to(
     return moves, detector
 
 
+# ---------------------------------------------------------------------- the controls
+def _scored(shared: Shared, detector: Any, path: Path) -> dict[str, Any]:
+    """Save a trained control (before anything that can fail after the training), score it as a
+    trial is scored and judge it on the held-out split."""
+    from jdsearch.search.objective import Objective
+
+    _save(detector, shared, path)
+    score = Objective(shared.ctx).score(0, detector)
+    return {**_judge(shared, detector, score), "detector": str(path)}
+
+
+def _trained_control(
+    shared: Shared, row: str, seed: int, epochs: float, hill_climb: dict[str, Any]
+) -> tuple[Any, int, dict[str, Any]]:
+    """A control's detector trained for ``epochs``, the images it went through, and what else
+    the row records."""
+    detector = _base(shared)
+    size = shared.ctx.base_resolution.hw
+    if row == "pipelining":
+        sparse, distill = pipeline_split(epochs)
+        images = _train(shared, detector, seed, sparse, sparsity=PIPELINE_SPARSITY)
+        moves, detector = prune_to(detector, hill_climb["flops"], size, shared.ctx.morph_config)
+        # distilled as the default search would be: not from a pool the teacher check refused
+        distils = shared.ctx.spec.kd.mode != "off"
+        teacher = _supernet(shared) if distils else None
+        images += _train(shared, detector, seed + 1, distill, teacher)
+        return detector, images, {"pruning": moves, "distilled": distils}
+    teacher = _supernet(shared) if row.endswith("_kd") else None
+    return detector, _train(shared, detector, seed, epochs, teacher), {}
+
+
 def run_control_row(
     shared: Shared,
     row: str,
@@ -443,36 +485,18 @@ def run_control_row(
 ) -> dict[str, Any]:
     """A control: the base trained on (with or without KD), or pruned then distilled, for its
     budget (:func:`budget_epochs`; ``finetune``: the fine-tune epochs)."""
-    from jdsearch.search.objective import Objective
-
-    spec = shared.spec
-    fast = spec.fast_eval.epochs
-    epochs = budget_epochs(row, trials, fast, len(hill_climb["lineage"]), finetune)
-    detector = _base(shared)
+    epochs = budget_epochs(
+        row, trials, shared.spec.fast_eval.epochs, len(hill_climb["lineage"]), finetune
+    )
     t0 = time.perf_counter()
-    extra: dict[str, Any] = {"epochs": epochs}
-    if row == "pipelining":
-        sparse, distill = pipeline_split(epochs)
-        images = _train(shared, detector, seed, sparse, kd=False, sparsity=PIPELINE_SPARSITY)
-        moves, detector = prune_to(
-            detector, hill_climb["flops"], shared.ctx.base_resolution.hw, shared.ctx.morph_config
-        )
-        # distilled as the default search would be: not from a pool the teacher check refused
-        distils = shared.ctx.spec.kd.mode != "off"
-        images += _train(shared, detector, seed + 1, distill, kd=distils)
-        extra.update(pruning=moves, distilled=distils)
-    else:
-        images = _train(shared, detector, seed, epochs, kd=row.endswith("_kd"))
+    detector, images, extra = _trained_control(shared, row, seed, epochs, hill_climb)
     wall = time.perf_counter() - t0
-    path = out / "winners" / f"{row}-s{seed}.safetensors"
-    _save(detector, shared, path)  # before anything that can fail after the training
-    score = Objective(shared.ctx).score(0, detector)
     return {
-        **_judge(shared, detector, score),
+        **_scored(shared, detector, out / "winners" / f"{row}-s{seed}.safetensors"),
         **extra,
+        "epochs": epochs,
         "train_images": images,
         "wall_s": wall,
-        "detector": str(path),
     }
 
 
