@@ -40,6 +40,38 @@ training to whole batches, for ``finetuned`` and every control but the lineage o
     longer_kd       the same, distilled from the super-net
     longer_all      the base trained on for the whole budget (search + fine-tune), no teacher
     longer_all_kd   the same, distilled from the super-net
+    torch_pruning   the peer a user would reach for instead of a search: Torch-Pruning (the
+                    ``bench`` extra) prunes the base down to the hill_climb winner's FLOPs (BN-scale
+                    importance, global ranking), then the pruned detector trains for the whole
+                    budget (search + fine-tune) with no teacher, as longer_all does
+    torch_pruning_l1    the same with L1-magnitude importance (``MagnitudeImportance(p=1)``)
+    torch_pruning_kd    torch_pruning's pruning, then trained distilled from the unpruned base
+    torch_pruning_front BN-scale Torch-Pruning to 0.5×, 0.7× and 0.85× the base's FLOPs, each
+                    detector trained for the whole budget (so three budgets in all, which its
+                    "train imgs" shows): the table gives its best detector by selection H, and its
+                    HV is the three's, beside the searches' fronts
+
+What Torch-Pruning (1.6.1) prunes: its DepGraph pruner (``tp.pruner.BasePruner``, global
+ranking over every group, ``pruning_ratio`` stepped by Torch-Pruning's own iterative schedule from
+0 to 90 % of the channels in 90 steps, ``max_pruning_ratio`` 0.9: a layer below 10 % of its width
+is pruned no further, though the step that takes it there may leave it one channel) runs on
+``detector.backbone`` (the ResNet body and the FPN), traced from one image at the base resolution.
+It may prune every conv of the body: the stem, the inner convs of each block and each residual
+stream as one group (the convs that end the stream's blocks, its projection shortcut, the next
+blocks' inputs and the FPN lateral conv that reads it, all by the same channels, so a stream keeps
+one width). It is kept off the FPN, whose width the RPN and RoI heads read, and off the shortcut
+conv of every stride-1 projection block (a ResNet-50's first block, 64 → 256 channels): jdsearch's
+:class:`~jdsearch.spec.arch.BackboneArch` describes a block by its conv widths and derives a
+projection from a change of width or a stride, so a stride-1 stream pruned to the width of its
+input would keep a shortcut that no architecture describes. What the pruning leaves is therefore
+always an architecture: the detector is rebuilt from its modules' widths (each block's convs, the
+stem's; strides, groups and the FPN as they were) and the pruned weights loaded into it exactly
+(:func:`described`), a jdsearch detector that FLOPs counting, ``arch_key``, latency and checkpoints
+take as any other. After each step jdsearch's ``count_flops`` at the base resolution counts the
+detector; the pruning stops at the first step at or below the target, so it lands under the target
+by less than one step's worth (:data:`TP_STEP_TOLERANCE` of the base's FLOPs). A target below what
+pruning the body can reach (the FPN, RPN and RoI heads stay: about half of the tiny R18-FPN's
+FLOPs at 208×128) keeps the last step, and the table says so under it.
 
 ``--alphas A ...`` adds one hill-climbing row per α, ``hill_climb_aA`` (the study's H with α = A),
 so a Pareto search is compared with single-H searches at several trade-offs at the same budget.
@@ -73,6 +105,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -87,7 +120,12 @@ from typing import Any
 SEARCH_ROWS = (
     "hill_climb", "pareto", "random", "greedy", "pool", "kd_always", "kd_fixed", "kd_off",
 )  # fmt: skip
-CONTROL_ROWS = ("finetuned", "pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd")
+TP_ROWS = ("torch_pruning", "torch_pruning_l1", "torch_pruning_kd")
+TP_FRONT_ROW = "torch_pruning_front"
+CONTROL_ROWS = (
+    "finetuned", "pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd",
+    *TP_ROWS, TP_FRONT_ROW,
+)  # fmt: skip
 ROWS = SEARCH_ROWS + CONTROL_ROWS
 LINEAGE_ROWS = ("longer", "longer_kd")  # as many epochs as the hill-climbing winner's lineage had
 # row -> (search.strategy, kd.mode, kd.when; None: the study's); score.mode pareto for "pareto".
@@ -103,6 +141,17 @@ _SEARCH_SETTINGS: dict[str, tuple[str, str, str | None]] = {
     "kd_off": ("hill_climb", "off", None),
 }
 PIPELINE_SPARSITY = 1e-4  # BN-sparsity weight of the pipelining baseline's first half
+TP_IMPORTANCE = {
+    "torch_pruning": "bn_scale",
+    "torch_pruning_l1": "l1",
+    "torch_pruning_kd": "bn_scale",
+}
+TP_FRONT = (0.5, 0.7, 0.85)  # the Torch-Pruning front: these fractions of the base's FLOPs
+TP_MAX_RATIO = 0.9  # Torch-Pruning's schedule ends at 90 % of the channels; its max_pruning_ratio
+TP_STEPS = 90  # ... in steps of 1 % of the channels
+# One step removes at most this much of the base's FLOPs (measured: 3.4 % at most, tiny R18 and
+# R50 FPNs at 208x128 and 96x96, either importance): how far under its target a pruning may land.
+TP_STEP_TOLERANCE = 0.05
 ALPHA_ROW = "hill_climb_a"  # + α: hill climbing scored by H with that α (--alphas)
 
 
@@ -443,6 +492,109 @@ def prune_to(
     return moves, detector
 
 
+# ---------------------------------------------------------------------- Torch-Pruning
+def _tp_importance(kind: str) -> Any:
+    import torch_pruning as tp
+
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    return tp.importance.BNScaleImportance()
+
+
+def tp_protected(detector: Any) -> list[Any]:
+    """What Torch-Pruning must leave as it is: the FPN (its width feeds the RPN and RoI heads),
+    and the 1×1 shortcut conv of every stride-1 projection block, whose residual stream keeps its
+    width so that the block keeps the projection :class:`BackboneArch` derives from it."""
+    body = detector.backbone.body
+    shortcuts = [
+        block.shortcut.conv
+        for stage in body.stages
+        for block in stage
+        if block.shortcut is not None and tuple(block.shortcut.conv.stride) == (1, 1)
+    ]
+    return [detector.backbone.fpn, *shortcuts]
+
+
+def tp_prune_in_place(
+    detector: Any, target_flops: float, size: tuple[int, int], importance: str = "bn_scale"
+) -> dict[str, Any]:
+    """Torch-Pruning's DepGraph pruner on ``detector.backbone`` (global ranking, ``importance``
+    ``bn_scale`` or ``l1``, :func:`tp_protected` ignored), stepped until jdsearch's FLOPs count at
+    ``size`` is at or below ``target_flops`` or the schedule ends; returns what it did."""
+    from importlib.metadata import version
+
+    import torch
+    import torch_pruning as tp
+
+    from jdsearch.models.flops import count_flops
+
+    flops = [count_flops(detector, size=size).total]
+    example = torch.zeros(1, 3, *size, device=next(detector.parameters()).device)
+    pruner = tp.pruner.BasePruner(
+        detector.backbone,
+        example,
+        importance=_tp_importance(importance),
+        global_pruning=True,
+        pruning_ratio=TP_MAX_RATIO,
+        max_pruning_ratio=TP_MAX_RATIO,
+        iterative_steps=TP_STEPS,
+        ignored_layers=tp_protected(detector),
+    )
+    while flops[-1] > target_flops and pruner.current_step < TP_STEPS:
+        pruner.step()
+        flops.append(count_flops(detector, size=size).total)
+    return {
+        "library": f"torch-pruning {version('torch-pruning')}",
+        "importance": importance,
+        "target_flops": int(target_flops),
+        "target_ratio": target_flops / flops[0],
+        "flops_ratio": flops[-1] / flops[0],
+        "target_met": flops[-1] <= target_flops,
+        "steps": pruner.current_step,
+        "channel_ratio": pruner.per_step_pruning_ratio[pruner.current_step],
+        "flops_steps": flops,
+    }
+
+
+def described(detector: Any) -> Any:
+    """``detector``, whose body was pruned in place, rebuilt as a jdsearch detector: its
+    :class:`BackboneArch` read from its modules (each block's conv widths, the stem's; strides,
+    groups and the FPN as they were) and its weights loaded into it exactly, so that FLOPs,
+    ``arch_key``, latency and checkpoints see the pruned detector.
+
+    Raises:
+        CheckpointError: the modules are not what that architecture builds (a shortcut where the
+            arch derives none, or the reverse).
+    """
+    from jdsearch.models.detector import build_detector, load_weights_exactly
+    from jdsearch.spec.arch import Block, Stage
+
+    body, arch = detector.backbone.body, detector.arch
+    stages = []
+    for modules, stage in zip(body.stages, arch.stages, strict=True):
+        blocks = []
+        for block, old in zip(modules, stage.blocks, strict=True):
+            convs = [getattr(block, f"conv{k}", None) for k in (1, 2, 3)]
+            widths = tuple(int(c.weight.shape[0]) for c in convs if c is not None)
+            blocks.append(Block(widths, old.groups))
+        stages.append(Stage(tuple(blocks), stage.stride))
+    pruned = dataclasses.replace(arch.with_stages(stages), stem=int(body.stem.conv.weight.shape[0]))
+    child = build_detector(detector.spec.with_arch(pruned), detector.spec.num_classes)
+    what = f"the arch read from its modules, {pruned.encode()} (stem {pruned.stem})"
+    load_weights_exactly(child, detector.state_dict(), source="torch_pruning", what=what)
+    return child.to(next(detector.parameters()).device)
+
+
+def tp_prune(
+    detector: Any, target_flops: float, size: tuple[int, int], importance: str = "bn_scale"
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`tp_prune_in_place`, then :func:`described`: the pruned jdsearch detector and what
+    the pruning did (with the architecture it ended at)."""
+    pruning = tp_prune_in_place(detector, target_flops, size, importance)
+    pruned = described(detector)
+    return pruned, {**pruning, "arch": pruned.arch.encode(), "stem": pruned.arch.stem}
+
+
 # ---------------------------------------------------------------------- the controls
 def _scored(shared: Shared, detector: Any, path: Path) -> dict[str, Any]:
     """Save a trained control (before anything that can fail after the training), score it as a
@@ -470,6 +622,11 @@ def _trained_control(
         teacher = _supernet(shared) if distils else None
         images += _train(shared, detector, seed + 1, distill, teacher)
         return detector, images, {"pruning": moves, "distilled": distils}
+    if row in TP_IMPORTANCE:
+        detector, pruning = tp_prune(detector, hill_climb["flops"], size, TP_IMPORTANCE[row])
+        teacher = _base(shared) if row == "torch_pruning_kd" else None  # the unpruned base
+        images = _train(shared, detector, seed, epochs, teacher)
+        return detector, images, {"pruning": pruning, "distilled": teacher is not None}
     teacher = _supernet(shared) if row.endswith("_kd") else None
     return detector, _train(shared, detector, seed, epochs, teacher), {}
 
@@ -483,11 +640,14 @@ def run_control_row(
     out: Path,
     finetune: float = 0.0,
 ) -> dict[str, Any]:
-    """A control: the base trained on (with or without KD), or pruned then distilled, for its
-    budget (:func:`budget_epochs`; ``finetune``: the fine-tune epochs)."""
+    """A control: the base trained on (with or without KD), or pruned (by jdsearch's actions or
+    by Torch-Pruning) then trained, for its budget (:func:`budget_epochs`; ``finetune``: the
+    fine-tune epochs)."""
     epochs = budget_epochs(
         row, trials, shared.spec.fast_eval.epochs, len(hill_climb["lineage"]), finetune
     )
+    if row == TP_FRONT_ROW:
+        return run_tp_front(shared, seed, epochs, out)
     t0 = time.perf_counter()
     detector, images, extra = _trained_control(shared, row, seed, epochs, hill_climb)
     wall = time.perf_counter() - t0
@@ -497,6 +657,33 @@ def run_control_row(
         "epochs": epochs,
         "train_images": images,
         "wall_s": wall,
+    }
+
+
+def run_tp_front(shared: Shared, seed: int, epochs: float, out: Path) -> dict[str, Any]:
+    """BN-scale Torch-Pruning to each of :data:`TP_FRONT` times the base's FLOPs, each detector
+    trained for ``epochs``: the row's figures are its best detector's by H on the selection split,
+    its front (for the HV) all of them, its training images theirs together."""
+    t0 = time.perf_counter()
+    size = shared.ctx.base_resolution.hw
+    members = []
+    for fraction in TP_FRONT:
+        detector, pruning = tp_prune(_base(shared), fraction * shared.ctx.base_flops, size)
+        images = _train(shared, detector, seed, epochs)
+        path = out / "winners" / f"{TP_FRONT_ROW}-s{seed}-{fraction:g}x.safetensors"
+        scored = _scored(shared, detector, path)
+        members.append({**scored, "fraction": fraction, "pruning": pruning, "train_images": images})
+    best = max(members, key=lambda m: m["h"])
+    return {
+        **best,
+        "members": members,
+        "front": [
+            {"fraction": m["fraction"], "heldout_ap": m["heldout_ap"], "cost": m["cost"]}
+            for m in members
+        ],
+        "epochs": epochs,
+        "train_images": sum(m["train_images"] for m in members),
+        "wall_s": time.perf_counter() - t0,
     }
 
 
@@ -591,6 +778,7 @@ def write_html(results: dict[tuple[str, int], dict[str, Any]], base_flops: int, 
             )
     for row in ordered:
         rs = [(s, r) for (n, s), r in sorted(results.items()) if n == row]
+        rs = [(s, m) for s, r in rs for m in r.get("members", [r])]  # every detector of a front
         if rs:
             fig.add_trace(
                 go.Scatter(
@@ -694,6 +882,11 @@ def main(argv: list[str] | None = None) -> int:
         finetune = default_finetune_epochs(trials, fast)
     elif not (math.isfinite(finetune) and finetune > 0):
         raise SystemExit(f"--finetune-epochs {finetune:g}: must be a positive number")
+    tp_rows = [r for r in args.rows if r in TP_IMPORTANCE or r == TP_FRONT_ROW]
+    if tp_rows and not args.table_only and importlib.util.find_spec("torch_pruning") is None:
+        raise SystemExit(
+            f"--rows {tp_rows[0]}: needs Torch-Pruning, the bench extra: pip install -e '.[bench]'"
+        )
     out = Path(args.out or Path("runs") / "search_quality" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     trials, finetune = _budget(out, trials, fast, finetune, fixed=not args.table_only)
@@ -757,6 +950,21 @@ def _hill_climb_first(shared: Shared, seed: int, trials: int, out: Path) -> dict
     return {"row": "hill_climb", "seed": seed, **result}
 
 
+def _pruning_notes(results: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """A line for each Torch-Pruning that ended above its FLOPs target."""
+    lines = []
+    for (row, seed), r in sorted(results.items()):
+        for m in r.get("members", [r]):
+            p = m.get("pruning")
+            if isinstance(p, dict) and not p["target_met"]:
+                lines.append(
+                    f"{row} seed {seed}: Torch-Pruning ended at {p['flops_ratio']:.2f}× the base's "
+                    f"FLOPs, above its target {p['target_ratio']:.2f}× (the FPN and heads it "
+                    "leaves cost the rest)"
+                )
+    return lines
+
+
 def _report(shared: Shared, out: Path, trials: int, finetune: float) -> int:
     results = _load(out)
     if not results:
@@ -784,6 +992,8 @@ def _report(shared: Shared, out: Path, trials: int, finetune: float) -> int:
         f"{100 * base[0]:.1f} at {shared.ctx.base_resolution}, cost {base[1]:g}) in AP points × "
         f"cost ({shared.spec.score.cost}: (C/C_base)·(R/R_base)^{shared.spec.score.beta:g})"
     )
+    for line in _pruning_notes(results):
+        print(line)
     if any(row == "hill_climb" for row, _ in results):
         print("\n" + _noise(shared, results, out))
     write_html(results, shared.ctx.base_flops, out / "search_quality.html")

@@ -4,6 +4,7 @@ row on the tiny assets (the figures themselves are the bench's to print, not a t
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import json
 import math
@@ -32,7 +33,9 @@ def _bench():
     return module
 
 
-def test_every_row_gets_the_same_budget_but_the_lineage_controls() -> None:
+def test_every_row_gets_the_same_budget_but_the_lineage_controls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Searches: the search budget; finetuned (search, then fine-tune) and every control but the
     lineage ones: the search budget plus the fine-tune's."""
     sq = _bench()
@@ -47,9 +50,19 @@ def test_every_row_gets_the_same_budget_but_the_lineage_controls() -> None:
     assert sum(sq.pipeline_split(6.0)) == 6.0
     with pytest.raises(ValueError, match="unknown row"):
         sq.budget_epochs("annealing", 8, 0.5, 3)
+    quickstart = str(REPO / "studies/quickstart.yaml")
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit, match=f"^--finetune-epochs {bad}: must be a positive"):
-            sq.main(["--study", str(REPO / "studies/quickstart.yaml"), "--finetune-epochs", bad])
+            sq.main(["--study", quickstart, "--finetune-epochs", bad])
+    # without the bench extra, a Torch-Pruning row says what to install, before anything runs
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "torch_pruning" else find_spec(name),
+    )
+    with pytest.raises(SystemExit, match=r"^--rows torch_pruning_kd: needs .*\[bench\]"):
+        sq.main(["--study", quickstart, "--rows", "longer_all", "torch_pruning_kd"])
 
 
 @pytest.mark.slow
@@ -93,6 +106,8 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
     batch, trainings = 4, {"pipelining": 2, "longer_all": 1, "longer_all_kd": 1}
     for row, n in trainings.items():
         assert abs(results[f"{row}-s0"]["train_images"] - tuned["train_images"]) < batch * (4 + n)
+    # Torch-Pruning: pruned to its target (the first step at or below it), then trained as much
+    _check_torch_pruning(sq, results, tuned["train_images"], batch)
     hc_lineage = len(results["hill_climb-s0"]["lineage"])
     for row in ("longer", "longer_kd"):
         expected = search_images * hc_lineage / 3
@@ -112,6 +127,119 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
     # ... but not with another budget than its results' (nothing loaded before it says so)
     with pytest.raises(SystemExit, match=r"^--finetune-epochs 1: .* finetune_epochs 0\.375;"):
         sq.main(["--study", str(spec_file), "--out", str(out), "--finetune-epochs", "1"])
+
+
+def _check_pruned(sq, pruning: dict, target: float, base_flops: int) -> None:
+    """At or under its target, less than one step under it, unless even the last step is above."""
+    steps = pruning["flops_steps"]
+    assert pruning["target_flops"] == int(target) and steps[0] == base_flops
+    if not pruning["target_met"]:
+        assert pruning["steps"] == sq.TP_STEPS and steps[-1] > target
+        return
+    assert steps[-1] <= target and (len(steps) == 1 or steps[-2] > target)
+    assert target - steps[-1] <= sq.TP_STEP_TOLERANCE * base_flops
+
+
+def _check_torch_pruning(sq, results: dict, total_images: int, batch: int) -> None:
+    from jdsearch.store.checkpoint import load_checkpoint
+
+    hc = results["hill_climb-s0"]
+    base_flops = results["longer_all-s0"]["flops"]  # the base, trained on
+    for row in sq.TP_ROWS:
+        r = results[f"{row}-s0"]
+        _check_pruned(sq, r["pruning"], hc["flops"], base_flops)
+        assert r["flops"] == r["pruning"]["flops_steps"][-1]  # the rebuilt detector, counted
+        assert load_checkpoint(r["detector"]).detector.arch.encode() == r["pruning"]["arch"]
+        assert abs(r["train_images"] - total_images) < batch * 5  # the whole budget
+    # the same pruning for the same importance, whatever the training after it
+    assert (
+        results["torch_pruning_kd-s0"]["pruning"]["arch"]
+        == results["torch_pruning-s0"]["pruning"]["arch"]
+    )
+    assert (
+        results["torch_pruning_kd-s0"]["distilled"] and not results["torch_pruning-s0"]["distilled"]
+    )
+    front = results["torch_pruning_front-s0"]
+    assert [m["fraction"] for m in front["members"]] == list(sq.TP_FRONT) == [0.5, 0.7, 0.85]
+    for m in front["members"]:
+        _check_pruned(sq, m["pruning"], m["fraction"] * base_flops, base_flops)
+        assert m["flops"] == m["pruning"]["flops_steps"][-1]
+        assert abs(m["train_images"] - total_images) < batch * 5  # each: the whole budget
+    assert all(m["pruning"]["target_met"] for m in front["members"][1:])  # 0.7× and 0.85× reached
+    assert front["train_images"] == sum(m["train_images"] for m in front["members"])
+    assert len(front["front"]) == 3 and math.isfinite(front["hypervolume"])
+
+
+def _tiny_detector(name: str):
+    """A tiny detector in eval mode whose BN scales differ, as a trained one's do (a fresh one's
+    are all 1: tied, so Torch-Pruning's global threshold takes every channel of a group or none)."""
+    import torch
+
+    from jdsearch.models.detector import build_detector
+    from jdsearch.spec.detector import load_spec
+
+    detector = build_detector(load_spec(name), num_classes=4, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for m in detector.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+    return detector.eval()
+
+
+def test_torch_pruning_lands_on_its_flops_target_as_a_jdsearch_detector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from jdsearch.models.flops import count_flops
+    from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
+
+    sq = _bench()
+    size = (128, 208)  # the tiny R18-FPN's input size
+    base = _tiny_detector("tiny-r18-fpn")
+    base_flops = count_flops(base, size=size).total
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    for fraction, importance in ((0.85, "bn_scale"), (0.7, "l1"), (0.3, "bn_scale")):
+        if fraction == 0.3:  # out of reach: the FPN and heads cost more; the schedule ends
+            monkeypatch.setattr(sq, "TP_STEPS", 10)  # (in 10 steps here, not 90: seconds)
+        detector = copy.deepcopy(base)
+        pruning = sq.tp_prune_in_place(detector, fraction * base_flops, size, importance)
+        _check_pruned(sq, pruning, fraction * base_flops, base_flops)
+        assert pruning["target_met"] == (fraction > 0.5)
+        pruned = sq.described(detector).eval()
+        assert count_flops(pruned, size=size).total == pruning["flops_steps"][-1]
+        assert pruned.arch.fpn == base.arch.fpn and pruned.arch.stem < base.arch.stem
+        with torch.no_grad():  # the rebuilt detector computes what the pruned modules did
+            for a, b in zip(
+                detector.backbone(image).values(), pruned.backbone(image).values(), strict=True
+            ):
+                assert a.shape[1] == base.arch.fpn and torch.equal(a, b)
+        path = save_checkpoint(tmp_path / f"{fraction}.safetensors", pruned, class_names="abc")
+        assert load_checkpoint(path).detector.arch == pruned.arch
+
+
+def test_torch_pruning_leaves_what_no_architecture_could_describe() -> None:
+    """A stride-1 projection keeps its stream's width (ResNet-50's first block); the rebuild
+    refuses modules that its architecture would not build."""
+    from jdsearch.core.errors import CheckpointError
+    from jdsearch.models.flops import count_flops
+    from jdsearch.models.resnet import Shortcut
+
+    sq = _bench()
+    size = (96, 96)
+    base = _tiny_detector("tiny-r50-fpn")
+    target = 0.95 * count_flops(base, size=size).total
+    detector = copy.deepcopy(base)
+    assert sq.tp_prune_in_place(detector, target, size)["target_met"]
+    pruned = sq.described(detector)
+    first = pruned.arch.slot(0, 0)
+    assert first.has_projection and first.stride == 1
+    assert pruned.arch.stage_out_channels[0] == base.arch.stage_out_channels[0]  # kept
+    assert pruned.arch.stage_out_channels[1:] != base.arch.stage_out_channels[1:]  # pruned
+    r18 = _tiny_detector("tiny-r18-fpn")
+    r18.backbone.body.stages[0][1].shortcut = Shortcut(16, 16, 1)  # no arch has it
+    with pytest.raises(CheckpointError, match=r"unexpected backbone\.body\.stages\.0\.1\.shortcut"):
+        sq.described(r18)
 
 
 def test_hypervolume_of_a_held_out_front_against_the_base_point() -> None:
