@@ -1,8 +1,14 @@
 """jdsearch: upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.
 
 The public API is re-exported here lazily (PEP 562): importing one submodule — say
-``jdsearch.spec.study`` — imports neither torch nor every other module. The layers and what each may
-import are in ``docs/architecture.md``; the CLI is in the README.
+``jdsearch.spec.study`` — imports neither torch nor every other module. The layers and what each
+may import are in ``docs/architecture.md``; the CLI is in the README.
+
+Stability: the names in ``__all__`` are the public API; their signatures and behaviour change
+only with a note in the release, and a removal is deprecated for a minor version first. Module
+paths inside the package (``jdsearch.search.session``…) are not part of it: they may move, as
+they did when the package took one folder per layer. The README's "From Python" section uses
+only the stable names.
 """
 
 from __future__ import annotations
@@ -28,7 +34,17 @@ _EXPORTS = {
     "ElasticPool": "methods.pool",
     **dict.fromkeys(["load_checkpoint", "save_checkpoint"], "store"),
     **dict.fromkeys(["load_detector", "load_exported", "export_detector"], "store"),
-    **dict.fromkeys(["HillClimbingSampler", "run_search", "open_study", "export_trial"], "search"),
+    **dict.fromkeys(
+        [
+            "HillClimbingSampler",
+            "SearchRun",
+            "run_search",
+            "open_run",
+            "open_study",
+            "export_trial",
+        ],
+        "search",
+    ),
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,6 +14,8 @@ _EXPORTS = {
     "Objective": "objective",
     "score_h": "objective",
     "prepare": "session",
+    "open_run": "session",
+    "SearchRun": "session",
     "run_search": "run",
     **dict.fromkeys(
         ["StudyHandle", "best_of", "completed_trials", "lineage", "open_study", "root_of"],

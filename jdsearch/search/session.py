@@ -66,10 +66,13 @@ class SearchRun:
 
     ``study`` carries the run's :class:`HillClimbingSampler`; ``ctx`` is what every trial of this
     worker shares; ``check`` is the teacher check that decided ``kd`` (``None``: none applied).
+    Stable: ``spec``, ``storage``, ``study``, :meth:`objective` and :meth:`sampler`; the rest may
+    change between minor versions.
     """
 
     spec: StudySpec
     url: str  # the storage URL, with its driver
+    storage: ResilientStorage  # the study's storage (heartbeats, retries over outages)
     store: Any  # the study's artifact store
     study: optuna.Study
     ctx: SearchContext
@@ -86,8 +89,13 @@ class SearchRun:
         return self.ctx.kd
 
     def objective(self) -> Objective:
-        """A new objective for ``study.optimize`` over this run's trials."""
+        """A new objective for ``study.optimize`` over this run's trials (stable)."""
         return Objective(self.ctx)
+
+    def sampler(self) -> HillClimbingSampler:
+        """A new :class:`HillClimbingSampler` with this run's settings (strategy, move vocabulary,
+        feasible moves, top-k, freeze, seed), for a study of your own (stable)."""
+        return _sampler(self.ctx)
 
 
 def open_run(
@@ -143,7 +151,7 @@ def open_run(
     del base  # the teacher check's alone: not kept for the search
     ctx = _context(handle, store, assets, kd, progress)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(ctx))
-    return SearchRun(spec, url, store, study, ctx, check)
+    return SearchRun(spec, url, storage, store, study, ctx, check)
 
 
 def _assets(
