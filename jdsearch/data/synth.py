@@ -79,28 +79,41 @@ class _Shape:
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int, amp: float) -> np.ndarray:
-    """Bilinearly interpolated random grid: soft colour blotches of about ``cell`` pixels."""
-    grid = rng.normal(0.0, amp, size=(h // cell + 2, w // cell + 2, 3))
+    """Bilinearly interpolated random grid: soft colour blotches of about ``cell`` pixels, float
+    ``[3, h, w]`` (channels first)."""
+    grid = rng.normal(0.0, amp, size=(h // cell + 2, w // cell + 2, 3)).transpose(2, 0, 1)
     ys = (np.arange(h) + 0.5) / cell
     xs = (np.arange(w) + 0.5) / cell
     y0 = ys.astype(np.int64)
     x0 = xs.astype(np.int64)
-    fy = (ys - y0)[:, None, None]
-    fx = (xs - x0)[None, :, None]
-    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
-    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
-    return top * (1 - fy) + bottom * fy
+    fy = (ys - y0)[:, None]
+    fx = xs - x0
+    # Along x on the grid's rows first, then along y: each pixel is the same sum of the same
+    # products as interpolating every pixel row, for a tenth of the work (and np.take and
+    # in-place products make fewer and faster copies than indexing and new arrays).
+    rows = np.take(grid, x0, axis=2) * (1 - fx) + np.take(grid, x0 + 1, axis=2) * fx
+    top = np.take(rows, y0, axis=1)
+    top *= 1 - fy
+    bottom = np.take(rows, y0 + 1, axis=1)
+    bottom *= fy
+    top += bottom
+    return top
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Gradient + blotches + stripes, float ``[h, w, 3]`` in roughly 0..255."""
-    c0 = rng.uniform(0, 255, size=3)
-    c1 = rng.uniform(0, 255, size=3)
+    """Gradient + blotches + stripes, float ``[h, w, 3]`` in roughly 0..255.
+
+    Drawn channels first (``[3, h, w]``): NumPy broadcasts a row of pixels many times faster
+    than the three channels of one pixel, and every pixel gets the same values either way.
+    """
+    c0 = rng.uniform(0, 255, size=3)[:, None, None]
+    c1 = rng.uniform(0, 255, size=3)[:, None, None]
     angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    yy = np.arange(h, dtype=np.float64)[:, None]  # broadcast to [h, w] by the sums below
+    xx = np.arange(w, dtype=np.float64)[None, :]
     t = xx * np.cos(angle) + yy * np.sin(angle)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-9)
-    canvas = c0 + (c1 - c0) * t[..., None]
+    canvas = c0 + (c1 - c0) * t
     canvas += _smooth_noise(rng, h, w, cell=int(rng.integers(8, 24)), amp=float(rng.uniform(5, 20)))
     # Stripe texture over a random rectangle (sometimes the whole image).
     period = rng.uniform(3, 12)
@@ -112,8 +125,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     region[y_a:y_b, x_a:x_b] = True
     if rng.random() < 0.3:
         region[:] = True
-    canvas += (rng.uniform(4, 18) * stripes * region)[..., None]
-    return canvas
+    canvas += rng.uniform(4, 18) * stripes * region
+    return np.ascontiguousarray(canvas.transpose(1, 2, 0))
 
 
 def _distractors(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
@@ -140,7 +153,7 @@ def _distractors(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
         cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
         s = int(rng.integers(1, 3))
         draw.rectangle([cx, cy, cx + s - 1, cy + s - 1], fill=colour())
-    return np.asarray(img, dtype=np.float64).copy()
+    return np.array(img, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +240,8 @@ def _render(
     shapes = canvas.shapes()
     pixels = canvas.pixels
     pixels += rng.normal(0.0, float(rng.uniform(2, 10)), size=pixels.shape)
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), shapes
+    np.rint(pixels, out=pixels)
+    return np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), shapes
 
 
 def _plan_shapes(
