@@ -206,3 +206,13 @@ def test_pool_train_writes_into_a_folder_that_does_not_exist_yet(
     out = tmp_path / "new" / "folder" / "pool.safetensors"
     assert main(["pool", "train", str(spec), "--out", str(out), "--quiet"]) == 0
     assert out.is_file()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--workers", "0"), ("--workers", "-2")])
+def test_data_synth_refuses_a_bad_flag_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, value: str
+) -> None:
+    out = tmp_path / "data"
+    code, _, err = run(capsys, "data", "synth", "--out", str(out), "--images", "4", flag, value)
+    assert code == 2 and err.startswith(f"jdsearch: error: {flag}: ") and err.count("\n") == 1
+    assert value in err and not out.exists()

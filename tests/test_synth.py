@@ -199,6 +199,8 @@ def test_generated_set_loads_through_coco_dataset(tmp_path: Path) -> None:
         {"images": 4, "seed": 0, "val_fraction": 0.0},
         {"images": 4, "seed": 0, "val_fraction": 1.0},
         {"images": 4, "seed": 0, "max_objects": 0},
+        {"images": 4, "seed": 0, "workers": 0},
+        {"images": 4, "seed": 0, "workers": 1.5},
     ],
 )
 def test_bad_arguments_raise_spec_error(tmp_path: Path, kwargs: dict[str, Any]) -> None:
@@ -230,8 +232,10 @@ PINNED = [
 ]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize(("seed", "size", "digest"), PINNED)
-def test_output_is_pinned(tmp_path: Path, seed: int, size: Any, digest: str) -> None:
-    generate(tmp_path, images=24, seed=seed, size=size)
+def test_output_is_pinned(tmp_path: Path, seed: int, size: Any, digest: str, workers: int) -> None:
+    # With 2 workers the 24 images are drawn in 8 chunks by 2 processes, in no fixed order.
+    generate(tmp_path, images=24, seed=seed, size=size, workers=workers)
     assert len(list((tmp_path / "images").iterdir())) == 24
     assert _tree_digest(tmp_path) == digest

@@ -21,6 +21,12 @@ def add_data(sub: Any, name: str) -> None:
     s.add_argument("--images", type=int, default=DEFAULT_SYNTH_IMAGES)
     s.add_argument("--seed", type=int, default=DEFAULT_SYNTH_SEED)
     s.add_argument("--size", type=int, nargs="+", default=[128], help="side, or MIN MAX")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="processes that draw the images (default: the CPUs available); the files are the "
+        "same for any number",
+    )
     s.set_defaults(func=cmd_data_synth)
     c = d.add_parser("check", help="validate a COCO annotation file and its images")
     c.add_argument("--ann", required=True)
@@ -30,13 +36,18 @@ def add_data(sub: Any, name: str) -> None:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """``jdsearch data synth``: write a synthetic COCO dataset and print what it holds; returns 0.
-    Raises :class:`JDSearchError` unless ``--size`` has one or two values."""
+    Raises :class:`JDSearchError` unless ``--size`` has one or two values and ``--workers``, if
+    given, is at least 1."""
     from jdsearch.data import synth
 
     if len(args.size) not in (1, 2):
         raise JDSearchError(f"--size: give one side or MIN MAX, got {args.size}")
+    if args.workers is not None and args.workers < 1:
+        raise JDSearchError(f"--workers: must be at least 1, got {args.workers}")
     size = args.size[0] if len(args.size) == 1 else (args.size[0], args.size[1])
-    info = synth.generate(args.out, images=args.images, seed=args.seed, size=size)
+    info = synth.generate(
+        args.out, images=args.images, seed=args.seed, size=size, workers=args.workers
+    )
     print(f"wrote {info.images} images to {info.image_dir}")
     print(f"  {info.train_json}: {info.train_images} images, {info.train_annotations} objects")
     print(f"  {info.val_json}: {info.val_images} images, {info.val_annotations} objects")

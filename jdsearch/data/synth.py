@@ -13,7 +13,15 @@ inside the image; ``area`` is the box area. Finally Gaussian pixel noise is adde
 
 Everything is drawn from ``numpy.random.default_rng`` seeded by ``(seed, image number)`` and
 rendered with NumPy and PIL, and nothing time-dependent is written, so the same arguments give
-byte-identical files (given the same NumPy, Pillow and zlib builds).
+byte-identical files (given the same NumPy, Pillow and zlib builds), whatever the number of
+worker processes that draw them (``tests/test_synth.py`` pins the hashes).
+
+Speed: the images are drawn and saved in worker processes (one per available CPU by default),
+each image from its own random stream; the background is drawn channels first. A profile before
+this put about 45 % of the time in zlib's PNG encoding (which has to stay as it is for the bytes
+to stay) and a third in the background. The quickstart's 1,200 images of 128 px, seed 0, measured
+back to back on the 2-core development machine while other jobs kept both cores busy (load
+average about 4): 17.5 s before, 14.4 s after, 1.2x (CPU time 11.3 s and 10.1 s).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,7 @@ from PIL import Image, ImageDraw
 
 from jdsearch.core.errors import SpecError
 
-__all__ = ["CLASS_NAMES", "SynthInfo", "ensure_dataset", "generate"]
+__all__ = ["CLASS_NAMES", "SynthInfo", "available_cpus", "ensure_dataset", "generate"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ MAX_SIDE = 4096
 _MIN_VISIBLE = 0.65  # fraction of a shape's pixels that must stay visible (overlap, truncation)
 _MIN_CONTRAST = 90.0  # RGB distance between a shape and what lies under it
 _PLACE_TRIES = 12
+_CHUNK = 32  # most images a worker process draws per task
 
 
 @dataclass(frozen=True)
@@ -374,6 +384,23 @@ def _check_args(
     return lo, hi
 
 
+def _check_workers(workers: int | None) -> int:
+    """The number of worker processes: ``workers``, or :func:`available_cpus` for ``None``."""
+    workers = available_cpus() if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise SpecError(f"synth: workers must be an integer >= 1, got {workers!r}")
+    return workers
+
+
+def _image_dir(out: Path) -> Path:
+    """``out/images``, made if missing; refused when ``out`` is a file."""
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"synth: output path {out} exists and is not a folder")
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    return image_dir
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -432,28 +459,78 @@ def _annotations(image_id: int, shapes: list[_Shape], first_id: int) -> list[dic
     return out
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """Images ``ids`` of a set to draw and save in ``image_dir`` (by this process or a worker):
+    what each holds is drawn from its own random stream, seeded by ``(seed, 1, image id)``, so
+    that neither the order nor the process that draws it changes a byte."""
+
+    image_dir: Path
+    ids: tuple[int, ...]
+    empty_ids: frozenset[int]
+    seed: int
+    sides: tuple[int, int]
+    max_objects: int
+
+
+#: What :func:`_write_chunk` returns for each image: its id, width, height and shapes.
+_Drawn = tuple[int, int, int, list[_Shape]]
+
+
+def _write_chunk(chunk: _Chunk) -> list[_Drawn]:
+    """Render and save the images of ``chunk``; what each holds, in the chunk's order."""
+    lo, hi = chunk.sides
+    out = []
+    for image_id in chunk.ids:
+        rng = np.random.default_rng([chunk.seed, 1, image_id])
+        h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+        empty = image_id in chunk.empty_ids
+        n_objects = 0 if empty else int(rng.integers(1, chunk.max_objects + 1))
+        pixels, shapes = _render(rng, h, w, n_objects)
+        path = chunk.image_dir / f"{image_id:06d}.png"
+        Image.fromarray(pixels, "RGB").save(path, format="PNG", compress_level=6)
+        out.append((image_id, w, h, shapes))
+    return out
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: :func:`generate`'s default number of workers."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def _draw_all(chunks: list[_Chunk], workers: int) -> list[_Drawn]:
+    """:func:`_write_chunk` over ``chunks``, in up to ``workers`` processes; in chunk order."""
+    if workers <= 1 or len(chunks) <= 1:
+        return [drawn for chunk in chunks for drawn in _write_chunk(chunk)]
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        return [drawn for done in pool.map(_write_chunk, chunks) for drawn in done]
+
+
 def _write_images(
     image_dir: Path,
     n: int,
     seed: int,
     sides: tuple[int, int],
     max_objects: int,
-    val_ids: set[int],
-    empty_ids: set[int],
+    plan: tuple[set[int], set[int]],
+    workers: int,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], int]:
-    """Render and save images ``1..n``; their COCO records and annotations per split, and the
-    number of images without objects."""
-    lo, hi = sides
+    """Render and save images ``1..n`` (``plan``: the ids of the validation images and of the
+    empty ones); their COCO records and annotations per split, and the number of images without
+    objects."""
+    val_ids, empty_ids = plan
+    size = max(1, min(_CHUNK, -(-n // (4 * workers))))  # a few chunks a worker: even loads
+    chunks = [
+        _Chunk(image_dir, ids, frozenset(empty_ids.intersection(ids)), seed, sides, max_objects)
+        for ids in (tuple(range(a, min(a + size, n + 1))) for a in range(1, n + 1, size))
+    ]
     split_images: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     split_anns: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     empty = 0
-    for image_id in range(1, n + 1):
-        rng = np.random.default_rng([seed, 1, image_id])
-        h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
-        n_objects = 0 if image_id in empty_ids else int(rng.integers(1, max_objects + 1))
-        pixels, shapes = _render(rng, h, w, n_objects)
+    for image_id, w, h, shapes in _draw_all(chunks, workers):
         file_name = f"{image_id:06d}.png"
-        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG", compress_level=6)
         split = "val" if image_id in val_ids else "train"
         empty += not shapes
         split_images[split].append(
@@ -461,7 +538,6 @@ def _write_images(
         )
         first_id = len(split_anns["train"]) + len(split_anns["val"]) + 1
         split_anns[split] += _annotations(image_id, shapes, first_id)
-
     return split_images, split_anns, empty
 
 
@@ -474,6 +550,7 @@ def generate(
     val_fraction: float = 0.25,
     max_objects: int = 6,
     empty_fraction: float = 0.05,
+    workers: int | None = None,
 ) -> SynthInfo:
     """Write ``images`` synthetic images and a COCO train/val split under ``out_dir``.
 
@@ -486,21 +563,22 @@ def generate(
     about ``empty_fraction`` of them (at least one) contain no objects, only clutter. Other
     images hold 1..``max_objects`` shapes (fewer when they do not fit).
 
+    ``workers`` processes (default: :func:`available_cpus`; 1: this one) draw and save the
+    images, each from its own random stream: the files are the same for any number of them.
+
     Files are overwritten; PNGs left in ``images/`` by an earlier, larger run are not removed
     (the JSON files never refer to them).
     """
     lo, hi = _check_args(images, seed, size, val_fraction, max_objects)
     if not 0.0 <= float(empty_fraction) < 1.0:
         raise SpecError(f"synth: empty_fraction must be in [0, 1), got {empty_fraction!r}")
+    workers = _check_workers(workers)
     n, seed, out = int(images), int(seed), Path(out_dir)
-    image_dir = out / "images"
-    if out.exists() and not out.is_dir():
-        raise SpecError(f"synth: output path {out} exists and is not a folder")
-    image_dir.mkdir(parents=True, exist_ok=True)
+    image_dir = _image_dir(out)
     started = time.perf_counter()
-    val_ids, empty_ids = _plan_splits(n, seed, float(val_fraction), float(empty_fraction))
+    plan = _plan_splits(n, seed, float(val_fraction), float(empty_fraction))
     split_images, split_anns, empty = _write_images(
-        image_dir, n, seed, (lo, hi), max_objects, val_ids, empty_ids
+        image_dir, n, seed, (lo, hi), max_objects, plan, workers
     )
     train_json, val_json = out / "train.json", out / "val.json"
     _write_text(train_json, _coco_doc("train", seed, split_images["train"], split_anns["train"]))
