@@ -30,6 +30,7 @@ from jdsearch.core.errors import SpecError
 from jdsearch.core.resolution import Resolution
 from jdsearch.spec.pool import PoolSpec
 from jdsearch.spec.settings import KDConfig, TrainConfig, is_device
+from jdsearch.spec.synth import SynthSpec
 
 __all__ = [
     "BASE_TRAIN",
@@ -80,20 +81,6 @@ BASE_TRAIN = dataclasses.replace(FAST_EVAL, epochs=12.0, lr=0.02)
 #: Training settings the study sets for every training it runs (top-level ``device`` and ``amp``,
 #: ``search.seed``, ``resolutions``); a training section may not set them.
 STUDY_SET = {"exclude": ("device", "amp", "seed", "resolutions")}
-
-
-@dataclass(frozen=True)
-class SynthSpec:
-    """A synthetic dataset to generate when ``data.dir`` has none (:func:`jdsearch.data.synth.generate`)."""
-
-    images: int = 640
-    seed: int = 0
-    size: int = 128
-
-    def __post_init__(self) -> None:
-        check(self.images >= 1, self, "images", "must be ≥ 1")
-        check(self.seed >= 0, self, "seed", "must not be negative")
-        check(self.size >= 1, self, "size", "must be ≥ 1")
 
 
 @dataclass(frozen=True)
