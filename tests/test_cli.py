@@ -208,11 +208,20 @@ def test_pool_train_writes_into_a_folder_that_does_not_exist_yet(
     assert out.is_file()
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--workers", "0"), ("--workers", "-2")])
+@pytest.mark.parametrize(
+    ("flag", "values"),
+    [
+        ("--workers", ["0"]),
+        ("--workers", ["-2"]),
+        ("--size", ["16"]),
+        ("--size", ["96", "64"]),
+    ],
+)
 def test_data_synth_refuses_a_bad_flag_in_one_line(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, value: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, values: list[str]
 ) -> None:
     out = tmp_path / "data"
-    code, _, err = run(capsys, "data", "synth", "--out", str(out), "--images", "4", flag, value)
+    argv = ["data", "synth", "--out", str(out), "--images", "4", flag, *values]
+    code, _, err = run(capsys, *argv)
     assert code == 2 and err.startswith(f"jdsearch: error: {flag}: ") and err.count("\n") == 1
-    assert value in err and not out.exists()
+    assert values[0] in err and not out.exists()

@@ -25,6 +25,26 @@ def test_quickstart_loads_with_its_pool() -> None:
 
 
 @pytest.mark.parametrize(
+    ("synth", "needle"),
+    [
+        ({"size": 16}, "data.synth.size: must be 32 to 4096, got 16"),
+        ({"images": 1}, "data.synth.images: must be ≥ 2"),
+    ],
+)
+def test_bad_synth_options_name_the_field_in_one_line(
+    tmp_path: Path, synth: dict, needle: str
+) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["data"]["synth"].update(synth)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as info:
+        load_study(p)
+    message = str(info.value)
+    assert message.startswith(f"{p}: {needle}") and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
     ("patch", "needle"),
     [
         ({"serch": {}}, "serch: unknown key"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.core.errors import JDSearchError
+from jdsearch.spec.synth import MAX_SIDE, MIN_SIDE
 
 DEFAULT_DATA = Path("runs/synth")
 DEFAULT_SYNTH_IMAGES = 640
@@ -36,15 +37,13 @@ def add_data(sub: Any, name: str) -> None:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """``jdsearch data synth``: write a synthetic COCO dataset and print what it holds; returns 0.
-    Raises :class:`JDSearchError` unless ``--size`` has one or two values and ``--workers``, if
-    given, is at least 1."""
+    Raises :class:`JDSearchError` naming the flag unless ``--size`` and ``--workers`` hold values
+    the generator takes."""
     from jdsearch.data import synth
 
-    if len(args.size) not in (1, 2):
-        raise JDSearchError(f"--size: give one side or MIN MAX, got {args.size}")
+    size = _synth_size(args.size)
     if args.workers is not None and args.workers < 1:
         raise JDSearchError(f"--workers: must be at least 1, got {args.workers}")
-    size = args.size[0] if len(args.size) == 1 else (args.size[0], args.size[1])
     info = synth.generate(
         args.out, images=args.images, seed=args.seed, size=size, workers=args.workers
     )
@@ -53,6 +52,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     print(f"  {info.val_json}: {info.val_images} images, {info.val_annotations} objects")
     print(f"  classes: {', '.join(info.class_names)}")
     return 0
+
+
+def _synth_size(sides: list[int]) -> int | tuple[int, int]:
+    """``--size``: one side, or a ``(MIN, MAX)`` range; :class:`JDSearchError` naming the flag
+    otherwise."""
+    ok = len(sides) in (1, 2) and all(MIN_SIDE <= v <= MAX_SIDE for v in sides)
+    if not ok or sides[0] > sides[-1]:
+        got = " ".join(map(str, sides))
+        raise JDSearchError(
+            f"--size: give one side or MIN MAX, from {MIN_SIDE} to {MAX_SIDE} px, got {got}"
+        )
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

@@ -39,17 +39,22 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jdsearch.core.errors import SpecError
+from jdsearch.spec.synth import MAX_SIDE, MIN_SIDE
 
-__all__ = ["CLASS_NAMES", "SynthInfo", "available_cpus", "ensure_dataset", "generate"]
+__all__ = [
+    "CLASS_NAMES",
+    "MAX_SIDE",
+    "MIN_SIDE",
+    "SynthInfo",
+    "available_cpus",
+    "ensure_dataset",
+    "generate",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Object classes, in category-id order (category id = index + 1).
 CLASS_NAMES: tuple[str, ...] = ("disc", "ring", "square", "triangle", "cross", "bar")
-
-#: Smallest allowed image side, so that every size class of object fits.
-MIN_SIDE = 32
-MAX_SIDE = 4096
 
 _MIN_VISIBLE = 0.65  # fraction of a shape's pixels that must stay visible (overlap, truncation)
 _MIN_CONTRAST = 90.0  # RGB distance between a shape and what lies under it

@@ -1,5 +1,6 @@
 """The synthetic data set's spec: the study spec's ``data.synth`` section, what
-:func:`jdsearch.data.synth.generate` is asked to write. Torch-free.
+:func:`jdsearch.data.synth.generate` is asked to write, and the limits of what it can draw,
+checked here for the spec, the generator and the command line alike. Torch-free.
 """
 
 from __future__ import annotations
@@ -8,7 +9,11 @@ from dataclasses import dataclass
 
 from jdsearch.core.config import check
 
-__all__ = ["SynthSpec"]
+__all__ = ["MAX_SIDE", "MIN_SIDE", "SynthSpec"]
+
+#: Smallest and largest image side, so that every size class of object fits.
+MIN_SIDE = 32
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,6 @@ class SynthSpec:
     size: int = 128
 
     def __post_init__(self) -> None:
-        check(self.images >= 1, self, "images", "must be ≥ 1")
+        check(self.images >= 2, self, "images", "must be ≥ 2 (an image in each split at least)")
         check(self.seed >= 0, self, "seed", "must not be negative")
-        check(self.size >= 1, self, "size", "must be ≥ 1")
+        check(MIN_SIDE <= self.size <= MAX_SIDE, self, "size", f"must be {MIN_SIDE} to {MAX_SIDE}")
