@@ -408,21 +408,57 @@ def test_a_cached_pool_trained_with_another_schedule_is_refused(
         assert str(info.value) == expected
 
 
-def test_synthetic_data_generated_with_other_settings_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _ensure_synth_data(raw: dict[str, Any]) -> None:
+    """Generate (or reuse) the synthetic data of the study ``raw``, read as ``synth.yaml``."""
     from jdsearch.search.assets import ensure_data
     from jdsearch.spec.study import study_from_dict
 
+    ensure_data(study_from_dict(raw, source="synth.yaml"))
+
+
+def _synth_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A tiny study whose 12 synthetic images are generated in ``tmp_path/data``, run there."""
     monkeypatch.chdir(tmp_path)
     raw = tiny_study_dict(tmp_path / "data", "synth")
     raw["data"] = {"dir": str(tmp_path / "data"), "synth": {"images": 12, "seed": 1, "size": 64}}
-    ensure_data(study_from_dict(raw, source="synth.yaml"))
-    ensure_data(study_from_dict(raw, source="synth.yaml"))  # the same settings: reused
-    raw["data"]["synth"]["images"] = 20
+    _ensure_synth_data(raw)
+    return raw
+
+
+def _refused_synth_data(
+    raw: dict[str, Any], tmp_path: Path, field: str, now: Any, then: Any
+) -> None:
     with pytest.raises(SpecError) as info:
-        ensure_data(study_from_dict(raw, source="synth.yaml"))
+        _ensure_synth_data(raw)
     assert str(info.value) == (
-        f"synth.yaml: data.synth.images is 20, but the data generated earlier in "
-        f"{tmp_path / 'data'} had 12: delete it to regenerate it"
+        f"synth.yaml: data.synth.{field} is {now}, but the data generated earlier in "
+        f"{tmp_path / 'data'} had {then}: delete it to regenerate it"
     )
+
+
+def test_synthetic_data_generated_with_other_settings_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = _synth_study(tmp_path, monkeypatch)
+    _ensure_synth_data(raw)  # the same settings: reused
+    raw["data"]["synth"]["images"] = 20
+    _refused_synth_data(raw, tmp_path, "images", 20, 12)
+
+
+def test_synthetic_data_recorded_before_an_option_was_drawn_with_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from jdsearch.search.caches import MADE_BY
+
+    raw = _synth_study(tmp_path, monkeypatch)
+    record = tmp_path / "data" / MADE_BY.lstrip(".")
+    doc = json.loads(record.read_text())
+    assert doc["fields"]["data.synth.classes"] == 6  # recorded now; an earlier jdsearch did not
+    for key in ("data.synth.classes", "data.synth.object_size"):
+        del doc["fields"][key]
+    record.write_text(json.dumps(doc))
+    _ensure_synth_data(raw)  # the defaults: reused
+    raw["data"]["synth"]["classes"] = 20
+    _refused_synth_data(raw, tmp_path, "classes", 20, 6)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jdsearch.cli import main
@@ -213,6 +214,10 @@ def test_pool_train_writes_into_a_folder_that_does_not_exist_yet(
     [
         ("--workers", ["0"]),
         ("--workers", ["-2"]),
+        ("--classes", ["0"]),
+        ("--classes", ["37"]),
+        ("--object-size", ["0.5", "0.2"]),
+        ("--object-size", ["0.1", "1.5"]),
         ("--size", ["16"]),
         ("--size", ["96", "64"]),
     ],
@@ -225,3 +230,14 @@ def test_data_synth_refuses_a_bad_flag_in_one_line(
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.startswith(f"jdsearch: error: {flag}: ") and err.count("\n") == 1
     assert values[0] in err and not out.exists()
+
+
+def test_data_synth_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    argv = ["data", "synth", "--out", str(out), "--images", "6", "--size", "64"]
+    code, text, _ = run(capsys, *argv, "--classes", "8", "--object-size", "0.1", "0.4")
+    assert code == 0 and "classes: red disc, red ring" in text and "green ring" in text
+    doc = json.loads((out / "train.json").read_text())
+    assert len(doc["categories"]) == 8
+    assert {(im["width"], im["height"]) for im in doc["images"]} == {(64, 64)}
+    assert all(np.sqrt(a["area"]) <= 1.2 * 0.4 * 64 + 1 for a in doc["annotations"])

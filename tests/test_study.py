@@ -27,6 +27,13 @@ def test_quickstart_loads_with_its_pool() -> None:
 @pytest.mark.parametrize(
     ("synth", "needle"),
     [
+        ({"classes": 0}, "data.synth.classes: must be an integer from 1 to 36"),
+        ({"classes": 37}, "data.synth.classes: must be an integer from 1 to 36"),
+        ({"classes": "20"}, "data.synth.classes: expected an integer, got '20'"),
+        ({"object_size": [0.5, 0.2]}, "data.synth.object_size: must be a min and a max"),
+        ({"object_size": [0.1]}, "data.synth.object_size: must be a min and a max"),
+        ({"object_size": [0, 0.5]}, "data.synth.object_size: must be a min and a max"),
+        ({"object_size": "small"}, "data.synth.object_size: expected a list, got 'small'"),
         ({"size": 16}, "data.synth.size: must be 32 to 4096, got 16"),
         ({"images": 1}, "data.synth.images: must be ≥ 2"),
     ],

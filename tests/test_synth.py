@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import json
 from itertools import combinations
@@ -15,7 +16,8 @@ from PIL import Image
 
 from jdsearch.core.errors import SpecError
 from jdsearch.data.coco import CocoDataset, validate
-from jdsearch.data.synth import CLASS_NAMES, SynthInfo, _shape_mask, generate
+from jdsearch.data.synth import CLASS_NAMES, SynthInfo, _shape_mask, _spans, generate
+from jdsearch.spec.synth import OBJECT_SIZE, class_names
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -239,3 +241,101 @@ def test_output_is_pinned(tmp_path: Path, seed: int, size: Any, digest: str, wor
     generate(tmp_path, images=24, seed=seed, size=size, workers=workers)
     assert len(list((tmp_path / "images").iterdir())) == 24
     assert _tree_digest(tmp_path) == digest
+
+
+@pytest.fixture(scope="module")
+def shapes20(tmp_path_factory: pytest.TempPathFactory) -> SynthInfo:
+    return generate(
+        tmp_path_factory.mktemp("shapes20"),
+        images=60,
+        seed=5,
+        size=96,
+        classes=20,
+        object_size=(0.05, 0.3),
+    )
+
+
+def test_classes_option_sets_the_categories(shapes20: SynthInfo) -> None:
+    train, val = _load(shapes20.train_json), _load(shapes20.val_json)
+    names = [c["name"] for c in train["categories"]]
+    assert names == list(class_names(20)) == list(shapes20.class_names)
+    assert len(names) == len(set(names)) == 20
+    assert names[:2] == ["red disc", "red ring"] and names[-1] == "yellow ring"
+    assert train["categories"] == val["categories"]
+    used = {a["category_id"] for d in (train, val) for a in d["annotations"]}
+    assert used <= set(range(1, 21)) and len(used) >= 15, sorted(used)
+    assert class_names(3) == ("disc", "ring", "square") and class_names(6) == CLASS_NAMES
+
+
+def test_coloured_classes_have_their_colour(shapes20: SynthInfo) -> None:
+    # A filled shape's centre pixel (a disc, a square: not a ring's hole) has its class's hue.
+    hues = {"red": 0, "green": 120, "blue": 240, "yellow": 60}
+    off: dict[str, list[float]] = {colour: [] for colour in hues}
+    for path in (shapes20.train_json, shapes20.val_json):
+        doc = _load(path)
+        names = {c["id"]: c["name"] for c in doc["categories"]}
+        files = {im["id"]: im["file_name"] for im in doc["images"]}
+        for a in doc["annotations"]:
+            colour, shape = names[a["category_id"]].split()
+            if shape not in ("disc", "square"):
+                continue
+            x, y, w, h = a["bbox"]
+            with Image.open(shapes20.image_dir / files[a["image_id"]]) as img:
+                r, g, b = (c / 255 for c in img.getpixel((x + w // 2, y + h // 2)))
+            hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+            off[colour].append(abs((hue - hues[colour] + 180) % 360 - 180))
+    for colour, errors in off.items():
+        assert len(errors) >= 3, colour
+        assert np.median(errors) < 20, (colour, errors)  # drawn within 12 degrees, then noise
+
+
+def test_object_size_option_bounds_the_boxes(shapes20: SynthInfo, synth100: SynthInfo) -> None:
+    # A window has the area of an s x s square, s <= max * side (a bar's: 1.2 s); a visible box
+    # fits in its window. Images are 96 px, as asked.
+    bound = 1.2 * 0.3 * 96 + 1
+    sides = []
+    for path in (shapes20.train_json, shapes20.val_json):
+        doc = _load(path)
+        assert {(im["width"], im["height"]) for im in doc["images"]} == {(96, 96)}
+        sides += [np.sqrt(a["area"]) for a in doc["annotations"]]
+    default = [np.sqrt(a["area"]) for a in _load(synth100.train_json)["annotations"]]
+    assert max(sides) <= bound < max(default)
+    assert np.median(sides) < 0.5 * np.median(default)
+    with Image.open(shapes20.image_dir / "000001.png") as img:
+        assert img.size == (96, 96)
+
+
+def test_default_object_size_keeps_the_size_groups_exactly() -> None:
+    assert _spans(OBJECT_SIZE) == {
+        "small": (0.07, 0.2),
+        "medium": (0.2, 0.45),
+        "large": (0.6, 0.88),
+    }
+    spans = _spans((0.05, 0.5))
+    assert spans["small"][0] == pytest.approx(0.05) and spans["large"][1] == pytest.approx(0.5)
+    assert spans["small"][1] == pytest.approx(spans["medium"][0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"classes": 0}, "synth: classes must be an integer from 1 to 36"),
+        ({"classes": 37}, "synth: classes must be"),
+        ({"classes": 2.0}, "synth: classes must be"),
+        ({"classes": True}, "synth: classes must be"),
+        ({"object_size": (0.5, 0.2)}, "synth: object_size must be a min and a max"),
+        ({"object_size": (0.0, 0.5)}, "synth: object_size must be"),
+        ({"object_size": (0.1, 1.5)}, "synth: object_size must be"),
+        ({"object_size": (0.1,)}, "synth: object_size must be"),
+        ({"object_size": 0.3}, "synth: object_size must be"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line(
+    tmp_path: Path, kwargs: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        generate(tmp_path, images=4, seed=0, **kwargs)
+    message = str(info.value)
+    assert message.startswith(needle) and "\n" not in message, message
+    assert repr(next(iter(kwargs.values()))) in message
+    assert not (tmp_path / "train.json").exists()

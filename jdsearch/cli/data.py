@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.core.errors import JDSearchError
-from jdsearch.spec.synth import MAX_SIDE, MIN_SIDE
+from jdsearch.spec.synth import (
+    MAX_CLASSES,
+    MAX_SIDE,
+    MIN_SIDE,
+    OBJECT_SIZE,
+    SHAPES,
+    classes_problem,
+    object_size_problem,
+)
 
 DEFAULT_DATA = Path("runs/synth")
 DEFAULT_SYNTH_IMAGES = 640
@@ -22,6 +30,22 @@ def add_data(sub: Any, name: str) -> None:
     s.add_argument("--images", type=int, default=DEFAULT_SYNTH_IMAGES)
     s.add_argument("--seed", type=int, default=DEFAULT_SYNTH_SEED)
     s.add_argument("--size", type=int, nargs="+", default=[128], help="side, or MIN MAX")
+    s.add_argument(
+        "--classes",
+        type=int,
+        default=len(SHAPES),
+        help=f"number of classes, 1 to {MAX_CLASSES} (default {len(SHAPES)}: shapes of any "
+        "colour; more: shapes in given colours, 'red disc', ...)",
+    )
+    s.add_argument(
+        "--object-size",
+        type=float,
+        nargs=2,
+        default=list(OBJECT_SIZE),
+        metavar=("MIN", "MAX"),
+        help="range of a shape's side, as fractions of the image's shorter side "
+        f"(default {OBJECT_SIZE[0]} {OBJECT_SIZE[1]}; 0 < MIN < MAX <= 1)",
+    )
     s.add_argument(
         "--workers",
         type=int,
@@ -37,15 +61,27 @@ def add_data(sub: Any, name: str) -> None:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """``jdsearch data synth``: write a synthetic COCO dataset and print what it holds; returns 0.
-    Raises :class:`JDSearchError` naming the flag unless ``--size`` and ``--workers`` hold values
-    the generator takes."""
+    Raises :class:`JDSearchError` naming the flag unless ``--size``, ``--classes``,
+    ``--object-size`` and ``--workers`` hold values the generator takes."""
     from jdsearch.data import synth
 
     size = _synth_size(args.size)
+    why = classes_problem(args.classes)
+    if why is not None:
+        raise JDSearchError(f"--classes: {why}, got {args.classes}")
+    why = object_size_problem(args.object_size)
+    if why is not None:
+        raise JDSearchError(f"--object-size: {why}, got {' '.join(map(str, args.object_size))}")
     if args.workers is not None and args.workers < 1:
         raise JDSearchError(f"--workers: must be at least 1, got {args.workers}")
     info = synth.generate(
-        args.out, images=args.images, seed=args.seed, size=size, workers=args.workers
+        args.out,
+        images=args.images,
+        seed=args.seed,
+        size=size,
+        classes=args.classes,
+        object_size=tuple(args.object_size),
+        workers=args.workers,
     )
     print(f"wrote {info.images} images to {info.image_dir}")
     print(f"  {info.train_json}: {info.train_images} images, {info.train_annotations} objects")

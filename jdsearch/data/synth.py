@@ -5,11 +5,14 @@ minutes, hard enough that architecture, resolution and distillation choices show
 
 Each image has a smooth two-colour gradient, low-frequency blotches, a stripe texture, thin
 distractor lines, arcs and specks (none of which are objects), then 0..``max_objects`` shapes of
-six classes (:data:`CLASS_NAMES`). Shapes vary in size (small, medium, and at most one large per
-image), aspect ratio and colour; colour is drawn independently of the class, so only the shape
-identifies it. Shapes may overlap and leave the image partly, but every shape keeps at least
-65 % of its pixels visible. Boxes are computed from the visible pixels, so they are tight and
-inside the image; ``area`` is the box area. Finally Gaussian pixel noise is added everywhere.
+six classes by default (:data:`CLASS_NAMES`). Shapes vary in size (small, medium, and at most one
+large per image; ``object_size`` sets the range), aspect ratio and colour; colour is drawn
+independently of the class, so only the shape identifies it. With more than six classes a class
+is a shape in one colour (``red disc``, :func:`jdsearch.spec.synth.class_names`): its hue is
+drawn near that colour's, its saturation and brightness freely. Shapes may overlap and leave the
+image partly, but every shape keeps at least 65 % of its pixels visible. Boxes are computed from
+the visible pixels, so they are tight and inside the image; ``area`` is the box area. Finally
+Gaussian pixel noise is added everywhere.
 
 Everything is drawn from ``numpy.random.default_rng`` seeded by ``(seed, image number)`` and
 rendered with NumPy and PIL, and nothing time-dependent is written, so the same arguments give
@@ -26,6 +29,7 @@ average about 4): 17.5 s before, 14.4 s after, 1.2x (CPU time 11.3 s and 10.1 s)
 
 from __future__ import annotations
 
+import colorsys
 import json
 import logging
 import os
@@ -39,7 +43,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jdsearch.core.errors import SpecError
-from jdsearch.spec.synth import MAX_SIDE, MIN_SIDE
+from jdsearch.spec.synth import (
+    COLOURS,
+    MAX_SIDE,
+    MIN_SIDE,
+    OBJECT_SIZE,
+    SHAPES,
+    class_names,
+    classes_problem,
+    object_size_problem,
+)
 
 __all__ = [
     "CLASS_NAMES",
@@ -53,13 +66,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Object classes, in category-id order (category id = index + 1).
-CLASS_NAMES: tuple[str, ...] = ("disc", "ring", "square", "triangle", "cross", "bar")
+#: Object classes of the default set, in category-id order (category id = index + 1).
+CLASS_NAMES: tuple[str, ...] = SHAPES
 
 _MIN_VISIBLE = 0.65  # fraction of a shape's pixels that must stay visible (overlap, truncation)
 _MIN_CONTRAST = 90.0  # RGB distance between a shape and what lies under it
 _PLACE_TRIES = 12
 _CHUNK = 32  # most images a worker process draws per task
+#: A shape's nominal side per size group, as fractions of the image's shorter side, for the
+#: default ``object_size`` (:data:`~jdsearch.spec.synth.OBJECT_SIZE`, 0.07 to 0.88).
+_SIZE_GROUPS = {"small": (0.07, 0.2), "medium": (0.2, 0.45), "large": (0.6, 0.88)}
+#: The hue (degrees) of each colour of a class, and how far a shape's hue strays from it.
+_HUES = {"red": 0, "green": 120, "blue": 240, "yellow": 60, "cyan": 180, "magenta": 300}
+_HUE_JITTER = 12.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,38 @@ class SynthInfo:
     empty_images: int
     class_names: tuple[str, ...]
     seed: int
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What every image of a set is drawn with (a worker process gets a copy)."""
+
+    seed: int
+    sides: tuple[int, int]  # the smallest and largest image side
+    max_objects: int
+    classes: int
+    spans: dict[str, tuple[float, float]]  # a shape's nominal side per size group (_spans)
+
+    def hue(self, cls: int) -> float | None:
+        """The hue (degrees) of class ``cls``; ``None`` when its colour is free (six classes or
+        fewer)."""
+        if self.classes <= len(SHAPES):
+            return None
+        return _HUES[COLOURS[cls // len(SHAPES)]]
+
+
+def _spans(object_size: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """Each size group's range of nominal sides for shapes of ``object_size``: the default table
+    mapped linearly onto that range. The default range keeps the table's own numbers (mapped,
+    some would differ in the last bit), so its sets are the ones drawn before the option was."""
+    if tuple(object_size) == OBJECT_SIZE:
+        return dict(_SIZE_GROUPS)
+    (a, b), (lo, hi) = OBJECT_SIZE, object_size
+
+    def at(x: float) -> float:
+        return lo + (x - a) * (hi - lo) / (b - a)
+
+    return {group: (at(x0), at(x1)) for group, (x0, x1) in _SIZE_GROUPS.items()}
 
 
 @dataclass(frozen=True)
@@ -204,13 +255,14 @@ def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarra
 
 
 def _shape_size(
-    rng: np.random.Generator, cls: int, group: str, img_h: int, img_w: int
+    rng: np.random.Generator, shape: int, span: tuple[float, float], img_h: int, img_w: int
 ) -> tuple[int, int]:
-    """Window ``(h, w)`` for a shape of ``cls`` in size ``group`` (relative to the image)."""
+    """Window ``(h, w)`` for a shape of :data:`SHAPES` index ``shape`` whose nominal side is
+    drawn in ``span`` (fractions of the image's shorter side)."""
     side = min(img_h, img_w)
-    lo, hi = {"small": (0.07, 0.2), "medium": (0.2, 0.45), "large": (0.6, 0.88)}[group]
+    lo, hi = span
     s = float(rng.uniform(lo, hi)) * side
-    name = CLASS_NAMES[cls]
+    name = SHAPES[shape]
     if name == "bar":
         ratio = float(rng.uniform(2.8, 5.0))
         long_side, short_side = s * np.sqrt(ratio) * 1.2, s / np.sqrt(ratio) * 1.2
@@ -230,12 +282,25 @@ def _shape_size(
     return h, w
 
 
-def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
-    """A random colour far (in RGB) from the mean of the pixels it will cover."""
+def _colour(rng: np.random.Generator, hue: float | None) -> np.ndarray:
+    """A random RGB colour, float: any, or of ``hue`` (degrees, give or take
+    :data:`_HUE_JITTER`) with a saturation and a brightness that keep it that colour."""
+    if hue is None:
+        return rng.integers(0, 256, size=3).astype(np.float64)
+    h = (hue + float(rng.uniform(-_HUE_JITTER, _HUE_JITTER))) % 360.0 / 360.0
+    s, v = float(rng.uniform(0.65, 1.0)), float(rng.uniform(0.6, 1.0))
+    return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
+
+
+def _contrasting_colour(
+    rng: np.random.Generator, under: np.ndarray, hue: float | None = None
+) -> np.ndarray:
+    """A random colour (of ``hue``, if given) far (in RGB) from the mean of the pixels it will
+    cover."""
     mean = under.mean(axis=0)
     best, best_dist = None, -1.0
     for _ in range(24):
-        c = rng.integers(0, 256, size=3).astype(np.float64)
+        c = _colour(rng, hue)
         dist = float(np.linalg.norm(c - mean))
         if dist >= _MIN_CONTRAST:
             return c
@@ -246,11 +311,11 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
 
 
 def _render(
-    rng: np.random.Generator, h: int, w: int, n_objects: int
+    rng: np.random.Generator, h: int, w: int, n_objects: int, recipe: _Recipe
 ) -> tuple[np.ndarray, list[_Shape]]:
     """One image (``uint8 [h, w, 3]``) and its shapes."""
-    canvas = _Canvas(_distractors(rng, _background(rng, h, w)))
-    for _, cls, sh, sw in _plan_shapes(rng, h, w, n_objects):
+    canvas = _Canvas(_distractors(rng, _background(rng, h, w)), recipe)
+    for _, cls, sh, sw in _plan_shapes(rng, h, w, n_objects, recipe):
         canvas.place(rng, cls, sh, sw)
     shapes = canvas.shapes()
     pixels = canvas.pixels
@@ -260,7 +325,7 @@ def _render(
 
 
 def _plan_shapes(
-    rng: np.random.Generator, h: int, w: int, n_objects: int
+    rng: np.random.Generator, h: int, w: int, n_objects: int, recipe: _Recipe
 ) -> list[tuple[int, int, int, int]]:
     """``(area, class, height, width)`` of the shapes to place, biggest first (small shapes then
     sit on top); at most one large shape per image."""
@@ -269,8 +334,8 @@ def _plan_shapes(
     groups[large[1:]] = "medium"
     specs = []
     for group in groups:
-        cls = int(rng.integers(0, len(CLASS_NAMES)))
-        sh, sw = _shape_size(rng, cls, str(group), h, w)
+        cls = int(rng.integers(0, recipe.classes))
+        sh, sw = _shape_size(rng, cls % len(SHAPES), recipe.spans[str(group)], h, w)
         specs.append((sh * sw, cls, sh, sw))
     specs.sort(key=lambda s: -s[0])
     return specs
@@ -279,8 +344,9 @@ def _plan_shapes(
 class _Canvas:
     """An image being drawn, and which placed shape shows at each pixel."""
 
-    def __init__(self, pixels: np.ndarray) -> None:
+    def __init__(self, pixels: np.ndarray, recipe: _Recipe) -> None:
         self.pixels = pixels
+        self.recipe = recipe
         h, w = pixels.shape[:2]
         self.owner = np.full((h, w), -1, dtype=np.int32)
         self.visible: list[int] = []  # visible pixels per placed shape
@@ -292,7 +358,7 @@ class _Canvas:
         """Try up to ``_PLACE_TRIES`` positions where the shape and every shape it covers stay
         visible enough; draw it at the first. Whether it was placed."""
         h, w = self.owner.shape
-        mask = _shape_mask(rng, cls, sh, sw)
+        mask = _shape_mask(rng, cls % len(SHAPES), sh, sw)
         area = int(mask.sum())
         for _ in range(_PLACE_TRIES):
             y0 = int(rng.integers(-sh // 4, h - (3 * sh) // 4 + 1))
@@ -333,7 +399,7 @@ class _Canvas:
         y_a, y_b, x_a, x_b = window
         idx = len(self.visible)
         region = self.pixels[y_a:y_b, x_a:x_b]
-        colour = _contrasting_colour(rng, region[sub])
+        colour = _contrasting_colour(rng, region[sub], self.recipe.hue(cls))
         shade = 1.0 + float(rng.uniform(-0.12, 0.12)) * np.linspace(-1, 1, x_b - x_a)
         shaded = (colour[None, None, :] * shade[None, :, None]).repeat(y_b - y_a, axis=0)
         region[sub] = shaded[sub]
@@ -417,6 +483,7 @@ def _coco_doc(
     seed: int,
     images: list[dict[str, Any]],
     annotations: list[dict[str, Any]],
+    names: tuple[str, ...],
 ) -> str:
     doc = {
         "info": {
@@ -428,8 +495,7 @@ def _coco_doc(
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"}
-            for i, name in enumerate(CLASS_NAMES)
+            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(names)
         ],
     }
     return json.dumps(doc, indent=1) + "\n"
@@ -473,9 +539,7 @@ class _Chunk:
     image_dir: Path
     ids: tuple[int, ...]
     empty_ids: frozenset[int]
-    seed: int
-    sides: tuple[int, int]
-    max_objects: int
+    recipe: _Recipe
 
 
 #: What :func:`_write_chunk` returns for each image: its id, width, height and shapes.
@@ -484,14 +548,15 @@ _Drawn = tuple[int, int, int, list[_Shape]]
 
 def _write_chunk(chunk: _Chunk) -> list[_Drawn]:
     """Render and save the images of ``chunk``; what each holds, in the chunk's order."""
-    lo, hi = chunk.sides
+    recipe = chunk.recipe
+    lo, hi = recipe.sides
     out = []
     for image_id in chunk.ids:
-        rng = np.random.default_rng([chunk.seed, 1, image_id])
+        rng = np.random.default_rng([recipe.seed, 1, image_id])
         h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
         empty = image_id in chunk.empty_ids
-        n_objects = 0 if empty else int(rng.integers(1, chunk.max_objects + 1))
-        pixels, shapes = _render(rng, h, w, n_objects)
+        n_objects = 0 if empty else int(rng.integers(1, recipe.max_objects + 1))
+        pixels, shapes = _render(rng, h, w, n_objects, recipe)
         path = chunk.image_dir / f"{image_id:06d}.png"
         Image.fromarray(pixels, "RGB").save(path, format="PNG", compress_level=6)
         out.append((image_id, w, h, shapes))
@@ -516,9 +581,7 @@ def _draw_all(chunks: list[_Chunk], workers: int) -> list[_Drawn]:
 def _write_images(
     image_dir: Path,
     n: int,
-    seed: int,
-    sides: tuple[int, int],
-    max_objects: int,
+    recipe: _Recipe,
     plan: tuple[set[int], set[int]],
     workers: int,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], int]:
@@ -528,7 +591,7 @@ def _write_images(
     val_ids, empty_ids = plan
     size = max(1, min(_CHUNK, -(-n // (4 * workers))))  # a few chunks a worker: even loads
     chunks = [
-        _Chunk(image_dir, ids, frozenset(empty_ids.intersection(ids)), seed, sides, max_objects)
+        _Chunk(image_dir, ids, frozenset(empty_ids.intersection(ids)), recipe)
         for ids in (tuple(range(a, min(a + size, n + 1))) for a in range(1, n + 1, size))
     ]
     split_images: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
@@ -546,12 +609,28 @@ def _write_images(
     return split_images, split_anns, empty
 
 
-def generate(
+def _recipe(
+    seed: int, sides: tuple[int, int], max_objects: int, classes: Any, object_size: Any
+) -> _Recipe:
+    """The recipe of every image, once ``classes`` and ``object_size`` are checked."""
+    why = classes_problem(classes)
+    if why is not None:
+        raise SpecError(f"synth: classes {why}, got {classes!r}")
+    why = object_size_problem(object_size)
+    if why is not None:
+        raise SpecError(f"synth: object_size {why}, got {object_size!r}")
+    span = (float(object_size[0]), float(object_size[1]))
+    return _Recipe(seed, sides, max_objects, classes, _spans(span))
+
+
+def generate(  # noqa: PLR0913 - keyword-only: one per option of `data synth` and `data.synth`
     out_dir: str | Path,
     *,
     images: int,
     seed: int,
     size: int | tuple[int, int] = 128,
+    classes: int = len(SHAPES),
+    object_size: tuple[float, float] = OBJECT_SIZE,
     val_fraction: float = 0.25,
     max_objects: int = 6,
     empty_fraction: float = 0.05,
@@ -563,9 +642,16 @@ def generate(
     ``out_dir/val.json`` (image and annotation ids are unique across both).
 
     ``size`` is the image side in pixels: an ``int`` for square images, or ``(min, max)`` to
-    draw height and width independently in that range (varied aspect ratios). About
-    ``val_fraction`` of the images go to validation (at least one image in each split), and
-    about ``empty_fraction`` of them (at least one) contain no objects, only clutter. Other
+    draw height and width independently in that range (varied aspect ratios). ``classes``
+    (1 to 36): up to six, shapes of any colour; more, shapes in given colours
+    (:func:`~jdsearch.spec.synth.class_names`). ``object_size``: the range of a shape's
+    nominal side s, as fractions of the image's shorter side: its window has the area of an
+    s × s square (a bar's, of a 1.2s × 1.2s one), its sides raised to 8 px (10 for rings and
+    crosses) and shrunk to fit the image; the default, 0.07 to 0.88, is split into small,
+    medium and large shapes, and another range is split alike.
+
+    About ``val_fraction`` of the images go to validation (at least one image in each split),
+    and about ``empty_fraction`` of them (at least one) contain no objects, only clutter. Other
     images hold 1..``max_objects`` shapes (fewer when they do not fit).
 
     ``workers`` processes (default: :func:`available_cpus`; 1: this one) draw and save the
@@ -575,37 +661,48 @@ def generate(
     (the JSON files never refer to them).
     """
     lo, hi = _check_args(images, seed, size, val_fraction, max_objects)
+    recipe = _recipe(int(seed), (lo, hi), max_objects, classes, object_size)
     if not 0.0 <= float(empty_fraction) < 1.0:
         raise SpecError(f"synth: empty_fraction must be in [0, 1), got {empty_fraction!r}")
     workers = _check_workers(workers)
-    n, seed, out = int(images), int(seed), Path(out_dir)
+    n, out = int(images), Path(out_dir)
     image_dir = _image_dir(out)
     started = time.perf_counter()
-    plan = _plan_splits(n, seed, float(val_fraction), float(empty_fraction))
-    split_images, split_anns, empty = _write_images(
-        image_dir, n, seed, (lo, hi), max_objects, plan, workers
-    )
+    plan = _plan_splits(n, recipe.seed, float(val_fraction), float(empty_fraction))
+    info = _write_set(out, _write_images(image_dir, n, recipe, plan, workers), recipe)
+    objects = info.train_annotations + info.val_annotations
+    seconds = time.perf_counter() - started
+    logger.info("synth: wrote %d images, %d objects to %s in %.1fs", n, objects, out, seconds)
+    return info
+
+
+def _write_set(
+    out: Path,
+    drawn: tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], int],
+    recipe: _Recipe,
+) -> SynthInfo:
+    """Write ``train.json`` and ``val.json`` of the images ``drawn`` (:func:`_write_images`);
+    what the set holds."""
+    split_images, split_anns, empty = drawn
+    names = class_names(recipe.classes)
     train_json, val_json = out / "train.json", out / "val.json"
-    _write_text(train_json, _coco_doc("train", seed, split_images["train"], split_anns["train"]))
-    _write_text(val_json, _coco_doc("val", seed, split_images["val"], split_anns["val"]))
-    info = SynthInfo(
+    for split, path in (("train", train_json), ("val", val_json)):
+        doc = _coco_doc(split, recipe.seed, split_images[split], split_anns[split], names)
+        _write_text(path, doc)
+    return SynthInfo(
         out_dir=out,
-        image_dir=image_dir,
+        image_dir=out / "images",
         train_json=train_json,
         val_json=val_json,
-        images=n,
+        images=len(split_images["train"]) + len(split_images["val"]),
         train_images=len(split_images["train"]),
         val_images=len(split_images["val"]),
         train_annotations=len(split_anns["train"]),
         val_annotations=len(split_anns["val"]),
         empty_images=empty,
-        class_names=CLASS_NAMES,
-        seed=seed,
+        class_names=names,
+        seed=recipe.seed,
     )
-    objects = info.train_annotations + info.val_annotations
-    seconds = time.perf_counter() - started
-    logger.info("synth: wrote %d images, %d objects to %s in %.1fs", n, objects, out, seconds)
-    return info
 
 
 def ensure_dataset(out_dir: str | Path, *, images: int, seed: int) -> Path:

@@ -81,7 +81,14 @@ def ensure_data(spec: StudySpec, *, generate: bool = True) -> tuple[CocoDataset,
             )
         s = spec.data.synth
         say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
-        synth.generate(d, images=s.images, seed=s.seed, size=s.size)
+        synth.generate(
+            d,
+            images=s.images,
+            seed=s.seed,
+            size=s.size,
+            classes=s.classes,
+            object_size=(s.object_size[0], s.object_size[1]),
+        )
         write_made_by(data_cache(spec), data_fields(spec))
     check_cached_data(spec)
     return CocoDataset(d / "train.json", d / "images"), selection_split(spec)

@@ -108,7 +108,8 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
         if spec.data.synth is None:
             raise SpecError(f"{spec.source}: data.dir {d} has no train.json/val.json")
         s = spec.data.synth
-        report.add(f"data: {d} will be generated ({s.images} synthetic images, seed {s.seed})")
+        what = f"{s.images} synthetic images of {s.size} px, {s.classes} classes, seed {s.seed}"
+        report.add(f"data: {d} will be generated ({what})")
         return None
     check_cached_data(spec)  # synthetic data generated earlier by these data.synth settings
     for f in files:
