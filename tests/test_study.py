@@ -13,6 +13,7 @@ from jdsearch.search.objective import score_h
 from jdsearch.spec.study import load_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
+SHAPES20 = QUICKSTART.with_name("shapes20.yaml")
 
 
 def test_quickstart_loads_with_its_pool() -> None:
@@ -22,6 +23,23 @@ def test_quickstart_loads_with_its_pool() -> None:
     assert [str(r) for r in spec.resolutions] == ["80x80", "128x96", "176x112", "208x128"]
     assert spec.pool.space.size() > 1
     assert load_study("quickstart") == spec  # by name from studies/
+
+
+def test_shapes20_loads_and_differs_from_the_quickstart_only_in_its_data() -> None:
+    spec, quick = load_study(SHAPES20), load_study(QUICKSTART)
+    synth = spec.data.synth
+    assert synth is not None and load_study("shapes20") == spec
+    assert (synth.classes, synth.object_size, synth.size) == (20, (0.05, 0.5), 96)
+    assert spec.name == "shapes20" and spec.data.dir == Path("runs/shapes20/data")
+    assert spec.storage_url == "sqlite:///runs/shapes20.db"
+    assert all(r.long <= synth.size for r in spec.resolutions)
+    assert spec.resolutions[-1] == spec.base.resolution == Resolution(96, 96)
+    mine, theirs = spec.to_dict(), quick.to_dict()
+    for d in (mine, theirs):
+        for key in ("name", "data", "resolutions"):
+            d.pop(key)
+        d["base"].pop("resolution")
+    assert mine == theirs
 
 
 @pytest.mark.parametrize(
