@@ -22,9 +22,11 @@ worker processes that draw them (``tests/test_synth.py`` pins the hashes).
 Speed: the images are drawn and saved in worker processes (one per available CPU by default),
 each image from its own random stream; the background is drawn channels first. A profile before
 this put about 45 % of the time in zlib's PNG encoding (which has to stay as it is for the bytes
-to stay) and a third in the background. The quickstart's 1,200 images of 128 px, seed 0, measured
-back to back on the 2-core development machine while other jobs kept both cores busy (load
-average about 4): 17.5 s before, 14.4 s after, 1.2x (CPU time 11.3 s and 10.1 s).
+to stay) and a third in the background. The quickstart's 1,200 images of 128 px, seed 0, before
+and after, each pair measured back to back on the 2-core development machine, whose cores other
+jobs share: 10.5 s and 4.5 s, 2.3x, while they left about one core free (load average 1.7; CPU
+time 10.5 s and 8.5 s; in one process, ``workers=1``, 8.9 s), and 17.5 s and 14.4 s, 1.2x, while
+they kept both cores busy (load average about 4; CPU time 11.3 s and 10.1 s).
 """
 
 from __future__ import annotations
