@@ -62,7 +62,6 @@ def add_search(sub: Any, name: str) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument(
         "--device",
-        dest="worker_device",
         help="this worker's device, overriding the spec's (e.g. cuda:1); the study is unchanged",
     )
     q.add_argument(
@@ -72,18 +71,6 @@ def add_search(sub: Any, name: str) -> None:
         "time estimate; trains nothing",
     )
     q.set_defaults(func=cmd_search)
-
-
-def check_device_name(device: str) -> None:
-    """``search --device`` names a device.
-
-    Raises:
-        JDSearchError: naming the flag and the value.
-    """
-    from jdsearch.spec.settings import is_device
-
-    if not is_device(device):
-        raise JDSearchError(f"--device: expected a device such as cpu or cuda:0, got {device!r}")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -96,9 +83,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise JDSearchError(f"--n-trials must be ≥ 1, got {args.n_trials}")
     spec = load_study(args.study)
-    device = args.worker_device
-    if device is not None:
-        check_device_name(device)
+    device = args.device  # checked by the CLI's main, as every --device is
     small_detector_threads(args.threads, study_gflops(spec))
     if args.check:
         from jdsearch.search.check import check_study

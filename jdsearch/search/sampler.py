@@ -28,6 +28,7 @@ from jdsearch.search.record import (
 )
 from jdsearch.search.strategies import (
     Decision,
+    HScore,
     ScoreMode,
     Step,
     Strategy,
@@ -205,7 +206,7 @@ class HillClimbingSampler(BaseSampler):
             trials=trials,
             parents=[t for t in trials if t.number not in aside],
             rng=np.random.default_rng([self.seed, number]),
-            score=score or score_mode_of(["maximize"]),
+            score=score or HScore(),
             top_k=self.k,
             freeze_student=self.freeze_student,
             p_student=self.p_student,
