@@ -218,7 +218,7 @@ def shared_assets(spec: Any, out: Path) -> Shared:
     from jdsearch.search.splits import heldout_split
 
     study, ctx = prepare(spec, f"sqlite:///{out / 'shared.db'}", progress=False)
-    base = spec.base.checkpoint or run_dir(spec) / "base.safetensors"
+    base = spec.base_checkpoint or run_dir(spec) / "base.safetensors"
     heldout = heldout_split(spec, ctx.val_set)
     if heldout is None:
         raise SystemExit(

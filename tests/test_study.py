@@ -205,3 +205,33 @@ def test_specs_stored_by_jdsearch_0_1_0_still_open() -> None:
     with pytest.raises(SpecError):
         study_from_dict(old)
     assert study_from_stored(old, source=spec.source) == spec
+
+
+def test_a_bare_checkpoint_name_is_read_from_the_working_directory_then_beside_the_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    studies, work = tmp_path / "studies", tmp_path / "work"
+    studies.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    data["base"]["checkpoint"] = "base.safetensors"
+    (studies / "s.yaml").write_text(yaml.safe_dump(data))
+    spec = load_study(studies / "s.yaml")
+    assert spec.base_checkpoint == Path("base.safetensors")  # neither exists: as written
+    with pytest.raises(
+        SpecError,
+        match=r"s.yaml: base.checkpoint base.safetensors does not exist \(nor beside .*s.yaml\)",
+    ):
+        spec.existing_base_checkpoint()
+    (studies / "base.safetensors").write_bytes(b"beside")
+    assert spec.base_checkpoint == studies / "base.safetensors"
+    (work / "base.safetensors").write_bytes(b"here")
+    assert spec.base_checkpoint == Path("base.safetensors")  # the working directory's comes first
+    assert spec.to_dict()["base"]["checkpoint"] == "base.safetensors"  # stored as written
+    # A path with a folder is never looked up beside the spec.
+    data["base"]["checkpoint"] = "sub/base.safetensors"
+    (studies / "sub").mkdir()
+    (studies / "sub" / "base.safetensors").write_bytes(b"beside")
+    (studies / "t.yaml").write_text(yaml.safe_dump(data))
+    assert load_study(studies / "t.yaml").base_checkpoint == Path("sub/base.safetensors")

@@ -115,9 +115,7 @@ def new_base_detector(spec: StudySpec, num_classes: int) -> tuple[Detector, str 
 def _base_checkpoint(spec: StudySpec, train_set: CocoDataset, progress: bool) -> Path:
     """The base detector's checkpoint file: given, cached, or trained now."""
     if spec.base.checkpoint is not None:
-        if not spec.base.checkpoint.is_file():
-            raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
-        return spec.base.checkpoint
+        return spec.existing_base_checkpoint()
     cache = base_cache(spec)
     path = cache.path
     if path.is_file():

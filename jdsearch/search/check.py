@@ -148,15 +148,14 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
         if loaded is not None:  # every body tensor mapped
             report.add(loaded)
         return detector
-    if not spec.base.checkpoint.is_file():
-        raise SpecError(f"{spec.source}: base.checkpoint {spec.base.checkpoint} does not exist")
-    ck = load_checkpoint(spec.base.checkpoint)
+    given = spec.existing_base_checkpoint()
+    ck = load_checkpoint(given)
     if ck.num_classes != train_set.num_classes:
         raise JDSearchError(
-            f"{spec.base.checkpoint}: the base detector has {ck.num_classes - 1} classes, "
+            f"{given}: the base detector has {ck.num_classes - 1} classes, "
             f"the dataset {train_set.num_classes - 1}"
         )
-    report.add(f"base: {spec.base.checkpoint} loads and fits the dataset's classes")
+    report.add(f"base: {given} loads and fits the dataset's classes")
     return ck.detector
 
 

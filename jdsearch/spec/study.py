@@ -296,6 +296,34 @@ class StudySpec:
             object.__setattr__(self, "data", data)
 
     @property
+    def base_checkpoint(self) -> Path | None:
+        """``base.checkpoint`` as the file to read, or ``None`` when the study trains its base.
+
+        A path is read as written (relative to the working directory). A bare file name that is
+        not there is read beside the spec file, which is how a shipped study such as the
+        quickstart names its trained base (``studies/quickstart-base.safetensors``). The stored
+        spec keeps the name as written, so a study reads the same on every machine.
+        """
+        path = self.base.checkpoint
+        if path is None or path.is_file() or path.name != str(path) or not self.source:
+            return path
+        beside = Path(self.source).parent / path
+        return beside if beside.is_file() else path
+
+    def existing_base_checkpoint(self) -> Path:
+        """:attr:`base_checkpoint`, which must be set and exist.
+
+        Raises:
+            SpecError: naming the spec file, the field, and where the file was looked for.
+        """
+        path = self.base_checkpoint
+        if path is None or not path.is_file():
+            given = self.base.checkpoint
+            where = f" (nor beside {self.source})" if given and given.name == str(given) else ""
+            raise SpecError(f"{self.source}: base.checkpoint {given} does not exist{where}")
+        return path
+
+    @property
     def storage_url(self) -> str:
         """The search's storage URL: ``search.storage``, else ``sqlite:///runs/NAME.db``."""
         return self.search.storage or f"sqlite:///runs/{self.name}.db"
