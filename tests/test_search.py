@@ -9,12 +9,22 @@ from pathlib import Path
 import optuna
 import pytest
 
+from jdsearch.engine.evaluate import evaluate
 from jdsearch.methods.morph.actions import MorphConfig, evolve
 from jdsearch.search.objective import score_h
-from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, TrialRecord
+from jdsearch.search.queries import open_study
+from jdsearch.search.record import (
+    BASE_ATTR,
+    BASE_MOVE,
+    BASE_RESOLUTION_ATTR,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    TrialRecord,
+)
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
-from jdsearch.search.summary import summary
+from jdsearch.search.splits import heldout_split
+from jdsearch.search.summary import heldout_verdict, summary
 from jdsearch.spec.pool_space import SubnetConfig
 from jdsearch.spec.study import study_from_dict
 from jdsearch.store.checkpoint import checkpoint_from_bytes
@@ -26,6 +36,7 @@ def tiny_study(tmp: Path, n_trials: int) -> dict:
     """The conftest's tiny study, trained from scratch here (base and pool included)."""
     spec = tiny_study_dict(tmp / "data", "test-study")
     spec["base"]["train"]["warmup_iters"] = 5
+    spec["data"]["max_val_images"] = 6  # of 8: 2 held-out images to judge the winner on
     spec["search"].update({"n_trials": n_trials, "storage": f"sqlite:///{tmp / 'study.db'}"})
     return spec
 
@@ -90,6 +101,25 @@ def test_short_search_lineage_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
 
     text = summary(study)
     assert "lineage" in text and "base (#0)" in text
+    # The base as given against the winner on the held-out images, each AP measured here.
+    handle = open_study(spec.storage_url, spec.name)
+    heldout = heldout_split(spec)
+    verdict = heldout_verdict(handle, heldout).splitlines()
+    assert verdict[0].split()[:5] == ["held-out", "base", "(as", "given)", "best"]
+    assert f"best (trial {study.best_trial.number})" in verdict[0]
+    assert f"({len(heldout)} images the search never saw)" in verdict[0]
+    best = handle.checkpoint(study.best_trial).detector
+    size = study.best_trial.user_attrs["best_resolution"]
+    ap = evaluate(best, heldout, [size])[size].AP
+    assert verdict[1].endswith(f"{100 * ap:.1f} at {size}")
+    base_size = study.user_attrs[BASE_RESOLUTION_ATTR]
+    base = checkpoint_from_bytes(handle.study_artifact(BASE_ATTR)).detector  # as given
+    base_ap = evaluate(base, heldout, [base_size])[base_size].AP
+    assert verdict[1].split()[1:4] == [f"{100 * base_ap:.1f}", "at", base_size]
+    cost = TrialRecord.from_trial(study.best_trial).cost[size]
+    assert verdict[2].split() == ["cost", "1.00", f"{cost:.2f}"]
+    kind = "an upgrade" if ap > base_ap and cost < 1 else "a trade" if cost < 1 else "no cheaper"
+    assert verdict[3].startswith(f"verdict     {kind}: {100 * (ap - base_ap):+.1f} AP ")
 
     # Resume: the same command adds trials to the same study and lineage.
     study2 = run_search(spec, n_trials=2, progress=False)

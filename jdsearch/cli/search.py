@@ -100,7 +100,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         if distributed.is_main():  # under torchrun, rank 0 speaks for the worker
             print(summary(study))
+            _print_heldout_verdict(args.storage or spec.storage_url, spec.name, device)
     finally:
         if not distributed.out_of_step():  # else a collective may never return: just exit
             distributed.shutdown()
     return 0
+
+
+def _print_heldout_verdict(url: str, name: str, device: str | None) -> None:
+    """The base as given against the winner on the held-out split: an upgrade or a trade."""
+    from jdsearch.cli.common import heldout
+    from jdsearch.search.queries import open_study
+    from jdsearch.search.summary import heldout_verdict
+
+    handle = open_study(url, name)
+    split = heldout(handle)
+    if split is not None:
+        print(heldout_verdict(handle, split, device=device or "cpu"))

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optuna
 
-from jdsearch.search.queries import best_of, front_of, lineage, root_of
-from jdsearch.search.record import FAIL_REASON_ATTR, STRATEGY_ATTR, TrialRecord
+from jdsearch.core.resolution import Resolution
+from jdsearch.data.coco import CocoDataset
+from jdsearch.engine.evaluate import evaluate
+from jdsearch.search.queries import StudyHandle, best_of, front_of, lineage, root_of
+from jdsearch.search.record import (
+    BASE_ATTR,
+    BASE_RESOLUTION_ATTR,
+    FAIL_REASON_ATTR,
+    STRATEGY_ATTR,
+    TrialRecord,
+)
 from jdsearch.search.teacher_check import kd_summary
+from jdsearch.store.checkpoint import checkpoint_from_bytes
 
 
 def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -66,3 +78,44 @@ def summary(study: optuna.Study) -> str:
     strategy = study.user_attrs.get(STRATEGY_ATTR, "hill_climb")  # 0.1 studies: hill climbing
     lines.append(f"search      {strategy}, KD {kd_summary(study.user_attrs)}")
     return "\n".join(lines)
+
+
+def heldout_verdict(handle: StudyHandle, heldout: CocoDataset, device: str = "cpu") -> str:
+    """The base as given (at R_base) and the best trial (where it scored best), judged on the
+    held-out split the search never saw: AP, cost and whether the winner is an *upgrade* (more
+    held-out AP at less cost) or a *trade* (less cost for less AP).
+
+    The base is the study's base checkpoint itself, not the root trial: what the user had before
+    the search. The cost is the score's (C/C_base)·(R/R_base)^β, 1 for the base.
+    """
+    best = handle.trial()
+    r1 = TrialRecord.from_trial(best)
+    size = r1.best_resolution or ""
+    cost = r1.cost.get(size)
+    base_size = str(handle.study.user_attrs.get(BASE_RESOLUTION_ATTR) or size)
+    base = checkpoint_from_bytes(handle.study_artifact(BASE_ATTR), source="base", device=device)
+    base_ap = _heldout_ap(base.detector, heldout, base_size, device)
+    best_ap = _heldout_ap(handle.checkpoint(best, device=device).detector, heldout, size, device)
+    gain = 100 * (best_ap - base_ap)
+    if cost is None:
+        verdict = "cost not recorded"
+    elif gain > 0 and cost < 1:
+        verdict = f"an upgrade: {gain:+.1f} AP at {cost:.2f}× the cost"
+    elif cost < 1:
+        verdict = f"a trade: {gain:+.1f} AP for {cost:.2f}× the cost"
+    else:
+        verdict = f"no cheaper: {gain:+.1f} AP at {cost:.2f}× the cost"
+    cost_cell = "-" if cost is None else f"{cost:.2f}"
+    return "\n".join(
+        [
+            f"held-out    {'base (as given)':<20}best (trial {best.number})   "
+            f"({len(heldout)} images the search never saw)",
+            f"AP          {f'{100 * base_ap:.1f} at {base_size}':<20}{100 * best_ap:.1f} at {size}",
+            f"cost        {'1.00':<20}{cost_cell}",
+            f"verdict     {verdict}",
+        ]
+    )
+
+
+def _heldout_ap(detector: Any, data: CocoDataset, size: str, device: str) -> float:
+    return float(evaluate(detector, data, [Resolution.parse(size)], device=device)[size].AP)
