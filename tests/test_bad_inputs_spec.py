@@ -361,6 +361,74 @@ def test_a_cached_base_of_another_detector_is_refused(
         assert _one_line_error(capsys).endswith(expected.removeprefix("swap.yaml"))
 
 
+def test_a_cached_base_of_other_training_images_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base and the pool record data.train_images, so that another image folder is noticed;
+    unset (or data.dir/images itself) it is not recorded: such a spec makes the key it made
+    before the field existed, and a record without it was made from data.dir/images."""
+    from jdsearch.search.caches import (
+        base_cache,
+        base_fields,
+        check_cached_base,
+        pool_fields,
+        write_made_by,
+    )
+    from jdsearch.spec.study import study_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("{}")  # hashed, never read
+
+    def spec(**data: str) -> Any:
+        raw = tiny_study_dict(Path("data"), "moved")
+        del raw["data"]["synth"]
+        raw["data"].update(data)
+        return study_from_dict(raw, source="moved.yaml")
+
+    default, same = spec(), spec(train_images="data/images")
+    other = spec(train_images="coco/train2017")
+    cache = base_cache(default)
+    cache.path.parent.mkdir(parents=True)
+    cache.path.write_bytes(b"weights")
+    for fields in (base_fields, pool_fields):
+        assert "data.train_images" not in fields(default) | fields(same)
+        assert fields(other)["data.train_images"] == "coco/train2017"
+    write_made_by(cache, base_fields(default))
+    check_cached_base(default)
+    check_cached_base(same)
+    made = f"the base trained earlier, {cache.path}, started from"
+    with pytest.raises(SpecError) as info:
+        check_cached_base(other)
+    assert str(info.value) == (
+        f"moved.yaml: data.train_images is coco/train2017, but {made} unset: delete it to train "
+        "a new base"
+    )
+    write_made_by(cache, base_fields(other))
+    check_cached_base(other)
+    with pytest.raises(SpecError, match=re.escape(f"is unset, but {made} coco/train2017")):
+        check_cached_base(default)
+
+
+def test_a_missing_annotation_file_is_named_by_its_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations" / "instances_train2017.json").write_text("{}")
+    raw = tiny_study_dict(Path("coco"), "gone")
+    raw["data"] = {
+        "dir": "coco",
+        "train": "coco/annotations/instances_train2017.json",
+        "val": "coco/annotations/instances_val2017.json",
+    }
+    p = _write(tmp_path / "gone.yaml", raw)
+    for check in (["--check"], []):  # --check and the search itself
+        assert main(["search", str(p), "--quiet", *check]) == 2
+        err = _one_line_error(capsys)
+        assert err.endswith("data.val coco/annotations/instances_val2017.json: no such file"), err
+
+
 def test_a_cached_base_trained_with_other_settings_is_refused(
     search_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,6 +70,54 @@ def test_a_test_file_is_the_held_out_split_unless_it_shares_an_image(data_dir: P
         heldout_split(_spec(data_dir, max_val_images=4, test=str(leaky)))
 
 
+def test_splits_read_their_own_folders_and_only_the_same_file_is_the_same_image(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """COCO 2017's layout: each split its annotation file and image folder. A test image of the
+    same ``file_name`` as a selected one but in another folder is another image."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        doc = json.loads((data_dir / f"{split}.json").read_text())
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+        for image in doc["images"]:
+            target = root / f"{split}2017" / image["file_name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data_dir / "images" / image["file_name"], target)
+    val = json.loads((data_dir / "val.json").read_text())
+    test = root / "annotations" / "test.json"
+    test.write_text(_subset(val, val["images"][:3]))  # the selected files, in another folder
+    shutil.copytree(root / "val2017", root / "test2017")
+    files = {
+        "train": str(root / "annotations/instances_train2017.json"),
+        "val": str(root / "annotations/instances_val2017.json"),
+        "train_images": str(root / "train2017"),
+        "val_images": str(root / "val2017"),
+    }
+    spec = _spec(tmp_path / "nothing-here", max_val_images=4, **files)
+    selection = selection_split(spec)
+    assert selection.ann_file == root / "annotations/instances_val2017.json"
+    assert _files(selection) == [r["file_name"] for r in val["images"][:4]]
+    assert selection.image_dir == root / "val2017"
+    heldout = heldout_split(spec, selection)
+    assert heldout is not None and len(heldout) == 6 and heldout.image_dir == root / "val2017"
+    with_folder = _spec(
+        tmp_path / "x", max_val_images=4, test=str(test), test_images=str(root / "val2017"), **files
+    )
+    with pytest.raises(DataError, match=r"test.json: image id \d+ .* is also in the selection"):
+        heldout_split(with_folder)
+    mine = _spec(
+        tmp_path / "x",
+        max_val_images=4,
+        test=str(test),
+        test_images=str(root / "test2017"),
+        **files,
+    )
+    held = heldout_split(mine)
+    assert held is not None and held.image_dir == root / "test2017"
+    assert _files(held) == [r["file_name"] for r in val["images"][:3]]
+
+
 def test_without_a_test_file_or_a_val_cap_nothing_is_held_out(data_dir: Path) -> None:
     assert heldout_split(_spec(data_dir)) is None
     assert heldout_split(_spec(data_dir, max_val_images=50)) is None

@@ -117,6 +117,21 @@ FIELD_FAMILIES = {
     "data": ({"data": {"max_val_images": 0}}, "data.max_val_images: must be ≥ 1, got 0"),
     "data.synth": ({"data": {"synth": {"sise": 3}}}, "data.synth.sise: unknown key"),
     "data.test": ({"data": {"test": ["a"]}}, "data.test: expected a string, got ['a']"),
+    "data.train_images": (
+        {"data": {"synth": None, "train_images": "annotations/instances_train2017.json"}},
+        "data.train_images: names the folder of the train images, not a .json file, "
+        "got 'annotations/instances_train2017.json'",
+    ),
+    "data.val_images": ({"data": {"val_images": 7}}, "data.val_images: expected a string, got 7"),
+    "data.test_images": (
+        {"data": {"test_images": "test2017"}},
+        "data.test_images: names the images of data.test, which is unset, got 'test2017'",
+    ),
+    "data.val": (
+        {"data": {"val": "annotations/instances_val2017.json"}},
+        "data.val: data.synth writes the data into data.dir; not with data.synth, "
+        "got 'annotations/instances_val2017.json'",
+    ),
     "base": ({"base": {"resolution": "big"}}, "base.resolution: resolution 'big' is not"),
     "base.checkpoint": ({"base": {"checkpoint": 3}}, "base.checkpoint: expected a string, got 3"),
     "base.backbone_weights": (
@@ -235,3 +250,48 @@ def test_a_bare_checkpoint_name_is_read_from_the_working_directory_then_beside_t
     (studies / "sub" / "base.safetensors").write_bytes(b"beside")
     (studies / "t.yaml").write_text(yaml.safe_dump(data))
     assert load_study(studies / "t.yaml").base_checkpoint == Path("sub/base.safetensors")
+
+
+def test_each_split_names_its_own_files_and_unset_ones_are_not_stored() -> None:
+    """A dataset as it ships (COCO 2017) names each split's annotation file and image folder;
+    a spec without them reads ``data.dir``'s layout and stores what it stored before."""
+    from jdsearch.search.assets import same_spec
+    from jdsearch.spec.study import study_from_dict, study_from_stored
+
+    quick = load_study(QUICKSTART)
+    data = quick.data
+    assert (data.annotations("train"), data.annotations("val")) == (
+        Path("runs/quickstart/data/train.json"),
+        Path("runs/quickstart/data/val.json"),
+    )
+    assert {data.images(s) for s in ("train", "val", "test")} == {
+        Path("runs/quickstart/data/images")
+    }
+    assert data.annotations("test") is None
+    stored = quick.to_dict()
+    assert set(stored["data"]) == {"dir", "synth", "max_val_images", "test"}  # as before
+    assert study_from_stored(stored, source=quick.source) == quick and same_spec(stored, quick)
+
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["data"] = {
+        "dir": "coco",
+        "train": "coco/annotations/instances_train2017.json",
+        "val": "coco/annotations/instances_val2017.json",
+        "train_images": "coco/train2017",
+        "val_images": "coco/val2017",
+        "test": "coco/annotations/mine.json",
+        "test_images": "coco/mine",
+    }
+    coco = study_from_dict(raw, source="coco.yaml")
+    assert coco.data.annotations("train") == Path("coco/annotations/instances_train2017.json")
+    assert coco.data.annotations("test") == Path("coco/annotations/mine.json")
+    assert [coco.data.images(s) for s in ("train", "val", "test")] == [
+        Path("coco/train2017"),
+        Path("coco/val2017"),
+        Path("coco/mine"),
+    ]
+    stored = coco.to_dict()
+    assert stored["data"] == raw["data"] | {"synth": None, "max_val_images": None}
+    assert study_from_stored(stored, source="coco.yaml") == coco and same_spec(stored, coco)
+    raw["data"]["val_images"] = "coco/val2017-resized"  # another folder: another spec
+    assert not same_spec(stored, study_from_dict(raw, source="coco.yaml"))

@@ -51,7 +51,7 @@ from jdsearch.search.record import (
     SPEC_SYSATTR,
     STRATEGY_ATTR,
 )
-from jdsearch.search.splits import selection_split
+from jdsearch.search.splits import missing_files, selection_split
 from jdsearch.spec.detector import load_spec
 from jdsearch.spec.pool import PoolSpec
 from jdsearch.spec.study import StudySpec, study_from_stored
@@ -74,11 +74,12 @@ def ensure_data(spec: StudySpec, *, generate: bool = True) -> tuple[CocoDataset,
     missing (unless ``generate`` is false). Raises :class:`SpecError` when they are missing and
     there is no ``data.synth``."""
     d = spec.data.dir
-    if not (d / "train.json").is_file() or not (d / "val.json").is_file():
+    missing = missing_files(spec)
+    if missing is not None:
         if spec.data.synth is None or not generate:
-            raise SpecError(
-                f"{spec.source}: data.dir {d} has no train.json/val.json and no data.synth to generate them"
-            )
+            named = spec.data.train is not None or spec.data.val is not None  # no data.synth
+            tail = "" if named else " and no data.synth to generate them"
+            raise SpecError(f"{spec.source}: {missing}{tail}")
         s = spec.data.synth
         say(f"generating the synthetic dataset ({s.images} images, seed {s.seed}) in {d} ...")
         synth.generate(
@@ -91,7 +92,8 @@ def ensure_data(spec: StudySpec, *, generate: bool = True) -> tuple[CocoDataset,
         )
         write_made_by(data_cache(spec), data_fields(spec))
     check_cached_data(spec)
-    return CocoDataset(d / "train.json", d / "images"), selection_split(spec)
+    train = CocoDataset(spec.data.annotations("train"), spec.data.images("train"))
+    return train, selection_split(spec)
 
 
 def _study_artifact(study: optuna.Study, store: Any, key: str, path: Path) -> str:

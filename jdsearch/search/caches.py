@@ -112,7 +112,7 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
 
 def train_data_hash(spec: StudySpec) -> str:
     """The hash of the training annotation file: which data a base or a pool was trained on."""
-    path = (spec.data.dir / "train.json").resolve()
+    path = spec.data.annotations("train").resolve()
     st = path.stat()
     return _file_hash(path, st.st_size, st.st_mtime_ns)
 
@@ -125,6 +125,21 @@ def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+#: What a record made before ``data.train_images`` existed (or with it unset) trained on: the
+#: images of ``data.dir/images``.
+_TRAIN_IMAGES_UNSET = {"data.train_images": None}
+
+
+def train_images_fields(spec: StudySpec) -> dict[str, Any]:
+    """``data.train_images``, the folder a base or a pool is trained from, when the study names
+    one other than ``data.dir/images``; unset, nothing, so that such a spec makes the same cache
+    key as before the field existed."""
+    folder = spec.data.train_images
+    if folder is None or folder.resolve() == (spec.data.dir / "images").resolve():
+        return {}
+    return {"data.train_images": str(folder)}
 
 
 def data_cache(spec: StudySpec) -> Cache:
@@ -173,6 +188,7 @@ def base_fields(spec: StudySpec) -> dict[str, Any]:
         "amp": spec.amp,
         "resolutions": [str(r) for r in spec.resolutions],
         "data (train.json's hash)": train_data_hash(spec),
+        **train_images_fields(spec),
     }
 
 
@@ -198,6 +214,8 @@ def check_cached_base(spec: StudySpec) -> None:
     if made is None:
         wanted["base.detector's name"] = load_spec(spec.base.detector).name
         made = _base_made_by_metadata(cache.path)
+    else:
+        made = {**_TRAIN_IMAGES_UNSET, **made}
     check_cache(spec, cache, wanted, made)
 
 
@@ -219,6 +237,7 @@ def pool_fields(spec: StudySpec) -> dict[str, Any]:
     return {
         **_pool_doc_fields(spec.pool.to_dict()),
         "data (train.json's hash)": train_data_hash(spec),
+        **train_images_fields(spec),
     }
 
 
@@ -237,6 +256,7 @@ def cached_pool_done(spec: StudySpec) -> bool:
     spec's parts made it; ``False`` when phases are left to train (resumed by the search)."""
     cache = pool_cache(spec)
     doc = _pool_metadata(cache.path)
-    made = read_made_by(cache) or _pool_doc_fields(doc["spec"])
+    recorded = read_made_by(cache)
+    made = {**_TRAIN_IMAGES_UNSET, **recorded} if recorded else _pool_doc_fields(doc["spec"])
     check_cache(spec, cache, pool_fields(spec), made)
     return len(doc.get("record") or []) >= len(spec.pool.phases)

@@ -16,7 +16,7 @@ from typing import Any
 
 from jdsearch.core.errors import SpecError
 from jdsearch.search.strategies import kd_mode_named
-from jdsearch.spec.study import StudySpec
+from jdsearch.spec.study import SPLITS, StudySpec
 
 __all__ = ["CheckReport", "check_study"]
 
@@ -100,20 +100,22 @@ def _check_storage(spec: StudySpec, storage_url: str | None, report: CheckReport
 def _check_data(spec: StudySpec, report: CheckReport) -> Any:
     from jdsearch.data.coco import CocoDataset, check_same_categories, read_categories, validate
     from jdsearch.search.caches import check_cached_data
-    from jdsearch.search.splits import heldout_split, selection_split
+    from jdsearch.search.splits import heldout_split, missing_files, selection_split
 
-    d = spec.data.dir
-    files = [d / "train.json", d / "val.json"] + ([spec.data.test] if spec.data.test else [])
-    if not all(f.is_file() for f in files[:2]):
-        if spec.data.synth is None:
-            raise SpecError(f"{spec.source}: data.dir {d} has no train.json/val.json")
-        s = spec.data.synth
+    data = spec.data
+    splits = [s for s in SPLITS if data.annotations(s) is not None]
+    files = [data.annotations(s) for s in splits]
+    missing = missing_files(spec)
+    if missing is not None:
+        if data.synth is None:
+            raise SpecError(f"{spec.source}: {missing}")
+        s = data.synth
         what = f"{s.images} synthetic images of {s.size} px, {s.classes} classes, seed {s.seed}"
-        report.add(f"data: {d} will be generated ({what})")
+        report.add(f"data: {data.dir} will be generated ({what})")
         return None
     check_cached_data(spec)  # synthetic data generated earlier by these data.synth settings
-    for f in files:
-        summary = validate(f, d / "images")
+    for split, f in zip(splits, files, strict=True):
+        summary = validate(f, data.images(split))
         report.add(
             f"data: {f}: {summary.images} images, {summary.annotations} boxes, "
             f"{summary.categories} classes: ok"
@@ -126,7 +128,7 @@ def _check_data(spec: StudySpec, report: CheckReport) -> Any:
     heldout = heldout_split(spec, selection)
     held = "none (set data.test or data.max_val_images)" if heldout is None else len(heldout)
     report.add(f"splits: selection {len(selection)} images, held-out {held}")
-    return CocoDataset(d / "train.json", d / "images")
+    return CocoDataset(files[0], data.images("train"))
 
 
 def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:

@@ -28,7 +28,7 @@ def _categories(handle: Any, class_names: Sequence[str]) -> tuple[tuple[int, ...
     recorded = handle.categories()
     if recorded is not None and [n for _, n in recorded] == list(class_names):
         return tuple(i for i, _ in recorded), "study"
-    ann = handle.spec.data.dir / "train.json"
+    ann = handle.spec.data.annotations("train")
     try:
         cats = json.loads(ann.read_text()).get("categories", [])
         by_name = {str(c["name"]): int(c["id"]) for c in cats}
@@ -43,10 +43,10 @@ def _categories(handle: Any, class_names: Sequence[str]) -> tuple[tuple[int, ...
 
 def _check_images(handle: Any, count: int = 3) -> list[Tensor]:
     """A few validation images of the study's dataset, when they are here."""
-    ann = handle.spec.data.dir / "val.json"
+    ann, folder = handle.spec.data.annotations("val"), handle.spec.data.images("val")
     try:
         records = json.loads(ann.read_text()).get("images", [])[:count]
-        return [load_image(handle.spec.data.dir / "images" / r["file_name"]) for r in records]
+        return [load_image(folder / r["file_name"]) for r in records]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, JDSearchError):
         log.warning(
             "the study's validation images (%s) are not readable here: the ONNX check uses noise images",
@@ -103,7 +103,7 @@ def export_trial(
         images, image_source = list(check_images), "given"
     else:
         images = _check_images(handle) if onnx else []
-        image_source = f"study validation set ({handle.spec.data.dir / 'val.json'})"
+        image_source = f"study validation set ({handle.spec.data.annotations('val')})"
     ids, ids_source = _categories(handle, names)
     return export_detector(
         ckpt.detector,

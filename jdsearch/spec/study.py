@@ -37,6 +37,7 @@ __all__ = [
     "COSTS",
     "FAST_EVAL",
     "SCORE_MODES",
+    "SPLITS",
     "STUDIES_DIR",
     "TRIAL_CHECKPOINT_EVERY",
     "BaseSpec",
@@ -83,24 +84,71 @@ BASE_TRAIN = dataclasses.replace(FAST_EVAL, epochs=12.0, lr=0.02)
 STUDY_SET = {"exclude": ("device", "amp", "seed", "resolutions")}
 
 
+#: The splits of a study: each has an annotation file and an image folder (``data.test``: only
+#: when the study names one).
+SPLITS = ("train", "val", "test")
+#: The files of a split that ``data.synth`` writes into ``data.dir`` (its defaults).
+SYNTH_WRITES = ("train", "val", "train_images", "val_images")
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """``dir`` holds ``images/``, ``train.json``, ``val.json``; ``synth`` generates them if absent.
 
     ``dir`` unset: ``runs/<study name>/data``. ``max_val_images``: score each trial on the first
-    N validation images (the selection split). ``test``: an annotation file (images in
-    ``dir/images``) of a held-out split the search never sees; unset, the validation images
-    beyond ``max_val_images`` are held out.
+    N validation images (the selection split). ``test``: an annotation file of a held-out split
+    the search never sees; unset, the validation images beyond ``max_val_images`` are held out.
+
+    Each split may name its own files instead (a dataset as it ships, e.g. COCO 2017's
+    ``annotations/instances_train2017.json`` over ``train2017/``): ``train`` and ``val`` its
+    annotation files (default ``dir/train.json``, ``dir/val.json``), ``train_images``,
+    ``val_images`` and ``test_images`` the folders its ``file_name`` paths start in (default
+    ``dir/images``). Unset, they are not stored with the study (:meth:`StudySpec.to_dict`), so a
+    spec without them is the spec it was before they existed.
     """
 
     dir: Path | None = None
     synth: SynthSpec | None = None
     max_val_images: int | None = None
     test: Path | None = None
+    train: Path | None = None
+    val: Path | None = None
+    train_images: Path | None = None
+    val_images: Path | None = None
+    test_images: Path | None = None
 
     def __post_init__(self) -> None:
         n = self.max_val_images
         check(n is None or n >= 1, self, "max_val_images", "must be ≥ 1")
+        for split in SPLITS:
+            folder = f"{split}_images"
+            given = getattr(self, folder)
+            ok = given is None or given.suffix.lower() != ".json"
+            check(ok, self, folder, f"names the folder of the {split} images, not a .json file")
+        why = "names the images of data.test, which is unset"
+        check(self.test_images is None or self.test is not None, self, "test_images", why)
+        if self.synth is not None:
+            for name in SYNTH_WRITES:
+                why = "data.synth writes the data into data.dir; not with data.synth"
+                check(getattr(self, name) is None, self, name, why)
+
+    def annotations(self, split: str) -> Path | None:
+        """The annotation file of ``split`` (``train``, ``val`` or ``test``; ``None``: no
+        ``data.test``)."""
+        given = getattr(self, split)
+        if given is not None or split == "test":
+            return given
+        return self._dir / f"{split}.json"
+
+    def images(self, split: str) -> Path:
+        """The folder ``split``'s ``file_name`` paths start in: ``data.SPLIT_images``, else
+        ``dir/images``."""
+        given = getattr(self, f"{split}_images")
+        return given if given is not None else self._dir / "images"
+
+    @property
+    def _dir(self) -> Path:
+        return self.dir if self.dir is not None else Path()
 
 
 @dataclass(frozen=True)
@@ -338,6 +386,9 @@ class StudySpec:
         """Plain-data form, as stored in the study (reads back through :func:`study_from_dict`)."""
         d = plain(self)
         d.pop("source", None)
+        for key in (*SPLITS[:2], *(f"{split}_images" for split in SPLITS)):
+            if d["data"][key] is None:  # unset: stored as before these fields existed
+                d["data"].pop(key)
         for train in (d["fast_eval"], d["base"]["train"]):
             for key in STUDY_SET["exclude"]:
                 train.pop(key)
