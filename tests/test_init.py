@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jdsearch.cli import main
 from jdsearch.core.errors import DataError, SpecError
@@ -209,7 +210,7 @@ def test_a_checkpoint_base_is_deployed_at_its_own_size(user_set: Path, tmp_path:
         init_study(tmp_path / "w.yaml", user_set, base=str(wrong))
 
 
-def test_other_file_names_are_linked_into_the_layout_jdsearch_reads(
+def test_other_file_names_are_named_in_the_spec_and_nothing_is_linked(
     user_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -219,13 +220,36 @@ def test_other_file_names_are_linked_into_the_layout_jdsearch_reads(
         (ann / f"instances_{split}.json").write_text((user_set / f"{split}.json").read_text())
     args = ["init", "--train", str(ann / "instances_train.json"), "--val"]
     args += [str(ann / "instances_val.json"), "--images", str(user_set / "images")]
-    assert main([*args, "--base", "tiny-r18-fpn", "--out", "s/linked.yaml", "--device", "cpu"]) == 0
-    spec = load_study("s/linked.yaml")
-    assert spec.data.dir == Path("runs/linked/data")
-    train = CocoDataset(spec.data.dir / "train.json", spec.data.dir / "images")
+    assert main([*args, "--base", "tiny-r18-fpn", "--out", "s/named.yaml", "--device", "cpu"]) == 0
+    assert f"{ann / 'instances_train.json'} over {user_set / 'images'}/" in capsys.readouterr().out
+    spec = load_study("s/named.yaml")
+    assert spec.data.annotations("train") == ann / "instances_train.json"
+    assert spec.data.annotations("val") == ann / "instances_val.json"
+    assert spec.data.images("train") == spec.data.images("val") == user_set / "images"
+    train = CocoDataset(spec.data.annotations("train"), spec.data.images("train"))
     assert len(train) == 24 and train.category_ids == [3, 7, 12]
+    assert not Path("runs").exists()  # nothing linked, nothing copied
+    # With --data, the spec names only what is not where data.dir's layout has it.
+    args = ["init", "--data", str(user_set), "--val", str(ann / "instances_val.json")]
+    assert main([*args, "--base", "tiny-r18-fpn", "--out", "s/val.yaml"]) == 0
+    data = yaml.safe_load(Path("s/val.yaml").read_text())["data"]
+    assert data == {
+        "dir": str(user_set),
+        "val": str(ann / "instances_val.json"),
+        "max_val_images": None,
+    }
+    assert "--val " in Path("s/val.yaml").read_text().splitlines()[0]  # the command, as run
     assert main(["init", "--train", "t.json", "--out", "s/x.yaml"]) == 2
-    assert "give --data DIR, or all of --train, --val and --images" in capsys.readouterr().err
+    assert (
+        "give --data DIR, or --train, --val and --images (or --train-images and --val-images)"
+        in capsys.readouterr().err
+    )
+    args = ["init", "--data", "d", "--images", "i", "--train-images", "t", "--val-images", "v"]
+    assert main([*args, "--out", "s/x.yaml"]) == 2
+    assert (
+        "--images is unused: --train-images and --val-images name both" in capsys.readouterr().err
+    )
+    assert not [p for p in tmp_path.rglob("*") if p.is_symlink()]
 
 
 def test_an_unknown_base_is_one_line_naming_it(user_set: Path, tmp_path: Path, capsys) -> None:

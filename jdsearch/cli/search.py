@@ -17,7 +17,15 @@ def add_init(sub: Any, name: str) -> None:
     i.add_argument("--data", help="dataset folder with images/, train.json and val.json")
     i.add_argument("--train", help="training annotation file (default DATA/train.json)")
     i.add_argument("--val", help="validation annotation file (default DATA/val.json)")
-    i.add_argument("--images", help="folder the files' file_name paths start in (DATA/images)")
+    i.add_argument(
+        "--images", help="folder both files' file_name paths start in (default DATA/images)"
+    )
+    i.add_argument(
+        "--train-images", help="folder the training file's file_name paths start in (--images)"
+    )
+    i.add_argument(
+        "--val-images", help="folder the validation file's file_name paths start in (--images)"
+    )
     i.add_argument(
         "--base",
         default="r50-fpn",
@@ -42,7 +50,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     from jdsearch.init.init_study import data_files, init_study
 
     name = args.name or Path(args.out).stem
-    files = data_files(name, args.data, args.train, args.val, args.images)
+    files = data_files(
+        args.data,
+        args.train,
+        args.val,
+        args.images,
+        train_images=args.train_images,
+        val_images=args.val_images,
+    )
     result = init_study(
         args.out, files, base=args.base, name=name, device=args.study_device, force=args.force
     )

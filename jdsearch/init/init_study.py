@@ -227,7 +227,6 @@ def matched_pool(
 class DatasetFacts:
     """What the study's settings are derived from, read from the two annotation files."""
 
-    data_dir: Path  # what the spec's ``data.dir`` names
     train_images: int
     val_images: int
     #: ``(category id, name, boxes in the training split)`` in label order.
@@ -238,13 +237,15 @@ class DatasetFacts:
     box_side: float  # median sqrt(w·h) of the training boxes, native pixels (0: no boxes)
 
 
-def read_dataset(train: Path, val: Path, images: Path, data_dir: Path) -> DatasetFacts:
-    """Read and validate both splits (records and file existence, as the data layer does).
+def read_dataset(files: DataFiles) -> DatasetFacts:
+    """Read and validate both splits, each over its image folder (records and file existence, as
+    the data layer does).
 
     Raises:
         DataError: an invalid file or record, or splits whose categories (ids or names) differ.
     """
-    train_set, val_set = CocoDataset(train, images), CocoDataset(val, images)
+    train, val = files.train, files.val
+    train_set, val_set = CocoDataset(train, files.train_images), CocoDataset(val, files.val_images)
     cats = list(zip(train_set.category_ids, train_set.class_names, strict=True))
     other = list(zip(val_set.category_ids, val_set.class_names, strict=True))
     check_same_categories(train, cats, val, other)
@@ -257,7 +258,6 @@ def read_dataset(train: Path, val: Path, images: Path, data_dir: Path) -> Datase
     counts = Counter(a["category_id"] for a in anns)
     sides = [math.sqrt(a["bbox"][2] * a["bbox"][3]) for a in anns]
     return DatasetFacts(
-        data_dir=data_dir,
         train_images=len(train_set),
         val_images=len(val_set),
         categories=tuple((cid, name, counts[cid]) for cid, name in cats),
@@ -347,6 +347,7 @@ class StudyPlan:
 
     name: str
     out: Path
+    files: DataFiles
     facts: DatasetFacts
     base: BaseChoice
     base_detector: str  # what ``base.detector`` and ``pool.detector`` name
@@ -400,11 +401,21 @@ def _data_lines(p: StudyPlan) -> list[str]:
         if n is not None
         else f"all val images score the trials (under {HELDOUT_MIN_VAL}: none held out)"
     )
+    fields = p.files.spec_fields()
+    standard = "holds images/, train.json, val.json" if len(fields) == 1 else "the dataset's folder"
+    why = {
+        "dir": standard,
+        "train": "the training split's annotation file",
+        "train_images": "the folder its file_name paths start in",
+        "val": "the validation split's annotation file",
+        "val_images": "the folder its file_name paths start in",
+    }
     return [
         "data:",
-        _line("dir", str(p.facts.data_dir), "holds images/, train.json, val.json"),
+        *[_line(key, value, why[key]) for key, value in fields.items()],
         _line("max_val_images", n, held),
-        "  # test: test.json            # a held-out split of your own (images in dir/images)",
+        "  # test: test.json            # a held-out split of your own (its images: test_images,",
+        "  #                            # default dir/images)",
     ]
 
 
@@ -526,51 +537,78 @@ class InitResult:
 
     path: Path
     spec: StudySpec
-    written: tuple[Path, ...]  # the spec first, then what it needs (base detector YAML, links)
+    written: tuple[Path, ...]  # the spec first, then what it needs (the base detector's YAML)
     lines: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class DataFiles:
-    """The dataset's two annotation files and its image folder; ``dir`` is what ``data.dir``
-    names: the user's folder when it has the layout jdsearch reads (``images/``, ``train.json``,
-    ``val.json``), else ``runs/NAME/data``, where ``linked`` links to the three are made."""
+    """The dataset's two annotation files and the image folder of each split; ``dir`` is the
+    dataset's folder (``--data``, the spec's ``data.dir``), ``None`` when not given. The spec
+    names ``dir`` and every file that is not where ``dir``'s layout (``images/``,
+    ``train.json``, ``val.json``) has it: no file is linked or copied."""
 
     train: Path
     val: Path
-    images: Path
-    dir: Path
-    linked: bool = False
+    train_images: Path
+    val_images: Path
+    dir: Path | None = None
 
-
-def _standard(d: Path, train: Path, val: Path, images: Path) -> bool:
-    ours = (d / "train.json", d / "val.json", d / "images")
-    return all(a.resolve() == b.resolve() for a, b in zip(ours, (train, val, images), strict=True))
+    def spec_fields(self) -> dict[str, str]:
+        """The spec's ``data`` fields: ``dir`` (when given), then each file not at its default
+        in ``dir``, in ``--train``, ``--train-images``, ``--val``, ``--val-images`` order."""
+        fields = {} if self.dir is None else {"dir": str(self.dir)}
+        for key, default in (
+            ("train", "train.json"),
+            ("train_images", "images"),
+            ("val", "val.json"),
+            ("val_images", "images"),
+        ):
+            path: Path = getattr(self, key)
+            if self.dir is None or path.resolve() != (self.dir / default).resolve():
+                fields[key] = str(path)
+        return fields
 
 
 def data_files(
-    name: str,
     data: str | Path | None,
     train: str | Path | None = None,
     val: str | Path | None = None,
     images: str | Path | None = None,
+    *,
+    train_images: str | Path | None = None,
+    val_images: str | Path | None = None,
 ) -> DataFiles:
-    """The dataset's files: ``DATA/train.json``, ``DATA/val.json``, ``DATA/images`` unless given.
+    """The dataset's files: ``DATA/train.json``, ``DATA/val.json`` and ``DATA/images`` for both
+    splits unless given (``images``: both splits' folder, unless ``train_images`` and
+    ``val_images`` name each its own).
 
     Raises:
-        SpecError: no ``data`` and not all three files given.
+        SpecError: no ``data`` and not every file given, or ``images`` beside both split folders.
     """
-    if data is None and None in (train, val, images):
-        raise SpecError("init: give --data DIR, or all of --train, --val and --images")
-    d = Path(data) if data is not None else Path("runs") / name / "data"
-    t, v, i = (
-        Path(given) if given is not None else d / default
-        for given, default in ((train, "train.json"), (val, "val.json"), (images, "images"))
+    folders = (train_images, val_images)
+    if data is None and (None in (train, val) or (images is None and None in folders)):
+        raise SpecError(
+            "init: give --data DIR, or --train, --val and --images "
+            "(or --train-images and --val-images)"
+        )
+    if images is not None and None not in folders:
+        raise SpecError("init: --images is unused: --train-images and --val-images name both")
+    d = Path(data) if data is not None else None
+
+    def pick(given: str | Path | None, default: str) -> Path:
+        if given is not None:
+            return Path(given)
+        assert d is not None  # checked above: without --data every file is given
+        return d / default
+
+    return DataFiles(
+        train=pick(train, "train.json"),
+        val=pick(val, "val.json"),
+        train_images=pick(train_images if train_images is not None else images, "images"),
+        val_images=pick(val_images if val_images is not None else images, "images"),
+        dir=d,
     )
-    if data is not None and _standard(d, t, v, i):
-        return DataFiles(t, v, i, d)
-    links = Path("runs") / name / "data"
-    return DataFiles(t, v, i, links, linked=not _standard(links, t, v, i))
 
 
 def _refuse(path: Path, force: bool) -> None:
@@ -595,32 +633,22 @@ def _plan(
     base_detector: str,
     device: str,
 ) -> StudyPlan:
-    facts = read_dataset(files.train, files.val, files.images, files.dir)
+    facts = read_dataset(files)
     _check_classes(base, facts, files.train)
     ladder = resolution_ladder(facts.native)
     plan = budgets(facts.train_images)
     pool = matched_pool(base.spec.arch, base_detector, ladder, plan, facts.train_images)
-    data_args = (
-        ["--data", str(files.dir)]
-        if not files.linked
-        else ["--train", str(files.train), "--val", str(files.val), "--images", str(files.images)]
-    )
+    flags = {"dir": "--data", "train_images": "--train-images", "val_images": "--val-images"}
+    data_args = [
+        arg
+        for key, value in files.spec_fields().items()
+        for arg in (flags.get(key, f"--{key}"), value)
+    ]
     command = shlex.join(["jdsearch", "init", *data_args, "--base", base.given, "--out", str(out)])
     r_base = base.deployed or ladder[-1]
     return StudyPlan(
-        name, out, facts, base, base_detector, ladder, r_base, plan, pool, device, command
+        name, out, files, facts, base, base_detector, ladder, r_base, plan, pool, device, command
     )
-
-
-def _link(link: Path, target: Path, force: bool) -> None:
-    if link.is_symlink() and link.resolve() == target.resolve():
-        return
-    _refuse(link, force)
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.exists():
-        raise SpecError(f"{link}: is a folder; remove it to link {target} there")
-    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
 
 
 def _base_yaml(base: BaseChoice) -> str:
@@ -647,7 +675,7 @@ def init_study(
     Args:
         out: the study spec to write (refused when it exists, unless ``force``).
         data: a folder with ``images/``, ``train.json`` and ``val.json``, or other files as
-            :func:`data_files` gives them (``runs/NAME/data`` then links to them).
+            :func:`data_files` gives them (the spec names each).
         base: a checkpoint (``.safetensors``) or a detector preset or YAML the study trains.
         name: the study's name; default the stem of ``out``.
         device: default ``cpu``, so that one data set gives one spec on every machine (a worker
@@ -664,7 +692,7 @@ def init_study(
     """
     out = Path(out)
     name = name if name is not None else out.stem
-    files = data if isinstance(data, DataFiles) else data_files(name, data)
+    files = data if isinstance(data, DataFiles) else data_files(data)
     choice = choose_base(base)
     side = out.with_name(f"{out.stem}-base-detector.yaml") if choice.checkpoint else None
     for path in (out, side):
@@ -673,20 +701,12 @@ def init_study(
     plan = _plan(name, out, files, choice, str(side or base), device or "cpu")
     text = study_text(plan)
     spec = study_from_dict(yaml.safe_load(text), source=str(out))
-    written = _write(out, text, files, side, choice, force)
+    written = _write(out, text, side, choice)
     return InitResult(out, spec, written, tuple(_summary(plan, spec)))
 
 
-def _write(
-    out: Path, text: str, files: DataFiles, side: Path | None, base: BaseChoice, force: bool
-) -> tuple[Path, ...]:
+def _write(out: Path, text: str, side: Path | None, base: BaseChoice) -> tuple[Path, ...]:
     written = [out]
-    if files.linked:
-        files.dir.mkdir(parents=True, exist_ok=True)
-        for link, target in (("train.json", files.train), ("val.json", files.val)):
-            _link(files.dir / link, target, force)
-        _link(files.dir / "images", files.images, force)
-        written += [files.dir / "train.json", files.dir / "val.json", files.dir / "images"]
     if side is not None:
         side.parent.mkdir(parents=True, exist_ok=True)
         side.write_text(_base_yaml(base))
@@ -697,11 +717,13 @@ def _write(
 
 
 def _summary(p: StudyPlan, spec: StudySpec) -> list[str]:
-    f, b = p.facts, p.budgets
+    f, b, d = p.facts, p.budgets, spec.data
     return [
         f"wrote {p.out}: study {spec.name}",
         f"  data        {f.train_images} train / {f.val_images} val images, "
-        f"{len(f.categories)} categories, native size {f.native} ({spec.data.dir})",
+        f"{len(f.categories)} categories, native size {f.native}",
+        f"              {d.annotations('train')} over {d.images('train')}/, "
+        f"{d.annotations('val')} over {d.images('val')}/",
         f"  resolutions {', '.join(str(r) for r in spec.resolutions)}; R_base {p.r_base}",
         f"  base        {p.base.given}"
         + (" (checkpoint)" if p.base.checkpoint else f", trained {b.base_epochs} epochs"),
