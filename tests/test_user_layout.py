@@ -3,13 +3,15 @@
 
 The set is laid out the way users' sets are: images in subfolders that ``file_name`` names, mixed
 sizes and orientations, a grayscale image, an image without objects, non-contiguous category and
-image ids and a category without a single box.
+image ids and a category without a single box. A second set is laid out as COCO 2017 ships: each
+split its own annotation file and image folder, read where they lie (no link anywhere).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from jdsearch.cli import main
+from jdsearch.data.synth import generate
 from jdsearch.search.queries import open_study
 from jdsearch.search.record import TrialRecord
 from jdsearch.spec.study import load_study
@@ -146,3 +149,61 @@ def test_a_users_dataset_runs_from_init_to_a_search(
         assert math.isfinite(t.value) and set(ap) == {str(r) for r in study.resolutions}
         assert all(math.isfinite(v) for v in ap.values())
     assert (tmp_path / "runs/shapes/base.safetensors").is_file()
+
+
+def write_coco2017_set(root: Path, scratch: Path) -> Path:
+    """A tiny synthetic set (64-px squares, 12 train and 4 val images) moved into COCO 2017's
+    layout under ``root``: ``annotations/instances_{train,val}2017.json``, ``train2017/``,
+    ``val2017/``; ``scratch`` is where it is drawn first (removed)."""
+    generate(scratch, images=16, seed=3, size=64, classes=2, workers=1)
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        doc = json.loads((scratch / f"{split}.json").read_text())
+        folder = root / f"{split}2017"
+        folder.mkdir()
+        for image in doc["images"]:
+            shutil.move(scratch / "images" / image["file_name"], folder / image["file_name"])
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+    shutil.rmtree(scratch)
+    return root
+
+
+@pytest.mark.slow
+def test_coco_2017_as_it_ships_runs_from_init_to_a_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    coco = write_coco2017_set(Path("coco"), Path("scratch"))
+    ann = {s: coco / "annotations" / f"instances_{s}2017.json" for s in ("train", "val")}
+    for split in ("train", "val"):
+        check = ["data", "check", "--ann", str(ann[split]), "--images", str(coco / f"{split}2017")]
+        assert main(check) == 0
+        assert capsys.readouterr().out.rstrip().endswith("ok")
+    spec_file = Path("studies/coco.yaml")
+    init = ["--threads", "1", "init", "--train", str(ann["train"]), "--val", str(ann["val"])]
+    init += ["--train-images", "coco/train2017", "--val-images", "coco/val2017"]
+    assert main([*init, "--base", "tiny-r18-fpn", "--out", str(spec_file)]) == 0
+    assert "coco/annotations/instances_val2017.json over coco/val2017/" in capsys.readouterr().out
+    data = yaml.safe_load(spec_file.read_text())["data"]
+    assert data == {
+        "train": "coco/annotations/instances_train2017.json",
+        "train_images": "coco/train2017",
+        "val": "coco/annotations/instances_val2017.json",
+        "val_images": "coco/val2017",
+        "max_val_images": None,
+    }
+    study = load_study(spec_file)
+    assert study.data.images("val") == Path("coco/val2017")
+
+    _shrink(spec_file)
+    assert main(["--threads", "1", "search", str(spec_file), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "instances_train2017.json: 12 images" in out and "instances_val2017.json: 4" in out
+    assert main(["--threads", "1", "search", str(spec_file), "--quiet"]) == 0
+    handle = open_study("sqlite:///runs/coco.db", "coco")
+    assert [t.state.name for t in handle.study.trials] == ["COMPLETE", "COMPLETE"]
+    assert all(math.isfinite(t.value) for t in handle.study.trials)  # scored on val2017/
+    assert handle.spec.data.images("train") == Path("coco/train2017")  # the stored spec
+    assert not [p for p in tmp_path.rglob("*") if p.is_symlink()]
+    assert not Path("runs/coco/data").exists()  # nothing linked or copied into data.dir
+    assert sorted(p.name for p in coco.iterdir()) == ["annotations", "train2017", "val2017"]
