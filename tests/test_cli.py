@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,23 @@ def test_synth_train_eval_evolve_and_distil(
         str(tmp_path / "m.json"),
     )
     assert code == 0 and "64x64" in out
-    assert set(json.loads((tmp_path / "m.json").read_text())) == {"64x64"}
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"64x64"}
+    # A split in its own folder (COCO's val2017/): the same images, the same AP.
+    val = json.loads((data / "val.json").read_text())
+    (tmp_path / "val2017").mkdir()
+    for image in val["images"]:
+        shutil.copyfile(
+            data / "images" / image["file_name"], tmp_path / "val2017" / image["file_name"]
+        )
+    ann, folder = str(data / "val.json"), str(tmp_path / "val2017")
+    argv = ["eval", str(base), "--ann", ann, "--images", folder, "--sizes", "64x64"]
+    code, out, _ = run(capsys, *argv, "--json", str(tmp_path / "m2.json"))
+    assert code == 0, out
+    again = json.loads((tmp_path / "m2.json").read_text())["64x64"]
+    assert again["AP"] == metrics["64x64"]["AP"]
+    code, _, err = run(capsys, "eval", str(base), "--ann", ann)
+    assert code == 2 and "eval: give --ann and --images together (or --data DIR)" in err
 
     child = tmp_path / "child.safetensors"
     code, out, _ = run(capsys, "evolve", str(base), "add_layer:3", "--out", str(child))

@@ -122,9 +122,15 @@ def ensure_data(data: str | None) -> Path:
     return synth.ensure_dataset(DEFAULT_DATA, images=DEFAULT_SYNTH_IMAGES, seed=DEFAULT_SYNTH_SEED)
 
 
-def open_split(data_dir: Path, split: str) -> Any:
-    """The :class:`~jdsearch.data.coco.CocoDataset` of ``DATA_DIR/SPLIT.json`` over the images in
-    ``DATA_DIR/images``."""
+def open_split(
+    data_dir: Path, split: str, *, ann: str | None = None, images: str | None = None
+) -> Any:
+    """The :class:`~jdsearch.data.coco.CocoDataset` of ``DATA_DIR/SPLIT.json`` (or ``ann``) over
+    the images in ``DATA_DIR/images`` (or ``images``: a split's own folder, COCO's
+    ``val2017/``)."""
     from jdsearch.data.coco import CocoDataset
 
-    return CocoDataset(data_dir / f"{split}.json", data_dir / "images")
+    return CocoDataset(
+        Path(ann) if ann is not None else data_dir / f"{split}.json",
+        Path(images) if images is not None else data_dir / "images",
+    )

@@ -185,6 +185,8 @@ def add_eval(sub: Any, name: str) -> None:
     e.add_argument("checkpoint")
     e.add_argument("--data", help="dataset dir (default: embedded synthetic)")
     e.add_argument("--split", default="val")
+    e.add_argument("--ann", help="annotation file to evaluate on (default DATA/SPLIT.json)")
+    e.add_argument("--images", help="folder its file_name paths start in (default DATA/images)")
     e.add_argument("--sizes", nargs="+", help="LONGxSHORT sizes (default: the spec's resolutions)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="cpu")
@@ -198,8 +200,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jdsearch.engine.evaluate import evaluate
     from jdsearch.store.checkpoint import load_checkpoint
 
+    if args.data is None and (args.ann is None) != (args.images is None):
+        raise JDSearchError("eval: give --ann and --images together (or --data DIR)")
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
-    dataset = open_split(ensure_data(args.data), args.split)
+    data_dir = ensure_data(args.data) if args.ann is None or args.images is None else Path()
+    dataset = open_split(data_dir, args.split, ann=args.ann, images=args.images)
     ids = _match_checkpoint(dataset, ckpt)
     sizes = _sizes(args.sizes) or ckpt.spec.input.resolutions
     metrics = evaluate(
