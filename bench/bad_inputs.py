@@ -620,9 +620,10 @@ def spec_cases() -> list[Case]:
             "spec",
             "valid: studies/quickstart.yaml --check",
             ("search", "quickstart.yaml", "--check"),
-            lambda cwd, setup: shutil.copyfile(
-                setup.repo / "studies" / "quickstart.yaml", cwd / "quickstart.yaml"
-            ),
+            lambda cwd, setup: [  # the spec and the base it ships beside it
+                shutil.copyfile(setup.repo / "studies" / f, cwd / f)
+                for f in ("quickstart.yaml", "quickstart-base.safetensors")
+            ],
             valid=True,
         ),
     ]

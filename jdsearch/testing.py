@@ -80,11 +80,13 @@ def shrunk_quickstart(
             ``storage``, ...).
 
     Returns:
-        The spec as a dict (``base.checkpoint`` unset: ``prepare`` trains the base).
+        The spec as a dict (``base.checkpoint`` unset: ``prepare`` trains the base on the shrunk
+        data, which the quickstart's shipped base was not trained on).
     """
     shrink = shrink or Shrink()
     spec = yaml.safe_load((quickstart or quickstart_path()).read_text())
     spec["name"] = name
+    spec["base"].pop("checkpoint", None)
     spec["data"] = {
         "dir": str(data_dir),
         "synth": {"images": shrink.images, "seed": shrink.seed, "size": shrink.size},
@@ -126,11 +128,14 @@ def tiny_study(
     from jdsearch.spec.study import study_from_dict
 
     if scale == "quickstart":
+        from jdsearch.spec.study import load_study
+
         spec = yaml.safe_load(quickstart_path().read_text())
         spec["name"] = name
         spec["data"]["dir"] = str(root / "data")
-        if base is not None:
-            spec["base"]["checkpoint"] = str(base)
+        shipped = load_study(quickstart_path()).base_checkpoint  # read beside the spec file
+        if base is not None or shipped is not None:
+            spec["base"]["checkpoint"] = str(base or shipped)
         spec["search"].update({"n_trials": n_trials, "storage": storage})
         return study_from_dict(spec, source=f"bench:{name}")
     spec = shrunk_quickstart(name, root / "data", BENCH_SHRINK, n_trials=n_trials, storage=storage)
@@ -194,3 +199,61 @@ def quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def tree_digest(root: Path, names: tuple[str, ...] | None = None) -> str:
+    """sha256 over every file under ``root`` (or under its entries ``names`` only): its relative
+    path and its own sha256, sorted."""
+    import hashlib
+
+    tops = [root / n for n in names] if names is not None else [root]
+    files = [q for top in tops for q in ([top] if top.is_file() else top.rglob("*"))]
+    h = hashlib.sha256()
+    for p in sorted(files):
+        if p.is_file():
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            h.update(f"{p.relative_to(root).as_posix()}\n{digest}\n".encode())
+    return h.hexdigest()
+
+
+#: How far a shipped base's AP may drift from its record (AP points, 0-100) before its test
+#: fails: evaluation is deterministic on one machine; other BLAS builds move a few detections.
+SHIPPED_BASE_TOLERANCE = 0.5
+
+
+def shipped_base_record(spec: StudySpec) -> Path:
+    """The record beside a study's shipped base (``studies/quickstart-base.json``)."""
+    path = spec.base_checkpoint
+    if path is None:
+        raise ValueError(f"{spec.source}: no base.checkpoint")
+    return path.with_suffix(".json")
+
+
+def measure_base(spec: StudySpec, sizes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """What a study's shipped base records, measured now: its weights' sha256, the digest of the
+    study's data (generated from ``data.synth`` when missing) and its AP (0-100) on the selection
+    and held-out splits at each of ``sizes`` (default: the study's resolutions)."""
+    from safetensors.torch import load_file
+
+    from jdsearch.engine.evaluate import evaluate
+    from jdsearch.search.assets import ensure_data
+    from jdsearch.search.splits import heldout_split, selection_split
+    from jdsearch.store.checkpoint import load_checkpoint, tensors_sha256
+
+    ensure_data(spec)
+    checkpoint = load_checkpoint(spec.base_checkpoint)
+    selection = selection_split(spec)
+    heldout = heldout_split(spec, selection)
+    sizes = sizes or tuple(str(r) for r in spec.resolutions)
+    ap: dict[str, dict[str, float]] = {}
+    for name, split in (("selection", selection), ("heldout", heldout)):
+        if split is None:
+            continue
+        metrics = evaluate(checkpoint.detector, split, sizes)
+        ap[name] = {size: round(100 * m.AP, 2) for size, m in metrics.items()}
+    return {
+        "weights_sha256": tensors_sha256(load_file(spec.base_checkpoint)),
+        # What the generator wrote (not the cache record beside it): as tests/test_synth.py pins.
+        "data_sha256": tree_digest(spec.data.dir, ("train.json", "val.json", "images")),
+        "ap": ap,
+    }

@@ -401,6 +401,7 @@ def test_the_public_api_documents_its_contract() -> None:
 def test_the_wheel_lists_every_package_and_carries_the_presets() -> None:
     """pyproject.toml names the packages one by one (the presets are mapped in from the top-level
     folders): a new sub-package missing from the list would be missing from the wheel."""
+    import fnmatch
     import tomllib
 
     from jdsearch.core.config import preset_dir
@@ -413,6 +414,10 @@ def test_the_wheel_lists_every_package_and_carries_the_presets() -> None:
     assert set(setup["packages"]) == on_disk | set(presets)
     assert setup["package-dir"] == presets
     for name, folder in presets.items():
-        assert setup["package-data"][name] == ["*.yaml"]
+        patterns = setup["package-data"][name]
+        assert "*.yaml" in patterns
+        # Every file of a preset folder (a study's shipped base and its record too) is in a wheel.
+        files = [p for p in (PACKAGE.parent / folder).iterdir() if p.is_file()]
+        assert all(any(fnmatch.fnmatch(p.name, pat) for pat in patterns) for p in files), files
         assert preset_dir(folder) == PACKAGE.parent / folder  # a checkout reads its own folders
         assert any(preset_dir(folder).glob("*.yaml"))

@@ -25,7 +25,7 @@ def test_quickstart_loads_with_its_pool() -> None:
     assert load_study("quickstart") == spec  # by name from studies/
 
 
-def test_shapes20_loads_and_differs_from_the_quickstart_only_in_its_data() -> None:
+def test_shapes20_differs_from_the_quickstart_only_in_its_data_and_shipped_base() -> None:
     spec, quick = load_study(SHAPES20), load_study(QUICKSTART)
     synth = spec.data.synth
     assert synth is not None and load_study("shapes20") == spec
@@ -39,6 +39,9 @@ def test_shapes20_loads_and_differs_from_the_quickstart_only_in_its_data() -> No
         for key in ("name", "data", "resolutions"):
             d.pop(key)
         d["base"].pop("resolution")
+    # The quickstart ships its base; shapes20 trains its own with the same recipe.
+    assert theirs["base"].pop("checkpoint") == "quickstart-base.safetensors"
+    assert mine["base"].pop("checkpoint") is None
     assert mine == theirs
 
 
@@ -215,7 +218,7 @@ def test_specs_stored_by_jdsearch_0_1_0_still_open() -> None:
     spec = load_study(QUICKSTART)
     old = spec.to_dict()
     old["resolutions"] = [{"long": r.long, "short": r.short} for r in spec.resolutions]
-    old["base"]["checkpoint"] = None
+    old["base"]["resolution"] = None
     old["search"]["storage"] = None
     with pytest.raises(SpecError):
         study_from_dict(old)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 from itertools import combinations
 from pathlib import Path
@@ -18,6 +17,7 @@ from jdsearch.core.errors import SpecError
 from jdsearch.data.coco import CocoDataset, validate
 from jdsearch.data.synth import CLASS_NAMES, SynthInfo, _shape_mask, _spans, generate
 from jdsearch.spec.synth import OBJECT_SIZE, class_names
+from jdsearch.testing import tree_digest
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -211,18 +211,6 @@ def test_bad_arguments_raise_spec_error(tmp_path: Path, kwargs: dict[str, Any]) 
     assert not (tmp_path / "train.json").exists()
 
 
-def _tree_digest(root: Path) -> str:
-    """sha256 over every file under ``root``: its relative path and its own sha256, sorted."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            line = (
-                f"{p.relative_to(root).as_posix()}\n{hashlib.sha256(p.read_bytes()).hexdigest()}\n"
-            )
-            h.update(line.encode())
-    return h.hexdigest()
-
-
 # Hashes of the generator's output before it was sped up (train.json, val.json and every PNG):
 # any change of the generator must leave its files byte-identical for the same arguments (a
 # cached study's data, base and pool are keyed on them). They depend on the NumPy, Pillow and
@@ -240,7 +228,7 @@ def test_output_is_pinned(tmp_path: Path, seed: int, size: Any, digest: str, wor
     # With 2 workers the 24 images are drawn in 8 chunks by 2 processes, in no fixed order.
     generate(tmp_path, images=24, seed=seed, size=size, workers=workers)
     assert len(list((tmp_path / "images").iterdir())) == 24
-    assert _tree_digest(tmp_path) == digest
+    assert tree_digest(tmp_path) == digest
 
 
 @pytest.fixture(scope="module")
