@@ -1,14 +1,48 @@
-"""What several commands share: the summary line of a detector, the image files of arguments, and
-the options, storage and held-out split of the commands that read a finished study."""
+"""What several commands share: the argument types (sizes), the summary line of a
+detector, the image files of arguments, and the options, storage and held-out split of the
+commands that read a finished study."""
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.core.errors import JDSearchError
+from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.core.limits import MAX_INPUT_SIDE
+from jdsearch.core.resolution import Resolution
+
+
+# ---------------------------------------------------------------------- argument types
+# Each refuses a bad value through argparse, whose one line names the flag as the user typed it:
+# ``jdsearch flops: error: argument --size: resolution '9000x800': ...``.
+def resolution(text: str) -> Resolution:
+    """The ``type`` of a ``LONGxSHORT`` option: a :class:`Resolution`, each side at most
+    :data:`~jdsearch.core.limits.MAX_INPUT_SIDE`."""
+    try:
+        return Resolution.parse(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def height_width(text: str) -> tuple[int, int]:
+    """The ``type`` of a ``HEIGHTxWIDTH`` option: ``(height, width)`` in that order, each side
+    positive and at most :data:`~jdsearch.core.limits.MAX_INPUT_SIDE`."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    # no int() of 5000 digits: a side of more than 9 is too large anyway
+    sides = [int(g) if len(g) <= 9 else MAX_INPUT_SIDE + 1 for g in m.groups()] if m else [0]
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: expected HEIGHTxWIDTH, e.g. 800x1333")
+    if max(sides) > MAX_INPUT_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r}: a side is more than the {MAX_INPUT_SIDE} pixels an input size may have"
+        )
+    return sides[0], sides[1]
+
+
+# ---------------------------------------------------------------------- shared helpers
 
 
 def describe(detector: Any, size: tuple[int, int]) -> str:

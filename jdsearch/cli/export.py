@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import heldout, image_files, storage_url, study_options
+from jdsearch.cli.common import (
+    heldout,
+    image_files,
+    resolution,
+    storage_url,
+    study_options,
+)
 from jdsearch.core.errors import JDSearchError
 
 
@@ -20,7 +26,11 @@ def add_export(sub: Any, name: str) -> None:
     x.add_argument(
         "--out", required=True, help="export folder (detector.json, model.safetensors, model.onnx)"
     )
-    x.add_argument("--size", help="input size LONGxSHORT (default: the trial's best resolution)")
+    x.add_argument(
+        "--size",
+        type=resolution,
+        help="input size LONGxSHORT (default: the trial's best resolution)",
+    )
     x.add_argument("--no-onnx", action="store_true", help="skip the ONNX graph and its check")
     x.add_argument(
         "--format",
@@ -191,7 +201,7 @@ def add_predict(sub: Any, name: str) -> None:
     pr.add_argument(
         "--score-thresh", type=float, default=None, help="drop detections below this score"
     )
-    pr.add_argument("--size", help="override the export's input size LONGxSHORT")
+    pr.add_argument("--size", type=resolution, help="override the export's input size LONGxSHORT")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
 

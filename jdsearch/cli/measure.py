@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import image_files
+from jdsearch.cli.common import height_width, image_files, resolution
 from jdsearch.core.errors import JDSearchError
 
 #: What ``latency`` and ``flops`` read, by file name suffix ("" is a preset's name).
@@ -32,7 +32,11 @@ def _model_file(target: str, *, export: bool) -> Path:
 def add_flops(sub: Any, name: str) -> None:
     f = sub.add_parser(name, help="count multiply-adds and parameters of a detector")
     f.add_argument("spec", help="detector spec YAML, preset name, or checkpoint (.safetensors)")
-    f.add_argument("--size", help="input LONGxSHORT, e.g. 1333x800 (default: the spec's size)")
+    f.add_argument(
+        "--size",
+        type=resolution,
+        help="input LONGxSHORT, e.g. 1333x800 (default: the spec's size)",
+    )
     f.add_argument(
         "--num-classes", type=int, default=None, help="classes incl. background (default 81)"
     )
@@ -73,6 +77,7 @@ def add_latency(sub: Any, name: str) -> None:
     )
     la.add_argument(
         "--size",
+        type=height_width,
         help="input image HEIGHTxWIDTH, e.g. 800x1333 (default: each detector's input size, landscape)",
     )
     la.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -104,7 +109,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         if args.images
         else None
     )
-    image_hw = _hw(args.size) if args.size else None
+    image_hw = args.size
     targets = [_latency_target(t, args.num_classes) for t in args.targets]
     lats = measure_latencies(
         [(det, size) for _, det, size in targets],
@@ -156,13 +161,3 @@ def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any
     spec = load_spec(target)
     det = build_detector(spec, num_classes or spec.num_classes or 81)  # random weights: timing only
     return spec.name, det, spec.input.size
-
-
-def _hw(text: str) -> tuple[int, int]:
-    """``HxW`` as (height, width), in that order."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if m is None or min(int(m[1]), int(m[2])) < 1:
-        raise JDSearchError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1333")
-    return int(m[1]), int(m[2])

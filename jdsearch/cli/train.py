@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import describe
+from jdsearch.cli.common import describe, resolution
 from jdsearch.cli.data import ensure_data, open_split
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine.threads import small_detector_threads
@@ -38,7 +38,12 @@ def add_train(sub: Any, name: str) -> None:
     t.add_argument(
         "--bn-sparsity", type=float, default=1e-5, help="λ of the BN-γ L1 penalty (0: off)"
     )
-    t.add_argument("--resolutions", nargs="+", help="dynamic-resolution set (default: the spec's)")
+    t.add_argument(
+        "--resolutions",
+        nargs="+",
+        type=resolution,
+        help="dynamic-resolution set (default: the spec's)",
+    )
     t.add_argument("--fixed-size", action="store_true", help="train at the spec's size only")
     t.add_argument("--device", default="cpu")
     t.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
@@ -187,7 +192,12 @@ def add_eval(sub: Any, name: str) -> None:
     e.add_argument("--split", default="val")
     e.add_argument("--ann", help="annotation file to evaluate on (default DATA/SPLIT.json)")
     e.add_argument("--images", help="folder its file_name paths start in (default DATA/images)")
-    e.add_argument("--sizes", nargs="+", help="LONGxSHORT sizes (default: the spec's resolutions)")
+    e.add_argument(
+        "--sizes",
+        nargs="+",
+        type=resolution,
+        help="LONGxSHORT sizes (default: the spec's resolutions)",
+    )
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="also write the metrics here")

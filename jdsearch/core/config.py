@@ -21,9 +21,11 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from jdsearch.core.errors import SpecError
+from jdsearch.core.limits import MAX_ANCHOR_SIZE, MAX_POOL_SIZE, MAX_SIZE_DIVISIBLE, MAX_WIDTH
 from jdsearch.core.resolution import Resolution
 
 __all__ = [
+    "MAX_ANCHOR_SIZE",
     "MISSING",
     "FieldError",
     "Fields",
@@ -42,13 +44,13 @@ _PACKAGE = Path(__file__).resolve().parent.parent  # jdsearch/
 
 #: Every integer a config holds must fit in 64 bits: torch and NumPy take them as ``int64``.
 INT_LIMIT = 2**63 - 1
-#: The largest RPN anchor (pixels): sixteen times the paper's largest (512) and beyond any input
-#: size a detector is run at; a larger one matches no object, so it can only be a typo.
-MAX_ANCHOR_SIZE = 8192
 #: Upper bounds the dataclasses themselves do not check, by ``(dataclass, field)``: ``(limit,
 #: unit)``; every value of a list field is checked.
 FIELD_LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     ("RPNSpec", "anchor_sizes"): (MAX_ANCHOR_SIZE, "pixels"),
+    ("RoISpec", "representation_size"): (MAX_WIDTH, "channels"),
+    ("RoISpec", "pool_size"): (MAX_POOL_SIZE, "cells a side"),
+    ("InputSpec", "size_divisible"): (MAX_SIZE_DIVISIBLE, "pixels"),
 }
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from jdsearch.core.errors import SpecError
+from jdsearch.core.limits import MAX_INPUT_SIDE
 
 __all__ = ["Resolution", "parse_resolutions"]
 
@@ -22,7 +23,8 @@ class Resolution:
     """A resize bound ``long x short``: keep the aspect ratio, long side ≤ ``long``, short ≤ ``short``.
 
     Raises:
-        SpecError: a side that is not a positive integer, or ``long < short``.
+        SpecError: a side that is not a positive integer, a side longer than
+            :data:`~jdsearch.core.limits.MAX_INPUT_SIDE`, or ``long < short``.
     """
 
     long: int
@@ -33,6 +35,12 @@ class Resolution:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SpecError(f"resolution {name} side must be a positive integer, got {value!r}")
+            if value > MAX_INPUT_SIDE:
+                side = value if value < 10**12 else "over 10^12"  # str() of 5000 digits fails
+                raise SpecError(
+                    f"resolution {name} side {side} is more than the {MAX_INPUT_SIDE} pixels an "
+                    "input size may have"
+                )
         if self.long < self.short:
             raise SpecError(
                 f"resolution long side {self.long} is smaller than short side {self.short}"
@@ -46,7 +54,15 @@ class Resolution:
         match = _RESOLUTION_RE.match(text) if isinstance(text, str) else None
         if match is None:
             raise SpecError(f"resolution {text!r} is not of the form LONGxSHORT, e.g. '1333x800'")
-        a, b = int(match.group(1)), int(match.group(2))
+        sides = match.group(1), match.group(2)
+        if any(
+            len(side) > 9 or int(side) > MAX_INPUT_SIDE for side in sides
+        ):  # no int() of 5000 digits
+            raise SpecError(
+                f"resolution {text.strip()[:40]!r}: a side is more than the {MAX_INPUT_SIDE} pixels "
+                "an input size may have"
+            )
+        a, b = int(sides[0]), int(sides[1])
         if a < 1 or b < 1:
             raise SpecError(f"resolution {text!r} has a zero side")
         return cls(long=max(a, b), short=min(a, b))

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from jdsearch.core.errors import CheckpointError, DataError, SpecError
+from jdsearch.core.limits import MAX_IMAGE_SIDE
 from jdsearch.core.resolution import Resolution, parse_resolutions
 
 __all__ = [
@@ -317,6 +318,8 @@ def _parse_images(v: _Validator, items: list[Any], folder: _ImageFolder) -> list
         height = v.int_field(rec, "height", where)
         if width <= 0 or height <= 0:
             v.fail(where, f"size {width}x{height} is not positive")
+        if max(width, height) > MAX_IMAGE_SIDE:
+            v.fail(where, f"size {width}x{height}: a side is more than {MAX_IMAGE_SIDE} pixels")
         if not folder.has(file_name):
             v.fail(where, f"image file {file_name!r} not found in {folder.root}")
         images.append(ImageRecord(iid, file_name, width, height))
@@ -490,6 +493,9 @@ def open_image(path: str | Path, where: str = "") -> Iterator[Image.Image]:
     prefix = f"{where}: {p}" if where else str(p)
     try:
         with Image.open(p) as img:
+            if max(img.size) > MAX_IMAGE_SIDE:  # from the header, before decoding
+                w, h = img.size
+                raise DataError(f"{prefix}: {w}x{h}: a side is more than {MAX_IMAGE_SIDE} pixels")
             yield img
     except FileNotFoundError:
         raise DataError(f"{prefix}: no such image file") from None

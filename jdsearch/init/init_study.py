@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from jdsearch.core.errors import DataError, SpecError
+from jdsearch.core.limits import MAX_INPUT_SIDE
 from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import CocoDataset, check_same_categories
 from jdsearch.spec.arch import BASIC, BOTTLENECK, NUM_STAGES, BackboneArch
@@ -92,12 +93,15 @@ DEFAULT_BASE = "r50-fpn"
 # ---------------------------------------------------------------------- the rules
 def native_size(sizes: Iterable[tuple[int, int]]) -> Resolution:
     """The dataset's native size ``LONGxSHORT``: median long side by median short side of the
-    images' ``(width, height)`` (portrait and landscape alike)."""
+    images' ``(width, height)`` (portrait and landscape alike), scaled down (aspect kept) to
+    :data:`~jdsearch.core.limits.MAX_INPUT_SIDE` when larger."""
     pairs = [(max(w, h), min(w, h)) for w, h in sizes]
     if not pairs:
         raise DataError("the dataset has no images")
     long = round(statistics.median(p[0] for p in pairs))
     short = round(statistics.median(p[1] for p in pairs))
+    if long > MAX_INPUT_SIDE:
+        long, short = MAX_INPUT_SIDE, max(1, math.floor(short * MAX_INPUT_SIDE / long))
     return Resolution(max(long, short), short)
 
 

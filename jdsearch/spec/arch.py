@@ -14,15 +14,12 @@ from typing import Any
 
 from jdsearch.core.config import shown as _shown
 from jdsearch.core.errors import SpecError
+from jdsearch.core.limits import MAX_BLOCKS, MAX_WIDTH
 
 BASIC = "basic"
 BOTTLENECK = "bottleneck"
 NUM_STAGES = 4
 DEFAULT_STRIDES = (1, 2, 2, 2)
-#: The widest conv (channels) and the deepest stage (blocks) an architecture may have: eight times
-#: ResNet's widest (2048) and far beyond any searched depth; more only exhausts memory.
-MAX_WIDTH = 16384
-MAX_BLOCKS = 256
 
 
 @dataclass(frozen=True)

@@ -277,10 +277,14 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Ex
     info = _read_info(info_path)
     try:
         entry = info["files"]["weights"]
-        size = Resolution.parse(info["input_size"])
+        raw_size = info["input_size"]
         expected = entry["sha256"]
-    except (KeyError, TypeError, JDSearchError) as e:
+    except (KeyError, TypeError) as e:
         raise ExportError(f"{info_path}: malformed field ({type(e).__name__}: {e})") from None
+    try:
+        size = Resolution.parse(raw_size)  # bounded: before anything is allocated for it
+    except JDSearchError as e:
+        raise ExportError(f"{info_path}: input_size: {e}") from None
     weights = _weights_path(folder, entry, info_path)
     data = _read_weights(weights, expected)
     ckpt = checkpoint_from_bytes(data, source=str(weights), device=device)

@@ -1,0 +1,38 @@
+"""Every upper bound jdsearch puts on a size it is given, in one place (``docs/limits.md``).
+
+A size beyond these is refused in one line before anything is allocated or trained: each is far
+above any real use and far below what exhausts a machine's memory. Torch-free.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MAX_ANCHOR_SIZE",
+    "MAX_BLOCKS",
+    "MAX_IMAGE_SIDE",
+    "MAX_INPUT_SIDE",
+    "MAX_POOL_SIZE",
+    "MAX_SIZE_DIVISIBLE",
+    "MAX_WIDTH",
+]
+
+#: The longest side (pixels) of an input size ``LONGxSHORT``: a detector's input size, an export's
+#: ``input_size``, a study's or training's resolutions, ``--size``/``--sizes`` of the commands. Six
+#: times the paper's 1333; at 8192x8192 the stem's output alone (64 float32 channels) takes 4 GiB.
+MAX_INPUT_SIDE = 8192
+#: The longest side (pixels) of an image file or of a COCO image record (PIL's own
+#: decompression-bomb limit on pixels applies too); an image is resized to an input size anyway.
+MAX_IMAGE_SIDE = 16384
+#: The largest RPN anchor (pixels): sixteen times the paper's largest (512) and no larger than any
+#: input side; a larger one matches no object, so it can only be a typo.
+MAX_ANCHOR_SIZE = 8192
+#: The widest conv (channels) and the deepest stage (blocks) an architecture may have: eight times
+#: ResNet's widest (2048) and far beyond any searched depth; more only exhausts memory.
+MAX_WIDTH = 16384
+MAX_BLOCKS = 256
+#: The RoI pooler's output side (cells; the paper's is 7): the box head's first layer has
+#: ``channels x side²`` inputs.
+MAX_POOL_SIZE = 64
+#: The multiple an input's sides are padded to (the paper's is 32): the padding can make an input
+#: this much larger on each side.
+MAX_SIZE_DIVISIBLE = 512

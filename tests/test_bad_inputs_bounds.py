@@ -1,0 +1,154 @@
+"""Bad inputs of issue 28: unbounded sizes, unbounded reads, non-finite flags, refusals that left
+an empty study or a misleading message. Each is one line naming the input and a non-zero exit,
+checked before anything is allocated or trained (bench: ``python bench/bad_inputs.py``)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from jdsearch.cli import main
+from jdsearch.core.errors import DataError, ExportError, SpecError
+from jdsearch.core.limits import MAX_IMAGE_SIDE, MAX_INPUT_SIDE
+from jdsearch.core.resolution import Resolution
+from jdsearch.spec.study import study_from_dict
+
+from .conftest import tiny_study_dict
+
+# ---------------------------------------------------------------------- sizes
+
+
+def one_line(exc: pytest.ExceptionInfo[Exception], *needles: str) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    return msg
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The one error line of ``jdsearch ARGV`` (argparse's or jdsearch's), exit 2."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse refused a value: usage, then its one error line
+        code = int(e.code or 0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err and "Traceback" not in "\n".join(err)
+    line = err[-1]
+    assert line.startswith("jdsearch"), err
+    assert ": error: " in line, err
+    return line
+
+
+def test_an_input_side_beyond_the_limit_is_refused_before_anything_is_allocated() -> None:
+    assert Resolution.parse(f"{MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}").long == MAX_INPUT_SIDE
+    for text in (f"{MAX_INPUT_SIDE + 1}x800", "100000x100000", "9" * 5000 + "x3"):
+        with pytest.raises(SpecError) as e:
+            Resolution.parse(text)
+        one_line(e, f"more than the {MAX_INPUT_SIDE} pixels")
+    with pytest.raises(SpecError) as e:
+        Resolution(10**5000, 3)  # a huge int is not printed (Python refuses its str())
+    one_line(e, "long side over 10^12")
+
+
+def test_an_export_of_a_huge_input_size_is_refused_before_its_weights(tmp_path: Path) -> None:
+    from jdsearch.store.export import FORMAT_NAME, FORMAT_VERSION, INFO_FILE, load_exported
+
+    info = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "input_size": "60000x40000",
+        "files": {"weights": {"path": "model.safetensors", "sha256": "0" * 64}},
+    }
+    (tmp_path / INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ExportError) as e:
+        load_exported(tmp_path)
+    one_line(e, f"{tmp_path / INFO_FILE}: input_size: resolution '60000x40000'", "8192 pixels")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (("eval", "ck.safetensors", "--sizes", "64x64", "100000x100000"), "--sizes"),
+        (("train", "--out", "m.safetensors", "--resolutions", "9000x80"), "--resolutions"),
+        (("flops", "tiny-r18-fpn", "--size", "100000x100000"), "--size"),
+        (("latency", "tiny-r18-fpn", "--size", "80x100000"), "--size"),
+        (("predict", "exp", "img", "--out", "p.json", "--size", "9999x99"), "--size"),
+        (("export", "--storage", "sqlite:///s.db", "--out", "o", "--size", "9999x9"), "--size"),
+    ],
+)
+def test_a_size_flag_beyond_the_limit_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], flag: str
+) -> None:
+    line = cli_error(capsys, *argv)
+    assert f"error: argument {flag}: " in line and f"{MAX_INPUT_SIDE} pixels" in line, line
+
+
+def test_a_study_of_a_huge_resolution_is_refused_at_load(tmp_path: Path) -> None:
+    raw = tiny_study_dict(tmp_path / "data", "huge")
+    raw["resolutions"] = ["64x64", "100000x100000"]
+    with pytest.raises(SpecError) as e:
+        study_from_dict(raw, source="huge.yaml")
+    one_line(e, "huge.yaml: resolutions: resolution '100000x100000'", "8192 pixels")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, needle",
+    [
+        ("roi_heads", "representation_size", 10**6, "1000000 is larger than 16384 channels"),
+        ("roi_heads", "pool_size", 1000, "1000 is larger than 64 cells a side"),
+        ("input", "size_divisible", 10**5, "100000 is larger than 512 pixels"),
+    ],
+)
+def test_head_and_padding_sizes_are_bounded(
+    section: str, key: str, value: int, needle: str
+) -> None:
+    from jdsearch.core.config import preset_dir, read_yaml
+    from jdsearch.spec.detector import spec_from_dict
+
+    raw = read_yaml(preset_dir("detectors") / "tiny-r18-fpn.yaml")
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(raw, source="big.yaml")
+    one_line(e, f"big.yaml: {section}.{key}: {needle}")
+
+
+def _png_header(side: tuple[int, int]) -> bytes:
+    """A small PNG whose IHDR declares ``side`` = (width, height), CRC recomputed."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", *side)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])) & 0xFFFFFFFF)
+    return bytes(png)
+
+
+def _coco(root: Path, records: list[dict[str, Any]], anns: list[dict[str, Any]]) -> Path:
+    doc = {"images": records, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}
+    (root / "train.json").write_text(json.dumps(doc))
+    return root / "train.json"
+
+
+def test_image_sides_beyond_the_limit_are_refused(tmp_path: Path) -> None:
+    from jdsearch.data.coco import CocoDataset, load_image
+
+    (tmp_path / "images").mkdir()
+    wide = tmp_path / "images" / "wide.png"
+    wide.write_bytes(_png_header((MAX_IMAGE_SIDE + 1, 10)))  # 170 k pixels: PIL's limit passes
+    with pytest.raises(DataError) as e:
+        load_image(wide)
+    one_line(e, f"{wide}: {MAX_IMAGE_SIDE + 1}x10: a side is more than {MAX_IMAGE_SIDE} pixels")
+    record = {"id": 1, "file_name": "wide.png", "width": 10, "height": 10**9}
+    ann = _coco(tmp_path, [record], [])
+    with pytest.raises(DataError) as e:
+        CocoDataset(ann, tmp_path / "images")
+    one_line(e, f"{ann}: image id 1: size 10x1000000000: a side is more than {MAX_IMAGE_SIDE}")
