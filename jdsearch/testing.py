@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from jdsearch.core.config import preset_dir
+from jdsearch.core.files import read_bytes, read_text
+from jdsearch.core.limits import MAX_CHECKPOINT_BYTES
 
 if TYPE_CHECKING:
     from jdsearch.spec.study import StudySpec
@@ -84,7 +86,7 @@ def shrunk_quickstart(
         data, which the quickstart's shipped base was not trained on).
     """
     shrink = shrink or Shrink()
-    spec = yaml.safe_load((quickstart or quickstart_path()).read_text())
+    spec = yaml.safe_load(read_text(quickstart or quickstart_path()))
     spec["name"] = name
     spec["base"].pop("checkpoint", None)
     spec["data"] = {
@@ -130,7 +132,7 @@ def tiny_study(
     if scale == "quickstart":
         from jdsearch.spec.study import load_study
 
-        spec = yaml.safe_load(quickstart_path().read_text())
+        spec = yaml.safe_load(read_text(quickstart_path()))
         spec["name"] = name
         spec["data"]["dir"] = str(root / "data")
         shipped = load_study(quickstart_path()).base_checkpoint  # read beside the spec file
@@ -211,7 +213,7 @@ def tree_digest(root: Path, names: tuple[str, ...] | None = None) -> str:
     h = hashlib.sha256()
     for p in sorted(files):
         if p.is_file():
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            digest = hashlib.sha256(read_bytes(p, MAX_CHECKPOINT_BYTES)).hexdigest()
             h.update(f"{p.relative_to(root).as_posix()}\n{digest}\n".encode())
     return h.hexdigest()
 

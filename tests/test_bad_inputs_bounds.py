@@ -152,3 +152,61 @@ def test_image_sides_beyond_the_limit_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         CocoDataset(ann, tmp_path / "images")
     one_line(e, f"{ann}: image id 1: size 10x1000000000: a side is more than {MAX_IMAGE_SIDE}")
+
+
+# ---------------------------------------------------------------------- whole files read
+
+
+def test_the_reader_takes_regular_files_within_the_limit_only(tmp_path: Path) -> None:
+    import os
+
+    from jdsearch.core.files import RefusedFile, read_bytes, read_text
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("a: 1\n")
+    assert read_text(ok) == "a: 1\n" and read_bytes(ok, limit=5) == b"a: 1\n"
+    with pytest.raises(RefusedFile, match="larger than 4 bytes"):
+        read_bytes(ok, limit=4)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opened for reading it would block: refused before it is opened
+    for path in ("/dev/zero", "/dev/stdin", fifo):
+        with pytest.raises(RefusedFile) as e:
+            read_text(path)
+        assert e.value.strerror == "not a regular file", e.value
+    with pytest.raises(IsADirectoryError):
+        read_text(tmp_path)
+
+
+def test_no_module_reads_a_whole_file_but_through_the_reader() -> None:
+    """grep: ``read_text``, ``read_bytes`` and ``json.load`` of a path appear in core/files only."""
+    package = Path(__file__).resolve().parents[1] / "jdsearch"
+    found = [
+        f"{p.relative_to(package)}:{i}"
+        for p in sorted(package.rglob("*.py"))
+        if p.name != "files.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if any(call in line for call in (".read_text(", ".read_bytes(", "json.load("))
+    ]
+    assert not found, found
+
+
+def test_a_detectron2_base_of_dev_zero_is_refused_naming_the_config(tmp_path: Path) -> None:
+    import yaml
+
+    from jdsearch.models.detectron2_files import read_config_dict
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(yaml.safe_dump({"_BASE_": "/dev/zero", "MODEL": {}}))
+    with pytest.raises(SpecError) as e:
+        read_config_dict(cfg)
+    one_line(e, f"{cfg}: _BASE_ chain: /dev/zero: ", "not a regular file")
+
+
+def test_a_spec_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    from jdsearch.core.config import read_yaml
+
+    link = tmp_path / "s.yaml"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(SpecError) as e:
+        read_yaml(link)
+    one_line(e, f"{link}: cannot read (not a regular file)")

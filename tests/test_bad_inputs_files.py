@@ -188,13 +188,13 @@ def test_export_description_must_be_a_small_regular_file(
     (bad / INFO_FILE).symlink_to("/dev/zero")
     with pytest.raises(ExportError) as e:
         load_exported(bad)
-    one_line(e, f"{bad / INFO_FILE}: not a regular file")
+    one_line(e, f"{bad / INFO_FILE}: unreadable (not a regular file)")
     (bad / INFO_FILE).unlink()
     shutil.copyfile(exported / INFO_FILE, bad / INFO_FILE)
     monkeypatch.setattr(export_mod, "MAX_INFO_BYTES", 100)
     with pytest.raises(ExportError) as e:
         load_exported(bad)
-    one_line(e, f"{bad / INFO_FILE}: more than 100 bytes")
+    one_line(e, f"{bad / INFO_FILE}: unreadable (larger than 100 bytes)")
 
 
 def test_cli_predict_refuses_a_crafted_export_in_one_line(

@@ -4,11 +4,11 @@ model, or from another checkpoint by one morph action."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import describe
 from jdsearch.core.errors import JDSearchError
+from jdsearch.core.files import read_text
 
 
 def add_import(sub: Any, name: str) -> None:
@@ -82,9 +82,13 @@ def _import_categories(args: argparse.Namespace) -> tuple[list[str] | None, list
     order: label k is the k-th smallest category id), and with ``--ann`` the category ids."""
     if args.classes:
         try:
-            lines = Path(args.classes).read_text().splitlines()
+            lines = read_text(args.classes).splitlines()
         except OSError as e:
             raise JDSearchError(f"{args.classes}: cannot read class names: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise JDSearchError(
+                f"{args.classes}: cannot read class names: byte {e.start} is not UTF-8"
+            ) from None
         return [line.strip() for line in lines if line.strip()], None
     if args.ann:  # only its categories are read
         from jdsearch.data.coco import read_categories
@@ -123,7 +127,10 @@ def add_evolve(sub: Any, name: str) -> None:
     v.add_argument("action", help="channel_prune | layer_prune | add_layer:S | rearrange:S->T")
     v.add_argument("--out", required=True)
     v.add_argument(
-        "--fraction", type=float, default=0.1, help="channel_prune: share of prunable channels"
+        "--fraction",
+        type=float,
+        default=0.1,
+        help="channel_prune: share of prunable channels",
     )
     v.set_defaults(func=cmd_evolve)
 

@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from jdsearch.core.errors import SpecError
+from jdsearch.core.files import read_text
 from jdsearch.core.limits import MAX_ANCHOR_SIZE, MAX_POOL_SIZE, MAX_SIZE_DIVISIBLE, MAX_WIDTH
 from jdsearch.core.resolution import Resolution
 
@@ -123,7 +124,7 @@ def read_yaml(path: Path) -> Any:
         SpecError: the file is not valid YAML.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(path)
     except UnicodeDecodeError as e:
         raise SpecError(
             f"{path}: not a YAML text file (byte {e.start} is not UTF-8; a binary file?)"

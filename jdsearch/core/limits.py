@@ -8,12 +8,16 @@ from __future__ import annotations
 
 __all__ = [
     "MAX_ANCHOR_SIZE",
+    "MAX_ANNOTATION_BYTES",
     "MAX_BLOCKS",
+    "MAX_CHECKPOINT_BYTES",
     "MAX_IMAGE_SIDE",
     "MAX_INPUT_SIDE",
     "MAX_POOL_SIZE",
     "MAX_SIZE_DIVISIBLE",
+    "MAX_TEXT_BYTES",
     "MAX_WIDTH",
+    "byte_size",
 ]
 
 #: The longest side (pixels) of an input size ``LONGxSHORT``: a detector's input size, an export's
@@ -36,3 +40,19 @@ MAX_POOL_SIZE = 64
 #: The multiple an input's sides are padded to (the paper's is 32): the padding can make an input
 #: this much larger on each side.
 MAX_SIZE_DIVISIBLE = 512
+#: The largest text file read as a spec or a description: YAML specs (detector, study, pool), a
+#: detectron2 config and each file of its ``_BASE_`` chain, an export's ``detector.json``, a cache
+#: record, a class-names file. A real one is a few kB.
+MAX_TEXT_BYTES = 16 << 20
+#: The largest COCO annotation file (JSON): four times COCO's train2017 instances (448 MB).
+MAX_ANNOTATION_BYTES = 2 << 30
+#: The largest checkpoint or export weights file: ten times the biggest preset's (X101, ~0.4 GB).
+MAX_CHECKPOINT_BYTES = 4 << 30
+
+
+def byte_size(n: int) -> str:
+    """``n`` bytes for a message: ``16 MiB``, ``2 GiB``, ``512 bytes``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"

@@ -46,7 +46,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from jdsearch.core.errors import CheckpointError, DataError, SpecError
-from jdsearch.core.limits import MAX_IMAGE_SIDE
+from jdsearch.core.files import read_bytes
+from jdsearch.core.limits import MAX_ANNOTATION_BYTES, MAX_IMAGE_SIDE
 from jdsearch.core.resolution import Resolution, parse_resolutions
 
 __all__ = [
@@ -223,7 +224,7 @@ def _parse_json(v: _Validator, raw: bytes) -> Any:
 def _read_json(path: Path) -> dict[str, Any]:
     v = _Validator(path)
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path, MAX_ANNOTATION_BYTES)
     except FileNotFoundError:
         v.fail("", "annotation file not found")
     except IsADirectoryError:

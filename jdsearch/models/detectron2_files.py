@@ -30,6 +30,7 @@ from torch import Tensor
 
 from jdsearch.core.config import shown
 from jdsearch.core.errors import CheckpointError, SpecError
+from jdsearch.core.files import read_text
 from jdsearch.models.torchvision_body import read_weights_file
 
 __all__ = [
@@ -79,8 +80,10 @@ def read_config_dict(path: str | Path, depth: int = 0) -> dict[str, Any]:
     it, with ``yaml.safe_load`` only.
 
     Raises:
-        SpecError: a missing or unreadable file, YAML that is not a mapping, a Python
-            (LazyConfig) config, or a ``_BASE_`` chain deeper than 8 files.
+        SpecError: a missing or unreadable file, one that is not a regular file or is larger
+            than :data:`~jdsearch.core.limits.MAX_TEXT_BYTES` (``_BASE_: /dev/zero``), YAML that
+            is not a mapping, a Python (LazyConfig) config, or a ``_BASE_`` chain deeper than 8
+            files.
     """
     p = Path(path)
     if p.suffix == ".py":
@@ -88,10 +91,12 @@ def read_config_dict(path: str | Path, depth: int = 0) -> dict[str, Any]:
     if depth > _MAX_BASES:
         raise SpecError(f"{p}: _BASE_ chain deeper than {_MAX_BASES} files (a loop?)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(read_text(p))
     except FileNotFoundError:
         raise SpecError(f"{p}: no such detectron2 config file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except OSError as e:
+        raise SpecError(f"{p}: not a readable YAML config ({e.strerror or e})") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())[:200]
         raise SpecError(f"{p}: not a readable YAML config ({reason})") from None
     if not isinstance(data, dict):
@@ -101,7 +106,13 @@ def read_config_dict(path: str | Path, depth: int = 0) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise SpecError(f"{p}: _BASE_ {shown(base)} must be a file path")
-    return _merge(read_config_dict(p.parent / base, depth + 1), data)
+    try:
+        under = read_config_dict(p.parent / base, depth + 1)
+    except SpecError as e:
+        if depth > 0:
+            raise
+        raise SpecError(f"{p}: _BASE_ chain: {e}") from None  # the file the user named, first
+    return _merge(under, data)
 
 
 def detectron2_config(path: str | Path, extend: Callable[[Any], None] | None = None) -> Any:

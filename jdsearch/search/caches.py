@@ -15,6 +15,7 @@ from typing import Any
 
 from jdsearch.core.config import plain
 from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.core.files import read_text
 from jdsearch.spec.detector import load_spec
 from jdsearch.spec.study import STUDY_SET, StudySpec
 from jdsearch.spec.synth import SynthSpec
@@ -74,7 +75,7 @@ def write_made_by(cache: Cache, fields: dict[str, Any]) -> None:
 def read_made_by(cache: Cache) -> dict[str, Any] | None:
     """The recorded fields that made ``cache``; ``None`` when unrecorded, unreadable or stale."""
     try:
-        doc = json.loads(cache.record.read_text())
+        doc = json.loads(read_text(cache.record))
         fresh = doc["stamp"] == cache.stamp()
         return doc["fields"] if fresh and isinstance(doc["fields"], dict) else None
     except (OSError, ValueError, KeyError, TypeError):

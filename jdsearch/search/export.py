@@ -12,6 +12,8 @@ from typing import Any
 from torch import Tensor
 
 from jdsearch.core.errors import JDSearchError
+from jdsearch.core.files import read_text
+from jdsearch.core.limits import MAX_ANNOTATION_BYTES
 from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import CocoDataset, load_image
 from jdsearch.engine.evaluate import evaluate
@@ -30,7 +32,7 @@ def _categories(handle: Any, class_names: Sequence[str]) -> tuple[tuple[int, ...
         return tuple(i for i, _ in recorded), "study"
     ann = handle.spec.data.annotations("train")
     try:
-        cats = json.loads(ann.read_text()).get("categories", [])
+        cats = json.loads(read_text(ann, MAX_ANNOTATION_BYTES)).get("categories", [])
         by_name = {str(c["name"]): int(c["id"]) for c in cats}
         return tuple(by_name[n] for n in class_names), str(ann)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -45,7 +47,7 @@ def _check_images(handle: Any, count: int = 3) -> list[Tensor]:
     """A few validation images of the study's dataset, when they are here."""
     ann, folder = handle.spec.data.annotations("val"), handle.spec.data.images("val")
     try:
-        records = json.loads(ann.read_text()).get("images", [])[:count]
+        records = json.loads(read_text(ann, MAX_ANNOTATION_BYTES)).get("images", [])[:count]
         return [load_image(folder / r["file_name"]) for r in records]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, JDSearchError):
         log.warning(

@@ -22,6 +22,8 @@ from torch import Tensor
 
 from jdsearch.core.config import shown as _show
 from jdsearch.core.errors import CheckpointError, JDSearchError
+from jdsearch.core.files import read_bytes
+from jdsearch.core.limits import MAX_CHECKPOINT_BYTES
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
 from jdsearch.spec.detector import DetectorSpec, spec_from_dict
 
@@ -331,7 +333,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     """
     p = Path(path)
     try:
-        data = p.read_bytes()
+        data = read_bytes(p, MAX_CHECKPOINT_BYTES)
     except FileNotFoundError:
         raise CheckpointError(f"{p}: no such checkpoint file") from None
     except OSError as e:

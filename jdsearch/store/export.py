@@ -21,6 +21,8 @@ from torch import Tensor
 
 from jdsearch.core.config import INT_LIMIT, is_int, shown
 from jdsearch.core.errors import ExportError, JDSearchError
+from jdsearch.core.files import read_text
+from jdsearch.core.limits import MAX_CHECKPOINT_BYTES, MAX_TEXT_BYTES
 from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import get_resolution, load_image, set_resolution
 from jdsearch.models import Detector
@@ -295,28 +297,26 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> Ex
     return Exported(folder, det, size, names, ids, info)
 
 
-#: The largest weights file an export may name: ten times the biggest preset's (X101, ~0.4 GB).
-MAX_WEIGHTS_BYTES = 4 << 30
-#: The largest ``detector.json`` read (a real one is a few kB).
-MAX_INFO_BYTES = 16 << 20
+#: The largest weights file an export may name (``docs/limits.md``).
+MAX_WEIGHTS_BYTES = MAX_CHECKPOINT_BYTES
+#: The largest ``detector.json`` read (``docs/limits.md``).
+MAX_INFO_BYTES = MAX_TEXT_BYTES
 
 
 def _read_info(info_path: Path) -> dict[str, Any]:
     """``detector.json``, checked to be this format and version."""
     folder = info_path.parent
     try:
-        if info_path.is_file() and info_path.stat().st_size > MAX_INFO_BYTES:
-            raise ExportError(f"{info_path}: more than {MAX_INFO_BYTES} bytes, not a description")
-        if info_path.exists() and not info_path.is_file():
-            raise ExportError(f"{info_path}: not a regular file")
-        info = json.loads(info_path.read_text())
+        info = json.loads(read_text(info_path, MAX_INFO_BYTES))
     except FileNotFoundError:
         raise ExportError(
             f"{folder}: not an export folder (no {INFO_FILE}; write one with `jdsearch export`)"
         ) from None
     except RecursionError:
         raise ExportError(f"{info_path}: unreadable (nested too deeply)") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ExportError(f"{info_path}: unreadable ({e.strerror or e})") from None
+    except ValueError as e:
         reason = str(e).split(";")[0]
         raise ExportError(f"{info_path}: unreadable ({reason})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:

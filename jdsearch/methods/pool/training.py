@@ -34,6 +34,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from jdsearch.core.errors import CheckpointError, SpecError
+from jdsearch.core.files import read_bytes
+from jdsearch.core.limits import MAX_CHECKPOINT_BYTES
 from jdsearch.engine.train import StateHook, StepInfo, TrainResult, train
 from jdsearch.methods.distill import make_distiller
 from jdsearch.methods.pool.bn import recalibrate_bn
@@ -106,7 +108,8 @@ class PhaseStates:
         if not self.path.is_file():
             return None
         try:
-            state = trainstate_from_bytes(self.path.read_bytes(), source=str(self.path))
+            data = read_bytes(self.path, MAX_CHECKPOINT_BYTES)
+            state = trainstate_from_bytes(data, source=str(self.path))
         except (OSError, CheckpointError) as e:
             logger.warning("%s: unreadable, phase %d starts over (%s)", self.path, phase, e)
             return None
