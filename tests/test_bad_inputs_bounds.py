@@ -210,3 +210,77 @@ def test_a_spec_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> No
     with pytest.raises(SpecError) as e:
         read_yaml(link)
     one_line(e, f"{link}: cannot read (not a regular file)")
+
+
+# ---------------------------------------------------------------------- float flags, train's flags
+
+
+def _float_options() -> list[tuple[tuple[str, ...], Any]]:
+    """Every option of every (sub-)command whose values are floats: ``(command path, action)``."""
+    import argparse
+
+    from jdsearch.cli import build_parser
+    from jdsearch.cli.common import finite_float
+
+    def walk(p: Any, path: tuple[str, ...]) -> Any:
+        for action in p._actions:  # argparse keeps them nowhere public
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+            elif action.type in (float, finite_float):
+                yield path, action
+
+    return list(walk(build_parser(), ()))
+
+
+def test_every_float_flag_refuses_nan_and_inf() -> None:
+    import argparse
+
+    from jdsearch.cli.common import finite_float
+
+    options = _float_options()
+    flags = {a.option_strings[0] for _, a in options}
+    assert {"--score-thresh", "--epochs", "--lr", "--older-than", "--fraction"} <= flags
+    bare = [f"{' '.join(path)} {a.option_strings[0]}" for path, a in options if a.type is float]
+    assert not bare, f"float options without the finite check: {bare}"
+    for text in ("nan", "inf", "-inf", "NaN"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number"):
+            finite_float(text)
+    assert finite_float("1e-5") == 1e-5
+
+
+def test_predict_score_thresh_nan_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = cli_error(capsys, "predict", "exp", "img", "--out", "p.json", "--score-thresh", "nan")
+    assert line == (
+        "jdsearch predict: error: argument --score-thresh: must be a finite number, got 'nan'"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (("--epochs", "0"), "--epochs: must be a positive number, got 0.0"),
+        (("--batch-size", "0"), "--batch-size: must be ≥ 1, got 0"),
+        (("--bn-sparsity", "-1"), "--bn-sparsity: must be 0 (off) or more, got -1.0"),
+    ],
+)
+def test_train_names_the_flag_not_the_field(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: tuple[str, ...], line: str
+) -> None:
+    out = tmp_path / "m.safetensors"
+    assert cli_error(capsys, "train", "--out", out, "--data", tmp_path / "none", *flags) == (
+        f"jdsearch: error: {line}"
+    )
+
+
+def test_a_non_finite_image_cache_size_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jdsearch.data.coco import image_cache_bytes
+
+    for raw in ("inf", "nan"):
+        monkeypatch.setenv("JDSEARCH_IMAGE_CACHE_MB", raw)
+        with pytest.raises(
+            DataError, match=f"JDSEARCH_IMAGE_CACHE_MB: not a finite number: '{raw}'"
+        ):
+            image_cache_bytes()

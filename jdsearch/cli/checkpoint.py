@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jdsearch.cli.common import describe
+from jdsearch.cli.common import describe, finite_float
 from jdsearch.core.errors import JDSearchError
 from jdsearch.core.files import read_text
 
@@ -128,7 +128,7 @@ def add_evolve(sub: Any, name: str) -> None:
     v.add_argument("--out", required=True)
     v.add_argument(
         "--fraction",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="channel_prune: share of prunable channels",
     )

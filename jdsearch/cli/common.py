@@ -1,10 +1,11 @@
-"""What several commands share: the argument types (sizes), the summary line of a
+"""What several commands share: the argument types (finite numbers, sizes), the summary line of a
 detector, the image files of arguments, and the options, storage and held-out split of the
 commands that read a finished study."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,19 @@ from jdsearch.core.resolution import Resolution
 
 # ---------------------------------------------------------------------- argument types
 # Each refuses a bad value through argparse, whose one line names the flag as the user typed it:
-# ``jdsearch flops: error: argument --size: resolution '9000x800': ...``.
+# ``jdsearch predict: error: argument --score-thresh: must be a finite number, got 'nan'``.
+def finite_float(text: str) -> float:
+    """The ``type`` of every float option: a finite number (``nan`` and ``inf`` are refused:
+    they pass every comparison a bound is checked with, or none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def resolution(text: str) -> Resolution:
     """The ``type`` of a ``LONGxSHORT`` option: a :class:`Resolution`, each side at most
     :data:`~jdsearch.core.limits.MAX_INPUT_SIDE`."""

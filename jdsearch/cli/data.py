@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from jdsearch.cli.common import finite_float
 from jdsearch.core.errors import JDSearchError
 from jdsearch.spec.synth import (
     MAX_CLASSES,
@@ -39,7 +40,7 @@ def add_data(sub: Any, name: str) -> None:
     )
     s.add_argument(
         "--object-size",
-        type=float,
+        type=finite_float,
         nargs=2,
         default=list(OBJECT_SIZE),
         metavar=("MIN", "MAX"),

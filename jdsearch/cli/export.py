@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import (
+    finite_float,
     heldout,
     image_files,
     resolution,
@@ -46,13 +47,13 @@ def add_export(sub: Any, name: str) -> None:
     )
     x.add_argument(
         "--max-latency-ms",
-        type=float,
+        type=finite_float,
         metavar="X",
         help="the most accurate trial whose batch-1 latency, measured here on --device, is ≤ X ms",
     )
     x.add_argument(
         "--max-flops",
-        type=float,
+        type=finite_float,
         metavar="G",
         help="the most accurate trial of at most G GFLOPs at its best resolution",
     )
@@ -199,7 +200,7 @@ def add_predict(sub: Any, name: str) -> None:
     )
     pr.add_argument("--ann", help="COCO annotation file: use its image ids and print AP")
     pr.add_argument(
-        "--score-thresh", type=float, default=None, help="drop detections below this score"
+        "--score-thresh", type=finite_float, default=None, help="drop detections below this score"
     )
     pr.add_argument("--size", type=resolution, help="override the export's input size LONGxSHORT")
     pr.add_argument("--device", default="cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from jdsearch.cli.common import finite_float
 from jdsearch.core.errors import JDSearchError
 
 
@@ -16,7 +17,7 @@ def add_gc(sub: Any, name: str) -> None:
     g.add_argument("--storage", required=True, help="the studies' storage URL")
     g.add_argument(
         "--older-than",
-        type=float,
+        type=finite_float,
         default=3600.0,
         metavar="S",
         help="only what is older than S seconds (default 3600; 0 only when no worker runs)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jdsearch.cli.common import storage_url, study_options
+from jdsearch.cli.common import finite_float, storage_url, study_options
 
 
 def add_noise(sub: Any, name: str) -> None:
@@ -44,8 +44,10 @@ def add_finetune(sub: Any, name: str) -> None:
         help="train a trial's student longer with its teacher: a child trial export can pick",
     )
     study_options(ft, "trial to fine-tune")
-    ft.add_argument("--epochs", type=float, required=True, help="training epochs")
-    ft.add_argument("--lr", type=float, default=None, help="peak lr (default: the fast eval's)")
+    ft.add_argument("--epochs", type=finite_float, required=True, help="training epochs")
+    ft.add_argument(
+        "--lr", type=finite_float, default=None, help="peak lr (default: the fast eval's)"
+    )
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(func=cmd_finetune)
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import describe, resolution
+from jdsearch.cli.common import describe, finite_float, resolution
 from jdsearch.cli.data import ensure_data, open_split
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine.threads import small_detector_threads
@@ -29,14 +29,14 @@ def add_train(sub: Any, name: str) -> None:
         help="torchvision classification state_dict (e.g. ImageNet resnet50) for the body",
     )
     t.add_argument("--teacher", help="checkpoint of a teacher detector: knowledge distillation")
-    t.add_argument("--epochs", type=float, default=12)
+    t.add_argument("--epochs", type=finite_float, default=12)
     t.add_argument("--iters", type=int, default=None, help="iterations (overrides --epochs)")
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=0.02)
+    t.add_argument("--lr", type=finite_float, default=0.02)
     t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--grad-clip", type=float, default=10.0)
+    t.add_argument("--grad-clip", type=finite_float, default=10.0)
     t.add_argument(
-        "--bn-sparsity", type=float, default=1e-5, help="λ of the BN-γ L1 penalty (0: off)"
+        "--bn-sparsity", type=finite_float, default=1e-5, help="λ of the BN-γ L1 penalty (0: off)"
     )
     t.add_argument(
         "--resolutions",
@@ -61,9 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jdsearch.engine.evaluate import evaluate
     from jdsearch.engine.train import train
     from jdsearch.models.flops import count_flops
-    from jdsearch.spec.settings import TrainConfig
     from jdsearch.store.checkpoint import save_checkpoint
 
+    _train_config(args, ())  # the flags, checked before anything is read
     data_dir = ensure_data(args.data)
     train_set = open_split(data_dir, "train")
     val_set = None if args.no_eval else _val_split(data_dir, train_set)  # before training
@@ -71,19 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolutions = _sizes(args.resolutions) or spec.input.resolutions
     largest = max(resolutions, key=lambda r: r.pixels, default=spec.input.size)
     small_detector_threads(args.threads, count_flops(detector, size=largest.hw).total / 1e9)
-    config = TrainConfig(
-        epochs=args.epochs,
-        max_iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_iters=args.warmup,
-        device=args.device,
-        amp=args.amp,
-        seed=args.seed,
-        resolutions=() if args.fixed_size else tuple(resolutions),
-        grad_clip=args.grad_clip,
-        num_workers=args.workers,
-    )
+    config = _train_config(args, () if args.fixed_size else tuple(resolutions))
     terms = _train_terms(args, detector, train_set)
     print(f"training {spec.name} on {data_dir} ({len(train_set)} images), {config.epochs} epochs")
     result = train(detector, train_set, config, loss_terms=terms, progress=not args.quiet)
@@ -107,6 +95,48 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_checkpoint(args.out, detector, extra=extra, **classes)
     print(describe(detector, spec.input.size.hw))
     return 0
+
+
+#: The flag of each :class:`~jdsearch.spec.settings.TrainConfig` field ``jdsearch train`` sets.
+_TRAIN_FLAGS = {
+    "epochs": "--epochs",
+    "max_iters": "--iters",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "warmup_iters": "--warmup",
+    "device": "--device",
+    "amp": "--amp",
+    "seed": "--seed",
+    "resolutions": "--resolutions",
+    "grad_clip": "--grad-clip",
+    "num_workers": "--workers",
+}
+
+
+def _train_config(args: argparse.Namespace, resolutions: tuple[Any, ...]) -> Any:
+    """The ``TrainConfig`` of ``jdsearch train``'s flags; a bad value is one line naming the flag
+    as typed (``--epochs: must be positive, got 0``), not the field it fills."""
+    from jdsearch.core.config import FieldError
+    from jdsearch.spec.settings import TrainConfig
+
+    if args.bn_sparsity < 0:
+        raise JDSearchError(f"--bn-sparsity: must be 0 (off) or more, got {args.bn_sparsity}")
+    try:
+        return TrainConfig(
+            epochs=args.epochs,
+            max_iters=args.iters,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_iters=args.warmup,
+            device=args.device,
+            amp=args.amp,
+            seed=args.seed,
+            resolutions=resolutions,
+            grad_clip=args.grad_clip,
+            num_workers=args.workers,
+        )
+    except FieldError as e:
+        raise JDSearchError(f"{_TRAIN_FLAGS.get(e.name, e.name)}: {e.why}") from None
 
 
 def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:

@@ -481,6 +481,8 @@ def image_cache_bytes() -> int:
         megabytes = float(raw)
     except ValueError:
         raise DataError(f"JDSEARCH_IMAGE_CACHE_MB: not a number: {raw!r}") from None
+    if not math.isfinite(megabytes):
+        raise DataError(f"JDSEARCH_IMAGE_CACHE_MB: not a finite number: {raw!r}")
     return int(max(0.0, megabytes) * 2**20)
 
 
