@@ -284,3 +284,14 @@ def test_a_non_finite_image_cache_size_is_refused(monkeypatch: pytest.MonkeyPatc
             DataError, match=f"JDSEARCH_IMAGE_CACHE_MB: not a finite number: '{raw}'"
         ):
             image_cache_bytes()
+
+
+# ---------------------------------------------------------------------- gc --storage
+
+
+def test_gc_with_a_bad_url_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    line = cli_error(capsys, "gc", "--storage", "not a url")
+    assert line == (
+        "jdsearch: error: --storage 'not a url': expected a database URL such as "
+        "sqlite:///runs/NAME.db"
+    )

@@ -36,7 +36,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     if not args.older_than >= 0:
         raise JDSearchError(f"--older-than must be a number of seconds ≥ 0, got {args.older_than}")
-    url = with_driver(args.storage)
+    try:
+        url = with_driver(args.storage)
+    except JDSearchError as e:
+        raise JDSearchError(f"--storage {e}") from None
     storage, _ = open_storage(url)
     removed = collect(
         storage, url, artifact_holders(), older_than_s=args.older_than, dry_run=args.dry_run

@@ -98,7 +98,8 @@ def with_driver(url: str) -> str:
     ``postgresql+psycopg2://…``), else as it is; call it on every URL before opening it.
 
     Raises:
-        JDSearchError: the URL's database driver is not installed (saying how to install it).
+        JDSearchError: not a database URL, an unknown dialect, or a database driver that is not
+            installed (saying how to install it).
     """
     import importlib.util
 
@@ -106,6 +107,10 @@ def with_driver(url: str) -> str:
 
     from jdsearch.core.errors import JDSearchError
 
+    try:
+        check_dialect(url)
+    except ValueError as e:
+        raise JDSearchError(f"{public_url(url)!r}: {e}") from None
     if url.startswith("postgresql://"):
         found = [d for d in PG_DRIVERS if importlib.util.find_spec(d) is not None]
         url = url.replace("postgresql://", f"postgresql+{(found or PG_DRIVERS)[0]}://", 1)
