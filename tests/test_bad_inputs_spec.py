@@ -359,6 +359,10 @@ def test_a_cached_base_of_another_detector_is_refused(
     for check in (["--check"], []):  # --check and the search itself (a fresh storage)
         assert main(["search", str(p), "--quiet", *check]) == 2
         assert _one_line_error(capsys).endswith(expected.removeprefix("swap.yaml"))
+    # The refused start leaves no (empty) study behind in the storage it opened.
+    import optuna
+
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'swap.db'}") == []
 
 
 def test_a_cached_base_of_other_training_images_is_refused(

@@ -11,7 +11,10 @@ and the follower.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +52,8 @@ from jdsearch.storage.rdb import (
     storage_for,
     with_driver,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SearchRun",
@@ -139,19 +144,46 @@ def open_run(
     check_device(spec)
     storage, url = open_storage(spec, storage_url)  # first: it creates a SQLite file's folder
     store = make_artifact_store(spec.search.artifacts, url)
-    handle, assets, base = _assets(
-        spec, given, storage, store, progress=progress, stored=stored, write=write
-    )
-    if decided_kd is None:
-        kd, check = decide_kd(handle, assets, base, write=True)  # kd.when
-        if check is not None:
-            say(check.describe())
-    else:
-        kd, check = kd_mode_named(decided_kd), None
-    del base  # the teacher check's alone: not kept for the search
-    ctx = _context(handle, store, assets, kd, progress)
+    with _dropped_if_refused(storage, spec.name, write):
+        handle, assets, base = _assets(
+            spec, given, storage, store, progress=progress, stored=stored, write=write
+        )
+        if decided_kd is None:
+            kd, check = decide_kd(handle, assets, base, write=True)  # kd.when
+            if check is not None:
+                say(check.describe())
+        else:
+            kd, check = kd_mode_named(decided_kd), None
+        del base  # the teacher check's alone: not kept for the search
+        ctx = _context(handle, store, assets, kd, progress)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(ctx))
     return SearchRun(spec, url, storage, store, study, ctx, check)
+
+
+@contextlib.contextmanager
+def _dropped_if_refused(storage: ResilientStorage, name: str, write: bool) -> Iterator[None]:
+    """Delete study ``name`` again when the block, which creates it, refuses to start (a
+    :class:`JDSearchError`: a cache made by other settings, a base that does not fit the data)
+    before the study has a trial, so that a refused start leaves nothing in the storage. A study
+    that was there before the block is kept; what was uploaded for it is left to ``jdsearch gc``."""
+    created = write and name not in optuna.get_all_study_names(storage)
+    try:
+        yield
+    except JDSearchError:
+        if created:
+            _drop_if_empty(storage, name)
+        raise
+
+
+def _drop_if_empty(storage: ResilientStorage, name: str) -> None:
+    try:
+        study = optuna.load_study(
+            study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler()
+        )
+        if not study.get_trials(deepcopy=False):
+            optuna.delete_study(study_name=name, storage=storage)
+    except Exception as e:  # the refusal is what the user must read; this is a warning at most
+        log.warning("study %s: not deleted after the refused start (%s)", name, first_line(e))
 
 
 def _assets(
