@@ -295,3 +295,27 @@ def test_gc_with_a_bad_url_is_one_line(capsys: pytest.CaptureFixture[str]) -> No
         "jdsearch: error: --storage 'not a url': expected a database URL such as "
         "sqlite:///runs/NAME.db"
     )
+
+
+# ---------------------------------------------------------------------- torch's advice
+
+
+def test_no_message_about_an_unreadable_weights_file_suggests_running_its_pickle(
+    tmp_path: Path,
+) -> None:
+    """torch's own message advises ``weights_only=False``: it would run the pickle."""
+    import os
+    import pickle
+
+    from jdsearch.core.errors import CheckpointError
+    from jdsearch.models.torchvision_body import read_weights_file
+
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(256)) * 16)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(os.system, protocol=2))  # names os.system
+    for path in (noise, evil):
+        with pytest.raises(CheckpointError) as e:
+            read_weights_file(path)
+        msg = one_line(e, f"{path}: ")
+        assert "False" not in msg and "trusted source" not in msg, msg

@@ -133,13 +133,28 @@ def _load(path: Path, source: str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{source}: no such file") from None
     except pickle.UnpicklingError as e:  # a global outside the allow-list, or a damaged pickle
-        reason = " ".join(str(e).split())[:200]
         raise CheckpointError(
-            f"{source}: cannot be read with weights_only=True ({reason}); {_SAVE_HINT}"
+            f"{source}: cannot be read with weights_only=True ({torch_reason(e)}); {_SAVE_HINT}"
         ) from None
     except Exception as e:  # torch.load fails on a foreign or truncated file in many ways
-        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        reason = f"{type(e).__name__}: {torch_reason(e)}"
         raise CheckpointError(f"{source}: not a readable torch.save file ({reason})") from None
+
+
+def torch_reason(e: BaseException) -> str:
+    """What ``torch.load`` found wrong, in at most 200 characters, without its advice: torch's
+    message suggests re-running with ``weights_only=False``, which would run the file's pickle
+    (code of whoever wrote the file). Only the lines that say what is wrong are kept."""
+    lines = [" ".join(line.split()) for line in str(e).splitlines()]
+    kept = [
+        line
+        for line in lines
+        if line
+        and "weights_only" not in line
+        and "trusted source" not in line
+        and not line.startswith(("Check the documentation", "Please file an issue"))
+    ]
+    return " ".join(kept)[:200] or "not a file torch reads safely"
 
 
 def _unwrap(obj: Any, source: str) -> tuple[dict[str, Tensor], nn.Module | None]:
