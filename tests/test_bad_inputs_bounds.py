@@ -319,3 +319,21 @@ def test_no_message_about_an_unreadable_weights_file_suggests_running_its_pickle
             read_weights_file(path)
         msg = one_line(e, f"{path}: ")
         assert "False" not in msg and "trusted source" not in msg, msg
+
+
+# ---------------------------------------------------------------------- init's too-small images
+
+
+def test_init_on_images_too_small_names_the_data_set(tmp_path: Path) -> None:
+    from jdsearch.init.init_study import init_study
+
+    data = tmp_path / "tiny set"
+    (data / "images").mkdir(parents=True)
+    for split, iid in (("train", 1), ("val", 2)):
+        Image.new("RGB", (1, 1)).save(data / "images" / f"{iid}.png")
+        record = {"id": iid, "file_name": f"{iid}.png", "width": 1, "height": 1}
+        doc = {"images": [record], "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+        (data / f"{split}.json").write_text(json.dumps(doc))
+    with pytest.raises(SpecError) as e:
+        init_study(tmp_path / "s.yaml", data, base="tiny-r18-fpn")
+    one_line(e, f"{data} (train.json, val.json): native image size 1x1")

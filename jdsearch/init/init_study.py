@@ -639,7 +639,11 @@ def _plan(
 ) -> StudyPlan:
     facts = read_dataset(files)
     _check_classes(base, facts, files.train)
-    ladder = resolution_ladder(facts.native)
+    try:
+        ladder = resolution_ladder(facts.native)
+    except SpecError as e:  # name the data set whose images are too small
+        shown = files.dir if files.dir is not None else files.train_images
+        raise SpecError(f"{shown} ({files.train.name}, {files.val.name}): {e}") from None
     plan = budgets(facts.train_images)
     pool = matched_pool(base.spec.arch, base_detector, ladder, plan, facts.train_images)
     flags = {"dir": "--data", "train_images": "--train-images", "val_images": "--val-images"}
