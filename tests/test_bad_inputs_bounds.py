@@ -337,3 +337,26 @@ def test_init_on_images_too_small_names_the_data_set(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as e:
         init_study(tmp_path / "s.yaml", data, base="tiny-r18-fpn")
     one_line(e, f"{data} (train.json, val.json): native image size 1x1")
+
+
+# ---------------------------------------------------------------------- a record of the wrong size
+
+
+def test_a_record_whose_size_disagrees_with_its_file_is_reported_as_such(tmp_path: Path) -> None:
+    """Not as a box outside the (wrongly recorded) image."""
+    from jdsearch.data.coco import CocoDataset
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "a.png")
+    record = {"id": 1, "file_name": "a.png", "width": 32, "height": 32}
+    box = {"id": 9, "image_id": 1, "category_id": 1, "bbox": [40, 30, 10, 10]}
+    ann = _coco(tmp_path, [record], [box])
+    with pytest.raises(DataError) as e:
+        CocoDataset(ann, tmp_path / "images")
+    one_line(e, f"{ann}: image id 1: ", "a.png is 64x48 but the record says 32x32")
+    record.update(width=64, height=48)  # the checker failing: a box outside a right record
+    box["bbox"] = [60, 30, 10, 10]
+    ann = _coco(tmp_path, [record], [box])
+    with pytest.raises(DataError) as e:
+        CocoDataset(ann, tmp_path / "images")
+    one_line(e, "lies outside the 64x48 image")

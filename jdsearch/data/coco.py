@@ -337,6 +337,7 @@ def _parse_annotations(
     items: list[Any],
     images: Mapping[int, ImageRecord],
     category_ids: frozenset[int],
+    image_dir: Path | None = None,
 ) -> dict[int, list[_Annotation]]:
     per_image: dict[int, list[_Annotation]] = {}
     seen: set[int] = set()
@@ -356,7 +357,7 @@ def _parse_annotations(
         cid = v.int_field(rec, "category_id", where)
         if cid not in category_ids:
             v.fail(where, f"category_id {cid} is not in 'categories'")
-        box = _parse_bbox(v, rec, where, images[iid])
+        box = _parse_bbox(v, rec, where, images[iid], image_dir)
         iscrowd = 0
         if "iscrowd" in rec:
             crowd = rec["iscrowd"]
@@ -373,10 +374,16 @@ def _parse_annotations(
 
 
 def _parse_bbox(
-    v: _Validator, rec: Mapping[str, Any], where: str, img: ImageRecord
+    v: _Validator,
+    rec: Mapping[str, Any],
+    where: str,
+    img: ImageRecord,
+    image_dir: Path | None = None,
 ) -> tuple[float, float, float, float]:
     """The annotation's ``[x, y, w, h]``: 4 finite numbers, positive size, inside the image
-    (within :data:`BBOX_TOLERANCE`) and not empty once clipped to it."""
+    (within :data:`BBOX_TOLERANCE`) and not empty once clipped to it. A box outside the image
+    whose file (in ``image_dir``) is not the size its record says is reported as that mismatch:
+    the record is wrong, not the box."""
     if "bbox" not in rec:
         v.fail(where, "missing field 'bbox'")
     bbox = rec["bbox"]
@@ -394,6 +401,8 @@ def _parse_bbox(
         v.fail(where, f"bbox {_short(bbox)} has non-positive height")
     tol = BBOX_TOLERANCE
     if x < -tol or y < -tol or x + w > img.width + tol or y + h > img.height + tol:
+        if image_dir is not None:
+            _check_record_size(Path(v.name), img, image_dir)
         v.fail(where, f"bbox {_short(bbox)} lies outside the {img.width}x{img.height} image")
     if min(x + w, img.width) - max(x, 0.0) <= 0 or min(y + h, img.height) - max(y, 0.0) <= 0:
         v.fail(where, f"bbox {_short(bbox)} is empty once clipped to the image")
@@ -427,7 +436,7 @@ def _load_entries(
     images = _parse_images(v, data["images"], _ImageFolder(image_dir))
     by_id = {img.id: img for img in images}
     per_image = _parse_annotations(
-        v, data["annotations"], by_id, frozenset(c.id for c in categories)
+        v, data["annotations"], by_id, frozenset(c.id for c in categories), image_dir
     )
     entries = []
     for img in images:
@@ -507,6 +516,18 @@ def open_image(path: str | Path, where: str = "") -> Iterator[Image.Image]:
         raise DataError(f"{prefix}: image too large to decode safely ({what})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{prefix}: cannot decode image ({exc})") from None
+
+
+def _check_record_size(ann_file: Path, rec: ImageRecord, image_dir: Path) -> None:
+    """Fail when the image file of ``rec`` is not the size the record says (its header only is
+    read); an image that cannot be opened is left to be reported when it is read."""
+    path = image_dir / rec.file_name
+    try:
+        with open_image(path) as img:
+            size = img.size
+    except DataError:
+        return
+    _check_size(ann_file, rec, path, size)
 
 
 def _check_size(ann_file: Path, rec: ImageRecord, path: Path, size: tuple[int, int]) -> None:
