@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/bad_inputs.py [--repo DIR] [--timeout 60] [--only CLASS] [--list] [--keep]
+    python bench/bad_inputs.py [--repo DIR] [--timeout 60] [--only CLASS] [--match TEXT] [--list]
+        [--keep]
 
 Each case runs one ``python -m jdsearch ...`` command in a fresh temporary folder (a subprocess
 with ``OMP_NUM_THREADS=1``, ``CUDA_VISIBLE_DEVICES=`` so that "no GPU" holds everywhere, stdin
@@ -14,6 +15,9 @@ cannot exhaust the machine) and is classified as:
 * ``ok``: a valid input (marked expected-valid) that exits 0 (and passes its output check);
 * ``traceback``: a ``Traceback`` in stderr, or a non-zero exit without that one error line
   (a signal, a MemoryError, a multi-line message);
+* ``unclean``: refused in one line, but the refusal is wrong: its line misleads (names a field,
+  not the flag typed; suggests ``weights_only=False``; blames a box for a wrong image record) or
+  it left something behind (an empty study in the storage);
 * ``hang``: timed out;
 * ``silent``: a bad input that exits 0 (a silent wrong result, or a failure left for later),
   or an exit 0 whose output fails the case's check (e.g. crowd boxes not reported);
@@ -36,6 +40,7 @@ status is 0 whatever the outcomes (it is a measurement), 1 when the setup itself
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import io
@@ -63,7 +68,7 @@ from jdsearch.testing import Shrink, shrunk_quickstart
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 6 << 30
-OUTCOMES = ("clean", "ok", "traceback", "hang", "silent", "broken")
+OUTCOMES = ("clean", "ok", "unclean", "traceback", "hang", "silent", "broken")
 CLASSES = ("export", "files", "spec", "classes")
 ERROR_LINE = re.compile(r"^jdsearch(?: [\w-]+)*: error: ")
 STUDY = "tiny"  # the setup study's name: its caches are runs/tiny/{base,pool}.safetensors
@@ -119,6 +124,7 @@ def jdsearch(argv: tuple[str, ...] | list[str]) -> list[str]:
 # ---------------------------------------------------------------------- the cases
 Prepare = Callable[[Path, "Setup"], None]
 Check = Callable[[Result], "str | None"]
+Refusal = Callable[[Result, Path], "str | None"]  # a clean refusal and the case's folder
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class Case:
     prepare: Prepare
     valid: bool = False
     check: Check | None = None  # on exit 0: None when the output is right, else why not
+    refusal: Refusal | None = None  # on a clean refusal: None when it is right, else why not
 
     @property
     def command(self) -> str:
@@ -244,6 +251,7 @@ def export_cases() -> list[Case]:
         ("detector.json missing", export_with(no_info)),
         ("detector.json not JSON", export_with(lambda info, cwd: "{not json")),
         ("detector.json a list", export_with(lambda info, cwd: "[1, 2]")),
+        ("input_size 60000x40000", set_key("input_size", lambda _: "60000x40000")),
     ]
     predict = ("predict", "exp", "img", "--out", "p.json")
     latency = ("latency", "exp", "--repeats", "1", "--warmup", "1")
@@ -253,6 +261,13 @@ def export_cases() -> list[Case]:
         cases.append(Case("export", f"{name}: latency", latency, prepare))
     renamed = weights_path("weights.safetensors", move_to="exp/weights.safetensors")
     cases += [
+        Case(
+            "export",
+            "predict --score-thresh nan",
+            (*predict, "--score-thresh", "nan"),
+            export_with(),
+            refusal=says("--score-thresh"),
+        ),
         Case("export", "valid export: predict", predict, export_with(), valid=True),
         Case("export", "valid export: latency", latency, export_with(), valid=True),
         Case("export", "valid: weights renamed in the folder", predict, renamed, valid=True),
@@ -387,6 +402,36 @@ def plain_yaml(cwd: Path, setup: Setup) -> None:
     shutil.copyfile(setup.repo / "detectors" / "tiny-r18-fpn.yaml", cwd / "mine.yaml")
 
 
+def noise_pt(cwd: Path, setup: Setup) -> None:
+    """noise.pt: 4 kB of fixed pseudo-random bytes, not a torch.save file."""
+    import random
+
+    (cwd / "noise.pt").write_bytes(random.Random(0).randbytes(4096))
+
+
+def one_pixel_set(cwd: Path, setup: Setup) -> None:
+    """px/: a COCO set of two 1x1 images (train and val), one category, no boxes."""
+    from PIL import Image
+
+    (cwd / "px" / "images").mkdir(parents=True)
+    for split, iid in (("train", 1), ("val", 2)):
+        Image.new("RGB", (1, 1)).save(cwd / "px" / "images" / f"{iid}.png")
+        doc = {
+            "images": [{"id": iid, "file_name": f"{iid}.png", "width": 1, "height": 1}],
+            "annotations": [],
+            "categories": [{"id": 1, "name": "a"}],
+        }
+        write_json(cwd / "px" / f"{split}.json", doc)
+
+
+def halve_first_record(data: Path) -> None:
+    """The first train image's record says half its real size (its boxes then lie outside)."""
+    doc = read_json(data / "train.json")
+    rec = doc["images"][0]
+    rec["width"], rec["height"] = rec["width"] // 2, rec["height"] // 2
+    write_json(data / "train.json", doc)
+
+
 TRAIN = ("train", "tiny-r18-fpn", "--data", "data", "--out", "m.safetensors", "--quiet")
 TRAIN_ALL = (*TRAIN, "--iters", "1", "--batch-size", "6", "--fixed-size", "--no-eval")
 LATENCY = ("--repeats", "1", "--warmup", "1")
@@ -469,6 +514,55 @@ def files_cases() -> list[Case]:
             with_data(set_box([10.0, 10.0, 20.0, 20.0], crowd=True)),
             valid=True,
             check=mentions_crowd,
+        ),
+        Case(
+            "files",
+            "eval --sizes 100000x100000",
+            ("eval", "ckpt.safetensors", "--data", "data", "--sizes", "100000x100000"),
+            needs("ckpt.safetensors", "data"),
+            refusal=says("--sizes"),
+        ),
+        Case(
+            "files",
+            "flops --size 100000x100000",
+            ("flops", "tiny-r18-fpn", "--size", "100000x100000"),
+            nothing,
+            refusal=says("--size"),
+        ),
+        Case(
+            "files",
+            "latency --size 100000x100000",
+            ("latency", "tiny-r18-fpn", "--size", "100000x100000", *LATENCY),
+            nothing,
+            refusal=says("--size"),
+        ),
+        Case(
+            "files",
+            "random bytes: import",
+            ("import", "noise.pt", "--out", "x.safetensors"),
+            noise_pt,
+            refusal=says("noise.pt", never=("False", "trusted source")),
+        ),
+        Case(
+            "files",
+            "train --epochs 0",
+            (*TRAIN, "--epochs", "0"),
+            needs("data"),
+            refusal=says("--epochs", never=("TrainConfig",)),
+        ),
+        Case(
+            "files",
+            "1x1 images: init",
+            ("init", "--data", "px", "--base", "tiny-r18-fpn", "--out", "s.yaml"),
+            one_pixel_set,
+            refusal=says("px", "1x1"),
+        ),
+        Case(
+            "files",
+            "record half its image's size: data check",
+            check,
+            with_data(halve_first_record),
+            refusal=says("but the record says"),
         ),
         # expected-valid
         Case("files", "valid: data check", check, needs("data"), valid=True),
@@ -570,6 +664,7 @@ SPEC_CASES: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = [
     ("--n-trials -1", {}, ("--n-trials", "-1"), True),
     ("base.detector nope-fpn", {"base": {"detector": "nope-fpn"}}, (), False),
     ("base.train.lr 1e6", {"base": {"train": {"lr": 1e6}}}, (), False),
+    ("resolutions 100000x100000", {"resolutions": ["64x64", "100000x100000"]}, (), True),
 ]
 
 
@@ -591,6 +686,7 @@ def spec_cases() -> list[Case]:
                     f"{name}: search",
                     ("search", "s.yaml", "--quiet", *extra),
                     study_spec(patch, caches=True),
+                    refusal=no_study("study.db"),  # a refused start leaves no study
                 )
             )
     # The cached base of the setup's search (tiny-r18-fpn), a spec now asking for tiny-r50-fpn and
@@ -600,7 +696,20 @@ def spec_cases() -> list[Case]:
         Case(
             "spec", "cached r18 base, spec now r50: --check", ("search", "s.yaml", "--check"), r50
         ),
-        Case("spec", "cached r18 base, spec now r50: search", ("search", "s.yaml", "--quiet"), r50),
+        Case(
+            "spec",
+            "cached r18 base, spec now r50: search",
+            ("search", "s.yaml", "--quiet"),
+            r50,
+            refusal=no_study("study.db"),
+        ),
+        Case(
+            "spec",
+            "gc --storage 'not a url'",
+            ("gc", "--storage", "not a url"),
+            nothing,
+            refusal=says("--storage", "'not a url'"),
+        ),
         # expected-valid
         Case(
             "spec",
@@ -784,7 +893,39 @@ def exception_line(err: str) -> str:
     return next((line.strip() for line in lines if line.strip() and not line[0].isspace()), "")
 
 
-def classify(case: Case, res: Result, timeout: float) -> tuple[str, str]:
+def says(*needles: str, never: tuple[str, ...] = ()) -> Refusal:
+    """A refusal whose last stderr line holds every one of ``needles`` and none of ``never``."""
+
+    def check(res: Result, cwd: Path) -> str | None:
+        line = last_line(res.err)
+        missing = [n for n in needles if n not in line]
+        found = [n for n in never if n in line]
+        if missing or found:
+            return f"the line {'lacks ' + repr(missing) if missing else 'has ' + repr(found)}"
+        return None
+
+    return check
+
+
+def no_study(db: str) -> Refusal:
+    """A refusal that leaves no study in the SQLite file ``db`` of the case's folder."""
+
+    def check(res: Result, cwd: Path) -> str | None:
+        import sqlite3
+
+        if not (cwd / db).is_file():
+            return None
+        with contextlib.closing(sqlite3.connect(cwd / db)) as con:
+            try:
+                names = [r[0] for r in con.execute("SELECT study_name FROM studies")]
+            except sqlite3.Error:
+                return None
+        return f"left the study {names[0]!r} in {db}" if names else None
+
+    return check
+
+
+def classify(case: Case, res: Result, timeout: float, cwd: Path) -> tuple[str, str]:
     """(outcome, what to show: the last stderr line, the exception of a traceback, or why)."""
     last = last_line(res.err)
     if res.rc is None:
@@ -802,7 +943,8 @@ def classify(case: Case, res: Result, timeout: float) -> tuple[str, str]:
     if case.valid:
         return "broken", tail
     if not traceback and ERROR_LINE.match(last):
-        return "clean", tail
+        wrong = case.refusal(res, cwd) if case.refusal is not None else None
+        return ("unclean", f"{wrong}: {tail}") if wrong is not None else ("clean", tail)
     return "traceback", tail
 
 
@@ -826,12 +968,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose CLI to probe")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
     parser.add_argument("--only", choices=CLASSES, help="run one class of cases")
+    parser.add_argument(
+        "--match", action="append", help="run the cases whose name holds TEXT (repeatable)"
+    )
     parser.add_argument("--list", action="store_true", help="print the cases, run nothing")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (each case's output too)"
     )
     args = parser.parse_args(argv)
     cases = [c for c in all_cases() if args.only in (None, c.cls)]
+    if args.match:
+        cases = [c for c in cases if any(m in c.name for m in args.match)]
     if args.list:
         for c in cases:
             print(f"{c.cls:<8} {'valid' if c.valid else 'bad':<6} {c.name:<50} {c.command}")
@@ -853,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
             cwd.mkdir(parents=True)
             case.prepare(cwd, setup)
             res = run_command(jdsearch(case.argv), repo, cwd, args.timeout)
-            outcome, tail = classify(case, res, args.timeout)
+            outcome, tail = classify(case, res, args.timeout, cwd)
             (cwd / "stdout.txt").write_text(res.out)
             (cwd / "stderr.txt").write_text(res.err)
             rows.append((case, outcome))
