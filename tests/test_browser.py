@@ -18,12 +18,15 @@ from typing import Any
 
 import plotly.graph_objects as go
 import pytest
+from optuna_dashboard import get_note
 from PIL import Image
 
 from jdsearch.report import html as report_html
 from jdsearch.report.figures import FIGURE_KEYS, build_figures
 from jdsearch.report.html import PNG_WIDTH, ReportFiles, write_report
 from jdsearch.search.queries import StudyHandle, open_study
+from jdsearch.search.record import TrialRecord
+from jdsearch.storage.optuna_internals import trial_of
 
 from .conftest import unavailable
 from .test_dashboard import dashboard_command, free_port, get, server
@@ -184,11 +187,13 @@ def test_report_html_renders_every_figure_offline(
 
 
 # ---------------------------------------------------------------------- optuna-dashboard
-def test_optuna_dashboard_shows_the_trials_the_figures_and_H(
+def test_optuna_dashboard_shows_the_trials_their_notes_the_figures_and_H(
     report: Report, new_page: Callable[[], Page], tmp_path: Path
 ) -> None:
     study = report.handle.study
     trials = study.get_trials(deepcopy=False)
+    last = TrialRecord.from_trial(trials[-1])
+    heading = get_note(trial_of(study, trials[-1])).splitlines()[0].removeprefix("### ")
     titles = {_title(fig): key for key, fig in report.figures.items()}
     port = free_port()
     with server(dashboard_command(report.url, port), port, tmp_path / "dashboard.log") as base:
@@ -208,6 +213,12 @@ def test_optuna_dashboard_shows_the_trials_the_figures_and_H(
         page.goto(f"{study_url}/trials")
         page.get_by_text(f"{len(trials)} Trials").wait_for()
         listed = page.inner_text("body")
+        # The note the worker wrote after the trial finished, on the trial's page, rendered.
+        page.goto(f"{study_url}/trials?numbers={last.number}", wait_until="commit")
+        page.locator("h3", has_text=heading).wait_for()
+        table = page.locator("table").filter(has_text="resolution").first.inner_text()
+        lineage = page.locator("strong", has_text="Lineage").first.inner_text()
+        note = page.inner_text("body")
     attached = {titles[p["title"]]: p for p in drawn if p["title"] in titles}
     assert set(attached) == set(FIGURE_KEYS)  # every figure attached by the report, drawn
     for key, plot in attached.items():
@@ -216,4 +227,9 @@ def test_optuna_dashboard_shows_the_trials_the_figures_and_H(
     assert history["traces"] > 0 and history["ytitle"] == "H"  # set_metric_names(["H"])
     assert "Objective 0" not in body
     assert re.findall(r"^Trial (\d+)$", listed, re.MULTILINE) == [str(t.number) for t in trials]
+    assert heading == f"Trial {last.number}: H {last.value:.4f} at {last.best_resolution}"
+    for res, h in last.h.items():  # a row per resolution, H as the note's table prints it
+        assert re.search(rf"^{res}\t.*\t{h:.4f}$", table, re.MULTILINE), table
+    assert lineage == "Lineage" and f"{last.move} (#{last.number})" in note
+    assert "###" not in note and "**" not in note and "`" not in note  # rendered Markdown
     assert seen.errors == []

@@ -118,3 +118,33 @@ def test_optuna_trials_shows_user_attributes_and_hides_system_ones(tmp_path: Pat
     (row,) = json.loads(out)
     assert row["user_attrs"] == {"parent": 0} and row["params"] == {"move": trial.params["move"]}
     assert "jdsearch:worker" not in out
+
+
+def _journal(tmp_path: Path) -> BaseStorage:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(tmp_path / "journal.log")))
+
+
+@pytest.mark.parametrize("kind", ["rdb", "resilient", "journal"])
+def test_a_note_is_saved_on_a_trial_after_tell(tmp_path: Path, kind: str) -> None:
+    """optuna-dashboard's notes are study system attributes, which Optuna accepts after a trial
+    finished (trial attributes it refuses): jdsearch writes a trial's note after ``tell``."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna_dashboard import get_note, save_note
+
+    storage = _journal(tmp_path) if kind == "journal" else _storage(tmp_path, wrapped=kind != "rdb")
+    study = optuna.create_study(storage=storage, study_name="s")
+    for value in (0.5, None):
+        trial = _running(study, parent=0)
+        study.tell(trial, value, state=TrialState.FAIL if value is None else None)
+    done, failed = study.get_trials(deepcopy=False)
+    with pytest.raises(UpdateFinishedTrialError):  # a trial attr after tell: refused
+        oi.set_trial_system_attr(trial, "late", 1)
+    for frozen, body in ((done, "**H** 0.5"), (failed, "x" * 5000)):  # 5000: split in chunks
+        save_note(oi.trial_of(study, frozen), body)
+        assert get_note(oi.trial_of(study, frozen)) == body
+    save_note(oi.trial_of(study, failed), "second version")  # a shorter one replaces it whole
+    assert get_note(oi.trial_of(study, failed)) == "second version"
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]

@@ -27,16 +27,25 @@ import torch
 import yaml
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from optuna_dashboard import get_note
 from torch import nn
 
 import jdsearch.search.objective
 from jdsearch.engine.train import TrainingDiverged
 from jdsearch.search.objective import worker_id
 from jdsearch.search.queries import lineage
-from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, WORKER_SYSATTR, TrialRecord
+from jdsearch.search.record import (
+    BASE_MOVE,
+    FAIL_REASON_ATTR,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    WORKER_SYSATTR,
+    TrialRecord,
+)
 from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
 from jdsearch.spec.study import StudySpec, load_study
+from jdsearch.storage.optuna_internals import trial_of
 from jdsearch.store.checkpoint import checkpoint_from_bytes
 
 from .conftest import SearchAssets
@@ -358,6 +367,11 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
     assert all(t.state == TrialState.COMPLETE for t in trials if t.number != victim.number)
     check_lineage(trials)
     check_checkpoints(ctx, trials)
+    # The dashboard note of the killed trial says its worker was lost and which trial retries it.
+    note = get_note(trial_of(study, by_number[victim.number]))
+    assert note.startswith(f"### Trial {victim.number}: FAIL, its worker was lost\n")
+    assert f"its worker `{first.marker}` stopped beating its heartbeat" in note
+    assert f"retried as trial {retry.number}, same move and parent" in note
 
 
 # ------------------------------------------------------------------------ diverged trial
@@ -402,6 +416,9 @@ def test_a_diverged_trial_fails_alone_and_the_search_goes_on(
     ]
     failed = trials[1]
     assert TrialRecord.from_trial(failed).checkpoint is None  # nothing was uploaded for it
+    note = get_note(trial_of(study, failed))  # the dashboard note says why, as the attr does
+    assert note.startswith(f"### Trial {failed.number}: FAIL\n")
+    assert f"**Why**: {failed.user_attrs[FAIL_REASON_ATTR]}" in note and "loss_nan" in note
     # Not retried (a failure, not a stale heartbeat), and never a parent.
     assert all(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is None for t in trials)
     assert all(t.user_attrs.get(PARENT_ATTR) != failed.number for t in trials)

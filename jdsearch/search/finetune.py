@@ -21,6 +21,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.core.errors import JDSearchError
+from jdsearch.search.notes import NoteWriter
 from jdsearch.search.objective import Objective, SearchContext, move_vocabulary
 from jdsearch.search.queries import best_of
 from jdsearch.search.record import (
@@ -144,7 +145,7 @@ def _run(study: optuna.Study, ctx: SearchContext, token: str) -> FrozenTrial:
             Objective(ctx),
             n_trials=1,
             catch=(JDSearchError,),
-            callbacks=[print_trial],
+            callbacks=[print_trial, NoteWriter(ctx.spec.score.metric)],
             gc_after_trial=True,
         )
         attempts = mine()

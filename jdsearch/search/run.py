@@ -20,6 +20,7 @@ from jdsearch.core.errors import JDSearchError
 from jdsearch.engine import distributed
 from jdsearch.search.assets import say
 from jdsearch.search.follower import follow
+from jdsearch.search.notes import NoteWriter
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import READY, STOP, announce
 from jdsearch.search.session import open_run
@@ -83,7 +84,8 @@ def _search(
     say(f"searching: study {spec.name!r} on {shown}, {n} trials in this worker")
     started = time.perf_counter()
     outcomes = _Outcomes(run.objective())
-    optimize(run.study, outcomes, n, [print_trial, outcomes.finished])
+    notes = NoteWriter(spec.score.metric)  # the search as a log in optuna-dashboard
+    optimize(run.study, outcomes, n, [print_trial, notes, outcomes.finished])
     say(f"done in {time.perf_counter() - started:.0f} s")
     if outcomes.completed == 0:
         raise JDSearchError(

@@ -24,6 +24,7 @@ __all__ = [
     "stale_trial_ids",
     "storage_of",
     "study_system_attrs",
+    "trial_of",
 ]
 
 
@@ -59,6 +60,20 @@ def set_running_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, val
     (what the objective reads through ``trial.user_attrs``)."""
     storage_of(study).set_trial_user_attr(trial._trial_id, key, value)
     trial.set_user_attr(key, value)
+
+
+def trial_of(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
+    """An ``optuna.Trial`` of ``trial`` (any state), for a call that takes one: optuna-dashboard's
+    ``save_note`` after ``tell``. Optuna hands its callbacks (``optimize``'s, the stale-trial
+    callback) a ``FrozenTrial``, whose storage id is private (``_trial_id``). ``Trial``'s
+    constructor reads the trial and calls the sampler's ``before_trial``: the trial is opened
+    through the same storage with a ``RandomSampler``, whose ``before_trial`` writes nothing."""
+    quiet = optuna.load_study(
+        study_name=study.study_name,
+        storage=storage_of(study),
+        sampler=optuna.samplers.RandomSampler(),
+    )
+    return optuna.Trial(quiet, trial._trial_id)
 
 
 def keep_alive(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -19,9 +19,14 @@ from jdsearch.storage.reconnect import retry_window_s, with_reconnect
 OPEN_RETRY_S = 20.0  # how long opening the storage waits for a server that refuses connections
 
 
-def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
+def storage_for(
+    spec: StudySpec,
+    url: str | None = None,
+    on_stale: Callable[[Any, Any], None] | None = None,
+) -> ResilientStorage:
     """The ``RDBStorage`` at ``url`` (default the spec's), with heartbeats and retries of stale
-    trials, in a :class:`ResilientStorage`; creates a SQLite file's folder."""
+    trials, in a :class:`ResilientStorage`; creates a SQLite file's folder. ``on_stale(study,
+    trial)`` is called after each stale trial is failed and re-queued (its note)."""
     url = url or spec.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -34,8 +39,8 @@ def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
                 url,
                 heartbeat_interval=hb,
                 grace_period=2 * hb,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=spec.search.max_retry
+                heartbeat_stale_trial_callback=StaleTrialCallback(
+                    RetryHeartbeatStaleTrialCallback(max_retry=spec.search.max_retry), on_stale
                 ),
                 engine_kwargs={"pool_pre_ping": True},
             )
@@ -43,6 +48,21 @@ def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
         "storage: opening",
         window_s=min(OPEN_RETRY_S, retry_window_s()),
     )
+
+
+class StaleTrialCallback:
+    """What Optuna calls on each trial it failed for a stale heartbeat: ``retry`` (Optuna's
+    ``RetryHeartbeatStaleTrialCallback``), then ``then`` when given."""
+
+    def __init__(
+        self, retry: Callable[[Any, Any], None], then: Callable[[Any, Any], None] | None = None
+    ) -> None:
+        self.retry, self.then = retry, then
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.retry(study, trial)
+        if self.then is not None:
+            self.then(study, trial)
 
 
 def check_dialect(url: str) -> None:
