@@ -148,3 +148,17 @@ def test_a_note_is_saved_on_a_trial_after_tell(tmp_path: Path, kind: str) -> Non
     save_note(oi.trial_of(study, failed), "second version")  # a shorter one replaces it whole
     assert get_note(oi.trial_of(study, failed)) == "second version"
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_heartbeat_ages_of_running_trials(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=_storage(tmp_path, heartbeat=60, wrapped=True))
+    beating, silent = _running(study, parent=0), _running(study, parent=1)
+    oi.keep_alive(study, study.get_trials(deepcopy=False)[0])
+    time.sleep(1.2)
+    ages = oi.heartbeat_ages(study)
+    assert list(ages) == [beating.number] and 1.0 <= ages[beating.number] < 30
+    study.tell(beating, 1.0)
+    assert oi.heartbeat_ages(study) == {}  # finished: no longer running
+    assert silent.number not in oi.heartbeat_ages(study)
+    with pytest.raises(TypeError, match="keeps no heartbeats"):
+        oi.heartbeat_ages(optuna.create_study(storage=_journal(tmp_path)))

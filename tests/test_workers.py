@@ -208,9 +208,43 @@ def test_the_lowest_of_simultaneous_first_trials_takes_the_root() -> None:
 
 
 # ---------------------------------------------------------------------- many workers
+def status(capsys: pytest.CaptureFixture[str], url: str, name: str, *, as_json: bool = True) -> Any:
+    """``jdsearch status --storage URL --study NAME [--json]``, run here: its output (parsed)."""
+    from jdsearch.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["status", "--storage", url, "--study", name, *(["--json"] if as_json else [])]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out) if as_json else out
+
+
+def both_running(
+    capsys: pytest.CaptureFixture[str], url: str, name: str, a: Worker, b: Worker
+) -> dict[str, Any]:
+    """``jdsearch status``, polled until it shows both workers running a trial past its choice
+    of move (the second waits for the root trial first)."""
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        s = status(capsys, url, name)
+        running = s["running"]
+        if {r["worker"] for r in running} == {a.marker, b.marker} and all(
+            r["move"] for r in running
+        ):
+            return dict(s)
+        for w in (a, b):
+            if w.proc.poll() is not None:
+                pytest.fail(f"worker {w.name} exited ({w.proc.returncode}):\n{w.output()}")
+        time.sleep(1.0)
+    pytest.fail("status never showed both workers running a trial")
+
+
 @pytest.mark.slow
 def test_two_cli_workers_share_one_postgresql_study(
-    pg_url: str, search_assets: SearchAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_url: str,
+    search_assets: SearchAssets,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     spec_file, spec = write_spec(tmp_path, search_assets, "two-workers", pg_url)
@@ -224,8 +258,21 @@ def test_two_cli_workers_share_one_postgresql_study(
             )
             for name in ("a", "b")
         )
+        # `jdsearch status` while they run: both live, each on its trial, beating its heartbeat.
+        live = both_running(capsys, pg_url, spec.name, a, b)
         a.finish()
         b.finish()
+    assert live["live_workers"] == 2 and live["counts"]["RUNNING"] == 2
+    assert live["grace_s"] == 2 * spec.search.heartbeat_s and live["n_trials"] == n
+    for r in live["running"]:
+        assert r["move"] is not None and not r["stale"] and r["running_s"] >= 0
+        assert r["heartbeat_age_s"] is not None and 0 <= r["heartbeat_age_s"] <= live["grace_s"]
+    # Two workers' trials run only once the root is done: a best, its lineage, a mean duration.
+    assert live["counts"]["COMPLETE"] >= 1 and live["best"]["lineage"].startswith("base (#0)")
+    assert live["mean_trial_s"] > 0 and 0 < live["left_s"] <= 2 * n * live["mean_trial_s"]
+    done = status(capsys, pg_url, spec.name, as_json=False)
+    assert f"trials      {2 * n} COMPLETE, 0 FAIL, 0 RUNNING, 0 WAITING" in done
+    assert "workers     0 live" in done and done.endswith("time left   none: no live worker\n")
 
     trials = fresh_trials(spec, pg_url)
     assert sorted(t.number for t in trials) == list(range(2 * n))

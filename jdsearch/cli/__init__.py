@@ -18,7 +18,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jdsearch.cli import checkpoint, data, export, gc, measure, pool, report, retrain, search, train
+from jdsearch.cli import (
+    checkpoint,
+    data,
+    export,
+    gc,
+    measure,
+    pool,
+    report,
+    retrain,
+    search,
+    status,
+    train,
+)
 from jdsearch.core.errors import JDSearchError, RanksOutOfStep
 from jdsearch.engine.threads import passive_openmp_threads
 
@@ -35,6 +47,7 @@ COMMANDS: dict[str, Callable[[Any, str], None]] = {
     "evolve": checkpoint.add_evolve,
     "init": search.add_init,
     "search": search.add_search,
+    "status": status.add_status,
     "pool": pool.add_pool,
     "export": export.add_export,
     "predict": export.add_predict,

@@ -212,15 +212,13 @@ def open_storage(url: str) -> tuple[RDBStorage, list[optuna.study.StudySummary]]
     return storage, summaries
 
 
-def open_study(url: str, name: str | None = None) -> StudyHandle:
-    """Open an existing jdsearch study for reading (export, report); never creates anything.
+def read_study(url: str, name: str | None = None) -> tuple[optuna.Study, StudySpec]:
+    """An existing jdsearch study and its stored spec, read only (no artifact store is opened:
+    ``jdsearch status`` runs anywhere the database is reachable); never creates anything.
 
     Args:
         url: the study's storage URL (``sqlite:///…``, ``postgresql://…``).
         name: the study; may be left out when the storage holds one.
-
-    Returns:
-        The study, its stored spec and its artifact store.
 
     Raises:
         JDSearchError: a missing SQLite file, an unreachable or non-Optuna database (the driver's
@@ -244,7 +242,26 @@ def open_study(url: str, name: str | None = None) -> StudyHandle:
         raise JDSearchError(
             f"{shown}: study {name!r} was not made by jdsearch (it has no {SPEC_SYSATTR} attribute)"
         )
-    spec = study_from_stored(stored, source=f"study {name!r} (stored spec)")
+    return study, study_from_stored(stored, source=f"study {name!r} (stored spec)")
+
+
+def open_study(url: str, name: str | None = None) -> StudyHandle:
+    """Open an existing jdsearch study for reading (export, report); never creates anything.
+
+    Args:
+        url: the study's storage URL (``sqlite:///…``, ``postgresql://…``).
+        name: the study; may be left out when the storage holds one.
+
+    Returns:
+        The study, its stored spec and its artifact store.
+
+    Raises:
+        JDSearchError: what :func:`read_study` raises, or a ``file:`` artifact folder that is
+            not here.
+    """
+    url = with_driver(url)
+    study, spec = read_study(url, name)
+    name = study.study_name
     artifacts = spec.search.artifacts.strip()
     if (
         artifacts.startswith("file:")

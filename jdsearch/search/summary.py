@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -9,7 +10,7 @@ import optuna
 from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import CocoDataset
 from jdsearch.engine.evaluate import evaluate
-from jdsearch.search.queries import StudyHandle, best_of, front_of, lineage, root_of
+from jdsearch.search.queries import StudyHandle, best_of, front_of, lineage_of, root_of
 from jdsearch.search.record import (
     BASE_ATTR,
     BASE_RESOLUTION_ATTR,
@@ -37,6 +38,12 @@ def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {r.teacher or 'none'}",
         flush=True,
     )
+
+
+def lineage_line(trials: Sequence[optuna.trial.FrozenTrial], number: int) -> str:
+    """``base (#0) -> layer_prune (#2) -> …``: the moves from the root to trial ``number``."""
+    path = [TrialRecord.from_trial(t) for t in lineage_of(trials, number)]
+    return " -> ".join(f"{t.move} (#{t.number})" for t in path)
 
 
 def summary_cells(t: optuna.trial.FrozenTrial) -> dict[str, str]:
@@ -69,8 +76,7 @@ def summary(study: optuna.Study) -> str:
         lines.append(f"teacher     {r0.teacher or 'none'}  ->  {r1.teacher or 'none'}")
     else:
         lines.append("teacher     none (no distillation)")
-    path = [TrialRecord.from_trial(t) for t in lineage(study, best.number)]
-    lines.append("lineage     " + " -> ".join(f"{t.move} (#{t.number})" for t in path))
+    lines.append("lineage     " + lineage_line(study.get_trials(deepcopy=False), best.number))
     if len(study.directions) > 1:  # score.mode: pareto
         front = [(t.number, TrialRecord.from_trial(t).point()) for t in front_of(trials)]
         cells = [f"#{n} (AP {100 * p[0]:.1f}, cost {p[1]:.3f})" for n, p in front if p]

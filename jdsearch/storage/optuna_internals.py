@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial
 __all__ = [
     "HeartbeatStorage",
     "cached_storage",
+    "heartbeat_ages",
     "keep_alive",
     "set_running_user_attr",
     "set_study_system_attr",
@@ -87,6 +88,34 @@ def keep_alive(study: optuna.Study, trial: FrozenTrial) -> None:
     if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)
         fail_stale_trials(study)
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since each RUNNING trial of ``study`` last beat its heartbeat, by trial number
+    (a trial that never beat is absent), measured against the database's clock as Optuna's
+    ``fail_stale_trials`` does. Optuna reads heartbeats only to list the stale trials; their
+    times are in the private ``optuna.storages._rdb.models`` (table ``trial_heartbeats``).
+
+    Raises:
+        TypeError: the study's storage is not (a wrapper of) an ``RDBStorage``.
+    """
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    storage = storage_of(study)
+    backend = getattr(storage, "backend", None) or getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        raise TypeError(f"{type(storage).__name__} keeps no heartbeats")
+    with backend.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
+        rows = conn.execute(
+            sqlalchemy.select(models.TrialModel.number, models.TrialHeartbeatModel.heartbeat)
+            .join(models.TrialHeartbeatModel)
+            .where(models.TrialModel.study_id == study._study_id)
+            .where(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
+        ).all()
+    now = now.replace(tzinfo=None)  # PostgreSQL's now() is aware, the stored times naive
+    return {int(n): (now - beat.replace(tzinfo=None)).total_seconds() for n, beat in rows}
 
 
 # ---------------------------------------------------------------------- storage wrappers
