@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from optuna_dashboard import get_note
 
 from jdsearch.core.errors import DataError
 from jdsearch.core.resolution import Resolution
@@ -19,8 +20,10 @@ from jdsearch.engine.evaluate import evaluate
 from jdsearch.report.compare import compare_study
 from jdsearch.search.export import export_trial
 from jdsearch.search.queries import open_study
+from jdsearch.search.record import HELDOUT_PREFIX
 from jdsearch.search.splits import heldout_split, selection_split
 from jdsearch.spec.study import study_from_dict
+from jdsearch.storage.optuna_internals import study_system_attrs, trial_of
 
 from .conftest import tiny_study_dict
 
@@ -147,3 +150,11 @@ def test_comparison_and_export_judge_on_the_held_out_split(
     assert held["images"] == 10 and held["file"].endswith("val.json")
     up = c.upgraded.heldout
     assert held["metrics"]["AP"] == pytest.approx(round(up["AP"], 5), abs=1e-5)
+    # The study keeps it, and the trial's dashboard note shows it.
+    best = handle.trial()
+    recorded = study_system_attrs(handle.study)[f"{HELDOUT_PREFIX}{best.number}"]
+    assert recorded == {**held, "resolution": str(exported.input_size)}
+    note = get_note(trial_of(handle.study, best))
+    ap = held["metrics"]["AP"]
+    assert f"**Held-out AP**: {'–' if ap is None else f'{100 * ap:.1f}'} (AP50 " in note
+    assert "on 10 images of `" in note and note.rstrip().splitlines()[-1].startswith("**Lineage**")

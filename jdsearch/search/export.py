@@ -17,8 +17,15 @@ from jdsearch.core.limits import MAX_ANNOTATION_BYTES
 from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import CocoDataset, load_image
 from jdsearch.engine.evaluate import evaluate
+from jdsearch.search.notes import save_trial_note, trial_note
 from jdsearch.search.queries import lineage
-from jdsearch.search.record import BASE_FLOPS_ATTR, BASE_RESOLUTION_ATTR, TrialRecord
+from jdsearch.search.record import (
+    BASE_FLOPS_ATTR,
+    BASE_RESOLUTION_ATTR,
+    HELDOUT_PREFIX,
+    TrialRecord,
+)
+from jdsearch.storage.optuna_internals import set_study_system_attr
 from jdsearch.storage.rdb import public_url
 from jdsearch.store.export import Exported, Origin, export_detector, foreground_names
 
@@ -93,14 +100,7 @@ def export_trial(
     names = foreground_names(ckpt.class_names, ckpt.num_classes)
     source = _source(handle, t, size)
     if heldout is not None:
-        m = evaluate(ckpt.detector, heldout, [size])[str(size)]
-        values = {k: float(getattr(m, k)) for k in ("AP", "AP50", "AP75")}
-        metrics = {k: None if math.isnan(v) else round(v, 5) for k, v in values.items()}
-        source["heldout"] = {
-            "file": str(heldout.ann_file),
-            "images": len(heldout),
-            "metrics": metrics,
-        }
+        source["heldout"] = _judge(handle, t, ckpt.detector, heldout, size)
     if check_images:
         images, image_source = list(check_images), "given"
     else:
@@ -117,6 +117,31 @@ def export_trial(
         onnx=onnx,
         origin=Origin(source, image_source, ids_source),
     )
+
+
+def _judge(handle: Any, t: Any, detector: Any, heldout: CocoDataset, size: Resolution) -> dict:
+    """The detector's AP, AP50 and AP75 on the held-out split at ``size``, recorded in the study
+    (:func:`record_heldout`)."""
+    m = evaluate(detector, heldout, [size])[str(size)]
+    values = {k: float(getattr(m, k)) for k in ("AP", "AP50", "AP75")}
+    metrics = {k: None if math.isnan(v) else round(v, 5) for k, v in values.items()}
+    judged = {"file": str(heldout.ann_file), "images": len(heldout), "metrics": metrics}
+    record_heldout(handle, t, {**judged, "resolution": str(size)})
+    return judged
+
+
+def record_heldout(handle: Any, t: Any, heldout: dict[str, Any]) -> None:
+    """Keep what a trial measured on the held-out split in its study (a study system attr: a
+    finished trial takes no more attributes of its own) and show it in the trial's dashboard
+    note; a study this user may not write is left as it is (logged)."""
+    try:
+        set_study_system_attr(handle.study, f"{HELDOUT_PREFIX}{t.number}", heldout)
+    except Exception as e:  # a read-only database: the export itself has the figures
+        log.warning("trial %d: its held-out AP was not recorded in the study (%s)", t.number, e)
+        return
+    trials = handle.study.get_trials(deepcopy=False)
+    note = trial_note(trials, t, metric=handle.spec.score.metric, heldout=heldout)
+    save_trial_note(handle.study, t, note)
 
 
 def _source(handle: Any, t: Any, size: Resolution) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The search as a log in optuna-dashboard: a Markdown note on every finished trial.
 
 A completed trial's note gives its parent, move and teacher, the AP, cost and H at each
-resolution, the held-out AP where it was measured, and its lineage back to the base; a failed trial's note says why it failed (its ``fail_reason``), or that its worker was lost
+resolution, the held-out AP where ``jdsearch export`` measured it (rewritten then), and its lineage
+back to the base; a failed trial's note says why it failed (its ``fail_reason``), or that its worker was lost
 (a stale heartbeat) and which trial retries it. Notes are written after ``tell``, by an
 ``optimize`` callback (:class:`NoteWriter`) and by the stale-trial callback
 (:func:`note_lost_worker`), with ``optuna_dashboard.save_note`` (study system attributes, which

@@ -27,6 +27,7 @@ __all__ = [
     "FAIL_REASON_ATTR",
     "FINETUNE_ATTRS",
     "FINETUNE_MOVE",
+    "HELDOUT_PREFIX",
     "KD_MODE_ATTR",
     "KIND_ATTR",
     "MOVE_PARAM",
@@ -100,6 +101,9 @@ SPEC_SYSATTR = "jdsearch:spec"  # the study spec, as a dict (a system attr: too 
 CATEGORIES_SYSATTR = "jdsearch:categories"  # [[COCO category id, name], ...] in label order 1..K
 # + a trial number: that trial's checkpoint was found unreadable ({artifact, reason, worker})
 SET_ASIDE_PREFIX = "jdsearch:unreadable:"
+# + a trial number: its metrics on the held-out split, where `export` measured them
+# ({metrics: {AP, AP50, AP75}, resolution, images, file}; what its dashboard note shows)
+HELDOUT_PREFIX = "jdsearch:heldout:"
 # a trial's mid-trial training state ({"artifact": id}; jdsearch.search.resume)
 STATE_SYSATTR = "jdsearch:train_state"
 
