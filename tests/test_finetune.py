@@ -13,7 +13,7 @@ import pytest
 from jdsearch.cli import main
 from jdsearch.core.errors import JDSearchError
 from jdsearch.search.finetune import finetune
-from jdsearch.search.objective import Objective
+from jdsearch.search.objective import Objective, TrialFailed
 from jdsearch.search.queries import lineage, open_study
 from jdsearch.search.record import FINETUNE_MOVE, MOVE_PARAM, TrialRecord
 from jdsearch.search.run import run_search
@@ -139,3 +139,25 @@ def test_finetune_refuses_bad_requests(small_study_copy: str) -> None:
     with pytest.raises(JDSearchError, match="trial 99 is missing"):
         finetune(study, ctx, 99, epochs=1)
     assert len(study.get_trials()) == 6  # nothing was queued
+
+
+def test_a_failed_finetune_says_why_it_failed(
+    small_study_copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error names the fine-tuning trial's ``fail_reason`` (a user attribute), not just
+    its state."""
+    handle = open_study(small_study_copy)
+    study, ctx = prepare(handle.spec, small_study_copy, progress=False)
+
+    def refuse(self: Objective, trial: optuna.Trial, move: str, parent: int | None) -> float:
+        raise TrialFailed(f"trial {trial.number}: the disk is full (injected)")
+
+    monkeypatch.setattr(Objective, "_run", refuse)
+    with pytest.raises(JDSearchError) as caught:
+        finetune(study, ctx, 1, epochs=0.25)
+    failed = study.get_trials()[-1]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert str(caught.value) == (
+        f"finetune: trial {failed.number} failed: "
+        f"trial {failed.number}: the disk is full (injected)"
+    )

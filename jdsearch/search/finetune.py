@@ -25,6 +25,7 @@ from jdsearch.search.notes import NoteWriter
 from jdsearch.search.objective import Objective, SearchContext, move_vocabulary
 from jdsearch.search.queries import best_of
 from jdsearch.search.record import (
+    FAIL_REASON_ATTR,
     FINETUNE_ATTRS,
     FINETUNE_MOVE,
     MOVE_PARAM,
@@ -154,6 +155,6 @@ def _run(study: optuna.Study, ctx: SearchContext, token: str) -> FrozenTrial:
             return done[-1]
         if not any(t.state == TrialState.WAITING for t in attempts):
             last = attempts[-1]
-            reason = last.system_attrs.get("fail_reason", last.state.name)
+            reason = last.user_attrs.get(FAIL_REASON_ATTR) or last.state.name
             raise JDSearchError(f"finetune: trial {last.number} failed: {reason}")
     raise JDSearchError("finetune: the queued trial did not run")  # pragma: no cover
