@@ -5,10 +5,12 @@ worker is killed (a second worker resumes it), and inside a pool phase."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -139,6 +141,46 @@ def test_a_state_of_another_run_is_refused(data: CocoDataset) -> None:
     )
     with pytest.raises(CheckpointError, match="seed"):
         train(_detector(data.num_classes), data, _config(max_iters=2, seed=6), resume=saved[0])
+
+
+def _host_rngs() -> tuple[Any, Any]:
+    """Python's and NumPy's global generator states, comparable with ``==``."""
+    _, keys, *rest = np.random.get_state()
+    return random.getstate(), (keys.tolist(), *rest)
+
+
+class _SeesHostRngs(nn.Module):
+    """A loss term that records the global Python and NumPy states at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Any, Any]] = []
+
+    def forward(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        self.seen.append(_host_rngs())
+        return {}
+
+
+def test_a_resume_sets_the_global_rngs_inside_training_and_restores_them_after(
+    data: CocoDataset,
+) -> None:
+    """A resumed run steps with the Python and NumPy states the interrupted run saved, and
+    leaves the caller's as they were: the resume sets them inside the trainer's fork."""
+    config = _config(max_iters=2)
+    saved: list[TrainState] = []
+    random.seed(11)
+    np.random.seed(12)
+    at_save = _host_rngs()
+    train(_detector(data.num_classes), data, config, state_hook=StateHook(1, saved.append))
+    assert _host_rngs() == at_save
+    random.seed(21)  # the caller's generators, elsewhere now
+    np.random.seed(22)
+    before = _host_rngs()
+    assert before != at_save
+    seer = _SeesHostRngs()
+    train(_detector(data.num_classes), data, config, loss_terms=[seer], resume=saved[0])
+    assert seer.seen == [at_save]  # the one step after the resume ran with the saved states
+    assert _host_rngs() == before
 
 
 # ------------------------------------------------------------------------ a pool phase

@@ -321,8 +321,8 @@ def train(
     The detector is moved to ``config.device`` and stays there. Its training/eval mode and its
     transform's resize sizes are restored on return. Batches may mix image sizes (the detector's
     transform resizes and pads them). Deterministic on CPU for a given ``config.seed``: the data
-    order, the resolution draws and torchvision's RPN/RoI sampling (which use torch's global RNG,
-    seeded inside a ``torch.random.fork_rng`` scope so the caller's RNG state is left untouched).
+    order, the resolution draws and torchvision's RPN/RoI sampling (torch's global RNG, seeded
+    inside ``torch.random.fork_rng``; Python's and NumPy's, which a resume sets, restored too).
 
     **Loss-term contract.** Each element of ``loss_terms`` is an ``nn.Module`` whose
     ``forward(model) -> dict[str, Tensor]`` is called right after
@@ -352,6 +352,7 @@ def train(
     rng_devices = _cuda_index(run.device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        stack.enter_context(_fork_host_rngs())  # a resume sets them (_restore_rngs)
         stack.enter_context(distributed.synchronized_batch_norm())  # a no-op in one process
         # using_resolution restores the transform's original sizes (also on error).
         stack.enter_context(using_resolution(detector, get_resolution(detector)))
@@ -364,6 +365,18 @@ def train(
         finally:
             detector.train(was_training)
             run.parallel = None  # its reducer lets go of the parameters' gradient hooks
+
+
+@contextlib.contextmanager
+def _fork_host_rngs() -> Iterator[None]:
+    """Python's and NumPy's global generators as they were on entry, restored on exit (also on
+    error): what ``torch.random.fork_rng`` does for torch's."""
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def _cuda_index(device: torch.device) -> list[int]:
