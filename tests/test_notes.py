@@ -7,10 +7,14 @@ tests check them on real failures: ``tests/test_workers.py``).
 
 from __future__ import annotations
 
+import re
 import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState, create_trial
@@ -22,11 +26,18 @@ from jdsearch.search.record import (
     BASE_MOVE,
     FAIL_REASON_ATTR,
     MOVE_PARAM,
+    PARENT_ATTR,
+    RETRY_OF_ATTR,
+    RETRY_REASON_ATTR,
     WORKER_SYSATTR,
     TrialRecord,
     decision_attrs,
 )
-from jdsearch.storage.optuna_internals import trial_of
+from jdsearch.search.session import open_storage
+from jdsearch.spec.study import study_from_dict
+from jdsearch.storage.optuna_internals import keep_alive, set_trial_system_attr, trial_of
+
+from .conftest import optuna_cli, tiny_study_dict
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -125,3 +136,53 @@ def test_the_writer_saves_notes_and_never_fails_a_trial(
     monkeypatch.setattr(study._storage, "set_study_system_attr", refuse)
     NoteWriter()(study, root)  # logged, not raised
     assert "trial 0: its dashboard note was not saved (database is locked)" in caplog.text
+
+
+def _lose_a_worker(study: optuna.Study, worker: str) -> optuna.Trial:
+    """A worker starts the next trial (a new one, or a queued retry), beats once and dies; the
+    trial's heartbeat then lapses and another worker fails it as stale (and retries it)."""
+    trial = study.ask()
+    set_trial_system_attr(trial, WORKER_SYSATTR, worker)
+    trial.suggest_categorical(MOVE_PARAM, list(MOVES.choices))
+    if PARENT_ATTR not in trial.user_attrs:
+        for key, value in decision_attrs(0, "student").items():
+            trial.set_user_attr(key, value)
+    keep_alive(study, study._storage.get_trial(trial._trial_id))
+    time.sleep(3.5)  # grace period 2 × 1 s; SQLite keeps whole seconds
+    optuna.storages.fail_stale_trials(study)
+    return trial
+
+
+def test_a_lost_workers_trial_says_why_on_its_retry_in_optuna_trials(tmp_path: Path) -> None:
+    """Optuna refuses attributes on the failed trial: its retry carries ``retry_of`` and
+    ``retry_reason`` (the worker and its last heartbeat), which ``optuna trials`` prints, and the
+    lost trial's note names them; a retry's retry names the trial it retries."""
+    url = f"sqlite:///{tmp_path / 'lost.db'}"
+    doc = tiny_study_dict(tmp_path / "data", "lost")
+    doc["search"].update({"storage": url, "heartbeat_s": 1})
+    spec = study_from_dict(doc, source="test")
+    storage, _ = open_storage(spec)
+    study = optuna.create_study(storage=storage, study_name="lost", direction="maximize")
+    first = _lose_a_worker(study, "node7:4242")
+    second = _lose_a_worker(study, "node8:99")  # the retry, lost too
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert (first.number, second.number) == (0, 1)
+    when = r"at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(database clock\)"
+    for lost, retry, worker in (
+        (trials[0], trials[1], "node7:4242"),
+        (trials[1], trials[2], "node8:99"),
+    ):
+        assert retry.user_attrs[RETRY_OF_ATTR] == lost.number
+        reason = retry.user_attrs[RETRY_REASON_ATTR]
+        assert re.fullmatch(f"its worker `{worker}` stopped beating its heartbeat {when}", reason)
+        note = get_note(trial_of(study, lost))
+        assert f"**Why**: {reason} (killed, or cut off" in note
+        assert f"retried as trial {retry.number}, same move and parent" in note
+    # what `optuna trials` prints
+    rows = yaml.safe_load(
+        optuna_cli("trials", "--study-name", "lost", "--storage", url, "-f", "yaml")
+    )
+    by_number = {row["number"]: row for row in rows}
+    assert by_number[2]["user_attrs"][RETRY_OF_ATTR] == 1
+    assert by_number[2]["user_attrs"][RETRY_REASON_ATTR] == trials[2].user_attrs[RETRY_REASON_ATTR]

@@ -39,6 +39,8 @@ from jdsearch.search.record import (
     FAIL_REASON_ATTR,
     MOVE_PARAM,
     PARENT_ATTR,
+    RETRY_OF_ATTR,
+    RETRY_REASON_ATTR,
     WORKER_SYSATTR,
     TrialRecord,
 )
@@ -402,6 +404,10 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
     assert retry.params[MOVE_PARAM] == victim.params[MOVE_PARAM]
     assert retry.user_attrs[PARENT_ATTR] == victim.user_attrs[PARENT_ATTR]
     assert retry.system_attrs[WORKER_SYSATTR] == second.marker
+    # Why the killed trial failed is on its retry (Optuna refuses attributes on a failed trial).
+    assert retry.user_attrs[RETRY_OF_ATTR] == victim.number
+    reason = retry.user_attrs[RETRY_REASON_ATTR]
+    assert reason.startswith(f"its worker `{first.marker}` stopped beating its heartbeat at ")
     # The first worker finished some trials before the kill; the second ran the retry + one more.
     done_by_first = [
         t
@@ -417,7 +423,7 @@ def test_killed_worker_trial_is_failed_and_retried_by_another_worker(
     # The dashboard note of the killed trial says its worker was lost and which trial retries it.
     note = get_note(trial_of(study, by_number[victim.number]))
     assert note.startswith(f"### Trial {victim.number}: FAIL, its worker was lost\n")
-    assert f"its worker `{first.marker}` stopped beating its heartbeat" in note
+    assert f"**Why**: {reason} (killed, or cut off" in note
     assert f"retried as trial {retry.number}, same move and parent" in note
 
 

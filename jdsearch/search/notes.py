@@ -8,6 +8,12 @@ back to the base; a failed trial's note says why it failed (its ``fail_reason``)
 (:func:`note_lost_worker`), with ``optuna_dashboard.save_note`` (study system attributes, which
 Optuna accepts for a finished trial). Without optuna-dashboard nothing is written; a note that
 cannot be written is logged and never fails a trial.
+
+A trial whose worker was lost cannot take a ``fail_reason``: it is failed by another worker, and
+Optuna refuses attributes on a finished trial. Its retry carries why instead
+(:func:`retry_attrs`): ``retry_of`` (the lost trial's number) and ``retry_reason`` (the worker,
+and when it last beat its heartbeat), user attributes that ``optuna trials`` and the dashboard's
+trial page show beside the retry's other attributes.
 """
 
 from __future__ import annotations
@@ -21,10 +27,23 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.search.queries import lineage_of
-from jdsearch.search.record import FAIL_REASON_ATTR, WORKER_SYSATTR, TrialRecord
-from jdsearch.storage.optuna_internals import trial_of
+from jdsearch.search.record import (
+    FAIL_REASON_ATTR,
+    RETRY_OF_ATTR,
+    RETRY_REASON_ATTR,
+    WORKER_SYSATTR,
+    TrialRecord,
+)
+from jdsearch.storage.optuna_internals import last_heartbeat, trial_of
 
-__all__ = ["NoteWriter", "lost_worker_note", "note_lost_worker", "save_trial_note", "trial_note"]
+__all__ = [
+    "NoteWriter",
+    "lost_worker_note",
+    "note_lost_worker",
+    "retry_attrs",
+    "save_trial_note",
+    "trial_note",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +124,46 @@ def trial_note(
     return "\n".join([*lines, "", _lineage(trials, trial.number)]) + "\n"
 
 
-def lost_worker_note(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> str:
-    """The note of a trial failed as stale: its worker stopped beating its heartbeat."""
-    r = TrialRecord.from_trial(trial)
+def retry_attrs(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The user attributes of the retry of ``trial``, failed as stale: its number and why, e.g.
+    ``its worker `node7:4242` stopped beating its heartbeat at 2025-06-01 10:00:03 (database
+    clock)``. Called by the stale-trial callback before Optuna re-queues the trial."""
     worker = trial.system_attrs.get(WORKER_SYSATTR) or "unknown"
-    retry = next(
+    beat = last_heartbeat(study, trial)
+    when = (
+        "before its first beat"
+        if beat is None
+        else f"at {beat.isoformat(sep=' ', timespec='seconds')} (database clock)"
+    )
+    reason = f"its worker `{worker}` stopped beating its heartbeat {when}"
+    return {RETRY_OF_ATTR: trial.number, RETRY_REASON_ATTR: reason}
+
+
+def lost_worker_note(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> str:
+    """The note of a trial failed as stale: its worker stopped beating its heartbeat (when, as
+    its retry records it)."""
+    r = TrialRecord.from_trial(trial)
+    retry = next(  # the trial Optuna re-queued from this one (a retry's retry names its parent last)
         (
-            t.number
+            t
             for t in trials
-            if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == trial.number
+            if RetryHeartbeatStaleTrialCallback.retry_history(t)[-1:] == [trial.number]
         ),
         None,
     )
-    then = "not retried" if retry is None else f"retried as trial {retry}, same move and parent"
+    then = (
+        "not retried" if retry is None else f"retried as trial {retry.number}, same move and parent"
+    )
+    worker = trial.system_attrs.get(WORKER_SYSATTR) or "unknown"
+    why = f"its worker `{worker}` stopped beating its heartbeat"
+    if retry is not None and retry.user_attrs.get(RETRY_OF_ATTR) == trial.number:
+        why = retry.user_attrs.get(RETRY_REASON_ATTR) or why
     lines = [
         f"### Trial {trial.number}: FAIL, its worker was lost",
         f"{_moved(r)}.",
         "",
-        f"**Why**: its worker `{worker}` stopped beating its heartbeat (killed, or cut off from "
-        f"the database); another worker failed it as stale; {then}.",
+        f"**Why**: {why} (killed, or cut off from the database); another worker failed it as "
+        f"stale; {then}.",
     ]
     return "\n".join([*lines, "", _lineage(trials, trial.number)]) + "\n"
 

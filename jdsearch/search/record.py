@@ -34,6 +34,8 @@ __all__ = [
     "NOISE_ATTR",
     "PARENT_ATTR",
     "POOL_ATTR",
+    "RETRY_OF_ATTR",
+    "RETRY_REASON_ATTR",
     "SET_ASIDE_PREFIX",
     "SPEC_FILE_ATTR",
     "SPEC_SYSATTR",
@@ -62,6 +64,10 @@ FINETUNE_ATTRS = ("finetune_epochs", "finetune_lr", "finetune_request")
 
 # -- what the objective records (user attributes: what `optuna trials` and the dashboard show)
 FAIL_REASON_ATTR = "fail_reason"  # a failed trial: the one-line error that failed it
+# A retry of a trial whose worker was lost (Optuna refuses attributes on the failed trial): its
+# number, and why it failed (the worker and when it last beat its heartbeat).
+RETRY_OF_ATTR = "retry_of"
+RETRY_REASON_ATTR = "retry_reason"
 _CHECKPOINT = "checkpoint"  # artifact id of the trial's student checkpoint
 _STUDENT = "student"  # appendix-B encoding of the student
 _STUDENT_SUBNET = "student_subnet"  # SubnetConfig string of a student cut from the pool ("pool")

@@ -31,7 +31,7 @@ from jdsearch.search.assets import (
     say,
     upload_assets,
 )
-from jdsearch.search.notes import note_lost_worker
+from jdsearch.search.notes import note_lost_worker, retry_attrs
 from jdsearch.search.objective import Objective, SearchContext, pool_moves, study_vocabulary
 from jdsearch.search.queries import create_or_load
 from jdsearch.search.sampler import HillClimbingSampler
@@ -336,7 +336,7 @@ def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[Resil
     """
     url = storage_url_for(spec, storage_url)
     try:
-        return storage_for(spec, url, on_stale=note_lost_worker), url
+        return storage_for(spec, url, on_stale=note_lost_worker, retry_attrs=retry_attrs), url
     except JDSearchError:
         raise
     except Exception as e:  # SQLAlchemy/driver errors: unreachable server, bad credentials

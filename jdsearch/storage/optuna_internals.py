@@ -7,6 +7,7 @@ relies on is pinned by ``tests/test_optuna_contract.py``, which fails first when
 from __future__ import annotations
 
 import abc
+import datetime
 from typing import Any
 
 import optuna
@@ -19,6 +20,7 @@ __all__ = [
     "cached_storage",
     "heartbeat_ages",
     "keep_alive",
+    "last_heartbeat",
     "set_running_user_attr",
     "set_study_system_attr",
     "set_trial_system_attr",
@@ -102,10 +104,7 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
     import sqlalchemy
     from optuna.storages._rdb import models
 
-    storage = storage_of(study)
-    backend = getattr(storage, "backend", None) or getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
-        raise TypeError(f"{type(storage).__name__} keeps no heartbeats")
+    backend = _rdb_backend(storage_of(study))
     with backend.engine.connect() as conn:
         now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
         rows = conn.execute(
@@ -116,6 +115,36 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
         ).all()
     now = now.replace(tzinfo=None)  # PostgreSQL's now() is aware, the stored times naive
     return {int(n): (now - beat.replace(tzinfo=None)).total_seconds() for n, beat in rows}
+
+
+def last_heartbeat(study: optuna.Study, trial: FrozenTrial) -> datetime.datetime | None:
+    """When ``trial`` (any state: a trial failed as stale keeps its row) last beat its heartbeat,
+    on the database's clock, without time zone; ``None``: it never beat. The times are in the
+    private ``optuna.storages._rdb.models``, keyed by the private ``FrozenTrial._trial_id``.
+
+    Raises:
+        TypeError: the study's storage is not (a wrapper of) an ``RDBStorage``.
+    """
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    backend = _rdb_backend(storage_of(study))
+    with backend.engine.connect() as conn:
+        beat = conn.execute(
+            sqlalchemy.select(models.TrialHeartbeatModel.heartbeat).where(
+                models.TrialHeartbeatModel.trial_id == trial._trial_id
+            )
+        ).scalar_one_or_none()
+    return None if beat is None else beat.replace(tzinfo=None)
+
+
+def _rdb_backend(storage: BaseStorage) -> RDBStorage:
+    """The ``RDBStorage`` under ``storage``: itself, or what a wrapper (``ResilientStorage``'s
+    ``backend``, Optuna's cache's private ``_backend``) holds."""
+    backend = getattr(storage, "backend", None) or getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        raise TypeError(f"{type(storage).__name__} keeps no heartbeats")
+    return backend
 
 
 # ---------------------------------------------------------------------- storage wrappers

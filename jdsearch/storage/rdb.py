@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,8 @@ from jdsearch.spec.study import StudySpec
 from jdsearch.storage.optuna_internals import HeartbeatStorage, cached_storage, stale_trial_ids
 from jdsearch.storage.reconnect import retry_window_s, with_reconnect
 
+_log = logging.getLogger(__name__)
+
 OPEN_RETRY_S = 20.0  # how long opening the storage waits for a server that refuses connections
 
 
@@ -23,14 +27,17 @@ def storage_for(
     spec: StudySpec,
     url: str | None = None,
     on_stale: Callable[[Any, Any], None] | None = None,
+    retry_attrs: Callable[[Any, Any], dict[str, Any]] | None = None,
 ) -> ResilientStorage:
     """The ``RDBStorage`` at ``url`` (default the spec's), with heartbeats and retries of stale
     trials, in a :class:`ResilientStorage`; creates a SQLite file's folder. ``on_stale(study,
-    trial)`` is called after each stale trial is failed and re-queued (its note)."""
+    trial)`` is called after each stale trial is failed and re-queued (its note);
+    ``retry_attrs(study, trial)`` gives user attributes its retry carries (why it was retried)."""
     url = url or spec.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     hb = spec.search.heartbeat_s
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.search.max_retry)
     # A worker (re)started while the database restarts waits for it, as running workers do, but
     # briefly: a server that is not there at all is more often a wrong URL than a restart.
     return with_reconnect(
@@ -39,9 +46,7 @@ def storage_for(
                 url,
                 heartbeat_interval=hb,
                 grace_period=2 * hb,
-                heartbeat_stale_trial_callback=StaleTrialCallback(
-                    RetryHeartbeatStaleTrialCallback(max_retry=spec.search.max_retry), on_stale
-                ),
+                heartbeat_stale_trial_callback=StaleTrialCallback(retry, on_stale, retry_attrs),
                 engine_kwargs={"pool_pre_ping": True},
             )
         ),
@@ -52,15 +57,31 @@ def storage_for(
 
 class StaleTrialCallback:
     """What Optuna calls on each trial it failed for a stale heartbeat: ``retry`` (Optuna's
-    ``RetryHeartbeatStaleTrialCallback``), then ``then`` when given."""
+    ``RetryHeartbeatStaleTrialCallback``), handed the trial with the user attributes
+    ``attrs(study, trial)`` adds (the retry copies a trial's user attributes: Optuna refuses
+    attributes on the failed trial itself), then ``then`` when given. Attributes that cannot be
+    made are logged and left out: the trial is retried all the same."""
 
     def __init__(
-        self, retry: Callable[[Any, Any], None], then: Callable[[Any, Any], None] | None = None
+        self,
+        retry: Callable[[Any, Any], None],
+        then: Callable[[Any, Any], None] | None = None,
+        attrs: Callable[[Any, Any], dict[str, Any]] | None = None,
     ) -> None:
-        self.retry, self.then = retry, then
+        self.retry, self.then, self.attrs = retry, then, attrs
 
     def __call__(self, study: Any, trial: Any) -> None:
-        self.retry(study, trial)
+        told = trial
+        if self.attrs is not None:
+            try:
+                extra = self.attrs(study, trial)
+            except Exception as e:  # why is a courtesy: the retry is not
+                _log.warning("trial %d: its retry says nothing of why (%s)", trial.number, e)
+            else:
+                told = copy.deepcopy(trial)
+                for key, value in extra.items():
+                    told.set_user_attr(key, value)
+        self.retry(study, told)
         if self.then is not None:
             self.then(study, trial)
 
