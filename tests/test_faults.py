@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -43,7 +44,7 @@ from jdsearch.storage.rdb import ResilientStorage
 from jdsearch.storage.reconnect import RETRY_WINDOW_ENV, is_disconnect, with_reconnect
 
 from .conftest import PG_BASE, SearchAssets, unavailable
-from .test_workers import check_checkpoints, check_lineage, write_spec
+from .test_workers import check_checkpoints, check_lineage, fresh_trials, write_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -539,3 +540,71 @@ def test_a_parent_read_while_short_of_memory_is_not_set_aside() -> None:
     assert _short_of_memory(wrapped(MemoryError()))
     assert _short_of_memory(wrapped(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
     assert not _short_of_memory(wrapped(ValueError("sha256 mismatch")))
+
+
+# ------------------------------------------------------------------ a failed trial's output
+_FAILING_WORKER = """
+import sys
+from jdsearch.cli import main
+from jdsearch.search.objective import Objective, TrialFailed
+
+real = Objective._run
+
+def deep_inside(number):
+    raise TrialFailed(f"trial {number}: the disk is full (injected)")
+
+def run(self, trial, move, parent):
+    if trial.number % 2:  # 1, 3, ...
+        deep_inside(trial.number)
+    return real(self, trial, move, parent)
+
+Objective._run = run
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_trial_prints_one_line_naming_the_log_that_holds_its_traceback(
+    search_assets: SearchAssets, tmp_path: Path
+) -> None:
+    """The worker's output (stdout and stderr) says one line on the failed trial: its
+    fail_reason and the log file; no traceback. The file holds it; ``--verbose`` prints it too."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec_file, spec = write_spec(tmp_path, search_assets, "failing", url)
+
+    def worker(*flags: str) -> subprocess.CompletedProcess[str]:
+        command = ["search", str(spec_file), "--quiet", "--n-trials", "2", *flags]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, "-c", _FAILING_WORKER, "--threads", "1", *command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    done = worker()
+    assert done.returncode == 0, done.stderr[-3000:]
+    reason = "trial 1: the disk is full (injected)"
+    log = Path("runs") / "failing" / "failed-trials.log"
+    about = [line for line in (done.stdout + done.stderr).splitlines() if "trial 1" in line.lower()]
+    assert len(about) == 1 and about[0].startswith("trial   1  "), about
+    assert about[0].endswith(f"FAIL: {reason} (traceback in {log})"), about
+    assert "Traceback" not in done.stderr + done.stdout
+    text = (tmp_path / log).read_text()
+    assert text.startswith("=== trial 1 of study 'failing', worker ")
+    assert f": {reason}\nTraceback (most recent call last):\n" in text
+    assert "in deep_inside\n" in text and text.rstrip().endswith(f"TrialFailed: {reason}")
+    (failed,) = (t for t in fresh_trials(spec, url) if t.state == TrialState.FAIL)
+    assert failed.number == 1 and failed.user_attrs[FAIL_REASON_ATTR] == reason
+
+    verbose = worker("--verbose")  # trials 2 and 3: 3 fails
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    line = (
+        "FAIL: trial 3: the disk is full (injected) (traceback in runs/failing/failed-trials.log)"
+    )
+    assert line in verbose.stdout
+    assert "Traceback (most recent call last):" in verbose.stderr
+    assert "in deep_inside" in verbose.stderr
+    assert (tmp_path / log).read_text().count("=== trial ") == 2

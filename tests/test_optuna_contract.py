@@ -8,6 +8,7 @@ system attributes kept out of ``optuna trials``).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -162,3 +163,37 @@ def test_heartbeat_ages_of_running_trials(tmp_path: Path) -> None:
     assert silent.number not in oi.heartbeat_ages(study)
     with pytest.raises(TypeError, match="keeps no heartbeats"):
         oi.heartbeat_ages(optuna.create_study(storage=_journal(tmp_path)))
+
+
+class _Kept(logging.Handler):
+    """The messages of the records that reach Optuna's own handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage() + ("\n<traceback>" if record.exc_info else ""))
+
+
+def test_optunas_warnings_on_a_failed_trial_are_muted_for_the_trials_named() -> None:
+    """Optuna warns twice on a failed trial, the traceback on the first line, through the logger
+    that ``muted_trial_failures`` filters; muted are the trials named, inside the ``with`` only."""
+
+    def objective(trial: optuna.Trial) -> float:
+        raise ValueError(f"trial {trial.number} refused")
+
+    kept = _Kept()
+    optuna.logging.get_logger("optuna").addHandler(kept)
+    try:
+        study = optuna.create_study()
+        with oi.muted_trial_failures(lambda n: n == 1):
+            study.optimize(objective, n_trials=3, catch=(ValueError,))
+        study.optimize(objective, n_trials=1, catch=(ValueError,))
+    finally:
+        optuna.logging.get_logger("optuna").removeHandler(kept)
+    failed = [m for m in kept.messages if m.startswith("Trial ")]
+    numbers = [int(m.split()[1]) for m in failed]
+    assert numbers == [0, 0, 2, 2, 3, 3]  # trial 1's two are gone
+    assert "because of the following error: ValueError('trial 0 refused')" in failed[0]
+    assert failed[0].endswith("<traceback>") and failed[1] == "Trial 0 failed with value None."

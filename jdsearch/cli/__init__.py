@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jdsearch",
         description="Upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbose = "debug logging, and the traceback of every failed trial"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose)
     p.add_argument(
         "--threads",
         type=int,
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, add in COMMANDS.items():
         add(sub, name)
+        # also after the command (`jdsearch search S -v`); unset there, it leaves the global one
+        sub.choices[name].add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose
+        )
     return p
 
 

@@ -141,14 +141,16 @@ def _run(study: optuna.Study, ctx: SearchContext, token: str) -> FrozenTrial:
         return [t for t in trials if t.user_attrs.get(_TOKEN) == token]
 
     waiting = sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    objective = Objective(ctx)
     for _ in range(max(waiting, 1)):
-        study.optimize(
-            Objective(ctx),
-            n_trials=1,
-            catch=(JDSearchError,),
-            callbacks=[print_trial, NoteWriter(ctx.spec.score.metric)],
-            gc_after_trial=True,
-        )
+        with objective.failures.quiet():  # a failed trial: one line, its traceback in a file
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(JDSearchError,),
+                callbacks=[print_trial, NoteWriter(ctx.spec.score.metric)],
+                gc_after_trial=True,
+            )
         attempts = mine()
         done = [t for t in attempts if is_complete(t)]
         if done:

@@ -54,6 +54,7 @@ from jdsearch.models import Detector
 from jdsearch.models.flops import FlopsReport, count_flops, count_spec_flops
 from jdsearch.models.heads import stop_recording
 from jdsearch.search.cost import CostMeter, arch_key, weighted_cost
+from jdsearch.search.failures import FailureLog
 from jdsearch.search.ranks import TRIAL, announce
 from jdsearch.search.record import (
     BASE_MOVE,
@@ -344,6 +345,7 @@ class Objective:
     def __init__(self, ctx: SearchContext) -> None:
         self.ctx = ctx
         self.vocabulary = list(ctx.vocabulary) or move_vocabulary()
+        self.failures = FailureLog.of(ctx.spec)  # the failed trials' tracebacks
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         # Set first (a retried trial inherits the killed attempt's system attrs, this one included).
@@ -355,6 +357,7 @@ class Objective:
         except JDSearchError as e:  # why it failed, where `optuna trials` and the dashboard show
             with contextlib.suppress(Exception):  # never hide the error behind a storage one
                 trial.set_user_attr(FAIL_REASON_ATTR, str(e))
+            self.failures.record(trial, e, worker_id())  # the traceback, in a file its line names
             raise
 
     def _run(

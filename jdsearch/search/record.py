@@ -42,6 +42,7 @@ __all__ = [
     "STATE_SYSATTR",
     "STRATEGY_ATTR",
     "TIMINGS",
+    "TRACEBACK_SYSATTR",
     "WORKER_SYSATTR",
     "TrialRecord",
     "artifact_holders",
@@ -93,6 +94,8 @@ _ARCH = "jdsearch:student_arch"  # BackboneArch.to_dict() of the student
 _STUDENT_MOVES = "jdsearch:student_moves"  # feasible student actions from this student
 _ARCH_KEY = "jdsearch:arch_key"  # what a latency measurement is cached by (search.cost)
 WORKER_SYSATTR = "jdsearch:worker"  # "hostname:pid" of the worker that ran the last attempt
+# a failed trial: the file, on its worker's machine, that holds its traceback (search.failures)
+TRACEBACK_SYSATTR = "jdsearch:traceback_log"
 
 # -- the study
 BASE_ATTR = "base_artifact"  # artifact id of the base detector's checkpoint

@@ -83,9 +83,11 @@ def _search(
     shown = public_url(storage_url or spec.storage_url)
     say(f"searching: study {spec.name!r} on {shown}, {n} trials in this worker")
     started = time.perf_counter()
-    outcomes = _Outcomes(run.objective())
+    objective = run.objective()
+    outcomes = _Outcomes(objective)
     notes = NoteWriter(spec.score.metric)  # the search as a log in optuna-dashboard
-    optimize(run.study, outcomes, n, [print_trial, notes, outcomes.finished])
+    with objective.failures.quiet():  # a failed trial: one line, its traceback in a file
+        optimize(run.study, outcomes, n, [print_trial, notes, outcomes.finished])
     say(f"done in {time.perf_counter() - started:.0f} s")
     if outcomes.completed == 0:
         raise JDSearchError(

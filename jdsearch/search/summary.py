@@ -16,6 +16,7 @@ from jdsearch.search.record import (
     BASE_RESOLUTION_ATTR,
     FAIL_REASON_ATTR,
     STRATEGY_ATTR,
+    TRACEBACK_SYSATTR,
     TrialRecord,
 )
 from jdsearch.search.teacher_check import kd_summary
@@ -29,6 +30,8 @@ def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     if trial.state != optuna.trial.TrialState.COMPLETE:
         reason = trial.user_attrs.get(FAIL_REASON_ATTR)
         why = f": {reason}" if reason else ""
+        where = trial.system_attrs.get(TRACEBACK_SYSATTR)  # search.failures
+        why += f" (traceback in {where})" if where else ""
         print(f"trial {trial.number:3d}  {move:<20} {trial.state.name}{why}", flush=True)
         return
     c = summary_cells(trial)

@@ -7,7 +7,11 @@ relies on is pinned by ``tests/test_optuna_contract.py``, which fails first when
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime
+import logging
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -21,6 +25,7 @@ __all__ = [
     "heartbeat_ages",
     "keep_alive",
     "last_heartbeat",
+    "muted_trial_failures",
     "set_running_user_attr",
     "set_study_system_attr",
     "set_trial_system_attr",
@@ -145,6 +150,31 @@ def _rdb_backend(storage: BaseStorage) -> RDBStorage:
     if not isinstance(backend, RDBStorage):
         raise TypeError(f"{type(storage).__name__} keeps no heartbeats")
     return backend
+
+
+# Optuna's warnings on a failed trial ("Trial 3 failed with parameters: … because of the following
+# error: …", with the traceback, then "Trial 3 failed with value None."): the logger of its private
+# module optuna.study._optimize, and the message's start.
+_OPTIMIZE_LOGGER = "optuna.study._optimize"
+_TRIAL_FAILED = re.compile(r"Trial (\d+) failed ")
+
+
+@contextlib.contextmanager
+def muted_trial_failures(muted: Callable[[int], bool]) -> Iterator[None]:
+    """Drop Optuna's warnings on a failed trial ``n`` where ``muted(n)`` (one that the caller
+    has reported already), inside the ``with``; every other record passes. Optuna logs them, the
+    traceback included, after the objective returns, with no option to leave them out."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        failed = _TRIAL_FAILED.match(record.getMessage())
+        return failed is None or not muted(int(failed.group(1)))
+
+    logger = logging.getLogger(_OPTIMIZE_LOGGER)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 # ---------------------------------------------------------------------- storage wrappers
