@@ -255,10 +255,11 @@ def test_a_search_in_which_no_trial_completed_exits_non_zero(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from jdsearch.search import session
+    from jdsearch.search.failures import FailureLog
 
-    class Failing:
+    class Failing:  # the objective's interface, failing every trial without logging it
         def __init__(self, ctx: Any) -> None:
-            pass
+            self.failures = FailureLog(tmp_path / "failed-trials.log")
 
         def __call__(self, trial: Any) -> float:
             raise JDSearchError(f"trial {trial.number}: boom")
