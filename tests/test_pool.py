@@ -362,15 +362,20 @@ def test_reorder_preserves_function_and_sorts(spec: PoolSpec) -> None:
     assert torch.all(stream[:-1] >= stream[1:])
 
 
-def test_reorder_works_on_plain_detectors() -> None:
+@pytest.mark.parametrize("preset", ["tiny-r50-fpn", "tiny-r18-fpn"])
+def test_reorder_works_on_plain_detectors(preset: str) -> None:
+    # tiny-r18-fpn's first block adds the stem's output: its stage keeps the stem's order.
     torch.manual_seed(0)
-    det = build_detector(load_spec("tiny-r50-fpn"), NUM_CLASSES)
+    det = build_detector(load_spec(preset), NUM_CLASSES)
     _randomise_bn(det, seed=1)
     det.eval()
     _, before = _run(det)
-    reorder_channels(det)
+    perms = reorder_channels(det)
     _, after = _run(det)
+    assert ("stage1.out" in perms) == (det.backbone.body.stages[0][0].shortcut is not None)
+    assert len(after[0]["scores"]) > 0
     torch.testing.assert_close(after[0]["scores"], before[0]["scores"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[0]["boxes"], before[0]["boxes"], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- BN recalibration

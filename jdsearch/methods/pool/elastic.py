@@ -350,7 +350,8 @@ def reorder_channels(detector: nn.Module) -> dict[str, Tensor]:
     * each block's inner widths (bottleneck ``c1`` and ``c2``; basic ``c1``), by BN ``|γ|``;
     * each stage's residual stream — the output of every block of the stage, the projection
       shortcut, the next stage's first block and the FPN lateral conv that read it — by the sum
-      of ``|γ|`` over the stage's last BNs and shortcut BN;
+      of ``|γ|`` over the stage's last BNs and shortcut BN; a stage whose first block has no
+      projection (its width is the stem's) keeps its order, the stem's;
     * the FPN lateral stream (summed top-down across levels) by the L1 norm of the lateral conv
       filters summed over levels; the FPN output stream (read by the RPN conv and ``fc6``) by the
       summed L1 norm of the output conv filters; the RPN conv's output by its filter L1 norm.
@@ -369,6 +370,10 @@ def reorder_channels(detector: nn.Module) -> dict[str, Tensor]:
                 perm = _order(_gamma(bns[k]))
                 _permute(perm, [*_out_axes(convs[k]), *_bn_axes(bns[k]), *_in_axes(convs[k + 1])])
                 perms[f"stage{si + 1}.block{bi + 1}.c{k + 1}"] = perm
+        if blocks[0].shortcut is None:
+            # Its first block adds its input (the stem's channels, in their order) to its
+            # output: the stream keeps the input's order, which nothing here permutes.
+            continue
         following = stages[si + 1][0] if si + 1 < len(stages) else None
         perms[f"stage{si + 1}.out"] = _reorder_stream(blocks, following, inner[si])
     perms.update(_reorder_fpn_and_rpn(detector, inner, layer))
