@@ -39,7 +39,7 @@ def test_check_reports_the_plan_and_trains_nothing(
         "train.json: 24 images",
         "splits: selection 4 images, held-out 4",
         "loads and fits the dataset's classes",
-        "sub-networks of tiny-r50-fpn fit the super-net",
+        "sub-networks of tiny-r50-fpn fit the super-net, which starts from random weights",
         "plan: 3 trials (hill_climb, KD dynamic), each 0.25 epochs = 6 training images",
         "estimate (training only, 4 steps timed here)",
         "ok: nothing was trained",

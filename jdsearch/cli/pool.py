@@ -24,7 +24,7 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
     """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
     ``runs/NAME/pool.safetensors``); returns 0."""
     from jdsearch.methods.pool import train_and_save_pool
-    from jdsearch.search.assets import ensure_data
+    from jdsearch.search.assets import ensure_data, pool_start
     from jdsearch.search.caches import run_dir
     from jdsearch.spec.study import load_study
 
@@ -33,7 +33,12 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
     train_set, _ = ensure_data(spec)
     out = Path(args.out) if args.out else run_dir(spec) / "pool.safetensors"
     pool = train_and_save_pool(
-        pool_spec, train_set, out, device=spec.device, progress=not args.quiet
+        pool_spec,
+        train_set,
+        out,
+        device=spec.device,
+        progress=not args.quiet,
+        base=pool_start(spec),
     )
     print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
     return 0

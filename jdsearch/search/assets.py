@@ -29,6 +29,7 @@ from jdsearch.models.torchvision_body import load_backbone_weights
 from jdsearch.search.caches import (
     base_cache,
     base_fields,
+    base_file,
     cached_pool_done,
     check_cached_base,
     check_cached_data,
@@ -54,10 +55,10 @@ from jdsearch.search.record import (
 from jdsearch.search.splits import missing_files, selection_split
 from jdsearch.spec.detector import load_spec
 from jdsearch.spec.pool import PoolSpec
-from jdsearch.spec.study import StudySpec, study_from_stored
+from jdsearch.spec.study import StudySpec, pool_base, study_from_stored
 from jdsearch.storage.artifacts import read_artifact
 from jdsearch.storage.optuna_internals import set_study_system_attr, study_system_attrs
-from jdsearch.store.checkpoint import checkpoint_from_bytes, save_checkpoint
+from jdsearch.store.checkpoint import checkpoint_from_bytes, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,36 @@ def train_base(
     return detector, extra
 
 
+def pool_start(spec: StudySpec) -> Detector | None:
+    """The base detector a new pool starts from (``pool.init``, :func:`pool_base`), on the CPU;
+    ``None``: the pool starts from random weights.
+
+    Raises:
+        SpecError: the pool starts from the base and there is no base yet.
+    """
+    if pool_base(spec) is None:
+        return None
+    path = base_file(spec)
+    if not path.is_file():
+        raise SpecError(
+            f"{spec.source}: pool.init: base: the pool starts from the base detector, and "
+            f"{path} does not exist yet (`jdsearch search` trains it first)"
+        )
+    return load_checkpoint(path).detector
+
+
 def _pool_file(
     spec: StudySpec, pool_spec: PoolSpec, train_set: CocoDataset, progress: bool
 ) -> Path:
     cache = pool_cache(spec)
-    say(f"training the elastic teacher pool (cache {cache.path}) ...")
+    base = pool_start(spec)
+    start = "the base detector" if base is not None else "random weights"
+    say(f"training the elastic teacher pool from {start} (cache {cache.path}) ...")
     announce(POOL)
     with distributed.lockstep("the teacher pool's training"):
-        train_and_save_pool(pool_spec, train_set, cache.path, device=spec.device, progress=progress)
+        train_and_save_pool(
+            pool_spec, train_set, cache.path, device=spec.device, progress=progress, base=base
+        )
     write_made_by(cache, pool_fields(spec))
     return cache.path
 

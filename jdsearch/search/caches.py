@@ -17,7 +17,7 @@ from jdsearch.core.config import plain
 from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.core.files import read_text
 from jdsearch.spec.detector import load_spec
-from jdsearch.spec.study import STUDY_SET, StudySpec
+from jdsearch.spec.study import STUDY_SET, StudySpec, pool_base
 from jdsearch.spec.synth import SynthSpec
 from jdsearch.store.checkpoint import read_checkpoint_metadata
 
@@ -233,10 +233,42 @@ def _pool_doc_fields(pool: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in _NOT_MAKING}
 
 
+#: What a pool made before ``pool.init`` existed started from.
+_POOL_INIT_UNSET = {"pool.init": "random"}
+POOL_BASE_FIELD = "pool.init's base (weights sha256)"
+
+
+def base_file(spec: StudySpec) -> Path:
+    """The base detector's checkpoint: ``base.checkpoint``, or the one the study trains."""
+    given = spec.base_checkpoint
+    return given if given is not None else base_cache(spec).path
+
+
+def base_sha256(spec: StudySpec) -> str | None:
+    """The digest of the base detector's weights as its checkpoint records it; ``None`` while
+    there is no base yet (or none that reads: loading it says why)."""
+    path = base_file(spec)
+    try:
+        digest = read_checkpoint_metadata(path).get("tensors_sha256") if path.is_file() else None
+    except JDSearchError:
+        return None
+    return digest if isinstance(digest, str) else None
+
+
+def pool_init_fields(spec: StudySpec) -> dict[str, Any]:
+    """Where the pool's weights start (``pool.init``, resolved) and, from the base, which base
+    (its weights' digest): a pool started from another base is another pool."""
+    if pool_base(spec) is None:
+        return {"pool.init": "random"}
+    return {"pool.init": "base", POOL_BASE_FIELD: base_sha256(spec)}
+
+
 def pool_fields(spec: StudySpec) -> dict[str, Any]:
-    """The spec parts that make the pool: the ``pool`` section and the training data."""
+    """The spec parts that make the pool: the ``pool`` section, where its weights start and the
+    training data."""
     return {
         **_pool_doc_fields(spec.pool.to_dict()),
+        **pool_init_fields(spec),
         "data (train.json's hash)": train_data_hash(spec),
         **train_images_fields(spec),
     }
@@ -258,6 +290,11 @@ def cached_pool_done(spec: StudySpec) -> bool:
     cache = pool_cache(spec)
     doc = _pool_metadata(cache.path)
     recorded = read_made_by(cache)
-    made = {**_TRAIN_IMAGES_UNSET, **recorded} if recorded else _pool_doc_fields(doc["spec"])
+    if recorded:
+        made = {**_TRAIN_IMAGES_UNSET, **_POOL_INIT_UNSET, **recorded}
+    else:  # what the file itself records
+        digest = doc.get("base_sha256")
+        made = _pool_doc_fields(doc["spec"])
+        made.update({"pool.init": "base", POOL_BASE_FIELD: digest} if digest else _POOL_INIT_UNSET)
     check_cache(spec, cache, pool_fields(spec), made)
     return len(doc.get("record") or []) >= len(spec.pool.phases)

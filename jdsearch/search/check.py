@@ -164,6 +164,7 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.methods.pool import ElasticPool
     from jdsearch.search.caches import cached_pool_done, pool_cache
+    from jdsearch.spec.study import pool_base
 
     pool = ElasticPool(spec.pool, train_set.num_classes)  # checks every member fits
     epochs = sum(p.epochs for p in spec.pool.phases)
@@ -173,9 +174,10 @@ def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     else:  # refused here if other settings made it
         cached = "or taken from" if cached_pool_done(spec) else "or resumed from"
         cached += f" {cache}"
+    start = "the base detector" if pool_base(spec) is not None else "random weights"
     report.add(
-        f"pool: {spec.pool.space.size()} sub-networks of {spec.pool.detector} fit the super-net; "
-        f"trained for {epochs:g} epochs over {len(spec.pool.phases)} phases {cached}"
+        f"pool: {spec.pool.space.size()} sub-networks of {spec.pool.detector} fit the super-net, "
+        f"which starts from {start} (pool.init); trained for {epochs:g} epochs over {len(spec.pool.phases)} phases {cached}"
     )
     return pool
 

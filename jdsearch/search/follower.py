@@ -14,7 +14,7 @@ import optuna
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine import distributed
 from jdsearch.methods.pool import train_pool_along
-from jdsearch.search.assets import ensure_data, train_base
+from jdsearch.search.assets import ensure_data, pool_start, train_base
 from jdsearch.search.caches import pool_cache
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import BASE, POOL, READY, STOP, TRIAL, receive
@@ -63,7 +63,8 @@ def _train_along(spec: StudySpec, command: str) -> None:
             if command == BASE:
                 train_base(spec, train_set, progress=False)
             else:
-                train_pool_along(spec.pool, train_set, pool_cache(spec).path, device=spec.device)
+                path, base = pool_cache(spec).path, pool_start(spec)
+                train_pool_along(spec.pool, train_set, path, device=spec.device, base=base)
     except JDSearchError as e:
         distributed.check_in_step(e)
         log.info("%s on this rank: %s", command, e)

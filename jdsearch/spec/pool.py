@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jdsearch.core.config import FieldError, Fields, is_int, plain, read_dataclass
-from jdsearch.spec.arch import BASIC, BOTTLENECK, NUM_STAGES
+from jdsearch.spec.arch import BASIC, BOTTLENECK, NUM_STAGES, BackboneArch
+from jdsearch.spec.detector import DetectorSpec
 from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace, singleton
 from jdsearch.spec.settings import STEP, KDConfig, TrainConfig
 
-__all__ = ["POOL_TRAIN", "RESNET_WIDTHS", "PhaseSpec", "PoolSpec"]
+__all__ = ["POOL_INITS", "POOL_TRAIN", "RESNET_WIDTHS", "PhaseSpec", "PoolSpec"]
 
 RESNET_WIDTHS = (64, 128, 256, 512)
 #: Training settings of every IPS phase (each phase sets its own ``epochs`` and ``lr``).
@@ -29,6 +30,9 @@ POOL_TRAIN = TrainConfig(schedule=STEP)
 _PHASE_SET = ("epochs", "lr", "max_iters", "device")
 # jdsearch 0.1 kept these two in ``pool.train``; they are read from there too.
 _LEGACY_TRAIN_KEYS = ("reorder", "recalibration_batches")
+#: ``pool.init``: the super-net starts from the base detector (function-preserving expansion) or
+#: from random weights. Unset: ``base`` when the base is one of the pool's sub-networks.
+POOL_INITS = ("base", "random")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,9 @@ class PoolSpec:
     must cover the whole space. ``train`` holds the training settings of every phase (its
     ``resolutions`` empty: the detector spec's dynamic set). ``reorder``: re-order channels by
     importance before each shrinking phase. ``recalibration_batches``: batches used to re-estimate
-    the BN statistics of an extracted teacher (:meth:`ElasticPool.teacher`).
+    the BN statistics of an extracted teacher (:meth:`ElasticPool.teacher`). ``init``: where the
+    super-net's weights start (:data:`POOL_INITS`); ``None`` (unset): from the base detector when
+    the base is one of the pool's sub-networks (:meth:`base_mismatch`), else random.
 
     Raises:
         FieldError: an invalid field; read from a file, it names the dotted field.
@@ -77,8 +83,12 @@ class PoolSpec:
     kd: KDConfig = field(default_factory=KDConfig)
     reorder: bool = True
     recalibration_batches: int = 10
+    init: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init is not None and self.init not in POOL_INITS:
+            why = f"must be {' or '.join(repr(v) for v in POOL_INITS)}"
+            raise FieldError("pool", "init", why, self.init)
         object.__setattr__(self, "phases", tuple(self.phases))
         object.__setattr__(self, "base_widths", tuple(self.base_widths))
         if self.kind not in (BASIC, BOTTLENECK):
@@ -135,6 +145,62 @@ class PoolSpec:
         """Inner width of each stage of ``cfg``: ``round(multiplier × base width)``."""
         return tuple(_scaled(b, m) for b, m in zip(self.base_widths, cfg.widths, strict=True))
 
+    def arch_of(self, cfg: SubnetConfig, template: BackboneArch) -> BackboneArch:
+        """The backbone of sub-network ``cfg``: stem and strides from ``template`` (the detector
+        template's arch), blocks of :attr:`kind` at :meth:`widths_of`, FPN ``cfg.fpn``."""
+        return BackboneArch.resnet(
+            cfg.depths,
+            kind=self.kind,
+            widths=self.widths_of(cfg),
+            stem=template.stem,
+            fpn=cfg.fpn,
+        ).with_strides(template.strides)
+
+    def config_of(self, arch: BackboneArch, template: BackboneArch) -> SubnetConfig | str:
+        """The member of the space whose backbone is ``arch`` (stem and strides from
+        ``template``); else why there is none, in words."""
+        if arch.kind != self.kind:
+            return f"its blocks are {arch.kind}, the pool's {self.kind}"
+        mults = []
+        for si, (stage, base, choices) in enumerate(
+            zip(arch.stages, self.base_widths, self.space.widths, strict=True)
+        ):
+            width = stage.blocks[0].channels[0]
+            found = [m for m in choices if _scaled(base, m) == width]
+            if not found:
+                widths = [_scaled(base, m) for m in choices]
+                return f"its stage {si + 1} width {width} is not one of the pool's {widths}"
+            mults.append(found[0])
+        cfg = SubnetConfig(arch.depths, tuple(mults), arch.fpn)
+        if not self.space.contains(cfg):
+            return f"its shape {cfg} is not in the pool's space {self.space.describe()}"
+        ours, largest = self.arch_of(cfg, template), self.arch_of(self.largest, template)
+        for si in range(NUM_STAGES):
+            if ours.slot(si, 0).has_projection != largest.slot(si, 0).has_projection:
+                return (
+                    f"its stage {si + 1} first block has no projection shortcut where the "
+                    "super-net's has one (its width is the stem's)"
+                )
+        if ours != arch:
+            return (
+                f"its backbone {arch.encode()} (stem {arch.stem}, strides {list(arch.strides)}) "
+                f"is not the pool's {cfg}, {self.arch_of(cfg, template).encode()} "
+                f"(stem {template.stem}, strides {list(template.strides)})"
+            )
+        return cfg
+
+    def base_config(self, template: DetectorSpec, base: DetectorSpec) -> SubnetConfig | str:
+        """The sub-network that is the ``base`` detector (the pool's block family, with the
+        template's heads and input), or why there is none, in words: where ``pool.init: base``
+        can start the super-net from the base."""
+        cfg = self.config_of(base.arch, template.arch)
+        if isinstance(cfg, str):
+            return cfg
+        for name in ("rpn", "roi", "input"):
+            if getattr(base, name) != getattr(template, name):
+                return f"its {name} settings are not those of the pool's detector {template.name}"
+        return cfg
+
     def same_architecture(self, other: PoolSpec) -> bool:
         """Whether ``other`` describes the same super-net and space (schedules may differ)."""
         return (self.kind, self.base_widths, self.space) == (
@@ -166,6 +232,7 @@ class PoolSpec:
             "kd": self.kd.to_dict(),
             "reorder": self.reorder,
             "recalibration_batches": self.recalibration_batches,
+            **({} if self.init is None else {"init": self.init}),
         }
 
     @classmethod
@@ -181,7 +248,7 @@ class PoolSpec:
     def from_fields(cls, f: Fields) -> PoolSpec:
         """Read the ``pool:`` mapping: ``detector``, ``kind``, ``base_widths``, ``space``,
         ``phases``, ``train`` (a :class:`TrainConfig` but for ``epochs``, ``lr``, ``max_iters``
-        and ``device``), ``kd``, ``reorder`` and ``recalibration_batches``."""
+        and ``device``), ``kd``, ``reorder``, ``recalibration_batches`` and ``init``."""
         detector = f.take("detector", str, "r101-fpn")
         if not detector:
             f.fail("detector", "expected a detector preset name or spec path, got ''")
@@ -200,8 +267,11 @@ class PoolSpec:
         kd = read_dataclass(f.sub("kd"), KDConfig)
         reorder = f.take("reorder", bool, legacy["reorder"])
         recalibration = f.take("recalibration_batches", int, legacy["recalibration_batches"])
+        init = f.take("init", str | None, None)
         f.done()
-        return f.build(cls, space, phases, detector, kind, base, train, kd, reorder, recalibration)
+        return f.build(
+            cls, space, phases, detector, kind, base, train, kd, reorder, recalibration, init
+        )
 
     # -- presets
     @classmethod

@@ -29,6 +29,7 @@ from jdsearch.core.config import (
 from jdsearch.core.errors import SpecError
 from jdsearch.core.resolution import Resolution
 from jdsearch.spec.pool import PoolSpec
+from jdsearch.spec.pool_space import SubnetConfig
 from jdsearch.spec.settings import KDConfig, TrainConfig, is_device
 from jdsearch.spec.synth import SynthSpec
 
@@ -49,6 +50,7 @@ __all__ = [
     "artifact_dir",
     "check_storage_url",
     "load_study",
+    "pool_base",
     "study_from_dict",
     "study_from_stored",
 ]
@@ -451,7 +453,39 @@ def load_study(path: str | Path) -> StudySpec:
         raise SpecError(f"{path}: no such study spec file (presets: {known})")
     spec = study_from_dict(read_yaml(p), source=str(p))
     _check_detectors(spec)
+    if spec.pool.init == "base":
+        pool_base(spec)  # explicit: refused here when the base is not one of the pool's shapes
     return spec
+
+
+def pool_base(spec: StudySpec) -> SubnetConfig | None:
+    """The sub-network of the pool that the base detector is, when the super-net starts from the
+    base (``pool.init: base``, or unset and the base is one of the pool's shapes); ``None`` when
+    it starts from random weights.
+
+    Raises:
+        SpecError: ``pool.init: base`` for a base that is not one of the pool's sub-networks
+            (another block kind, stem, strides, heads, or a shape outside the space), naming why.
+    """
+    from jdsearch.spec.detector import load_spec
+
+    if spec.pool.init == "random":
+        return None
+    try:
+        base, template = load_spec(spec.base.detector), load_spec(spec.pool.detector)
+    except SpecError:
+        if spec.pool.init is None:
+            return None
+        raise
+    found = spec.pool.base_config(template, base)
+    if isinstance(found, SubnetConfig):
+        return found
+    if spec.pool.init is None:
+        return None
+    raise SpecError(
+        f"{spec.source}: pool.init: base: the base {base.name} is not one of the pool's "
+        f"sub-networks ({found}); set pool.init: random or match the pool to the base"
+    )
 
 
 def _is_path(value: str) -> bool:

@@ -22,6 +22,7 @@ _EXPORTS = {
             "evolve_with_report",
             "feasible_actions",
             "infeasibility",
+            "init_identity_block",
         ],
         "actions",
     ),

@@ -46,6 +46,7 @@ __all__ = [
     "evolve_with_report",
     "feasible_actions",
     "infeasibility",
+    "init_identity_block",
 ]
 
 logger = logging.getLogger(__name__)
@@ -441,8 +442,10 @@ def _identity_bn(bn: nn.BatchNorm2d, gamma: float) -> None:
 
 
 @torch.no_grad()
-def _init_identity_block(block: BasicBlock) -> None:
-    """Dirac convs, neutral BNs and a zeroed last BN: the residual branch outputs exactly 0."""
+def init_identity_block(block: BasicBlock) -> None:
+    """Dirac convs, neutral BNs and a zeroed last BN: the residual branch outputs exactly 0, so
+    the block is the identity on its (non-negative) input. How ``add_layer`` makes a block, and
+    how a teacher pool started from the base makes the blocks the base lacks."""
     assert block.shortcut is None, "an added block has an identity shortcut"
     for m in block.modules():
         if isinstance(m, nn.Conv2d):
@@ -493,7 +496,7 @@ def _inherit(parent: Detector, child: Detector, plan: _Plan) -> set[str]:
         block = body.stages[slot.stage][slot.index]
         prefix = f"backbone.body.{block_prefix((slot.stage, slot.index))}"
         if src is None:
-            _init_identity_block(block)
+            init_identity_block(block)
         elif f"{prefix}.shortcut.conv.weight" in new:
             _init_identity_shortcut(block.shortcut)
     return new

@@ -20,6 +20,7 @@ from jdsearch.core.errors import CheckpointError, SpecError
 from jdsearch.methods.pool.record import PhaseRecord
 from jdsearch.methods.pool.supernet import ElasticPool
 from jdsearch.methods.pool.training import PHASE_CHECKPOINT_EVERY, PhaseStates, resume_pool
+from jdsearch.models.detector import Detector
 from jdsearch.spec.detector import DetectorSpec
 from jdsearch.spec.pool import PoolSpec
 from jdsearch.store.checkpoint import (
@@ -27,6 +28,7 @@ from jdsearch.store.checkpoint import (
     checkpoint_to_bytes,
     load_checkpoint,
     save_checkpoint,
+    tensors_sha256,
 )
 
 __all__ = [
@@ -53,6 +55,7 @@ def _extra(pool: ElasticPool, record: Sequence[PhaseRecord] | None) -> dict[str,
             "version": POOL_VERSION,
             "spec": pool.spec.to_dict(),
             "record": [r.to_dict() for r in rec],
+            **({} if pool.base_sha256 is None else {"base_sha256": pool.base_sha256}),
         }
     }
 
@@ -92,8 +95,11 @@ def _pool_from_checkpoint(ck: Any, source: str) -> ElasticPool:
         record = tuple(PhaseRecord.from_dict(r) for r in doc.get("record", []))
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{source}: malformed pool training record ({e})") from None
+    digest = doc.get("base_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise CheckpointError(f"{source}: base_sha256 {digest!r} is not a digest")
     try:
-        return ElasticPool(
+        pool = ElasticPool(
             spec,
             ck.num_classes,
             detector_spec=ck.spec,
@@ -106,6 +112,8 @@ def _pool_from_checkpoint(ck: Any, source: str) -> ElasticPool:
         raise CheckpointError(
             f"{source}: the stored super-net does not match its pool spec: {e}"
         ) from None
+    pool.base_sha256 = digest
+    return pool
 
 
 def pool_from_bytes(
@@ -121,14 +129,25 @@ def load_pool(path: str | Path, *, device: str | torch.device = "cpu") -> Elasti
 
 
 def _resumed_pool(
-    p: Path, pool_spec: PoolSpec, dataset: Dataset[Any], device: str | torch.device
+    p: Path,
+    pool_spec: PoolSpec,
+    dataset: Dataset[Any],
+    device: str | torch.device,
+    base: Detector | None,
 ) -> ElasticPool:
-    """The pool saved at ``p`` after its last finished phase, checked against the spec and the
-    dataset, to train the phases still to do."""
+    """The pool saved at ``p`` after its last finished phase, checked against the spec, the base
+    it started from and the dataset, to train the phases still to do."""
     pool = load_pool(p, device=device)
     if not pool.spec.same_architecture(pool_spec):
         raise SpecError(
             f"{p}: holds a pool with another super-net or space; remove it or change the path"
+        )
+    digest = None if base is None else tensors_sha256(base.state_dict())
+    if pool.base_sha256 != digest:
+        began = "random weights" if pool.base_sha256 is None else "another base detector"
+        now = "random weights" if digest is None else "this base detector"
+        raise SpecError(
+            f"{p}: holds a pool that started from {began}, not {now}; remove it or change the path"
         )
     num_classes = getattr(dataset, "num_classes", pool.num_classes)
     if num_classes != pool.num_classes:
@@ -140,7 +159,7 @@ def _resumed_pool(
     return pool
 
 
-def train_and_save_pool(
+def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool's training
     pool_spec: PoolSpec,
     dataset: Dataset[Any],
     path: str | Path,
@@ -150,17 +169,19 @@ def train_and_save_pool(
     resume: bool = True,
     max_iters: int | None = None,
     detector_spec: DetectorSpec | None = None,
+    base: Detector | None = None,
 ) -> ElasticPool:
     """Build (or, with ``resume`` and an existing ``path``, load) a pool, train the phases still
     to do, and save it to ``path`` after every phase. Entry point of ``jdsearch pool train``.
 
     ``dataset`` gives the classes (``num_classes``, ``class_names``). Resuming requires the file's
     pool to have the same super-net and space; the schedule of the phases still to run comes from
-    ``pool_spec``.
+    ``pool_spec``. ``base``: a new pool starts from this detector (``pool.init: base``,
+    :class:`ElasticPool`); a resumed one must have started from it.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)  # its phase states are written there from the start
-    pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec)
+    pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec, base)
     # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
     # the pool file, continued from when the phase is run again (a killed `prepare`).
     states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY)
@@ -185,13 +206,18 @@ def train_and_save_pool(
 
 
 def train_pool_along(
-    pool_spec: PoolSpec, dataset: Dataset[Any], path: str | Path, *, device: str | torch.device
+    pool_spec: PoolSpec,
+    dataset: Dataset[Any],
+    path: str | Path,
+    *,
+    device: str | torch.device,
+    base: Detector | None = None,
 ) -> None:
     """What :func:`train_and_save_pool` trains, from where it resumes (``path`` and its phase
     state, as they are), without writing anything: a rank other than 0 under ``torchrun``, which
     trains its share of each batch while rank 0 saves."""
     p = Path(path)
-    pool = _open_pool(pool_spec, dataset, p, device, None)
+    pool = _open_pool(pool_spec, dataset, p, device, None, base)
     states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY, readonly=True)
     for i in range(len(pool.record), len(pool_spec.phases)):
         resume_pool(pool, dataset, states, pool_spec, device=device, phases=[i])
@@ -207,10 +233,12 @@ def _open_pool(
     path: Path | None,
     device: str | torch.device,
     detector_spec: DetectorSpec | None,
+    base: Detector | None,
 ) -> ElasticPool:
-    """The pool saved at ``path`` (when there is one), else a new one for ``dataset``'s classes."""
+    """The pool saved at ``path`` (when there is one), else a new one for ``dataset``'s classes,
+    started from ``base`` when one is given."""
     if path is not None and path.exists():
-        return _resumed_pool(path, pool_spec, dataset, device)
+        return _resumed_pool(path, pool_spec, dataset, device, base)
     num_classes = getattr(dataset, "num_classes", None)
     if not isinstance(num_classes, int):
         raise SpecError("train_and_save_pool: the dataset does not tell its num_classes")
@@ -219,4 +247,5 @@ def _open_pool(
         num_classes,
         detector_spec=detector_spec,
         class_names=getattr(dataset, "class_names", None),
+        base=base,
     )

@@ -25,12 +25,14 @@ from jdsearch.methods.pool.elastic import (
     set_active_arch,
     sliced_state_dict,
 )
+from jdsearch.methods.pool.expand import expand_base
 from jdsearch.methods.pool.record import PhaseRecord
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.spec.arch import BackboneArch
 from jdsearch.spec.detector import DetectorSpec, load_spec
 from jdsearch.spec.pool import PoolSpec
 from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace
+from jdsearch.store.checkpoint import tensors_sha256
 
 __all__ = ["ElasticPool"]
 
@@ -52,10 +54,14 @@ class ElasticPool:
         name: for messages; default ``pool-<template>``.
         class_names: the dataset's foreground names, stored with the pool.
         record: the phases already trained.
+        base: a new super-net starts from this detector by function-preserving expansion
+            (:func:`jdsearch.methods.pool.expand.expand_base`): it must be one of the space's
+            sub-networks (``pool.init: base``). Not with ``supernet``. Its weights' digest is
+            :attr:`base_sha256`, stored with the pool.
 
     Raises:
-        SpecError: a sub-network of the space that does not fit the super-net, or a super-net whose
-            arch is not the space's largest.
+        SpecError: a sub-network of the space that does not fit the super-net, a super-net whose
+            arch is not the space's largest, or a base that is not one of the sub-networks.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class ElasticPool:
         name: str | None = None,
         class_names: Sequence[str] | None = None,
         record: Sequence[PhaseRecord] = (),
+        base: Detector | None = None,
     ) -> None:
         template = detector_spec if detector_spec is not None else load_spec(spec.detector)
         self.spec = spec
@@ -78,10 +85,17 @@ class ElasticPool:
         self.arch = self.arch_of(spec.largest)
         for cfg in _probes(spec.space):
             check_fits(self.arch, self.arch_of(cfg))
+        #: The digest of the base detector's weights (as its checkpoint records it) that the
+        #: super-net started from; ``None``: random weights.
+        self.base_sha256 = None if base is None else tensors_sha256(base.state_dict())
         if supernet is None:
             supernet = build_detector(
                 self.spec_of(spec.largest, self.name), num_classes, seed=spec.train.seed
             )
+            if base is not None:
+                self._expand(supernet, base)
+        elif base is not None:
+            raise ValueError("a pool starts from its base or from a loaded super-net, not both")
         elif supernet.arch != self.arch:
             raise SpecError(
                 f"pool {self.name}: the super-net's arch {supernet.arch.encode()} "
@@ -92,6 +106,14 @@ class ElasticPool:
         self.num_classes = int(supernet.roi_heads.box_predictor.cls_score.out_features)
         self._active = spec.largest
         self.activate(spec.largest)
+
+    def _expand(self, supernet: Detector, base: Detector) -> None:
+        found = self.spec.base_config(self.template, base.spec)
+        if isinstance(found, str):
+            raise SpecError(
+                f"pool {self.name}: the base {base.spec.name} is not a sub-network: {found}"
+            )
+        expand_base(supernet, base)
 
     @property
     def space(self) -> SubnetSpace:
@@ -115,14 +137,7 @@ class ElasticPool:
 
     def arch_of(self, cfg: SubnetConfig) -> BackboneArch:
         """The :class:`BackboneArch` of ``cfg`` (stem and strides from the detector template)."""
-        base = self.template.arch
-        return BackboneArch.resnet(
-            cfg.depths,
-            kind=self.spec.kind,
-            widths=self.spec.widths_of(cfg),
-            stem=base.stem,
-            fpn=cfg.fpn,
-        ).with_strides(base.strides)
+        return self.spec.arch_of(cfg, self.template.arch)
 
     def spec_of(self, cfg: SubnetConfig, name: str | None = None) -> DetectorSpec:
         """The detector spec of ``cfg``: the template's heads and input with ``cfg``'s arch."""
