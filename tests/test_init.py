@@ -24,6 +24,7 @@ from jdsearch.init.init_study import (
 )
 from jdsearch.spec.detector import load_spec
 from jdsearch.spec.pool import PoolSpec
+from jdsearch.spec.pool_space import SubnetConfig
 from jdsearch.spec.study import load_study
 
 from .test_user_layout import write_user_set
@@ -109,9 +110,10 @@ def test_a_basic_block_base_gets_a_basic_pool_of_its_widths() -> None:
     assert pool.kind == "basic" and pool.base_widths == (64, 128, 256, 512)
     assert pool.space.depths == ((2, 3), (2, 3, 4), (2, 3, 4, 5, 6), (2, 3))  # up to R34's
     assert pool.space.fpn == (256, 320, 384)
-    # Stage 1 at 1.0x would be 64 wide like r18's stem: no projection shortcut, unlike the
-    # super-net's 96-wide stage, so it is left out; the other stages keep 1, 1.25 and 1.5.
-    assert pool.space.widths == ((1.25, 1.5),) + ((1.0, 1.25, 1.5),) * 3
+    # Stage 1 is 64 wide like r18's stem: its first block has no projection shortcut, which a
+    # wider super-net's would have, so it stays at 1.0x and the base is one of the pool's
+    # sub-networks; the other stages take 1, 1.25 and 1.5.
+    assert pool.space.widths == ((1.0,),) + ((1.0, 1.25, 1.5),) * 3
     tiny = _pool("tiny-r18-fpn")
     assert tiny.kind == "basic" and tiny.base_widths == (16, 32, 64, 128)
     assert tiny.space.fpn == (32, 40, 48)
@@ -128,6 +130,13 @@ def test_every_member_of_a_matched_pool_fits_its_super_net(preset: str) -> None:
     from jdsearch.methods.pool import ElasticPool
 
     ElasticPool(_pool(preset, 100), num_classes=4)  # raises SpecError on a member that does not fit
+
+
+@pytest.mark.parametrize("preset", ["tiny-r18-fpn", "tiny-r50-fpn", "r18-fpn", "r50-fpn"])
+def test_a_matched_pool_holds_its_base(preset: str) -> None:
+    pool, base = _pool(preset), load_spec(preset)
+    found = pool.base_config(load_spec(pool.detector), base)  # why not, in words
+    assert found == SubnetConfig(base.arch.depths, (1.0,) * 4, base.arch.fpn), found
 
 
 # ---------------------------------------------------------------------- the spec it writes

@@ -171,20 +171,15 @@ def _shrink1(space: SubnetSpace) -> SubnetSpace:
 
 
 def pool_multipliers(base: BackboneArch, widths: Sequence[int]) -> tuple[tuple[float, ...], ...]:
-    """:data:`POOL_WIDTHS` per stage, but for a multiplier of an unstrided first stage whose
-    output width would equal the stem's: that block has no projection shortcut while the wider
-    super-net's has one, so it could not be cut from the super-net (r18's 64 = its stem)."""
+    """:data:`POOL_WIDTHS` per stage, but 1.0 alone for an unstrided first stage whose output
+    width is the stem's: that block of the base has no projection shortcut, which a wider
+    super-net's would have, so only at the base's own width is the base one of the pool's
+    sub-networks (r18's 64 = its stem), and the pool can start from it (``pool.init``)."""
     expansion = 4 if base.kind == BOTTLENECK else 1
     out = []
     for s, w in enumerate(widths):
-        same = s == 0 and base.strides[0] == 1
-        out.append(
-            tuple(
-                m
-                for m in POOL_WIDTHS
-                if not (same and expansion * math.floor(w * m + 0.5) == base.stem)
-            )
-        )
+        same = s == 0 and base.strides[0] == 1 and expansion * w == base.stem
+        out.append((1.0,) if same else POOL_WIDTHS)
     return tuple(out)
 
 
