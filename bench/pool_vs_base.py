@@ -11,6 +11,7 @@ distils). All rows are measured in one run.
 
     OMP_NUM_THREADS=1 python bench/pool_vs_base.py                 # the quickstart's phases
     OMP_NUM_THREADS=1 python bench/pool_vs_base.py --epochs 0.05 0.05 0.05   # a smoke run
+    OMP_NUM_THREADS=1 python bench/pool_vs_base.py --lr 0.01 0.005 0.005 --inits base   # another lr
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def main() -> None:
         default=None,
         help="epochs of each phase (default: the quickstart's)",
     )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=None,
+        help="learning rate of each phase (default: the quickstart's)",
+    )
+    ap.add_argument(
+        "--inits",
+        nargs="+",
+        choices=("base", "random"),
+        default=["base", "random"],
+        help="which pools to train (default both)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--root", type=Path, default=None, help="work folder (default: a temporary one)"
@@ -56,13 +71,14 @@ def main() -> None:
         run(args.root, args)
 
 
-def _phases(pool: PoolSpec, epochs: list[float] | None) -> PoolSpec:
-    if epochs is None:
+def _phases(pool: PoolSpec, field: str, values: list[float] | None) -> PoolSpec:
+    """``pool`` with each phase's ``field`` (``epochs`` or ``lr``) replaced by ``values``."""
+    if values is None:
         return pool
-    if len(epochs) != len(pool.phases):
-        raise SystemExit(f"--epochs: {len(pool.phases)} values, one per phase")
+    if len(values) != len(pool.phases):
+        raise SystemExit(f"--{field}: {len(pool.phases)} values, one per phase")
     phases = tuple(
-        dataclasses.replace(p, epochs=e) for p, e in zip(pool.phases, epochs, strict=True)
+        dataclasses.replace(p, **{field: v}) for p, v in zip(pool.phases, values, strict=True)
     )
     return dataclasses.replace(pool, phases=phases)
 
@@ -73,7 +89,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(spec.base_checkpoint)
     base = checkpoint.detector
     resolution = spec.base.resolution or checkpoint.spec.input.size
-    pool_spec = _phases(spec.pool, args.epochs)
+    pool_spec = _phases(_phases(spec.pool, "epochs", args.epochs), "lr", args.lr)
 
     def check(pool: ElasticPool) -> TeacherCheck:
         assets = StudyAssets(spec, train_set, val_set, pool, "", resolution, 0)
@@ -85,7 +101,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
         dataclasses.replace(pool_spec, init="base"), train_set.num_classes, base=base
     )
     rows.append(("base, step 0", 0.0, check(step0)))
-    for init in ("base", "random"):
+    for init in args.inits:
         t = time.perf_counter()
         pool = train_and_save_pool(
             dataclasses.replace(pool_spec, init=init),
