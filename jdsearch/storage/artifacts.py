@@ -343,21 +343,21 @@ class SQLArtifactStore:
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         """Store ``content_body`` (read to EOF, chunk by chunk) under ``artifact_id``."""
         _check_id(artifact_id)
-        blob_id = uuid.uuid4().hex
-        self._transaction(
-            lambda conn: conn.execute(
-                sa.insert(self.headers).values(
-                    blob_id=blob_id,
-                    artifact_id=artifact_id,
-                    complete=False,
-                    size=0,
-                    sha256="",
-                    n_chunks=0,
-                    chunk_size=self.chunk_size,
-                    created_at=time.time(),
-                    completed_at=None,
-                )
-            )
+        blob_id = uuid.uuid4().hex  # this upload's token: no other writer uses it
+        header = sa.insert(self.headers).values(
+            blob_id=blob_id,
+            artifact_id=artifact_id,
+            complete=False,
+            size=0,
+            sha256="",
+            n_chunks=0,
+            chunk_size=self.chunk_size,
+            created_at=time.time(),
+            completed_at=None,
+        )
+        written = sa.select(self.headers.c.blob_id).where(self.headers.c.blob_id == blob_id)
+        self._write_once(
+            lambda conn: conn.execute(header), lambda conn: conn.scalar(written) is not None
         )
         digest = hashlib.sha256()
         size = 0
@@ -379,16 +379,47 @@ class SQLArtifactStore:
         _logger.debug("artifact %s: wrote %d bytes in %d chunks", artifact_id, size, n_chunks)
 
     def _insert_chunk(self, blob_id: str, seq: int, data: bytes) -> None:
-        if self._pg_copy:
-            self._transaction(
-                lambda conn: _pg_copy_in(conn, self._chunks_sql(), blob_id, seq, data)
-            )
-            return
-        self._transaction(
-            lambda conn: conn.execute(
-                sa.insert(self.chunks).values(blob_id=blob_id, seq=seq, data=data)
-            )
-        )
+        c = self.chunks.c
+        row = sa.insert(self.chunks).values(blob_id=blob_id, seq=seq, data=data)
+        stored = sa.select(sa.func.length(c.data)).where(c.blob_id == blob_id, c.seq == seq)
+
+        def insert(conn: Connection) -> None:
+            if self._pg_copy:
+                _pg_copy_in(conn, self._chunks_sql(), blob_id, seq, data)
+            else:
+                conn.execute(row)
+
+        self._write_once(insert, lambda conn: conn.scalar(stored) == len(data))
+
+    def _write_once(
+        self, body: Callable[[Connection], Any], landed: Callable[[Connection], bool]
+    ) -> None:
+        """``body`` in a transaction (:meth:`_transaction`), written once although retried:
+        ``body`` writes a row whose key no other writer uses (the upload's ``blob_id``), and
+        ``landed(conn)`` says whether that row is there. Each attempt after the first asks it
+        first: a commit whose answer was lost with the connection did happen. A retry that
+        collides with that row (a unique key: the lost commit was still under way) asks again."""
+        tries = [0]
+
+        def attempt(conn: Connection) -> None:
+            tries[0] += 1
+            if tries[0] > 1 and landed(conn):
+                _logger.info("artifact store: an earlier attempt's write had arrived")
+                return
+            body(conn)
+
+        try:
+            self._transaction(attempt)
+        except Exception as e:
+            if not (tries[0] > 1 and self._is_duplicate(e) and self._read(landed)):
+                raise
+
+    def _is_duplicate(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a unique-key violation (through SQLAlchemy, or from the driver
+        itself: ``COPY`` runs on the driver's cursor)."""
+        dbapi = getattr(self.engine.dialect, "loaded_dbapi", None)
+        raw = getattr(dbapi, "IntegrityError", sa.exc.IntegrityError)
+        return isinstance(exc, sa.exc.IntegrityError | raw)
 
     def _chunks_sql(self) -> str:
         return self.engine.dialect.identifier_preparer.format_table(self.chunks)
@@ -403,6 +434,8 @@ class SQLArtifactStore:
             .where(h.blob_id == blob_id, h.complete.is_(False))
             .values(complete=True, size=size, sha256=sha, n_chunks=n, completed_at=time.time())
         )
+        if done.rowcount != 1 and self._published(conn, blob_id, size, sha):
+            return  # this publish's earlier attempt: its commit arrived, the answer was lost
         if done.rowcount != 1:
             raise CheckpointError(
                 f"artifact {artifact_id!r}: its incomplete upload {blob_id} vanished before it "
@@ -412,6 +445,15 @@ class SQLArtifactStore:
             conn,
             sa.and_(h.artifact_id == artifact_id, h.complete.is_(True), h.blob_id != blob_id),
         )
+
+    def _published(self, conn: Connection, blob_id: str, size: int, sha: str) -> bool:
+        """Whether the version ``blob_id`` is published with this size and sha256 (read after
+        the update: on PostgreSQL, once a concurrent publish of it has committed)."""
+        h = self.headers.c
+        found = conn.execute(
+            sa.select(h.size, h.sha256).where(h.blob_id == blob_id, h.complete.is_(True))
+        ).first()
+        return found is not None and (found.size, found.sha256) == (size, sha)
 
     def _discard(self, blob_id: str) -> None:
         try:
