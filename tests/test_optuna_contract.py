@@ -23,7 +23,7 @@ from optuna.storages import (
 from optuna.trial import TrialState
 
 from jdsearch.storage import optuna_internals as oi
-from jdsearch.storage.rdb import ResilientStorage
+from jdsearch.storage.rdb import CREATE_TOKEN_ATTR, ResilientStorage
 
 from .conftest import optuna_cli
 
@@ -197,3 +197,34 @@ def test_optunas_warnings_on_a_failed_trial_are_muted_for_the_trials_named() -> 
     assert numbers == [0, 0, 2, 2, 3, 3]  # trial 1's two are gone
     assert "because of the following error: ValueError('trial 0 refused')" in failed[0]
     assert failed[0].endswith("<traceback>") and failed[1] == "Trial 0 failed with value None."
+
+
+def test_a_trial_is_found_by_its_token_and_a_pop_is_taken_once(tmp_path: Path) -> None:
+    """What the retry of a trial's creation or of a WAITING trial's pop relies on (its commit may
+    have taken effect): a trial created through the wrapper carries its token, by which it is
+    found; a pop takes a WAITING trial once, again only with its own token, and refuses a finished
+    trial as Optuna's ``set_trial_state_values`` does."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    storage = _storage(tmp_path, heartbeat=60, wrapped=True)
+    assert isinstance(storage, ResilientStorage)
+    backend = storage.backend
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    token = study.get_trials()[0].system_attrs[CREATE_TOKEN_ATTR]
+    sid = study._study_id
+    assert oi.trial_id_by_system_attr(backend, sid, CREATE_TOKEN_ATTR, token) == trial._trial_id
+    assert oi.trial_id_by_system_attr(backend, sid, CREATE_TOKEN_ATTR, "another") is None
+
+    study.enqueue_trial({"move": "base"})
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.system_attrs[CREATE_TOKEN_ATTR] != token
+    assert oi.pop_waiting_trial(backend, waiting._trial_id, "k", "mine")
+    assert oi.pop_waiting_trial(backend, waiting._trial_id, "k", "mine")  # its own retry
+    assert not oi.pop_waiting_trial(backend, waiting._trial_id, "k", "another worker's")
+    popped = storage.get_trial(waiting._trial_id)
+    assert popped.state == TrialState.RUNNING and popped.system_attrs["k"] == "mine"
+    assert waiting.datetime_start is None and popped.datetime_start is not None
+    study.tell(trial, 1.0)
+    with pytest.raises(UpdateFinishedTrialError):
+        oi.pop_waiting_trial(backend, trial._trial_id, "k", "mine")

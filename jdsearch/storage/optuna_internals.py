@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import datetime
+import json
 import logging
+import random
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
+from optuna.exceptions import StorageInternalError
 from optuna.storages import BaseStorage, RDBStorage, _CachedStorage, fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
+
+from jdsearch.storage.reconnect import is_disconnect
 
 __all__ = [
     "HeartbeatStorage",
@@ -26,12 +33,14 @@ __all__ = [
     "keep_alive",
     "last_heartbeat",
     "muted_trial_failures",
+    "pop_waiting_trial",
     "set_running_user_attr",
     "set_study_system_attr",
     "set_trial_system_attr",
     "stale_trial_ids",
     "storage_of",
     "study_system_attrs",
+    "trial_id_by_system_attr",
     "trial_of",
 ]
 
@@ -147,6 +156,7 @@ def _rdb_backend(storage: BaseStorage) -> RDBStorage:
     """The ``RDBStorage`` under ``storage``: itself, or what a wrapper (``ResilientStorage``'s
     ``backend``, Optuna's cache's private ``_backend``) holds."""
     backend = getattr(storage, "backend", None) or getattr(storage, "_backend", storage)
+    backend = getattr(backend, "backend", backend)  # under cached_storage's _CreateOnce
     if not isinstance(backend, RDBStorage):
         raise TypeError(f"{type(storage).__name__} keeps no heartbeats")
     return backend
@@ -187,7 +197,115 @@ def cached_storage(backend: RDBStorage) -> BaseStorage:
     ``RDBStorage`` (:class:`jdsearch.storage.rdb.ResilientStorage`) builds it itself so that a
     search reads the database no more often than with a bare ``RDBStorage``.
     """
-    return _CachedStorage(backend)
+    return _CachedStorage(_CreateOnce(backend))
+
+
+class _CreateOnce:
+    """``backend`` (an ``RDBStorage``) whose trial creation does not repeat a commit that lost
+    its connection; every other attribute is the backend's own.
+
+    The cache creates trials through the private ``RDBStorage._create_new_trial``, which retries
+    any failed transaction up to 5 times. After a commit that took effect but whose answer was
+    lost with the connection, that creates the trial a second time, and the first one stays
+    RUNNING with no heartbeat. Here a lost connection goes to the caller, who looks the trial up by
+    its token (:func:`trial_id_by_system_attr`); other errors (a deadlock, rolled back) are retried
+    as Optuna does."""
+
+    def __init__(self, backend: RDBStorage) -> None:
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:  # what the proxy itself lacks: the backend's
+        if "backend" not in self.__dict__:  # being unpickled
+            raise AttributeError(name)
+        return getattr(self.__dict__["backend"], name)
+
+    def _create_new_trial(self, study_id: int, template: FrozenTrial | None = None) -> FrozenTrial:
+        for attempt in range(1, 6):
+            try:
+                return _create_trial(self.backend, study_id, template)
+            except StorageInternalError as e:
+                if attempt == 5 or is_disconnect(e):
+                    raise
+                time.sleep(random.random() * 2.0)
+        raise AssertionError("unreachable")
+
+
+def _create_trial(backend: RDBStorage, study_id: int, template: FrozenTrial | None) -> FrozenTrial:
+    """One transaction of ``RDBStorage._create_new_trial``, with its private helpers: lock the
+    study's row, insert the trial (and the template's attributes), number it."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session) as session:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        row = backend._get_prepared_new_trial(study_id, template, session)
+        if template is None:
+            frozen = FrozenTrial(
+                number=row.number,
+                state=row.state,
+                value=None,
+                datetime_start=row.datetime_start,
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=row.trial_id,
+            )
+        else:
+            frozen = copy.deepcopy(template)
+            frozen.number, frozen.datetime_start = row.number, row.datetime_start
+            frozen._trial_id = row.trial_id
+    return frozen
+
+
+def trial_id_by_system_attr(backend: RDBStorage, study_id: int, key: str, value: Any) -> int | None:
+    """The id of the study's trial whose system attribute ``key`` is ``value`` (``None``: none
+    is), read under the lock on the study's row that trial creation takes, so that a creation
+    still committing is waited for. Optuna reads attributes by trial only; the tables are in the
+    private ``optuna.storages._rdb.models``."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    study, trial, attr = models.StudyModel, models.TrialModel, models.TrialSystemAttributeModel
+    with backend.engine.begin() as conn:
+        lock = sqlalchemy.select(study.study_id).where(study.study_id == study_id)
+        conn.execute(lock.with_for_update())
+        return conn.scalar(
+            sqlalchemy.select(trial.trial_id)
+            .join(attr, attr.trial_id == trial.trial_id)
+            .where(
+                trial.study_id == study_id, attr.key == key, attr.value_json == json.dumps(value)
+            )
+        )
+
+
+def pop_waiting_trial(backend: RDBStorage, trial_id: int, key: str, token: str) -> bool:
+    """``backend.set_trial_state_values(trial_id, RUNNING)`` (what a study's ``ask`` does to run
+    a WAITING trial: ``False`` when another worker took it first), with the system attribute
+    ``key`` set to ``token`` in the same transaction; ``True`` also when the trial is RUNNING with
+    that token already: this pop's earlier attempt, whose commit took effect but whose answer was
+    lost. Optuna's call writes no attribute; this one uses its private models and helpers.
+
+    Raises:
+        UpdateFinishedTrialError: the trial is finished (as Optuna's call does).
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session) as session:
+        row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        backend.check_trial_is_updatable(trial_id, row.state)
+        if row.state != TrialState.WAITING:
+            mine = models.TrialSystemAttributeModel.find_by_trial_and_key(row, key, session)
+            return mine is not None and mine.value_json == json.dumps(token)
+        row.state = TrialState.RUNNING
+        row.datetime_start = datetime.datetime.now()
+        backend._set_trial_attr_without_commit(
+            session, models.TrialSystemAttributeModel, trial_id, key, token
+        )
+    return True
 
 
 class HeartbeatStorage(BaseStorage, BaseHeartbeat):

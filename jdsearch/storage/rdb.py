@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import logging
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.spec.study import StudySpec
-from jdsearch.storage.optuna_internals import HeartbeatStorage, cached_storage, stale_trial_ids
+from jdsearch.storage.optuna_internals import (
+    HeartbeatStorage,
+    cached_storage,
+    pop_waiting_trial,
+    stale_trial_ids,
+    trial_id_by_system_attr,
+)
 from jdsearch.storage.reconnect import retry_window_s, with_reconnect
 
 _log = logging.getLogger(__name__)
 
 OPEN_RETRY_S = 20.0  # how long opening the storage waits for a server that refuses connections
+# The trial system attributes that make creating and popping a trial safe to retry: a token per
+# call, written in the call's own transaction (ResilientStorage).
+CREATE_TOKEN_ATTR = "jdsearch:create_token"
+POP_TOKEN_ATTR = "jdsearch:pop_token"
 
 
 def storage_for(
@@ -195,8 +207,10 @@ class ResilientStorage(HeartbeatStorage):
     ``RDBStorage``), so the database is read no more often than without the wrapper; each call is
     retried whole. Heartbeats are the backend's (:meth:`stale_trial_ids`).
 
-    A write whose commit reached the server just before the connection dropped is sent again;
-    for ``tell`` (:meth:`set_trial_state_values`) that is recognised and not an error.
+    A write whose commit reached the server just before the connection dropped is sent again.
+    For ``tell`` (:meth:`set_trial_state_values`) that is recognised and not an error; creating a
+    trial and popping a WAITING one write a token per call in their own transaction and look for
+    it before trying again (:meth:`create_new_trial`), so that neither happens twice.
     """
 
     def __init__(self, backend: RDBStorage) -> None:
@@ -223,7 +237,6 @@ class ResilientStorage(HeartbeatStorage):
     get_study_user_attrs = _retried("get_study_user_attrs")
     get_study_system_attrs = _retried("get_study_system_attrs")
     get_all_studies = _retried("get_all_studies")
-    create_new_trial = _retried("create_new_trial")
     set_trial_param = _retried("set_trial_param")
     get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
     get_best_trial = _retried("get_best_trial")
@@ -241,10 +254,40 @@ class ResilientStorage(HeartbeatStorage):
             lambda: stale_trial_ids(self._cached, study_id), "storage: stale_trial_ids"
         )
 
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        """Optuna's, retried, and done once: the trial carries a fresh token (its system attribute
+        ``jdsearch:create_token``, written with it), and an attempt after a lost connection first
+        looks for the trial with that token. Without it, a commit whose answer was lost would
+        leave a RUNNING trial that no worker runs or heartbeats, next to the one created again."""
+        token = uuid.uuid4().hex
+        template = _with_token(template_trial, token)
+        attempts = [0]
+
+        def call() -> int:
+            attempts[0] += 1
+            if attempts[0] > 1:
+                found = trial_id_by_system_attr(self.backend, study_id, CREATE_TOKEN_ATTR, token)
+                if found is not None:
+                    _log.info("storage: the trial created before the connection dropped is found")
+                    self._cached.get_all_trials(study_id, deepcopy=False, states=())  # cache it
+                    return found
+            return self._cached.create_new_trial(study_id, template)
+
+        return with_reconnect(call, "storage: create_new_trial")
+
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         """Optuna's, retried; a retry of a ``tell`` (COMPLETE or PRUNED) that finds the trial
         already in that state (the first attempt's commit did arrive) returns ``True`` instead of
-        raising."""
+        raising. Popping a WAITING trial (RUNNING, no values) writes a token with the new state
+        and counts the trial as taken by this call when a retry finds it there
+        (:func:`~jdsearch.storage.optuna_internals.pop_waiting_trial`): else the trial would be
+        left RUNNING, unrun and without a heartbeat, as "taken by another worker"."""
+        if state == TrialState.RUNNING and values is None:
+            token = uuid.uuid4().hex
+            return with_reconnect(
+                lambda: pop_waiting_trial(self.backend, trial_id, POP_TOKEN_ATTR, token),
+                f"storage: set_trial_state_values({trial_id}, RUNNING)",
+            )
         attempts = [0]
 
         def call() -> bool:
@@ -271,3 +314,26 @@ class ResilientStorage(HeartbeatStorage):
     def remove_session(self) -> None:
         """Drop the backend's SQLAlchemy session of this thread (no database round trip)."""
         self.backend.remove_session()
+
+
+def _with_token(template: FrozenTrial | None, token: str) -> FrozenTrial:
+    """``template`` (default: a new RUNNING trial, what Optuna creates without one), copied, with
+    the system attribute ``jdsearch:create_token`` set to ``token``."""
+    if template is None:
+        template = FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.datetime.now(),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=-1,
+        )
+    else:
+        template = copy.deepcopy(template)
+    template.system_attrs = {**template.system_attrs, CREATE_TOKEN_ATTR: token}
+    return template
