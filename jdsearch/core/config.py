@@ -11,6 +11,8 @@ Torch-free: only the standard library and PyYAML (``safe_load``: a YAML file can
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import types
 import typing
@@ -30,6 +32,7 @@ __all__ = [
     "MISSING",
     "FieldError",
     "Fields",
+    "cache_key",
     "check",
     "is_int",
     "is_number",
@@ -380,3 +383,9 @@ def plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     return value
+
+
+def cache_key(fields: Mapping[str, Any]) -> str:
+    """The hash of the spec parts (dotted study fields → plain values) that made a cache."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jdsearch.core.config import plain
+from jdsearch.core.config import cache_key, plain
 from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.core.files import read_text
 from jdsearch.spec.detector import load_spec
@@ -56,12 +56,6 @@ class Cache:
         target = self.path / "train.json" if self.path.is_dir() else self.path
         st = target.stat()
         return [st.st_size, st.st_mtime_ns]
-
-
-def cache_key(fields: dict[str, Any]) -> str:
-    """The hash of the spec parts (dotted study fields → plain values) that made a cache."""
-    text = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_made_by(cache: Cache, fields: dict[str, Any]) -> None:
