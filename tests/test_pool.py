@@ -533,3 +533,97 @@ def test_a_fresh_pool_starts_from_weights_set_by_its_seed(spec: PoolSpec) -> Non
     b = ElasticPool(spec, NUM_CLASSES)
     sa, sb = a.supernet.state_dict(), b.supernet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------ phase states and the spec
+class _Killed(Exception):
+    """Stands for the process dying right after a phase state is saved."""
+
+
+def _two_phases(**phase0: object) -> PoolSpec:
+    """SMALL_POOL less its middle phase; ``phase0`` changes the super-net phase."""
+    doc = copy.deepcopy(SMALL_POOL)
+    phases = doc["phases"]
+    assert isinstance(phases, list)
+    doc["phases"] = [{**phases[0], **phase0}, phases[2]]
+    return PoolSpec.from_dict(doc)
+
+
+def _killed_in_phase_0(spec: PoolSpec, data: CocoDataset, path: Path, monkeypatch) -> Path:
+    """Train ``spec``'s pool at ``path`` until its first phase state is saved (iteration 1),
+    then stop as a kill would; the phase state file."""
+    from jdsearch.methods.pool import store
+    from jdsearch.methods.pool.training import PhaseStates
+
+    class KillAfterSave(PhaseStates):
+        def save(self, *args: object) -> None:
+            super().save(*args)  # type: ignore[arg-type]
+            raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "PhaseStates", KillAfterSave)
+        m.setattr(store, "PHASE_CHECKPOINT_EVERY", 1)
+        with pytest.raises(_Killed):
+            train_and_save_pool(spec, data, path, progress=False, max_iters=2)
+    state = path.with_name(path.name + ".phase-state")
+    assert state.is_file() and not path.exists()
+    return state
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param(lambda: _two_phases(lr=0.02), id="another lr"),
+        pytest.param(lambda: PoolSpec.from_dict(SMALL_POOL), id="other phases"),
+    ],
+)
+def test_a_phase_state_is_resumed_only_under_the_spec_that_saved_it(
+    data: CocoDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, other
+) -> None:
+    """A pool training killed inside phase 0 leaves its phase state. Run again with the same
+    spec, it continues at the saved iteration; with another spec (the lr, the phases), the state
+    is discarded with one warning that names the file and why, and phase 0 starts over."""
+    spec = _two_phases()
+    path = tmp_path / "pool.safetensors"
+    resuming = "IPS phase 0: resuming at iteration 1"
+
+    state = _killed_in_phase_0(spec, data, path, monkeypatch)
+    with caplog.at_level("INFO", logger="jdsearch.methods.pool"):
+        train_and_save_pool(spec, data, path, progress=False, max_iters=2)
+    assert resuming in caplog.messages and "discarded" not in caplog.text
+    assert path.is_file() and not state.exists()
+
+    path.unlink()
+    state = _killed_in_phase_0(spec, data, path, monkeypatch)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jdsearch.methods.pool"):
+        pool = train_and_save_pool(other(), data, path, progress=False, max_iters=2)
+    assert resuming not in caplog.messages
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith(f"{state}: saved under key ")
+    assert "(its spec, start or data changed): discarded, phase 0 starts over" in line
+    assert "\n" not in line
+    assert len(pool.record) == len(other().phases) and not state.exists()
+
+
+def test_phase_states_keep_their_key(tmp_path: Path, caplog) -> None:
+    """A state saved under one key is read back under it, and under another key (or from a
+    jdsearch that saved none) is discarded and removed."""
+    from jdsearch.methods.pool.training import PhaseStates
+    from jdsearch.store.trainstate import TrainState
+
+    path = tmp_path / "pool.safetensors.phase-state"
+    state = TrainState(3, {"w": torch.ones(2)}, {})
+    PhaseStates(path, 1, key="aaaa").save(0, state, {})
+    assert PhaseStates(path, 1, key="bbbb", readonly=True).load(0) is None  # a rank > 0 reads
+    assert path.is_file()  # ... and removes nothing
+    loaded = PhaseStates(path, 1, key="aaaa").load(0)
+    assert loaded is not None and loaded.iteration == 3
+    assert PhaseStates(path, 1, key="bbbb").load(0) is None and not path.exists()
+    PhaseStates(path, 1).save(0, state, {})  # no key: as an earlier jdsearch saved it
+    caplog.clear()
+    assert PhaseStates(path, 1, key="aaaa").load(0) is None and not path.exists()
+    assert caplog.messages == [
+        f"{path}: saved without a key, not this pool's aaaa (its spec, start or data changed): "
+        "discarded, phase 0 starts over"
+    ]

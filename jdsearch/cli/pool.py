@@ -23,9 +23,10 @@ def add_pool(sub: Any, name: str) -> None:
 def cmd_pool_train(args: argparse.Namespace) -> int:
     """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
     ``runs/NAME/pool.safetensors``); returns 0."""
+    from jdsearch.core.config import cache_key
     from jdsearch.methods.pool import train_and_save_pool
     from jdsearch.search.assets import ensure_data, pool_start
-    from jdsearch.search.caches import run_dir
+    from jdsearch.search.caches import pool_fields, run_dir
     from jdsearch.spec.study import load_study
 
     spec = load_study(args.study)
@@ -39,6 +40,7 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
         device=spec.device,
         progress=not args.quiet,
         base=pool_start(spec),
+        key=cache_key(pool_fields(spec)),  # as a search's: the default --out is its cache
     )
     print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
     return 0

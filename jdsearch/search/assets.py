@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from jdsearch.core.config import cache_key
 from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.core.resolution import Resolution
 from jdsearch.data import synth
@@ -190,11 +191,18 @@ def _pool_file(
     start = "the base detector" if base is not None else "random weights"
     say(f"training the elastic teacher pool from {start} (cache {cache.path}) ...")
     announce(POOL)
+    fields = pool_fields(spec)  # its hash keys the phase state of a killed training
     with distributed.lockstep("the teacher pool's training"):
         train_and_save_pool(
-            pool_spec, train_set, cache.path, device=spec.device, progress=progress, base=base
+            pool_spec,
+            train_set,
+            cache.path,
+            device=spec.device,
+            progress=progress,
+            base=base,
+            key=cache_key(fields),
         )
-    write_made_by(cache, pool_fields(spec))
+    write_made_by(cache, fields)
     return cache.path
 
 

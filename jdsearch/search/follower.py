@@ -11,11 +11,12 @@ import logging
 
 import optuna
 
+from jdsearch.core.config import cache_key
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine import distributed
 from jdsearch.methods.pool import train_pool_along
 from jdsearch.search.assets import ensure_data, pool_start, train_base
-from jdsearch.search.caches import pool_cache
+from jdsearch.search.caches import pool_cache, pool_fields
 from jdsearch.search.objective import Objective
 from jdsearch.search.ranks import BASE, POOL, READY, STOP, TRIAL, receive
 from jdsearch.search.session import open_run
@@ -64,7 +65,8 @@ def _train_along(spec: StudySpec, command: str) -> None:
                 train_base(spec, train_set, progress=False)
             else:
                 path, base = pool_cache(spec).path, pool_start(spec)
-                train_pool_along(spec.pool, train_set, path, device=spec.device, base=base)
+                key = cache_key(pool_fields(spec))  # rank 0's (assets._pool_file)
+                train_pool_along(spec.pool, train_set, path, device=spec.device, base=base, key=key)
     except JDSearchError as e:
         distributed.check_in_step(e)
         log.info("%s on this rank: %s", command, e)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from jdsearch.core.config import cache_key
 from jdsearch.core.errors import CheckpointError, SpecError
 from jdsearch.methods.pool.record import PhaseRecord
 from jdsearch.methods.pool.supernet import ElasticPool
@@ -36,6 +37,7 @@ __all__ = [
     "POOL_VERSION",
     "load_pool",
     "pool_from_bytes",
+    "pool_key",
     "pool_to_bytes",
     "save_pool",
     "train_and_save_pool",
@@ -170,6 +172,7 @@ def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool'
     max_iters: int | None = None,
     detector_spec: DetectorSpec | None = None,
     base: Detector | None = None,
+    key: str | None = None,
 ) -> ElasticPool:
     """Build (or, with ``resume`` and an existing ``path``, load) a pool, train the phases still
     to do, and save it to ``path`` after every phase. Entry point of ``jdsearch pool train``.
@@ -177,14 +180,18 @@ def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool'
     ``dataset`` gives the classes (``num_classes``, ``class_names``). Resuming requires the file's
     pool to have the same super-net and space; the schedule of the phases still to run comes from
     ``pool_spec``. ``base``: a new pool starts from this detector (``pool.init: base``,
-    :class:`ElasticPool`); a resumed one must have started from it.
+    :class:`ElasticPool`); a resumed one must have started from it. ``key``: what the phase
+    state is keyed to (a study's pool cache key; default :func:`pool_key` of ``pool_spec`` and
+    the start): a state another key saved is not resumed.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)  # its phase states are written there from the start
     pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec, base)
     # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
     # the pool file, continued from when the phase is run again (a killed `prepare`).
-    states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY)
+    states = PhaseStates(
+        _phase_state_path(p), PHASE_CHECKPOINT_EVERY, key=key or pool_key(pool_spec, pool)
+    )
     if not resume:
         states.path.unlink(missing_ok=True)
     for i in range(len(pool.record), len(pool_spec.phases)):
@@ -212,15 +219,23 @@ def train_pool_along(
     *,
     device: str | torch.device,
     base: Detector | None = None,
+    key: str | None = None,
 ) -> None:
     """What :func:`train_and_save_pool` trains, from where it resumes (``path`` and its phase
     state, as they are), without writing anything: a rank other than 0 under ``torchrun``, which
     trains its share of each batch while rank 0 saves."""
     p = Path(path)
     pool = _open_pool(pool_spec, dataset, p, device, None, base)
-    states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY, readonly=True)
+    key = key or pool_key(pool_spec, pool)
+    states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY, key=key, readonly=True)
     for i in range(len(pool.record), len(pool_spec.phases)):
         resume_pool(pool, dataset, states, pool_spec, device=device, phases=[i])
+
+
+def pool_key(pool_spec: PoolSpec, pool: ElasticPool) -> str:
+    """The hash of what makes ``pool``'s training, as far as the pool knows it: the spec (its
+    phases, space and training) and the digest of the base it started from."""
+    return cache_key({"pool": pool_spec.to_dict(), "base_sha256": pool.base_sha256})
 
 
 def _phase_state_path(path: Path) -> Path:

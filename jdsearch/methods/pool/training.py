@@ -96,15 +96,20 @@ PHASE_CHECKPOINT_EVERY = 1000
 
 class PhaseStates:
     """The resumable state of the pool phase in progress, in one local file (``path``; the latest
-    state only), saved every ``every`` iterations of a phase (0: never). ``readonly``: only
-    read (a rank other than 0 under ``torchrun`` resumes what rank 0 saved, and writes nothing)."""
+    state only), saved every ``every`` iterations of a phase (0: never). ``key``: the hash of
+    what makes the pool's training (its spec, its start, its data; ``cache_key``), saved with the
+    state; a state saved under another key is discarded. ``readonly``: only read (a rank other
+    than 0 under ``torchrun`` resumes what rank 0 saved, and writes nothing)."""
 
-    def __init__(self, path: str | Path, every: int, *, readonly: bool = False) -> None:
-        self.path, self.every, self.readonly = Path(path), int(every), readonly
+    def __init__(
+        self, path: str | Path, every: int, *, key: str | None = None, readonly: bool = False
+    ) -> None:
+        self.path, self.every, self.key, self.readonly = Path(path), int(every), key, readonly
 
     def load(self, phase: int) -> TrainState | None:
         """The state saved inside phase ``phase``; ``None`` if there is none, it belongs to another
-        phase or it cannot be read (then with a warning: the phase starts over)."""
+        phase, or it cannot be read or was saved under another key (then with a warning, and the
+        file is removed: the phase starts over)."""
         if not self.path.is_file():
             return None
         try:
@@ -114,13 +119,28 @@ class PhaseStates:
             logger.warning("%s: unreadable, phase %d starts over (%s)", self.path, phase, e)
             return None
         saved = state.meta.get("pool")
-        return state if isinstance(saved, dict) and saved.get("phase") == phase else None
+        if not isinstance(saved, dict):
+            return None
+        if saved.get("key") != self.key:
+            was = "without a key" if saved.get("key") is None else f"under key {saved['key']}"
+            logger.warning(
+                "%s: saved %s, not this pool's %s (its spec, start or data changed): "
+                "discarded, phase %d starts over",
+                self.path,
+                was,
+                self.key,
+                phase,
+            )
+            self.clear()
+            return None
+        return state if saved.get("phase") == phase else None
 
     def save(self, phase: int, state: TrainState, schedule: dict[str, Any]) -> None:
         """Replace the file with ``state`` of phase ``phase`` (atomically)."""
         if self.readonly:
             return
-        meta = {**state.meta, "pool": {"phase": phase, "schedule": schedule}}
+        pool = {"phase": phase, "schedule": schedule, "key": self.key}
+        meta = {**state.meta, "pool": pool}
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(trainstate_to_bytes(TrainState(state.iteration, state.tensors, meta)))
         os.replace(tmp, self.path)
