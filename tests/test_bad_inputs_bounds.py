@@ -275,15 +275,91 @@ def test_train_names_the_flag_not_the_field(
     )
 
 
-def test_a_non_finite_image_cache_size_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def _image_cache_mb() -> float:
     from jdsearch.data.coco import image_cache_bytes
 
-    for raw in ("inf", "nan"):
-        monkeypatch.setenv("JDSEARCH_IMAGE_CACHE_MB", raw)
-        with pytest.raises(
-            DataError, match=f"JDSEARCH_IMAGE_CACHE_MB: not a finite number: '{raw}'"
-        ):
-            image_cache_bytes()
+    return image_cache_bytes() / 2**20
+
+
+def _db_retry_s() -> float:
+    from jdsearch.storage.reconnect import retry_window_s
+
+    return retry_window_s()
+
+
+def _dist_timeout_s() -> float:
+    """Reads ``JDSEARCH_DIST_TIMEOUT_S`` as ``torchrun`` would have it (a second rank), up to
+    the point where the process group would be joined."""
+    from jdsearch.engine import distributed
+
+    def join(**kw: Any) -> None:
+        raise _Joined(kw["timeout"])
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")
+        m.setattr(distributed.dist, "init_process_group", join)
+        distributed.init_from_env("cpu")
+    raise AssertionError("unreachable")
+
+
+class _Joined(Exception):
+    """Stands for joining the process group, with the timeout it was given."""
+
+    def __init__(self, timeout: Any) -> None:
+        super().__init__()
+        self.seconds = timeout.total_seconds()
+
+
+def _world_size() -> float:
+    from jdsearch.engine import distributed
+
+    return float(distributed.init_from_env("cpu"))
+
+
+ENV_NUMBERS = {
+    "JDSEARCH_IMAGE_CACHE_MB": (_image_cache_mb, "≥ 0", "0", 0.0),
+    "JDSEARCH_DB_RETRY_S": (_db_retry_s, "≥ 0", "12.5", 12.5),
+    "JDSEARCH_DIST_TIMEOUT_S": (_dist_timeout_s, "> 0 and ≤ 2592000", "60", 60.0),
+    "WORLD_SIZE": (_world_size, "≥ 1", "1", 0.0),  # an integer; 1: not distributed
+}
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "-1", "ten", ""])
+@pytest.mark.parametrize("name", sorted(ENV_NUMBERS))
+def test_a_bad_number_in_the_environment_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str
+) -> None:
+    """Every environment variable jdsearch reads as a number refuses nan, inf, a negative number
+    and a word in one line naming the variable and the value; a good value is taken."""
+    from jdsearch.core.errors import JDSearchError
+
+    read, bounds, good, value = ENV_NUMBERS[name]
+    kind = "an integer" if name == "WORLD_SIZE" else "a finite number"
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(JDSearchError) as e:
+        read()
+    assert str(e.value) == f"{name}: must be {kind} {bounds}, got {raw!r}"
+    monkeypatch.setenv(name, good)
+    try:
+        assert read() == value
+    except _Joined as joined:
+        assert joined.seconds == value
+
+
+def test_env_numbers_hold_their_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds of :func:`env_number`: ``above`` excludes the low bound, ``high`` caps, an
+    integer refuses a fraction, and an unset variable gives the default."""
+    from jdsearch.core.config import env_number
+    from jdsearch.core.errors import JDSearchError
+
+    monkeypatch.delenv("JDSEARCH_TEST_N", raising=False)
+    assert env_number("JDSEARCH_TEST_N", 7.5) == 7.5
+    for raw, kw in [("0", {"above": True}), ("11", {"high": 10}), ("1.5", {"integer": True})]:
+        monkeypatch.setenv("JDSEARCH_TEST_N", raw)
+        with pytest.raises(JDSearchError, match=f"^JDSEARCH_TEST_N: .*, got '{raw}'$"):
+            env_number("JDSEARCH_TEST_N", 1, **kw)  # type: ignore[arg-type]
+    monkeypatch.setenv("JDSEARCH_TEST_N", "10")
+    assert env_number("JDSEARCH_TEST_N", 1, above=True, high=10, integer=True) == 10
 
 
 # ---------------------------------------------------------------------- gc --storage

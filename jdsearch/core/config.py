@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -22,7 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
-from jdsearch.core.errors import SpecError
+from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.core.files import read_text
 from jdsearch.core.limits import MAX_ANCHOR_SIZE, MAX_POOL_SIZE, MAX_SIZE_DIVISIBLE, MAX_WIDTH
 from jdsearch.core.resolution import Resolution
@@ -34,6 +35,7 @@ __all__ = [
     "Fields",
     "cache_key",
     "check",
+    "env_number",
     "is_int",
     "is_number",
     "plain",
@@ -389,3 +391,37 @@ def cache_key(fields: Mapping[str, Any]) -> str:
     """The hash of the spec parts (dotted study fields → plain values) that made a cache."""
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def env_number(
+    name: str,
+    default: float,
+    *,
+    low: float = 0.0,
+    above: bool = False,
+    high: float | None = None,
+    integer: bool = False,
+) -> float:
+    """The environment variable ``name`` read as a number (``default`` when it is unset): finite,
+    at least ``low`` (more than it, with ``above``), at most ``high``, an integer with
+    ``integer``. Anything else (``nan``, ``inf``, a negative number, a word) is one
+    :class:`JDSearchError` naming the variable and its value, as a CLI float flag's is."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(int(raw)) if integer else float(raw)
+    except ValueError:
+        value = math.nan
+    within = (value > low if above else value >= low) and (high is None or value <= high)
+    if not (math.isfinite(value) and within):
+        kind = "an integer" if integer else "a finite number"
+        bounds = f"{'>' if above else '≥'} {_bound(low)}"
+        bounds += "" if high is None else f" and ≤ {_bound(high)}"
+        raise JDSearchError(f"{name}: must be {kind} {bounds}, got {raw!r}")
+    return value
+
+
+def _bound(x: float) -> str:
+    """A bound for a message: ``2592000``, not ``2.592e+06``."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

@@ -45,6 +45,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from jdsearch.core.config import env_number
 from jdsearch.core.errors import CheckpointError, DataError, SpecError
 from jdsearch.core.files import read_bytes
 from jdsearch.core.limits import MAX_ANNOTATION_BYTES, MAX_IMAGE_SIDE
@@ -485,14 +486,7 @@ def _rgb8_to_chw_float(rgb: np.ndarray) -> np.ndarray:
 def image_cache_bytes() -> int:
     """How many bytes of decoded images a dataset keeps in memory: ``JDSEARCH_IMAGE_CACHE_MB``
     (default 1024); a dataset whose images take more keeps none."""
-    raw = os.environ.get("JDSEARCH_IMAGE_CACHE_MB", "1024")
-    try:
-        megabytes = float(raw)
-    except ValueError:
-        raise DataError(f"JDSEARCH_IMAGE_CACHE_MB: not a number: {raw!r}") from None
-    if not math.isfinite(megabytes):
-        raise DataError(f"JDSEARCH_IMAGE_CACHE_MB: not a finite number: {raw!r}")
-    return int(max(0.0, megabytes) * 2**20)
+    return int(env_number("JDSEARCH_IMAGE_CACHE_MB", 1024) * 2**20)
 
 
 @contextlib.contextmanager

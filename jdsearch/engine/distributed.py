@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -28,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from jdsearch.core.config import env_number
 from jdsearch.core.errors import JDSearchError, RanksOutOfStep
 
 __all__ = [
@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The longest wait ``JDSEARCH_DIST_TIMEOUT_S`` may set (30 days): a rank waits hours at most, and
+#: a far larger figure overflows ``timedelta``.
+MAX_DIST_TIMEOUT_S = 30 * 24 * 3600
 
 
 def is_distributed() -> bool:
@@ -74,7 +78,7 @@ def init_from_env(device: str) -> bool:
     whether this process is one of several ranks. Without ``torchrun``, nothing happens."""
     if is_distributed():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if env_number("WORLD_SIZE", 1, low=1, integer=True) <= 1:
         return False
     if not dist.is_available():
         raise JDSearchError("torchrun: torch.distributed is not available in this build of torch")
@@ -85,14 +89,10 @@ def init_from_env(device: str) -> bool:
             f"device: {device!r} under torchrun: write 'cuda' (each rank uses cuda:LOCAL_RANK)"
         )
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(env_number("LOCAL_RANK", 0, integer=True)))
     # The other ranks wait while rank 0 evaluates, uploads and asks for the next trial: at paper
     # scale that outlasts torch's default 10-30 minutes.
-    raw = os.environ.get("JDSEARCH_DIST_TIMEOUT_S", str(6 * 3600))
-    try:
-        wait = float(raw)
-    except ValueError:
-        raise JDSearchError(f"JDSEARCH_DIST_TIMEOUT_S: not a number of seconds: {raw!r}") from None
+    wait = env_number("JDSEARCH_DIST_TIMEOUT_S", 6 * 3600, above=True, high=MAX_DIST_TIMEOUT_S)
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=wait))
     logger.info("rank %d of %d (%s)", rank(), world_size(), dist.get_backend())
     return True

@@ -11,13 +11,13 @@ Connections left dead in a pool are replaced by SQLAlchemy's ``pool_pre_ping`` o
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import sqlalchemy as sa
 
+from jdsearch.core.config import env_number
 from jdsearch.core.errors import first_line
 
 __all__ = ["RETRY_WINDOW_ENV", "is_disconnect", "retry_window_s", "with_reconnect"]
@@ -54,18 +54,8 @@ _MARKERS = (
 
 def retry_window_s() -> float:
     """How long an operation is retried while the database is unreachable: the environment's
-    ``JDSEARCH_DB_RETRY_S`` (seconds), default 300."""
-    raw = os.environ.get(RETRY_WINDOW_ENV)
-    if raw is None:
-        return _DEFAULT_WINDOW_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        log.warning("%s=%r is not a number of seconds ≥ 0; using %g", RETRY_WINDOW_ENV, raw, 300)
-        return _DEFAULT_WINDOW_S
-    return value
+    ``JDSEARCH_DB_RETRY_S`` (seconds ≥ 0), default 300."""
+    return env_number(RETRY_WINDOW_ENV, _DEFAULT_WINDOW_S)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
