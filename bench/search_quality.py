@@ -99,6 +99,13 @@ winner.
     python bench/search_quality.py --study studies/quickstart.yaml --seeds 3 \
         --rows hill_climb pareto --alphas 0.1 1.0   # Pareto against H at α 0.1, 0.4 (the
                                                     # study's), 1.0: same trials, same seeds
+
+The verdict's subset, ``--seeds 1 --threads 1 --rows hill_climb finetuned longer_all
+torch_pruning torch_pruning_kd random`` on the quickstart, took 19 min 54 s on this project's
+2-core machine next to two other single-thread processes (issue 26: under 30 minutes), the
+synthetic data, the pool and the noise floor's three re-runs included. That was with the
+quickstart's earlier pool (bottleneck blocks from random weights); the pool that starts from
+the base takes a minute or two longer to train (docs/pool.md).
 """
 
 from __future__ import annotations
