@@ -82,13 +82,15 @@ def shrunk_quickstart(
             ``storage``, ...).
 
     Returns:
-        The spec as a dict (``base.checkpoint`` unset: ``prepare`` trains the base on the shrunk
-        data, which the quickstart's shipped base was not trained on).
+        The spec as a dict (``base.checkpoint`` and ``pool.checkpoint`` unset: ``prepare``
+        trains the base and the pool on the shrunk data, which the quickstart's shipped ones were
+        not trained on).
     """
     shrink = shrink or Shrink()
     spec = yaml.safe_load(read_text(quickstart or quickstart_path()))
     spec["name"] = name
     spec["base"].pop("checkpoint", None)
+    spec["pool"].pop("checkpoint", None)  # a shipped pool is trained on the quickstart's data
     spec["data"] = {
         "dir": str(data_dir),
         "synth": {"images": shrink.images, "seed": shrink.seed, "size": shrink.size},
@@ -135,9 +137,12 @@ def tiny_study(
         spec = yaml.safe_load(read_text(quickstart_path()))
         spec["name"] = name
         spec["data"]["dir"] = str(root / "data")
-        shipped = load_study(quickstart_path()).base_checkpoint  # read beside the spec file
+        quickstart = load_study(quickstart_path())
+        shipped = quickstart.base_checkpoint  # read beside the spec file
         if base is not None or shipped is not None:
             spec["base"]["checkpoint"] = str(base or shipped)
+        if quickstart.pool_checkpoint is not None:  # used when the base and data are its own
+            spec["pool"]["checkpoint"] = str(quickstart.pool_checkpoint)
         spec["search"].update({"n_trials": n_trials, "storage": storage})
         return study_from_dict(spec, source=f"bench:{name}")
     spec = shrunk_quickstart(name, root / "data", BENCH_SHRINK, n_trials=n_trials, storage=storage)

@@ -33,6 +33,7 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
     pool_spec = spec.pool
     train_set, _ = ensure_data(spec)
     out = Path(args.out) if args.out else run_dir(spec) / "pool.safetensors"
+    fields = pool_fields(spec)
     pool = train_and_save_pool(
         pool_spec,
         train_set,
@@ -40,7 +41,8 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
         device=spec.device,
         progress=not args.quiet,
         base=pool_start(spec),
-        key=cache_key(pool_fields(spec)),  # as a search's: the default --out is its cache
+        key=cache_key(fields),  # as a search's: the default --out is its cache
+        made_by=fields,  # recorded in the file: a study naming it (pool.checkpoint) checks them
     )
     print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
     return 0

@@ -1,7 +1,7 @@
 """What every worker of a study needs, and where it comes from: the data, the base detector and
-the teacher pool. Made here when neither the storage nor the local caches hold them
-(:mod:`jdsearch.search.caches`), uploaded to the study's artifact store, and read back from it as
-:class:`StudyAssets`, what every worker then sees.
+the teacher pool. Made here when neither the storage, the files the spec names nor the local
+caches (:mod:`jdsearch.search.caches`) hold them, uploaded to the study's artifact store, and read
+back from it as :class:`StudyAssets`, what every worker then sees.
 
 Imports every layer below the search and Optuna's public API.
 """
@@ -36,6 +36,7 @@ from jdsearch.search.caches import (
     check_cached_data,
     data_cache,
     data_fields,
+    named_pool_unfit,
     pool_cache,
     pool_fields,
     read_made_by,
@@ -201,9 +202,30 @@ def _pool_file(
             progress=progress,
             base=base,
             key=cache_key(fields),
+            made_by=fields,
         )
     write_made_by(cache, fields)
     return cache.path
+
+
+def pool_path(spec: StudySpec, train_set: CocoDataset, progress: bool) -> Path:
+    """The teacher pool's file: the trained pool ``pool.checkpoint`` names when this spec's
+    settings made it (else one line says why it is not used), the cached one, or one trained now.
+
+    Raises:
+        SpecError: ``pool.checkpoint`` names a file that does not exist or is not a pool, or a
+            cached pool was made by other settings.
+    """
+    if spec.pool.checkpoint is not None:
+        named = spec.existing_pool_checkpoint()
+        why = named_pool_unfit(spec)
+        if why is None:
+            say(f"using the trained teacher pool {named} (pool.checkpoint)")
+            return named
+        say(f"not using pool.checkpoint {named}: {why}")
+    cache = pool_cache(spec).path
+    done = cache.is_file() and cached_pool_done(spec)
+    return cache if done else _pool_file(spec, spec.pool, train_set, progress)
 
 
 def record_spec(study: optuna.Study, spec: StudySpec, train_set: CocoDataset) -> None:
@@ -243,10 +265,7 @@ def upload_assets(
     if BASE_ATTR not in study.user_attrs:
         _study_artifact(study, store, BASE_ATTR, _base_checkpoint(spec, train_set, progress))
     if POOL_ATTR not in study.user_attrs:
-        cache = pool_cache(spec).path
-        done = cache.is_file() and cached_pool_done(spec)
-        path = cache if done else _pool_file(spec, spec.pool, train_set, progress)
-        _study_artifact(study, store, POOL_ATTR, path)
+        _study_artifact(study, store, POOL_ATTR, pool_path(spec, train_set, progress))
 
 
 def same_spec(stored: Any, spec: StudySpec) -> bool:

@@ -83,14 +83,25 @@ def check_cache(
     fields ``made`` knows are compared: an unrecorded cache tells only some)."""
     if cache_key(made) == cache_key({k: wanted.get(k) for k in made}):
         return
-    field = next(k for k in sorted(made) if made[k] != wanted.get(k))
-    now, then = wanted.get(field), made[field]
+    field, now, then = _first_difference({k: wanted.get(k) for k in made}, made)
     if then is None and field == "base.backbone_weights":
         then = "random weights"
     raise SpecError(
         f"{spec.source}: {field} is {'unset' if now is None else now}, but {cache.made} "
         f"{'unset' if then is None else then}: delete it to {cache.remedy}"
     )
+
+
+def _first_difference(wanted: dict[str, Any], made: dict[str, Any]) -> tuple[str, Any, Any]:
+    """The first field (in sorted order) whose value ``made`` a cache and is not ``wanted`` now:
+    its name, its value now and then (compared as the cache key compares them)."""
+    differs = [k for k in sorted({*wanted, *made}) if _plain(wanted.get(k)) != _plain(made.get(k))]
+    field = differs[0]
+    return field, wanted.get(field), made.get(field)
+
+
+def _plain(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _flat(prefix: str, value: Any) -> dict[str, Any]:
@@ -222,8 +233,10 @@ def pool_cache(spec: StudySpec) -> Cache:
 
 def _pool_doc_fields(pool: Any) -> dict[str, Any]:
     """A pool spec's to_dict form as dotted fields, less what changes nothing in its weights
-    (the BN recalibration of extracted teachers, logging)."""
-    fields = _flat("pool", {k: v for k, v in pool.items() if k != "recalibration_batches"})
+    (the BN recalibration of extracted teachers, logging) and ``pool.checkpoint`` (which names a
+    trained pool, made by the other fields)."""
+    making = {k: v for k, v in pool.items() if k not in ("recalibration_batches", "checkpoint")}
+    fields = _flat("pool", making)
     return {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in _NOT_MAKING}
 
 
@@ -292,3 +305,30 @@ def cached_pool_done(spec: StudySpec) -> bool:
         made.update({"pool.init": "base", POOL_BASE_FIELD: digest} if digest else _POOL_INIT_UNSET)
     check_cache(spec, cache, pool_fields(spec), made)
     return len(doc.get("record") or []) >= len(spec.pool.phases)
+
+
+def named_pool_unfit(spec: StudySpec) -> str | None:
+    """Why the trained pool that ``pool.checkpoint`` names cannot serve this study, in words;
+    ``None`` when it can: the pool cache key its file records (:func:`pool_fields`, written when
+    it was trained) is this spec's, and every phase is trained.
+
+    Raises:
+        SpecError: the file does not exist, or is not a teacher pool.
+        CheckpointError: the file is not a readable checkpoint.
+    """
+    path = spec.existing_pool_checkpoint()
+    doc = read_checkpoint_metadata(path).get("extra", {}).get("pool")
+    if not isinstance(doc, dict):
+        raise SpecError(f"{spec.source}: pool.checkpoint {path}: not a teacher pool")
+    made_by = doc.get("made_by")
+    made = made_by.get("fields") if isinstance(made_by, dict) else None
+    if not isinstance(made, dict) or made_by.get("key") != cache_key(made):
+        return "it records no pool cache key (not trained by jdsearch search or pool train)"
+    wanted = pool_fields(spec)
+    if cache_key(made) != cache_key(wanted):
+        field, now, then = _first_difference(wanted, made)
+        return f"{field} is {now} here, {then} where it was trained"
+    done = len(doc.get("record") or [])
+    if done < len(spec.pool.phases):
+        return f"it holds {done} of the {len(spec.pool.phases)} phases trained"
+    return None

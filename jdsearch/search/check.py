@@ -163,17 +163,23 @@ def _check_base(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
 
 def _check_pool(spec: StudySpec, train_set: Any, report: CheckReport) -> Any:
     from jdsearch.methods.pool import ElasticPool
-    from jdsearch.search.caches import cached_pool_done, pool_cache
+    from jdsearch.search.caches import cached_pool_done, named_pool_unfit, pool_cache
     from jdsearch.spec.study import pool_base
 
     pool = ElasticPool(spec.pool, train_set.num_classes)  # checks every member fits
     epochs = sum(p.epochs for p in spec.pool.phases)
     cache = pool_cache(spec).path
-    if not cache.is_file():
+    named = None if spec.pool.checkpoint is None else spec.existing_pool_checkpoint()
+    unfit = None if named is None else named_pool_unfit(spec)
+    if named is not None and unfit is None:
+        cached = f"by these settings: pool.checkpoint {named}, not trained again"
+    elif not cache.is_file():
         cached = "unless the study holds one"
     else:  # refused here if other settings made it
         cached = "or taken from" if cached_pool_done(spec) else "or resumed from"
         cached += f" {cache}"
+    if unfit is not None:
+        report.add(f"pool: not using pool.checkpoint {named}: {unfit}")
     start = "the base detector" if pool_base(spec) is not None else "random weights"
     report.add(
         f"pool: {spec.pool.space.size()} sub-networks of {spec.pool.detector} fit the super-net, "

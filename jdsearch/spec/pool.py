@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jdsearch.core.config import FieldError, Fields, is_int, plain, read_dataclass
@@ -69,6 +70,9 @@ class PoolSpec:
     the BN statistics of an extracted teacher (:meth:`ElasticPool.teacher`). ``init``: where the
     super-net's weights start (:data:`POOL_INITS`); ``None`` (unset): from the base detector when
     the base is one of the pool's sub-networks (:meth:`base_mismatch`), else random.
+    ``checkpoint``: a trained pool file (``.safetensors``) that a study uses instead of training
+    its pool, when the settings that made it are the study's (``docs/pool.md``); it is not one of
+    them, and a pool file does not record it.
 
     Raises:
         FieldError: an invalid field; read from a file, it names the dotted field.
@@ -84,11 +88,15 @@ class PoolSpec:
     reorder: bool = True
     recalibration_batches: int = 10
     init: str | None = None
+    checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         if self.init is not None and self.init not in POOL_INITS:
             why = f"must be {' or '.join(repr(v) for v in POOL_INITS)}"
             raise FieldError("pool", "init", why, self.init)
+        if self.checkpoint is not None and self.checkpoint.suffix != ".safetensors":
+            why = "expected a trained pool's .safetensors file"
+            raise FieldError("pool", "checkpoint", why, str(self.checkpoint))
         object.__setattr__(self, "phases", tuple(self.phases))
         object.__setattr__(self, "base_widths", tuple(self.base_widths))
         if self.kind not in (BASIC, BOTTLENECK):
@@ -233,6 +241,7 @@ class PoolSpec:
             "reorder": self.reorder,
             "recalibration_batches": self.recalibration_batches,
             **({} if self.init is None else {"init": self.init}),
+            **({} if self.checkpoint is None else {"checkpoint": str(self.checkpoint)}),
         }
 
     @classmethod
@@ -248,7 +257,8 @@ class PoolSpec:
     def from_fields(cls, f: Fields) -> PoolSpec:
         """Read the ``pool:`` mapping: ``detector``, ``kind``, ``base_widths``, ``space``,
         ``phases``, ``train`` (a :class:`TrainConfig` but for ``epochs``, ``lr``, ``max_iters``
-        and ``device``), ``kd``, ``reorder``, ``recalibration_batches`` and ``init``."""
+        and ``device``), ``kd``, ``reorder``, ``recalibration_batches``, ``init`` and
+        ``checkpoint``."""
         detector = f.take("detector", str, "r101-fpn")
         if not detector:
             f.fail("detector", "expected a detector preset name or spec path, got ''")
@@ -268,9 +278,21 @@ class PoolSpec:
         reorder = f.take("reorder", bool, legacy["reorder"])
         recalibration = f.take("recalibration_batches", int, legacy["recalibration_batches"])
         init = f.take("init", str | None, None)
+        checkpoint = f.take("checkpoint", Path | None, None)
         f.done()
         return f.build(
-            cls, space, phases, detector, kind, base, train, kd, reorder, recalibration, init
+            cls,
+            space,
+            phases,
+            detector,
+            kind,
+            base,
+            train,
+            kd,
+            reorder,
+            recalibration,
+            init,
+            checkpoint,
         )
 
     # -- presets

@@ -354,7 +354,16 @@ class StudySpec:
         quickstart names its trained base (``studies/quickstart-base.safetensors``). The stored
         spec keeps the name as written, so a study reads the same on every machine.
         """
-        path = self.base.checkpoint
+        return self._beside(self.base.checkpoint)
+
+    @property
+    def pool_checkpoint(self) -> Path | None:
+        """``pool.checkpoint``, the trained pool the study names, read as
+        :attr:`base_checkpoint` is (a bare file name not in the working directory: beside the
+        spec file); ``None`` when it names none."""
+        return self._beside(self.pool.checkpoint)
+
+    def _beside(self, path: Path | None) -> Path | None:
         if path is None or path.is_file() or path.name != str(path) or not self.source:
             return path
         beside = Path(self.source).parent / path
@@ -366,11 +375,20 @@ class StudySpec:
         Raises:
             SpecError: naming the spec file, the field, and where the file was looked for.
         """
-        path = self.base_checkpoint
+        return self._existing("base.checkpoint", self.base.checkpoint, self.base_checkpoint)
+
+    def existing_pool_checkpoint(self) -> Path:
+        """:attr:`pool_checkpoint`, which must be set and exist.
+
+        Raises:
+            SpecError: naming the spec file, the field, and where the file was looked for.
+        """
+        return self._existing("pool.checkpoint", self.pool.checkpoint, self.pool_checkpoint)
+
+    def _existing(self, name: str, given: Path | None, path: Path | None) -> Path:
         if path is None or not path.is_file():
-            given = self.base.checkpoint
             where = f" (nor beside {self.source})" if given and given.name == str(given) else ""
-            raise SpecError(f"{self.source}: base.checkpoint {given} does not exist{where}")
+            raise SpecError(f"{self.source}: {name} {given} does not exist{where}")
         return path
 
     @property

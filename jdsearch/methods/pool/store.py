@@ -9,7 +9,7 @@ largest detector).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,16 @@ POOL_VERSION = 1
 
 def _extra(pool: ElasticPool, record: Sequence[PhaseRecord] | None) -> dict[str, Any]:
     rec = pool.record if record is None else tuple(record)
+    spec = pool.spec.to_dict()
+    spec.pop("checkpoint", None)  # where a study finds a trained pool: not how it was trained
     return {
         "pool": {
             "format": POOL_FORMAT,
             "version": POOL_VERSION,
-            "spec": pool.spec.to_dict(),
+            "spec": spec,
             "record": [r.to_dict() for r in rec],
             **({} if pool.base_sha256 is None else {"base_sha256": pool.base_sha256}),
+            **({} if pool.made_by is None else {"made_by": pool.made_by}),
         }
     }
 
@@ -115,6 +118,8 @@ def _pool_from_checkpoint(ck: Any, source: str) -> ElasticPool:
             f"{source}: the stored super-net does not match its pool spec: {e}"
         ) from None
     pool.base_sha256 = digest
+    made_by = doc.get("made_by")
+    pool.made_by = made_by if isinstance(made_by, dict) else None  # judged where it is used
     return pool
 
 
@@ -173,6 +178,7 @@ def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool'
     detector_spec: DetectorSpec | None = None,
     base: Detector | None = None,
     key: str | None = None,
+    made_by: Mapping[str, Any] | None = None,
 ) -> ElasticPool:
     """Build (or, with ``resume`` and an existing ``path``, load) a pool, train the phases still
     to do, and save it to ``path`` after every phase. Entry point of ``jdsearch pool train``.
@@ -182,11 +188,15 @@ def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool'
     ``pool_spec``. ``base``: a new pool starts from this detector (``pool.init: base``,
     :class:`ElasticPool`); a resumed one must have started from it. ``key``: what the phase
     state is keyed to (a study's pool cache key; default :func:`pool_key` of ``pool_spec`` and
-    the start): a state another key saved is not resumed.
+    the start): a state another key saved is not resumed. ``made_by``: the study fields that make
+    the pool (a study's pool cache fields), recorded in the file with their key, so that a study
+    can tell whether a pool file it is given is the pool it would train.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)  # its phase states are written there from the start
     pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec, base)
+    if made_by is not None:
+        pool.made_by = {"key": cache_key(made_by), "fields": dict(made_by)}
     # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
     # the pool file, continued from when the phase is run again (a killed `prepare`).
     states = PhaseStates(

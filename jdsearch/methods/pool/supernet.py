@@ -88,6 +88,9 @@ class ElasticPool:
         #: The digest of the base detector's weights (as its checkpoint records it) that the
         #: super-net started from; ``None``: random weights.
         self.base_sha256 = None if base is None else tensors_sha256(base.state_dict())
+        #: What made the pool, as the study that trained it keys its pool cache
+        #: (``{"key": ..., "fields": {...}}``, stored with the pool); ``None``: not recorded.
+        self.made_by: dict[str, Any] | None = None
         if supernet is None:
             supernet = build_detector(
                 self.spec_of(spec.largest, self.name), num_classes, seed=spec.train.seed
