@@ -5,6 +5,8 @@
 * :func:`tiny_study` — the study of ``bench/engine_overhead.py`` and ``bench/faults.py``: that
   shrunk quickstart (or the quickstart as it is) as a :class:`~jdsearch.spec.study.StudySpec`;
 * :func:`install_pool` — a trained pool put where ``prepare`` looks for a study's cached pool;
+* :func:`measure_base`, :func:`measure_pool` — what a study's shipped base and pool record,
+  measured now (``bench/ship_base.py``, ``bench/ship_pool.py``);
 * :func:`pg_schema` — a throwaway schema on a PostgreSQL server, and its dropper;
 * :func:`quiet_optuna` — Optuna's logging and experimental-feature warnings silenced.
 
@@ -263,4 +265,50 @@ def measure_base(spec: StudySpec, sizes: tuple[str, ...] | None = None) -> dict[
         # What the generator wrote (not the cache record beside it): as tests/test_synth.py pins.
         "data_sha256": tree_digest(spec.data.dir, ("train.json", "val.json", "images")),
         "ap": ap,
+    }
+
+
+def shipped_pool_record(spec: StudySpec) -> Path:
+    """The record beside a study's shipped pool (``studies/quickstart-pool.json``): beside the
+    spec file for a bare file name, even before the pool is there."""
+    given = spec.pool.checkpoint
+    if given is None:
+        raise ValueError(f"{spec.source}: no pool.checkpoint")
+    path = Path(spec.source).parent / given if given.name == str(given) else given
+    return path.with_suffix(".json")
+
+
+def measure_pool(spec: StudySpec) -> dict[str, Any]:
+    """What a study's shipped pool records, measured now: the pool cache key its file records and
+    the one the study's spec, base and data give now, its weights' sha256, the base's and the
+    data's digests (the data generated from ``data.synth`` when missing), and the teacher check
+    the search makes of it (the largest sub-network's AP against the base's, 0-100, on the
+    selection split at the base resolution)."""
+    from jdsearch.core.config import cache_key
+    from jdsearch.methods.pool import load_pool
+    from jdsearch.search.assets import StudyAssets, ensure_data
+    from jdsearch.search.caches import base_sha256, pool_fields
+    from jdsearch.search.teacher_check import measure_teacher
+    from jdsearch.store.checkpoint import load_checkpoint, read_checkpoint_metadata
+
+    train_set, val_set = ensure_data(spec)
+    path = spec.existing_pool_checkpoint()
+    made_by = read_checkpoint_metadata(path).get("extra", {}).get("pool", {}).get("made_by")
+    base = load_checkpoint(spec.existing_base_checkpoint())
+    resolution = spec.base.resolution or base.spec.input.size  # as the search's assets have it
+    pool = load_pool(path, device=spec.device)
+    assets = StudyAssets(spec, train_set, val_set, pool, "", resolution, 0)
+    check = measure_teacher(assets, base.detector)
+    return {
+        "pool_key": (made_by or {}).get("key"),
+        "key_now": cache_key(pool_fields(spec)),
+        "weights_sha256": read_checkpoint_metadata(path).get("tensors_sha256"),
+        "base_sha256": base_sha256(spec),
+        "data_sha256": tree_digest(spec.data.dir, ("train.json", "val.json", "images")),
+        "teacher_check": {
+            "resolution": check.resolution,
+            "teacher": check.teacher,
+            "teacher_ap": round(100 * check.teacher_ap, 2),
+            "base_ap": round(100 * check.base_ap, 2),
+        },
     }

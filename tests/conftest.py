@@ -8,6 +8,9 @@ psycopg2 or the server is missing.
 ``search_assets`` trains, once per session, the smallest base detector and elastic teacher pool
 that a search runs with, so that each search test only prepares its study (uploads the two files
 to its storage) and runs trials.
+
+``regenerated_quickstart`` is the quickstart study over its data regenerated, once per session,
+from ``data.synth`` away from the user's ``runs/``: what its shipped base and pool are checked on.
 """
 
 from __future__ import annotations
@@ -110,6 +113,20 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
     base near 0 AP, which would turn distillation off in every test. Its own tests set it back."""
     spec = shrunk_quickstart(name, data_dir)
     spec["pool"] = copy.deepcopy({**LEGACY_POOL, "recalibration_batches": 2})
+    return spec
+
+
+@pytest.fixture(scope="session")
+def regenerated_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import dataclasses
+
+    from jdsearch.search.assets import ensure_data
+    from jdsearch.spec.study import load_study
+
+    spec = load_study("quickstart")
+    data = dataclasses.replace(spec.data, dir=tmp_path_factory.mktemp("quickstart") / "data")
+    spec = dataclasses.replace(spec, data=data)
+    ensure_data(spec)
     return spec
 
 
