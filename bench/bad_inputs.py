@@ -729,9 +729,13 @@ def spec_cases() -> list[Case]:
             "spec",
             "valid: studies/quickstart.yaml --check",
             ("search", "quickstart.yaml", "--check"),
-            lambda cwd, setup: [  # the spec and the base it ships beside it
+            lambda cwd, setup: [  # the spec and the base and pool it ships beside it
                 shutil.copyfile(setup.repo / "studies" / f, cwd / f)
-                for f in ("quickstart.yaml", "quickstart-base.safetensors")
+                for f in (
+                    "quickstart.yaml",
+                    "quickstart-base.safetensors",
+                    "quickstart-pool.safetensors",
+                )
             ],
             valid=True,
         ),

@@ -102,6 +102,7 @@ def study_dict(out: Path, dry_run: bool) -> dict[str, Any]:
         spec["data"]["max_val_images"] = 50
         # Its own 400 images, not the shipped base's data: the check trains (and times) a base.
         spec["base"].pop("checkpoint", None)
+        spec["pool"].pop("checkpoint", None)  # the shipped pool: trained on the shipped base
         spec["base"]["train"].update({"epochs": 3, "warmup_iters": 20})
         phase_epochs = [1.0, 0.5, 0.5]
         spec["fast_eval"].update({"epochs": 0.5})

@@ -22,9 +22,17 @@ from jdsearch.core.config import cache_key
 from jdsearch.models.detector import build_detector
 from jdsearch.search.caches import named_pool_unfit, pool_fields
 from jdsearch.spec.detector import load_spec
-from jdsearch.spec.study import StudySpec
+from jdsearch.spec.study import STUDIES_DIR, StudySpec, load_study
 from jdsearch.store.checkpoint import save_checkpoint
 from jdsearch.testing import SHIPPED_BASE_TOLERANCE, measure_pool, shipped_pool_record
+
+
+def test_the_quickstart_ships_its_pool() -> None:
+    spec = load_study("quickstart")
+    assert spec.pool_checkpoint == STUDIES_DIR / "quickstart-pool.safetensors"
+    assert spec.pool_checkpoint.is_file()
+    # The repository carries it: the super-net of the quickstart's space, in float32.
+    assert spec.pool_checkpoint.stat().st_size < 12 * 2**20
 
 
 def _shipped(spec: StudySpec) -> StudySpec:

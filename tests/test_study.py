@@ -25,7 +25,7 @@ def test_quickstart_loads_with_its_pool() -> None:
     assert load_study("quickstart") == spec  # by name from studies/
 
 
-def test_shapes20_differs_from_the_quickstart_only_in_its_data_and_shipped_base() -> None:
+def test_shapes20_differs_from_the_quickstart_only_in_its_data_and_shipped_files() -> None:
     spec, quick = load_study(SHAPES20), load_study(QUICKSTART)
     synth = spec.data.synth
     assert synth is not None and load_study("shapes20") == spec
@@ -39,9 +39,11 @@ def test_shapes20_differs_from_the_quickstart_only_in_its_data_and_shipped_base(
         for key in ("name", "data", "resolutions"):
             d.pop(key)
         d["base"].pop("resolution")
-    # The quickstart ships its base; shapes20 trains its own with the same recipe.
+    # The quickstart ships its base and pool; shapes20 trains its own with the same recipes.
     assert theirs["base"].pop("checkpoint") == "quickstart-base.safetensors"
     assert mine["base"].pop("checkpoint") is None
+    assert theirs["pool"].pop("checkpoint") == "quickstart-pool.safetensors"
+    assert "checkpoint" not in mine["pool"]
     assert mine == theirs
 
 
