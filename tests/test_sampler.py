@@ -9,7 +9,13 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from jdsearch.search.record import BASE_MOVE, KIND_ATTR, MOVE_PARAM, PARENT_ATTR
+from jdsearch.search.record import (
+    BASE_MOVE,
+    DECISION_SYSATTR,
+    KIND_ATTR,
+    MOVE_PARAM,
+    PARENT_ATTR,
+)
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.strategies import top_k
 
@@ -115,6 +121,47 @@ def test_moves_not_repeated_from_the_same_parent_while_untried_remain() -> None:
     assert sorted(seen) == sorted(STUDENT_MOVES + TEACHER_MOVES)
     trial = ask_move(study)  # all tried: a repeat is allowed rather than stopping the search
     assert trial.params[MOVE_PARAM] in STUDENT_MOVES + TEACHER_MOVES
+
+
+def racing(study: optuna.Study, sampler: HillClimbingSampler) -> list[tuple[int | None, str]]:
+    """Make another worker's trial claim, right after this sampler's first choice, the same
+    (parent, move), as a worker that read the study at the same moment would; every choice."""
+    storage = study._storage
+    other = storage.create_new_trial(study._study_id)
+    choose, choices = sampler.choose, []
+
+    def choose_while_another_does(*args: object, **kw: object) -> object:
+        decision = choose(*args, **kw)  # type: ignore[arg-type]
+        if not choices:
+            storage.set_trial_user_attr(other, PARENT_ATTR, decision.parent)
+            storage.set_trial_system_attr(other, DECISION_SYSATTR, decision.move)
+        choices.append((decision.parent, decision.move))
+        return decision
+
+    sampler.choose = choose_while_another_does  # type: ignore[method-assign]
+    return choices
+
+
+def test_a_move_another_worker_claimed_at_once_is_chosen_again() -> None:
+    study, sampler = make(top_k=1, freeze_student=0)
+    add(study, BASE_MOVE, None, 1.0)
+    choices = racing(study, sampler)
+    trial = ask_move(study)
+    # The first choice lost the race to the other worker's claim; the second is another move.
+    assert len(choices) == 2
+    assert trial.params[MOVE_PARAM] == choices[1][1] != choices[0][1]
+    assert trial.user_attrs[PARENT_ATTR] == 0
+
+
+def test_a_knowing_repeat_is_not_chosen_again() -> None:
+    study, sampler = make(top_k=1, freeze_student=0)
+    add(study, BASE_MOVE, None, 1.0)
+    for move in STUDENT_MOVES + TEACHER_MOVES:  # every move of the only parent was tried
+        add(study, move, 0, 0.5)
+    choices = racing(study, sampler)
+    trial = ask_move(study)
+    assert len(choices) == 1  # a repeat by design races nobody: one choice, kept
+    assert trial.params[MOVE_PARAM] == choices[0][1]
 
 
 def test_infeasible_moves_are_never_chosen() -> None:

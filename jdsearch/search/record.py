@@ -24,6 +24,7 @@ __all__ = [
     "BASE_MOVE",
     "BASE_RESOLUTION_ATTR",
     "CATEGORIES_SYSATTR",
+    "DECISION_SYSATTR",
     "FAIL_REASON_ATTR",
     "FINETUNE_ATTRS",
     "FINETUNE_MOVE",
@@ -58,6 +59,9 @@ MOVE_PARAM = "move"  # the categorical trial parameter: "base", a student action
 BASE_MOVE = "base"  # the root trial: the base detector with the pool's super-net as teacher
 PARENT_ATTR = "parent"  # trial number of the parent pair (None for the root)
 KIND_ATTR = "move_kind"  # "base", "student", "teacher" or "finetune"
+# The move the sampler chose, written before Optuna writes the parameter (which cannot change):
+# a claim that other workers count as tried, and that a worker who lost a race rewrites.
+DECISION_SYSATTR = "jdsearch:decision"
 FINETUNE_MOVE = "finetune"  # a post-search fine-tuning of its parent's pair (jdsearch finetune)
 # A fine-tuning trial's request, set when it is enqueued (a retried copy keeps them): epochs, lr
 # (None: the fast evaluation's) and a token that tells the request's attempts from any other.

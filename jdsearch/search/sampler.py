@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from jdsearch.core.errors import JDSearchError
 from jdsearch.search.record import (
     BASE_MOVE,
+    DECISION_SYSATTR,
     FINETUNE_MOVE,
     MOVE_PARAM,
     PARENT_ATTR,
@@ -34,9 +35,11 @@ from jdsearch.search.strategies import (
     Strategy,
     score_mode_of,
     strategy_named,
+    tried_moves,
 )
 from jdsearch.storage.optuna_internals import (
     keep_alive,
+    set_running_system_attr,
     set_running_user_attr,
     study_system_attrs,
 )
@@ -46,6 +49,9 @@ __all__ = ["Decision", "Feasible", "HillClimbingSampler"]
 log = logging.getLogger(__name__)
 
 Feasible = Callable[[FrozenTrial], tuple[Sequence[str], Sequence[str]]]
+
+#: How often a trial chooses again after another worker claimed the same (parent, move) at once.
+CLAIM_ROUNDS = 8
 
 
 class HillClimbingSampler(BaseSampler):
@@ -132,11 +138,32 @@ class HillClimbingSampler(BaseSampler):
             return {}
         if PARENT_ATTR in trial.user_attrs:  # a retried trial: same parent, same (fixed) move
             return {}
-        decision = self.decide(study, trial)
-        for key, value in decision_attrs(decision.parent, decision.kind).items():
-            set_running_user_attr(study, trial, key, value)
+        for _ in range(CLAIM_ROUNDS):
+            decision, seen = self._decide(study, trial)
+            for key, value in decision_attrs(decision.parent, decision.kind).items():
+                set_running_user_attr(study, trial, key, value)
+            if decision.parent is None or decision.move in tried_moves(seen, decision.parent):
+                break  # the root, or a move repeated because every one was tried: no race
+            if not self._claimed_elsewhere(study, trial, decision):
+                break
+            log.info(
+                "trial %d: another worker chose %s from %s at the same time; choosing again",
+                trial.number,
+                decision.move,
+                decision.parent,
+            )
         log.info("trial %d: parent %s, move %s", trial.number, decision.parent, decision.move)
         return {MOVE_PARAM: decision.move}
+
+    def _claimed_elsewhere(self, study: optuna.Study, trial: FrozenTrial, d: Decision) -> bool:
+        """Claim ``d`` (a move untried when it was chosen) for ``trial`` and read the study
+        again: whether another trial has taken or claimed the same (parent, move) meanwhile.
+        Two workers that chose the same at once both write their claim before they read, so
+        at least one of them sees the other's and chooses again (both may); the parameter
+        itself, which Optuna writes after this, cannot change."""
+        set_running_system_attr(study, trial, DECISION_SYSATTR, d.move)
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        return d.move in tried_moves(others, d.parent)
 
     def sample_independent(
         self,
@@ -152,6 +179,12 @@ class HillClimbingSampler(BaseSampler):
     # ------------------------------------------------------------ decision logic
     def decide(self, study: optuna.Study, trial: FrozenTrial) -> Decision:
         """Choose the parent and the move of ``trial`` (waits while the root is running)."""
+        return self._decide(study, trial)[0]
+
+    def _decide(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> tuple[Decision, list[FrozenTrial]]:
+        """:meth:`decide`, with the other trials it chose from."""
         deadline = time.monotonic() + self.root_timeout_s
         while True:
             # Fine-tuned pairs had more training than a step of the search: never a parent.
@@ -165,7 +198,7 @@ class HillClimbingSampler(BaseSampler):
             aside = set_aside_trials(study_system_attrs(study))
             score = score_mode_of(study.directions)
             if score.rank([t for t in others if t.number not in aside], 1):
-                return self.choose(others, trial.number, aside, score=score)
+                return self.choose(others, trial.number, aside, score=score), others
             # The root is (being) taken by a running base trial, or by a lower-numbered trial
             # that is still choosing its move: two workers starting together must not both take
             # it. A base trial re-queued after its worker died (WAITING) does not count: every
@@ -181,7 +214,7 @@ class HillClimbingSampler(BaseSampler):
                 for t in others
             )
             if not root_pending:
-                return Decision(None, BASE_MOVE, BASE_MOVE)
+                return Decision(None, BASE_MOVE, BASE_MOVE), others
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     "timed out waiting for the root trial (the base detector) to finish"

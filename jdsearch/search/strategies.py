@@ -25,7 +25,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from jdsearch.core.errors import JDSearchError
 from jdsearch.search.pareto import crowding_distance, first_front
-from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, cost_name, h_of
+from jdsearch.search.record import (
+    BASE_MOVE,
+    DECISION_SYSATTR,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    cost_name,
+    h_of,
+)
 from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace
 
 if TYPE_CHECKING:
@@ -379,12 +386,16 @@ def pick_by_family(moves: Sequence[str], rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def tried_moves(trials: Sequence[FrozenTrial], parent: int) -> set[str]:
-    """Moves already taken from ``parent`` by any trial (running, failed or finished)."""
+def tried_moves(trials: Sequence[FrozenTrial], parent: int | None) -> set[str]:
+    """Moves already taken from ``parent`` by any trial (running, failed or finished), a move
+    still being claimed by a running trial's sampler (``jdsearch:decision``) included."""
     out = set()
     for t in trials:
-        if t.user_attrs.get(PARENT_ATTR) == parent and MOVE_PARAM in t.params:
-            out.add(t.params[MOVE_PARAM])
+        if t.user_attrs.get(PARENT_ATTR) != parent:
+            continue
+        move = t.params.get(MOVE_PARAM, t.system_attrs.get(DECISION_SYSATTR))
+        if move is not None:
+            out.add(move)
     return out
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "last_heartbeat",
     "muted_trial_failures",
     "pop_waiting_trial",
+    "set_running_system_attr",
     "set_running_user_attr",
     "set_study_system_attr",
     "set_trial_system_attr",
@@ -77,6 +78,12 @@ def set_running_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, val
     (what the objective reads through ``trial.user_attrs``)."""
     storage_of(study).set_trial_user_attr(trial._trial_id, key, value)
     trial.set_user_attr(key, value)
+
+
+def set_running_system_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
+    """Set a system attribute of a running trial from inside a sampler (see
+    :func:`set_running_user_attr`), in the storage only: what other workers read."""
+    storage_of(study).set_trial_system_attr(trial._trial_id, key, value)
 
 
 def trial_of(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
