@@ -22,8 +22,8 @@ previous trial to the end of this one: ask and tell included):
 
 * trials/s, and against N / trial-s (every worker busy all the time);
 * sampler — ``HillClimbingSampler.sample_relative``, its storage reads included; storage — every
-  other call of the worker's main thread to the storage (create, attributes, tell, the stale-trial
-  check); artifacts — the parent's download and the upload (its storage calls included); engine —
+  other call of the worker's main thread to the storage (create, attributes, the record's
+  attributes in one transaction, tell, the stale-trial check); artifacts — the parent's download and the upload (its storage calls included); engine —
   all of the trial but the stand-in's sleep;
 * connections — the database's connections opened by the study's workers (``pg_stat_activity``,
   by ``application_name``; sampled every 0.2 s), peak and per worker;
@@ -179,7 +179,7 @@ class StandIn:
     def record(self, trial: Any, artifact: str, teacher: str, h: float) -> None:
         """The trial's :class:`TrialRecord`, as large as a real one (four resolutions)."""
         from jdsearch.search.record import TrialRecord
-        from jdsearch.storage.optuna_internals import set_trial_system_attr
+        from jdsearch.storage.optuna_internals import set_trial_attrs
 
         sizes = ("80x80", "128x96", "176x112", "208x128")
         metrics = {k: {"AP": h, "AP50": h, "AP75": h, "APs": h, "APm": h, "APl": h} for k in sizes}
@@ -206,10 +206,7 @@ class StandIn:
             student_moves=tuple(self.student_moves),
         )
         user, system = record.to_attrs()
-        for key, value in user.items():
-            trial.set_user_attr(key, value)
-        for key, value in system.items():
-            set_trial_system_attr(trial, key, value)
+        set_trial_attrs(trial, user, system)  # as Objective.record writes them
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -267,7 +264,10 @@ def run_worker(args: argparse.Namespace) -> None:
 
     sampler.choose = choose_and_note  # type: ignore[method-assign]
     sampler.sample_relative = clock.wrap("sampler", sampler.sample_relative)  # type: ignore[method-assign]
-    for name in [n for n in dir(BaseStorage) if not n.startswith("_")] + ["stale_trial_ids"]:
+    for name in [n for n in dir(BaseStorage) if not n.startswith("_")] + [
+        "stale_trial_ids",
+        "set_trial_attrs",
+    ]:
         if callable(getattr(storage, name, None)):
             setattr(storage, name, clock.wrap("storage", getattr(storage, name), name))
     study = optuna.load_study(study_name=args.study, storage=storage, sampler=sampler)

@@ -228,3 +228,34 @@ def test_a_trial_is_found_by_its_token_and_a_pop_is_taken_once(tmp_path: Path) -
     study.tell(trial, 1.0)
     with pytest.raises(UpdateFinishedTrialError):
         oi.pop_waiting_trial(backend, trial._trial_id, "k", "mine")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_trials_attributes_written_at_once_are_those_written_one_by_one(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'a.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    storage = ResilientStorage(RDBStorage(url))
+    study = optuna.create_study(storage=storage, study_name="attrs")
+    user = {"h": {"80x80": 0.5}, "flops": 123, "student": "x", "none": None, "moves": ["a"]}
+    system = {"jdsearch:student_moves": ["a", "b"], "jdsearch:arch": {"d": [1, 2]}}
+    one, many = study.ask(), study.ask()
+    for key, value in user.items():
+        one.set_user_attr(key, value)
+    for key, value in system.items():
+        oi.set_trial_system_attr(one, key, value)
+    many.set_user_attr("h", "an older value, replaced")
+    oi.set_trial_attrs(many, user, system)
+    assert many.user_attrs == user  # the trial's own copy too
+    a, b = storage.get_trial(one._trial_id), storage.get_trial(many._trial_id)
+    assert a.user_attrs == b.user_attrs == user
+    assert {k: b.system_attrs[k] for k in system} == system
+    study.tell(many, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_attrs(many._trial_id, {"late": 1}, {})
+    storage.remove_session()
+    storage.engine.dispose()

@@ -73,7 +73,11 @@ from jdsearch.spec.pool_space import SubnetConfig, SubnetSpace
 from jdsearch.spec.settings import TrainConfig
 from jdsearch.spec.study import StudySpec
 from jdsearch.storage.artifacts import check_artifact_id
-from jdsearch.storage.optuna_internals import set_study_system_attr, set_trial_system_attr
+from jdsearch.storage.optuna_internals import (
+    set_study_system_attr,
+    set_trial_attrs,
+    set_trial_system_attr,
+)
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 
 log = logging.getLogger(__name__)
@@ -703,11 +707,8 @@ class Objective:
             arch=student.arch.to_dict(),
             student_moves=tuple(feasible_actions(student, config=ctx.morph_config)),
         )
-        user, system = record.to_attrs()
-        for key, value in user.items():
-            trial.set_user_attr(key, value)
-        for key, value in system.items():  # machine-facing: hidden from `optuna trials`
-            set_trial_system_attr(trial, key, value)
+        user, system = record.to_attrs()  # system ones: machine-facing, hidden from `optuna trials`
+        set_trial_attrs(trial, user, system)  # in one transaction
         return record
 
 

@@ -23,6 +23,7 @@ from jdsearch.storage.optuna_internals import (
     pop_waiting_trial,
     stale_trial_ids,
     trial_id_by_system_attr,
+    write_trial_attrs,
 )
 from jdsearch.storage.reconnect import retry_window_s, with_reconnect
 
@@ -246,6 +247,15 @@ class ResilientStorage(HeartbeatStorage):
     get_trial = _retried("get_trial")
     get_all_trials = _retried("get_all_trials")
     record_heartbeat = _retried("record_heartbeat")
+
+    def set_trial_attrs(self, trial_id: int, user: dict[str, Any], system: dict[str, Any]) -> None:
+        """A running trial's user and system attributes in one transaction
+        (:func:`~jdsearch.storage.optuna_internals.write_trial_attrs`), retried whole: a retry
+        writes the same values again."""
+        with_reconnect(
+            lambda: write_trial_attrs(self.backend, trial_id, user, system),
+            "storage: set_trial_attrs",
+        )
 
     def stale_trial_ids(self, study_id: int) -> list[int]:
         """The study's running trials whose heartbeat has gone stale (what Optuna's
