@@ -293,6 +293,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     print("ready", flush=True)
     sys.stdin.readline()
+    cpu0 = time.process_time()
     last[0] = time.perf_counter()
     errors = []
     gc.collect()  # as jdsearch.search.run.optimize: what was built so far is not walked again
@@ -309,8 +310,9 @@ def run_worker(args: argparse.Namespace) -> None:
         errors.append(f"{type(e).__name__}: {e}")
     store.close()
     storage.remove_session()
+    cpu = time.process_time() - cpu0  # every thread of the worker: heartbeats too
     detail = {k: [clock.by_name[k], clock.calls[k]] for k in clock.calls}
-    out = {"rows": rows, "fresh": fresh, "errors": errors, "detail": detail}
+    out = {"rows": rows, "fresh": fresh, "errors": errors, "detail": detail, "cpu": cpu}
     print(json.dumps(out), flush=True)
 
 
@@ -337,6 +339,26 @@ def write_inputs(root: Path, kb: int) -> tuple[Path, Path]:
     ckpt = root / "checkpoint.safetensors"
     ckpt.write_bytes(save({"weights": weights}, metadata={"jdsearch-load": "stand-in"}))
     return moves_path, ckpt
+
+
+def server_cpu_s() -> float | None:
+    """CPU seconds the local PostgreSQL server has used: its live processes' own and what the
+    postmaster collected from the exited ones (``/proc``); None when no server runs here."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
+            if comm == "postgres":
+                f = rest.split()  # from the state on: ppid f[1], utime f[11] ... cstime f[14]
+                procs[int(stat.parent.name)] = (int(f[1]), [int(x) for x in f[11:15]])
+    roots = [pid for pid, (ppid, _) in procs.items() if ppid not in procs]
+    if not roots:
+        return None
+    total = sum(t[0] + t[1] for _, t in procs.values())
+    total += sum(procs[r][1][2] + procs[r][1][3] for r in roots)  # exited backends, collected
+    return total / ticks
 
 
 class Connections:
@@ -432,18 +454,21 @@ def one_n(n: int, args: argparse.Namespace, inputs: tuple[Path, Path]) -> dict[s
         finish(root)
         procs = start_workers(n, url, name, args, inputs, args.trials)
         conns = Connections(args.pg_url, app)
+        db0 = server_cpu_s()
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")  # type: ignore[union-attr]
             p.stdin.flush()  # type: ignore[union-attr]
         results = finish(procs)
         wall = time.perf_counter() - t0
+        db1 = server_cpu_s()
         peak = conns.stop()
         trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
         optuna.storages.RDBStorage(url).engine.dispose()
     finally:
         drop()
-    return tally(n, args, results, trials, wall, peak)
+    db_cpu = None if db0 is None or db1 is None else db1 - db0
+    return tally(n, args, results, trials, wall, peak, db_cpu)
 
 
 def tally(
@@ -453,6 +478,7 @@ def tally(
     trials: list[Any],
     wall: float,
     peak: int,
+    db_cpu: float | None,
 ) -> dict[str, Any]:
     from jdsearch.search.record import MOVE_PARAM, PARENT_ATTR
 
@@ -494,6 +520,8 @@ def tally(
         "lost": lost,
         "errors": [e for res in results for e in res["errors"]],
         "detail": dict(detail),
+        "cpu": sum(res.get("cpu", 0.0) for res in results) / max(len(rows), 1),
+        "db_cpu": None if db_cpu is None else db_cpu / max(len(rows), 1),
     }
 
 
@@ -501,17 +529,22 @@ def print_table(results: list[dict[str, Any]], trial_s: float) -> None:
     print(
         f"\nstand-in trial {trial_s:g} s. run_s: the N workers' run; of_N/t: trials/s against "
         "N / stand-in; trial_s: a trial's mean wall time;\nsampler, storage, artifacts, engine: "
-        "their share of it (engine: all but the stand-in's sleep); conns: peak connections"
+        "their share of it (engine: all but the stand-in's sleep);\ncpu_ms, db_ms: CPU "
+        "milliseconds per trial of the workers and of the PostgreSQL server; conns: peak "
+        "connections"
     )
     head = (
         f"{'N':>3}{'trials':>7}{'run_s':>7}{'trials/s':>9}{'of_N/t':>8}{'trial_s':>8}"
         f"{'sampler':>8}{'storage':>8}{'artifacts':>10}{'engine':>7}"
-        f"{'conns':>6}{'conns/N':>8}{'dup':>4}{'repeats':>8}{'failed':>7}{'lost':>5}"
+        f"{'cpu_ms':>7}{'db_ms':>6}{'conns':>6}{'conns/N':>8}"
+        f"{'dup':>4}{'repeats':>8}{'failed':>7}{'lost':>5}"
     )
     print(head)
     for r in results:
         wall = r["wall"] or 1.0
         engine = max(r["wall"] - trial_s, 0.0)
+
+        db = "n/a" if r["db_cpu"] is None else f"{1000 * r['db_cpu']:.0f}"
 
         def pct(x: float, wall: float = wall) -> str:
             return f"{100 * x / wall:.1f}%"
@@ -520,7 +553,7 @@ def print_table(results: list[dict[str, Any]], trial_s: float) -> None:
             f"{r['n']:>3}{r['trials']:>7}{r['run_s']:>7.1f}{r['rate']:>9.2f}"
             f"{pct(r['rate'] * trial_s, r['n']):>8}{r['wall']:>8.3f}"
             f"{pct(r['sampler']):>8}{pct(r['storage']):>8}{pct(r['artifacts']):>10}"
-            f"{pct(engine):>7}{r['peak']:>6}{r['peak'] / r['n']:>8.1f}"
+            f"{pct(engine):>7}{1000 * r['cpu']:>7.0f}{db:>6}{r['peak']:>6}{r['peak'] / r['n']:>8.1f}"
             f"{r['dup']:>4}{r['repeats']:>8}{r['failed']:>7}{r['lost']:>5}"
         )
     for r in results:
