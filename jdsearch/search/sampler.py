@@ -39,8 +39,7 @@ from jdsearch.search.strategies import (
 )
 from jdsearch.storage.optuna_internals import (
     keep_alive,
-    set_running_system_attr,
-    set_running_user_attr,
+    set_running_attrs,
     study_system_attrs,
 )
 
@@ -140,8 +139,9 @@ class HillClimbingSampler(BaseSampler):
             return {}
         for _ in range(CLAIM_ROUNDS):
             decision, seen = self._decide(study, trial)
-            for key, value in decision_attrs(decision.parent, decision.kind).items():
-                set_running_user_attr(study, trial, key, value)
+            # The choice, and the move as a claim other workers count as tried: one write.
+            user = decision_attrs(decision.parent, decision.kind)
+            set_running_attrs(study, trial, user, {DECISION_SYSATTR: decision.move})
             if decision.parent is None or decision.move in tried_moves(seen, decision.parent):
                 break  # the root, or a move repeated because every one was tried: no race
             if not self._claimed_elsewhere(study, trial, decision):
@@ -156,12 +156,11 @@ class HillClimbingSampler(BaseSampler):
         return {MOVE_PARAM: decision.move}
 
     def _claimed_elsewhere(self, study: optuna.Study, trial: FrozenTrial, d: Decision) -> bool:
-        """Claim ``d`` (a move untried when it was chosen) for ``trial`` and read the study
-        again: whether another trial has taken or claimed the same (parent, move) meanwhile.
-        Two workers that chose the same at once both write their claim before they read, so
-        at least one of them sees the other's and chooses again (both may); the parameter
-        itself, which Optuna writes after this, cannot change."""
-        set_running_system_attr(study, trial, DECISION_SYSATTR, d.move)
+        """Whether, now that ``trial`` has claimed ``d`` (a move untried when it was chosen),
+        another trial has taken or claimed the same (parent, move). Two workers that chose the
+        same at once both write their claim before they read the study again, so at least one
+        of them sees the other's and chooses again (both may); the parameter itself, which
+        Optuna writes after this, cannot change."""
         others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         return d.move in tried_moves(others, d.parent)
 

@@ -34,7 +34,7 @@ __all__ = [
     "last_heartbeat",
     "muted_trial_failures",
     "pop_waiting_trial",
-    "set_running_system_attr",
+    "set_running_attrs",
     "set_running_user_attr",
     "set_study_system_attr",
     "set_trial_attrs",
@@ -144,10 +144,24 @@ def write_trial_attrs(
             session.execute(stmt)
 
 
-def set_running_system_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
-    """Set a system attribute of a running trial from inside a sampler (see
-    :func:`set_running_user_attr`), in the storage only: what other workers read."""
-    storage_of(study).set_trial_system_attr(trial._trial_id, key, value)
+def set_running_attrs(
+    study: optuna.Study, trial: FrozenTrial, user: Mapping[str, Any], system: Mapping[str, Any]
+) -> None:
+    """Set user and system attributes of a running trial from inside a sampler (see
+    :func:`set_running_user_attr`): in one transaction where the storage has
+    ``set_trial_attrs`` (:func:`write_trial_attrs`), else one call each; the frozen copy gets the
+    user attributes."""
+    storage = storage_of(study)
+    many = getattr(storage, "set_trial_attrs", None)
+    if many is not None:
+        many(trial._trial_id, dict(user), dict(system))
+    else:
+        for key, value in user.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+        for key, value in system.items():
+            storage.set_trial_system_attr(trial._trial_id, key, value)
+    for key, value in user.items():
+        trial.set_user_attr(key, value)
 
 
 def trial_of(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
