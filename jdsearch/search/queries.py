@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -29,7 +29,9 @@ from jdsearch.spec.study import StudySpec, study_from_stored
 from jdsearch.storage.artifacts import make_artifact_store, read_artifact
 from jdsearch.storage.optuna_internals import study_system_attrs
 from jdsearch.storage.rdb import public_url, root_cause, with_driver
-from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes
+
+if TYPE_CHECKING:
+    from jdsearch.store.checkpoint import Checkpoint
 
 
 def completed_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -177,6 +179,8 @@ class StudyHandle:
             raise JDSearchError(
                 f"study {self.study.study_name!r}: trial {trial.number} has no checkpoint"
             )
+        from jdsearch.store.checkpoint import checkpoint_from_bytes  # torch: only when read
+
         data = self._read(artifact, f"checkpoint of trial {trial.number}")
         return checkpoint_from_bytes(
             data, source=f"study {self.study.study_name!r} trial {trial.number}", device=device
