@@ -8,30 +8,36 @@ For each N, in one run: a fresh study in a throwaway schema (dropped at the end)
 one worker runs first, alone (every other worker would wait for it); then N worker processes,
 started together, add ``--trials`` trials each. A worker is the real one but for training and
 evaluation: the quickstart study's settings, the study's ``ResilientStorage`` with heartbeats
-(``storage_for``), the ``HillClimbingSampler`` with its strategy, KD mode and pool space (the
-feasible moves of a parent are read from its trial record, as ``SearchContext.feasible`` does),
-and ``study.optimize``. Its trial sets the worker attribute, asks the sampler for its parent and
-move, reads the parent's record and downloads its checkpoint, sleeps ``--trial-s`` (the stand-in
-for training and evaluation), uploads a safetensors checkpoint of ``--checkpoint-kb`` KB to the
-study's artifact store, writes a full ``TrialRecord`` and is told. Its H is the parent's plus a
-step drawn from (parent, move), so the hill climb has a lineage to climb. Workers import no
-torch (a real worker does; 32 of them would not fit this machine's memory).
+and its stale-trial callbacks (``storage_for``), the ``HillClimbingSampler`` with its strategy,
+KD mode and pool space (a parent's feasible moves are read from its trial record, as
+``SearchContext.feasible`` does), ``study.optimize`` with the dashboard notes' callback. Its
+trial sets the worker attribute, asks the sampler for its parent and move, reads the parent's
+record and downloads its checkpoint, sleeps ``--trial-s`` (the stand-in for training and
+evaluation), uploads a safetensors checkpoint of ``--checkpoint-kb`` KB to the study's artifact
+store, writes a full ``TrialRecord`` and is told. Its H is the parent's plus a step fixed by
+(parent, move), so the hill climb has a lineage to climb. Left out: the resumable training's
+bookkeeping (a read of the trial) and the one-line summary printed per trial. Workers import no
+torch (a real worker does; 32 of them would not fit in this machine's memory).
 
 Reported against N, per trial of the N workers (the main thread's wall time, from the end of the
-previous trial to the end of this one: ask and tell included):
+previous trial to the end of this one: ask, tell and the note included):
 
 * trials/s, and against N / trial-s (every worker busy all the time);
-* sampler — ``HillClimbingSampler.sample_relative``, its storage reads included; storage — every
-  other call of the worker's main thread to the storage (create, attributes, the record's
-  attributes in one transaction, tell, the stale-trial check); artifacts — the parent's download and the upload (its storage calls included); engine —
-  all of the trial but the stand-in's sleep;
-* connections — the database's connections opened by the study's workers (``pg_stat_activity``,
-  by ``application_name``; sampled every 0.2 s), peak and per worker;
+* sampler — ``HillClimbingSampler.sample_relative``, its storage calls included; storage — every
+  other call of the worker's main thread to the storage (create, attributes, the record,
+  tell, the stale-trial check, the note); artifacts — the parent's download and the upload (their
+  storage calls included); engine — all of the trial but the stand-in's sleep;
+* cpu_ms, db_ms — CPU milliseconds per trial of the workers (all their threads) and of the
+  PostgreSQL server (when it runs on this machine: ``/proc``);
+* conns — the database's connections opened by the study's workers (``pg_stat_activity``, by
+  ``application_name``; sampled every 0.2 s): the peak, and per worker;
 * dup — a (parent, move) decided by two trials although it was untried in the view of the later
   decision (two workers that chose at once); repeats — a (parent, move) decided again when the
   sampler knew every move of its top-k had been tried (by design: a new seed); failed — FAIL
-  trials; lost — trials not COMPLETE or FAIL after every worker exited, and trials a worker
-  completed that the study does not hold COMPLETE.
+  trials; lost — trials not COMPLETE or FAIL after every worker exited, trials missing, and
+  trials a worker completed that the study does not hold COMPLETE.
+
+Then the storage calls of a trial, counted and timed, for the first and the last N.
 
 A worker is ``python bench/load.py --worker ...``: it prints ``ready`` when its study is open,
 starts on a line on its stdin and prints its figures as one JSON line.
@@ -114,18 +120,6 @@ class Clock:
         return out
 
 
-def _lazy(module: str, name: str) -> Callable[..., Any]:
-    """``module.name``, imported on first call: the study's stale-trial callbacks
-    (``jdsearch.search.notes``) import torch, and they run only on a stale trial."""
-
-    def call(*args: Any) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(*args)
-
-    return call
-
-
 def step_of(parent: int, move: str) -> float:
     """The stand-in's change of H from ``parent`` by ``move``: fixed per (parent, move), in
     [-0.02, 0.03), so some moves climb and some do not."""
@@ -140,12 +134,18 @@ class StandIn:
         self.clock = clock
 
     def __call__(self, trial: Any) -> float:
-        from jdsearch.search.record import BASE_MOVE, MOVE_PARAM, PARENT_ATTR, TrialRecord
+        from jdsearch.search.record import (
+            BASE_MOVE,
+            MOVE_PARAM,
+            PARENT_ATTR,
+            WORKER_SYSATTR,
+            TrialRecord,
+        )
         from jdsearch.spec.pool_space import SubnetSpace
         from jdsearch.storage.artifacts import check_artifact_id
         from jdsearch.storage.optuna_internals import set_trial_system_attr
 
-        set_trial_system_attr(trial, "jdsearch:worker", f"{socket.gethostname()}:{os.getpid()}")
+        set_trial_system_attr(trial, WORKER_SYSATTR, f"{socket.gethostname()}:{os.getpid()}")
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
         parent_no = trial.user_attrs.get(PARENT_ATTR)
         if move == BASE_MOVE:
@@ -216,6 +216,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     from jdsearch.core.errors import JDSearchError
     from jdsearch.core.files import read_bytes, read_text
+    from jdsearch.search.notes import NoteWriter, note_lost_worker, retry_attrs
     from jdsearch.search.record import TrialRecord
     from jdsearch.search.sampler import HillClimbingSampler
     from jdsearch.search.strategies import kd_mode_named, strategy_named, tried_moves
@@ -228,12 +229,7 @@ def run_worker(args: argparse.Namespace) -> None:
     quiet_optuna()
     spec = load_study(quickstart_path())
     moves = json.loads(read_text(Path(args.moves)))
-    storage = storage_for(
-        spec,
-        args.url,
-        on_stale=_lazy("jdsearch.search.notes", "note_lost_worker"),
-        retry_attrs=_lazy("jdsearch.search.notes", "retry_attrs"),
-    )
+    storage = storage_for(spec, args.url, on_stale=note_lost_worker, retry_attrs=retry_attrs)
     store = make_artifact_store(spec.search.artifacts, args.url)
     kd, strategy, space = kd_mode_named(spec.kd.mode), strategy_named(spec.search.strategy), None
     space = spec.pool.space
@@ -303,7 +299,7 @@ def run_worker(args: argparse.Namespace) -> None:
             StandIn(ctx, clock),
             n_trials=args.trials,
             catch=(JDSearchError,),
-            callbacks=[on_trial],
+            callbacks=[NoteWriter(spec.score.metric), on_trial],  # as `jdsearch search`
             gc_after_trial=True,
         )
     except Exception as e:  # counted as lost by the parent: the worker stopped
