@@ -82,6 +82,21 @@ def set_running_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, val
     trial.set_user_attr(key, value)
 
 
+def _write_attrs(
+    storage: Any, trial_id: int, user: Mapping[str, Any], system: Mapping[str, Any]
+) -> None:
+    """``user`` and ``system`` attributes of trial ``trial_id``: in one transaction where the
+    storage has ``set_trial_attrs`` (:func:`write_trial_attrs`), else one call each."""
+    many = getattr(storage, "set_trial_attrs", None)
+    if many is not None:
+        many(trial_id, dict(user), dict(system))
+        return
+    for key, value in user.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    for key, value in system.items():
+        storage.set_trial_system_attr(trial_id, key, value)
+
+
 def set_trial_attrs(
     trial: optuna.Trial, user: Mapping[str, Any], system: Mapping[str, Any]
 ) -> None:
@@ -89,14 +104,7 @@ def set_trial_attrs(
     storage has ``set_trial_attrs`` (``ResilientStorage``, :func:`write_trial_attrs`), else one
     call each. Like ``Trial.set_user_attr``, the trial's own copy sees the user attributes."""
     storage = trial.storage
-    many = getattr(storage, "set_trial_attrs", None)
-    if many is not None:
-        many(trial._trial_id, dict(user), dict(system))
-    else:
-        for key, value in user.items():
-            storage.set_trial_user_attr(trial._trial_id, key, value)
-        for key, value in system.items():
-            storage.set_trial_system_attr(trial._trial_id, key, value)
+    _write_attrs(storage, trial._trial_id, user, system)
     trial._cached_frozen_trial.user_attrs.update(user)
 
 
@@ -152,14 +160,7 @@ def set_running_attrs(
     ``set_trial_attrs`` (:func:`write_trial_attrs`), else one call each; the frozen copy gets the
     user attributes."""
     storage = storage_of(study)
-    many = getattr(storage, "set_trial_attrs", None)
-    if many is not None:
-        many(trial._trial_id, dict(user), dict(system))
-    else:
-        for key, value in user.items():
-            storage.set_trial_user_attr(trial._trial_id, key, value)
-        for key, value in system.items():
-            storage.set_trial_system_attr(trial._trial_id, key, value)
+    _write_attrs(storage, trial._trial_id, user, system)
     for key, value in user.items():
         trial.set_user_attr(key, value)
 
