@@ -549,7 +549,9 @@ def _loop(
     bar = tqdm(
         total=run.total,
         initial=start,
-        disable=not progress,
+        # None: tqdm's own test, no bar where stderr is not a terminal (a redirected log would
+        # hold one carriage-return line per iteration).
+        disable=None if progress else True,
         desc="train",
         unit="it",
         dynamic_ncols=True,
