@@ -23,7 +23,6 @@ def add_pool(sub: Any, name: str) -> None:
 def cmd_pool_train(args: argparse.Namespace) -> int:
     """``jdsearch pool train``: train the study's elastic teacher pool and save it (default
     ``runs/NAME/pool.safetensors``); returns 0."""
-    from jdsearch.core.config import cache_key
     from jdsearch.methods.pool import train_and_save_pool
     from jdsearch.search.assets import ensure_data, pool_start
     from jdsearch.search.caches import pool_fields, run_dir
@@ -41,8 +40,9 @@ def cmd_pool_train(args: argparse.Namespace) -> int:
         device=spec.device,
         progress=not args.quiet,
         base=pool_start(spec),
-        key=cache_key(fields),  # as a search's: the default --out is its cache
-        made_by=fields,  # recorded in the file: a study naming it (pool.checkpoint) checks them
+        # Recorded in the file (a study naming it, pool.checkpoint, checks them), and keying its
+        # phase state as a search's does: the default --out is its cache.
+        made_by=fields,
     )
     print(f"saved {out}: space {pool.space.describe()} ({pool.space.size()} sub-networks)")
     return 0

@@ -15,7 +15,6 @@ from typing import Any
 
 import optuna
 
-from jdsearch.core.config import cache_key
 from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.core.resolution import Resolution
 from jdsearch.data import synth
@@ -192,7 +191,7 @@ def _pool_file(
     start = "the base detector" if base is not None else "random weights"
     say(f"training the elastic teacher pool from {start} (cache {cache.path}) ...")
     announce(POOL)
-    fields = pool_fields(spec)  # its hash keys the phase state of a killed training
+    fields = pool_fields(spec)
     with distributed.lockstep("the teacher pool's training"):
         train_and_save_pool(
             pool_spec,
@@ -201,8 +200,7 @@ def _pool_file(
             device=spec.device,
             progress=progress,
             base=base,
-            key=cache_key(fields),
-            made_by=fields,
+            made_by=fields,  # recorded in the file; its key keys the phase state too
         )
     write_made_by(cache, fields)
     return cache.path

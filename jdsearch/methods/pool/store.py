@@ -177,7 +177,6 @@ def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool'
     max_iters: int | None = None,
     detector_spec: DetectorSpec | None = None,
     base: Detector | None = None,
-    key: str | None = None,
     made_by: Mapping[str, Any] | None = None,
 ) -> ElasticPool:
     """Build (or, with ``resume`` and an existing ``path``, load) a pool, train the phases still
@@ -186,22 +185,23 @@ def train_and_save_pool(  # noqa: PLR0913 - keyword-only: the options of a pool'
     ``dataset`` gives the classes (``num_classes``, ``class_names``). Resuming requires the file's
     pool to have the same super-net and space; the schedule of the phases still to run comes from
     ``pool_spec``. ``base``: a new pool starts from this detector (``pool.init: base``,
-    :class:`ElasticPool`); a resumed one must have started from it. ``key``: what the phase
-    state is keyed to (a study's pool cache key; default :func:`pool_key` of ``pool_spec`` and
-    the start): a state another key saved is not resumed. ``made_by``: the study fields that make
-    the pool (a study's pool cache fields), recorded in the file with their key, so that a study
-    can tell whether a pool file it is given is the pool it would train.
+    :class:`ElasticPool`); a resumed one must have started from it. ``made_by``: the study fields
+    that make the pool (a study's pool cache fields), recorded in the file with their key, so
+    that a study can tell whether a pool file it is given is the pool it would train. The phase
+    state is keyed to that key (without ``made_by``, to :func:`pool_key` of ``pool_spec`` and
+    the start): a state another key saved is not resumed.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)  # its phase states are written there from the start
     pool = _open_pool(pool_spec, dataset, p if resume else None, device, detector_spec, base)
     if made_by is not None:
-        pool.made_by = {"key": cache_key(made_by), "fields": dict(made_by)}
+        key = cache_key(made_by)
+        pool.made_by = {"key": key, "fields": dict(made_by)}
+    else:
+        key = pool_key(pool_spec, pool)
     # Inside a phase too: its training state every PHASE_CHECKPOINT_EVERY iterations, next to
     # the pool file, continued from when the phase is run again (a killed `prepare`).
-    states = PhaseStates(
-        _phase_state_path(p), PHASE_CHECKPOINT_EVERY, key=key or pool_key(pool_spec, pool)
-    )
+    states = PhaseStates(_phase_state_path(p), PHASE_CHECKPOINT_EVERY, key=key)
     if not resume:
         states.path.unlink(missing_ok=True)
     for i in range(len(pool.record), len(pool_spec.phases)):
