@@ -43,11 +43,14 @@ from jdsearch.engine.evaluate import CocoMetrics, evaluate
 from jdsearch.engine.train import TrainResult, TrainState, train
 from jdsearch.methods.distill import make_distiller
 from jdsearch.methods.morph.actions import (
+    CHANNEL_PRUNE,
+    Action,
     MorphConfig,
     all_actions,
     evolve_with_report,
     feasible_actions,
 )
+from jdsearch.methods.morph.importance import taylor_scores
 from jdsearch.methods.morph.pruning import BNSparsity
 from jdsearch.methods.pool import ElasticPool
 from jdsearch.models import Detector
@@ -417,7 +420,7 @@ class Objective:
         # Under torchrun the other ranks train this pair too: tell them the sampler's decision.
         announce(TRIAL, number=number, move=move, parent=parent, seed=seed)
         with distributed.lockstep(f"trial {number}"):
-            pair = self.load_together(study, number, move, parent)
+            pair = self.load_together(study, number, move, parent, seed)
             trained = self.train_pair(pair, seed, states)
         return pair, trained, self.score(number, pair.student, study)
 
@@ -428,20 +431,20 @@ class Objective:
         rank 0 (which alone scores and records it); a failure is rank 0's to report."""
         try:
             with distributed.lockstep(f"trial {number}"):
-                pair = self.load_together(study, number, move, parent)
+                pair = self.load_together(study, number, move, parent, seed)
                 self.train_pair(pair, seed, FollowedStates(number))
         except JDSearchError as e:
             distributed.check_in_step(e)  # a failure rank 0 shared: it records it
             log.info("trial %d on this rank: %s", number, e)
 
     def load_together(
-        self, study: optuna.Study, number: int, move: str, parent: int | None
+        self, study: optuna.Study, number: int, move: str, parent: int | None, seed: int
     ) -> _Pair:
         """:meth:`load_pair` on every rank of the worker: all go on to train, or none does."""
         if not distributed.is_distributed():
-            return self.load_pair(study, number, move, parent)
+            return self.load_pair(study, number, move, parent, seed)
         try:
-            pair = self.load_pair(study, number, move, parent)
+            pair = self.load_pair(study, number, move, parent, seed)
         except Exception:
             distributed.agree(False)
             distributed.settle()  # every rank raises here (the others a TrialFailed)
@@ -456,11 +459,18 @@ class Objective:
         return self.ctx.spec.search.seed * 100003 + number
 
     def load_pair(
-        self, study: optuna.Study, number: int, move: str, parent_no: int | None
+        self,
+        study: optuna.Study,
+        number: int,
+        move: str,
+        parent_no: int | None,
+        seed: int | None = None,
     ) -> _Pair:
         """Trial ``number``'s pair: its parent's student and teacher (the base detector and the
         super-net for the root), with ``move`` applied to one of them. A ``pool.*`` move cuts the
-        student from the pool instead, and ``finetune`` keeps the parent's pair as it is."""
+        student from the pool instead, and ``finetune`` keeps the parent's pair as it is.
+        ``seed`` (default :meth:`seed_of` ``number``) draws the batches that rank channels for a
+        ``channel_prune`` by Taylor importance (``search.channel_importance``)."""
         ctx = self.ctx
         t0 = time.perf_counter()
         if move == BASE_MOVE:
@@ -486,10 +496,28 @@ class Objective:
         if move in SubnetSpace.move_names():
             teacher = self._moved_teacher(number, move, teacher)
         else:
-            student, report = evolve_with_report(student, move, config=ctx.morph_config)
+            config = self._morph_config(
+                student, move, self.seed_of(number) if seed is None else seed
+            )
+            student, report = evolve_with_report(student, move, config=config)
             morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
             subnet = None  # an evolved pool student is no longer the pool's sub-network
         return _Pair(student, teacher, morph, time.perf_counter() - t0, subnet)
+
+    def _morph_config(self, student: Detector, move: str, seed: int) -> MorphConfig:
+        """The morph settings ``move`` runs with: the study's, and for a ``channel_prune`` of a
+        study that ranks channels by Taylor importance, the parent's scores on a few batches."""
+        ctx, spec = self.ctx, self.ctx.spec
+        if spec.search.channel_importance != "taylor" or Action.parse(move).kind != CHANNEL_PRUNE:
+            return ctx.morph_config
+        scores = taylor_scores(
+            student,
+            ctx.train_set,
+            batch_size=spec.fast_eval.batch_size,
+            resolutions=spec.resolutions,
+            seed=seed,
+        )
+        return dataclasses.replace(ctx.morph_config, channel_scores=scores)
 
     def _parent_student(
         self, study: optuna.Study, number: int, parent_no: int, artifact_id: str

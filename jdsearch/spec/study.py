@@ -70,6 +70,8 @@ COSTS = ("flops", "params", "latency")
 #: the best pair, a random walk over every completed trial, or hill climbing whose students are
 #: sub-networks of the elastic teacher pool (the paper's "ETP search", appendix F).
 STRATEGIES = ("hill_climb", "greedy", "random", "pool")
+# search.channel_importance: what channel_prune ranks channels by (docs/morphism.md)
+CHANNEL_IMPORTANCE = ("bn_scale", "taylor")
 #: Default ``search.trial_checkpoint_every``: a trial saves its training state (student and
 #: adapter weights, momentum, RNGs: about twice the student's size) every 1000 iterations. At the
 #: paper's scale (COCO, batch 4: ~29k iterations an epoch, ~0.3 s each on a GPU) that is a save
@@ -264,7 +266,9 @@ class SearchSpec:
     ``storage`` unset: ``sqlite:///runs/<study name>.db``. ``artifacts``: ``db`` (the study's
     own database) or ``file:DIR``. ``trial_checkpoint_every``: a trial saves its resumable
     training state every this many iterations (0: never), so that a retry after a killed worker
-    resumes there (:data:`TRIAL_CHECKPOINT_EVERY`, ``docs/search.md``).
+    resumes there (:data:`TRIAL_CHECKPOINT_EVERY`, ``docs/search.md``). ``channel_importance``
+    (one of :data:`CHANNEL_IMPORTANCE`): what ``channel_prune`` ranks channels by, their BN scale
+    |γ| or their Taylor importance on a few training batches (``docs/morphism.md``).
     """
 
     strategy: str = "hill_climb"
@@ -274,6 +278,7 @@ class SearchSpec:
     n_trials: int = 20
     seed: int = 0
     channel_fraction: float = 0.1
+    channel_importance: str = "bn_scale"
     bn_sparsity: float = 1e-5
     storage: str | None = None
     artifacts: str = "db"
@@ -295,6 +300,8 @@ class SearchSpec:
         check(0 <= self.p_student <= 1, self, "p_student", "must lie in [0, 1]")
         ok = 0 < self.channel_fraction < 1
         check(ok, self, "channel_fraction", "must lie in (0, 1)")
+        ok = self.channel_importance in CHANNEL_IMPORTANCE
+        check(ok, self, "channel_importance", f"must be one of {', '.join(CHANNEL_IMPORTANCE)}")
         ok = self.strategy in STRATEGIES
         check(ok, self, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         try:

@@ -130,11 +130,17 @@ class MorphConfig:
       groups, at least two of them, and enough for ``min_channels``).
     * ``max_stage_depth`` — ``add_layer`` is infeasible on a stage already this deep (``None``:
       no limit).
+    * ``channel_scores`` — what ``channel_prune`` ranks channels by: ``None``, their BN scale |γ|
+      (network slimming); else one importance per channel for every BN of the parent's body
+      (:func:`jdsearch.methods.morph.importance.taylor_scores` of that parent).
     """
 
     channel_fraction: float = 0.1
     min_channels: int = 1
     max_stage_depth: int | None = None
+    channel_scores: Mapping[str, Sequence[float]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not (0 < self.channel_fraction < 1):
@@ -243,7 +249,9 @@ def _body(detector: Detector) -> ResNet:
 
 def _plan_channel_prune(detector: Detector, action: Action, config: MorphConfig) -> _Plan:
     arch = detector.arch
-    cp = plan_channel_prune(_body(detector), config.channel_fraction, config.min_channels)
+    cp = plan_channel_prune(
+        _body(detector), config.channel_fraction, config.min_channels, config.channel_scores
+    )
     chain_key = {m: (c.key if c.prunable else None) for c in chains(arch) for m in c.members}
     sources: list[_Source] = []
     stages: list[list[Block]] = [[] for _ in arch.stages]

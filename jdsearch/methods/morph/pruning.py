@@ -6,7 +6,7 @@ detector. Design notes: ``docs/morphism.md``, "What to prune".
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -188,8 +188,22 @@ def _abs_gamma(body: ResNet, name: str) -> list[float]:
     return body.get_submodule(name).weight.detach().abs().float().cpu().tolist()
 
 
+def _scores(
+    body: ResNet, names: list[str], scores: Mapping[str, Sequence[float]] | None
+) -> list[float]:
+    """Channel importance of a space whose channels the BNs ``names`` produce: the first one's
+    |γ| (network slimming), or with ``scores`` (one list per BN, :mod:`.importance`) their sum:
+    removing a channel of a residual stream zeroes it in every BN that writes to it."""
+    if scores is None:
+        return _abs_gamma(body, names[0])
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise KeyError(f"channel scores: no score for BN {missing[0]!r}")
+    return [float(sum(v)) for v in zip(*(scores[n] for n in names), strict=True)]
+
+
 def _units(
-    body: ResNet, min_channels: int
+    body: ResNet, min_channels: int, scores: Mapping[str, Sequence[float]] | None = None
 ) -> tuple[list[_Unit], dict[str, tuple[int, int]], dict[str, int]]:
     """Every removable unit, each space's (size, minimum), and each BN key's width."""
     arch = body.arch
@@ -202,7 +216,8 @@ def _units(
         key = chain.key
         spaces[key] = (chain.width, min(min_channels, chain.width))
         widths[key] = chain.width
-        units += [_Unit(g, key, 1, ((key, (c,)),)) for c, g in enumerate(_abs_gamma(body, key))]
+        importance = _scores(body, _chain_producers(arch, chain), scores)
+        units += [_Unit(g, key, 1, ((key, (c,)),)) for c, g in enumerate(importance)]
     for slot in arch.slots():
         prefix = block_prefix((slot.stage, slot.index))
         names = [f"{prefix}.{n}" for n in inner_bn_names(slot.block.kind)]
@@ -213,7 +228,8 @@ def _units(
             for name, width in zip(names, slot.block.channels, strict=False):
                 spaces[name] = (width, min(min_channels, width))
                 units += [
-                    _Unit(g, name, 1, ((name, (c,)),)) for c, g in enumerate(_abs_gamma(body, name))
+                    _Unit(g, name, 1, ((name, (c,)),))
+                    for c, g in enumerate(_scores(body, [name], scores))
                 ]
             continue
         per = [w // groups for w in slot.block.channels[:2]]
@@ -221,7 +237,7 @@ def _units(
         # At least two groups: a single group is a dense conv, and the arch could no longer tell
         # that the block's width must stay a multiple of its group width.
         spaces[space] = (groups, min(groups, max(2, math.ceil(min_channels / min(per)))))
-        g1, g2 = _abs_gamma(body, names[0]), _abs_gamma(body, names[1])
+        g1, g2 = _scores(body, [names[0]], scores), _scores(body, [names[1]], scores)
         for k in range(groups):
             idx1 = tuple(range(k * per[0], (k + 1) * per[0]))
             idx2 = tuple(range(k * per[1], (k + 1) * per[1]))
@@ -232,13 +248,20 @@ def _units(
     return units, spaces, widths
 
 
-def plan_channel_prune(body: ResNet, fraction: float, min_channels: int = 1) -> ChannelPlan:
-    """Rank all prunable channels of ``body`` globally by |γ| and remove ``fraction`` of them.
+def plan_channel_prune(
+    body: ResNet,
+    fraction: float,
+    min_channels: int = 1,
+    scores: Mapping[str, Sequence[float]] | None = None,
+) -> ChannelPlan:
+    """Rank all prunable channels of ``body`` globally by |γ| (or by ``scores``: one importance
+    per channel for every BN of the body, e.g. :func:`.importance.taylor_scores`) and remove
+    ``fraction`` of them.
 
     At least one unit is removed when any can be (``plan.empty`` tells when none can).
     """
     assert 0 < fraction < 1 and min_channels >= 1
-    units, spaces, widths = _units(body, min_channels)
+    units, spaces, widths = _units(body, min_channels, scores)
     total = sum(u.cost for u in units)
     target = max(1, round(fraction * total))
     left = {k: size for k, (size, _) in spaces.items()}
