@@ -20,6 +20,8 @@ Each lever in ``--levers`` changes how the child is trained, all else equal:
     taylor      the study's fast evaluation; channel_prune ranks channels by their Taylor
                 importance (jdsearch.methods.morph.importance) instead of their BN scale |γ|
     taylor_low_lr   taylor at low_lr's schedule
+    taylor_flops_low_lr     taylor_low_lr, each channel's importance divided by the multiply-adds
+                its removal saves (search.channel_importance: taylor_flops)
     taylor_kd_parent_low_lr     all three
 
 For each (lever, move) it prints, as mean ± sd over ``--seeds`` training seeds, the AP of the
@@ -55,7 +57,12 @@ from jdsearch.data.coco import CocoDataset
 from jdsearch.engine.evaluate import evaluate
 from jdsearch.engine.train import train
 from jdsearch.methods.distill import make_distiller
-from jdsearch.methods.morph.actions import MorphConfig, MorphError, evolve_with_report
+from jdsearch.methods.morph.actions import (
+    MorphConfig,
+    MorphError,
+    channel_costs,
+    evolve_with_report,
+)
 from jdsearch.methods.morph.importance import taylor_scores
 from jdsearch.methods.morph.pruning import BNSparsity
 from jdsearch.models.detector import Detector
@@ -96,6 +103,7 @@ LEVERS: dict[str, Lever] = {
     "kd_parent_low_lr": Lever(lr=0.002, warmup_iters=0, kd_parent=True),
     "taylor": Lever(importance="taylor"),
     "taylor_low_lr": Lever(lr=0.002, warmup_iters=0, importance="taylor"),
+    "taylor_flops_low_lr": Lever(lr=0.002, warmup_iters=0, importance="taylor_flops"),
     "taylor_kd_parent_low_lr": Lever(lr=0.002, warmup_iters=0, kd_parent=True, importance="taylor"),
 }
 
@@ -140,7 +148,7 @@ class Bench:
         if move == "none":
             return parent
         config = self.morph
-        if importance == "taylor" and move == "channel_prune":
+        if importance.startswith("taylor") and move == "channel_prune":
             if self._taylor is None:
                 spec = self.spec
                 self._taylor = taylor_scores(
@@ -149,7 +157,8 @@ class Bench:
                     batch_size=spec.fast_eval.batch_size,
                     resolutions=spec.resolutions,
                 )
-            config = dataclasses.replace(config, channel_scores=self._taylor)
+            costs = channel_costs(parent) if importance == "taylor_flops" else None
+            config = dataclasses.replace(config, channel_scores=self._taylor, channel_costs=costs)
         child, _ = evolve_with_report(parent, move, config=config)
         return child
 

@@ -232,7 +232,10 @@ def shared_assets(spec: Any, out: Path) -> Shared:
             f"{spec.source}: no held-out split (set data.test or data.max_val_images below the "
             "val set's size): a winner must be judged on images the search never saw"
         )
-    return Shared(spec, Path(base), run_dir(spec) / "pool.safetensors", study, ctx, heldout)
+    pool = run_dir(spec) / "pool.safetensors"
+    if not pool.is_file() and spec.pool_checkpoint is not None:
+        pool = spec.pool_checkpoint  # the shipped pool, used where it lies (pool.checkpoint)
+    return Shared(spec, Path(base), pool, study, ctx, heldout)
 
 
 def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any:
@@ -262,9 +265,10 @@ def _variant(shared: Shared, row: str, seed: int, trials: int, out: Path) -> Any
         kd=dataclasses.replace(spec.kd, mode=kd_mode, when=when or spec.kd.when),
         score=score,
     )
-    cache = run_dir(variant) / "pool.safetensors"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shared.pool_path, cache)
+    if shared.pool_path != spec.pool_checkpoint:  # else every variant reads the shipped one
+        cache = run_dir(variant) / "pool.safetensors"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared.pool_path, cache)
     return variant
 
 

@@ -12,10 +12,11 @@ import torch
 from jdsearch.core.errors import SpecError
 from jdsearch.data.coco import CocoDataset
 from jdsearch.data.synth import generate
-from jdsearch.methods.morph.actions import MorphConfig, evolve
+from jdsearch.methods.morph.actions import MorphConfig, channel_costs, evolve
 from jdsearch.methods.morph.importance import taylor_scores
 from jdsearch.methods.morph.pruning import plan_channel_prune, prunable_bn_names
 from jdsearch.models.detector import build_detector
+from jdsearch.models.flops import count_flops
 from jdsearch.search.objective import Objective
 from jdsearch.search.record import TrialRecord
 from jdsearch.search.run import run_search
@@ -142,3 +143,59 @@ def test_a_trials_channel_prune_ranks_its_parent_by_taylor(
     by_gamma = Objective(plain).load_pair(study, 1, "channel_prune", 0, seed=11)
     assert by_gamma.student.arch == evolve(parent, "channel_prune", config=ctx.morph_config).arch
     assert by_gamma.student.arch != pair.student.arch
+
+
+def test_channel_costs_are_what_removing_one_unit_saves() -> None:
+    """Each space's cost is the FLOPs difference to the child without one of its units, and the
+    costs add up: removing one unit of two spaces saves their sum (no space shares a conv with
+    another in both its input and output)."""
+    det = _detector(3)
+    size = (64, 64)
+    costs = channel_costs(det, size)
+    assert set(costs) == set(_spaces(det.backbone.body))
+    whole = count_flops(det, size).total
+    one = {"stages.2.1.bn1": tuple(1.0 if c else 0.0 for c in range(16))}
+    scores = _uniform_scores(det, one)
+    child = evolve(det, "channel_prune", config=_one_unit(det, scores))
+    assert child.arch.stages[2].blocks[1].channels[0] == 15
+    assert whole - count_flops(child, size).total == costs["stages.2.1.bn1"]
+    # a stream channel reaches more convs than an inner one of the same stage
+    assert costs["stages.2.0.shortcut.bn"] > costs["stages.2.1.bn1"] > 0
+
+
+def test_costs_turn_the_ranking_towards_cheap_accuracy() -> None:
+    """Of two weak channels, the weaker goes first by score alone, and the one whose space saves
+    far more FLOPs per unit of score goes first by score per FLOP."""
+    det = _detector(3)
+    costs = channel_costs(det, (64, 64))
+    cheap, dear = "stages.3.1.bn1", "stages.1.1.bn1"
+    assert costs[dear] > 2 * costs[cheap]
+    scores = _uniform_scores(det, {cheap: (0.4,) + (9.0,) * 31, dear: (0.5,) + (9.0,) * 15})
+    body = det.backbone.body
+    fraction = 1 / sum(_space_sizes(body))
+    assert plan_channel_prune(body, fraction, scores=scores).removed == {cheap: (0,)}
+    by_cost = plan_channel_prune(body, fraction, scores=scores, costs=costs)
+    assert by_cost.removed == {dear: (0,)}
+    with pytest.raises(KeyError, match="no cost for channel space"):
+        plan_channel_prune(body, fraction, scores=scores, costs={cheap: 1.0})
+
+
+def _spaces(body: torch.nn.Module) -> list[str]:
+    from jdsearch.methods.morph.pruning import _units
+
+    return list(_units(body, 1)[1])
+
+
+def _uniform_scores(det: torch.nn.Module, override: dict[str, tuple[float, ...]]) -> dict:
+    body = det.backbone.body
+    scores = {
+        n: (10.0,) * m.num_features
+        for n, m in body.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    }
+    return {**scores, **override}
+
+
+def _one_unit(det: torch.nn.Module, scores: dict) -> MorphConfig:
+    fraction = 1 / sum(_space_sizes(det.backbone.body))
+    return MorphConfig(channel_fraction=fraction, channel_scores=scores)

@@ -47,6 +47,7 @@ from jdsearch.methods.morph.actions import (
     Action,
     MorphConfig,
     all_actions,
+    channel_costs,
     evolve_with_report,
     feasible_actions,
 )
@@ -508,7 +509,8 @@ class Objective:
         """The morph settings ``move`` runs with: the study's, and for a ``channel_prune`` of a
         study that ranks channels by Taylor importance, the parent's scores on a few batches."""
         ctx, spec = self.ctx, self.ctx.spec
-        if spec.search.channel_importance != "taylor" or Action.parse(move).kind != CHANNEL_PRUNE:
+        importance = spec.search.channel_importance
+        if importance == "bn_scale" or Action.parse(move).kind != CHANNEL_PRUNE:
             return ctx.morph_config
         scores = taylor_scores(
             student,
@@ -517,7 +519,8 @@ class Objective:
             resolutions=spec.resolutions,
             seed=seed,
         )
-        return dataclasses.replace(ctx.morph_config, channel_scores=scores)
+        costs = channel_costs(student) if importance == "taylor_flops" else None
+        return dataclasses.replace(ctx.morph_config, channel_scores=scores, channel_costs=costs)
 
     def _parent_student(
         self, study: optuna.Study, number: int, parent_no: int, artifact_id: str

@@ -71,7 +71,7 @@ COSTS = ("flops", "params", "latency")
 #: sub-networks of the elastic teacher pool (the paper's "ETP search", appendix F).
 STRATEGIES = ("hill_climb", "greedy", "random", "pool")
 # search.channel_importance: what channel_prune ranks channels by (docs/morphism.md)
-CHANNEL_IMPORTANCE = ("bn_scale", "taylor")
+CHANNEL_IMPORTANCE = ("bn_scale", "taylor", "taylor_flops")
 #: Default ``search.trial_checkpoint_every``: a trial saves its training state (student and
 #: adapter weights, momentum, RNGs: about twice the student's size) every 1000 iterations. At the
 #: paper's scale (COCO, batch 4: ~29k iterations an epoch, ~0.3 s each on a GPU) that is a save
@@ -268,7 +268,8 @@ class SearchSpec:
     training state every this many iterations (0: never), so that a retry after a killed worker
     resumes there (:data:`TRIAL_CHECKPOINT_EVERY`, ``docs/search.md``). ``channel_importance``
     (one of :data:`CHANNEL_IMPORTANCE`): what ``channel_prune`` ranks channels by, their BN scale
-    |γ| or their Taylor importance on a few training batches (``docs/morphism.md``).
+    |γ|, their Taylor importance on a few training batches, or that importance per multiply-add
+    the channel costs (``docs/morphism.md``).
     """
 
     strategy: str = "hill_climb"

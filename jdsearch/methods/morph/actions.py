@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.methods.morph.pruning import (
+    ChannelPlan,
     block_prefix,
     chains,
     inner_bn_names,
@@ -24,6 +25,7 @@ from jdsearch.methods.morph.pruning import (
     least_important_block,
     plan_channel_prune,
     removable_blocks,
+    single_unit_plans,
 )
 from jdsearch.models.detector import Detector, build_detector
 from jdsearch.models.resnet import BasicBlock, ResNet, Shortcut
@@ -41,6 +43,7 @@ __all__ = [
     "MorphError",
     "MorphReport",
     "all_actions",
+    "channel_costs",
     "describe",
     "evolve",
     "evolve_with_report",
@@ -133,6 +136,9 @@ class MorphConfig:
     * ``channel_scores`` — what ``channel_prune`` ranks channels by: ``None``, their BN scale |γ|
       (network slimming); else one importance per channel for every BN of the parent's body
       (:func:`jdsearch.methods.morph.importance.taylor_scores` of that parent).
+    * ``channel_costs`` — with ``channel_scores``, what removing one unit of each channel space
+      saves (:func:`channel_costs` of the parent): a unit then ranks by its score per multiply-add
+      saved, so that a prune removes the cheapest accuracy per FLOP; ``None``: by its score.
     """
 
     channel_fraction: float = 0.1
@@ -141,6 +147,7 @@ class MorphConfig:
     channel_scores: Mapping[str, Sequence[float]] | None = field(
         default=None, compare=False, repr=False
     )
+    channel_costs: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (0 < self.channel_fraction < 1):
@@ -248,10 +255,18 @@ def _body(detector: Detector) -> ResNet:
 
 
 def _plan_channel_prune(detector: Detector, action: Action, config: MorphConfig) -> _Plan:
-    arch = detector.arch
     cp = plan_channel_prune(
-        _body(detector), config.channel_fraction, config.min_channels, config.channel_scores
+        _body(detector),
+        config.channel_fraction,
+        config.min_channels,
+        config.channel_scores,
+        config.channel_costs,
     )
+    return _channels_plan(detector.arch, cp)
+
+
+def _channels_plan(arch: BackboneArch, cp: ChannelPlan) -> _Plan:
+    """The child of ``arch`` that keeps ``cp``'s channels."""
     chain_key = {m: (c.key if c.prunable else None) for c in chains(arch) for m in c.members}
     sources: list[_Source] = []
     stages: list[list[Block]] = [[] for _ in arch.stages]
@@ -280,6 +295,24 @@ def _plan_channel_prune(detector: Detector, action: Action, config: MorphConfig)
         laterals=tuple(last_out),
         removed_channels=dict(cp.removed),
     )
+
+
+def channel_costs(detector: Detector, size: tuple[int, int] | None = None) -> dict[str, float]:
+    """The multiply-adds (at ``size``, default the detector's base size) that removing one unit
+    of each of ``detector``'s channel spaces saves: the detector against its child without that
+    unit, both counted on the ``meta`` device (no weights). Keys as ``ChannelPlan``'s."""
+    from jdsearch.models.flops import count_flops
+
+    arch, classes = detector.arch, _num_classes(detector)
+
+    def flops(a: BackboneArch) -> int:
+        with torch.device("meta"):
+            child = build_detector(detector.spec.with_arch(a), classes)
+        return count_flops(child, size).total
+
+    whole = flops(arch)
+    plans = single_unit_plans(_body(detector))
+    return {key: float(whole - flops(_channels_plan(arch, p).arch)) for key, p in plans.items()}
 
 
 def _plan_layer_prune(detector: Detector, action: Action, config: MorphConfig) -> _Plan:

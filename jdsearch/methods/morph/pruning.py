@@ -5,6 +5,7 @@ detector. Design notes: ``docs/morphism.md``, "What to prune".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "plan_channel_prune",
     "prunable_bn_names",
     "removable_blocks",
+    "single_unit_plans",
 ]
 
 
@@ -203,9 +205,46 @@ def _scores(
 
 
 def _units(
-    body: ResNet, min_channels: int, scores: Mapping[str, Sequence[float]] | None = None
+    body: ResNet,
+    min_channels: int,
+    scores: Mapping[str, Sequence[float]] | None = None,
+    costs: Mapping[str, float] | None = None,
 ) -> tuple[list[_Unit], dict[str, tuple[int, int]], dict[str, int]]:
-    """Every removable unit, each space's (size, minimum), and each BN key's width."""
+    """Every removable unit, each space's (size, minimum), and each BN key's width. With
+    ``costs`` (what one unit of each space saves), a unit's importance is per unit of cost."""
+    units, spaces, widths = _ranked_units(body, min_channels, scores)
+    if costs is not None:
+        missing = sorted(set(spaces) - set(costs))
+        if missing:
+            raise KeyError(f"channel costs: no cost for channel space {missing[0]!r}")
+        units = [
+            dataclasses.replace(u, importance=u.importance / max(costs[u.space], 1e-12))
+            for u in units
+        ]
+    return units, spaces, widths
+
+
+def single_unit_plans(body: ResNet, min_channels: int = 1) -> dict[str, ChannelPlan]:
+    """For every channel space that can lose a unit, the plan that removes one unit of it only
+    (what that unit costs: :func:`jdsearch.methods.morph.actions.channel_costs`)."""
+    units, spaces, widths = _ranked_units(body, min_channels, None)
+    total = sum(u.cost for u in units)
+    plans: dict[str, ChannelPlan] = {}
+    for u in units:
+        size, minimum = spaces[u.space]
+        if u.space in plans or size - 1 < minimum:
+            continue
+        removed = dict(u.channels)
+        keep = {
+            k: tuple(c for c in range(widths[k]) if c not in gone) for k, gone in removed.items()
+        }
+        plans[u.space] = ChannelPlan(keep, removed, u.cost, total)
+    return plans
+
+
+def _ranked_units(
+    body: ResNet, min_channels: int, scores: Mapping[str, Sequence[float]] | None
+) -> tuple[list[_Unit], dict[str, tuple[int, int]], dict[str, int]]:
     arch = body.arch
     units: list[_Unit] = []
     spaces: dict[str, tuple[int, int]] = {}
@@ -253,15 +292,16 @@ def plan_channel_prune(
     fraction: float,
     min_channels: int = 1,
     scores: Mapping[str, Sequence[float]] | None = None,
+    costs: Mapping[str, float] | None = None,
 ) -> ChannelPlan:
     """Rank all prunable channels of ``body`` globally by |γ| (or by ``scores``: one importance
-    per channel for every BN of the body, e.g. :func:`.importance.taylor_scores`) and remove
-    ``fraction`` of them.
+    per channel for every BN of the body, e.g. :func:`.importance.taylor_scores`; with ``costs``,
+    per multiply-add one unit of its space saves) and remove ``fraction`` of them.
 
     At least one unit is removed when any can be (``plan.empty`` tells when none can).
     """
     assert 0 < fraction < 1 and min_channels >= 1
-    units, spaces, widths = _units(body, min_channels, scores)
+    units, spaces, widths = _units(body, min_channels, scores, costs)
     total = sum(u.cost for u in units)
     target = max(1, round(fraction * total))
     left = {k: size for k, (size, _) in spaces.items()}
