@@ -3,15 +3,27 @@
 Usage::
 
     python bench/faults.py [--workers 3] [--trials 20] [--kills 3] [--pg-restart]
+                           [--long-outage [--outage-s S]] [--heartbeat 2] [--checkpoint-every N]
                            [--storage URL] [--seed 0] [--keep DIR]
 
 One run: a tiny study (synthetic data, tiny R18-FPN base and tiny pool, trained here first) is
 searched by ``--workers`` worker processes on PostgreSQL (a throwaway schema on the local server;
-``--storage sqlite:///FILE`` for SQLite) until ``--trials`` trials are COMPLETE. Meanwhile:
+``--storage sqlite:///FILE`` for SQLite) until ``--trials`` trials are COMPLETE, with heartbeats
+every ``--heartbeat`` seconds; with ``--checkpoint-every N``, each trial saves its training state
+every N iterations, and a retry resumes it (``search.trial_checkpoint_every``; by default 1000,
+past the bench's trials). Meanwhile:
 
 * ``--kills`` times, a worker that is inside a trial is SIGKILLed, and restarted after 1–5 s;
 * with ``--pg-restart``, the PostgreSQL server is restarted once, halfway (root and
   ``pg_ctlcluster`` needed);
+* with ``--long-outage``, the PostgreSQL server is stopped once, a third of the way and while at
+  least two workers are inside a trial, for ``--outage-s`` seconds (default 3 × the grace period
+  of 2 × ``--heartbeat``, but less than the retry window, ``JDSEARCH_DB_RETRY_S``), then started:
+  when it is back, the trials running through it have stale heartbeats, and the bench at once
+  fails and re-queues them, as a worker that starts a trial at that moment does, while their
+  workers go on. The bench runs a PostgreSQL server of its own for it
+  (``jdsearch.testing.PrivatePostgres``, in a temporary folder: no ``--storage``), never the
+  shared one;
 * one trial's checkpoint upload breaks halfway (a store wrapper that raises after half the bytes);
 * one trial's loss becomes NaN;
 * one trial raises a CUDA-style out-of-memory ``RuntimeError``.
@@ -24,13 +36,16 @@ Then the bench checks the study and prints one table:
 * faults injected, by kind (those that happened: a planned trial may be run by a killed worker);
 * trials completed, failed, retried (a killed trial re-queued by the heartbeat callback) and lost
   (a COMPLETE trial that later disappeared, or whose checkpoint is missing or fails its sha256);
+* after a long outage: the trials failed as stale whose worker was alive, how many of them their
+  worker stopped with its one line, and how many it told all the same (a line of its own for the
+  trial, as for a finished one: none may be);
 * whether every killed trial was retried with its parent and move, and completed;
 * orphaned artifacts left (before and after ``jdsearch gc --older-than 0``);
 * the longest time a worker sat idle between two of its trials (work is always available);
 * the time from each fault to the next COMPLETE trial.
 
-The exit status is 1 when a trial was lost, a checkpoint was unreadable or a killed trial was not
-retried.
+The exit status is 1 when a trial was lost, a checkpoint was unreadable, a killed trial was not
+retried, a worker died on its own or told a trial that had been failed as stale and retried.
 """
 
 from __future__ import annotations
@@ -58,7 +73,7 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.testing import pg_schema, quiet_optuna, tiny_study
+from jdsearch.testing import PrivatePostgres, pg_schema, quiet_optuna, tiny_study
 
 STOP_FILE, PLAN_FILE, EVENTS_FILE = "stop", "plan.json", "events.jsonl"
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -212,6 +227,7 @@ class Run:
     workdir: Path
     spec_file: Path
     storage: str
+    server: PrivatePostgres | None = None  # the bench's own server (--long-outage)
     workers: list[Worker] = field(default_factory=list)
     restarts: list[tuple[float, str]] = field(default_factory=list)  # (when, worker name)
     seen_complete: dict[int, str] = field(default_factory=dict)  # number -> checkpoint id
@@ -287,6 +303,7 @@ def orchestrate(run: Run, args: argparse.Namespace, name: str, rng: random.Rando
         flush=True,
     )
     pg_at = args.trials // 2 if args.pg_restart else None
+    outage_at = max(1, args.trials // 3) if args.long_outage else None
     for _ in range(args.workers):
         run.spawn()
     pending_restarts: list[float] = []
@@ -305,11 +322,18 @@ def orchestrate(run: Run, args: argparse.Namespace, name: str, rng: random.Rando
         if pg_at is not None and len(done) >= pg_at:
             restart_postgresql(run)
             pg_at = None
+        if outage_at is not None and len(done) >= outage_at and len(running_marker(trials)) >= 2:
+            long_outage(run, args.outage_s)
+            outage_at = None
         for when in [w for w in pending_restarts if w <= time.time()]:
             pending_restarts.remove(when)
             worker = run.spawn()
             run.restarts.append((time.time(), worker.name))
-        if finished(trials, args.trials) and not kill_at and not pending_restarts and pg_at is None:
+        if not run.alive() and not pending_restarts:
+            print("every worker has died: the search cannot go on", flush=True)
+            break
+        waiting = kill_at or pending_restarts or pg_at is not None or outage_at is not None
+        if finished(trials, args.trials) and not waiting:
             (run.workdir / STOP_FILE).touch()
             break
     else:
@@ -336,7 +360,8 @@ def kill_one(run: Run, trials: list[FrozenTrial], rng: random.Random) -> bool:
         for t in trials
         if t.state == TrialState.RUNNING and t.system_attrs.get("jdsearch:worker") == victim.marker
     ]
-    log_event(run.workdir, "kill", worker=victim.name, trial=max(inside, default=-1))
+    trial = max(inside, default=-1)
+    log_event(run.workdir, "kill", worker=victim.name, marker=victim.marker, trial=trial)
     print(f"killed {victim.name} ({victim.marker}) inside a trial", flush=True)
     return True
 
@@ -346,6 +371,34 @@ def restart_postgresql(run: Run) -> None:
     started = time.time()
     subprocess.run([*pg_cluster(), "restart"], check=True, timeout=120, capture_output=True)
     print(f"restarted PostgreSQL ({time.time() - started:.1f} s)", flush=True)
+
+
+def long_outage(run: Run, seconds: float) -> None:
+    """Stop the bench's own PostgreSQL server for ``seconds``, start it again, and at once fail
+    the stale trials as a worker that starts a trial at that moment does (the worst case: else
+    the first to get through, a heartbeat or such a worker, decides whether any trial is stale)."""
+    from optuna.storages import fail_stale_trials
+
+    from jdsearch.search.session import open_storage
+    from jdsearch.spec.study import load_study
+
+    assert run.server is not None
+    log_event(run.workdir, "outage", seconds=seconds)
+    run.server.stop()
+    time.sleep(seconds)
+    run.server.start()
+    spec = load_study(run.spec_file)
+    storage, _ = open_storage(spec, run.storage)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    fail_stale_trials(study)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    storage.remove_session()
+    print(
+        f"PostgreSQL was down for {seconds:.0f} s; failed as stale when it was back: trials "
+        f"{sorted(t.number for t in failed if t.number in running)}",
+        flush=True,
+    )
 
 
 def finished(trials: list[FrozenTrial], n: int) -> bool:
@@ -490,6 +543,34 @@ def crashed(run: Run) -> int:
     return sum(w.proc.returncode not in (0, None) and w.name not in killed for w in run.workers)
 
 
+def outage_trials(run: Run, trials: list[FrozenTrial]) -> tuple[int, int, int, int]:
+    """``(trials failed as stale whose worker the bench did not kill, those their worker stopped
+    with its one line, those their worker told all the same, those whose retry resumed a saved
+    training state)``. A worker's line on a trial starts ``trial   N  ``; the line of a stopped
+    one says ``STOPPED:``, every other line (a finished trial's) is a tell."""
+    events = [json.loads(x) for x in (run.workdir / EVENTS_FILE).read_text().splitlines()]
+    killed = {e.get("marker") for e in events if e["kind"] == "kill"}
+    logs = {w.marker: run.workdir / f"{w.name}.log" for w in run.workers}
+    retry_of = retries(trials)
+    stale = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and "fail_reason" not in t.user_attrs
+        and t.system_attrs.get("jdsearch:worker") not in killed
+    ]
+    stopped = told = resumed = 0
+    for t in stale:
+        log = logs.get(str(t.system_attrs.get("jdsearch:worker")))
+        text = log.read_text(errors="replace") if log is not None else ""
+        lines = [x for x in text.splitlines() if x.startswith(f"trial {t.number:3d}  ")]
+        stopped += any("STOPPED:" in x for x in lines)
+        told += any("STOPPED:" not in x for x in lines)
+        retry = retry_of.get(t.number)
+        resumed += retry is not None and bool(retry.user_attrs.get("resumed_from"))
+    return len(stale), stopped, told, resumed
+
+
 def waits(workdir: Path) -> int:
     """Storage or artifact calls that met an unreachable database and were retried."""
     return sum(
@@ -506,8 +587,10 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
     events = [json.loads(x) for x in (run.workdir / EVENTS_FILE).read_text().splitlines()]
     kinds = {
         k: sum(e["kind"] == k for e in events)
-        for k in ("kill", "pg_restart", "upload", "nan", "oom")
+        for k in ("kill", "pg_restart", "outage", "upload", "nan", "oom")
     }
+    down = sum(e.get("seconds", 0.0) for e in events if e["kind"] == "outage")
+    stale, stopped, told, resumed = outage_trials(run, verdict["trials"])
     gap, who = idle_gaps(verdict["trials"])
     killed, killed_ok, killed_done = verdict["killed_ok"]
     rows = [
@@ -515,6 +598,7 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
         ("workers / target trials", f"{args.workers} / {args.trials}"),
         ("faults: SIGKILL of a worker in a trial", kinds["kill"]),
         ("faults: PostgreSQL restart", kinds["pg_restart"]),
+        ("faults: PostgreSQL down past the grace period", f"{kinds['outage']} ({down:.0f} s)"),
         ("faults: upload broken halfway", kinds["upload"]),
         ("faults: NaN loss", kinds["nan"]),
         ("faults: out of memory", kinds["oom"]),
@@ -523,6 +607,10 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
         ("trials retried (re-queued after a kill)", verdict["retried"]),
         ("killed trials retried with the same parent+move", f"{killed_ok} of {killed}"),
         ("  ... whose retry is COMPLETE (else: another fault)", f"{killed_done} of {killed}"),
+        ("trials failed as stale, their worker alive (outage)", stale),
+        ("  ... stopped by their worker, with one line", f"{stopped} of {stale}"),
+        ("  ... told by their worker all the same", f"{told} of {stale}"),
+        ("  ... whose retry resumed a saved training state", f"{resumed} of {stale}"),
         ("trials lost", len(verdict["lost"])),
         ("unreadable checkpoints of COMPLETE trials", len(verdict["unreadable"])),
         ("orphaned artifacts before gc", before),
@@ -544,6 +632,7 @@ def report(run: Run, name: str, args: argparse.Namespace) -> int:
     for n, why in sorted(verdict["reasons"].items()):
         print(f"  {n:3d}  {why[:150]}")
     bad = verdict["lost"] or verdict["unreadable"] or killed_ok != killed or left or crashed(run)
+    bad = bad or told
     return 1 if bad else 0
 
 
@@ -556,6 +645,8 @@ def prepare_study(workdir: Path, storage: str, args: argparse.Namespace) -> tupl
     spec = tiny_study(workdir, name, storage, None, args.trials)
     doc = spec.to_dict()
     doc["search"].update({"heartbeat_s": args.heartbeat, "max_retry": 5, "seed": args.seed})
+    if args.checkpoint_every is not None:
+        doc["search"]["trial_checkpoint_every"] = args.checkpoint_every
     spec_file = workdir / "faults.yaml"
     spec_file.write_text(yaml.safe_dump(doc))
     from jdsearch.spec.study import load_study
@@ -575,9 +666,21 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=20, help="COMPLETE trials to reach")
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--pg-restart", action="store_true")
+    p.add_argument(
+        "--long-outage",
+        action="store_true",
+        help="stop PostgreSQL (a server of the bench's own) past the grace period, once",
+    )
+    p.add_argument("--outage-s", type=float, default=None, help="default 3 × 2 × --heartbeat")
     p.add_argument("--storage", default=None, help="default: a throwaway local PostgreSQL schema")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heartbeat", type=int, default=2, help="search.heartbeat_s")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="search.trial_checkpoint_every: a retry resumes the state saved this often",
+    )
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temp)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -591,10 +694,17 @@ def main() -> int:
         and (args.storage or "postgresql").split(":")[0].split("+")[0] != "postgresql"
     ):
         p.error("--pg-restart needs PostgreSQL storage")
+    if args.long_outage and args.storage is not None:
+        p.error("--long-outage stops a PostgreSQL server of the bench's own: leave --storage out")
+    if args.outage_s is None:
+        args.outage_s = 6.0 * args.heartbeat
     quiet_optuna()
     drop: Callable[[], None] | None = None
-    storage = args.storage
-    if storage is None:
+    storage, server = args.storage, None
+    if args.long_outage:
+        server = PrivatePostgres()
+        storage, drop = server.url, server.close
+    elif storage is None:
         pg = pg_schema(PG, prefix="bench_faults")
         if pg is None:
             return 2
@@ -605,7 +715,7 @@ def main() -> int:
         started = time.time()
         spec_file, name = prepare_study(workdir, storage, args)
         print(f"prepared in {time.time() - started:.0f} s; searching in {workdir}", flush=True)
-        run = Run(workdir, spec_file, storage)
+        run = Run(workdir, spec_file, storage, server)
         orchestrate(run, args, name, random.Random(args.seed))
         print(f"search under faults: {time.time() - started:.0f} s", flush=True)
         return report(run, name, args)

@@ -8,6 +8,8 @@
 * :func:`measure_base`, :func:`measure_pool` — what a study's shipped base and pool record,
   measured now (``bench/ship_base.py``, ``bench/ship_pool.py``);
 * :func:`pg_schema` — a throwaway schema on a PostgreSQL server, and its dropper;
+* :class:`PrivatePostgres` — a PostgreSQL server of one's own, in a temporary folder, to stop and
+  start (an outage) without touching the server that other tests and benches share;
 * :func:`quiet_optuna` — Optuna's logging and experimental-feature warnings silenced.
 
 Importing this module imports nothing heavy (PyYAML and the torch-free config reader); torch,
@@ -20,7 +22,12 @@ the package installed (``pip install -e .``), e.g. ``python bench/faults.py --he
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -198,6 +205,84 @@ def pg_schema(url: str, prefix: str = "bench_overhead") -> tuple[str, Callable[[
         c.close()
 
     return f"{url}?options=-csearch_path%3D{schema}", drop
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of one's own: a fresh cluster in a temporary folder, listening on a
+    free port of the loopback (trust authentication, database ``postgres``), which a test or a
+    bench may stop and start to cut every connection off; the server that others share is never
+    touched. ``initdb`` refuses root: as root, the cluster is made and run as the ``postgres``
+    user. :meth:`close` stops it and removes the folder.
+
+    Raises:
+        RuntimeError: no PostgreSQL programs (``initdb``, ``pg_ctl``), or the server does not
+            start; one line, with the end of the server's log.
+    """
+
+    def __init__(self) -> None:
+        bin_dir = _pg_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("no PostgreSQL programs (initdb, pg_ctl) on PATH")
+        self.bin_dir = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="jdsearch-pg-"))
+        self.data, self.log = self.root / "data", self.root / "server.log"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:  # a free port (another process may take it first: rare)
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        try:
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+            self.start()
+        except Exception:
+            self.close()
+            raise
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run(
+            [*self._as, str(self.bin_dir / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            log = self.log.read_text(errors="replace") if self.log.exists() else ""
+            tail = " ".join((done.stderr + log).split())[-300:]
+            raise RuntimeError(f"{program} {args[0] if args else ''} failed: {tail}")
+
+    def start(self) -> None:
+        """Start the server, and wait until it accepts connections."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "start", "-w", "-D", str(self.data), "-l", str(self.log), "-o", options)
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl stop -m MODE``): every connection is cut."""
+        self._run("pg_ctl", "stop", "-w", "-D", str(self.data), "-m", mode)
+
+    def close(self) -> None:
+        """Stop the server if it runs, and remove its folder."""
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(RuntimeError):  # already down
+                self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg_bin_dir() -> Path | None:
+    """Where ``initdb`` and ``pg_ctl`` are: on PATH, else Debian's ``/usr/lib/postgresql/N/bin``."""
+    found = shutil.which("initdb")
+    if found is not None and shutil.which("pg_ctl") is not None:
+        return Path(found).resolve().parent
+    for bin_dir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (bin_dir / "initdb").is_file() and (bin_dir / "pg_ctl").is_file():
+            return bin_dir
+    return None
 
 
 def quiet_optuna() -> None:
