@@ -28,10 +28,12 @@ from jdsearch.storage.reconnect import is_disconnect
 
 __all__ = [
     "HeartbeatStorage",
+    "beat_if_running",
     "cached_storage",
     "heartbeat_ages",
     "keep_alive",
     "last_heartbeat",
+    "lost_trial",
     "muted_trial_failures",
     "pop_waiting_trial",
     "set_running_attrs",
@@ -190,6 +192,41 @@ def keep_alive(study: optuna.Study, trial: FrozenTrial) -> None:
     if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)
         fail_stale_trials(study)
+
+
+def beat_if_running(backend: RDBStorage, trial_id: int) -> bool:
+    """Beat trial ``trial_id``'s heartbeat, as ``RDBStorage.record_heartbeat`` does, if the
+    trial is still RUNNING, and say whether it was: ``False`` (and no beat, so that its last one
+    still says when its worker fell silent) when another worker has failed it as stale. One
+    transaction reads the state and writes the beat; Optuna's call beats a finished trial as
+    well and says nothing, and the tables are in the private ``optuna.storages._rdb.models``."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        state = session.scalar(
+            sqlalchemy.select(models.TrialModel.state).where(models.TrialModel.trial_id == trial_id)
+        )
+        if state != TrialState.RUNNING:
+            return False
+        beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
+        if beat is None:
+            session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+        else:
+            beat.heartbeat = session.execute(sqlalchemy.func.now()).scalar_one()
+    return True
+
+
+def lost_trial(trial: optuna.Trial | FrozenTrial, storage: Any = None, read: bool = False) -> bool:
+    """Whether this worker's running ``trial`` was finished by another worker, which failed it
+    as stale while this one's heartbeat could not reach the database
+    (``ResilientStorage.is_lost``; ``read``: ask the database now). ``storage``: the trial's
+    study's, for a ``FrozenTrial`` (default: an ``optuna.Trial``'s own). A storage that does not
+    tell (not the search's) says ``False``. The storage's trial id is private (``_trial_id``)."""
+    storage = trial.storage if storage is None else storage  # type: ignore[union-attr]
+    is_lost = getattr(storage, "is_lost", None)
+    return bool(is_lost is not None and is_lost(trial._trial_id, read=read))
 
 
 def heartbeat_ages(study: optuna.Study) -> dict[int, float]:

@@ -19,13 +19,14 @@ from optuna.trial import FrozenTrial, TrialState
 from jdsearch.spec.study import StudySpec
 from jdsearch.storage.optuna_internals import (
     HeartbeatStorage,
+    beat_if_running,
     cached_storage,
     pop_waiting_trial,
     stale_trial_ids,
     trial_id_by_system_attr,
     write_trial_attrs,
 )
-from jdsearch.storage.reconnect import retry_window_s, with_reconnect
+from jdsearch.storage.reconnect import is_disconnect, retry_window_s, with_reconnect
 
 _log = logging.getLogger(__name__)
 
@@ -212,11 +213,17 @@ class ResilientStorage(HeartbeatStorage):
     For ``tell`` (:meth:`set_trial_state_values`) that is recognised and not an error; creating a
     trial and popping a WAITING one write a token per call in their own transaction and look for
     it before trying again (:meth:`create_new_trial`), so that neither happens twice.
+
+    A worker cut off from the database for longer than the grace period (2 × the heartbeat
+    interval) finds, once it is back, that another worker may have failed its trial as stale and
+    re-queued it. Each heartbeat reads the trial's state (:meth:`record_heartbeat`), and a trial
+    finished by another worker is *lost* (:meth:`is_lost`): its worker must not tell it.
     """
 
     def __init__(self, backend: RDBStorage) -> None:
         self.backend = backend
         self._cached = cached_storage(backend)
+        self._lost: set[int] = set()  # this worker's trials that another worker failed as stale
 
     @property
     def engine(self) -> Any:
@@ -246,7 +253,36 @@ class ResilientStorage(HeartbeatStorage):
     set_trial_system_attr = _retried("set_trial_system_attr")
     get_trial = _retried("get_trial")
     get_all_trials = _retried("get_all_trials")
-    record_heartbeat = _retried("record_heartbeat")
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Beat the trial's heartbeat, retried, while it is RUNNING; a trial that another worker
+        failed as stale meanwhile is not beaten but lost (:meth:`is_lost`). Where the database
+        stays unreachable past the retry window, the beat is given up with a warning rather than
+        raised: Optuna's heartbeat thread would die of it, and the next beat tries again."""
+        try:
+            running = with_reconnect(
+                lambda: beat_if_running(self.backend, trial_id), "storage: record_heartbeat"
+            )
+        except Exception as e:
+            if not is_disconnect(e):
+                raise
+            _log.warning(
+                "storage: record_heartbeat: the database is still unreachable (%s); "
+                "the next heartbeat tries again",
+                root_cause(e),
+            )
+            return
+        if not running:
+            self._lost.add(trial_id)
+
+    def is_lost(self, trial_id: int, *, read: bool = False) -> bool:
+        """Whether this worker's running trial ``trial_id`` was finished by another worker (failed
+        as stale while this one could not beat its heartbeat): as a heartbeat found it, or, with
+        ``read``, as the database says now (retried; a RUNNING trial gets a heartbeat from it).
+        Ask before this worker tells the trial: a trial it told is finished too."""
+        if trial_id not in self._lost and read:
+            self.record_heartbeat(trial_id)
+        return trial_id in self._lost
 
     def set_trial_attrs(self, trial_id: int, user: dict[str, Any], system: dict[str, Any]) -> None:
         """A running trial's user and system attributes in one transaction
