@@ -7,6 +7,9 @@ the server's answer (so the commit has certainly happened), drops that answer an
 sockets. The client sees its connection die during the commit, as when a network or a server's
 host fails at the worst moment. New connections are relayed as before.
 
+Cut off (:meth:`CommitCutter.cut`), the proxy closes every connection and refuses new ones until
+:meth:`CommitCutter.restore`: its clients lose the server while others still reach it.
+
 psycopg2 speaks the simple query protocol (``Q`` messages: ``BEGIN``, each statement with its
 parameters inlined, ``COMMIT``); the URL must say ``sslmode=disable`` so that the bytes can be read.
 """
@@ -37,7 +40,7 @@ class _Conn:
         with self.client, self.server:
             while True:
                 ready, _, _ = select.select([self.client, self.server], [], [], 0.5)
-                if self.proxy.closed:
+                if self.proxy.closed or self.proxy.down:
                     return
                 if self.server in ready:
                     data = self.server.recv(65536)
@@ -109,6 +112,7 @@ class CommitCutter:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.closed = False
+        self.down = False  # cut off: connections closed, new ones refused
         self.cuts: list[list[str]] = []  # the statements of each transaction whose reply was cut
         self.swallowed: list[bytes] = []  # the server's dropped answers
         self._lock = threading.Lock()
@@ -134,6 +138,14 @@ class CommitCutter:
                     return True
         return False
 
+    def cut(self) -> None:
+        """Close every connection (within half a second) and refuse new ones."""
+        self.down = True
+
+    def restore(self) -> None:
+        """Relay new connections again."""
+        self.down = False
+
     def _accept(self) -> None:
         self.listener.settimeout(0.5)
         while not self.closed:
@@ -143,7 +155,13 @@ class CommitCutter:
                 continue
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                if self.down:
+                    raise ConnectionRefusedError
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:  # cut off, or the server is down: the client sees it closed
+                client.close()
+                continue
             conn = _Conn(self, client, server)
             thread = threading.Thread(target=conn.run, daemon=True, name="pgproxy-conn")
             thread.start()

@@ -1,31 +1,45 @@
 """Outages longer than the grace period (2 × ``search.heartbeat_s``): a worker cut off from the
 database for that long finds, when it is back, that another worker failed its running trial as
-stale and re-queued it. Its heartbeat tells it so.
+stale and re-queued it. It stops that trial, does not tell it, says so in one line and goes on
+with the next trial; the retry resumes the training state the stopped attempt saved.
+
+The last test stops a PostgreSQL server of its own (``jdsearch.testing.PrivatePostgres``) under
+two real workers; the shared server is never touched.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import psycopg2
 import pytest
 import sqlalchemy as sa
-from optuna.exceptions import StorageInternalError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+import yaml
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
 
 import jdsearch.storage.rdb as rdb_module
+from jdsearch.core.errors import JDSearchError
+from jdsearch.search.objective import TrialLost, _StopWhenLost
+from jdsearch.search.run import optimize
 from jdsearch.storage.optuna_internals import last_heartbeat, lost_trial
 from jdsearch.storage.rdb import ResilientStorage
 from jdsearch.storage.reconnect import RETRY_WINDOW_ENV
+
+from .conftest import SearchAssets, unavailable
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
     pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning"),
 ]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+STOPPED = f"STOPPED: {TrialLost.REASON}"
 
 
 def _down() -> Exception:
@@ -120,3 +134,251 @@ def test_a_heartbeat_past_the_retry_window_warns_and_the_next_one_tries_again(
     monkeypatch.setattr(rdb_module, "beat_if_running", broken)
     with pytest.raises(ValueError, match="not a disconnect"):  # other errors are not hidden
         mine.record_heartbeat(trial._trial_id)
+
+
+def test_a_state_saved_as_the_trial_is_lost_is_left_to_its_retry_or_removed(
+    tmp_path: Path,
+) -> None:
+    """A save whose record is refused (another worker failed the trial meanwhile) removes the
+    state it just uploaded when nothing names it (the attempt's first save); a later one leaves
+    the newer state under the id the retry inherited; once lost is known, nothing is saved."""
+    import torch
+
+    from jdsearch.search.record import STATE_SYSATTR
+    from jdsearch.search.resume import TrialStates
+    from jdsearch.storage.artifacts import SQLArtifactStore
+    from jdsearch.store.trainstate import TrainState, trainstate_from_bytes
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = SQLArtifactStore(url)
+    mine = _worker_storage(url)
+    study = optuna.create_study(storage=mine, study_name="s")
+    other = RDBStorage(url)
+
+    def state(iteration: int) -> TrainState:
+        return TrainState(iteration, {"w": torch.full((2,), float(iteration))}, {})
+
+    first = study.ask()
+    states = TrialStates(store, first, every=2)
+    other.set_trial_state_values(first._trial_id, TrialState.FAIL)
+    states.save(state(2))  # the first save: refused, and removed
+    assert states.own is None and store.list_ids() == []
+
+    second = study.ask()
+    states = TrialStates(store, second, every=2)
+    states.save(state(2))
+    (named,) = store.list_ids()
+    assert study.get_trials()[1].system_attrs[STATE_SYSATTR]["artifact"] == named
+    other.set_trial_state_values(second._trial_id, TrialState.FAIL)
+    states.save(state(4))  # refused: the newer state stays where the retry looks
+    with store.open_reader(named) as reader:
+        assert trainstate_from_bytes(reader.read(), "s").iteration == 4
+    mine.record_heartbeat(second._trial_id)  # now known lost: no more saves
+    states.save(state(6))
+    with store.open_reader(named) as reader:
+        assert trainstate_from_bytes(reader.read(), "s").iteration == 4
+    assert store.list_ids() == [named]
+
+
+# ------------------------------------------------------------------------ the worker
+class _Spy:
+    """Every ``set_trial_state_values`` the worker's storage is asked for: ``(trial id, state)``."""
+
+    def __init__(self, storage: ResilientStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[int, TrialState]] = []
+        real = storage.set_trial_state_values
+
+        def spy(trial_id: int, state: TrialState, values: Any = None) -> bool:
+            self.calls.append((trial_id, state))
+            return real(trial_id, state, values)
+
+        monkeypatch.setattr(storage, "set_trial_state_values", spy)
+
+
+def _cut_off_past_the_grace(url: str, cut_off: list[bool]) -> None:
+    """This worker loses the database for 3.5 s (grace 2 s; SQLite's clock counts whole
+    seconds), and another worker, starting a trial meanwhile, fails the stale trials and
+    re-queues them."""
+    cut_off[0] = True
+    time.sleep(3.5)
+    other = optuna.load_study(study_name="s", storage=_worker_storage(url))
+    fail_stale_trials(other)
+    cut_off[0] = False
+
+
+@pytest.mark.parametrize("ends", ["training", "failing", "returning"])
+def test_a_trial_failed_as_stale_while_its_worker_was_cut_off_is_stopped_not_told(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cut_off: list[bool],
+    capsys: pytest.CaptureFixture[str],
+    ends: str,
+) -> None:
+    """Trial 0 loses its worker's heartbeat past the grace period and another worker fails and
+    re-queues it; its worker, back, stops it (``training``: at its next step, once a heartbeat
+    found it lost; ``failing``: it failed for a reason of its own meanwhile; ``returning``: it
+    ended before any heartbeat came back, so the tell finds it). The worker never tells it, says
+    so in one line, and runs its 2 trials: the retry of trial 0 first, then a new one."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = _worker_storage(url)
+    study = optuna.create_study(storage=storage, study_name="s")
+    spy = _Spy(storage, monkeypatch)
+    seen: list[int] = []
+    stops: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("move", ["layer_prune", "add_layer:2"])
+        if trial.number != 0:
+            return float(trial.number)
+        _cut_off_past_the_grace(url, cut_off)
+        if ends == "failing":
+            raise JDSearchError(f"trial {trial.number}: the disk is full (injected)")
+        if ends == "returning":
+            return 0.5
+        step = _StopWhenLost(trial.number, lambda: lost_trial(trial))
+        for i in range(300):  # a training: its steps, as long as the trial is ours
+            step(None)  # type: ignore[arg-type]
+            stops.append(i)
+            time.sleep(0.05)
+        raise AssertionError("trial 0 was never stopped")
+
+    optimize(study, objective, 2, [lambda s, t: seen.append(t.number)])
+
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
+    assert seen == [1, 2]  # the callbacks (the trial's line, its note) saw the told trials only
+    assert [t for t, _ in spy.calls if t == trials[0]._trial_id] == []  # never told
+    assert len(spy.calls) == 3  # the retry popped and told, and trial 2 told
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trial   0")]
+    assert len(lines) == 1 and lines[0].endswith(STOPPED), lines
+    assert lines[0].startswith(f"trial   0  {trials[0].params['move']}")
+    if ends == "training":
+        assert 0 < len(stops) < 300  # stopped mid-way, within seconds of the database's return
+
+
+def test_a_failure_of_the_objective_itself_still_stops_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_off: list[bool]
+) -> None:
+    """The safety net for a refused tell takes only a tell refused because another worker failed
+    the trial: a bug in the objective (not a ``JDSearchError``) still ends ``optimize``, even
+    when the trial was lost meanwhile, and so does a storage error that is not about the trial."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=_worker_storage(url), study_name="s")
+
+    def buggy(trial: optuna.Trial) -> float:
+        _cut_off_past_the_grace(url, cut_off)
+        raise KeyError("a bug")
+
+    with pytest.raises((KeyError, ValueError, AssertionError)):
+        optimize(study, buggy, 1, [])
+
+    def refused(trial: optuna.Trial) -> float:
+        raise UpdateFinishedTrialError("a write refused, for another reason")
+
+    with pytest.raises(UpdateFinishedTrialError):
+        optimize(optuna.create_study(storage=_worker_storage(url), study_name="t"), refused, 1, [])
+
+
+# ------------------------------------------------------------------------ a real outage
+@pytest.fixture
+def private_pg() -> Iterator[Any]:
+    """A PostgreSQL server of the test's own, to stop and start."""
+    from jdsearch.testing import PrivatePostgres
+
+    try:
+        server = PrivatePostgres()
+    except (RuntimeError, OSError, KeyError) as e:
+        unavailable(f"no private PostgreSQL server ({e})", "CI must test an outage")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _wait(what: str, ready: Callable[[], Any], timeout: float, alive: Any = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = ready()
+        if found:
+            return found
+        if alive is not None and alive.proc.poll() is not None:
+            pytest.fail(f"worker {alive.name} exited waiting for {what}:\n{alive.output()}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_postgresql_down_past_the_grace_period_no_trial_is_retried_and_told(
+    search_assets: SearchAssets, private_pg: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers train (heartbeat 1 s, grace 2 s, each saving its state every 2 iterations);
+    PostgreSQL stops for 3.5 s and starts again. A third worker starting a trial just then fails
+    the running trials as stale; the two workers, whose network comes back a moment later, stop
+    them: one line each, no tell, no upload. Each worker still adds its 2 trials, and the
+    retries resume the states the stopped attempts saved."""
+    from jdsearch.search.record import STATE_SYSATTR, WORKER_SYSATTR, artifact_holders
+    from jdsearch.search.resume import RESUMED_ATTR
+    from jdsearch.search.session import open_storage, prepare
+    from jdsearch.storage.gc import collect
+
+    from .pgproxy import commit_cutter
+    from .test_workers import check_lineage, fresh_trials, workers, write_spec
+
+    monkeypatch.chdir(tmp_path)
+    url = private_pg.url
+    spec_file, spec = write_spec(
+        tmp_path, search_assets, "outage", url, heartbeat_s=1, trial_checkpoint_every=2
+    )
+    doc = yaml.safe_load(spec_file.read_text())
+    doc["fast_eval"]["epochs"] = 2  # 12 iterations: states saved before the outage, some left
+    spec_file.write_text(yaml.safe_dump(doc))
+    study, _ = prepare(spec, url, progress=False)
+
+    def training() -> list[FrozenTrial]:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        saved = [t for t in running if (t.system_attrs.get(STATE_SYSATTR) or {}).get("artifact")]
+        return saved if len(saved) == 2 else []
+
+    monkeypatch.setenv(RETRY_WINDOW_ENV, "60")  # the workers ride the outage out
+    with commit_cutter(private_pg.port) as proxy, workers(tmp_path) as spawn:
+        via = url.replace(f":{private_pg.port}/", f":{proxy.port}/") + "?sslmode=disable"
+        command = ["search", str(spec_file), "--storage", via, "--quiet", "--n-trials", "2"]
+        first, second = spawn("first", command), spawn("second", command)
+        victims = _wait("both workers to save a training state", training, 150, alive=first)
+        proxy.cut()  # the workers' network goes first, then the server itself
+        private_pg.stop()
+        time.sleep(3.5)  # > the grace period of 2 s
+        private_pg.start()
+        storage, _ = open_storage(spec, url)
+        fail_stale_trials(optuna.load_study(study_name=spec.name, storage=storage))
+        proxy.restore()
+        first.finish()
+        second.finish()
+
+    trials = {t.number: t for t in fresh_trials(spec, url)}
+    stale = [trials[t.number] for t in victims]
+    assert [t.state for t in stale] == [TrialState.FAIL, TrialState.FAIL]
+    retry_of = {
+        RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in trials.values()
+    }
+    logs = {w.marker: w.output() for w in (first, second)}
+    for t in stale:
+        lines = [
+            x
+            for x in logs[t.system_attrs[WORKER_SYSATTR]].splitlines()
+            if x.startswith(f"trial {t.number:3d}  ")
+        ]
+        assert len(lines) == 1 and lines[0].endswith(STOPPED), lines  # stopped, never told
+        retry = retry_of[t.number]
+        assert retry.state == TrialState.COMPLETE
+        saved = t.system_attrs[STATE_SYSATTR]["iteration"]  # when it was failed as stale
+        assert retry.user_attrs[RESUMED_ATTR] >= saved > 0  # resumed, not started over
+    # Each worker added its 2 trials; the stopped ones did not count.
+    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
+    assert len(done) == 4 and {t.system_attrs[WORKER_SYSATTR] for t in done} == set(logs)
+    assert len(trials) == 6
+    check_lineage(list(trials.values()))
+    # The stopped attempts left nothing behind: no checkpoint, no training state.
+    rdb = RDBStorage(url)
+    assert collect(rdb, url, artifact_holders(), older_than_s=0, dry_run=True) == []

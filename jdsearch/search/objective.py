@@ -23,7 +23,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import optuna
 import torch
 from optuna.artifacts import upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial
 
 from jdsearch.core.errors import CheckpointError, JDSearchError, first_line
@@ -40,7 +41,7 @@ from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import CocoDataset
 from jdsearch.engine import distributed
 from jdsearch.engine.evaluate import CocoMetrics, evaluate
-from jdsearch.engine.train import TrainResult, TrainState, train
+from jdsearch.engine.train import StepInfo, TrainResult, TrainState, train
 from jdsearch.methods.distill import make_distiller
 from jdsearch.methods.morph.actions import (
     CHANNEL_PRUNE,
@@ -78,6 +79,7 @@ from jdsearch.spec.settings import TrainConfig
 from jdsearch.spec.study import StudySpec
 from jdsearch.storage.artifacts import check_artifact_id
 from jdsearch.storage.optuna_internals import (
+    lost_trial,
     set_study_system_attr,
     set_trial_attrs,
     set_trial_system_attr,
@@ -291,6 +293,37 @@ class TrialFailed(JDSearchError):
     """A trial could not be evaluated (its parent's checkpoint is missing, a move is invalid…)."""
 
 
+class TrialLost(JDSearchError):
+    """Another worker failed this worker's running trial as stale (its heartbeat was late: this
+    worker could not reach the database for longer than the grace period) and re-queued it. The
+    worker stops it, keeps the training state it saved for the retry, and does not tell it
+    (:func:`jdsearch.search.run.optimize`)."""
+
+    #: What the worker's line on the trial says (``STOPPED: ...``).
+    REASON = (
+        "another worker failed it as stale and re-queued it while this worker could not reach "
+        "the database; stopped here and not told, its retry takes over"
+    )
+
+    def __init__(self, number: int) -> None:
+        super().__init__(f"trial {number}: {self.REASON}")
+
+
+class _StopWhenLost:
+    """A training callback: stop the trial (:class:`TrialLost`) as soon as its storage knows it
+    lost (a heartbeat after the database came back found it failed as stale). Under ``torchrun``
+    every rank asks at every iteration and all stop together on rank 0's word (``lost``: always
+    ``False`` on the others)."""
+
+    def __init__(self, number: int, lost: Callable[[], bool]) -> None:
+        self.number, self.lost = number, lost
+
+    def __call__(self, info: StepInfo) -> None:
+        if not distributed.agree(not self.lost()):
+            distributed.settle()  # every rank raises here
+            raise TrialLost(self.number)
+
+
 def _trial(study: optuna.Study, number: int) -> FrozenTrial:
     for t in study.get_trials(deepcopy=False):
         if t.number == number:
@@ -356,12 +389,16 @@ class Objective:
         self.failures = FailureLog.of(ctx.spec)  # the failed trials' tracebacks
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        # Set first (a retried trial inherits the killed attempt's system attrs, this one included).
-        set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
-        move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
-        parent = trial.user_attrs.get(PARENT_ATTR)
         try:
+            # Set first (a retried trial inherits the killed attempt's system attrs, this one too).
+            set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
+            move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
+            parent = trial.user_attrs.get(PARENT_ATTR)
             return self._run(trial, move, parent)
+        except UpdateFinishedTrialError as e:  # a write refused: another worker failed the trial
+            raise TrialLost(trial.number) from e
+        except TrialLost:
+            raise
         except JDSearchError as e:  # why it failed, where `optuna trials` and the dashboard show
             with contextlib.suppress(Exception):  # never hide the error behind a storage one
                 trial.set_user_attr(FAIL_REASON_ATTR, str(e))
@@ -373,10 +410,15 @@ class Objective:
     ) -> float | tuple[float, float]:
         # The attempt's training states: resumed from (a retry), saved, and removed at its end.
         states = TrialStates(self.ctx.store, trial, self.ctx.spec.search.trial_checkpoint_every)
+        lost = False
         try:
             return self._attempt(trial, move, parent, states)
+        except (TrialLost, UpdateFinishedTrialError):
+            lost = True  # the retry of a lost trial resumes the state this attempt saved
+            raise
         finally:
-            states.discard()
+            if not lost:
+                states.discard()
 
     def _attempt(
         self, trial: optuna.Trial, move: str, parent: int | None, states: TrialStates
@@ -395,6 +437,8 @@ class Objective:
                 f"trial {trial.number} ({move} from {parent}): out of memory on "
                 f"{self.ctx.spec.device} ({oom}); the trial fails, the worker goes on"
             )
+        if lost_trial(trial, read=True):  # asked now: no upload for a trial that is not ours
+            raise TrialLost(trial.number)
         self.record(trial, move, parent, pair, trained, score)
         log.info(
             "trial %d (%s from %s): H %.4f at %s",
@@ -558,7 +602,7 @@ class Objective:
         window) fails this trial only."""
         try:
             return self.ctx.upload(trial, student, lineage, f"trial-{trial.number}.safetensors")
-        except JDSearchError:
+        except (JDSearchError, UpdateFinishedTrialError):  # the second: the trial is lost
             raise
         except Exception as e:
             raise TrialFailed(
@@ -638,6 +682,7 @@ class Objective:
                 config,
                 loss_terms=terms,
                 progress=ctx.progress,
+                callback=_StopWhenLost(states.number, states.lost),
                 resume=resume,
                 state_hook=states.hook,
             )

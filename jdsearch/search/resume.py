@@ -9,7 +9,9 @@ attributes, this one included: the retry downloads that state and trains on from
 (recorded as the user attribute :data:`RESUMED_ATTR`). Every attempt of a trial trains with the
 seed of the first one, so the resumed run is the killed one continued. The state artifacts of a
 trial are removed when an attempt ends (completed or failed: a trial that fails is not retried);
-only a killed attempt leaves its state behind, for its retry.
+only a killed attempt leaves its state behind, for its retry, and so does one that its worker
+stops because another worker failed it as stale while it could not reach the database
+(:class:`~jdsearch.search.objective.TrialLost`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
@@ -31,7 +33,7 @@ from jdsearch.core.errors import CheckpointError
 from jdsearch.engine.train import StateHook
 from jdsearch.search.record import STATE_SYSATTR
 from jdsearch.storage.artifacts import check_artifact_id
-from jdsearch.storage.optuna_internals import set_trial_system_attr
+from jdsearch.storage.optuna_internals import lost_trial, set_trial_system_attr
 from jdsearch.store.trainstate import TrainState, trainstate_from_bytes, trainstate_to_bytes
 
 __all__ = ["RESUMED_ATTR", "TrialStates", "first_attempt"]
@@ -65,6 +67,7 @@ class TrialStates:
 
     def __init__(self, store: Any, trial: optuna.Trial, every: int) -> None:
         self.store, self.trial, self.every = store, trial, every
+        self.number = trial.number
         frozen = _frozen(trial)
         first = first_attempt(frozen)
         self.retry = first is not None
@@ -99,16 +102,32 @@ class TrialStates:
     def resumed(self, iteration: int) -> None:
         """Record where a retry resumed (0: it started over); nothing for a first try."""
         if self.retry:
-            self.trial.set_user_attr(RESUMED_ATTR, int(iteration))
+            # A lost trial refuses it: the training's first step stops it (rank 0 alone must
+            # not raise here, under torchrun).
+            with contextlib.suppress(UpdateFinishedTrialError):
+                self.trial.set_user_attr(RESUMED_ATTR, int(iteration))
+
+    def lost(self) -> bool:
+        """Whether the trial is lost to this worker (another worker failed it as stale)."""
+        return lost_trial(self.trial)
 
     def save(self, state: TrainState) -> None:
         """Upload ``state`` over this attempt's previous one and record it; then the inherited
-        state is obsolete and removed. A failing upload is logged: the trial goes on."""
+        state is obsolete and removed. A failing upload is logged: the trial goes on. Nothing is
+        saved for a lost trial: its retry resumes the state saved before."""
+        if self.lost():
+            return
+        first = self.own is None
         self.own = self.own or f"{_PREFIX}{uuid.uuid4().hex}"
         try:
             self.store.write(self.own, io.BytesIO(trainstate_to_bytes(state)))
             value = {"artifact": self.own, "iteration": state.iteration, "trial": self.trial.number}
             set_trial_system_attr(self.trial, STATE_SYSATTR, value)
+        except UpdateFinishedTrialError:  # lost meanwhile: its retry names the state saved before
+            if first:  # named by nobody
+                self._remove(self.own)
+                self.own = None
+            return
         except Exception as e:  # saving only shortens a retry: never fail the trial for it
             log.warning("trial %d: saving its training state failed (%s)", self.trial.number, e)
             return
@@ -146,10 +165,13 @@ class FollowedStates:
     hook: StateHook | None = None
 
     def __init__(self, first_number: int) -> None:
-        self.first_number = first_number
+        self.first_number = self.number = first_number
 
     def load(self) -> TrainState | None:
         return None
 
     def resumed(self, iteration: int) -> None:
         pass
+
+    def lost(self) -> bool:
+        return False  # rank 0 knows, and says so to every rank (objective._StopWhenLost)

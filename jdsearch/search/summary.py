@@ -15,6 +15,7 @@ from jdsearch.search.record import (
     BASE_ATTR,
     BASE_RESOLUTION_ATTR,
     FAIL_REASON_ATTR,
+    MOVE_PARAM,
     STRATEGY_ATTR,
     TRACEBACK_SYSATTR,
     TrialRecord,
@@ -41,6 +42,13 @@ def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         f"AP {c['AP']} at {c['resolution']}  GFLOPs {c['GFLOPs']}  teacher {r.teacher or 'none'}",
         flush=True,
     )
+
+
+def print_stopped(trial: optuna.Trial | optuna.trial.FrozenTrial, reason: str) -> None:
+    """One line for a trial this worker stopped without telling it (``STOPPED``, then why):
+    another worker failed it as stale and re-queued it."""
+    move = str(trial.params.get(MOVE_PARAM, "?"))
+    print(f"trial {trial.number:3d}  {move:<20} STOPPED: {reason}", flush=True)
 
 
 def lineage_line(trials: Sequence[optuna.trial.FrozenTrial], number: int) -> str:
