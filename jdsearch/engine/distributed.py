@@ -33,6 +33,7 @@ from jdsearch.core.errors import JDSearchError, RanksOutOfStep
 __all__ = [
     "RanksOutOfStep",
     "agree",
+    "all_gather_object",
     "barrier",
     "broadcast_object",
     "check_in_step",
@@ -117,6 +118,16 @@ def broadcast_object(obj: Any = None) -> Any:
     box = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` with one process). Pickled
+    between the ranks of this one job, as :func:`broadcast_object`'s."""
+    if not is_distributed():
+        return [obj]
+    box: list[Any] = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 _UNSETTLED = {"section": ""}

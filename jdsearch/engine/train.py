@@ -123,7 +123,8 @@ class StateHook:
     """Hand the run's resumable :class:`TrainState` to ``save`` every ``every`` iterations (never
     after the last one; 0 = never). It runs after the step's ``callback``, so whatever the callback
     changed for the next step (the pool's next sub-network) has happened; an exception in ``save``
-    stops training and propagates."""
+    stops training and propagates. Under ``torchrun`` every rank needs one, with the same
+    ``every``: each gives its own generators to the state, which rank 0 alone gets and saves."""
 
     every: int
     save: Callable[[TrainState], None]
@@ -565,7 +566,9 @@ def _loop(
             if callback is not None:
                 callback(info)
             if hook is not None and hook.due(it + 1, run.total):
-                hook.save(_capture(run, cursor, it + 1))
+                state = _capture(run, cursor, it + 1)  # every rank gives its generators
+                if state is not None:  # rank 0 saves
+                    hook.save(state)
     finally:
         bar.close()
     return cursor.log.result()
@@ -602,8 +605,26 @@ def _term_params(run: _Run) -> dict[str, Tensor]:
     }
 
 
-def _capture(run: _Run, cursor: _Cursor, done: int) -> TrainState:
-    """The run after ``done`` iterations as a :class:`TrainState` (CPU copies of everything)."""
+def _generators(run: _Run, cursor: _Cursor) -> tuple[dict[str, Tensor], list[Any], Any]:
+    """This rank's own generators: torch's (CPU, and the run's CUDA device), the flip generator
+    (as tensors), NumPy's (its keys a tensor, the rest a list) and Python's."""
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.flip": cursor.flip.get_state()}
+    if run.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(run.device)
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    numpy = [str(np_state[0]), int(np_state[2]), int(np_state[3]), float(np_state[4])]
+    return tensors, numpy, random.getstate()
+
+
+def _capture(run: _Run, cursor: _Cursor, done: int) -> TrainState | None:
+    """The run after ``done`` iterations as a :class:`TrainState` (CPU copies of everything).
+    Under ``torchrun`` every rank takes part: the state holds each rank's own generators (rank
+    ``r``'s as ``rank{r}.rng.*`` tensors and ``meta["ranks"][r]``), and only rank 0 gets it
+    (``None`` on the others)."""
+    ranks = distributed.all_gather_object(_generators(run, cursor))
+    if not distributed.is_main():
+        return None
     tensors = {
         f"model.{k}": v.detach().to("cpu", copy=True) for k, v in run.detector.state_dict().items()
     }
@@ -611,12 +632,8 @@ def _capture(run: _Run, cursor: _Cursor, done: int) -> TrainState:
         tensors[f"terms.{name}"] = p.detach().to("cpu", copy=True)
     assert cursor.batches.epoch_rng is not None  # a pass has begun: done ≥ 1
     tensors["data.epoch_rng"] = cursor.batches.epoch_rng.clone()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.flip"] = cursor.flip.get_state()
-    if run.device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(run.device)
-    np_state = np.random.get_state()
-    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    own, numpy, python = ranks[0]
+    tensors.update(own)
     meta = {
         "total": run.total,
         "seed": run.config.seed,
@@ -624,10 +641,16 @@ def _capture(run: _Run, cursor: _Cursor, done: int) -> TrainState:
         "scaler": flatten(run.scaler.state_dict(), "scaler", tensors),
         "sampler": None if run.sampler is None else run.sampler.state_dict(),
         "data": {"epoch": cursor.batches.epoch, "taken": cursor.batches.taken},
-        "numpy": [str(np_state[0]), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": flatten(random.getstate(), "python", tensors),
+        "numpy": numpy,
+        "python": flatten(python, "python", tensors),
         "log": cursor.log.state_dict(),
     }
+    if len(ranks) > 1:
+        meta["ranks"] = {}
+        for r, (own, numpy, python) in enumerate(ranks[1:], start=1):
+            tensors.update({f"rank{r}.{k}": v for k, v in own.items()})
+            python_json = flatten(python, f"rank{r}.python", tensors)
+            meta["ranks"][str(r)] = {"numpy": numpy, "python": python_json}
     return TrainState(done, tensors, meta)
 
 
@@ -653,9 +676,8 @@ def _restore(run: _Run, cursor: _Cursor, state: TrainState) -> int:
             run.sampler.load_state_dict(meta["sampler"])
         data = meta["data"]
         cursor.batches.restore(int(data["epoch"]), int(data["taken"]), t["data.epoch_rng"])
-        cursor.flip.set_state(t["rng.flip"])
         cursor.log.load_state_dict(meta["log"])
-        _restore_rngs(run, meta, t)
+        _restore_rngs(run, cursor, meta, t)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"training state does not fit this run ({e})") from None
     return state.iteration
@@ -687,15 +709,23 @@ def _load_term_params(run: _Run, tensors: Mapping[str, Tensor]) -> None:
             p.copy_(saved[name])
 
 
-def _restore_rngs(run: _Run, meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
-    """torch's (CPU and the run's CUDA device), NumPy's and Python's global generators."""
-    torch.set_rng_state(tensors["rng.torch"])
-    if run.device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], run.device)
-    name, pos, has_gauss, cached = meta["numpy"]
-    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+def _restore_rngs(
+    run: _Run, cursor: _Cursor, meta: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> None:
+    """This rank's generators: torch's (CPU and the run's CUDA device), the flip generator,
+    NumPy's and Python's. Each rank takes its own from a state that holds every rank's, and rank
+    0's from one saved by one process (or before the ranks' were kept)."""
+    r = distributed.rank()
+    own = (meta.get("ranks") or {}).get(str(r)) if r else None
+    prefix, source = (f"rank{r}.", own) if own is not None else ("", meta)
+    torch.set_rng_state(tensors[f"{prefix}rng.torch"])
+    cursor.flip.set_state(tensors[f"{prefix}rng.flip"])
+    if run.device.type == "cuda" and f"{prefix}rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"{prefix}rng.cuda"], run.device)
+    name, pos, has_gauss, cached = source["numpy"]
+    keys = tensors[f"{prefix}rng.numpy"].numpy().astype(np.uint32)
     np.random.set_state((name, keys, int(pos), int(has_gauss), float(cached)))
-    version, internal, gauss = unflatten(meta["python"], tensors)
+    version, internal, gauss = unflatten(source["python"], tensors)
     random.setstate((version, tuple(internal), gauss))
 
 

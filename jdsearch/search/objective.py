@@ -477,7 +477,8 @@ class Objective:
         try:
             with distributed.lockstep(f"trial {number}"):
                 pair = self.load_together(study, number, move, parent, seed)
-                self.train_pair(pair, seed, FollowedStates(number))
+                every = self.ctx.spec.search.trial_checkpoint_every
+                self.train_pair(pair, seed, FollowedStates(number, every))
         except JDSearchError as e:
             distributed.check_in_step(e)  # a failure rank 0 shared: it records it
             log.info("trial %d on this rank: %s", number, e)

@@ -158,14 +158,15 @@ class TrialStates:
 
 
 class FollowedStates:
-    """What a rank other than 0 under ``torchrun`` has of a trial's training states: nothing of
-    its own. It saves nothing; the state it resumes is rank 0's, which
-    :meth:`~jdsearch.search.objective.Objective.train_pair` broadcasts."""
+    """What a rank other than 0 under ``torchrun`` has of a trial's training states: its share.
+    It saves nothing, but gives its own generators to each state rank 0 saves (its :attr:`hook`,
+    every ``every`` iterations as rank 0's); the state it resumes is rank 0's, which
+    :meth:`~jdsearch.search.objective.Objective.train_pair` broadcasts, and it takes its own
+    generators from it."""
 
-    hook: StateHook | None = None
-
-    def __init__(self, first_number: int) -> None:
+    def __init__(self, first_number: int, every: int = 0) -> None:
         self.first_number = self.number = first_number
+        self.hook = StateHook(every, _not_saved) if every > 0 else None
 
     def load(self) -> TrainState | None:
         return None
@@ -175,3 +176,7 @@ class FollowedStates:
 
     def lost(self) -> bool:
         return False  # rank 0 knows, and says so to every rank (objective._StopWhenLost)
+
+
+def _not_saved(state: TrainState) -> None:
+    """A rank other than 0 saves nothing (it is never handed a state)."""

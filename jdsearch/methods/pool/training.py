@@ -295,9 +295,11 @@ class _PhaseRun:
         return _record(i, phase, result, len(schedule.sampled), reordered)
 
     def hook(self, i: int, schedule: _SubnetSchedule) -> StateHook | None:
-        """Phase ``i``'s state saver (with the schedule's state); ``None`` without states."""
+        """Phase ``i``'s state saver (with the schedule's state); ``None`` without states. Read-only
+        states (a rank other than 0) get one too, which saves nothing: under ``torchrun`` every
+        rank gives its own generators to the state rank 0 saves."""
         states = self.states
-        if states is None or states.every <= 0 or states.readonly:
+        if states is None or states.every <= 0:
             return None
         return StateHook(states.every, lambda st: states.save(i, st, schedule.state_dict()))
 
