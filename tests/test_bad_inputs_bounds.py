@@ -177,6 +177,50 @@ def test_the_reader_takes_regular_files_within_the_limit_only(tmp_path: Path) ->
         read_text(tmp_path)
 
 
+def test_the_reader_allocates_what_the_file_holds_not_the_limit(tmp_path: Path) -> None:
+    """A small file read under a 4 GiB limit in a process of 1 GiB address space: reading
+    ``limit + 1`` bytes at once allocated the whole limit (a MemoryError here)."""
+    import subprocess
+    import sys
+
+    small = tmp_path / "small.json"
+    small.write_text("{}")
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from jdsearch.core.files import read_bytes\n"
+        "sys.stdout.write(read_bytes(sys.argv[1], limit=4 << 30).decode())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(small)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (0, "{}"), run.stderr
+
+
+def test_the_reader_reads_past_the_size_stat_gave_up_to_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that grew between stat and read is read whole, and refused beyond the limit."""
+    import os
+
+    from jdsearch.core import files
+    from jdsearch.core.files import RefusedFile, read_bytes
+
+    grown, before = tmp_path / "grown.json", tmp_path / "before.json"
+    grown.write_bytes(b"x" * 10)
+    before.write_bytes(b"x" * 4)
+    monkeypatch.setattr(files.os, "fstat", lambda fd: os.stat(before))  # stat saw 4 bytes
+    assert read_bytes(grown, limit=20) == b"x" * 10
+    with pytest.raises(RefusedFile, match="larger than 8 bytes"):
+        read_bytes(grown, limit=8)
+
+
 def test_no_module_reads_a_whole_file_but_through_the_reader() -> None:
     """grep: ``read_text``, ``read_bytes`` and ``json.load`` of a path appear in core/files only."""
     package = Path(__file__).resolve().parents[1] / "jdsearch"

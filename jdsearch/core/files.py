@@ -19,6 +19,8 @@ from jdsearch.core.limits import MAX_TEXT_BYTES, byte_size
 
 __all__ = ["RefusedFile", "read_bytes", "read_text"]
 
+_CHUNK = 1 << 20  # what is read at a time beyond the size stat gave (a file that grew)
+
 
 class RefusedFile(OSError):
     """A path refused before it is read: not a regular file, or larger than the limit."""
@@ -41,8 +43,13 @@ def read_bytes(path: str | Path, limit: int = MAX_TEXT_BYTES) -> bytes:
     _check_stat(p, os.stat(p), limit)  # before opening: opening a device or a FIFO can block
     fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as f:
-        _check_stat(p, os.fstat(f.fileno()), limit)  # the file opened, should it have changed
-        data = f.read(limit + 1)
+        st = os.fstat(f.fileno())
+        _check_stat(p, st, limit)  # the file opened, should it have changed
+        # What stat says it holds, and a byte more to see whether it grew: read(limit + 1) would
+        # allocate the limit (4 GiB for a checkpoint) whatever the file's size.
+        data = f.read(st.st_size + 1)
+        while len(data) <= limit and (more := f.read(_CHUNK)):
+            data += more
     if len(data) > limit:
         raise _refuse(p, errno.EFBIG, f"larger than {byte_size(limit)}")
     return data
