@@ -31,6 +31,7 @@ from jdsearch.cli import (
     status,
     train,
 )
+from jdsearch.cli.common import Parser
 from jdsearch.core.errors import JDSearchError, RanksOutOfStep
 from jdsearch.engine.threads import passive_openmp_threads
 
@@ -62,7 +63,7 @@ COMMANDS: dict[str, Callable[[Any, str], None]] = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``jdsearch`` argument parser with every sub-command of :data:`COMMANDS`; each sets
     ``func`` to its ``cmd_*``."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="jdsearch",
         description="Upgrade a Faster R-CNN FPN detector with joint NAS, pruning and dynamic distillation.",
     )

@@ -31,6 +31,32 @@ def finite_float(text: str) -> float:
     return value
 
 
+def nonempty(text: str) -> str:
+    """The conversion of every option and argument without a ``type`` of its own (a path, a
+    name, a URL, a device): ``''`` is refused, where it would read as the current folder
+    (``--out ''``) or as no value at all (``--init ''`` starting from nothing). :class:`Parser`
+    registers it."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty, got ''")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """jdsearch's argument parser: a value of an option or argument that has no ``type`` of its
+    own goes through :func:`nonempty`. Its sub-command parsers are of this class too (argparse
+    makes them of their parent's), and an argument group shares its parser's conversions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", None, nonempty)  # argparse's conversion of a type-less value
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        """As argparse's; the sub-command's parser, not this one, converts what follows it."""
+        action = super().add_subparsers(**kwargs)
+        action.type = str  # (argparse hands the sub-command all the rest as this action's values)
+        return action
+
+
 def resolution(text: str) -> Resolution:
     """The ``type`` of a ``LONGxSHORT`` option: a :class:`Resolution`, each side at most
     :data:`~jdsearch.core.limits.MAX_INPUT_SIDE`."""
