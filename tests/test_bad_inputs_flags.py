@@ -102,3 +102,102 @@ def test_data_synth_writes_nothing_for_an_empty_out(
     monkeypatch.chdir(tmp_path)
     line = cli_error(capsys, "data", "synth", "--out", "", "--images", "2", "--size", "64")
     assert "argument --out" in line and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- a config field's flag
+#: A value a config dataclass refuses, given through the flag that fills the field: the line
+#: names the flag and the value, never the dataclass. Each is refused before a file is read
+#: (``finetune`` before its study is opened, ``evolve`` before its checkpoint).
+TRAIN = ("train", "--out", "m.safetensors", "--data", "none")
+FIELD_CASES = [
+    (TRAIN, "--epochs", "0", "must be a positive number, got 0.0"),
+    (TRAIN, "--iters", "0", "must be ≥ 1, got 0"),
+    (TRAIN, "--batch-size", "0", "must be ≥ 1, got 0"),
+    (TRAIN, "--lr", "-1", "must be a positive number, got -1.0"),
+    (TRAIN, "--lr", "1e9", "must be ≤ 10 (detectors train at ~0.02), got 1000000000.0"),
+    (TRAIN, "--warmup", "-1", "must be ≥ 0, got -1"),
+    (TRAIN, "--grad-clip", "-1", "must be positive or None, got -1.0"),
+    (TRAIN, "--workers", "-1", "must be ≥ 0, got -1"),
+    (TRAIN, "--seed", "-1", "must be ≥ 0, got -1"),
+    (TRAIN, "--seed", str(10**20), f"must be at most {2**63 - 1} (64 bits), got {10**20}"),
+    (("finetune", "--study", "none"), "--epochs", "0", "must be a positive number, got 0.0"),
+    (
+        ("finetune", "--study", "none", "--epochs", "1"),
+        "--lr",
+        "1e3",
+        "must be ≤ 10 (detectors train at ~0.02), got 1000.0",
+    ),
+    (
+        ("evolve", "none.safetensors", "channel_prune", "--out", "e.safetensors"),
+        "--fraction",
+        "1",
+        "must lie in (0, 1), got 1.0",
+    ),
+    (("flops", "tiny-r18-fpn"), "--num-classes", "1", "must be ≥ 2, got 1"),
+    (("flops", "tiny-r18-fpn"), "--num-classes", "-1", "must be ≥ 2, got -1"),
+    (
+        ("flops", "tiny-r18-fpn"),
+        "--num-classes",
+        "100001",
+        "must be at most 100000 (the background too), got 100001",
+    ),
+    (("latency", "tiny-r18-fpn"), "--num-classes", "0", "must be ≥ 2, got 0"),
+    (
+        ("latency", "tiny-r18-fpn"),
+        "--num-classes",
+        str(10**12),
+        f"must be at most 100000 (the background too), got {10**12}",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, flag, value, why", FIELD_CASES, ids=[f"{a[0]} {f} {v}" for a, f, v, _ in FIELD_CASES]
+)
+def test_a_config_field_is_refused_at_the_flag_typed(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: tuple[str, ...],
+    flag: str,
+    value: str,
+    why: str,
+) -> None:
+    """``flops --num-classes -1`` and ``latency --num-classes -1`` were a torch traceback,
+    ``latency --num-classes 0`` timed a detector of 81 classes, ``train --seed 10**20`` a
+    traceback after loading the data, ``finetune --lr 1e3`` queued a trial that then failed;
+    ``evolve --fraction 1`` named ``MorphConfig.channel_fraction``."""
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(capsys, *argv, flag, value)
+    assert line.startswith("jdsearch: error: ") and f"{flag}: " in line, line
+    assert line.endswith(why) and "Config." not in line and "Spec." not in line, line
+    assert list(tmp_path.iterdir()) == []  # nothing generated, trained or written
+
+
+def test_every_field_flag_is_a_flag_of_a_command() -> None:
+    from jdsearch.cli.common import FIELD_FLAGS
+
+    flags = {
+        action.option_strings[0]
+        for _, p in _commands(build_parser())
+        for action in p._actions
+        if action.option_strings
+    }
+    assert set(FIELD_FLAGS.values()) <= flags, set(FIELD_FLAGS.values()) - flags
+
+
+def test_a_field_error_keeps_its_field_where_the_command_has_no_such_flag() -> None:
+    """The flag is named only where the command that ran has it: ``train`` has no
+    ``--num-classes``, so a class count it refuses (its data's) stays the spec's field."""
+    from jdsearch.cli.common import flag_message
+    from jdsearch.core.config import FieldError
+
+    e = FieldError("DetectorSpec", "num_classes", "counts the background too", 1)
+    assert flag_message(e, argparse.Namespace(num_classes=1)) == (
+        "--num-classes: counts the background too, got 1"
+    )
+    assert flag_message(e, argparse.Namespace(epochs=1.0)) == (
+        "DetectorSpec.num_classes: counts the background too, got 1"
+    )
+    other = FieldError("TrainConfig", "momentum", "must lie in [0, 1)", 2.0)  # no flag fills it
+    assert flag_message(other, argparse.Namespace(momentum=2.0)) == str(other)

@@ -132,10 +132,12 @@ def test_a_killed_finetune_is_retried_and_never_becomes_a_parent(small_study_cop
 def test_finetune_refuses_bad_requests(small_study_copy: str) -> None:
     handle = open_study(small_study_copy)
     study, ctx = prepare(handle.spec, small_study_copy, progress=False)
-    with pytest.raises(JDSearchError, match="--epochs must be a positive number"):
+    with pytest.raises(JDSearchError, match=r"TrainConfig\.epochs: must be a positive number"):
         finetune(study, ctx, epochs=0)
-    with pytest.raises(JDSearchError, match="--lr must be a positive number"):
+    with pytest.raises(JDSearchError, match=r"TrainConfig\.lr: must be a positive number"):
         finetune(study, ctx, epochs=1, lr=float("nan"))
+    with pytest.raises(JDSearchError, match=r"TrainConfig\.lr: must be ≤ 10 .*, got 1000\.0"):
+        finetune(study, ctx, epochs=1, lr=1e3)  # was taken, and failed the trial it queued
     with pytest.raises(JDSearchError, match="trial 99 is missing"):
         finetune(study, ctx, 99, epochs=1)
     assert len(study.get_trials()) == 6  # nothing was queued

@@ -31,7 +31,8 @@ from jdsearch.cli import (
     status,
     train,
 )
-from jdsearch.cli.common import Parser
+from jdsearch.cli.common import Parser, flag_message
+from jdsearch.core.config import FieldError
 from jdsearch.core.errors import JDSearchError, RanksOutOfStep
 from jdsearch.engine.threads import passive_openmp_threads
 
@@ -112,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except JDSearchError as e:
-        print(f"jdsearch: error: {e}", file=sys.stderr)
+        message = flag_message(e, args) if isinstance(e, FieldError) else str(e)
+        print(f"jdsearch: error: {message}", file=sys.stderr)
         for line in e.details:
             print(f"  {line}", file=sys.stderr)
         return 2

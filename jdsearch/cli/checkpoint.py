@@ -141,9 +141,9 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     from jdsearch.methods.morph.actions import MorphConfig, evolve_with_report
     from jdsearch.store.checkpoint import load_checkpoint, save_checkpoint
 
+    config = MorphConfig(channel_fraction=args.fraction)  # the flag, checked before the file
     ckpt = load_checkpoint(args.checkpoint)
     parent = ckpt.detector
-    config = MorphConfig(channel_fraction=args.fraction)
     child, report = evolve_with_report(parent, args.action, config=config)
     size = ckpt.spec.input.size.hw
     print(f"parent {describe(parent, size)}")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jdsearch.core.config import FieldError
 from jdsearch.core.errors import JDSearchError, SpecError
 from jdsearch.core.limits import MAX_INPUT_SIDE
 from jdsearch.core.resolution import Resolution
@@ -79,6 +80,35 @@ def height_width(text: str) -> tuple[int, int]:
             f"{text[:40]!r}: a side is more than the {MAX_INPUT_SIDE} pixels an input size may have"
         )
     return sides[0], sides[1]
+
+
+# ---------------------------------------------------------------------- a field's flag
+#: The flag that fills each field of the config dataclasses the commands build from their flags.
+#: A dataclass names the field it refuses (``TrainConfig.epochs: must be a positive number, got
+#: 0.0``); the command line reports it at the flag instead (``--epochs: ...``), in one place:
+#: :func:`flag_message`, which ``main`` calls on every :class:`FieldError`.
+FIELD_FLAGS: dict[str, str] = {
+    "TrainConfig.epochs": "--epochs",
+    "TrainConfig.max_iters": "--iters",
+    "TrainConfig.batch_size": "--batch-size",
+    "TrainConfig.lr": "--lr",
+    "TrainConfig.warmup_iters": "--warmup",
+    "TrainConfig.grad_clip": "--grad-clip",
+    "TrainConfig.num_workers": "--workers",
+    "TrainConfig.seed": "--seed",
+    "TrainConfig.device": "--device",
+    "MorphConfig.channel_fraction": "--fraction",
+    "DetectorSpec.num_classes": "--num-classes",
+}
+
+
+def flag_message(e: FieldError, args: argparse.Namespace) -> str:
+    """``FLAG: WHY`` when the command that ran (``args``) has the flag that fills the field ``e``
+    refuses (:data:`FIELD_FLAGS`); else ``e``'s own message, which names the field."""
+    flag = FIELD_FLAGS.get(f"{e.owner}.{e.name}")
+    if flag is None or not hasattr(args, flag.removeprefix("--").replace("-", "_")):
+        return str(e)
+    return f"{flag}: {e.why}"
 
 
 # ---------------------------------------------------------------------- shared helpers

@@ -159,5 +159,6 @@ def _latency_target(target: str, num_classes: int | None) -> tuple[str, Any, Any
     from jdsearch.spec.detector import load_spec
 
     spec = load_spec(target)
-    det = build_detector(spec, num_classes or spec.num_classes or 81)  # random weights: timing only
+    n = num_classes if num_classes is not None else (spec.num_classes or 81)
+    det = build_detector(spec, n)  # random weights: timing only
     return spec.name, det, spec.input.size

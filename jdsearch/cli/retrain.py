@@ -55,12 +55,13 @@ def add_finetune(sub: Any, name: str) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``jdsearch finetune``: train a trial's pair (default: the best) longer as a child trial of
     the study, print it beside its parent; returns 0."""
-    from jdsearch.search.finetune import finetune
+    from jdsearch.search.finetune import check_request, finetune
     from jdsearch.search.queries import open_study
     from jdsearch.search.record import TrialRecord
     from jdsearch.search.session import prepare
     from jdsearch.search.summary import summary_cells
 
+    check_request(args.epochs, args.lr)  # the flags, before the study is opened
     url = storage_url(args)
     handle = open_study(url, args.study)
     study, ctx = prepare(handle.spec, url, progress=not args.quiet, stored=True)

@@ -97,46 +97,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The flag of each :class:`~jdsearch.spec.settings.TrainConfig` field ``jdsearch train`` sets.
-_TRAIN_FLAGS = {
-    "epochs": "--epochs",
-    "max_iters": "--iters",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "warmup_iters": "--warmup",
-    "device": "--device",
-    "amp": "--amp",
-    "seed": "--seed",
-    "resolutions": "--resolutions",
-    "grad_clip": "--grad-clip",
-    "num_workers": "--workers",
-}
-
-
 def _train_config(args: argparse.Namespace, resolutions: tuple[Any, ...]) -> Any:
-    """The ``TrainConfig`` of ``jdsearch train``'s flags; a bad value is one line naming the flag
-    as typed (``--epochs: must be positive, got 0``), not the field it fills."""
-    from jdsearch.core.config import FieldError
+    """The ``TrainConfig`` of ``jdsearch train``'s flags; a bad value is a
+    :class:`~jdsearch.core.config.FieldError`, which ``main`` reports at the flag as typed
+    (``--epochs: must be a positive number, got 0.0``), not at the field it fills."""
     from jdsearch.spec.settings import TrainConfig
 
     if args.bn_sparsity < 0:
         raise JDSearchError(f"--bn-sparsity: must be 0 (off) or more, got {args.bn_sparsity}")
-    try:
-        return TrainConfig(
-            epochs=args.epochs,
-            max_iters=args.iters,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup_iters=args.warmup,
-            device=args.device,
-            amp=args.amp,
-            seed=args.seed,
-            resolutions=resolutions,
-            grad_clip=args.grad_clip,
-            num_workers=args.workers,
-        )
-    except FieldError as e:
-        raise JDSearchError(f"{_TRAIN_FLAGS.get(e.name, e.name)}: {e.why}") from None
+    return TrainConfig(
+        epochs=args.epochs,
+        max_iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_iters=args.warmup,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        resolutions=resolutions,
+        grad_clip=args.grad_clip,
+        num_workers=args.workers,
+    )
 
 
 def _train_target(args: argparse.Namespace, train_set: Any) -> tuple[Any, Any]:

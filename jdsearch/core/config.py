@@ -85,7 +85,7 @@ class FieldError(SpecError):
     """
 
     def __init__(self, owner: str, name: str, why: str, value: Any = _NO_VALUE) -> None:
-        self.name = name
+        self.owner, self.name = owner, name
         self.why = why if value is _NO_VALUE else f"{why}, got {value!r}"
         super().__init__(f"{owner}.{name}: {self.why}")
 

@@ -13,6 +13,7 @@ __all__ = [
     "MAX_CHECKPOINT_BYTES",
     "MAX_IMAGE_SIDE",
     "MAX_INPUT_SIDE",
+    "MAX_NUM_CLASSES",
     "MAX_POOL_SIZE",
     "MAX_SIZE_DIVISIBLE",
     "MAX_TEXT_BYTES",
@@ -34,6 +35,10 @@ MAX_ANCHOR_SIZE = 8192
 #: ResNet's widest (2048) and far beyond any searched depth; more only exhausts memory.
 MAX_WIDTH = 16384
 MAX_BLOCKS = 256
+#: The most classes (the background included) a detector may have: a spec's ``num_classes``, a
+#: checkpoint's recorded count, ``flops``/``latency --num-classes``. Far above any detection data
+#: set (LVIS: 1203), far below a box predictor that fills memory.
+MAX_NUM_CLASSES = 100_000
 #: The RoI pooler's output side (cells; the paper's is 7): the box head's first layer has
 #: ``channels x side²`` inputs.
 MAX_POOL_SIZE = 64

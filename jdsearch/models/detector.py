@@ -173,6 +173,7 @@ def build_detector(
 
     Raises:
         ValueError: no ``num_classes`` and the spec sets none.
+        FieldError: ``num_classes`` out of range (``DetectorSpec.num_classes``).
 
     Example:
         ``build_detector(load_spec("r50-fpn"), num_classes=81, seed=0)`` has the parameters of
@@ -190,11 +191,13 @@ def build_detector(
     n = num_classes if num_classes is not None else spec.num_classes
     if n is None:
         raise ValueError("build_detector: num_classes is required (the spec does not set it)")
+    # the spec checks the count (FieldError) before a layer of that many outputs is allocated
+    spec = spec if spec.num_classes == n else dataclasses.replace(spec, num_classes=n)
     det = _assemble(spec, n)
     det.transform.size_divisible = spec.input.size_divisible
     # Same modules and settings; records sampled proposals/outputs for distillation when asked.
     det.roi_heads = RecordingRoIHeads.from_heads(det.roi_heads)
-    det.spec = spec if spec.num_classes == n else dataclasses.replace(spec, num_classes=n)
+    det.spec = spec
     return det
 
 

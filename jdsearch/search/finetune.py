@@ -13,7 +13,6 @@ fine-tuned pair as a parent: it had more training than a step of the search.
 
 from __future__ import annotations
 
-import math
 import uuid
 
 import optuna
@@ -35,8 +34,9 @@ from jdsearch.search.record import (
     is_complete,
 )
 from jdsearch.search.summary import print_trial
+from jdsearch.spec.settings import TrainConfig
 
-__all__ = ["finetune"]
+__all__ = ["check_request", "finetune"]
 
 _EPOCHS, _LR, _TOKEN = FINETUNE_ATTRS
 
@@ -62,13 +62,11 @@ def finetune(
         The completed fine-tuning trial (move ``finetune``, parent ``trial``).
 
     Raises:
-        JDSearchError: bad epochs or lr, no such trial, a study too old to hold fine-tuning
+        FieldError: bad epochs or lr (:func:`check_request`).
+        JDSearchError: no such trial, a study too old to hold fine-tuning
             trials, the same request running in a live worker, or the training failed.
     """
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise JDSearchError(f"finetune: --epochs must be a positive number, got {epochs}")
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise JDSearchError(f"finetune: --lr must be a positive number, got {lr}")
+    check_request(epochs, lr)
     if FINETUNE_MOVE not in (ctx.vocabulary or move_vocabulary()):
         raise JDSearchError(
             f"finetune: study {study.study_name!r} was created by an older jdsearch whose trials "
@@ -79,6 +77,13 @@ def finetune(
     request = {_EPOCHS: float(epochs), _LR: None if lr is None else float(lr)}
     token = _pending(study, parent.number, request) or _enqueue(study, parent.number, request)
     return _run(study, ctx, token)
+
+
+def check_request(epochs: float, lr: float | None = None) -> None:
+    """Raise the :class:`~jdsearch.core.config.FieldError` of ``TrainConfig.epochs`` or
+    ``TrainConfig.lr`` unless a training takes them (epochs > 0; 0 < lr ≤ 10), before anything is
+    queued: inside the trial, a bad value would only fail it."""
+    TrainConfig(epochs=epochs, **({} if lr is None else {"lr": lr}))
 
 
 def _parent(study: optuna.Study, number: int | None) -> FrozenTrial:

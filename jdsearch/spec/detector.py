@@ -24,6 +24,7 @@ from jdsearch.core.config import (
     read_yaml,
 )
 from jdsearch.core.errors import SpecError
+from jdsearch.core.limits import MAX_NUM_CLASSES
 from jdsearch.core.resolution import Resolution
 from jdsearch.spec.arch import BASIC, BOTTLENECK, BackboneArch
 
@@ -148,7 +149,8 @@ class DetectorSpec:
     input sizes and classes. Read one with :func:`load_spec`; ``with_arch`` swaps the backbone.
 
     Raises:
-        FieldError: ``num_classes`` below 2 (it counts the background).
+        FieldError: ``num_classes`` below 2 (it counts the background) or above
+            :data:`~jdsearch.core.limits.MAX_NUM_CLASSES`.
     """
 
     name: str
@@ -162,6 +164,8 @@ class DetectorSpec:
     def __post_init__(self) -> None:
         ok = self.num_classes is None or self.num_classes >= 2
         check(ok, self, "num_classes", "counts the background too, so it must be ≥ 2")
+        ok = self.num_classes is None or self.num_classes <= MAX_NUM_CLASSES
+        check(ok, self, "num_classes", f"must be at most {MAX_NUM_CLASSES} (the background too)")
 
     def with_arch(self, arch: BackboneArch) -> DetectorSpec:
         """The same spec with backbone ``arch``."""

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jdsearch.core.config import Fields, check, is_number, plain, read_dataclass
+from jdsearch.core.config import INT_LIMIT, Fields, check, is_number, plain, read_dataclass
 from jdsearch.core.resolution import Resolution
 
 __all__ = [
@@ -133,6 +133,7 @@ class TrainConfig:
         check(self.log_every >= 1, self, "log_every", "must be ≥ 1")
         check(self.history_points >= 1, self, "history_points", "must be ≥ 1")
         check(self.seed >= 0, self, "seed", "must be ≥ 0")
+        check(self.seed <= INT_LIMIT, self, "seed", f"must be at most {INT_LIMIT} (64 bits)")
         check(
             is_device(self.device),
             self,

@@ -23,7 +23,7 @@ from torch import Tensor
 from jdsearch.core.config import shown as _show
 from jdsearch.core.errors import CheckpointError, JDSearchError
 from jdsearch.core.files import read_bytes
-from jdsearch.core.limits import MAX_CHECKPOINT_BYTES
+from jdsearch.core.limits import MAX_CHECKPOINT_BYTES, MAX_NUM_CLASSES
 from jdsearch.models.detector import Detector, build_detector, load_weights_exactly
 from jdsearch.spec.detector import DetectorSpec, spec_from_dict
 
@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 META_KEY = "jdsearch"
 META_HASH_KEY = "jdsearch.sha256"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-MAX_CLASSES = 100_000  # far above any detection dataset (LVIS: 1203), far below a memory blow-up
 _INT64 = 2**63 - 1
 
 
@@ -219,9 +218,9 @@ def _metadata_text(data: bytes, source: str) -> str:
 def _check_classes(doc: dict[str, Any], source: str) -> None:
     """``num_classes`` in range; ``class_names`` and ``category_ids``, when given, fit it."""
     k = doc["num_classes"]
-    if isinstance(k, bool) or not 2 <= k <= MAX_CLASSES:
+    if isinstance(k, bool) or not 2 <= k <= MAX_NUM_CLASSES:
         raise CheckpointError(
-            f"{source}: checkpoint metadata field 'num_classes' is {_show(k)}, expected 2..{MAX_CLASSES}"
+            f"{source}: checkpoint metadata field 'num_classes' is {_show(k)}, expected 2..{MAX_NUM_CLASSES}"
             " (it counts the background)"
         )
     names = doc.get("class_names")

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jdsearch.core.errors import JDSearchError, SpecError
+from jdsearch.core.config import check, is_int
+from jdsearch.core.errors import JDSearchError
 from jdsearch.methods.morph.pruning import (
     ChannelPlan,
     block_prefix,
@@ -150,22 +151,11 @@ class MorphConfig:
     channel_costs: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not (0 < self.channel_fraction < 1):
-            raise SpecError(
-                f"MorphConfig.channel_fraction: must lie in (0, 1), got {self.channel_fraction!r}"
-            )
-        if (
-            isinstance(self.min_channels, bool)
-            or not isinstance(self.min_channels, int)
-            or self.min_channels < 1
-        ):
-            raise SpecError(
-                f"MorphConfig.min_channels: must be an integer ≥ 1, got {self.min_channels!r}"
-            )
-        if self.max_stage_depth is not None and self.max_stage_depth < 1:
-            raise SpecError(
-                f"MorphConfig.max_stage_depth: must be ≥ 1 or None, got {self.max_stage_depth!r}"
-            )
+        check(0 < self.channel_fraction < 1, self, "channel_fraction", "must lie in (0, 1)")
+        ok = is_int(self.min_channels) and self.min_channels >= 1
+        check(ok, self, "min_channels", "must be an integer ≥ 1")
+        ok = self.max_stage_depth is None or self.max_stage_depth >= 1
+        check(ok, self, "max_stage_depth", "must be ≥ 1 or None")
 
 
 @dataclass(frozen=True)
