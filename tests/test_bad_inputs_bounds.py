@@ -264,14 +264,14 @@ def _float_options() -> list[tuple[tuple[str, ...], Any]]:
     import argparse
 
     from jdsearch.cli import build_parser
-    from jdsearch.cli.common import finite_float
+    from jdsearch.cli.common import finite_float, positive_float, probability
 
     def walk(p: Any, path: tuple[str, ...]) -> Any:
         for action in p._actions:  # argparse keeps them nowhere public
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     yield from walk(sub, (*path, name))
-            elif action.type in (float, finite_float):
+            elif action.type in (float, finite_float, positive_float, probability):
                 yield path, action
 
     return list(walk(build_parser(), ()))

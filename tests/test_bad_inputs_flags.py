@@ -201,3 +201,145 @@ def test_a_field_error_keeps_its_field_where_the_command_has_no_such_flag() -> N
     )
     other = FieldError("TrainConfig", "momentum", "must lie in [0, 1)", 2.0)  # no flag fills it
     assert flag_message(other, argparse.Namespace(momentum=2.0)) == str(other)
+
+
+# ---------------------------------------------------------------------- every numeric flag
+STUDY = ("--storage", "sqlite:///none.db")
+#: A bad value of each numeric flag of each command, and the end of its one line. Each is
+#: refused before a file is read: the paths named (none.db, none.safetensors, exp) do not exist.
+NUMERIC_CASES = [
+    ((), "--threads", "0 flops tiny-r18-fpn", "--threads must be ≥ 1, got 0"),
+    (("flops", "tiny-r18-fpn"), "--size", "0x0", "resolution '0x0' has a zero side"),
+    (
+        ("data", "synth", "--out", "d"),
+        "--images",
+        "1",
+        "must be an integer from 2 to 1000000, got '1'",
+    ),
+    (
+        ("data", "synth", "--out", "d"),
+        "--images",
+        str(10**12),
+        "from 2 to 1000000, got '1000000000000'",
+    ),
+    (("data", "synth", "--out", "d"), "--seed", "-1", "must be an integer ≥ 0, got '-1'"),
+    (("data", "synth", "--out", "d"), "--size", "0", "from 32 to 4096 px, got 0"),
+    (("data", "synth", "--out", "d"), "--classes", "0", "got 0"),
+    (("data", "synth", "--out", "d"), "--object-size", "0.5 0.1", "got 0.5 0.1"),
+    (("data", "synth", "--out", "d"), "--workers", "0", "must be at least 1, got 0"),
+    (TRAIN, "--bn-sparsity", "-1", "must be 0 (off) or more, got -1.0"),
+    (TRAIN, "--resolutions", "64x0", "resolution '64x0' has a zero side"),
+    (("import", "none.pt", "--out", "x.safetensors"), "--check-images", "0", "≥ 1, got '0'"),
+    (("eval", "none.safetensors"), "--sizes", "0x64", "resolution '0x64' has a zero side"),
+    (("eval", "none.safetensors"), "--batch-size", "0", "must be an integer ≥ 1, got '0'"),
+    (("search", "none.yaml"), "--n-trials", "0", "--n-trials must be ≥ 1, got 0"),
+    (("export", *STUDY, "--out", "o"), "--trial", "-1", "must be an integer ≥ 0, got '-1'"),
+    (
+        ("export", *STUDY, "--out", "o"),
+        "--size",
+        "64",
+        "'64' is not of the form LONGxSHORT, e.g. '1333x800'",
+    ),
+    (("export", *STUDY, "--out", "o"), "--max-latency-ms", "0", "above 0, got '0'"),
+    (("export", *STUDY, "--out", "o"), "--max-flops", "-1", "above 0, got '-1'"),
+    (("export", *STUDY, "--out", "o"), "--repeats", "0", "must be an integer ≥ 1, got '0'"),
+    (("predict", "exp", "img", "--out", "p.json"), "--score-thresh", "2", "0 to 1, got '2'"),
+    (("predict", "exp", "img", "--out", "p.json"), "--score-thresh", "-0.5", "got '-0.5'"),
+    (
+        ("predict", "exp", "img", "--out", "p.json"),
+        "--size",
+        "9x",
+        "'9x' is not of the form LONGxSHORT, e.g. '1333x800'",
+    ),
+    (("latency", "tiny-r18-fpn"), "--size", "0x80", "expected HEIGHTxWIDTH, e.g. 800x1333"),
+    (("latency", "tiny-r18-fpn"), "--repeats", "0", "must be an integer ≥ 1, got '0'"),
+    (("latency", "tiny-r18-fpn"), "--warmup", "-1", "must be an integer ≥ 0, got '-1'"),
+    (("latency", "tiny-r18-fpn"), "--max-images", "0", "must be an integer ≥ 1, got '0'"),
+    (("report", *STUDY, "--out", "r"), "--trial", "-2", "must be an integer ≥ 0, got '-2'"),
+    (("report", *STUDY, "--out", "r"), "--repeats", "-1", "must be an integer ≥ 1, got '-1'"),
+    (("noise", *STUDY), "--trial", "-1", "must be an integer ≥ 0, got '-1'"),
+    (("noise", *STUDY), "--seeds", "1", "must be an integer ≥ 2, got '1'"),
+    (("finetune", *STUDY, "--epochs", "1"), "--trial", "-1", "≥ 0, got '-1'"),
+    (("gc", "--storage", "sqlite:///none.db"), "--older-than", "-1", "≥ 0, got -1.0"),
+]
+NUMERIC_CASES += [  # the flags whose field a config dataclass checks, above
+    (argv, flag, value, why) for argv, flag, value, why in FIELD_CASES
+]
+
+
+def _numeric_options() -> set[tuple[str, str]]:
+    """``(command, flag)`` of every option that takes a number or a size."""
+    found = set()
+    parser = build_parser()
+    for path, p in [((), parser), *_commands(parser)]:
+        for action in p._actions:
+            if not isinstance(action, argparse._StoreAction) or not action.option_strings:
+                continue
+            if action.type is not None and action.type.__name__ != "nonempty":
+                found.add((" ".join(path), action.option_strings[0]))
+    return found
+
+
+def test_every_numeric_flag_has_a_bad_value_case() -> None:
+    cases = {
+        (" ".join(a for a in argv[:2] if not a.startswith("-") and "." not in a)[:20], flag)
+        for argv, flag, _, _ in NUMERIC_CASES
+    }
+    commands = {(c, f) for c, f in cases}
+    missing = [
+        (command, flag)
+        for command, flag in sorted(_numeric_options())
+        if not any(c.startswith(command) and f == flag for c, f in commands)
+    ]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "argv, flag, value, why",
+    NUMERIC_CASES,
+    ids=[f"{' '.join(a[:2])} {f} {v[:12]}" for a, f, v, _ in NUMERIC_CASES],
+)
+def test_a_bad_number_is_refused_naming_the_flag_and_the_value(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: tuple[str, ...],
+    flag: str,
+    value: str,
+    why: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(capsys, *argv, flag, *value.split())
+    assert flag in line and line.endswith(why), line
+    assert list(tmp_path.iterdir()) == []  # nothing generated, trained or written
+
+
+def _float_options() -> list[tuple[tuple[str, ...], str, int]]:
+    """``(command path, flag, nargs)`` of every option whose values are floats."""
+    from jdsearch.cli.common import finite_float, positive_float, probability
+
+    floats = (float, finite_float, positive_float, probability)
+    return [
+        (path, action.option_strings[0], action.nargs if isinstance(action.nargs, int) else 1)
+        for path, p in _commands(build_parser())
+        for action in p._actions
+        if isinstance(action, argparse._StoreAction) and action.type in floats
+    ]
+
+
+FLOAT_OPTIONS = _float_options()
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_every_float_flag_refuses_a_non_finite_value_in_one_line(
+    capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    assert len(FLOAT_OPTIONS) >= 12, FLOAT_OPTIONS
+    for path, flag, nargs in FLOAT_OPTIONS:
+        # FLAG=VALUE: argparse reads a separate '-inf' as an option, not as the flag's value
+        given = [f"{flag}={text}"] if nargs == 1 else [flag, *[text] * nargs]
+        line = cli_error(capsys, *path, *given)
+        if nargs > 1 and text.startswith("-"):  # an option to argparse: the flag lacks values
+            assert line.endswith(f"error: argument {flag}: expected {nargs} arguments"), line
+        else:
+            assert line.endswith(f"error: argument {flag}: must be a finite number, got {text!r}")

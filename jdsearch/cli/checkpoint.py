@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jdsearch.cli.common import describe, finite_float
+from jdsearch.cli.common import describe, finite_float, int_range
 from jdsearch.core.errors import JDSearchError
 from jdsearch.core.files import read_text
 
@@ -39,7 +39,9 @@ def add_import(sub: Any, name: str) -> None:
     names = im.add_mutually_exclusive_group()
     names.add_argument("--classes", help="class names, one a line (without the background)")
     names.add_argument("--ann", help="COCO annotation file whose categories name the classes")
-    im.add_argument("--check-images", type=int, default=2, help="images both models must agree on")
+    im.add_argument(
+        "--check-images", type=int_range(1), default=2, help="images both models must agree on"
+    )
     im.set_defaults(func=cmd_import)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,42 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """The ``type`` of an integer option from ``low`` (to ``high``) that no config dataclass
+    checks (a count of repeats, of images, of seeds): refused by argparse, naming the flag,
+    before the command runs. ``int_range(1)("0")`` raises ``must be an integer ≥ 1, got '0'``."""
+    bounds = f"≥ {low}" if high is None else f"from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 40 else None  # no int() of 5000 digits
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text[:40]!r}")
+        return value
+
+    parse.__name__ = "int"  # argparse's own name for a value it cannot convert
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """The ``type`` of a bound that must be a finite number above 0 (``--max-flops``)."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """The ``type`` of a score threshold: a number from 0 to 1 (a detection's score lies there;
+    2 keeps no detection, silently)."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
     return value
 
 
@@ -148,7 +184,9 @@ def study_options(p: argparse.ArgumentParser, trial_help: str) -> None:
     """--storage / --study / --trial of the commands that read a finished study."""
     p.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")
     p.add_argument("--study", help="study name (optional when the storage holds one study)")
-    p.add_argument("--trial", type=int, default=None, help=f"{trial_help} (default: the best)")
+    p.add_argument(
+        "--trial", type=int_range(0), default=None, help=f"{trial_help} (default: the best)"
+    )
 
 
 def storage_url(args: argparse.Namespace) -> str:

@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import finite_float
+from jdsearch.cli.common import finite_float, int_range
 from jdsearch.core.errors import JDSearchError
 from jdsearch.spec.synth import (
     MAX_CLASSES,
+    MAX_IMAGES,
     MAX_SIDE,
     MIN_SIDE,
     OBJECT_SIZE,
@@ -28,8 +29,8 @@ def add_data(sub: Any, name: str) -> None:
     d = sub.add_parser(name, help="datasets").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="write a deterministic synthetic COCO dataset")
     s.add_argument("--out", required=True)
-    s.add_argument("--images", type=int, default=DEFAULT_SYNTH_IMAGES)
-    s.add_argument("--seed", type=int, default=DEFAULT_SYNTH_SEED)
+    s.add_argument("--images", type=int_range(2, MAX_IMAGES), default=DEFAULT_SYNTH_IMAGES)
+    s.add_argument("--seed", type=int_range(0), default=DEFAULT_SYNTH_SEED)
     s.add_argument("--size", type=int, nargs="+", default=[128], help="side, or MIN MAX")
     s.add_argument(
         "--classes",

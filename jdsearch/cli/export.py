@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import (
-    finite_float,
     heldout,
     image_files,
+    int_range,
+    positive_float,
+    probability,
     resolution,
     storage_url,
     study_options,
@@ -47,18 +49,18 @@ def add_export(sub: Any, name: str) -> None:
     )
     x.add_argument(
         "--max-latency-ms",
-        type=finite_float,
+        type=positive_float,
         metavar="X",
         help="the most accurate trial whose batch-1 latency, measured here on --device, is ≤ X ms",
     )
     x.add_argument(
         "--max-flops",
-        type=finite_float,
+        type=positive_float,
         metavar="G",
         help="the most accurate trial of at most G GFLOPs at its best resolution",
     )
     x.add_argument("--device", default="cpu", help="where latency and FPS are measured")
-    x.add_argument("--repeats", type=int, default=10, help="timed runs per detector")
+    x.add_argument("--repeats", type=int_range(1), default=10, help="timed runs per detector")
     x.set_defaults(func=cmd_export)
 
 
@@ -200,7 +202,7 @@ def add_predict(sub: Any, name: str) -> None:
     )
     pr.add_argument("--ann", help="COCO annotation file: use its image ids and print AP")
     pr.add_argument(
-        "--score-thresh", type=finite_float, default=None, help="drop detections below this score"
+        "--score-thresh", type=probability, default=None, help="drop detections below this score"
     )
     pr.add_argument("--size", type=resolution, help="override the export's input size LONGxSHORT")
     pr.add_argument("--device", default="cpu")

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import height_width, image_files, resolution
+from jdsearch.cli.common import height_width, image_files, int_range, resolution
 from jdsearch.core.errors import JDSearchError
 
 #: What ``latency`` and ``flops`` read, by file name suffix ("" is a preset's name).
@@ -81,12 +81,12 @@ def add_latency(sub: Any, name: str) -> None:
         help="input image HEIGHTxWIDTH, e.g. 800x1333 (default: each detector's input size, landscape)",
     )
     la.add_argument("--device", default="cpu", help="cpu or cuda")
-    la.add_argument("--repeats", type=int, default=30)
-    la.add_argument("--warmup", type=int, default=5)
+    la.add_argument("--repeats", type=int_range(1), default=30)
+    la.add_argument("--warmup", type=int_range(0), default=5)
     la.add_argument(
         "--images", nargs="+", help="real images to time on (default: a fixed noise image)"
     )
-    la.add_argument("--max-images", type=int, default=8)
+    la.add_argument("--max-images", type=int_range(1), default=8)
     la.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
     la.add_argument(
         "--num-classes",

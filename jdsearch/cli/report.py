@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jdsearch.cli.common import heldout, storage_url, study_options
+from jdsearch.cli.common import heldout, int_range, storage_url, study_options
 
 
 def add_report(sub: Any, name: str) -> None:
@@ -15,7 +15,9 @@ def add_report(sub: Any, name: str) -> None:
     study_options(rp, "the upgraded trial")
     rp.add_argument("--out", required=True, help="report folder (report.html, figures/)")
     rp.add_argument("--device", default="cpu", help="where FPS is measured")
-    rp.add_argument("--repeats", type=int, default=20, help="timed runs per detector for FPS")
+    rp.add_argument(
+        "--repeats", type=int_range(1), default=20, help="timed runs per detector for FPS"
+    )
     rp.add_argument("--no-fps", action="store_true", help="do not measure FPS")
     rp.add_argument("--no-png", action="store_true", help="do not write PNGs")
     rp.add_argument(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jdsearch.cli.common import finite_float, storage_url, study_options
+from jdsearch.cli.common import finite_float, int_range, storage_url, study_options
 
 
 def add_noise(sub: Any, name: str) -> None:
@@ -14,7 +14,7 @@ def add_noise(sub: Any, name: str) -> None:
         name, help="re-run a trial with other seeds: the spread of H and AP (the noise floor)"
     )
     study_options(n, "trial to re-run")
-    n.add_argument("--seeds", type=int, default=3, help="re-runs (other training seeds)")
+    n.add_argument("--seeds", type=int_range(2), default=3, help="re-runs (other training seeds)")
     n.set_defaults(func=cmd_noise)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import describe, finite_float, resolution
+from jdsearch.cli.common import describe, finite_float, int_range, resolution
 from jdsearch.cli.data import ensure_data, open_split
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine.threads import small_detector_threads
@@ -209,7 +209,7 @@ def add_eval(sub: Any, name: str) -> None:
         type=resolution,
         help="LONGxSHORT sizes (default: the spec's resolutions)",
     )
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int_range(1), default=8)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="also write the metrics here")
     e.set_defaults(func=cmd_eval)

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw
 from jdsearch.core.errors import SpecError
 from jdsearch.spec.synth import (
     COLOURS,
+    MAX_IMAGES,
     MAX_SIDE,
     MIN_SIDE,
     OBJECT_SIZE,
@@ -438,8 +439,8 @@ def _check_args(
     def is_int(x: Any) -> bool:
         return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
-    if not is_int(images) or images < 2:
-        raise SpecError(f"synth: images must be an integer >= 2, got {images!r}")
+    if not is_int(images) or not 2 <= images <= MAX_IMAGES:
+        raise SpecError(f"synth: images must be an integer from 2 to {MAX_IMAGES}, got {images!r}")
     if not is_int(seed) or seed < 0:
         raise SpecError(f"synth: seed must be a non-negative integer, got {seed!r}")
     if is_int(size):

@@ -14,6 +14,7 @@ from jdsearch.core.config import check, is_int, is_number
 __all__ = [
     "COLOURS",
     "MAX_CLASSES",
+    "MAX_IMAGES",
     "MAX_SIDE",
     "MIN_SIDE",
     "OBJECT_SIZE",
@@ -27,6 +28,9 @@ __all__ = [
 #: Smallest and largest image side, so that every size class of object fits.
 MIN_SIDE = 32
 MAX_SIDE = 4096
+#: The most images a set may have: far beyond any use of a synthetic set (the quickstart's has
+#: 640), far below the generator's per-image arrays filling memory.
+MAX_IMAGES = 1_000_000
 #: The shapes, in category-id order: the classes of a set of up to six classes, any colour each.
 SHAPES: tuple[str, ...] = ("disc", "ring", "square", "triangle", "cross", "bar")
 #: The colours of a set of more than six classes, where a class is a shape in one colour.
@@ -78,6 +82,7 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         check(self.images >= 2, self, "images", "must be ≥ 2 (an image in each split at least)")
+        check(self.images <= MAX_IMAGES, self, "images", f"must be at most {MAX_IMAGES}")
         check(self.seed >= 0, self, "seed", "must not be negative")
         check(MIN_SIDE <= self.size <= MAX_SIDE, self, "size", f"must be {MIN_SIDE} to {MAX_SIDE}")
         why = classes_problem(self.classes)
