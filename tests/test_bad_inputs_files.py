@@ -206,6 +206,17 @@ def test_cli_predict_refuses_a_crafted_export_in_one_line(
     assert "files.weights.path '/dev/zero'" in err and not out.exists()
 
 
+def test_cli_predict_that_cannot_write_its_output_says_so_in_one_line(
+    exported: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "preds.json"  # under a file: no folder can be made there
+    err = cli_error(capsys, "predict", exported, data / "images", "--out", out)
+    assert (
+        err.startswith(f"jdsearch: error: --out {out}: cannot write (") and "Traceback" not in err
+    )
+
+
 # ---------------------------------------------------------------------- 2. crafted files
 def forged_checkpoint(text: str) -> bytes:
     """A safetensors file whose jdsearch metadata is ``text``, with its sha256 recomputed."""

@@ -343,3 +343,25 @@ def test_every_float_flag_refuses_a_non_finite_value_in_one_line(
             assert line.endswith(f"error: argument {flag}: expected {nargs} arguments"), line
         else:
             assert line.endswith(f"error: argument {flag}: must be a finite number, got {text!r}")
+
+
+# ---------------------------------------------------------------------- output files
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (("predict", "none", "img", "--out"), "--out"),
+        (("eval", "none.safetensors", "--json"), "--json"),
+    ],
+)
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: tuple[str, ...],
+    flag: str,
+) -> None:
+    """It was an IsADirectoryError traceback once every image had been run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    line = cli_error(capsys, *argv, "out")
+    assert line == f"jdsearch: error: {flag} out: is a folder, expected a file to write"

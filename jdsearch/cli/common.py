@@ -180,6 +180,26 @@ def image_files(items: Sequence[str]) -> list[Path]:
     return files
 
 
+def check_output(flag: str, path: str) -> Path:
+    """``path`` of an output file, refused before any work when it names a folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise JDSearchError(f"{flag} {path}: is a folder, expected a file to write")
+    return out
+
+
+def write_output(flag: str, path: str, text: str) -> Path:
+    """Write ``text`` to the output file ``path`` (its folder made); a failure is one line naming
+    ``flag`` and the path, not a traceback."""
+    out = check_output(flag, path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as e:
+        raise JDSearchError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
+    return out
+
+
 def study_options(p: argparse.ArgumentParser, trial_help: str) -> None:
     """--storage / --study / --trial of the commands that read a finished study."""
     p.add_argument("--storage", help="the study's storage URL (default sqlite:///runs/NAME.db)")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jdsearch.cli.common import (
+    check_output,
     heldout,
     image_files,
     int_range,
@@ -17,6 +18,7 @@ from jdsearch.cli.common import (
     resolution,
     storage_url,
     study_options,
+    write_output,
 )
 from jdsearch.core.errors import JDSearchError
 
@@ -216,6 +218,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from jdsearch.data.coco import set_resolution
     from jdsearch.store.export import load_exported, predict_images
 
+    check_output("--out", args.out)  # before any image is read
     exported = load_exported(args.detector, device=args.device)
     if args.size:
         from jdsearch.core.resolution import Resolution
@@ -243,9 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict_images(
         exported, files, image_ids=image_ids, score_thresh=args.score_thresh, device=args.device
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows))
+    out = write_output("--out", args.out, json.dumps(rows))
     print(f"wrote {len(rows)} detections on {len(files)} images to {out}")
     if gt is not None:
         from jdsearch.engine.evaluate import coco_metrics

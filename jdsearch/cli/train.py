@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jdsearch.cli.common import describe, finite_float, int_range, resolution
+from jdsearch.cli.common import (
+    check_output,
+    describe,
+    finite_float,
+    int_range,
+    resolution,
+    write_output,
+)
 from jdsearch.cli.data import ensure_data, open_split
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine.threads import small_detector_threads
@@ -223,6 +230,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.data is None and (args.ann is None) != (args.images is None):
         raise JDSearchError("eval: give --ann and --images together (or --data DIR)")
+    if args.json:
+        check_output("--json", args.json)  # before anything is evaluated
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
     data_dir = ensure_data(args.data) if args.ann is None or args.images is None else Path()
     dataset = open_split(data_dir, args.split, ann=args.ann, images=args.images)
@@ -238,9 +247,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     _print_metrics(metrics)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({k: v.to_dict() for k, v in metrics.items()}, indent=1)
-        )
+        doc = {k: v.to_dict() for k, v in metrics.items()}
+        write_output("--json", args.json, json.dumps(doc, indent=1))
     return 0
 
 
