@@ -441,6 +441,56 @@ def test_no_message_about_an_unreadable_weights_file_suggests_running_its_pickle
         assert "False" not in msg and "trusted source" not in msg, msg
 
 
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "folder"])
+def test_a_weights_path_that_is_no_regular_file_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
+) -> None:
+    """``import /dev/zero`` said "no such weights file" of a path that exists."""
+    import os
+
+    from jdsearch.core.errors import CheckpointError
+    from jdsearch.data import synth
+    from jdsearch.models.detectron2_files import read_detectron2_weights
+    from jdsearch.models.torchvision_body import read_weights_file
+
+    path = Path(what) if what.startswith("/") else tmp_path / what
+    if what == "fifo":
+        os.mkfifo(path)  # opened for reading it would block: refused before it is opened
+    elif what == "folder":
+        path.mkdir()
+    why = "is a directory" if what == "folder" else "not a regular file"
+    for read in (read_weights_file, read_detectron2_weights):
+        with pytest.raises(CheckpointError) as e:
+            read(path)
+        one_line(e, f"{path}: cannot read weights file ({why})")
+    out = tmp_path / "x.safetensors"
+    line = cli_error(capsys, "import", path, "--out", out)
+    assert line == f"jdsearch: error: {path}: cannot read weights file ({why})"
+    data = tmp_path / "data"
+    synth.generate(data, images=2, seed=0, size=64, workers=1)
+    line = cli_error(capsys, "train", "--backbone-weights", path, "--out", out, "--data", data)
+    assert line == f"jdsearch: error: {path}: cannot read weights file ({why})"
+    assert not out.exists()
+
+
+def test_a_weights_file_over_the_limit_is_not_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jdsearch.core.errors import CheckpointError
+    from jdsearch.models import torchvision_body
+
+    big = tmp_path / "big.pt"
+    big.write_bytes(b"\0" * 2000)
+    monkeypatch.setattr(torchvision_body, "MAX_CHECKPOINT_BYTES", 1000)
+    monkeypatch.setattr(torchvision_body, "_load", lambda *a: pytest.fail("opened"))
+    with pytest.raises(CheckpointError) as e:
+        torchvision_body.read_weights_file(big)
+    one_line(e, f"{big}: cannot read weights file (larger than 1000 bytes)")
+    with pytest.raises(CheckpointError) as e:
+        torchvision_body.read_weights_file(tmp_path / "none.pt")
+    one_line(e, f"{tmp_path / 'none.pt'}: no such weights file")
+
+
 # ---------------------------------------------------------------------- init's too-small images
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jdsearch.core.limits import MAX_TEXT_BYTES, byte_size
 
-__all__ = ["RefusedFile", "read_bytes", "read_text"]
+__all__ = ["RefusedFile", "check_file", "read_bytes", "read_text"]
 
 _CHUNK = 1 << 20  # what is read at a time beyond the size stat gave (a file that grew)
 
@@ -53,6 +53,18 @@ def read_bytes(path: str | Path, limit: int = MAX_TEXT_BYTES) -> bytes:
     if len(data) > limit:
         raise _refuse(p, errno.EFBIG, f"larger than {byte_size(limit)}")
     return data
+
+
+def check_file(path: str | Path, limit: int) -> Path:
+    """``path``, checked as :func:`read_bytes` checks it (a regular file of at most ``limit``
+    bytes), for a reader that opens the file itself (``torch.load``, an unpickler).
+
+    Raises:
+        As :func:`read_bytes`, before anything is opened.
+    """
+    p = Path(path)
+    _check_stat(p, os.stat(p), limit)
+    return p
 
 
 def _check_stat(p: Path, st: os.stat_result, limit: int) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 from jdsearch.core.config import shown
 from jdsearch.core.errors import CheckpointError, SpecError
 from jdsearch.core.files import read_text
-from jdsearch.models.torchvision_body import read_weights_file
+from jdsearch.models.torchvision_body import check_weights_file, read_weights_file
 
 __all__ = [
     "INSTALL_HINT",
@@ -212,9 +212,7 @@ def read_detectron2_weights(path: str | Path) -> dict[str, Tensor]:
         CheckpointError: a missing or unreadable file, or a pickle naming any other global
             (the global named; nothing of the file runs).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such weights file")
+    p = check_weights_file(path)
     if p.suffix == ".pkl":
         return _tensors(_read_pkl(p), str(p))
     return dict(read_weights_file(p).tensors)

@@ -39,6 +39,8 @@ from torchvision.ops import misc as tv_misc
 from torchvision.ops import poolers
 
 from jdsearch.core.errors import CheckpointError, SpecError
+from jdsearch.core.files import check_file
+from jdsearch.core.limits import MAX_CHECKPOINT_BYTES
 from jdsearch.models import torch_internals
 from jdsearch.spec.arch import BackboneArch, Block, Stage
 
@@ -49,6 +51,7 @@ __all__ = [
     "WeightsFile",
     "body_arch",
     "body_tensors",
+    "check_weights_file",
     "jdsearch_body_name",
     "load_backbone_weights",
     "map_body",
@@ -178,6 +181,22 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, Tensor], nn.Module | None]
     )
 
 
+def check_weights_file(path: str | Path) -> Path:
+    """``path`` of a weights file, refused in one line before it is opened unless it is a regular
+    file (not ``/dev/zero``, a FIFO, a folder) of at most
+    :data:`~jdsearch.core.limits.MAX_CHECKPOINT_BYTES`.
+
+    Raises:
+        CheckpointError: no such file, or one that is not read (why, as the OS or the check says).
+    """
+    try:
+        return check_file(path, MAX_CHECKPOINT_BYTES)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such weights file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read weights file ({e.strerror or e})") from None
+
+
 def read_weights_file(path: str | Path) -> WeightsFile:
     """Read a ``torch.save`` file with ``weights_only=True``.
 
@@ -192,9 +211,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
         CheckpointError: a missing or unreadable file, a pickle naming any other class, or an
             object that holds no tensors; one line that says to save ``model.state_dict()``.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such weights file")
+    p = check_weights_file(path)
     tensors, model = _unwrap(_load(p, str(p)), str(p))
     if model is not None:
         model.eval()
