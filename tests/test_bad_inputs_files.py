@@ -539,6 +539,56 @@ def test_predict_with_ann_refuses_other_categories(
     assert not out.exists()
 
 
+# ---------------------------------------------------------------------- --data, a folder
+@pytest.mark.parametrize(
+    ("argv", "files"),
+    [
+        (("train", "--out", "m.safetensors"), "--train FILE --val FILE --images DIR"),
+        (("init", "--out", "s.yaml"), "--train FILE --val FILE --images DIR"),
+        (("eval", "CKPT"), "--ann FILE --images DIR"),
+    ],
+    ids=["train", "init", "eval"],
+)
+def test_data_naming_a_coco_file_is_refused_saying_how_to_give_files(
+    data: Path,
+    ckpt: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: tuple[str, ...],
+    files: str,
+) -> None:
+    """``--data`` is a dataset folder in every command; a JSON given there was read as a folder
+    (``train.json/train.json: cannot read annotation file (Not a directory)``)."""
+    monkeypatch.chdir(tmp_path)
+    ann = data / "train.json"
+    err = cli_error(capsys, *[str(ckpt) if a == "CKPT" else a for a in argv], "--data", ann)
+    assert err.startswith(f"jdsearch: error: --data {ann}: a dataset folder (images/, "), err
+    assert f"not a file; give annotation files with {files}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_takes_annotation_files_where_they_lie_as_init_does(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """COCO 2017's layout: each split's file and image folder named, no --data."""
+    out = tmp_path / "m.safetensors"
+    files = ("--train", data / "train.json", "--val", data / "val.json")
+    quick = ("--iters", "1", "--batch-size", "2", "--fixed-size", "--quiet", "--no-eval")
+    err = cli_error(capsys, "train", *files, "--out", out, *quick)  # no image folder
+    assert err == (
+        "jdsearch: error: train: give --data DIR, or --train, --val and --images "
+        "(or --train-images and --val-images)\n"
+    )
+    code, printed, err = cli(
+        capsys, "train", *files, "--images", data / "images", "--out", out, *quick
+    )
+    assert code == 0, err
+    assert f"on {data / 'train.json'} (" in printed
+    saved = load_checkpoint(out)
+    assert saved.extra["data"] == str(data / "train.json") and saved.foreground_names == NAMES
+
+
 # ---------------------------------------------------------------------- 4-5. boxes
 def test_a_box_flat_in_float32_is_refused_before_training(data: Path, tmp_path: Path) -> None:
     doc = json.loads((data / "train.json").read_text())

@@ -115,12 +115,48 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_data(data: str | None) -> Path:
-    """``--data DIR`` or, when absent, the embedded synthetic dataset (generated once)."""
+#: How ``init`` and ``train`` take annotation files that are not ``DATA/train.json`` and
+#: ``DATA/val.json`` (COCO 2017's, each split with its own image folder).
+SPLIT_FILES = "--train FILE --val FILE --images DIR (or --train-images DIR --val-images DIR)"
+
+
+def add_split_files(p: argparse.ArgumentParser) -> None:
+    """``--train``, ``--val``, ``--images``, ``--train-images`` and ``--val-images``: a data set's
+    annotation files and image folders wherever they lie, as ``init`` and ``train`` take them
+    (:func:`jdsearch.init.init_study.data_files` reads them)."""
+    p.add_argument("--train", help="training annotation file (default DATA/train.json)")
+    p.add_argument("--val", help="validation annotation file (default DATA/val.json)")
+    p.add_argument(
+        "--images", help="folder both files' file_name paths start in (default DATA/images)"
+    )
+    p.add_argument(
+        "--train-images", help="folder the training file's file_name paths start in (--images)"
+    )
+    p.add_argument(
+        "--val-images", help="folder the validation file's file_name paths start in (--images)"
+    )
+
+
+def data_folder(data: str, files: str) -> Path:
+    """``--data DIR``, refused in one line when it names a file (a COCO JSON, say): ``--data``
+    is a folder holding ``images/``, ``train.json`` and ``val.json``, and ``files`` says how the
+    command takes annotation files that lie elsewhere."""
+    p = Path(data)
+    if p.is_file():
+        raise JDSearchError(
+            f"--data {data}: a dataset folder (images/, train.json, val.json), not a file; "
+            f"give annotation files with {files}"
+        )
+    return p
+
+
+def ensure_data(data: str | None, files: str) -> Path:
+    """``--data DIR`` (:func:`data_folder`) or, when absent, the embedded synthetic dataset
+    (generated once)."""
     from jdsearch.data import synth
 
     if data is not None:
-        return Path(data)
+        return data_folder(data, files)
     return synth.ensure_dataset(DEFAULT_DATA, images=DEFAULT_SYNTH_IMAGES, seed=DEFAULT_SYNTH_SEED)
 
 

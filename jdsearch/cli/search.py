@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from jdsearch.cli.data import SPLIT_FILES, add_split_files, data_folder
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine.threads import small_detector_threads, study_gflops
 
@@ -15,17 +16,7 @@ from jdsearch.engine.threads import small_detector_threads, study_gflops
 def add_init(sub: Any, name: str) -> None:
     i = sub.add_parser(name, help="write a commented study spec for your COCO dataset")
     i.add_argument("--data", help="dataset folder with images/, train.json and val.json")
-    i.add_argument("--train", help="training annotation file (default DATA/train.json)")
-    i.add_argument("--val", help="validation annotation file (default DATA/val.json)")
-    i.add_argument(
-        "--images", help="folder both files' file_name paths start in (default DATA/images)"
-    )
-    i.add_argument(
-        "--train-images", help="folder the training file's file_name paths start in (--images)"
-    )
-    i.add_argument(
-        "--val-images", help="folder the validation file's file_name paths start in (--images)"
-    )
+    add_split_files(i)
     i.add_argument(
         "--base",
         default="r50-fpn",
@@ -51,7 +42,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     name = args.name or Path(args.out).stem
     files = data_files(
-        args.data,
+        args.data and data_folder(args.data, SPLIT_FILES),
         args.train,
         args.val,
         args.images,

@@ -17,7 +17,7 @@ from jdsearch.cli.common import (
     resolution,
     write_output,
 )
-from jdsearch.cli.data import ensure_data, open_split
+from jdsearch.cli.data import SPLIT_FILES, add_split_files, data_folder, ensure_data, open_split
 from jdsearch.core.errors import JDSearchError
 from jdsearch.engine.threads import small_detector_threads
 
@@ -27,8 +27,9 @@ def add_train(sub: Any, name: str) -> None:
     t.add_argument("spec", nargs="?", default="tiny-r18-fpn", help="spec YAML or preset name")
     t.add_argument(
         "--data",
-        help="dataset dir with images/, train.json, val.json (default: embedded synthetic)",
+        help="dataset folder with images/, train.json, val.json (default: embedded synthetic)",
     )
+    add_split_files(t)
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     t.add_argument("--init", help="start from this checkpoint's weights and architecture")
     t.add_argument(
@@ -71,23 +72,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jdsearch.store.checkpoint import save_checkpoint
 
     _train_config(args, ())  # the flags, checked before anything is read
-    data_dir = ensure_data(args.data)
-    train_set = open_split(data_dir, "train")
-    val_set = None if args.no_eval else _val_split(data_dir, train_set)  # before training
+    train_set, val_set, source = _train_data(args)  # the validation split before training
     detector, spec = _train_target(args, train_set)
     resolutions = _sizes(args.resolutions) or spec.input.resolutions
     largest = max(resolutions, key=lambda r: r.pixels, default=spec.input.size)
     small_detector_threads(args.threads, count_flops(detector, size=largest.hw).total / 1e9)
     config = _train_config(args, () if args.fixed_size else tuple(resolutions))
     terms = _train_terms(args, detector, train_set)
-    print(f"training {spec.name} on {data_dir} ({len(train_set)} images), {config.epochs} epochs")
+    print(f"training {spec.name} on {source} ({len(train_set)} images), {config.epochs} epochs")
     result = train(detector, train_set, config, loss_terms=terms, progress=not args.quiet)
     losses = ", ".join(f"{k}={v:.3f}" for k, v in result.final_losses.items())
     print(
         f"trained {result.iterations} iterations in {result.seconds:.1f} s "
         f"({result.images_per_s:.1f} img/s); final losses: {losses}"
     )
-    extra: dict[str, Any] = {"train": result.to_dict(), "data": str(data_dir)}
+    extra: dict[str, Any] = {"train": result.to_dict(), "data": source}
     if args.backbone_weights:
         extra["backbone_weights"] = str(args.backbone_weights)
     classes = {"class_names": train_set.class_names, "category_ids": train_set.category_ids}
@@ -188,11 +187,40 @@ def _train_terms(args: argparse.Namespace, detector: Any, train_set: Any) -> lis
     return terms
 
 
-def _val_split(data_dir: Path, train_set: Any) -> Any:
-    """``val.json``, checked to hold the training set's categories (ids and names)."""
+def _train_data(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """The training split, the validation split (``None`` with ``--no-eval``) and what they were
+    read from: ``--data DIR`` (its ``train.json`` and ``val.json`` over its ``images/``), the
+    files ``--train``, ``--val``, ``--images`` name (as ``init`` takes them; ``--data`` gives
+    the rest), or the embedded synthetic set."""
+    from jdsearch.data.coco import CocoDataset
+    from jdsearch.init.init_study import data_files
+
+    named = (args.train, args.val, args.images, args.train_images, args.val_images)
+    if all(v is None for v in named):
+        folder = ensure_data(args.data, SPLIT_FILES)
+        files, source = data_files(folder), str(folder)
+    else:
+        folder = data_folder(args.data, SPLIT_FILES) if args.data is not None else None
+        files = data_files(
+            folder,
+            args.train,
+            args.val,
+            args.images,
+            train_images=args.train_images,
+            val_images=args.val_images,
+            command="train",
+        )
+        source = str(files.train)
+    train_set = CocoDataset(files.train, files.train_images)
+    if args.no_eval:
+        return train_set, None, source
+    return train_set, _val_split(CocoDataset(files.val, files.val_images), train_set), source
+
+
+def _val_split(val_set: Any, train_set: Any) -> Any:
+    """``val_set``, checked to hold the training set's categories (ids and names)."""
     from jdsearch.engine.evaluate import match_categories
 
-    val_set = open_split(data_dir, "val")
     match_categories(
         val_set,
         train_set.num_classes,
@@ -233,7 +261,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output("--json", args.json)  # before anything is evaluated
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
-    data_dir = ensure_data(args.data) if args.ann is None or args.images is None else Path()
+    eval_files = "--ann FILE --images DIR"
+    data_dir = (
+        ensure_data(args.data, eval_files) if args.ann is None or args.images is None else Path()
+    )
     dataset = open_split(data_dir, args.split, ann=args.ann, images=args.images)
     ids = _match_checkpoint(dataset, ckpt)
     sizes = _sizes(args.sizes) or ckpt.spec.input.resolutions

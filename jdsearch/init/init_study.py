@@ -577,10 +577,11 @@ def data_files(
     *,
     train_images: str | Path | None = None,
     val_images: str | Path | None = None,
+    command: str = "init",
 ) -> DataFiles:
     """The dataset's files: ``DATA/train.json``, ``DATA/val.json`` and ``DATA/images`` for both
     splits unless given (``images``: both splits' folder, unless ``train_images`` and
-    ``val_images`` name each its own).
+    ``val_images`` name each its own). ``command`` (``init``, ``train``) starts the messages.
 
     Raises:
         SpecError: no ``data`` and not every file given, or ``images`` beside both split folders.
@@ -588,11 +589,11 @@ def data_files(
     folders = (train_images, val_images)
     if data is None and (None in (train, val) or (images is None and None in folders)):
         raise SpecError(
-            "init: give --data DIR, or --train, --val and --images "
+            f"{command}: give --data DIR, or --train, --val and --images "
             "(or --train-images and --val-images)"
         )
     if images is not None and None not in folders:
-        raise SpecError("init: --images is unused: --train-images and --val-images name both")
+        raise SpecError(f"{command}: --images is unused: --train-images and --val-images name both")
     d = Path(data) if data is not None else None
 
     def pick(given: str | Path | None, default: str) -> Path:
