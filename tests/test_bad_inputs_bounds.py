@@ -246,6 +246,29 @@ def test_a_detectron2_base_of_dev_zero_is_refused_naming_the_config(tmp_path: Pa
     one_line(e, f"{cfg}: _BASE_ chain: /dev/zero: ", "not a regular file")
 
 
+def test_import_names_a_bad_detectron2_file_whether_or_not_detectron2_is_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The files are read before detectron2 is asked for: without it, the line said only that
+    detectron2 is missing, and the bad file was found once it was installed."""
+    import yaml
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(yaml.safe_dump({"_BASE_": "/dev/zero", "MODEL": {}}))
+    weights = tmp_path / "w.pkl"
+    weights.write_bytes(b"")
+    out = tmp_path / "x.safetensors"
+    line = cli_error(capsys, "import", "--from", "detectron2", cfg, weights, "--out", out)
+    assert line == (
+        f"jdsearch: error: {cfg}: _BASE_ chain: /dev/zero: not a readable YAML config "
+        "(not a regular file)"
+    )
+    cfg.write_text(yaml.safe_dump({"MODEL": {}}))
+    line = cli_error(capsys, "import", "--from", "detectron2", cfg, "/dev/zero", "--out", out)
+    assert line == "jdsearch: error: /dev/zero: cannot read weights file (not a regular file)"
+    assert not out.exists()
+
+
 def test_a_spec_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     from jdsearch.core.config import read_yaml
 

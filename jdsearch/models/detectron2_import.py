@@ -42,11 +42,13 @@ from jdsearch.core.resolution import Resolution
 from jdsearch.models.detector import load_weights_exactly
 from jdsearch.models.detectron2_files import (
     detectron2_config,
+    read_config_dict,
     read_detectron2_weights,
     require_detectron2,
     torchvision_name,
 )
 from jdsearch.models.torch_internals import rpn_post_nms_top_n, rpn_pre_nms_top_n
+from jdsearch.models.torchvision_body import check_weights_file
 from jdsearch.models.torchvision_import import (
     CHECK_SHORT,
     DetectionCheck,
@@ -476,6 +478,9 @@ def import_detectron2(
     """
     if images < 1:
         raise CheckpointError(f"{weights}: the check needs at least one image, got {images}")
+    # the files first: a bad one (``_BASE_: /dev/zero``) is named wherever detectron2 is missing
+    read_config_dict(config)
+    check_weights_file(weights)
     require_detectron2("jdsearch import --from detectron2")
     cfg = detectron2_config(config)
     source = f"{config} + {weights}"
