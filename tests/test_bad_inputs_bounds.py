@@ -269,6 +269,25 @@ def test_import_names_a_bad_detectron2_file_whether_or_not_detectron2_is_here(
     assert not out.exists()
 
 
+def test_an_image_path_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``latency --images /dev/zero`` said "no such image file"; a FIFO named .png in a folder
+    of images would have blocked its reader."""
+    import os
+
+    line = cli_error(capsys, "latency", "tiny-r18-fpn", "--images", "/dev/zero")
+    assert line == "jdsearch: error: /dev/zero: not a regular file, expected an image file"
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    line = cli_error(capsys, "latency", "tiny-r18-fpn", "--images", folder, "--repeats", "1")
+    assert (
+        line == f"jdsearch: error: {folder / 'b.png'}: not a regular file, expected an image file"
+    )
+
+
 def test_a_spec_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     from jdsearch.core.config import read_yaml
 

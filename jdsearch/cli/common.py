@@ -164,17 +164,21 @@ def describe(detector: Any, size: tuple[int, int]) -> str:
 
 def image_files(items: Sequence[str]) -> list[Path]:
     """The image files among ``items`` and in the folders among them (in name order);
-    :class:`JDSearchError` for a missing path or when there are none."""
+    :class:`JDSearchError` for a missing path, one that is not a regular file (``/dev/zero``, a
+    FIFO, which would block the reader), or when there are none."""
     exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
     files: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
             files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in exts))
-        elif p.is_file():
+        elif p.exists():
             files.append(p)
         else:
             raise JDSearchError(f"{p}: no such image file or folder")
+    for f in files:
+        if not f.is_file():
+            raise JDSearchError(f"{f}: not a regular file, expected an image file")
     if not files:
         raise JDSearchError(f"no image files in {' '.join(items)}")
     return files
