@@ -298,6 +298,34 @@ def test_a_spec_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> No
     one_line(e, f"{link}: cannot read (not a regular file)")
 
 
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "folder"])
+def test_a_spec_path_that_exists_but_is_no_file_is_not_called_missing(
+    tmp_path: Path, what: str
+) -> None:
+    """A study or detector spec linked to /dev/zero, a FIFO or a folder was "no such ... spec
+    file (presets: ...)" of a path that exists."""
+    import os
+
+    from jdsearch.spec.detector import load_spec
+    from jdsearch.spec.study import load_study
+
+    path = tmp_path / "s.yaml"
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(what)
+    why = "is a directory" if what == "folder" else "not a regular file"
+    for load in (load_spec, load_study):
+        with pytest.raises(SpecError) as e:
+            load(path)
+        one_line(e, f"{path}: cannot read ({why})")
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "none.yaml")
+    one_line(e, "none.yaml: no such detector spec file (presets: ")
+
+
 # ---------------------------------------------------------------------- float flags, train's flags
 
 

@@ -296,7 +296,7 @@ def load_spec(path: str | Path) -> DetectorSpec:
         candidate = DETECTORS_DIR / f"{p.name}.yaml"
         if candidate.exists():
             p = candidate
-    if not p.is_file():
+    if not p.exists():  # a folder or /dev/zero: read_yaml says why it is not read
         known = ", ".join(sorted(q.stem for q in DETECTORS_DIR.glob("*.yaml")))
         raise SpecError(f"{path}: no such detector spec file (presets: {known})")
     return spec_from_dict(read_yaml(p), source=str(p))

@@ -474,7 +474,7 @@ def load_study(path: str | Path) -> StudySpec:
     p = Path(path)
     if not p.exists() and not p.suffix and (STUDIES_DIR / f"{p.name}.yaml").exists():
         p = STUDIES_DIR / f"{p.name}.yaml"
-    if not p.is_file():
+    if not p.exists():  # a folder or /dev/zero: read_yaml says why it is not read
         known = ", ".join(sorted(q.stem for q in STUDIES_DIR.glob("*.yaml")))
         raise SpecError(f"{path}: no such study spec file (presets: {known})")
     spec = study_from_dict(read_yaml(p), source=str(p))
