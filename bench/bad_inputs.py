@@ -2,8 +2,8 @@
 
 Usage::
 
-    python bench/bad_inputs.py [--repo DIR] [--timeout 60] [--only CLASS] [--match TEXT] [--list]
-        [--keep]
+    python bench/bad_inputs.py [--repo DIR] [--timeout 60] [--only CLASS] [--match TEXT] [--fast]
+        [--list] [--keep]
 
 Each case runs one ``python -m jdsearch ...`` command in a fresh temporary folder (a subprocess
 with ``OMP_NUM_THREADS=1``, ``CUDA_VISIBLE_DEVICES=`` so that "no GPU" holds everywhere, stdin
@@ -23,12 +23,25 @@ cannot exhaust the machine) and is classified as:
   or an exit 0 whose output fails the case's check (e.g. crowd boxes not reported);
 * ``broken``: a valid input that does not exit 0 cleanly.
 
-The cases come in four classes: ``export`` (crafted export folders), ``files`` (crafted
+The cases come in seven classes: ``export`` (crafted export folders), ``files`` (crafted
 checkpoints, COCO files, images, pickles and detector YAML), ``spec`` (bad study specs and search
-arguments, mostly with ``search --check``, a few as real searches) and ``classes`` (datasets
-whose categories differ from the checkpoint's). The inputs are built here from a tiny setup made
+arguments, mostly with ``search --check``, a few as real searches), ``classes`` (datasets whose
+categories differ from the checkpoint's), ``reads`` (``/dev/zero``, a FIFO or a file over its
+size limit given to every reader of a whole YAML or JSON file, a checkpoint, weights or an
+image), ``flags`` (a bad value of a flag: a config dataclass's field, a count, a non-finite
+number, an empty string, an output that is a folder, ``--data`` that is a file) and ``trials``
+(a search whose trials fail). Together they hold every class of bad input of issue 28: unbounded
+sizes, unbounded reads, bad URLs, non-finite numbers, a failed trial's traceback, refusals that
+leave an empty study, and misleading messages. The inputs are built here from a tiny setup made
 once with the probed CLI itself: an 8-image synthetic dataset, a checkpoint trained for one
 iteration, and a one-trial study search on 16 synthetic images with its export.
+
+A case may check its refusal (its line names the flag, the file and the value; no study is left)
+or its output; the summary counts, per class, each outcome and the cases that ended as expected
+(a bad input ``clean``, a valid one ``ok``). A ``fast`` case needs nothing of the setup and ends
+in about a second: ``--fast`` runs those alone (no setup), and ``tests/test_bad_inputs_bench.py``
+runs every one of them in the test suite, in process (:func:`run_in_process`), and asserts its
+expected outcome.
 
 ``--repo DIR`` probes another checkout (e.g. ``git worktree add /tmp/old COMMIT``): the CLI runs
 with ``PYTHONPATH=DIR`` from a temporary folder, and a first probe checks that ``jdsearch`` is
@@ -69,7 +82,7 @@ from jdsearch.testing import Shrink, shrunk_quickstart
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 6 << 30
 OUTCOMES = ("clean", "ok", "unclean", "traceback", "hang", "silent", "broken")
-CLASSES = ("export", "files", "spec", "classes")
+CLASSES = ("export", "files", "spec", "classes", "reads", "flags", "trials")
 ERROR_LINE = re.compile(r"^jdsearch(?: [\w-]+)*: error: ")
 STUDY = "tiny"  # the setup study's name: its caches are runs/tiny/{base,pool}.safetensors
 PG_README = "postgresql://postgres@127.0.0.1:5432/test"
@@ -121,6 +134,32 @@ def jdsearch(argv: tuple[str, ...] | list[str]) -> list[str]:
     return [sys.executable, "-m", "jdsearch", *argv]
 
 
+def run_in_process(argv: tuple[str, ...], cwd: Path) -> Result:
+    """``jdsearch ARGV`` run by this process's ``jdsearch.cli.main`` in ``cwd``, its output
+    captured: how the tests run the fast cases (no interpreter and torch start-up per case, no
+    memory limit or timeout: a fast case needs neither). An exception that escapes ``main`` is
+    written to stderr as its traceback, as the interpreter would."""
+    import traceback
+
+    from jdsearch.cli import main as jdsearch_main
+
+    out, err = io.StringIO(), io.StringIO()
+    start, here = time.monotonic(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = jdsearch_main(list(argv))
+            except SystemExit as e:  # argparse's refusal
+                rc = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(here)
+    return Result(rc, out.getvalue(), err.getvalue(), time.monotonic() - start)
+
+
 # ---------------------------------------------------------------------- the cases
 Prepare = Callable[[Path, "Setup"], None]
 Check = Callable[[Result], "str | None"]
@@ -136,10 +175,16 @@ class Case:
     valid: bool = False
     check: Check | None = None  # on exit 0: None when the output is right, else why not
     refusal: Refusal | None = None  # on a clean refusal: None when it is right, else why not
+    fast: bool = False  # needs nothing of the setup and ends in a second (the tests run these)
 
     @property
     def command(self) -> str:
         return "jdsearch " + shlex.join(self.argv)
+
+    @property
+    def expected(self) -> str:
+        """The outcome the case should have: ``ok`` for a valid input, else ``clean``."""
+        return "ok" if self.valid else "clean"
 
 
 @dataclass(frozen=True)
@@ -255,10 +300,13 @@ def export_cases() -> list[Case]:
     ]
     predict = ("predict", "exp", "img", "--out", "p.json")
     latency = ("latency", "exp", "--repeats", "1", "--warmup", "1")
+    # the line each of these must hold (issue 28's cases); the others are checked for one line
+    lines = {"input_size 60000x40000": says("input_size", "'60000x40000'", "8192 pixels")}
     cases = []
     for name, prepare in bad:
-        cases.append(Case("export", f"{name}: predict", predict, prepare))
-        cases.append(Case("export", f"{name}: latency", latency, prepare))
+        refusal = lines.get(name)
+        cases.append(Case("export", f"{name}: predict", predict, prepare, refusal=refusal))
+        cases.append(Case("export", f"{name}: latency", latency, prepare, refusal=refusal))
     renamed = weights_path("weights.safetensors", move_to="exp/weights.safetensors")
     cases += [
         Case(
@@ -528,6 +576,7 @@ def files_cases() -> list[Case]:
             ("flops", "tiny-r18-fpn", "--size", "100000x100000"),
             nothing,
             refusal=says("--size"),
+            fast=True,
         ),
         Case(
             "files",
@@ -535,6 +584,7 @@ def files_cases() -> list[Case]:
             ("latency", "tiny-r18-fpn", "--size", "100000x100000", *LATENCY),
             nothing,
             refusal=says("--size"),
+            fast=True,
         ),
         Case(
             "files",
@@ -542,6 +592,7 @@ def files_cases() -> list[Case]:
             ("import", "noise.pt", "--out", "x.safetensors"),
             noise_pt,
             refusal=says("noise.pt", never=("False", "trusted source")),
+            fast=True,
         ),
         Case(
             "files",
@@ -556,6 +607,7 @@ def files_cases() -> list[Case]:
             ("init", "--data", "px", "--base", "tiny-r18-fpn", "--out", "s.yaml"),
             one_pixel_set,
             refusal=says("px", "1x1"),
+            fast=True,
         ),
         Case(
             "files",
@@ -587,7 +639,14 @@ def files_cases() -> list[Case]:
             needs("ckpt.safetensors"),
             valid=True,
         ),
-        Case("files", "valid: flops detector YAML", ("flops", "mine.yaml"), plain_yaml, valid=True),
+        Case(
+            "files",
+            "valid: flops detector YAML",
+            ("flops", "mine.yaml"),
+            plain_yaml,
+            valid=True,
+            fast=True,
+        ),
         Case("files", "valid: train 1 iteration", TRAIN_ALL, needs("data"), valid=True),
     ]
     return cases
@@ -669,14 +728,20 @@ SPEC_CASES: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = [
 
 
 def spec_cases() -> list[Case]:
+    # the line each of these must hold (issue 28's cases); the others are checked for one line
+    lines = {
+        "resolutions 100000x100000": says("s.yaml", "resolutions", "'100000x100000'", "8192 pixels")
+    }
     cases = []
     for name, patch, extra, real in SPEC_CASES:
+        line = lines.get(name)
         cases.append(
             Case(
                 "spec",
                 f"{name}: --check",
                 ("search", "s.yaml", "--check", *extra),
                 study_spec(patch, caches=False),
+                refusal=line,
             )
         )
         if real:
@@ -686,7 +751,8 @@ def spec_cases() -> list[Case]:
                     f"{name}: search",
                     ("search", "s.yaml", "--quiet", *extra),
                     study_spec(patch, caches=True),
-                    refusal=no_study("study.db"),  # a refused start leaves no study
+                    # a refused start leaves no study
+                    refusal=all_of(no_study("study.db"), *([line] if line else [])),
                 )
             )
     # The cached base of the setup's search (tiny-r18-fpn), a spec now asking for tiny-r50-fpn and
@@ -709,6 +775,7 @@ def spec_cases() -> list[Case]:
             ("gc", "--storage", "not a url"),
             nothing,
             refusal=says("--storage", "'not a url'"),
+            fast=True,
         ),
         # expected-valid
         Case(
@@ -825,8 +892,440 @@ def classes_cases() -> list[Case]:
     ]
 
 
+# ---- 5. whole files read: every YAML and JSON reader takes a regular file within a size limit
+BIG_TEXT = (16 << 20) + 1  # a byte over MAX_TEXT_BYTES (16 MiB)
+
+
+def at(name: str, make: Callable[[Path], None]) -> Prepare:
+    """``make(cwd / name)``, its folder made first."""
+
+    def prepare(cwd: Path, setup: Setup) -> None:
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+        make(cwd / name)
+
+    return prepare
+
+
+def to_dev_zero(path: Path) -> None:
+    path.symlink_to("/dev/zero")
+
+
+def big_text(path: Path) -> None:
+    """A text file one byte over 16 MiB (YAML comments: what it says is never read)."""
+    line = "#" * 1023 + "\n"
+    path.write_text(line * (BIG_TEXT // len(line)) + "#" * (BIG_TEXT % len(line)))
+
+
+def both(*prepares: Prepare) -> Prepare:
+    def prepare(cwd: Path, setup: Setup) -> None:
+        for p in prepares:
+            p(cwd, setup)
+
+    return prepare
+
+
+def d2_files(config: dict[str, Any] | None) -> Prepare:
+    """cfg.yaml (``config``; ``None``: none written) and an empty w.pkl."""
+
+    def prepare(cwd: Path, setup: Setup) -> None:
+        if config is not None:
+            (cwd / "cfg.yaml").write_text(yaml.safe_dump(config))
+        (cwd / "w.pkl").write_bytes(b"")
+
+    return prepare
+
+
+def one_image(cwd: Path, setup: Setup) -> None:
+    """img/a.png, 16x16."""
+    from PIL import Image
+
+    (cwd / "img").mkdir(exist_ok=True)
+    Image.new("RGB", (16, 16), (120, 30, 200)).save(cwd / "img" / "a.png")
+
+
+def not_regular() -> Refusal:
+    return says("not a regular file")
+
+
+INIT = ("--base", "tiny-r18-fpn", "--out", "s.yaml")
+
+
+def reads_cases() -> list[Case]:
+    """Each reader of a whole file given ``/dev/zero``, a FIFO (opened, it would block) or a file
+    over its size limit: refused, saying why, before a byte is read."""
+    info = "exp/detector.json"
+    d2 = ("import", "--from", "detectron2", "cfg.yaml", "w.pkl", "--out", "x.safetensors")
+    data_check = ("data", "check", "--ann", "ann.json", "--images", ".")
+    rows: list[tuple[str, tuple[str, ...], Prepare, Refusal]] = [
+        (
+            "study spec -> /dev/zero: search --check",
+            ("search", "s.yaml", "--check"),
+            at("s.yaml", to_dev_zero),
+            says("s.yaml", "not a regular file"),
+        ),
+        (
+            "study spec of 16 MiB + 1: search --check",
+            ("search", "s.yaml", "--check"),
+            at("s.yaml", big_text),
+            says("s.yaml", "larger than 16 MiB"),
+        ),
+        (
+            "detector spec a FIFO: flops",
+            ("flops", "mine.yaml"),
+            at("mine.yaml", os.mkfifo),
+            says("mine.yaml", "not a regular file"),
+        ),
+        (
+            "detector spec of 16 MiB + 1: flops",
+            ("flops", "mine.yaml"),
+            at("mine.yaml", big_text),
+            says("mine.yaml", "larger than 16 MiB"),
+        ),
+        (
+            "detectron2 _BASE_: /dev/zero: import",
+            d2,
+            d2_files({"_BASE_": "/dev/zero", "MODEL": {}}),
+            says("cfg.yaml: _BASE_ chain: /dev/zero", "not a regular file"),
+        ),
+        (
+            "detectron2 config a FIFO: import",
+            d2,
+            both(d2_files(None), at("cfg.yaml", os.mkfifo)),
+            says("cfg.yaml", "not a regular file"),
+        ),
+        (
+            "detectron2 config of 16 MiB + 1: import",
+            d2,
+            both(d2_files(None), at("cfg.yaml", big_text)),
+            says("cfg.yaml", "larger than 16 MiB"),
+        ),
+        (
+            "detectron2 weights /dev/zero: import",
+            ("import", "--from", "detectron2", "cfg.yaml", "/dev/zero", "--out", "x.safetensors"),
+            d2_files({"MODEL": {}}),
+            says("/dev/zero: cannot read weights file (not a regular file)"),
+        ),
+        (
+            "weights /dev/zero: import",
+            ("import", "/dev/zero", "--out", "x.safetensors"),
+            nothing,
+            says("/dev/zero: cannot read weights file (not a regular file)"),
+        ),
+        (
+            "--classes /dev/zero: import",
+            ("import", "noise.pt", "--classes", "/dev/zero", "--out", "x.safetensors"),
+            noise_pt,
+            says("/dev/zero", "not a regular file"),
+        ),
+        (
+            "--classes of 16 MiB + 1: import",
+            ("import", "noise.pt", "--classes", "names.txt", "--out", "x.safetensors"),
+            both(noise_pt, at("names.txt", big_text)),
+            says("names.txt", "larger than 16 MiB"),
+        ),
+        (
+            "--ann /dev/zero: import",
+            ("import", "noise.pt", "--ann", "/dev/zero", "--out", "x.safetensors"),
+            noise_pt,
+            says("/dev/zero", "not a regular file"),
+        ),
+        (
+            "COCO file /dev/zero: data check",
+            ("data", "check", "--ann", "/dev/zero", "--images", "."),
+            nothing,
+            says("/dev/zero", "not a regular file"),
+        ),
+        ("COCO file a FIFO: data check", data_check, at("ann.json", os.mkfifo), not_regular()),
+        (
+            "COCO files /dev/zero: init --train --val",
+            (*("init", "--train", "/dev/zero", "--val", "/dev/zero", "--images", "."), *INIT),
+            nothing,
+            says("/dev/zero", "not a regular file"),
+        ),
+        (
+            "detector.json -> /dev/zero: predict",
+            ("predict", "exp", "img", "--out", "p.json"),
+            both(one_image, at(info, to_dev_zero)),
+            says("detector.json", "not a regular file"),
+        ),
+        (
+            "detector.json of 16 MiB + 1: predict",
+            ("predict", "exp", "img", "--out", "p.json"),
+            both(one_image, at(info, big_text)),
+            says("detector.json", "larger than 16 MiB"),
+        ),
+        (
+            "checkpoint /dev/zero: eval",
+            ("eval", "/dev/zero", "--data", "data"),
+            nothing,
+            says("/dev/zero", "not a regular file"),
+        ),
+        (
+            "image /dev/zero: latency --images",
+            ("latency", "tiny-r18-fpn", "--images", "/dev/zero", *LATENCY),
+            nothing,
+            says("/dev/zero: not a regular file"),
+        ),
+        (
+            "image a FIFO in a folder: latency --images",
+            ("latency", "tiny-r18-fpn", "--images", "img", *LATENCY),
+            both(one_image, at("img/b.png", os.mkfifo)),
+            says("img/b.png: not a regular file"),
+        ),
+    ]
+    cases = [Case("reads", name, argv, prep, refusal=r, fast=True) for name, argv, prep, r in rows]
+
+    def record_to_dev_zero(cwd: Path, setup: Setup) -> None:
+        """The setup's caches, the base's record of what made it swapped for /dev/zero."""
+        study_spec({}, caches=True)(cwd, setup)
+        record = cwd / "runs" / STUDY / "base.safetensors.made-by.json"
+        record.unlink(missing_ok=True)
+        record.symlink_to("/dev/zero")
+
+    def checked(res: Result) -> str | None:
+        return None if "ok: nothing was trained" in res.out else "exit 0 without the plan's end"
+
+    # jdsearch's own record of what made a cache: one it cannot read counts as none (the cache
+    # is then checked against the spec it stores), so the search goes on; read whole, it would
+    # never end.
+    cases.append(
+        Case(
+            "reads",
+            "valid: cache record -> /dev/zero: search --check",
+            ("search", "s.yaml", "--check"),
+            record_to_dev_zero,
+            valid=True,
+            check=checked,
+        )
+    )
+    return cases
+
+
+# ---- 6. flags: each bad value refused at the flag typed, in one line naming it and the value
+def folder(name: str) -> Prepare:
+    return at(name, lambda p: p.mkdir())
+
+
+def a_file(name: str, text: str = "{}") -> Prepare:
+    return at(name, lambda p: p.write_text(text))
+
+
+NO_STUDY = ("--storage", "sqlite:///none.db")
+FIELDS = ("TrainConfig", "MorphConfig", "DetectorSpec")  # never named for a flag
+HUGE_SEED = "1" + "0" * 20  # beyond 64 bits
+
+
+def flags_cases() -> list[Case]:
+    """A bad value of a flag: refused before anything is read, in one line that names the flag
+    as typed (never the dataclass field it fills) and the value."""
+    train = ("train", "--out", "m.safetensors", "--data", "none")
+    rows: list[tuple[str, tuple[str, ...], Prepare, Refusal]] = [
+        # a config dataclass's field
+        (
+            "evolve --fraction 1",
+            ("evolve", "none.safetensors", "channel_prune", "--out", "x", "--fraction", "1"),
+            nothing,
+            says("--fraction: ", "got 1.0", never=FIELDS),
+        ),
+        (
+            "flops --num-classes -1",
+            ("flops", "tiny-r18-fpn", "--num-classes", "-1"),
+            nothing,
+            says("--num-classes: ", "got -1", never=FIELDS),
+        ),
+        (
+            "latency --num-classes 0",
+            ("latency", "tiny-r18-fpn", "--num-classes", "0", *LATENCY),
+            nothing,
+            says("--num-classes: ", "got 0", never=FIELDS),
+        ),
+        (
+            "latency --num-classes 10**12",
+            ("latency", "tiny-r18-fpn", "--num-classes", str(10**12), *LATENCY),
+            nothing,
+            says("--num-classes: ", f"got {10**12}", never=FIELDS),
+        ),
+        (
+            "train --iters 0",
+            (*train, "--iters", "0"),
+            nothing,
+            says("--iters: ", "got 0", never=FIELDS),
+        ),
+        (
+            "train --seed 10**20",
+            (*train, "--seed", HUGE_SEED),
+            nothing,
+            says("--seed: ", HUGE_SEED, never=FIELDS),
+        ),
+        (
+            "finetune --lr 1e3",
+            ("finetune", *NO_STUDY, "--epochs", "1", "--lr", "1e3"),
+            nothing,
+            says("--lr: ", "got 1000.0", never=FIELDS),
+        ),
+        # a count or a bound no dataclass checks
+        (
+            "latency --repeats 0",
+            ("latency", "tiny-r18-fpn", "--repeats", "0"),
+            nothing,
+            says("argument --repeats: ", "'0'"),
+        ),
+        (
+            "eval --batch-size 0",
+            ("eval", "none.safetensors", "--batch-size", "0"),
+            nothing,
+            says("argument --batch-size: ", "'0'"),
+        ),
+        (
+            "noise --seeds 1",
+            ("noise", *NO_STUDY, "--seeds", "1"),
+            nothing,
+            says("argument --seeds: ", "'1'"),
+        ),
+        (
+            "data synth --images 10**12",
+            ("data", "synth", "--out", "d", "--images", str(10**12)),
+            nothing,
+            says("argument --images: ", f"'{10**12}'"),
+        ),
+        (
+            "export --max-flops -1",
+            ("export", *NO_STUDY, "--out", "o", "--max-flops", "-1"),
+            nothing,
+            says("argument --max-flops: ", "'-1'"),
+        ),
+        (
+            "predict --score-thresh 2",
+            ("predict", "none", "img", "--out", "p.json", "--score-thresh", "2"),
+            nothing,
+            says("argument --score-thresh: ", "'2'"),
+        ),
+        # non-finite numbers (FLAG=VALUE: argparse reads a lone -inf as an option)
+        (
+            "train --lr nan",
+            (*train, "--lr", "nan"),
+            nothing,
+            says("argument --lr: must be a finite number, got 'nan'"),
+        ),
+        (
+            "gc --older-than inf",
+            ("gc", *NO_STUDY, "--older-than", "inf"),
+            nothing,
+            says("argument --older-than: must be a finite number, got 'inf'"),
+        ),
+        (
+            "export --max-latency-ms=-inf",
+            ("export", *NO_STUDY, "--out", "o", "--max-latency-ms=-inf"),
+            nothing,
+            says("argument --max-latency-ms: must be a finite number, got '-inf'"),
+        ),
+        # empty strings
+        *[
+            (
+                f"{argv[0]} {flag} ''",
+                (*argv, flag, ""),
+                nothing,
+                says(f"argument {flag}: must not be empty, got ''"),
+            )
+            for argv, flag in (
+                (("train",), "--out"),
+                (("train", "--out", "m.safetensors"), "--init"),
+                (("data", "synth"), "--out"),
+                (("eval", "none.safetensors"), "--json"),
+                (("predict", "none", "img", "--out", "p.json"), "--ann"),
+                (("search", "s.yaml"), "--storage"),
+            )
+        ],
+        # an output file that is a folder; --data that is a file
+        (
+            "predict --out a folder",
+            ("predict", "none", "img", "--out", "out"),
+            folder("out"),
+            says("--out out: is a folder"),
+        ),
+        (
+            "eval --json a folder",
+            ("eval", "none.safetensors", "--json", "out"),
+            folder("out"),
+            says("--json out: is a folder"),
+        ),
+        (
+            "train --data a COCO file",
+            ("train", "--data", "train.json", "--out", "m.safetensors"),
+            a_file("train.json"),
+            says("--data train.json: a dataset folder", "--train FILE"),
+        ),
+        (
+            "init --data a COCO file",
+            ("init", "--data", "train.json", "--out", "s.yaml"),
+            a_file("train.json"),
+            says("--data train.json: a dataset folder", "--train FILE"),
+        ),
+    ]
+    cases = [Case("flags", name, argv, prep, refusal=r, fast=True) for name, argv, prep, r in rows]
+    cases += [
+        Case(
+            "flags",
+            "valid: flops --num-classes 2",
+            ("flops", "tiny-r18-fpn", "--num-classes", "2"),
+            nothing,
+            valid=True,
+            fast=True,
+        ),
+        Case(
+            "flags",
+            "valid: latency --repeats 1 --warmup 0",
+            ("latency", "tiny-r18-fpn", "--repeats", "1", "--warmup", "0", "--num-classes", "3"),
+            nothing,
+            valid=True,
+            fast=True,
+        ),
+    ]
+    return cases
+
+
+# ---- 7. a failed trial: one line, its traceback in a log file
+FAILED_LOG = f"runs/{STUDY}/failed-trials.log"
+
+
+def failed_trials_logged(res: Result, cwd: Path) -> str | None:
+    """Every failed trial printed in one line naming the log, whose traceback is in the log."""
+    fails = [line for line in res.out.splitlines() if " FAIL: " in line]
+    if not fails:
+        return "no trial line says FAIL"
+    if any(f"(traceback in {FAILED_LOG})" not in line for line in fails):
+        return f"a FAIL line does not name {FAILED_LOG}"
+    log = cwd / FAILED_LOG
+    if not log.is_file() or "Traceback" not in log.read_text():
+        return f"{FAILED_LOG} holds no traceback"
+    return None
+
+
+def trials_cases() -> list[Case]:
+    """A study whose trials fail: distillation weights of 1e300 make every loss infinite, so
+    each trial's training diverges (a weight this large is finite, so the spec takes it)."""
+    kd = {"kd": {"cls_weight": 1e300, "feat_weight": 1e300, "loc_weight": 1e300, "when": "always"}}
+    return [
+        Case(
+            "trials",
+            "kd weights 1e300: search (every trial fails)",
+            ("search", "s.yaml", "--quiet"),
+            study_spec(kd, caches=True),
+            refusal=all_of(says("none of the 1 trials", "completed"), failed_trials_logged),
+        )
+    ]
+
+
 def all_cases() -> list[Case]:
-    return export_cases() + files_cases() + spec_cases() + classes_cases()
+    return (
+        export_cases()
+        + files_cases()
+        + spec_cases()
+        + classes_cases()
+        + reads_cases()
+        + flags_cases()
+        + trials_cases()
+    )
 
 
 # ---------------------------------------------------------------------- setup
@@ -929,6 +1428,15 @@ def no_study(db: str) -> Refusal:
     return check
 
 
+def all_of(*checks: Refusal) -> Refusal:
+    """A refusal that passes every one of ``checks`` (the first failure says why)."""
+
+    def check(res: Result, cwd: Path) -> str | None:
+        return next((why for c in checks if (why := c(res, cwd)) is not None), None)
+
+    return check
+
+
 def classify(case: Case, res: Result, timeout: float, cwd: Path) -> tuple[str, str]:
     """(outcome, what to show: the last stderr line, the exception of a traceback, or why)."""
     last = last_line(res.err)
@@ -958,12 +1466,17 @@ def cell(text: str, width: int | None = None) -> str:
 
 
 def summary(rows: list[tuple[Case, str]]) -> str:
-    lines = ["| class | " + " | ".join(OUTCOMES) + " | total |", "|---" * (len(OUTCOMES) + 2) + "|"]
+    """The count of each outcome per class, and how many cases ended as expected (a bad input
+    ``clean``, a valid one ``ok``)."""
+    head = "| class | " + " | ".join(OUTCOMES) + " | total | as expected |"
+    lines = [head, "|---" * (len(OUTCOMES) + 3) + "|"]
     classes = [c for c in CLASSES if any(case.cls == c for case, _ in rows)]
     for name in [*classes, "all"]:
-        outcomes = [o for case, o in rows if name in ("all", case.cls)]
+        picked = [(case, o) for case, o in rows if name in ("all", case.cls)]
+        outcomes = [o for _, o in picked]
         counts = [str(outcomes.count(o)) for o in OUTCOMES]
-        lines.append(f"| {name} | " + " | ".join(counts) + f" | {len(outcomes)} |")
+        expected = sum(o == case.expected for case, o in picked)
+        lines.append(f"| {name} | " + " | ".join(counts) + f" | {len(picked)} | {expected} |")
     return "\n".join(lines)
 
 
@@ -975,17 +1488,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--match", action="append", help="run the cases whose name holds TEXT (repeatable)"
     )
+    parser.add_argument(
+        "--fast", action="store_true", help="run the fast cases only (no setup: seconds)"
+    )
     parser.add_argument("--list", action="store_true", help="print the cases, run nothing")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (each case's output too)"
     )
     args = parser.parse_args(argv)
-    cases = [c for c in all_cases() if args.only in (None, c.cls)]
+    cases = [c for c in all_cases() if args.only in (None, c.cls) and (c.fast or not args.fast)]
     if args.match:
         cases = [c for c in cases if any(m in c.name for m in args.match)]
     if args.list:
         for c in cases:
-            print(f"{c.cls:<8} {'valid' if c.valid else 'bad':<6} {c.name:<50} {c.command}")
+            kind = ("valid" if c.valid else "bad") + (", fast" if c.fast else "")
+            print(f"{c.cls:<8} {kind:<11} {c.name:<50} {c.command}")
         print(f"{len(cases)} cases")
         return 0
 
@@ -994,7 +1511,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="jdsearch-bad-inputs-"))
     try:
         (root / "setup").mkdir()
-        setup = make_setup(root / "setup", repo, args.timeout)
+        if all(c.fast for c in cases):  # they need nothing of it
+            setup = Setup(root / "setup", repo, tiny_study(repo))
+        else:
+            setup = make_setup(root / "setup", repo, args.timeout)
         print(f"probing {repo}: {len(cases)} cases, timeout {args.timeout:g} s\n")
         print("| class | case | command | outcome | stderr (last line) |")
         print("|---|---|---|---|---|", flush=True)
