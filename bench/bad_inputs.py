@@ -1236,6 +1236,19 @@ def flags_cases() -> list[Case]:
                 (("search", "s.yaml"), "--storage"),
             )
         ],
+        # a device, a study name
+        (
+            "train --device tpu",
+            (*train, "--device", "tpu"),
+            nothing,
+            says("--device 'tpu': "),
+        ),
+        (
+            "init --name 'a b'",
+            ("init", "--data", "d", "--out", "s.yaml", "--name", "a b"),
+            nothing,
+            says("--name 'a b': "),
+        ),
         # an output file that is a folder; --data that is a file
         (
             "predict --out a folder",

@@ -365,3 +365,40 @@ def test_an_output_file_that_is_a_folder_is_refused_before_any_work(
     (tmp_path / "out").mkdir()
     line = cli_error(capsys, *argv, "out")
     assert line == f"jdsearch: error: {flag} out: is a folder, expected a file to write"
+
+
+# ---------------------------------------------------------------------- a device, a study name
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (("train", "--out", "m.safetensors", "--device", "tpu"), "--device 'tpu': expected cpu"),
+        (("search", "none.yaml", "--device", "gpu"), "--device 'gpu': expected cpu, cuda"),
+        (("latency", "tiny-r18-fpn", "--device", "cuda:x"), "--device 'cuda:x': expected cpu"),
+        (
+            ("init", "--data", "d", "--out", "s.yaml", "--device", "tpu"),
+            "--device 'tpu': expected a device such as cpu or cuda:0",
+        ),
+        (
+            ("init", "--data", "d", "--out", "s.yaml", "--name", "a b/c"),
+            "--name 'a b/c': a study name must use letters, digits, '-', '_' or '.'",
+        ),
+        (
+            ("init", "--data", "d", "--out", "my study.yaml"),
+            "--out my study.yaml: its stem 'my study': a study name must use letters, digits, "
+            "'-', '_' or '.'; or give --name",
+        ),
+    ],
+    ids=["train", "search", "latency", "init-device", "init-name", "init-out"],
+)
+def test_a_device_or_a_study_name_is_refused_at_its_flag(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: tuple[str, ...],
+    line: str,
+) -> None:
+    """``--device`` was "device 'tpu': ..."; init's ``--device`` and ``--name`` were refused as
+    fields of the spec it had not written yet (``s.yaml: device: ...``)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_error(capsys, *argv).startswith(f"jdsearch: error: {line}")
+    assert list(tmp_path.iterdir()) == []

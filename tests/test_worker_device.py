@@ -27,7 +27,7 @@ def test_search_device_overrides_the_spec_for_this_worker_only(
     monkeypatch.chdir(tmp_path)
     assert main(["search", str(spec_file), "--device", "gpu", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "jdsearch: error: device 'gpu': expected cpu, cuda or cuda:N"
+    assert err == "jdsearch: error: --device 'gpu': expected cpu, cuda or cuda:N"
     assert main(["search", str(spec_file), "--device", "cpu", "--quiet"]) == 0
     handle = open_study(url)
     assert handle.spec.device == "cuda:7"  # the study keeps the spec as the user gave it

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "device", None) is not None:
             from jdsearch.engine.latency import check_device
 
-            check_device(args.device)
+            check_device(args.device, "--device")
         if args.threads is not None:
             if args.threads < 1:
                 raise JDSearchError(f"--threads must be ≥ 1, got {args.threads}")

@@ -39,8 +39,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     """``jdsearch init``: write a commented study spec for a dataset and a base detector and
     print what it chose; returns 0."""
     from jdsearch.init.init_study import data_files, init_study
+    from jdsearch.spec.settings import is_device
+    from jdsearch.spec.study import NAME_RULE, is_study_name
 
     name = args.name or Path(args.out).stem
+    # the flags, named as typed (the spec written from them would name its own fields)
+    if not is_study_name(name):
+        flag = f"--name {name!r}" if args.name else f"--out {args.out}: its stem {name!r}"
+        raise JDSearchError(
+            f"{flag}: a study name must {NAME_RULE}" + ("" if args.name else "; or give --name")
+        )
+    if args.study_device is not None and not is_device(args.study_device):
+        raise JDSearchError(
+            f"--device {args.study_device!r}: expected a device such as cpu or cuda:0"
+        )
     files = data_files(
         args.data and data_folder(args.data, SPLIT_FILES),
         args.train,

@@ -100,21 +100,22 @@ def _inputs(
     return out
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device that exists here; a one-line error otherwise."""
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """``device`` as a torch device that exists here; a one-line error otherwise, starting with
+    ``what`` (the command line's ``--device``)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise JDSearchError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+        raise JDSearchError(f"{what} {device!r}: expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise JDSearchError(f"device {device!r}: torch sees no CUDA device here")
+            raise JDSearchError(f"{what} {device!r}: torch sees no CUDA device here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise JDSearchError(
-                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+                f"{what} {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
             )
     elif dev.type != "cpu":
-        raise JDSearchError(f"device {device!r}: expected cpu, cuda or cuda:N")
+        raise JDSearchError(f"{what} {device!r}: expected cpu, cuda or cuda:N")
     return dev
 
 

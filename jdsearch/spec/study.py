@@ -37,6 +37,7 @@ __all__ = [
     "BASE_TRAIN",
     "COSTS",
     "FAST_EVAL",
+    "NAME_RULE",
     "SCORE_MODES",
     "SPLITS",
     "STUDIES_DIR",
@@ -49,6 +50,7 @@ __all__ = [
     "SynthSpec",
     "artifact_dir",
     "check_storage_url",
+    "is_study_name",
     "load_study",
     "pool_base",
     "study_from_dict",
@@ -57,6 +59,8 @@ __all__ = [
 
 STUDIES_DIR = preset_dir("studies")  # the presets (top-level studies/, or the wheel's copy)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: Why a study name is refused (:func:`is_study_name`).
+NAME_RULE = "use letters, digits, '-', '_' or '.'"
 METRICS = ("AP", "AP50", "AP75")
 #: The largest α and β of the score H (:class:`ScoreSpec`).
 MAX_EXPONENT = 10.0
@@ -340,8 +344,7 @@ class StudySpec:
     source: str = ""
 
     def __post_init__(self) -> None:
-        ok = isinstance(self.name, str) and _NAME_RE.fullmatch(self.name) is not None
-        check(ok, self, "name", "use letters, digits, '-', '_' or '.'")
+        check(is_study_name(self.name), self, "name", NAME_RULE)
         check(bool(self.resolutions), self, "resolutions", "expected a non-empty list")
         repeated = sorted({str(r) for r in self.resolutions if self.resolutions.count(r) > 1})
         check(not repeated, self, "resolutions", f"{', '.join(repeated)} listed twice")
@@ -456,6 +459,12 @@ def _upgrade_resolutions(stored: Any) -> Any:
             for v in stored
         ]
     return stored
+
+
+def is_study_name(name: Any) -> bool:
+    """Whether ``name`` may name a study (:data:`NAME_RULE`): it names files and the storage's
+    study."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def load_study(path: str | Path) -> StudySpec:
