@@ -253,7 +253,7 @@ class PrivatePostgres:
             check=False,
         )
         if done.returncode != 0:
-            log = self.log.read_text(errors="replace") if self.log.exists() else ""
+            log = read_bytes(self.log).decode(errors="replace") if self.log.exists() else ""
             tail = " ".join((done.stderr + log).split())[-300:]
             raise RuntimeError(f"{program} {args[0] if args else ''} failed: {tail}")
 
