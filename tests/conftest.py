@@ -113,6 +113,8 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
     base near 0 AP, which would turn distillation off in every test. Its own tests set it back."""
     spec = shrunk_quickstart(name, data_dir)
     spec["pool"] = copy.deepcopy({**LEGACY_POOL, "recalibration_batches": 2})
+    # The channel ranking the recorded search used (the quickstart's is Taylor since issue 27).
+    spec["search"].update({"channel_importance": "bn_scale", "channel_fraction": 0.1})
     return spec
 
 
