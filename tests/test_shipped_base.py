@@ -45,3 +45,21 @@ def test_a_shipped_base_scores_what_its_record_says(regenerated_quickstart: Stud
     for split in ("selection", "heldout"):
         got, want = measured["ap"][split][base_size], record["ap"][split][base_size]
         assert abs(got - want) <= SHIPPED_BASE_TOLERANCE, (split, got, want)
+
+
+@pytest.mark.slow
+def test_the_shapes20_base_scores_what_its_record_says(tmp_path) -> None:
+    """The second data set's shipped base (issue 26), checked as the quickstart's is."""
+    import dataclasses
+
+    spec = load_study("shapes20")
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, dir=tmp_path / "data"))
+    record = json.loads(shipped_base_record(spec).read_text())
+    base_size = str(spec.resolutions[-1])
+    torch.set_num_threads(1)
+    measured = measure_base(spec, (base_size,))
+    assert measured["weights_sha256"] == record["weights_sha256"]
+    assert measured["data_sha256"] == record["data_sha256"], "the data generator changed its output"
+    for split in ("selection", "heldout"):
+        got, want = measured["ap"][split][base_size], record["ap"][split][base_size]
+        assert abs(got - want) <= SHIPPED_BASE_TOLERANCE, (split, got, want)
