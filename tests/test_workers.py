@@ -249,9 +249,10 @@ def test_two_cli_workers_share_one_postgresql_study(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    spec_file, spec = write_spec(tmp_path, search_assets, "two-workers", pg_url)
+    # 8 trials each: with 3, an idle machine let one worker finish (4 s) before status saw both.
+    n = 8
+    spec_file, spec = write_spec(tmp_path, search_assets, "two-workers", pg_url, n_trials=n)
     _, ctx = prepare(spec, progress=False)  # base + pool into PostgreSQL; no trial yet
-    n = 3
     with workers(tmp_path) as spawn:
         a, b = (
             spawn(
