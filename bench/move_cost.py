@@ -182,16 +182,10 @@ class Bench:
         stop_recording(student)
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 1) -> str:
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def _mean_sd3(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def run(
@@ -249,7 +243,7 @@ def run(
                 f"| {lever_name} | {move} | {moved[cut].flops / parent.flops:.3f} "
                 f"| {moved[cut].ap[at]:.1f} | {_mean_sd(aps)} "
                 f"| {_mean_sd([a - parent.ap[at] for a in aps])} | {vs_none} "
-                f"| {_mean_sd3([t.h[t.best] / parent.h[at] for t in trained])} "
+                f"| {_mean_sd([t.h[t.best] / parent.h[at] for t in trained], 3)} "
                 f"| {', '.join(sorted({t.best for t in trained}))} |"
             )
     say("")

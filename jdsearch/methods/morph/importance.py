@@ -57,13 +57,13 @@ def taylor_scores(
         torch.manual_seed(seed)
         detector.train()
         stream = iter(make_loader(data, batch_size, shuffle=True, seed=seed))
+        device = next(detector.parameters()).device
         for i in range(batches):
             try:
                 images, targets = next(stream)
             except StopIteration:
                 stream = iter(make_loader(data, batch_size, shuffle=True, seed=seed + i))
                 images, targets = next(stream)
-            device = next(detector.parameters()).device
             images = [im.to(device) for im in images]
             targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
             detector.zero_grad(set_to_none=True)
@@ -85,14 +85,17 @@ def _to(value: Any, device: torch.device) -> Any:
 
 @contextlib.contextmanager
 def _restored(detector: nn.Module) -> Any:
-    """Put back ``detector``'s buffers (BN statistics), gradients and mode afterwards."""
-    buffers = {k: v.detach().clone() for k, v in detector.state_dict().items()}
+    """Put back ``detector``'s buffers (BN statistics), gradients and mode afterwards (nothing
+    steps an optimizer, so the parameters themselves do not change)."""
+    buffers = {n: b.detach().clone() for n, b in detector.named_buffers()}
     grads = {n: p.grad for n, p in detector.named_parameters()}
     modes = {n: m.training for n, m in detector.named_modules()}
     try:
         yield
     finally:
-        detector.load_state_dict(buffers)
+        with torch.no_grad():
+            for n, b in detector.named_buffers():
+                b.copy_(buffers[n])
         for n, p in detector.named_parameters():
             p.grad = grads[n]
         for n, m in detector.named_modules():
