@@ -46,6 +46,10 @@ training to whole batches, for ``finetuned`` and every control but the lineage o
                     budget (search + fine-tune) with no teacher, as longer_all does
     torch_pruning_l1    the same with L1-magnitude importance (``MagnitudeImportance(p=1)``)
     torch_pruning_kd    torch_pruning's pruning, then trained distilled from the unpruned base
+    torch_pruning_taylor    the same with Torch-Pruning's first-order Taylor importance
+                    (``GroupTaylorImportance``; the gradients of 4 training batches at the base
+                    resolution before each step), the criterion the quickstart's
+                    ``channel_prune`` uses (``search.channel_importance: taylor``)
     torch_pruning_front BN-scale Torch-Pruning to 0.5×, 0.7× and 0.85× the base's FLOPs, each
                     detector trained for the whole budget (so three budgets in all, which its
                     "train imgs" shows): the table gives its best detector by selection H, and its
@@ -72,6 +76,12 @@ detector; the pruning stops at the first step at or below the target, so it land
 by less than one step's worth (:data:`TP_STEP_TOLERANCE` of the base's FLOPs). A target below what
 pruning the body can reach (the FPN, RPN and RoI heads stay: about half of the tiny R18-FPN's
 FLOPs at 208×128) keeps the last step, and the table says so under it.
+
+The Torch-Pruning rows train at the fast evaluation's schedule unless ``--tp-lr`` and
+``--tp-warmup`` give them their own: a converged base's search children continue its annealed
+schedule at a low lr, which cannot recover what a library's pruning of a whole budget's worth of
+channels destroys, so the fair peer is Torch-Pruning at the lr that suits it, chosen on the
+selection split (one ``--out`` per lr, seed 0; the table says which lr its rows used).
 
 ``--alphas A ...`` adds one hill-climbing row per α, ``hill_climb_aA`` (the study's H with α = A),
 so a Pareto search is compared with single-H searches at several trade-offs at the same budget.
@@ -127,7 +137,7 @@ from typing import Any
 SEARCH_ROWS = (
     "hill_climb", "pareto", "random", "greedy", "pool", "kd_always", "kd_fixed", "kd_off",
 )  # fmt: skip
-TP_ROWS = ("torch_pruning", "torch_pruning_l1", "torch_pruning_kd")
+TP_ROWS = ("torch_pruning", "torch_pruning_l1", "torch_pruning_kd", "torch_pruning_taylor")
 TP_FRONT_ROW = "torch_pruning_front"
 CONTROL_ROWS = (
     "finetuned", "pipelining", "longer", "longer_kd", "longer_all", "longer_all_kd",
@@ -152,7 +162,9 @@ TP_IMPORTANCE = {
     "torch_pruning": "bn_scale",
     "torch_pruning_l1": "l1",
     "torch_pruning_kd": "bn_scale",
+    "torch_pruning_taylor": "taylor",
 }
+TP_TAYLOR_BATCHES = 4  # training batches whose gradients each Taylor step ranks channels by
 TP_FRONT = (0.5, 0.7, 0.85)  # the Torch-Pruning front: these fractions of the base's FLOPs
 TP_MAX_RATIO = 0.9  # Torch-Pruning's schedule ends at 90 % of the channels; its max_pruning_ratio
 TP_STEPS = 90  # ... in steps of 1 % of the channels
@@ -216,6 +228,9 @@ class Shared:
     study: Any
     ctx: Any  # SearchContext of the shared study: scoring, the pool, the splits
     heldout: Any
+    # the Torch-Pruning rows' training schedule where it is not the fast evaluation's
+    # (--tp-lr, --tp-warmup): {"lr": ..., "warmup_iters": ...}
+    tp_schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def shared_assets(spec: Any, out: Path) -> Shared:
@@ -460,17 +475,20 @@ def _train(
     epochs: float,
     teacher: Any = None,
     sparsity: float = 0.0,
+    schedule: dict[str, Any] | None = None,
 ) -> int:
     """Train ``detector`` on with the fast evaluation's settings for ``epochs`` (dynamic
     resolution), distilled from ``teacher`` when there is one; returns the images it went
-    through."""
+    through. ``schedule``: fast-evaluation fields to override (``lr``, ``warmup_iters``)."""
     from jdsearch.engine.train import train
     from jdsearch.methods.distill import make_distiller
     from jdsearch.methods.morph.pruning import BNSparsity
     from jdsearch.models.heads import stop_recording
 
     spec, ctx = shared.spec, shared.ctx
-    config = dataclasses.replace(spec.train_config(spec.fast_eval, seed), epochs=epochs)
+    config = dataclasses.replace(
+        spec.train_config(spec.fast_eval, seed), epochs=epochs, **(schedule or {})
+    )
     terms: list[Any] = []
     if teacher is not None:
         terms.append(make_distiller(detector, teacher, spec.kd, seed=seed))
@@ -509,6 +527,8 @@ def _tp_importance(kind: str) -> Any:
 
     if kind == "l1":
         return tp.importance.MagnitudeImportance(p=1)
+    if kind == "taylor":
+        return tp.importance.GroupTaylorImportance()
     return tp.importance.BNScaleImportance()
 
 
@@ -526,12 +546,56 @@ def tp_protected(detector: Any) -> list[Any]:
     return [detector.backbone.fpn, *shortcuts]
 
 
+def tp_gradients(detector: Any, data: Any, size: tuple[int, int], seed: int) -> None:
+    """Leave in ``detector``'s parameters the detection loss's gradients over
+    :data:`TP_TAYLOR_BATCHES` shuffled batches of ``data`` at ``size``, for Torch-Pruning's Taylor
+    importance; its BN statistics and train/eval mode come back as they were."""
+    import torch
+
+    from jdsearch.core.resolution import Resolution
+    from jdsearch.data.coco import make_loader, using_resolution
+
+    buffers = {n: b.detach().clone() for n, b in detector.named_buffers()}
+    modes = {n: m.training for n, m in detector.named_modules()}
+    device = next(detector.parameters()).device
+    detector.zero_grad(set_to_none=True)
+    detector.train()
+    loader = iter(make_loader(data, 4, shuffle=True, seed=seed))
+    resolution = Resolution(max(size), min(size))  # (long, short) from (height, width)
+    with using_resolution(detector, resolution), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the detector's own sampling (RPN and RoI minibatches)
+        for i in range(TP_TAYLOR_BATCHES):
+            try:
+                images, targets = next(loader)
+            except StopIteration:  # a data set of fewer batches: another shuffle
+                loader = iter(make_loader(data, 4, shuffle=True, seed=seed + i))
+                images, targets = next(loader)
+            images = [im.to(device) for im in images]
+            targets = [
+                {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                for t in targets
+            ]
+            sum(detector(images, targets).values()).backward()
+    with torch.no_grad():
+        for n, b in detector.named_buffers():
+            b.copy_(buffers[n])
+    for n, m in detector.named_modules():
+        m.training = modes[n]
+
+
 def tp_prune_in_place(
-    detector: Any, target_flops: float, size: tuple[int, int], importance: str = "bn_scale"
+    detector: Any,
+    target_flops: float,
+    size: tuple[int, int],
+    importance: str = "bn_scale",
+    data: Any = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Torch-Pruning's DepGraph pruner on ``detector.backbone`` (global ranking, ``importance``
-    ``bn_scale`` or ``l1``, :func:`tp_protected` ignored), stepped until jdsearch's FLOPs count at
-    ``size`` is at or below ``target_flops`` or the schedule ends; returns what it did."""
+    ``bn_scale``, ``l1`` or ``taylor``, :func:`tp_protected` ignored), stepped until jdsearch's
+    FLOPs count at ``size`` is at or below ``target_flops`` or the schedule ends; returns what it
+    did. ``taylor`` ranks by the gradients :func:`tp_gradients` leaves from ``data`` before each
+    step (seeded by ``seed`` and the step)."""
     from importlib.metadata import version
 
     import torch
@@ -551,7 +615,11 @@ def tp_prune_in_place(
         iterative_steps=TP_STEPS,
         ignored_layers=tp_protected(detector),
     )
+    if importance == "taylor" and data is None:
+        raise ValueError("tp_prune_in_place: Taylor importance needs training data")
     while flops[-1] > target_flops and pruner.current_step < TP_STEPS:
+        if importance == "taylor":
+            tp_gradients(detector, data, size, seed + pruner.current_step)
         pruner.step()
         flops.append(count_flops(detector, size=size).total)
     return {
@@ -597,11 +665,17 @@ def described(detector: Any) -> Any:
 
 
 def tp_prune(
-    detector: Any, target_flops: float, size: tuple[int, int], importance: str = "bn_scale"
+    detector: Any,
+    target_flops: float,
+    size: tuple[int, int],
+    importance: str = "bn_scale",
+    data: Any = None,
+    seed: int = 0,
 ) -> tuple[Any, dict[str, Any]]:
     """:func:`tp_prune_in_place`, then :func:`described`: the pruned jdsearch detector and what
     the pruning did (with the architecture it ended at)."""
-    pruning = tp_prune_in_place(detector, target_flops, size, importance)
+    pruning = tp_prune_in_place(detector, target_flops, size, importance, data, seed)
+    detector.zero_grad(set_to_none=True)
     pruned = described(detector)
     return pruned, {**pruning, "arch": pruned.arch.encode(), "stem": pruned.arch.stem}
 
@@ -634,12 +708,24 @@ def _trained_control(
         images += _train(shared, detector, seed + 1, distill, teacher)
         return detector, images, {"pruning": moves, "distilled": distils}
     if row in TP_IMPORTANCE:
-        detector, pruning = tp_prune(detector, hill_climb["flops"], size, TP_IMPORTANCE[row])
+        detector, pruning = tp_prune(
+            detector, hill_climb["flops"], size, TP_IMPORTANCE[row], shared.ctx.train_set, seed
+        )
         teacher = _base(shared) if row == "torch_pruning_kd" else None  # the unpruned base
-        images = _train(shared, detector, seed, epochs, teacher)
-        return detector, images, {"pruning": pruning, "distilled": teacher is not None}
+        images = _train(shared, detector, seed, epochs, teacher, schedule=shared.tp_schedule)
+        extra = {"pruning": pruning, "distilled": teacher is not None, **_tp_lr(shared)}
+        return detector, images, extra
     teacher = _supernet(shared) if row.endswith("_kd") else None
     return detector, _train(shared, detector, seed, epochs, teacher), {}
+
+
+def _tp_lr(shared: Shared) -> dict[str, Any]:
+    """The lr and warm-up a Torch-Pruning row trained at, for its results."""
+    fast = shared.spec.fast_eval
+    return {
+        "lr": shared.tp_schedule.get("lr", fast.lr),
+        "warmup_iters": shared.tp_schedule.get("warmup_iters", fast.warmup_iters),
+    }
 
 
 def run_control_row(
@@ -680,7 +766,7 @@ def run_tp_front(shared: Shared, seed: int, epochs: float, out: Path) -> dict[st
     members = []
     for fraction in TP_FRONT:
         detector, pruning = tp_prune(_base(shared), fraction * shared.ctx.base_flops, size)
-        images = _train(shared, detector, seed, epochs)
+        images = _train(shared, detector, seed, epochs, schedule=shared.tp_schedule)
         path = out / "winners" / f"{TP_FRONT_ROW}-s{seed}-{fraction:g}x.safetensors"
         scored = _scored(shared, detector, path)
         members.append({**scored, "fraction": fraction, "pruning": pruning, "train_images": images})
@@ -692,6 +778,7 @@ def run_tp_front(shared: Shared, seed: int, epochs: float, out: Path) -> dict[st
             {"fraction": m["fraction"], "heldout_ap": m["heldout_ap"], "cost": m["cost"]}
             for m in members
         ],
+        **_tp_lr(shared),
         "epochs": epochs,
         "train_images": sum(m["train_images"] for m in members),
         "wall_s": time.perf_counter() - t0,
@@ -870,6 +957,19 @@ def main(argv: list[str] | None = None) -> int:
         help="epochs of the finetuned row's fine-tune, also added to every control's budget but "
         "the lineage ones (default: half the search budget)",
     )
+    p.add_argument(
+        "--tp-lr",
+        type=float,
+        default=None,
+        help="the Torch-Pruning rows' training lr (default: the fast evaluation's): a pruned "
+        "detector may need a higher one than the search's children",
+    )
+    p.add_argument(
+        "--tp-warmup",
+        type=int,
+        default=None,
+        help="the Torch-Pruning rows' warm-up iterations (default: the fast evaluation's)",
+    )
     p.add_argument("--out", default=None, help="default runs/search_quality/<study name>")
     p.add_argument("--table-only", action="store_true", help="print the table of what is there")
     p.add_argument("--no-table", action="store_true", help="only run (a worker of a split run)")
@@ -900,8 +1000,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(args.out or Path("runs") / "search_quality" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
-    trials, finetune = _budget(out, trials, fast, finetune, fixed=not args.table_only)
-    shared = shared_assets(spec, out)
+    if args.tp_lr is not None and not (math.isfinite(args.tp_lr) and args.tp_lr > 0):
+        raise SystemExit(f"--tp-lr {args.tp_lr:g}: must be a positive number")
+    if args.tp_warmup is not None and args.tp_warmup < 0:
+        raise SystemExit(f"--tp-warmup {args.tp_warmup}: must be 0 or more")
+    schedule = {
+        k: v
+        for k, v in (("lr", args.tp_lr), ("warmup_iters", args.tp_warmup))
+        if v is not None and v != getattr(spec.fast_eval, k)
+    }
+    trials, finetune = _budget(out, trials, fast, finetune, fixed=not args.table_only, tp=schedule)
+    shared = dataclasses.replace(shared_assets(spec, out), tp_schedule=schedule)
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     if not args.table_only:
         rows = args.rows + [alpha_row(a) for a in args.alphas]
@@ -909,11 +1018,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if args.no_table else _report(shared, out, trials, finetune)
 
 
-def _budget(out: Path, trials: int, fast: float, finetune: float, fixed: bool) -> tuple[int, float]:
+def _budget(
+    out: Path,
+    trials: int,
+    fast: float,
+    finetune: float,
+    fixed: bool,
+    tp: dict[str, Any] | None = None,
+) -> tuple[int, float]:
     """The budget of ``out``'s results, kept in ``out/budget.json``: a run (``fixed``) must use
-    the one its results folder holds (one line naming the flag otherwise); the table reads it."""
+    the one its results folder holds (one line naming the flag otherwise); the table reads it.
+    ``tp``: the Torch-Pruning rows' schedule (--tp-lr, --tp-warmup), held the same way."""
     path = out / "budget.json"
-    asked = {"trials": trials, "finetune_epochs": finetune, "fast_eval_epochs": fast}
+    asked = {
+        "trials": trials,
+        "finetune_epochs": finetune,
+        "fast_eval_epochs": fast,
+        "tp_schedule": tp or {},
+    }
     if not path.is_file():
         if fixed:
             path.write_text(json.dumps(asked, indent=1))
@@ -925,6 +1047,12 @@ def _budget(out: Path, trials: int, fast: float, finetune: float, fixed: bool) -
                 f"{flag} {asked[key]:g}: {out} holds results of {key} {held[key]:g}; "
                 "give another --out"
             )
+    if fixed and held.get("tp_schedule", {}) != asked["tp_schedule"]:
+        raise SystemExit(
+            f"--tp-lr/--tp-warmup {asked['tp_schedule'] or 'unset'}: {out} holds Torch-Pruning "
+            f"rows trained with {held.get('tp_schedule') or 'the fast evaluation'}; give another "
+            "--out"
+        )
     return int(held["trials"]), float(held["finetune_epochs"])
 
 
@@ -1005,6 +1133,11 @@ def _report(shared: Shared, out: Path, trials: int, finetune: float) -> int:
     )
     for line in _pruning_notes(results):
         print(line)
+    schedules = {
+        (r["lr"], r["warmup_iters"]) for (row, _), r in results.items() if "warmup_iters" in r
+    }
+    for lr, warmup in sorted(schedules):
+        print(f"Torch-Pruning rows trained at lr {lr:g}, warm-up {warmup} (--tp-lr, --tp-warmup)")
     if any(row == "hill_climb" for row, _ in results):
         print("\n" + _noise(shared, results, out))
     write_html(results, shared.ctx.base_flops, out / "search_quality.html")

@@ -77,7 +77,8 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
     search_assets.install_pool(tmp_path, "sq")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out)]) == 0
+    tp_flags = ["--tp-lr", "0.004", "--tp-warmup", "0"]  # the Torch-Pruning rows' own schedule
+    assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out), *tp_flags]) == 0
     printed = capsys.readouterr().out
     results = {p.stem: json.loads(p.read_text()) for p in (out / "results").glob("*-s0.json")}
     assert set(results) == {f"{row}-s0" for row in sq.ROWS}
@@ -108,6 +109,10 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
         assert abs(results[f"{row}-s0"]["train_images"] - tuned["train_images"]) < batch * (4 + n)
     # Torch-Pruning: pruned to its target (the first step at or below it), then trained as much
     _check_torch_pruning(sq, results, tuned["train_images"], batch)
+    for row in (*sq.TP_ROWS, sq.TP_FRONT_ROW):
+        assert (results[f"{row}-s0"]["lr"], results[f"{row}-s0"]["warmup_iters"]) == (0.004, 0)
+    assert results["torch_pruning_taylor-s0"]["pruning"]["importance"] == "taylor"
+    assert "Torch-Pruning rows trained at lr 0.004, warm-up 0" in printed
     hc_lineage = len(results["hill_climb-s0"]["lineage"])
     for row in ("longer", "longer_kd"):
         expected = search_images * hc_lineage / 3
@@ -122,8 +127,11 @@ def test_a_real_run_spends_equal_training_images_on_every_row(
         assert re.search(rf"\n{row} +1  ", printed), row
     assert "noise floor: trial" in printed and (out / "search_quality.html").is_file()
     # a second run finds every result and only prints the table
-    assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out)]) == 0
+    assert sq.main(["--study", str(spec_file), "--seeds", "1", "--out", str(out), *tp_flags]) == 0
     assert "seed 0 ..." not in capsys.readouterr().out
+    # ... but not with the Torch-Pruning rows at another schedule than their results'
+    with pytest.raises(SystemExit, match=r"^--tp-lr/--tp-warmup .*: .* holds Torch-Pruning rows"):
+        sq.main(["--study", str(spec_file), "--out", str(out)])
     # ... but not with another budget than its results' (nothing loaded before it says so)
     with pytest.raises(SystemExit, match=r"^--finetune-epochs 1: .* finetune_epochs 0\.375;"):
         sq.main(["--study", str(spec_file), "--out", str(out), "--finetune-epochs", "1"])
@@ -170,7 +178,7 @@ def _check_torch_pruning(sq, results: dict, total_images: int, batch: int) -> No
     assert len(front["front"]) == 3 and math.isfinite(front["hypervolume"])
 
 
-def _tiny_detector(name: str):
+def _tiny_detector(name: str, classes: int = 4):
     """A tiny detector in eval mode whose BN scales differ, as a trained one's do (a fresh one's
     are all 1: tied, so Torch-Pruning's global threshold takes every channel of a group or none)."""
     import torch
@@ -178,7 +186,7 @@ def _tiny_detector(name: str):
     from jdsearch.models.detector import build_detector
     from jdsearch.spec.detector import load_spec
 
-    detector = build_detector(load_spec(name), num_classes=4, seed=0)
+    detector = build_detector(load_spec(name), num_classes=classes, seed=0)
     gen = torch.Generator().manual_seed(0)
     for m in detector.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -216,6 +224,43 @@ def test_torch_pruning_lands_on_its_flops_target_as_a_jdsearch_detector(
                 assert a.shape[1] == base.arch.fpn and torch.equal(a, b)
         path = save_checkpoint(tmp_path / f"{fraction}.safetensors", pruned, class_names="abc")
         assert load_checkpoint(path).detector.arch == pruned.arch
+
+
+def test_torch_pruning_taylor_ranks_by_gradients_and_leaves_the_statistics(
+    tmp_path: Path,
+) -> None:
+    """Taylor importance needs data; it steps to its target like the others, from the gradients
+    of training batches, and the BN statistics those batches saw do not stay behind."""
+    import torch
+
+    from jdsearch.data.coco import CocoDataset
+    from jdsearch.data.synth import generate
+    from jdsearch.models.flops import count_flops
+
+    sq = _bench()
+    info = generate(tmp_path / "shapes", images=12, seed=0, size=64)
+    data = CocoDataset(info.train_json, info.image_dir)
+    size = (64, 64)
+    base = _tiny_detector("tiny-r18-fpn", data.num_classes)
+    base_flops = count_flops(base, size=size).total
+    with pytest.raises(ValueError, match="Taylor importance needs training data"):
+        sq.tp_prune_in_place(copy.deepcopy(base), 0.9 * base_flops, size, "taylor")
+    stats = copy.deepcopy(base)
+    sq.tp_gradients(stats, data, size, seed=0)
+    assert all(p.grad is not None for p in stats.backbone.body.parameters())
+    assert not stats.training and all(  # BN statistics and mode as they were
+        torch.equal(a, b) for a, b in zip(stats.buffers(), base.buffers(), strict=True)
+    )
+    pruned = {}
+    for importance in ("taylor", "bn_scale"):
+        detector = copy.deepcopy(base)
+        pruning = sq.tp_prune_in_place(detector, 0.9 * base_flops, size, importance, data, seed=0)
+        _check_pruned(sq, pruning, 0.9 * base_flops, base_flops)
+        pruned[importance] = sq.described(detector).arch
+    assert pruned["taylor"] != pruned["bn_scale"]  # another ranking, another architecture
+    again = copy.deepcopy(base)
+    sq.tp_prune_in_place(again, 0.9 * base_flops, size, "taylor", data, seed=0)
+    assert sq.described(again).arch == pruned["taylor"]  # the same seed, the same pruning
 
 
 def test_torch_pruning_leaves_what_no_architecture_could_describe() -> None:
