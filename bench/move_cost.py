@@ -23,6 +23,10 @@ Each lever in ``--levers`` changes how the child is trained, all else equal:
     taylor_flops_low_lr     taylor_low_lr, each channel's importance divided by the multiply-adds
                 its removal saves (search.channel_importance: taylor_flops)
     taylor_kd_parent_low_lr     all three
+    taylor_recover  taylor, and before the fast evaluation a local recovery
+                (jdsearch.methods.morph.recovery): the child's changed stages and its FPN
+                regress the parent's FPN outputs for 50 steps, every other weight frozen
+    taylor_recover200   the same for 200 steps
 
 For each (lever, move) it prints, as mean ± sd over ``--seeds`` training seeds, the AP of the
 child on the selection split right after the move (no training) and after the fast evaluation, at
@@ -65,6 +69,7 @@ from jdsearch.methods.morph.actions import (
 )
 from jdsearch.methods.morph.importance import taylor_scores
 from jdsearch.methods.morph.pruning import BNSparsity
+from jdsearch.methods.morph.recovery import changed_stages, local_recovery
 from jdsearch.models.detector import Detector
 from jdsearch.models.flops import count_flops
 from jdsearch.models.heads import stop_recording
@@ -93,6 +98,7 @@ class Lever:
     kd_parent: bool = False
     kd_weight: float | None = None  # every KD weight; None: the study's
     importance: str = "bn_scale"  # what channel_prune ranks channels by: bn_scale or taylor
+    recover_iters: int = 0  # local recovery steps before the fast evaluation (0: none)
 
 
 LEVERS: dict[str, Lever] = {
@@ -105,6 +111,8 @@ LEVERS: dict[str, Lever] = {
     "taylor_low_lr": Lever(lr=0.002, warmup_iters=0, importance="taylor"),
     "taylor_flops_low_lr": Lever(lr=0.002, warmup_iters=0, importance="taylor_flops"),
     "taylor_kd_parent_low_lr": Lever(lr=0.002, warmup_iters=0, kd_parent=True, importance="taylor"),
+    "taylor_recover": Lever(importance="taylor", recover_iters=50),
+    "taylor_recover200": Lever(importance="taylor", recover_iters=200),
 }
 
 
@@ -164,6 +172,16 @@ class Bench:
 
     def fast_eval(self, student: Detector, lever: Lever, seed: int) -> None:
         spec = self.spec
+        if lever.recover_iters and changed_stages(self.base, student):
+            local_recovery(
+                student,
+                self.base,
+                self.train_set,
+                iters=lever.recover_iters,
+                batch_size=spec.fast_eval.batch_size,
+                resolutions=spec.resolutions,
+                seed=seed,
+            )
         config: TrainConfig = spec.train_config(spec.fast_eval, seed)
         if lever.lr is not None:
             config = dataclasses.replace(config, lr=lever.lr)
