@@ -4,6 +4,8 @@ move changed, towards the parent's FPN outputs, and leaves everything else as it
 from __future__ import annotations
 
 import copy
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +16,13 @@ from jdsearch.data.synth import generate
 from jdsearch.methods.morph.actions import evolve
 from jdsearch.methods.morph.recovery import changed_stages, local_recovery
 from jdsearch.models.detector import build_detector
+from jdsearch.search.objective import Objective
+from jdsearch.search.record import TrialRecord
+from jdsearch.search.run import run_search
+from jdsearch.search.session import prepare
 from jdsearch.spec.arch import BackboneArch
 from jdsearch.spec.detector import load_spec
+from jdsearch.spec.study import study_from_dict
 
 R18 = BackboneArch.resnet([2, 2, 2, 2], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
 
@@ -93,3 +100,59 @@ def test_a_channel_pruned_child_trains_every_stage_and_bad_settings_are_refused(
     for iters, lr in ((0, 0.01), (5, 0.0), (5, float("nan")), (5, float("inf"))):
         with pytest.raises(SpecError, match=r"local_recovery: (iters|lr) must be"):
             local_recovery(child, parent, shapes, iters=iters, lr=lr)
+
+
+def test_the_study_fields_are_validated(search_assets, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for field, value, message in (
+        ("recovery_iters", -1, r"search.recovery_iters.*must not be negative.*-1"),
+        ("recovery_moves", ["add_layer"], r"search.recovery_moves.*channel_prune, layer_prune"),
+        ("recovery_moves", "rearrange", r"search.recovery_moves: expected a list, got .rearrange."),
+    ):
+        data = search_assets.study("bad", url, **{field: value})
+        with pytest.raises(SpecError, match=message):
+            study_from_dict(data, source="test")
+    spec = study_from_dict(search_assets.study("ok", url), source="test")
+    assert (spec.search.recovery_iters, spec.search.recovery_moves) == (0, ("rearrange",))
+
+
+@pytest.mark.slow
+def test_a_trials_rearrange_is_recovered_towards_its_parent(
+    search_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``search.recovery_iters``, a trial's rearranged child is its parent's ``evolve``
+    then :func:`local_recovery` with the trial's seed, and the trial records the steps; a move
+    not named in ``recovery_moves`` and a study without recovery leave the child as evolved."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = search_assets.study("recover", url, n_trials=1, recovery_iters=3)
+    data["kd"]["mode"] = "off"
+    spec = study_from_dict(data, source="test")
+    search_assets.install_pool(tmp_path, "recover")
+    monkeypatch.chdir(tmp_path)
+    study = run_search(spec, progress=False)
+    _, ctx = prepare(spec, progress=False)
+    root = TrialRecord.from_trial(study.get_trials()[0])
+    parent = ctx.download(str(root.checkpoint), "root").detector
+    pair = Objective(ctx).load_pair(study, 1, "rearrange:3->4", 0, seed=11)
+    batch = spec.fast_eval.batch_size
+    assert pair.morph["recovery_iters"] == 3 and pair.morph["recovery_images"] == 3 * batch
+    expected = evolve(parent, "rearrange:3->4")
+    plain = copy.deepcopy(expected.state_dict())
+    local_recovery(
+        expected,
+        parent,
+        ctx.train_set,
+        iters=3,
+        batch_size=batch,
+        resolutions=spec.resolutions,
+        seed=11,
+    )
+    got = pair.student.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    assert any(not torch.equal(got[k], v) for k, v in plain.items())  # it did train
+    pruned = Objective(ctx).load_pair(study, 1, "layer_prune", 0, seed=11)
+    assert "recovery_iters" not in pruned.morph  # not in recovery_moves
+    off = dataclasses.replace(spec, search=dataclasses.replace(spec.search, recovery_iters=0))
+    bare = Objective(dataclasses.replace(ctx, spec=off)).load_pair(study, 1, "rearrange:3->4", 0)
+    assert "recovery_iters" not in bare.morph
+    assert all(torch.equal(bare.student.state_dict()[k], v) for k, v in plain.items())

@@ -54,6 +54,7 @@ from jdsearch.methods.morph.actions import (
 )
 from jdsearch.methods.morph.importance import taylor_scores
 from jdsearch.methods.morph.pruning import BNSparsity
+from jdsearch.methods.morph.recovery import local_recovery
 from jdsearch.methods.pool import ElasticPool
 from jdsearch.models import Detector
 from jdsearch.models.flops import FlopsReport, count_flops, count_spec_flops
@@ -542,13 +543,34 @@ class Objective:
         if move in SubnetSpace.move_names():
             teacher = self._moved_teacher(number, move, teacher)
         else:
-            config = self._morph_config(
-                student, move, self.seed_of(number) if seed is None else seed
-            )
+            seed_ = self.seed_of(number) if seed is None else seed
+            config = self._morph_config(student, move, seed_)
+            parent_student = student
             student, report = evolve_with_report(student, move, config=config)
             morph = {"new_params": report.new_params, "inherited_params": report.inherited_params}
+            morph.update(self._recover(student, parent_student, move, seed_))
             subnet = None  # an evolved pool student is no longer the pool's sub-network
         return _Pair(student, teacher, morph, time.perf_counter() - t0, subnet)
+
+    def _recover(self, child: Detector, parent: Detector, move: str, seed: int) -> dict[str, int]:
+        """The study's local recovery (``search.recovery_iters``) of ``child`` towards ``parent``
+        after ``move``, where ``search.recovery_moves`` names it; what the trial records of it
+        (its steps and the training images they read), or nothing."""
+        spec = self.ctx.spec
+        iters = spec.search.recovery_iters
+        if not iters or Action.parse(move).kind not in spec.search.recovery_moves:
+            return {}
+        batch = spec.fast_eval.batch_size
+        local_recovery(
+            child,
+            parent,
+            self.ctx.train_set,
+            iters=iters,
+            batch_size=batch,
+            resolutions=spec.resolutions,
+            seed=seed,
+        )
+        return {"recovery_iters": iters, "recovery_images": iters * batch}
 
     def _morph_config(self, student: Detector, move: str, seed: int) -> MorphConfig:
         """The morph settings ``move`` runs with: the study's, and for a ``channel_prune`` of a

@@ -76,6 +76,8 @@ COSTS = ("flops", "params", "latency")
 STRATEGIES = ("hill_climb", "greedy", "random", "pool")
 # search.channel_importance: what channel_prune ranks channels by (docs/morphism.md)
 CHANNEL_IMPORTANCE = ("bn_scale", "taylor", "taylor_flops")
+# search.recovery_moves: the student moves a local recovery may follow (docs/morphism.md)
+RECOVERY_MOVES = ("channel_prune", "layer_prune", "rearrange")
 #: Default ``search.trial_checkpoint_every``: a trial saves its training state (student and
 #: adapter weights, momentum, RNGs: about twice the student's size) every 1000 iterations. At the
 #: paper's scale (COCO, batch 4: ~29k iterations an epoch, ~0.3 s each on a GPU) that is a save
@@ -273,7 +275,10 @@ class SearchSpec:
     resumes there (:data:`TRIAL_CHECKPOINT_EVERY`, ``docs/search.md``). ``channel_importance``
     (one of :data:`CHANNEL_IMPORTANCE`): what ``channel_prune`` ranks channels by, their BN scale
     |γ|, their Taylor importance on a few training batches, or that importance per multiply-add
-    the channel costs (``docs/morphism.md``).
+    the channel costs (``docs/morphism.md``). ``recovery_iters``: after a move named in
+    ``recovery_moves`` (of :data:`RECOVERY_MOVES`), the child's changed stages and FPN regress the
+    parent's FPN outputs for this many steps before the fast evaluation (0: never;
+    :func:`~jdsearch.methods.morph.recovery.local_recovery`).
     """
 
     strategy: str = "hill_climb"
@@ -290,8 +295,14 @@ class SearchSpec:
     heartbeat_s: int = 60
     max_retry: int = 3
     trial_checkpoint_every: int = TRIAL_CHECKPOINT_EVERY
+    recovery_iters: int = 0
+    recovery_moves: tuple[str, ...] = ("rearrange",)
 
     def __post_init__(self) -> None:
+        moves = self.recovery_moves
+        ok = isinstance(moves, (list, tuple)) and all(m in RECOVERY_MOVES for m in moves)
+        check(ok, self, "recovery_moves", f"must be a list of {', '.join(RECOVERY_MOVES)}")
+        object.__setattr__(self, "recovery_moves", tuple(moves))
         for name in ("top_k", "n_trials", "heartbeat_s"):
             check(getattr(self, name) >= 1, self, name, "must be ≥ 1")
         for name in (
@@ -300,6 +311,7 @@ class SearchSpec:
             "max_retry",
             "bn_sparsity",
             "trial_checkpoint_every",
+            "recovery_iters",
         ):
             check(getattr(self, name) >= 0, self, name, "must not be negative")
         check(0 <= self.p_student <= 1, self, "p_student", "must lie in [0, 1]")
