@@ -23,6 +23,7 @@ Each lever in ``--levers`` changes how the child is trained, all else equal:
     taylor_flops_low_lr     taylor_low_lr, each channel's importance divided by the multiply-adds
                 its removal saves (search.channel_importance: taylor_flops)
     taylor_kd_parent_low_lr     all three
+    taylor_kd_parent_w1     taylor, distilled from the parent with every KD weight 1
     taylor_recover  taylor, and before the fast evaluation a local recovery
                 (jdsearch.methods.morph.recovery): the child's changed stages and its FPN
                 regress the parent's FPN outputs for 50 steps, every other weight frozen
@@ -111,6 +112,7 @@ LEVERS: dict[str, Lever] = {
     "taylor_low_lr": Lever(lr=0.002, warmup_iters=0, importance="taylor"),
     "taylor_flops_low_lr": Lever(lr=0.002, warmup_iters=0, importance="taylor_flops"),
     "taylor_kd_parent_low_lr": Lever(lr=0.002, warmup_iters=0, kd_parent=True, importance="taylor"),
+    "taylor_kd_parent_w1": Lever(kd_parent=True, kd_weight=1.0, importance="taylor"),
     "taylor_recover": Lever(importance="taylor", recover_iters=50),
     "taylor_recover200": Lever(importance="taylor", recover_iters=200),
 }
