@@ -439,6 +439,22 @@ def test_rearrange_4_to_3_gives_stage_3_a_second_chain() -> None:
     )
 
 
+def test_a_move_makes_the_same_child_whatever_ran_before_it() -> None:
+    """The new FPN lateral of rearrange:4->3 starts from a seed of the parent's architecture
+    and the move, not from the process's random state: a retried trial on another worker
+    rebuilds the child its first attempt had."""
+    det = tiny(R18)
+    torch.manual_seed(1)
+    first = evolve(det, "rearrange:4->3").state_dict()
+    torch.manual_seed(2)
+    torch.rand(7)
+    second = evolve(det, "rearrange:4->3").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    state = torch.get_rng_state()
+    evolve(det, "rearrange:4->3")
+    assert torch.equal(torch.get_rng_state(), state)  # and it draws nothing from the process's
+
+
 def test_rearrange_there_and_back_restores_the_parent_exactly() -> None:
     det = tiny(R50)
     randomize_bn(det)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -563,7 +564,11 @@ def evolve_with_report(
             f"action '{act}' is not feasible for {detector.spec.name} {list(detector.arch.depths)}: {reason}"
         )
     plan = _PLANNERS[act.kind](detector, act, cfg)
-    child = build_detector(detector.spec.with_arch(plan.arch), _num_classes(detector))
+    # What the child cannot inherit (a rearrange's new FPN lateral) starts from a seed of the
+    # parent's architecture and the action: the same move of the same parent makes the same
+    # child in any process, whatever ran before it (a retried trial on another worker).
+    seed = zlib.crc32(f"{detector.arch.encode()}|{act}".encode())
+    child = build_detector(detector.spec.with_arch(plan.arch), _num_classes(detector), seed=seed)
     new = _inherit(detector, child, plan)
     try:
         device = next(detector.parameters()).device
