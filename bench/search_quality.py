@@ -309,6 +309,11 @@ def _judge(shared: Shared, detector: Any, score: Any) -> dict[str, Any]:
     }
 
 
+def recovered(record: Any) -> int:
+    """The training images a trial's local recovery read (0 without one)."""
+    return int(record.morph.get("recovery_images", 0))
+
+
 def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) -> dict[str, Any]:
     """One search: its winner (best H on the selection split) judged on the held-out split."""
     from jdsearch.search.objective import Objective
@@ -343,7 +348,9 @@ def run_search_row(shared: Shared, row: str, seed: int, trials: int, out: Path) 
         "moves": [str(TrialRecord.from_trial(t).move) for t in path],
         "best_so_far": so_far,
         "completed": sum(r.value is not None for r in records),
-        "train_images": sum(r.train_images or 0 for r in records),
+        # a local recovery's images (search.recovery_iters) are training images too
+        "train_images": sum((r.train_images or 0) + recovered(r) for r in records),
+        "recovery_images": sum(recovered(r) for r in records),
         "wall_s": wall,
         "winner": str(winner_path),
         "study": spec.storage_url,
