@@ -28,6 +28,8 @@ Each lever in ``--levers`` changes how the child is trained, all else equal:
                 (jdsearch.methods.morph.recovery): the child's changed stages and its FPN
                 regress the parent's FPN outputs for 50 steps, every other weight frozen
     taylor_recover200   the same for 200 steps
+    taylor_recover200_only  the 200 steps instead of the fast evaluation, for a move that
+                changes a stage (the others, and ``none``, get the fast evaluation)
 
 For each (lever, move) it prints, as mean ± sd over ``--seeds`` training seeds, the AP of the
 child on the selection split right after the move (no training) and after the fast evaluation, at
@@ -100,6 +102,7 @@ class Lever:
     kd_weight: float | None = None  # every KD weight; None: the study's
     importance: str = "bn_scale"  # what channel_prune ranks channels by: bn_scale or taylor
     recover_iters: int = 0  # local recovery steps before the fast evaluation (0: none)
+    recover_only: bool = False  # a recovered child skips the fast evaluation
 
 
 LEVERS: dict[str, Lever] = {
@@ -115,6 +118,7 @@ LEVERS: dict[str, Lever] = {
     "taylor_kd_parent_w1": Lever(kd_parent=True, kd_weight=1.0, importance="taylor"),
     "taylor_recover": Lever(importance="taylor", recover_iters=50),
     "taylor_recover200": Lever(importance="taylor", recover_iters=200),
+    "taylor_recover200_only": Lever(importance="taylor", recover_iters=200, recover_only=True),
 }
 
 
@@ -184,6 +188,8 @@ class Bench:
                 resolutions=spec.resolutions,
                 seed=seed,
             )
+            if lever.recover_only:
+                return
         config: TrainConfig = spec.train_config(spec.fast_eval, seed)
         if lever.lr is not None:
             config = dataclasses.replace(config, lr=lever.lr)
