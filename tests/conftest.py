@@ -3,7 +3,8 @@
 ``pg_url`` points at ``postgresql+psycopg2://postgres@127.0.0.1:5432/test`` inside a fresh schema
 (selected through ``search_path`` in the URL, so Optuna's own tables and the artifact tables land
 there too); the schema is dropped at the end of the module. Tests that need it are skipped when
-psycopg2 or the server is missing.
+psycopg2 or the server is missing. That server is shared: a test that stops or restarts PostgreSQL
+uses ``private_pg``, a server of its own.
 
 ``search_assets`` trains, once per session, the smallest base detector and elastic teacher pool
 that a search runs with, so that each search test only prepares its study (uploads the two files
@@ -64,6 +65,24 @@ def pg_url() -> Iterator[str]:
         conn.cursor().execute("SET lock_timeout = '20s'")
         conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
         conn.close()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[Any]:
+    """A PostgreSQL server of the test's own (:class:`jdsearch.testing.PrivatePostgres`), which it
+    may stop, start and restart: the server at 127.0.0.1:5432 is shared and never touched."""
+    from jdsearch.testing import PrivatePostgres
+
+    try:
+        server = PrivatePostgres()
+    except (RuntimeError, OSError, KeyError) as e:
+        unavailable(
+            f"no private PostgreSQL server ({e})", "CI must test PostgreSQL outages and restarts"
+        )
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Faults a shared study must survive, one at a time: the database going away mid-trial (a real
-PostgreSQL restart), an artifact upload that breaks halfway, a trial that runs out of memory and
-a parent whose checkpoint became unreadable; and ``jdsearch gc``, which removes what they leave.
+restart of a PostgreSQL server of the test's own), an artifact upload that breaks halfway, a
+trial that runs out of memory and a parent whose checkpoint became unreadable; and ``jdsearch
+gc``, which removes what they leave.
 
 ``bench/faults.py`` throws all of them at a multi-worker search at once and counts what survives.
 """
@@ -9,14 +10,11 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,9 @@ from jdsearch.storage.artifacts import SQLArtifactStore
 from jdsearch.storage.optuna_internals import study_system_attrs
 from jdsearch.storage.rdb import ResilientStorage
 from jdsearch.storage.reconnect import RETRY_WINDOW_ENV, is_disconnect, with_reconnect
+from jdsearch.testing import PrivatePostgres
 
-from .conftest import PG_BASE, SearchAssets, unavailable
+from .conftest import SearchAssets
 from .test_workers import check_checkpoints, check_lineage, fresh_trials, write_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -191,66 +190,29 @@ def test_every_storage_call_a_study_makes_is_retried(
 
 
 # ------------------------------------------------------------------ a real PostgreSQL restart
-def _cluster() -> list[str]:
-    """``pg_ctlcluster VERSION main`` for the local server, or skip/fail when it can't be run."""
-    if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir():
-        unavailable("pg_ctlcluster is missing", "CI must test a PostgreSQL restart")
-    if os.geteuid() != 0:
-        unavailable("restarting PostgreSQL needs root", "CI must test a PostgreSQL restart")
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
-
-
-def _pg(action: str) -> None:
-    subprocess.run([*_cluster(), action], check=True, timeout=120, capture_output=True)
-
-
-def _pg_ready() -> bool:
-    probe = ["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]
-    return subprocess.run(probe, check=False, timeout=30).returncode == 0
-
-
-def _connect() -> Any:
-    return psycopg2.connect(
-        host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=5
-    )
-
-
-@pytest.fixture
-def restartable_pg_url() -> Iterator[str]:
-    """A fresh schema (like ``pg_url``) that holds no connection open while the test runs, and
-    a server that is running again when the test ends, whatever happened."""
-    _cluster()
+def _accepts_connections(url: str) -> bool:
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
     try:
-        conn = _connect()
-    except psycopg2.OperationalError as e:
-        unavailable(f"PostgreSQL at 127.0.0.1:5432/test unreachable: {str(e).strip()}")
-    schema = f"jdsearch_faults_{uuid.uuid4().hex[:8]}"
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE SCHEMA {schema}")
-    conn.close()
-    try:
-        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+    except sa.exc.OperationalError:
+        return False
     finally:
-        if not _pg_ready():
-            _pg("start")
-        conn = _connect()
-        conn.autocommit = True
-        conn.cursor().execute("SET lock_timeout = '20s'")
-        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
+        engine.dispose()
 
 
 @pytest.mark.slow
 def test_a_postgresql_restart_during_a_trial_fails_nothing(
     search_assets: SearchAssets,
-    restartable_pg_url: str,
+    private_pg: PrivatePostgres,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The search runs on a PostgreSQL server of the test's own, stopped and started again while
+    trial 1 uploads and records (the shared server is never touched)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(RETRY_WINDOW_ENV, "120")
-    url = restartable_pg_url
+    url = private_pg.url
     _, spec = write_spec(tmp_path, search_assets, "pg-restart", url, heartbeat_s=1)
     real_record = Objective.record
     stopped: list[float] = []
@@ -261,11 +223,11 @@ def test_a_postgresql_restart_during_a_trial_fails_nothing(
             down = threading.Event()
 
             def restart() -> None:
-                _pg("stop")
+                private_pg.stop()
                 stopped.append(time.time())
                 down.set()
                 time.sleep(3.0)  # > the heartbeat interval: a heartbeat also meets the outage
-                _pg("start")
+                private_pg.start()
 
             threads.append(threading.Thread(target=restart, daemon=True))
             threads[0].start()
@@ -276,7 +238,7 @@ def test_a_postgresql_restart_during_a_trial_fails_nothing(
     study = run_search(spec, url, n_trials=3, progress=False)
     threads[0].join(120)
 
-    assert _pg_ready()
+    assert stopped and _accepts_connections(url)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     # Trial 1 recorded its result only once the server was back.

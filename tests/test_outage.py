@@ -10,7 +10,7 @@ two real workers; the shared server is never touched.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from jdsearch.storage.optuna_internals import last_heartbeat, lost_trial
 from jdsearch.storage.rdb import ResilientStorage
 from jdsearch.storage.reconnect import RETRY_WINDOW_ENV
 
-from .conftest import SearchAssets, unavailable
+from .conftest import SearchAssets
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -281,21 +281,6 @@ def test_a_failure_of_the_objective_itself_still_stops_the_worker(
 
 
 # ------------------------------------------------------------------------ a real outage
-@pytest.fixture
-def private_pg() -> Iterator[Any]:
-    """A PostgreSQL server of the test's own, to stop and start."""
-    from jdsearch.testing import PrivatePostgres
-
-    try:
-        server = PrivatePostgres()
-    except (RuntimeError, OSError, KeyError) as e:
-        unavailable(f"no private PostgreSQL server ({e})", "CI must test an outage")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def _wait(what: str, ready: Callable[[], Any], timeout: float, alive: Any = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
