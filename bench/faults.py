@@ -8,22 +8,23 @@ Usage::
 
 One run: a tiny study (synthetic data, tiny R18-FPN base and tiny pool, trained here first) is
 searched by ``--workers`` worker processes on PostgreSQL (a throwaway schema on the local server;
-``--storage sqlite:///FILE`` for SQLite) until ``--trials`` trials are COMPLETE, with heartbeats
-every ``--heartbeat`` seconds; with ``--checkpoint-every N``, each trial saves its training state
-every N iterations, and a retry resumes it (``search.trial_checkpoint_every``; by default 1000,
-past the bench's trials). Meanwhile:
+``--storage sqlite:///FILE`` for SQLite; with ``--pg-restart`` or ``--long-outage``, a server of
+the bench's own) until ``--trials`` trials are COMPLETE, with heartbeats every ``--heartbeat``
+seconds; with ``--checkpoint-every N``, each trial saves its training state every N iterations,
+and a retry resumes it (``search.trial_checkpoint_every``; by default 1000, past the bench's
+trials). Meanwhile:
 
 * ``--kills`` times, a worker that is inside a trial is SIGKILLed, and restarted after 1–5 s;
-* with ``--pg-restart``, the PostgreSQL server is restarted once, halfway (root and
-  ``pg_ctlcluster`` needed);
+* with ``--pg-restart``, the PostgreSQL server is restarted once, halfway (stopped and started
+  at once); the bench runs a PostgreSQL server of its own for it
+  (``jdsearch.testing.PrivatePostgres``, in a temporary folder: no ``--storage``), never the
+  shared one;
 * with ``--long-outage``, the PostgreSQL server is stopped once, a third of the way and while at
   least two workers are inside a trial, for ``--outage-s`` seconds (default 3 × the grace period
   of 2 × ``--heartbeat``, but less than the retry window, ``JDSEARCH_DB_RETRY_S``), then started:
   when it is back, the trials running through it have stale heartbeats, and the bench at once
   fails and re-queues them, as a worker that starts a trial at that moment does, while their
-  workers go on. The bench runs a PostgreSQL server of its own for it
-  (``jdsearch.testing.PrivatePostgres``, in a temporary folder: no ``--storage``), never the
-  shared one;
+  workers go on. It stops the bench's own server, as ``--pg-restart`` does;
 * one trial's checkpoint upload breaks halfway (a store wrapper that raises after half the bytes);
 * one trial's loss becomes NaN;
 * one trial raises a CUDA-style out-of-memory ``RuntimeError``.
@@ -227,7 +228,7 @@ class Run:
     workdir: Path
     spec_file: Path
     storage: str
-    server: PrivatePostgres | None = None  # the bench's own server (--long-outage)
+    server: PrivatePostgres | None = None  # the bench's own server (--pg-restart, --long-outage)
     workers: list[Worker] = field(default_factory=list)
     restarts: list[tuple[float, str]] = field(default_factory=list)  # (when, worker name)
     seen_complete: dict[int, str] = field(default_factory=dict)  # number -> checkpoint id
@@ -253,11 +254,6 @@ class Run:
 
     def alive(self) -> list[Worker]:
         return [w for w in self.workers if w.proc.poll() is None]
-
-
-def pg_cluster() -> list[str]:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
 
 
 def trials_now(storage: str, name: str) -> list[FrozenTrial] | None:
@@ -367,9 +363,13 @@ def kill_one(run: Run, trials: list[FrozenTrial], rng: random.Random) -> bool:
 
 
 def restart_postgresql(run: Run) -> None:
+    """Restart the bench's own PostgreSQL server: stop it (every connection is cut) and start it
+    again at once."""
+    assert run.server is not None
     log_event(run.workdir, "pg_restart")
     started = time.time()
-    subprocess.run([*pg_cluster(), "restart"], check=True, timeout=120, capture_output=True)
+    run.server.stop()
+    run.server.start()
     print(f"restarted PostgreSQL ({time.time() - started:.1f} s)", flush=True)
 
 
@@ -665,7 +665,11 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--trials", type=int, default=20, help="COMPLETE trials to reach")
     p.add_argument("--kills", type=int, default=3)
-    p.add_argument("--pg-restart", action="store_true")
+    p.add_argument(
+        "--pg-restart",
+        action="store_true",
+        help="restart PostgreSQL (a server of the bench's own) once, halfway",
+    )
     p.add_argument(
         "--long-outage",
         action="store_true",
@@ -689,19 +693,15 @@ def main() -> int:
     if args.worker is not None:
         os.chdir(args.workdir)
         return worker_main(args.worker, args.storage, args.workdir)
-    if (
-        args.pg_restart
-        and (args.storage or "postgresql").split(":")[0].split("+")[0] != "postgresql"
-    ):
-        p.error("--pg-restart needs PostgreSQL storage")
-    if args.long_outage and args.storage is not None:
-        p.error("--long-outage stops a PostgreSQL server of the bench's own: leave --storage out")
+    for flag, given in (("--pg-restart", args.pg_restart), ("--long-outage", args.long_outage)):
+        if given and args.storage is not None:
+            p.error(f"{flag} uses a PostgreSQL server of the bench's own: leave --storage out")
     if args.outage_s is None:
         args.outage_s = 6.0 * args.heartbeat
     quiet_optuna()
     drop: Callable[[], None] | None = None
     storage, server = args.storage, None
-    if args.long_outage:
+    if args.pg_restart or args.long_outage:
         server = PrivatePostgres()
         storage, drop = server.url, server.close
     elif storage is None:

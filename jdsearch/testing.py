@@ -170,8 +170,9 @@ def install_pool(pool: Path, workdir: Path, name: str) -> None:
 
 def pg_schema(url: str, prefix: str = "bench_overhead") -> tuple[str, Callable[[], None]] | None:
     """A throwaway schema on the server of ``url`` (its URL and a dropper), or None (and a line
-    saying why) when the server is unreachable. The dropper connects anew: the server may have
-    restarted since (bench/faults.py restarts it)."""
+    saying why) when the server is unreachable. The dropper connects anew: no connection is held
+    open while the bench runs. The server is shared, never stopped: a bench that stops or
+    restarts PostgreSQL runs a :class:`PrivatePostgres`."""
     try:
         import psycopg2
         import sqlalchemy as sa
