@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -51,14 +52,14 @@ def _down() -> Exception:
         return e
 
 
-def _worker_storage(url: str, heartbeat: int = 1) -> ResilientStorage:
+def _worker_storage(url: str, heartbeat: int = 1, max_retry: int = 3) -> ResilientStorage:
     """What ``storage_for`` opens for a worker: heartbeats, a grace of 2 beats, retries."""
     return ResilientStorage(
         RDBStorage(
             url,
             heartbeat_interval=heartbeat,
             grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
         )
     )
 
@@ -195,13 +196,13 @@ class _Spy:
         monkeypatch.setattr(storage, "set_trial_state_values", spy)
 
 
-def _cut_off_past_the_grace(url: str, cut_off: list[bool]) -> None:
+def _cut_off_past_the_grace(url: str, cut_off: list[bool], max_retry: int = 3) -> None:
     """This worker loses the database for 3.5 s (grace 2 s; SQLite's clock counts whole
     seconds), and another worker, starting a trial meanwhile, fails the stale trials and
-    re-queues them."""
+    re-queues them (``max_retry`` times at most; 0: it does not)."""
     cut_off[0] = True
     time.sleep(3.5)
-    other = optuna.load_study(study_name="s", storage=_worker_storage(url))
+    other = optuna.load_study(study_name="s", storage=_worker_storage(url, max_retry=max_retry))
     fail_stale_trials(other)
     cut_off[0] = False
 
@@ -278,6 +279,125 @@ def test_a_failure_of_the_objective_itself_still_stops_the_worker(
 
     with pytest.raises(UpdateFinishedTrialError):
         optimize(optuna.create_study(storage=_worker_storage(url), study_name="t"), refused, 1, [])
+
+
+# ------------------------------------------------------------------------ fine-tuning
+def _trial_lines(out: str, number: int) -> list[str]:
+    """The worker's lines on trial ``number`` (a told trial's, or its ``STOPPED`` line)."""
+    return [x for x in out.splitlines() if x.startswith(f"trial {number:3d}  ")]
+
+
+def _finetune_study(url: str) -> tuple[optuna.Study, Any]:
+    """A study whose trial 0 is a completed pair with a checkpoint (what ``finetune`` asks
+    for), and the little of a ``SearchContext`` that ``finetune`` reads when the objective's
+    ``_run`` is replaced: the move vocabulary and the spec's name and metric."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from jdsearch.search.objective import move_vocabulary
+
+    vocabulary = move_vocabulary()
+    study = optuna.create_study(
+        storage=_worker_storage(url), study_name="s", sampler=optuna.samplers.RandomSampler()
+    )
+    study.add_trial(
+        create_trial(
+            params={"move": "base"},
+            distributions={"move": CategoricalDistribution(vocabulary)},
+            value=0.5,
+            user_attrs={"checkpoint": "trial-0", "parent": None, "move_kind": "base"},
+        )
+    )
+    spec = SimpleNamespace(name="s", score=SimpleNamespace(metric="AP"))
+    return study, SimpleNamespace(vocabulary=vocabulary, spec=spec)
+
+
+@pytest.mark.parametrize("ends", ["training", "returning"])
+def test_a_finetune_failed_as_stale_is_stopped_and_its_retry_runs_in_the_same_command(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cut_off: list[bool],
+    capsys: pytest.CaptureFixture[str],
+    ends: str,
+) -> None:
+    """``jdsearch finetune`` ran its trial through Optuna's own ``optimize``, which told the
+    lost trial FAIL and died of it (``ValueError: Cannot tell a FAIL trial.``). Now the
+    fine-tuning trial, failed as stale and re-queued while its worker was cut off, is stopped
+    (``training``: at its next step; ``returning``: when its tell is refused) with one line,
+    never told, and the command runs the retry of the same request and returns it."""
+    from jdsearch.search.finetune import finetune
+    from jdsearch.search.objective import Objective
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, ctx = _finetune_study(url)
+    spy = _Spy(study._storage, monkeypatch)
+    stops: list[int] = []
+
+    def run(self: Objective, trial: optuna.Trial, move: str, parent: int | None) -> float:
+        if trial.number != 1:
+            return 0.7
+        _cut_off_past_the_grace(url, cut_off)
+        if ends == "returning":
+            return 0.5
+        step = _StopWhenLost(trial.number, lambda: lost_trial(trial))
+        for i in range(300):  # the fine-tuning's steps, as long as the trial is ours
+            step(None)  # type: ignore[arg-type]
+            stops.append(i)
+            time.sleep(0.05)
+        raise AssertionError("trial 1 was never stopped")
+
+    monkeypatch.setattr(Objective, "_run", run)
+    child = finetune(study, ctx, 0, epochs=1.0)  # type: ignore[arg-type]
+
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert child.number == 2 and child.value == 0.7  # the retry, run here; no search trial
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(child) == 1
+    token = "finetune_request"
+    assert child.user_attrs[token] == trials[1].user_attrs[token]
+    assert (child.params["move"], child.user_attrs["parent"]) == ("finetune", 0)
+    # Popped from the queue (RUNNING), never told.
+    assert [s for t, s in spy.calls if t == trials[1]._trial_id] == [TrialState.RUNNING]
+    out = capsys.readouterr().out
+    (line,) = _trial_lines(out, 1)
+    assert line.startswith("trial   1  finetune ") and line.endswith(STOPPED), line
+    assert len(_trial_lines(out, 2)) == 1
+    assert not (tmp_path / "runs" / "s" / "failed-trials.log").exists()  # not a failure
+    if ends == "training":
+        assert 0 < len(stops) < 300
+
+
+def test_a_lost_finetune_that_is_not_retried_ends_the_command_without_a_search_trial(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cut_off: list[bool],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Past ``search.max_retry`` the stale trial has no retry: the command stops it (one line,
+    not told) and ends with the request's error; it does not go on to a trial of its own,
+    which would be a new search trial."""
+    from jdsearch.search.finetune import finetune
+    from jdsearch.search.objective import Objective
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, ctx = _finetune_study(url)
+    runs: list[int] = []
+
+    def run(self: Objective, trial: optuna.Trial, move: str, parent: int | None) -> float:
+        runs.append(trial.number)
+        if trial.number == 1:
+            _cut_off_past_the_grace(url, cut_off, max_retry=0)
+        return 0.5
+
+    monkeypatch.setattr(Objective, "_run", run)
+    with pytest.raises(JDSearchError, match=r"^finetune: trial 1 failed: FAIL$"):
+        finetune(study, ctx, 0, epochs=1.0)  # type: ignore[arg-type]
+    assert runs == [1]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+    (line,) = _trial_lines(capsys.readouterr().out, 1)
+    assert line.endswith(STOPPED), line
 
 
 # ------------------------------------------------------------------------ a real outage

@@ -7,8 +7,10 @@ recalibrated) for the asked epochs at the study's resolutions, then scores and r
 any trial: its own checkpoint, metrics and H, so ``export``, ``report`` and the lineage see it.
 The trial carries its request (epochs, lr and a token) in its user attrs. A worker killed while it
 runs leaves a stale trial that the storage's heartbeat re-queues with the same request, and
-calling :func:`finetune` again runs that copy instead of asking anew. The sampler never takes a
-fine-tuned pair as a parent: it had more training than a step of the search.
+calling :func:`finetune` again runs that copy instead of asking anew; a worker only cut off from
+the database meanwhile stops its attempt without telling it and runs that copy at once. The
+sampler never takes a fine-tuned pair as a parent: it had more training than a step of the
+search.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jdsearch.search.record import (
     decision_attrs,
     is_complete,
 )
+from jdsearch.search.run import optimize
 from jdsearch.search.summary import print_trial
 from jdsearch.spec.settings import TrainConfig
 
@@ -139,7 +142,11 @@ def _enqueue(study: optuna.Study, parent: int, request: dict[str, float | None])
 
 def _run(study: optuna.Study, ctx: SearchContext, token: str) -> FrozenTrial:
     """Run queued trials in this worker until the request's trial has run (Optuna runs the
-    oldest queued trial first, which may be a search trial a dead worker left)."""
+    oldest queued trial first, which may be a search trial a dead worker left).
+
+    An attempt that another worker failed as stale while this one could not reach the database
+    is stopped, not told (one ``STOPPED`` line, :func:`~jdsearch.search.run.optimize`); its
+    retry, queued with the same request, runs next, here."""
 
     def mine() -> list[FrozenTrial]:
         trials = study.get_trials(deepcopy=False)
@@ -147,14 +154,18 @@ def _run(study: optuna.Study, ctx: SearchContext, token: str) -> FrozenTrial:
 
     waiting = sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
     objective = Objective(ctx)
-    for _ in range(max(waiting, 1)):
+    runs = max(waiting, 1)  # the queued trials before the request's, and the request's
+    while runs > 0:
+        before = len(mine())
         with objective.failures.quiet():  # a failed trial: one line, its traceback in a file
-            study.optimize(
+            # One trial; one stopped counts too: with no retry queued, the next would be a new
+            # search trial.
+            optimize(
+                study,
                 objective,
-                n_trials=1,
-                catch=(JDSearchError,),
-                callbacks=[print_trial, NoteWriter(ctx.spec.score.metric)],
-                gc_after_trial=True,
+                1,
+                [print_trial, NoteWriter(ctx.spec.score.metric)],
+                count_stopped=True,
             )
         attempts = mine()
         done = [t for t in attempts if is_complete(t)]
@@ -164,4 +175,5 @@ def _run(study: optuna.Study, ctx: SearchContext, token: str) -> FrozenTrial:
             last = attempts[-1]
             reason = last.user_attrs.get(FAIL_REASON_ATTR) or last.state.name
             raise JDSearchError(f"finetune: trial {last.number} failed: {reason}")
+        runs -= len(attempts) == before  # else the request was stopped and its retry queued
     raise JDSearchError("finetune: the queued trial did not run")  # pragma: no cover

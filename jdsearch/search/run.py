@@ -122,7 +122,14 @@ class _Tally:
         self.error: BaseException | None = None
 
 
-def optimize(study: optuna.Study, objective: Any, n_trials: int, callbacks: list[Any]) -> None:
+def optimize(
+    study: optuna.Study,
+    objective: Any,
+    n_trials: int,
+    callbacks: list[Any],
+    *,
+    count_stopped: bool = False,
+) -> None:
     """``study.optimize``, as a worker adds its trials: a failing trial (a
     :class:`JDSearchError`) is recorded and the next one starts; garbage is collected after each
     trial (a freed trial's tensors go), but what prepare built (data, pool, base) and every module
@@ -132,7 +139,8 @@ def optimize(study: optuna.Study, objective: Any, n_trials: int, callbacks: list
     stopped (:class:`TrialLost`; or, failed that way between the objective's end and the
     ``tell``, refused by the tell): one line says so (``STOPPED``), it is not told, the
     callbacks do not see it, and it does not count among the ``n_trials`` (its retry, which this
-    worker may well run next, does)."""
+    worker may well run next, does). With ``count_stopped`` it counts: the caller looks for its
+    retry itself (``jdsearch finetune``, which must not start a search trial instead)."""
     gc.collect()
     gc.freeze()
     left = n_trials
@@ -159,7 +167,7 @@ def optimize(study: optuna.Study, objective: Any, n_trials: int, callbacks: list
             else:
                 if tally.started < left:  # a callback stopped the study
                     break
-            left -= tally.started - tally.stopped
+            left -= tally.started - (0 if count_stopped else tally.stopped)
     finally:
         gc.unfreeze()
 
