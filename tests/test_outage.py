@@ -1,7 +1,9 @@
 """Outages longer than the grace period (2 × ``search.heartbeat_s``): a worker cut off from the
 database for that long finds, when it is back, that another worker failed its running trial as
 stale and re-queued it. It stops that trial, does not tell it, says so in one line and goes on
-with the next trial; the retry resumes the training state the stopped attempt saved.
+with the next trial; the retry resumes the training state the stopped attempt saved. So do a
+fine-tuning trial (``jdsearch finetune``, which then runs the retry itself) and a trial that was
+still waiting in the sampler for another worker's root trial.
 
 The last test stops a PostgreSQL server of its own (``jdsearch.testing.PrivatePostgres``) under
 two real workers; the shared server is never touched.
@@ -398,6 +400,96 @@ def test_a_lost_finetune_that_is_not_retried_ends_the_command_without_a_search_t
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
     (line,) = _trial_lines(capsys.readouterr().out, 1)
     assert line.endswith(STOPPED), line
+
+
+# ------------------------------------------------------------------------ waiting for the root
+@pytest.mark.parametrize("root", ["completes", "lost too"])
+def test_a_trial_cut_off_while_it_waits_for_the_root_is_stopped_not_told(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cut_off: list[bool],
+    capsys: pytest.CaptureFixture[str],
+    root: str,
+) -> None:
+    """Trial 1 waits in the sampler for another worker's root trial (trial 0, the base) to
+    finish, beating its heartbeat (``keep_alive``), when its worker is cut off past the grace
+    period and another worker fails and re-queues it. Back, the sampler's write of its choice
+    is refused and the worker stops the trial: one line, never told, no move; it runs the retry
+    next. ``completes``: the root's worker kept its connection and completes the root after;
+    ``lost too``: the whole database was away, and the root is failed and re-queued as well
+    (the sampler then takes the root: its write is refused just the same). A guard: this path
+    stopped cleanly before the fine-tuning's fix as well."""
+    import threading
+
+    from jdsearch.search.objective import Objective, move_vocabulary
+    from jdsearch.search.sampler import HillClimbingSampler
+    from jdsearch.search.summary import print_trial
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    vocabulary = move_vocabulary()
+    sampler = HillClimbingSampler(
+        vocabulary,
+        lambda parent: (["layer_prune"], ["teacher.depth1+", "teacher.fpn-"]),
+        seed=0,
+        root_wait=(0.2, 120.0),
+    )
+    storage = _worker_storage(url)
+    study = optuna.create_study(storage=storage, study_name="s", sampler=sampler)
+    spy = _Spy(storage, monkeypatch)
+    # The other worker runs the root: trial 0, RUNNING with its move, its heartbeat beaten.
+    backend = RDBStorage(url)
+    others = optuna.load_study(
+        study_name="s", storage=backend, sampler=optuna.samplers.RandomSampler()
+    )
+    others.enqueue_trial({"move": "base"}, user_attrs={"parent": None, "move_kind": "base"})
+    base = others.ask()
+    base.suggest_categorical("move", vocabulary)
+    finish = threading.Event()
+
+    def root_worker() -> None:
+        while not finish.wait(0.5):
+            if not (root == "lost too" and cut_off[0]):
+                backend.record_heartbeat(base._trial_id)
+        if root == "completes":
+            others.tell(base, 0.5)
+
+    def the_outage() -> None:
+        deadline = time.monotonic() + 60
+        while len(study.get_trials(deepcopy=False)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # trial 1 exists: its worker waits for the root
+        time.sleep(0.5)
+        _cut_off_past_the_grace(url, cut_off)
+        time.sleep(1.5)  # back: a heartbeat finds trial 1 lost, while the root still runs
+        finish.set()
+
+    ctx = SimpleNamespace(vocabulary=vocabulary, spec=SimpleNamespace(name="s"))
+    monkeypatch.setattr(Objective, "_run", lambda self, trial, move, parent: 0.7)
+    threads = [threading.Thread(target=f, daemon=True) for f in (root_worker, the_outage)]
+    for t in threads:
+        t.start()
+    seen: list[int] = []
+    optimize(study, Objective(ctx), 2, [print_trial, lambda s, t: seen.append(t.number)])  # type: ignore[arg-type]
+    for t in threads:
+        t.join(30)
+
+    trials = study.get_trials()
+    lost = trials[1]
+    assert lost.state == TrialState.FAIL and lost.params == {}  # lost while choosing its move
+    retry_of = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in trials}
+    assert retry_of[1].state == TrialState.COMPLETE and retry_of[1].number in seen
+    if root == "completes":
+        complete, fail = TrialState.COMPLETE, TrialState.FAIL
+        assert [t.state for t in trials] == [complete, fail, complete, complete]
+        assert trials[0].datetime_complete > lost.datetime_complete  # it was waiting for it
+        assert retry_of[1].user_attrs["parent"] == 0
+    else:
+        assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
+        assert retry_of[0].params["move"] == "base" and retry_of[0].state == TrialState.COMPLETE
+    assert sorted(seen) == [2, 3] and len(trials) == 4  # told: the 2 trials after the lost
+    assert [t for t, _ in spy.calls if t == lost._trial_id] == []  # never told
+    (line,) = _trial_lines(capsys.readouterr().out, 1)
+    assert line.startswith("trial   1  ?") and line.endswith(STOPPED), line
 
 
 # ------------------------------------------------------------------------ a real outage
