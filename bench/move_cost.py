@@ -30,6 +30,8 @@ Each lever in ``--levers`` changes how the child is trained, all else equal:
     taylor_recover200   the same for 200 steps
     taylor_recover200_only  the 200 steps instead of the fast evaluation, for a move that
                 changes a stage (the others, and ``none``, get the fast evaluation)
+    taylor_recover100_only  the same with 100 steps: 400 images at batch 4, fewer than the
+                fast evaluation's 450 (search.recovery_iters: 100, after_recovery: score)
 
 For each (lever, move) it prints, as mean ± sd over ``--seeds`` training seeds, the AP of the
 child on the selection split right after the move (no training) and after the fast evaluation, at
@@ -119,6 +121,7 @@ LEVERS: dict[str, Lever] = {
     "taylor_recover": Lever(importance="taylor", recover_iters=50),
     "taylor_recover200": Lever(importance="taylor", recover_iters=200),
     "taylor_recover200_only": Lever(importance="taylor", recover_iters=200, recover_only=True),
+    "taylor_recover100_only": Lever(importance="taylor", recover_iters=100, recover_only=True),
 }
 
 

@@ -108,12 +108,18 @@ def test_the_study_fields_are_validated(search_assets, tmp_path: Path) -> None:
         ("recovery_iters", -1, r"search.recovery_iters.*must not be negative.*-1"),
         ("recovery_moves", ["add_layer"], r"search.recovery_moves.*channel_prune, layer_prune"),
         ("recovery_moves", "rearrange", r"search.recovery_moves: expected a list, got .rearrange."),
+        ("after_recovery", "skip", r"search.after_recovery.*train, score.*'skip'"),
     ):
         data = search_assets.study("bad", url, **{field: value})
         with pytest.raises(SpecError, match=message):
             study_from_dict(data, source="test")
     spec = study_from_dict(search_assets.study("ok", url), source="test")
-    assert (spec.search.recovery_iters, spec.search.recovery_moves) == (0, ("rearrange",))
+    search = spec.search
+    assert (search.recovery_iters, search.recovery_moves, search.after_recovery) == (
+        0,
+        ("rearrange",),
+        "train",
+    )
 
 
 @pytest.mark.slow
@@ -150,6 +156,13 @@ def test_a_trials_rearrange_is_recovered_towards_its_parent(
     got = pair.student.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     assert any(not torch.equal(got[k], v) for k, v in plain.items())  # it did train
+    # after_recovery: score, the recovery is the trial's training: the child is scored as it is
+    scored = dataclasses.replace(spec.search, after_recovery="score")
+    objective = Objective(dataclasses.replace(ctx, spec=dataclasses.replace(spec, search=scored)))
+    recovered = objective.load_pair(study, 1, "rearrange:3->4", 0, seed=11)
+    assert objective.train_pair(recovered, seed=11).images == 0
+    assert all(torch.equal(recovered.student.state_dict()[k], v) for k, v in got.items())
+    assert Objective(ctx).train_pair(pair, seed=11).images > 0  # "train": the fast evaluation
     pruned = Objective(ctx).load_pair(study, 1, "layer_prune", 0, seed=11)
     assert "recovery_iters" not in pruned.morph  # not in recovery_moves
     off = dataclasses.replace(spec, search=dataclasses.replace(spec.search, recovery_iters=0))

@@ -664,6 +664,8 @@ class Objective:
         KD, BN sparsity, dynamic resolution), seeded by ``seed`` (:meth:`seed_of` in a search).
         ``states``: resume the state a killed attempt saved, and save this one's."""
         ctx, spec = self.ctx, self.ctx.spec
+        if pair.morph.get("recovery_iters") and spec.search.after_recovery == "score":
+            return _Trained(0, 0.0, 0.0, 0)  # the local recovery was its training
         terms: list[Any] = []
         teacher_params, teacher_s = 0, 0.0
         if pair.teacher is not None:

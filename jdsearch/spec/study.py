@@ -78,6 +78,8 @@ STRATEGIES = ("hill_climb", "greedy", "random", "pool")
 CHANNEL_IMPORTANCE = ("bn_scale", "taylor", "taylor_flops")
 # search.recovery_moves: the student moves a local recovery may follow (docs/morphism.md)
 RECOVERY_MOVES = ("channel_prune", "layer_prune", "rearrange")
+# search.after_recovery: what a recovered child gets next, the fast evaluation or nothing
+AFTER_RECOVERY = ("train", "score")
 #: Default ``search.trial_checkpoint_every``: a trial saves its training state (student and
 #: adapter weights, momentum, RNGs: about twice the student's size) every 1000 iterations. At the
 #: paper's scale (COCO, batch 4: ~29k iterations an epoch, ~0.3 s each on a GPU) that is a save
@@ -278,7 +280,8 @@ class SearchSpec:
     the channel costs (``docs/morphism.md``). ``recovery_iters``: after a move named in
     ``recovery_moves`` (of :data:`RECOVERY_MOVES`), the child's changed stages and FPN regress the
     parent's FPN outputs for this many steps before the fast evaluation (0: never;
-    :func:`~jdsearch.methods.morph.recovery.local_recovery`).
+    :func:`~jdsearch.methods.morph.recovery.local_recovery`); ``after_recovery: score`` scores
+    a recovered child as the recovery left it, with no fast evaluation (no KD, no BN sparsity).
     """
 
     strategy: str = "hill_climb"
@@ -297,12 +300,15 @@ class SearchSpec:
     trial_checkpoint_every: int = TRIAL_CHECKPOINT_EVERY
     recovery_iters: int = 0
     recovery_moves: tuple[str, ...] = ("rearrange",)
+    after_recovery: str = "train"
 
     def __post_init__(self) -> None:
         moves = self.recovery_moves
         ok = isinstance(moves, (list, tuple)) and all(m in RECOVERY_MOVES for m in moves)
         check(ok, self, "recovery_moves", f"must be a list of {', '.join(RECOVERY_MOVES)}")
         object.__setattr__(self, "recovery_moves", tuple(moves))
+        ok = self.after_recovery in AFTER_RECOVERY
+        check(ok, self, "after_recovery", f"must be one of {', '.join(AFTER_RECOVERY)}")
         for name in ("top_k", "n_trials", "heartbeat_s"):
             check(getattr(self, name) >= 1, self, name, "must be ≥ 1")
         for name in (
