@@ -560,23 +560,17 @@ def tp_gradients(detector: Any, data: Any, size: tuple[int, int], seed: int) -> 
     import torch
 
     from jdsearch.core.resolution import Resolution
-    from jdsearch.data.coco import make_loader, using_resolution
+    from jdsearch.data.coco import cycled_batches, using_resolution
 
     buffers = {n: b.detach().clone() for n, b in detector.named_buffers()}
     modes = {n: m.training for n, m in detector.named_modules()}
     device = next(detector.parameters()).device
     detector.zero_grad(set_to_none=True)
     detector.train()
-    loader = iter(make_loader(data, 4, shuffle=True, seed=seed))
     resolution = Resolution(max(size), min(size))  # (long, short) from (height, width)
     with using_resolution(detector, resolution), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the detector's own sampling (RPN and RoI minibatches)
-        for i in range(TP_TAYLOR_BATCHES):
-            try:
-                images, targets = next(loader)
-            except StopIteration:  # a data set of fewer batches: another shuffle
-                loader = iter(make_loader(data, 4, shuffle=True, seed=seed + i))
-                images, targets = next(loader)
+        for images, targets in cycled_batches(data, 4, TP_TAYLOR_BATCHES, seed=seed):
             images = [im.to(device) for im in images]
             targets = [
                 {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}

@@ -59,6 +59,7 @@ __all__ = [
     "category_differences",
     "check_same_categories",
     "collate",
+    "cycled_batches",
     "load_image",
     "make_loader",
     "open_image",
@@ -766,6 +767,21 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)  # third-party augmentations read NumPy's legacy global RNG
+
+
+def cycled_batches(
+    dataset: Dataset[Any], batch_size: int, count: int, *, seed: int
+) -> Iterator[Any]:
+    """``count`` shuffled batches of ``dataset`` (:func:`make_loader` with ``seed``); a data set
+    of fewer batches is shuffled again, with ``seed + i`` where batch ``i`` ran out."""
+    stream = iter(make_loader(dataset, batch_size, shuffle=True, seed=seed))
+    for i in range(count):
+        try:
+            batch = next(stream)
+        except StopIteration:
+            stream = iter(make_loader(dataset, batch_size, shuffle=True, seed=seed + i))
+            batch = next(stream)
+        yield batch
 
 
 def make_loader(

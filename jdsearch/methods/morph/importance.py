@@ -22,7 +22,7 @@ from torch import nn
 
 from jdsearch.core.errors import SpecError
 from jdsearch.core.resolution import Resolution
-from jdsearch.data.coco import make_loader, using_resolution
+from jdsearch.data.coco import cycled_batches, using_resolution
 from jdsearch.models.torch_internals import BATCH_NORM_BASE
 
 __all__ = ["ChannelScores", "taylor_scores"]
@@ -56,14 +56,9 @@ def taylor_scores(
     with _restored(detector), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         detector.train()
-        stream = iter(make_loader(data, batch_size, shuffle=True, seed=seed))
         device = next(detector.parameters()).device
-        for i in range(batches):
-            try:
-                images, targets = next(stream)
-            except StopIteration:
-                stream = iter(make_loader(data, batch_size, shuffle=True, seed=seed + i))
-                images, targets = next(stream)
+        stream = cycled_batches(data, batch_size, batches, seed=seed)
+        for i, (images, targets) in enumerate(stream):
             images = [im.to(device) for im in images]
             targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
             detector.zero_grad(set_to_none=True)

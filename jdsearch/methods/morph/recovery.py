@@ -22,7 +22,7 @@ from torch import nn
 
 from jdsearch.core.errors import SpecError
 from jdsearch.core.resolution import Resolution
-from jdsearch.data.coco import make_loader, using_resolution
+from jdsearch.data.coco import cycled_batches, using_resolution
 
 __all__ = ["RecoveryReport", "changed_stages", "local_recovery"]
 
@@ -106,13 +106,8 @@ def local_recovery(
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            stream = iter(make_loader(data, batch_size, shuffle=True, seed=seed))
-            for i in range(iters):
-                try:
-                    images, _ = next(stream)
-                except StopIteration:
-                    stream = iter(make_loader(data, batch_size, shuffle=True, seed=seed + i))
-                    images, _ = next(stream)
+            stream = cycled_batches(data, batch_size, iters, seed=seed)
+            for i, (images, _) in enumerate(stream):
                 images = [im.to(device) for im in images]
                 size = sizes[i % len(sizes)] if sizes else None
                 with using_resolution(child, size) if size else contextlib.nullcontext():
