@@ -155,6 +155,7 @@ def tiny_study(
         spec["search"].update({"n_trials": n_trials, "storage": storage})
         return study_from_dict(spec, source=f"bench:{name}")
     spec = shrunk_quickstart(name, root / "data", BENCH_SHRINK, n_trials=n_trials, storage=storage)
+    spec["search"]["recovery_iters"] = 0  # every trial trains: the benches time and cut trainings
     if base is not None:
         spec["base"]["checkpoint"] = str(base)
     return study_from_dict(spec, source=f"bench:{name}")

@@ -133,7 +133,10 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
     spec = shrunk_quickstart(name, data_dir)
     spec["pool"] = copy.deepcopy({**LEGACY_POOL, "recalibration_batches": 2})
     # The channel ranking the recorded search used (the quickstart's is Taylor since issue 27).
-    spec["search"].update({"channel_importance": "bn_scale", "channel_fraction": 0.1})
+    # ... and no local recovery: every trial trains (fault and resume tests stop trainings).
+    spec["search"].update(
+        {"channel_importance": "bn_scale", "channel_fraction": 0.1, "recovery_iters": 0}
+    )
     return spec
 
 
