@@ -45,6 +45,27 @@ def test_noise_is_measured_stored_and_shown_beside_the_comparison(
     assert len(handle.study.get_trials()) == 6  # nothing was added to the lineage
 
 
+@pytest.mark.slow
+def test_each_rerun_draws_its_moves_batches_with_its_own_seed(
+    small_study_copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Taylor ranking or a local recovery is drawn with the trial's seed, so a re-run must
+    draw it with its own: a recovered trial that skips the fast evaluation (after_recovery:
+    score) would otherwise re-run identically and show no noise at all."""
+    handle = open_study(small_study_copy)
+    study, ctx = prepare(handle.spec, small_study_copy, progress=False)
+    asked: list[int | None] = []
+    load_pair = Objective.load_pair
+
+    def spy(self, study, number, move, parent_no, seed=None):
+        asked.append(seed)
+        return load_pair(self, study, number, move, parent_no, seed)
+
+    monkeypatch.setattr(Objective, "load_pair", spy)
+    floor = measure_noise(study, ctx, seeds=2)
+    assert asked == list(floor.seeds) and len(set(asked)) == 2
+
+
 def test_one_seed_is_no_spread(small_study_copy: str) -> None:
     from jdsearch.core.errors import JDSearchError
 

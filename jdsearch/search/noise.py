@@ -62,7 +62,8 @@ class NoiseFloor:
 def measure_noise(
     study: optuna.Study, ctx: SearchContext, trial: int | None = None, *, seeds: int = 3
 ) -> NoiseFloor:
-    """Re-run trial ``trial`` (default: the best) with ``seeds`` other training seeds.
+    """Re-run trial ``trial`` (default: the best) with ``seeds`` other seeds: its move's batches
+    (a Taylor ranking, a local recovery) and its training are drawn with each.
 
     Args:
         study: the study, as :func:`jdsearch.search.session.prepare` opened it.
@@ -89,7 +90,8 @@ def measure_noise(
     used, h, ap = [], [], []
     for k in range(1, seeds + 1):
         seed = objective.seed_of(t.number) + k * _SEED_STRIDE
-        pair = objective.load_pair(study, t.number, str(record.move), record.parent)
+        # the seed draws the move's batches too (Taylor ranking, local recovery), as in a trial
+        pair = objective.load_pair(study, t.number, str(record.move), record.parent, seed)
         objective.train_pair(pair, seed)
         score = objective.score(t.number, pair.student)
         res = record.best_resolution or score.best_resolution
