@@ -22,7 +22,7 @@ from jdsearch.search.run import run_search
 from jdsearch.search.session import prepare
 from jdsearch.spec.arch import BackboneArch
 from jdsearch.spec.detector import load_spec
-from jdsearch.spec.study import study_from_dict
+from jdsearch.spec.study import SearchSpec, study_from_dict
 
 R18 = BackboneArch.resnet([2, 2, 2, 2], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
 
@@ -113,8 +113,7 @@ def test_the_study_fields_are_validated(search_assets, tmp_path: Path) -> None:
         data = search_assets.study("bad", url, **{field: value})
         with pytest.raises(SpecError, match=message):
             study_from_dict(data, source="test")
-    spec = study_from_dict(search_assets.study("ok", url), source="test")
-    search = spec.search
+    search = SearchSpec()  # off by default: a stored study resumes as it was made
     assert (search.recovery_iters, search.recovery_moves, search.after_recovery) == (
         0,
         ("rearrange",),
@@ -130,7 +129,14 @@ def test_a_trials_rearrange_is_recovered_towards_its_parent(
     then :func:`local_recovery` with the trial's seed, and the trial records the steps; a move
     not named in ``recovery_moves`` and a study without recovery leave the child as evolved."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    data = search_assets.study("recover", url, n_trials=1, recovery_iters=3)
+    data = search_assets.study(
+        "recover",
+        url,
+        n_trials=1,
+        recovery_iters=3,
+        recovery_moves=["rearrange"],
+        after_recovery="train",
+    )
     data["kd"]["mode"] = "off"
     spec = study_from_dict(data, source="test")
     search_assets.install_pool(tmp_path, "recover")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -57,6 +57,35 @@ def _loss(child: list[torch.Tensor], parent: list[torch.Tensor]) -> torch.Tensor
     return torch.stack(terms).mean()
 
 
+def _fit(
+    child: nn.Module,
+    parent: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterator[Any],
+    sizes: Sequence[Resolution],
+    lr: float,
+) -> list[float]:
+    """SGD on ``params`` towards the parent's FPN outputs, one step per batch (batch ``i`` at
+    ``sizes[i % n]``, or the child's size); the loss of each step."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    device = next(child.parameters()).device
+    losses = []
+    for i, (images, _) in enumerate(batches):
+        images = [im.to(device) for im in images]
+        size = sizes[i % len(sizes)] if sizes else None
+        with using_resolution(child, size) if size else contextlib.nullcontext():
+            batch = child.transform(images)[0].tensors
+        with torch.no_grad():
+            target = _features(parent, batch)
+        loss = _loss(_features(child, batch), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def local_recovery(
     child: nn.Module,
     parent: nn.Module,
@@ -86,16 +115,12 @@ def local_recovery(
     if not lr > 0 or lr == float("inf"):
         raise SpecError(f"local_recovery: lr must be a positive number, got {lr}")
     body = child.backbone.body
-    stages = changed_stages(parent, child)
-    modules = {f"backbone.body.stages.{i}": body.stages[i] for i in stages}
+    modules = {f"backbone.body.stages.{i}": body.stages[i] for i in changed_stages(parent, child)}
     modules["backbone.fpn"] = child.backbone.fpn
     params = [p for m in modules.values() for p in m.parameters()]
     flags = {n: p.requires_grad for n, p in child.named_parameters()}
     modes = {n: m.training for n, m in child.named_modules()}
     parent_mode = parent.training
-    sizes = [Resolution.parse(r) for r in resolutions]
-    device = next(child.parameters()).device
-    losses: list[float] = []
     try:
         for p in child.parameters():
             p.requires_grad_(False)
@@ -103,23 +128,11 @@ def local_recovery(
             p.requires_grad_(True)
         child.eval()  # the function the child is scored by: BN statistics as they are
         parent.eval()
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        batches = cycled_batches(data, batch_size, iters, seed=seed)
+        sizes = [Resolution.parse(r) for r in resolutions]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            stream = cycled_batches(data, batch_size, iters, seed=seed)
-            for i, (images, _) in enumerate(stream):
-                images = [im.to(device) for im in images]
-                size = sizes[i % len(sizes)] if sizes else None
-                with using_resolution(child, size) if size else contextlib.nullcontext():
-                    batch = child.transform(images)[0].tensors
-                with torch.no_grad():
-                    target = _features(parent, batch)
-                loss = _loss(_features(child, batch), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 10.0)
-                optimizer.step()
-                losses.append(float(loss.detach()))
+            losses = _fit(child, parent, params, batches, sizes, lr)
     finally:
         for n, p in child.named_parameters():
             p.requires_grad_(flags[n])
