@@ -224,13 +224,14 @@ def both_running(
     capsys: pytest.CaptureFixture[str], url: str, name: str, a: Worker, b: Worker
 ) -> dict[str, Any]:
     """``jdsearch status``, polled until it shows both workers running a trial past its choice
-    of move (the second waits for the root trial first)."""
+    of move (the second waits for the root trial first) and its first heartbeat (a trial is
+    RUNNING a moment before Optuna's heartbeat thread records one)."""
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     while time.monotonic() < deadline:
         s = status(capsys, url, name)
         running = s["running"]
         if {r["worker"] for r in running} == {a.marker, b.marker} and all(
-            r["move"] for r in running
+            r["move"] and r["heartbeat_age_s"] is not None for r in running
         ):
             return dict(s)
         for w in (a, b):
