@@ -561,27 +561,22 @@ def tp_gradients(detector: Any, data: Any, size: tuple[int, int], seed: int) -> 
 
     from jdsearch.core.resolution import Resolution
     from jdsearch.data.coco import cycled_batches, using_resolution
+    from jdsearch.methods.morph.importance import restored
 
-    buffers = {n: b.detach().clone() for n, b in detector.named_buffers()}
-    modes = {n: m.training for n, m in detector.named_modules()}
     device = next(detector.parameters()).device
     detector.zero_grad(set_to_none=True)
-    detector.train()
     resolution = Resolution(max(size), min(size))  # (long, short) from (height, width)
-    with using_resolution(detector, resolution), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the detector's own sampling (RPN and RoI minibatches)
-        for images, targets in cycled_batches(data, 4, TP_TAYLOR_BATCHES, seed=seed):
-            images = [im.to(device) for im in images]
-            targets = [
-                {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                for t in targets
-            ]
-            sum(detector(images, targets).values()).backward()
-    with torch.no_grad():
-        for n, b in detector.named_buffers():
-            b.copy_(buffers[n])
-    for n, m in detector.named_modules():
-        m.training = modes[n]
+    with restored(detector, grads=False), using_resolution(detector, resolution):
+        detector.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the detector's own sampling (RPN and RoI minibatches)
+            for images, targets in cycled_batches(data, 4, TP_TAYLOR_BATCHES, seed=seed):
+                images = [im.to(device) for im in images]
+                targets = [
+                    {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                    for t in targets
+                ]
+                sum(detector(images, targets).values()).backward()
 
 
 def tp_prune_in_place(

@@ -25,7 +25,7 @@ from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import cycled_batches, using_resolution
 from jdsearch.models.torch_internals import BATCH_NORM_BASE
 
-__all__ = ["ChannelScores", "taylor_scores"]
+__all__ = ["ChannelScores", "restored", "taylor_scores"]
 
 # BN path inside the backbone's body → one score per channel.
 ChannelScores = dict[str, tuple[float, ...]]
@@ -53,7 +53,7 @@ def taylor_scores(
     bns = {n: m for n, m in body.named_modules() if isinstance(m, BATCH_NORM_BASE)}
     sizes = [Resolution.parse(r) for r in resolutions]
     acc = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in bns.items()}
-    with _restored(detector), torch.random.fork_rng(devices=[]):
+    with restored(detector), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         detector.train()
         device = next(detector.parameters()).device
@@ -79,19 +79,22 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 @contextlib.contextmanager
-def _restored(detector: nn.Module) -> Any:
-    """Put back ``detector``'s buffers (BN statistics), gradients and mode afterwards (nothing
-    steps an optimizer, so the parameters themselves do not change)."""
-    buffers = {n: b.detach().clone() for n, b in detector.named_buffers()}
-    grads = {n: p.grad for n, p in detector.named_parameters()}
-    modes = {n: m.training for n, m in detector.named_modules()}
+def restored(module: nn.Module, *, buffers: bool = True, grads: bool = True) -> Any:
+    """Put back ``module``'s train/eval mode (each submodule's) afterwards, and its buffers (BN
+    statistics) and gradients unless told not to. It does not put back the parameters: for work
+    that steps no optimizer over them, or that means to change them."""
+    saved_buffers = {n: b.detach().clone() for n, b in module.named_buffers()} if buffers else {}
+    saved_grads = {n: p.grad for n, p in module.named_parameters()} if grads else {}
+    modes = {n: m.training for n, m in module.named_modules()}
     try:
         yield
     finally:
         with torch.no_grad():
-            for n, b in detector.named_buffers():
-                b.copy_(buffers[n])
-        for n, p in detector.named_parameters():
-            p.grad = grads[n]
-        for n, m in detector.named_modules():
+            for n, b in module.named_buffers():
+                if n in saved_buffers:
+                    b.copy_(saved_buffers[n])
+        for n, p in module.named_parameters():
+            if n in saved_grads:
+                p.grad = saved_grads[n]
+        for n, m in module.named_modules():
             m.training = modes[n]

@@ -23,6 +23,7 @@ from torch import nn
 from jdsearch.core.errors import SpecError
 from jdsearch.core.resolution import Resolution
 from jdsearch.data.coco import cycled_batches, using_resolution
+from jdsearch.methods.morph.importance import restored
 
 __all__ = ["RecoveryReport", "changed_stages", "local_recovery"]
 
@@ -104,8 +105,8 @@ def local_recovery(
     parent is not changed. Both run in eval mode, so what is fitted is the function the child is
     scored by: BN statistics stay as they are (with batch statistics instead, the fit on a batch
     of 4 moved the eval-mode outputs away from the parent's on a tiny detector). The child comes
-    back in its train/eval mode with its ``requires_grad`` flags, and the process's random state
-    is untouched.
+    back in its train/eval mode (each submodule's, the parent's too) with its ``requires_grad``
+    flags and gradients, and the process's random state is untouched.
 
     Raises:
         SpecError: ``iters`` below 1 or ``lr`` not a positive number.
@@ -119,25 +120,21 @@ def local_recovery(
     modules["backbone.fpn"] = child.backbone.fpn
     params = [p for m in modules.values() for p in m.parameters()]
     flags = {n: p.requires_grad for n, p in child.named_parameters()}
-    modes = {n: m.training for n, m in child.named_modules()}
-    parent_mode = parent.training
-    try:
-        for p in child.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        child.eval()  # the function the child is scored by: BN statistics as they are
-        parent.eval()
-        batches = cycled_batches(data, batch_size, iters, seed=seed)
-        sizes = [Resolution.parse(r) for r in resolutions]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            losses = _fit(child, parent, params, batches, sizes, lr)
-    finally:
-        for n, p in child.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        for n, m in child.named_modules():
-            m.training = modes[n]
-        parent.train(parent_mode)
+    # eval mode: the function the child is scored by, BN statistics as they are
+    with restored(child, buffers=False), restored(parent, buffers=False, grads=False):
+        try:
+            for p in child.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            child.eval()
+            parent.eval()
+            batches = cycled_batches(data, batch_size, iters, seed=seed)
+            sizes = [Resolution.parse(r) for r in resolutions]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                losses = _fit(child, parent, params, batches, sizes, lr)
+        finally:
+            for n, p in child.named_parameters():
+                p.requires_grad_(flags[n])
     return RecoveryReport(iters, losses[0], losses[-1], tuple(modules))
