@@ -141,6 +141,17 @@ def tiny_study_dict(data_dir: Path, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The training split of 12 synthetic 64x64 images (seed 0): data for the few batches that
+    rank channels, recover a child or take gradients in a test."""
+    from jdsearch.data.coco import CocoDataset
+    from jdsearch.data.synth import generate
+
+    info = generate(tmp_path_factory.mktemp("shapes"), images=12, seed=0, size=64)
+    return CocoDataset(info.train_json, info.image_dir)
+
+
+@pytest.fixture(scope="session")
 def regenerated_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Any:
     import dataclasses
 

@@ -12,7 +12,6 @@ import torch
 
 from jdsearch.core.errors import SpecError
 from jdsearch.data.coco import CocoDataset, make_loader
-from jdsearch.data.synth import generate
 from jdsearch.methods.morph.actions import evolve
 from jdsearch.methods.morph.recovery import changed_stages, local_recovery
 from jdsearch.models.detector import build_detector
@@ -25,12 +24,6 @@ from jdsearch.spec.detector import load_spec
 from jdsearch.spec.study import SearchSpec, study_from_dict
 
 R18 = BackboneArch.resnet([2, 2, 2, 2], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> CocoDataset:
-    info = generate(tmp_path_factory.mktemp("shapes"), images=12, seed=0, size=64)
-    return CocoDataset(info.train_json, info.image_dir)
 
 
 def _parent(classes: int) -> torch.nn.Module:

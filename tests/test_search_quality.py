@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jdsearch.data.coco import CocoDataset
 from jdsearch.search.queries import lineage, open_study
 from jdsearch.search.record import TrialRecord
 
@@ -227,19 +228,16 @@ def test_torch_pruning_lands_on_its_flops_target_as_a_jdsearch_detector(
 
 
 def test_torch_pruning_taylor_ranks_by_gradients_and_leaves_the_statistics(
-    tmp_path: Path,
+    shapes: CocoDataset,
 ) -> None:
     """Taylor importance needs data; it steps to its target like the others, from the gradients
     of training batches, and the BN statistics those batches saw do not stay behind."""
     import torch
 
-    from jdsearch.data.coco import CocoDataset
-    from jdsearch.data.synth import generate
     from jdsearch.models.flops import count_flops
 
     sq = _bench()
-    info = generate(tmp_path / "shapes", images=12, seed=0, size=64)
-    data = CocoDataset(info.train_json, info.image_dir)
+    data = shapes
     size = (64, 64)
     base = _tiny_detector("tiny-r18-fpn", data.num_classes)
     base_flops = count_flops(base, size=size).total

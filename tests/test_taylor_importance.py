@@ -11,7 +11,6 @@ import torch
 
 from jdsearch.core.errors import SpecError
 from jdsearch.data.coco import CocoDataset
-from jdsearch.data.synth import generate
 from jdsearch.methods.morph.actions import MorphConfig, channel_costs, evolve
 from jdsearch.methods.morph.importance import taylor_scores
 from jdsearch.methods.morph.pruning import plan_channel_prune, prunable_bn_names
@@ -26,12 +25,6 @@ from jdsearch.spec.detector import load_spec
 from jdsearch.spec.study import study_from_dict
 
 R18 = BackboneArch.resnet([2, 2, 2, 2], kind="basic", widths=(8, 16, 16, 32), stem=8, fpn=16)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> CocoDataset:
-    info = generate(tmp_path_factory.mktemp("shapes"), images=12, seed=0, size=64)
-    return CocoDataset(info.train_json, info.image_dir)
 
 
 def _detector(classes: int) -> torch.nn.Module:
