@@ -110,12 +110,13 @@ winner.
         --rows hill_climb pareto --alphas 0.1 1.0   # Pareto against H at α 0.1, 0.4 (the
                                                     # study's), 1.0: same trials, same seeds
 
-The verdict's subset, ``--seeds 1 --threads 1 --rows hill_climb finetuned longer_all
-torch_pruning torch_pruning_kd random`` on the quickstart, took 19 min 54 s on this project's
-2-core machine next to two other single-thread processes (issue 26: under 30 minutes), the
-synthetic data, the pool and the noise floor's three re-runs included. That was with the
-quickstart's earlier pool (bottleneck blocks from random weights); the pool that starts from
-the base takes a minute or two longer to train (docs/pool.md).
+The verdict's subset, ``--seeds 1 --threads 1 --tp-lr 0.04 --tp-warmup 10 --rows hill_climb
+finetuned longer_all torch_pruning torch_pruning_kd random`` on the quickstart, took 18 min 29 s
+on this project's 2-core machine (issue 26: under 30 minutes; ``/usr/bin/time``, 971 s of CPU),
+the synthetic data, the noise floor's three re-runs and the table included, the shipped pool
+used as it is, next to one or two other single-thread processes (a pool-training probe, a
+helper's tests). Per row: hill_climb 94 s, random 105 s, finetuned 162 s (its fine-tune only),
+longer_all 224 s, torch_pruning 217 s, torch_pruning_kd 288 s.
 """
 
 from __future__ import annotations
