@@ -12,6 +12,8 @@ distils). All rows are measured in one run.
     OMP_NUM_THREADS=1 python bench/pool_vs_base.py                 # the quickstart's phases
     OMP_NUM_THREADS=1 python bench/pool_vs_base.py --epochs 0.05 0.05 0.05   # a smoke run
     OMP_NUM_THREADS=1 python bench/pool_vs_base.py --lr 0.01 0.005 0.005 --inits base   # another lr
+    OMP_NUM_THREADS=1 python bench/pool_vs_base.py --no-reorder --pool-kd 0 --inits base
+                                                   # shrinking phases without re-ordering or KD
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -56,12 +59,25 @@ def main() -> None:
         default=["base", "random"],
         help="which pools to train (default both)",
     )
+    ap.add_argument(
+        "--no-reorder",
+        action="store_true",
+        help="pool.reorder: false (no channel re-ordering before the shrinking phases)",
+    )
+    ap.add_argument(
+        "--pool-kd",
+        type=float,
+        default=None,
+        help="pool.kd's feature, soft-logit and localization weights (default: the study's)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--root", type=Path, default=None, help="work folder (default: a temporary one)"
     )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
+    if args.pool_kd is not None and not (math.isfinite(args.pool_kd) and args.pool_kd >= 0):
+        raise SystemExit(f"--pool-kd {args.pool_kd:g}: must be a number ≥ 0")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.set_num_threads(args.threads)
     if args.root is None:
@@ -90,6 +106,12 @@ def run(root: Path, args: argparse.Namespace) -> None:
     base = checkpoint.detector
     resolution = spec.base.resolution or checkpoint.spec.input.size
     pool_spec = _phases(_phases(spec.pool, "epochs", args.epochs), "lr", args.lr)
+    if args.no_reorder:
+        pool_spec = dataclasses.replace(pool_spec, reorder=False)
+    if args.pool_kd is not None:
+        w = args.pool_kd
+        kd = dataclasses.replace(pool_spec.kd, feat_weight=w, cls_weight=w, loc_weight=w)
+        pool_spec = dataclasses.replace(pool_spec, kd=kd)
 
     def check(pool: ElasticPool) -> TeacherCheck:
         assets = StudyAssets(spec, train_set, val_set, pool, "", resolution, 0)
@@ -116,6 +138,11 @@ def run(root: Path, args: argparse.Namespace) -> None:
 
     phases = ", ".join(f"{p.name} {p.epochs:g} ep lr {p.lr:g}" for p in pool_spec.phases)
     print(f"quickstart pool {pool_spec.space.describe()}; phases: {phases}")
+    kd = pool_spec.kd
+    print(
+        f"re-ordering {'on' if pool_spec.reorder else 'off'}; shrinking phases' KD weights "
+        f"{kd.feat_weight:g} / {kd.cls_weight:g} / {kd.loc_weight:g} (feature / logits / loc)"
+    )
     print(
         f"teacher check at {rows[0][2].resolution} on the selection split ({len(val_set)} images)"
     )
