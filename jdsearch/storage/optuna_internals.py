@@ -10,12 +10,13 @@ import abc
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -28,14 +29,18 @@ from jdsearch.storage.reconnect import is_disconnect
 
 __all__ = [
     "HeartbeatStorage",
+    "HeldAttrs",
     "beat_if_running",
     "cached_storage",
+    "created_trial",
     "heartbeat_ages",
     "keep_alive",
     "last_heartbeat",
     "lost_trial",
     "muted_trial_failures",
     "pop_waiting_trial",
+    "read_study_system_attrs",
+    "save_dashboard_note",
     "set_running_attrs",
     "set_running_user_attr",
     "set_study_system_attr",
@@ -43,10 +48,15 @@ __all__ = [
     "set_trial_system_attr",
     "stale_trial_ids",
     "storage_of",
+    "stored_trial",
     "study_system_attrs",
+    "trial_by_number",
     "trial_id_by_system_attr",
     "trial_of",
+    "trial_sketches",
+    "trials_with",
     "write_trial_attrs",
+    "write_trial_note",
 ]
 
 
@@ -56,10 +66,31 @@ def storage_of(study: optuna.Study) -> BaseStorage:
     return study._storage
 
 
-def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
-    """The study's system attributes. ``Study.system_attrs`` was removed in optuna 5; the storage
-    method is public but needs the private ``_study_id``."""
-    return storage_of(study).get_study_system_attrs(study._study_id)
+def study_system_attrs(study: optuna.Study, prefix: str = "") -> dict[str, Any]:
+    """The study's system attributes (with ``prefix``: only those whose key starts with it, read
+    alone where the storage can: ``ResilientStorage.study_system_attrs_with``; the others hold
+    the spec and every trial's dashboard note). ``Study.system_attrs`` was removed in optuna 5;
+    the storage method is public but needs the private ``_study_id``."""
+    storage = storage_of(study)
+    some = getattr(storage, "study_system_attrs_with", None)
+    if prefix and some is not None:
+        return some(study._study_id, prefix)
+    attrs = storage.get_study_system_attrs(study._study_id)
+    return {k: v for k, v in attrs.items() if k.startswith(prefix)}
+
+
+def read_study_system_attrs(storage: RDBStorage, study_id: int, prefix: str) -> dict[str, Any]:
+    """The system attributes of study ``study_id`` whose key starts with ``prefix``, read alone:
+    Optuna reads them all (``get_study_system_attrs``). Its tables are private models."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    attr = models.StudySystemAttributeModel
+    query = sqlalchemy.select(attr.key, attr.value_json).where(
+        attr.study_id == study_id, attr.key.startswith(prefix, autoescape=True)
+    )
+    with storage.engine.connect() as conn:
+        return {key: json.loads(value) for key, value in conn.execute(query).all()}
 
 
 def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
@@ -119,16 +150,9 @@ def write_trial_attrs(
     ~25 attributes cost ~25 transactions, the largest part of the storage's time in a trial
     (bench/load.py). The rows are those Optuna writes (``value_json`` is ``json.dumps`` of the
     value), and a finished trial is refused as Optuna refuses it."""
-    import sqlite3
-
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = storage.engine.name
-    inserts = {"postgresql": postgresql.insert}
-    if sqlite3.sqlite_version_info >= (3, 24, 0):
-        inserts["sqlite"] = sqlite.insert
     with _create_scoped_session(storage.scoped_session, True) as session:
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
         storage.check_trial_is_updatable(trial_id, trial.state)
@@ -138,20 +162,120 @@ def write_trial_attrs(
         ):
             if not attrs:
                 continue
-            if dialect not in inserts:
-                for key, value in attrs.items():
-                    storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            if _upsert(session, storage, model, "trial_id", trial_id, attrs):
                 continue
-            rows = [
-                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-                for k, v in attrs.items()
-            ]
-            stmt = inserts[dialect](model).values(rows)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[model.trial_id, model.key],
-                set_={"value_json": stmt.excluded.value_json},
-            )
-            session.execute(stmt)
+            for key, value in attrs.items():
+                storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def _upsert(
+    session: Any, storage: RDBStorage, model: Any, owner: str, owner_id: int, attrs: Mapping
+) -> bool:
+    """Insert or replace the attribute rows ``attrs`` of ``model`` (a trial's or a study's
+    attribute table; ``owner``: its id column) in one statement, where the dialect has an upsert
+    (PostgreSQL, SQLite 3.24+); ``False``, and nothing written, elsewhere. Optuna's own models
+    are private (``optuna.storages._rdb.models``)."""
+    import sqlite3
+
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    inserts = {"postgresql": postgresql.insert}
+    if sqlite3.sqlite_version_info >= (3, 24, 0):
+        inserts["sqlite"] = sqlite.insert
+    insert = inserts.get(storage.engine.name)
+    if insert is None:
+        return False
+    rows = [{owner: owner_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    stmt = insert(model).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[getattr(model, owner), model.key],
+        set_={"value_json": stmt.excluded.value_json},
+    )
+    session.execute(stmt)
+    return True
+
+
+def write_trial_note(storage: RDBStorage, study_id: int, trial_id: int, body: str) -> bool:
+    """Save ``body`` as optuna-dashboard's note of trial ``trial_id`` (its next version) as
+    ``optuna_dashboard.save_note`` stores it, study system attributes: the version, the body in
+    chunks, and a former version's extra chunks emptied. One transaction, which reads this
+    trial's note only; ``save_note`` reads every study system attribute (every note of the
+    study) twice and commits each attribute on its own. On PostgreSQL the commit does not wait
+    for the disk (``synchronous_commit`` off for this transaction alone): other sessions see the
+    note at once, and the next synchronous commit (the worker's next write) makes it durable; a
+    server crash in between loses the note only, a courtesy. The keys and chunks are the private
+    ``optuna_dashboard._note``'s, the tables Optuna's private models. ``False``, and nothing
+    written, where the dialect has no upsert (:func:`_upsert`)."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+    attr = models.StudySystemAttributeModel
+    ver_key, prefix = note_ver_key(trial_id), note_str_key_prefix(trial_id)
+    mine = sqlalchemy.or_(attr.key == ver_key, attr.key.startswith(prefix, autoescape=True))
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        if storage.engine.name == "postgresql":
+            session.execute(sqlalchemy.text("SET LOCAL synchronous_commit TO OFF"))
+        query = sqlalchemy.select(attr.key, attr.value_json).where(attr.study_id == study_id, mine)
+        old = dict(session.execute(query).all())
+        chunks = split_body(body, trial_id)
+        was = sum(1 for k in old if k.startswith(prefix))
+        attrs = {
+            ver_key: int(json.loads(old.get(ver_key, "0"))) + 1,
+            **chunks,
+            **{f"{prefix}{i}": "" for i in range(len(chunks), was)},
+        }
+        return _upsert(session, storage, attr, "study_id", study_id, attrs)
+
+
+def save_dashboard_note(study: optuna.Study, trial: FrozenTrial, body: str) -> None:
+    """``optuna_dashboard.save_note`` of ``trial`` (any state), through the storage's
+    ``save_trial_note`` in one transaction where it has one (``ResilientStorage``,
+    :func:`write_trial_note`), else through ``save_note`` itself on a :func:`trial_of`. The
+    storage calls need the private ``_study_id`` and ``_trial_id``."""
+    from optuna_dashboard import save_note
+
+    at_once = getattr(storage_of(study), "save_trial_note", None)
+    if at_once is None or not at_once(study._study_id, trial._trial_id, body):
+        save_note(trial_of(study, trial), body)
+
+
+def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """Trial ``number`` of ``study``; ``None`` when it has none. A finished trial comes from the
+    cache Optuna keeps in front of an RDB storage (filled by the reads of the study's trials),
+    without a round trip, where ``study.get_trials`` reads every running and new trial again.
+    The storage's calls need the private ``_study_id``."""
+    storage = storage_of(study)
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    except KeyError:
+        return None
+    return storage.get_trial(trial_id)
+
+
+def trials_with(
+    study: optuna.Study,
+    user: Sequence[str] = (),
+    params: Sequence[str] = (),
+    system: Sequence[str] = (),
+) -> list[FrozenTrial]:
+    """The study's trials as the database holds them now, by number, with (at least) the named
+    user attributes, parameters and system attributes: in one query where the storage has
+    ``trial_sketches`` (``ResilientStorage``, :func:`trial_sketches`), else whole
+    (``study.get_trials``). The storage call needs the private ``_study_id``."""
+    sketches = getattr(storage_of(study), "trial_sketches", None)
+    if sketches is None:
+        return study.get_trials(deepcopy=False)
+    return sketches(study._study_id, user, params, system)
+
+
+def stored_trial(trial: optuna.Trial) -> FrozenTrial:
+    """The running ``trial`` as Optuna read it from the storage when the trial began (its system
+    attributes, those a retry inherits included), and the user attributes set through it since:
+    ``Trial`` keeps that copy in the private ``_cached_frozen_trial`` and no longer exposes its
+    system attributes (optuna 5); reading it again would cost a read of the trial."""
+    return trial._cached_frozen_trial
 
 
 def set_running_attrs(
@@ -165,6 +289,20 @@ def set_running_attrs(
     _write_attrs(storage, trial._trial_id, user, system)
     for key, value in user.items():
         trial.set_user_attr(key, value)
+
+
+class HeldAttrs:
+    """A stand-in for a storage, for ``optuna.artifacts.upload_artifact(..., storage=...)`` of a
+    trial: the artifact's attribute (``artifacts:<id>``, the artifact's description) goes into
+    ``system`` rather than to the database, to be written with the trial's other attributes in
+    one transaction (:func:`set_trial_attrs`). ``upload_artifact`` calls nothing else of a
+    trial's storage (``tests/test_optuna_contract.py`` checks it)."""
+
+    def __init__(self, system: dict[str, Any]) -> None:
+        self.system = system
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.system[key] = value
 
 
 def trial_of(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
@@ -336,6 +474,7 @@ class _CreateOnce:
 
     def __init__(self, backend: RDBStorage) -> None:
         self.backend = backend
+        self.created: FrozenTrial | None = None  # the trial created last, as created
 
     def __getattr__(self, name: str) -> Any:  # what the proxy itself lacks: the backend's
         if "backend" not in self.__dict__:  # being unpickled
@@ -345,12 +484,108 @@ class _CreateOnce:
     def _create_new_trial(self, study_id: int, template: FrozenTrial | None = None) -> FrozenTrial:
         for attempt in range(1, 6):
             try:
-                return _create_trial(self.backend, study_id, template)
+                frozen = _create_trial(self.backend, study_id, template)
+                self.created = copy.deepcopy(frozen)  # the cache keeps (and may update) its own
+                return frozen
             except StorageInternalError as e:
                 if attempt == 5 or is_disconnect(e):
                     raise
                 time.sleep(random.random() * 2.0)
         raise AssertionError("unreachable")
+
+
+def created_trial(storage: BaseStorage, trial_id: int) -> FrozenTrial | None:
+    """Trial ``trial_id`` as :func:`cached_storage` ``storage`` has just created it (what the
+    database holds until it is written to), taken once; ``None`` when it created another one
+    last, or none since the last take. The creator is under the cache's private ``_backend``,
+    and a trial's id is the private ``_trial_id``."""
+    creator = getattr(storage, "_backend", None)
+    if not isinstance(creator, _CreateOnce):
+        return None
+    made, creator.created = creator.created, None
+    return made if made is not None and made._trial_id == trial_id else None
+
+
+def trial_sketches(
+    storage: RDBStorage,
+    study_id: int,
+    user: Sequence[str] = (),
+    params: Sequence[str] = (),
+    system: Sequence[str] = (),
+) -> list[FrozenTrial]:
+    """Every trial of study ``study_id``, by number, with its state and only the named user
+    attributes, parameters and system attributes (those it has), in one query. Optuna reads a
+    trial whole, with five more queries for its attributes, parameters and values, and its cache
+    reads every running trial again at each read of the study. The tables are its private
+    models."""
+    query, columns = _sketch_query(tuple(user), tuple(params), tuple(system))
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"study_id": study_id}).all()
+    dists: dict[str, Any] = {}  # json_to_distribution, once per distinct text
+    return [_sketch(row, columns, dists) for row in rows]
+
+
+@functools.lru_cache(maxsize=8)
+def _sketch_query(
+    user: tuple[str, ...], params: tuple[str, ...], system: tuple[str, ...]
+) -> tuple[Any, list[tuple[str, str]]]:
+    """:func:`trial_sketches`' statement (the study id bound at execution), built once, and the
+    (kind, name) of each table it joins, in its order: two cells each."""
+    import sqlalchemy
+    import sqlalchemy.orm
+    from optuna.storages._rdb import models
+
+    trial = models.TrialModel
+    query = sqlalchemy.select(trial.trial_id, trial.number, trial.state)
+    columns = []
+    for kind, model, names in (
+        ("user", models.TrialUserAttributeModel, user),
+        ("param", models.TrialParamModel, params),
+        ("system", models.TrialSystemAttributeModel, system),
+    ):
+        for name in names:
+            a = sqlalchemy.orm.aliased(model)
+            if kind == "param":
+                on, cells = a.param_name == name, (a.param_value, a.distribution_json)
+            else:
+                on, cells = a.key == name, (a.value_json, a.value_json)
+            query = query.outerjoin(a, sqlalchemy.and_(a.trial_id == trial.trial_id, on))
+            query = query.add_columns(*cells)
+            columns.append((kind, name))
+    study = sqlalchemy.bindparam("study_id")
+    return query.where(trial.study_id == study).order_by(trial.number), columns
+
+
+def _sketch(row: Any, columns: list[tuple[str, str]], dists: dict[str, Any]) -> FrozenTrial:
+    """A :func:`trial_sketches` row as a ``FrozenTrial``: what the row holds, nothing else;
+    ``dists``: the distributions decoded so far, by their JSON text."""
+    from optuna.distributions import json_to_distribution
+
+    trial_id, number, state, *cells = row
+    found: dict[str, dict[str, Any]] = {"user": {}, "param": {}, "system": {}, "dist": {}}
+    for (kind, name), value, extra in zip(columns, cells[::2], cells[1::2], strict=True):
+        if extra is None:  # the trial has no such attribute or parameter
+            continue
+        if kind == "param":
+            if extra not in dists:
+                dists[extra] = json_to_distribution(extra)
+            found["dist"][name] = dists[extra]
+            found["param"][name] = dists[extra].to_external_repr(value)
+        else:
+            found[kind][name] = json.loads(value)
+    return FrozenTrial(
+        number=number,
+        state=state,
+        value=None,
+        datetime_start=None,
+        datetime_complete=None,
+        params=found["param"],
+        distributions=found["dist"],
+        user_attrs=found["user"],
+        system_attrs=found["system"],
+        intermediate_values={},
+        trial_id=trial_id,
+    )
 
 
 def _create_trial(backend: RDBStorage, study_id: int, template: FrozenTrial | None) -> FrozenTrial:
@@ -404,12 +639,18 @@ def trial_id_by_system_attr(backend: RDBStorage, study_id: int, key: str, value:
         )
 
 
-def pop_waiting_trial(backend: RDBStorage, trial_id: int, key: str, token: str) -> bool:
+def pop_waiting_trial(
+    backend: RDBStorage,
+    trial_id: int,
+    key: str,
+    token: str,
+    also: Mapping[str, Any] | None = None,
+) -> bool:
     """``backend.set_trial_state_values(trial_id, RUNNING)`` (what a study's ``ask`` does to run
     a WAITING trial: ``False`` when another worker took it first), with the system attribute
-    ``key`` set to ``token`` in the same transaction; ``True`` also when the trial is RUNNING with
-    that token already: this pop's earlier attempt, whose commit took effect but whose answer was
-    lost. Optuna's call writes no attribute; this one uses its private models and helpers.
+    ``key`` set to ``token`` (and those in ``also``) in the same transaction; ``True`` also when
+    the trial is RUNNING with that token already: this pop's earlier attempt, whose commit took
+    effect but whose answer was lost. Optuna's call writes no attribute; this one uses its private models and helpers.
 
     Raises:
         UpdateFinishedTrialError: the trial is finished (as Optuna's call does).
@@ -425,9 +666,10 @@ def pop_waiting_trial(backend: RDBStorage, trial_id: int, key: str, token: str) 
             return mine is not None and mine.value_json == json.dumps(token)
         row.state = TrialState.RUNNING
         row.datetime_start = datetime.datetime.now()
-        backend._set_trial_attr_without_commit(
-            session, models.TrialSystemAttributeModel, trial_id, key, token
-        )
+        for name, value in {**(also or {}), key: token}.items():
+            backend._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial_id, name, value
+            )
     return True
 
 

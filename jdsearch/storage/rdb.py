@@ -8,7 +8,7 @@ import functools
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,14 @@ from jdsearch.storage.optuna_internals import (
     HeartbeatStorage,
     beat_if_running,
     cached_storage,
+    created_trial,
     pop_waiting_trial,
+    read_study_system_attrs,
     stale_trial_ids,
     trial_id_by_system_attr,
+    trial_sketches,
     write_trial_attrs,
+    write_trial_note,
 )
 from jdsearch.storage.reconnect import is_disconnect, retry_window_s, with_reconnect
 
@@ -42,11 +46,13 @@ def storage_for(
     url: str | None = None,
     on_stale: Callable[[Any, Any], None] | None = None,
     retry_attrs: Callable[[Any, Any], dict[str, Any]] | None = None,
+    started: Mapping[str, Any] | None = None,
 ) -> ResilientStorage:
     """The ``RDBStorage`` at ``url`` (default the spec's), with heartbeats and retries of stale
     trials, in a :class:`ResilientStorage`; creates a SQLite file's folder. ``on_stale(study,
     trial)`` is called after each stale trial is failed and re-queued (its note);
-    ``retry_attrs(study, trial)`` gives user attributes its retry carries (why it was retried)."""
+    ``retry_attrs(study, trial)`` gives user attributes its retry carries (why it was retried);
+    ``started``: system attributes of every trial this storage starts (which worker runs it)."""
     url = url or spec.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +68,8 @@ def storage_for(
                 grace_period=2 * hb,
                 heartbeat_stale_trial_callback=StaleTrialCallback(retry, on_stale, retry_attrs),
                 engine_kwargs={"pool_pre_ping": True},
-            )
+            ),
+            started,
         ),
         "storage: opening",
         window_s=min(OPEN_RETRY_S, retry_window_s()),
@@ -191,6 +198,7 @@ def _retried(name: str) -> Callable[..., Any]:
 
     @functools.wraps(getattr(RDBStorage, name))  # its name, signature and docs
     def call(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        self._fresh = None  # a write may follow: the trial just created is read again
         method = getattr(self._cached, name)
         return with_reconnect(lambda: method(*args, **kwargs), f"storage: {name}")
 
@@ -218,10 +226,17 @@ class ResilientStorage(HeartbeatStorage):
     interval) finds, once it is back, that another worker may have failed its trial as stale and
     re-queued it. Each heartbeat reads the trial's state (:meth:`record_heartbeat`), and a trial
     finished by another worker is *lost* (:meth:`is_lost`): its worker must not tell it.
+
+    ``started``: system attributes that every trial this storage starts running carries (a new
+    RUNNING trial, a popped WAITING one), written in the same transaction: which worker runs it,
+    without a write of its own.
     """
 
-    def __init__(self, backend: RDBStorage) -> None:
+    def __init__(self, backend: RDBStorage, started: Mapping[str, Any] | None = None) -> None:
         self.backend = backend
+        self.started = dict(started or {})
+        # The trial just created, as created, until it is read or a write comes (get_trial).
+        self._fresh: tuple[int, FrozenTrial] | None = None
         self._cached = cached_storage(backend)
         self._lost: set[int] = set()  # this worker's trials that another worker failed as stale
 
@@ -251,8 +266,48 @@ class ResilientStorage(HeartbeatStorage):
     set_trial_intermediate_value = _retried("set_trial_intermediate_value")
     set_trial_user_attr = _retried("set_trial_user_attr")
     set_trial_system_attr = _retried("set_trial_system_attr")
-    get_trial = _retried("get_trial")
-    get_all_trials = _retried("get_all_trials")
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        """Optuna's, through its cache, retried. The RUNNING trial this storage has just
+        created, asked for before any write (what a study's ``ask`` does at once), is the copy
+        it created: no other worker writes to a trial that another runs, and a trial that has
+        just started cannot be stale."""
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None and fresh[0] == trial_id:
+            return fresh[1]
+        return with_reconnect(lambda: self._cached.get_trial(trial_id), "storage: get_trial")
+
+    def trial_sketches(
+        self,
+        study_id: int,
+        user: Sequence[str] = (),
+        params: Sequence[str] = (),
+        system: Sequence[str] = (),
+    ) -> list[FrozenTrial]:
+        """The study's trials with only the named user attributes, parameters and system
+        attributes, read at once (:func:`~jdsearch.storage.optuna_internals.trial_sketches`),
+        retried."""
+        return with_reconnect(
+            lambda: trial_sketches(self.backend, study_id, user, params, system),
+            "storage: trial_sketches",
+        )
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        """Optuna's, through its cache, retried. The WAITING trials alone (what a study's ``ask``
+        looks for before it creates a trial) are read from the database itself, as fresh as the
+        cache would give them (it reads every unfinished trial again): the cache would also
+        fetch every running and new trial with them, which the sampler fetches again a moment
+        later."""
+        if isinstance(states, tuple) and states == (TrialState.WAITING,):
+            source = self.backend
+        else:
+            source = self._cached
+        return with_reconnect(
+            lambda: source.get_all_trials(study_id, deepcopy=deepcopy, states=states),
+            "storage: get_all_trials",
+        )
 
     def record_heartbeat(self, trial_id: int) -> None:
         """Beat the trial's heartbeat, retried, while it is RUNNING; a trial that another worker
@@ -288,9 +343,29 @@ class ResilientStorage(HeartbeatStorage):
         """A running trial's user and system attributes in one transaction
         (:func:`~jdsearch.storage.optuna_internals.write_trial_attrs`), retried whole: a retry
         writes the same values again."""
+        self._fresh = None
         with_reconnect(
             lambda: write_trial_attrs(self.backend, trial_id, user, system),
             "storage: set_trial_attrs",
+        )
+
+    def study_system_attrs_with(self, study_id: int, prefix: str) -> dict[str, Any]:
+        """The study's system attributes whose key starts with ``prefix``, read alone
+        (:func:`~jdsearch.storage.optuna_internals.read_study_system_attrs`), retried; the
+        others hold every trial's dashboard note, a read that grows with the study."""
+        return with_reconnect(
+            lambda: read_study_system_attrs(self.backend, study_id, prefix),
+            "storage: study_system_attrs_with",
+        )
+
+    def save_trial_note(self, study_id: int, trial_id: int, body: str) -> bool:
+        """Save ``body`` as trial ``trial_id``'s optuna-dashboard note in one transaction
+        (:func:`~jdsearch.storage.optuna_internals.write_trial_note`), retried whole: a retry
+        after a lost reply saves the same body as one more version. ``False``, and nothing
+        written, where the database has no upsert (the caller saves it as the dashboard does)."""
+        return with_reconnect(
+            lambda: write_trial_note(self.backend, study_id, trial_id, body),
+            "storage: save_trial_note",
         )
 
     def stale_trial_ids(self, study_id: int) -> list[int]:
@@ -306,7 +381,8 @@ class ResilientStorage(HeartbeatStorage):
         looks for the trial with that token. Without it, a commit whose answer was lost would
         leave a RUNNING trial that no worker runs or heartbeats, next to the one created again."""
         token = uuid.uuid4().hex
-        template = _with_token(template_trial, token)
+        running = template_trial is None or template_trial.state == TrialState.RUNNING
+        template = _with_token(template_trial, token, self.started if running else {})
         attempts = [0]
 
         def call() -> int:
@@ -319,7 +395,10 @@ class ResilientStorage(HeartbeatStorage):
                     return found
             return self._cached.create_new_trial(study_id, template)
 
-        return with_reconnect(call, "storage: create_new_trial")
+        trial_id = with_reconnect(call, "storage: create_new_trial")
+        made = created_trial(self._cached, trial_id)  # a new RUNNING trial is this worker's
+        self._fresh = (trial_id, made) if running and made is not None else None
+        return trial_id
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         """Optuna's, retried; a retry of a ``tell`` (COMPLETE or PRUNED) that finds the trial
@@ -328,10 +407,13 @@ class ResilientStorage(HeartbeatStorage):
         and counts the trial as taken by this call when a retry finds it there
         (:func:`~jdsearch.storage.optuna_internals.pop_waiting_trial`): else the trial would be
         left RUNNING, unrun and without a heartbeat, as "taken by another worker"."""
+        self._fresh = None
         if state == TrialState.RUNNING and values is None:
             token = uuid.uuid4().hex
             return with_reconnect(
-                lambda: pop_waiting_trial(self.backend, trial_id, POP_TOKEN_ATTR, token),
+                lambda: pop_waiting_trial(
+                    self.backend, trial_id, POP_TOKEN_ATTR, token, self.started
+                ),
                 f"storage: set_trial_state_values({trial_id}, RUNNING)",
             )
         attempts = [0]
@@ -362,9 +444,11 @@ class ResilientStorage(HeartbeatStorage):
         self.backend.remove_session()
 
 
-def _with_token(template: FrozenTrial | None, token: str) -> FrozenTrial:
+def _with_token(
+    template: FrozenTrial | None, token: str, also: Mapping[str, Any] | None = None
+) -> FrozenTrial:
     """``template`` (default: a new RUNNING trial, what Optuna creates without one), copied, with
-    the system attribute ``jdsearch:create_token`` set to ``token``."""
+    the system attribute ``jdsearch:create_token`` set to ``token``, and those in ``also``."""
     if template is None:
         template = FrozenTrial(
             number=-1,
@@ -381,5 +465,5 @@ def _with_token(template: FrozenTrial | None, token: str) -> FrozenTrial:
         )
     else:
         template = copy.deepcopy(template)
-    template.system_attrs = {**template.system_attrs, CREATE_TOKEN_ATTR: token}
+    template.system_attrs = {**template.system_attrs, **(also or {}), CREATE_TOKEN_ATTR: token}
     return template

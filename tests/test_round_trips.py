@@ -1,0 +1,238 @@
+"""What one search trial asks of the study's database, counted (``bench/load.py`` times it).
+
+Each shortcut a worker takes is checked against the long way it replaces: the trial ``ask``
+keeps as created, the waiting trials read without the cache, the note written in one
+transaction, the claim check's narrow read, the set-aside marks read alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState, create_trial
+from optuna_dashboard import get_note, save_note
+from sqlalchemy import event
+
+from jdsearch.search.record import (
+    BASE_MOVE,
+    DECISION_SYSATTR,
+    MOVE_PARAM,
+    PARENT_ATTR,
+    SET_ASIDE_PREFIX,
+    WORKER_SYSATTR,
+    decision_attrs,
+)
+from jdsearch.search.strategies import tried_moves
+from jdsearch.storage import optuna_internals as oi
+from jdsearch.storage.rdb import ResilientStorage
+
+from .test_sampler import VOCAB, add, ask_move, make, racing
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning"),
+]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+DIST = {MOVE_PARAM: CategoricalDistribution(VOCAB)}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'r.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def storage(url: str) -> Iterator[ResilientStorage]:
+    s = ResilientStorage(RDBStorage(url), started={WORKER_SYSATTR: "me:1"})
+    yield s
+    s.remove_session()
+    s.engine.dispose()
+
+
+class Statements:
+    """The statements the calling thread sends through ``engine``, and the transactions it
+    commits that wrote something (Optuna commits its reads too)."""
+
+    WRITES = ("INSERT", "UPDATE", "DELETE")
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.sql, self.writes = engine, [], 0
+        self.thread, self._dirty = threading.current_thread(), False
+
+    def _execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.current_thread() is self.thread:
+            self.sql.append(" ".join(statement.split()))
+            self._dirty = self._dirty or statement.split(None, 1)[0].upper() in self.WRITES
+
+    def _commit(self, conn: Any) -> None:
+        if threading.current_thread() is self.thread:
+            self.writes += self._dirty
+            self._dirty = False
+
+    def _rollback(self, conn: Any) -> None:
+        if threading.current_thread() is self.thread:
+            self._dirty = False
+
+    def __enter__(self) -> Statements:
+        event.listen(self.engine, "before_cursor_execute", self._execute)
+        event.listen(self.engine, "commit", self._commit)
+        event.listen(self.engine, "rollback", self._rollback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._execute)
+        event.remove(self.engine, "commit", self._commit)
+        event.remove(self.engine, "rollback", self._rollback)
+
+    def reads_of_all(self, table: str) -> list[str]:
+        """SELECTs of ``table`` that do not pick keys by their start (``LIKE``)."""
+        return [q for q in self.sql if q.startswith("SELECT") and table in q and "LIKE" not in q]
+
+
+def _fields(t: FrozenTrial) -> tuple[Any, ...]:
+    return (
+        t.number,
+        t.state,
+        t.params,
+        t.distributions,
+        t.user_attrs,
+        t.system_attrs,
+        t.datetime_start,
+        t.values,
+        t.intermediate_values,
+    )
+
+
+def test_ask_keeps_the_trial_it_created_as_the_database_holds_it(
+    storage: ResilientStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = optuna.create_study(storage=storage, study_name="ask")
+    reads: list[int] = []
+    read = storage._cached.get_trial
+    monkeypatch.setattr(storage._cached, "get_trial", lambda i: reads.append(i) or read(i))
+    with Statements(storage.engine) as s:
+        trial = study.ask()
+    assert reads == [] and s.writes == 1  # the creation, with the worker's name; no read back
+    kept = oi.stored_trial(trial)
+    assert _fields(kept) == _fields(storage.backend.get_trial(trial._trial_id))
+    assert kept.system_attrs[WORKER_SYSATTR] == "me:1"
+    trial.set_user_attr("later", 1)  # a write: the next read goes to the database
+    assert storage.get_trial(trial._trial_id).user_attrs == {"later": 1}
+    assert reads == [trial._trial_id]
+
+
+def test_a_popped_trial_names_the_worker_that_pops_it(
+    storage: ResilientStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = optuna.create_study(storage=storage, study_name="pop")
+    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs={WORKER_SYSATTR: "old"}))
+    sid, only = study._study_id, (TrialState.WAITING,)
+    cached = storage._cached.get_all_trials(sid, deepcopy=False, states=only)
+    monkeypatch.setattr(storage._cached, "get_all_trials", None)  # not through the cache
+    waiting = storage.get_all_trials(sid, deepcopy=False, states=only)
+    assert [_fields(t) for t in waiting] == [_fields(t) for t in cached] != []
+    monkeypatch.undo()
+    trial = study.ask()
+    assert trial.number == 0  # the waiting trial, popped
+    assert storage.backend.get_trial(trial._trial_id).system_attrs[WORKER_SYSATTR] == "me:1"
+
+
+def test_a_note_saved_in_one_transaction_is_the_dashboards_own(storage: ResilientStorage) -> None:
+    ours = optuna.create_study(storage=storage, study_name="ours")
+    theirs = optuna.create_study(storage=storage, study_name="theirs")
+    a, b = ours.ask(), theirs.ask()
+    for body in ("é" * 5000, "short", "**x**\n" * 400):  # 3 chunks, then 1 (2 emptied), then 2
+        with Statements(storage.engine) as s:
+            oi.save_dashboard_note(ours, oi.stored_trial(a), body)
+        save_note(b, body)
+        assert get_note(a) == get_note(b) == body
+        assert s.writes == 1 and not s.reads_of_all("study_system_attributes")
+        mine = {
+            k.replace(f":{a._trial_id}:", ":T:"): v for k, v in oi.study_system_attrs(ours).items()
+        }
+        dashboards = {
+            k.replace(f":{b._trial_id}:", ":T:"): v
+            for k, v in oi.study_system_attrs(theirs).items()
+        }
+        assert mine == dashboards
+
+
+def _claims_study(storage: Any) -> optuna.Study:
+    """Trials of every kind the claim check meets: finished with their move, running with a
+    claim only, running with the move, failed, waiting (a retry), and one without a parent."""
+    study = optuna.create_study(storage=storage, study_name="claims", direction="maximize")
+    add(study, BASE_MOVE, None, 1.0)
+    add(study, "layer_prune", 0, 0.5)
+    add(study, "channel_prune", 0, None, TrialState.FAIL)
+    claim = study.ask()
+    claimed = {DECISION_SYSATTR: "add_layer:1"}
+    oi.set_running_attrs(study, oi.stored_trial(claim), decision_attrs(0, "student"), claimed)
+    moved = study.ask()
+    moved.suggest_categorical(MOVE_PARAM, VOCAB)
+    moved.set_user_attr(PARENT_ATTR, 1)
+    study.ask()  # a trial without a parent yet
+    study.add_trial(
+        create_trial(
+            state=TrialState.WAITING,
+            params={MOVE_PARAM: "teacher:fpn=16"},
+            distributions=DIST,
+            user_attrs={PARENT_ATTR: 1},
+            system_attrs={DECISION_SYSATTR: "teacher:fpn=16"},
+        )
+    )
+    return study
+
+
+def test_the_claim_checks_narrow_read_sees_what_a_full_read_sees(
+    storage: ResilientStorage,
+) -> None:
+    study = _claims_study(storage)
+    names = ((PARENT_ATTR,), (MOVE_PARAM,), (DECISION_SYSATTR,))
+    with Statements(storage.engine) as s:
+        narrow = oi.trials_with(study, *names)
+    assert len(s.sql) <= 2  # the query (and a pool's ping)
+    full = study.get_trials(deepcopy=False)
+    assert [(t.number, t.state) for t in narrow] == [(t.number, t.state) for t in full]
+    for n, f in zip(narrow, full, strict=True):
+        assert n.user_attrs == {k: f.user_attrs[k] for k in names[0] if k in f.user_attrs}
+        assert n.params == {k: f.params[k] for k in names[1] if k in f.params}
+        assert n.system_attrs == {k: f.system_attrs[k] for k in names[2] if k in f.system_attrs}
+    for parent in (None, 0, 1, 2):
+        assert tried_moves(narrow, parent) == tried_moves(full, parent)
+    assert tried_moves(narrow, 0) == {"layer_prune", "channel_prune", "add_layer:1"}
+
+
+def test_a_claim_made_at_once_elsewhere_is_seen_through_the_narrow_read(url: str) -> None:
+    storage = ResilientStorage(RDBStorage(url))
+    study, sampler = make(top_k=1, freeze_student=0)
+    study = optuna.create_study(storage=storage, direction="maximize", sampler=sampler)
+    add(study, BASE_MOVE, None, 1.0)
+    choices = racing(study, sampler)
+    trial = ask_move(study)
+    assert len(choices) == 2  # the first choice lost the race: chosen again
+    assert trial.params[MOVE_PARAM] == choices[1][1] != choices[0][1]
+    storage.remove_session()
+    storage.engine.dispose()
+
+
+def test_only_the_set_aside_marks_are_read(storage: ResilientStorage) -> None:
+    study = optuna.create_study(storage=storage, study_name="aside")
+    for key in (f"{SET_ASIDE_PREFIX}3", f"{SET_ASIDE_PREFIX}12", "dashboard:1:note_ver", "x"):
+        oi.set_study_system_attr(study, key, "reason" if key != "x" else 1)
+    with Statements(storage.engine) as s:
+        marks = oi.study_system_attrs(study, SET_ASIDE_PREFIX)
+    assert marks == {f"{SET_ASIDE_PREFIX}3": "reason", f"{SET_ASIDE_PREFIX}12": "reason"}
+    assert not s.reads_of_all("study_system_attributes") and len(s.sql) <= 2
+    memory = optuna.create_study()  # a storage that reads all: the same, filtered
+    oi.set_study_system_attr(memory, f"{SET_ASIDE_PREFIX}3", "r")
+    oi.set_study_system_attr(memory, "other", "r")
+    assert oi.study_system_attrs(memory, SET_ASIDE_PREFIX) == {f"{SET_ASIDE_PREFIX}3": "r"}
