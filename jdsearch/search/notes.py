@@ -5,8 +5,9 @@ resolution, the held-out AP where ``jdsearch export`` measured it (rewritten the
 back to the base; a failed trial's note says why it failed (its ``fail_reason``), or that its worker was lost
 (a stale heartbeat) and which trial retries it. Notes are written after ``tell``, by an
 ``optimize`` callback (:class:`NoteWriter`) and by the stale-trial callback
-(:func:`note_lost_worker`), with ``optuna_dashboard.save_note`` (study system attributes, which
-Optuna accepts for a finished trial). Without optuna-dashboard nothing is written; a note that
+(:func:`note_lost_worker`), as ``optuna_dashboard.save_note`` stores them (study system
+attributes, which Optuna accepts for a finished trial; in one transaction on the search's
+storage, :func:`~jdsearch.storage.optuna_internals.save_dashboard_note`). Without optuna-dashboard nothing is written; a note that
 cannot be written is logged and never fails a trial.
 
 A trial whose worker was lost cannot take a ``fail_reason``: it is failed by another worker, and
@@ -26,7 +27,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from jdsearch.search.queries import lineage_of
+from jdsearch.search.queries import ancestry, lineage_of
 from jdsearch.search.record import (
     FAIL_REASON_ATTR,
     RETRY_OF_ATTR,
@@ -34,7 +35,7 @@ from jdsearch.search.record import (
     WORKER_SYSATTR,
     TrialRecord,
 )
-from jdsearch.storage.optuna_internals import last_heartbeat, trial_of
+from jdsearch.storage.optuna_internals import last_heartbeat, save_dashboard_note
 
 __all__ = [
     "NoteWriter",
@@ -99,7 +100,8 @@ def trial_note(
     metric: str = "AP",
     heldout: Mapping[str, Any] | None = None,
 ) -> str:
-    """The Markdown note of a finished ``trial`` among the study's ``trials``: ``metric`` names
+    """The Markdown note of a finished ``trial`` among the study's ``trials`` (its ancestry is
+    enough: :func:`~jdsearch.search.queries.ancestry`): ``metric`` names
     the score's metric (``score.metric``); ``heldout``: the trial's metrics on the held-out split
     (``metrics``, ``resolution``, ``images``, ``file``), where they were measured."""
     r = TrialRecord.from_trial(trial)
@@ -172,11 +174,11 @@ def save_trial_note(study: optuna.Study, trial: FrozenTrial, body: str) -> bool:
     """Save ``body`` as ``trial``'s optuna-dashboard note (a new version of it); ``False``, and
     nothing written, without optuna-dashboard or when the storage refuses (logged)."""
     try:
-        from optuna_dashboard import save_note
+        import optuna_dashboard  # noqa: F401
     except ImportError:
         return False
     try:
-        save_note(trial_of(study, trial), body)
+        save_dashboard_note(study, trial, body)
     except Exception as e:  # a note is a courtesy: never fail a trial or a worker over it
         log.warning("trial %d: its dashboard note was not saved (%s)", trial.number, e)
         return False
@@ -192,7 +194,7 @@ class NoteWriter:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         try:
-            body = trial_note(study.get_trials(deepcopy=False), trial, metric=self.metric)
+            body = trial_note(ancestry(study, trial), trial, metric=self.metric)
         except Exception as e:  # a hand-edited or foreign trial: no note rather than no search
             log.warning("trial %d: no dashboard note (%s)", trial.number, e)
             return
