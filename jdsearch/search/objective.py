@@ -84,6 +84,7 @@ from jdsearch.storage.optuna_internals import (
     set_study_system_attr,
     set_trial_attrs,
     set_trial_system_attr,
+    trial_by_number,
 )
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 
@@ -326,10 +327,12 @@ class _StopWhenLost:
 
 
 def _trial(study: optuna.Study, number: int) -> FrozenTrial:
-    for t in study.get_trials(deepcopy=False):
-        if t.number == number:
-            return t
-    raise TrialFailed(f"trial {number} does not exist in study {study.study_name!r}")
+    """Trial ``number`` (a parent: finished, read from the storage's cache of the trials the
+    sampler read)."""
+    found = trial_by_number(study, number)
+    if found is None:
+        raise TrialFailed(f"trial {number} does not exist in study {study.study_name!r}")
+    return found
 
 
 @dataclass

@@ -33,7 +33,7 @@ from jdsearch.core.errors import CheckpointError
 from jdsearch.engine.train import StateHook
 from jdsearch.search.record import STATE_SYSATTR
 from jdsearch.storage.artifacts import check_artifact_id
-from jdsearch.storage.optuna_internals import lost_trial, set_trial_system_attr
+from jdsearch.storage.optuna_internals import lost_trial, set_trial_system_attr, stored_trial
 from jdsearch.store.trainstate import TrainState, trainstate_from_bytes, trainstate_to_bytes
 
 __all__ = ["RESUMED_ATTR", "TrialStates", "first_attempt"]
@@ -45,14 +45,6 @@ log = logging.getLogger(__name__)
 #: User attribute of a retried attempt: the iteration it resumed at (0: it started over).
 RESUMED_ATTR = "resumed_from"
 _PREFIX = "trainstate-"
-
-
-def _frozen(trial: optuna.Trial) -> FrozenTrial:
-    """The running trial as stored (its system attributes, inherited ones included)."""
-    for t in trial.study.get_trials(deepcopy=False):
-        if t.number == trial.number:
-            return t
-    raise LookupError(f"trial {trial.number} is not in its study")  # pragma: no cover
 
 
 def first_attempt(trial: FrozenTrial) -> int | None:
@@ -68,7 +60,7 @@ class TrialStates:
     def __init__(self, store: Any, trial: optuna.Trial, every: int) -> None:
         self.store, self.trial, self.every = store, trial, every
         self.number = trial.number
-        frozen = _frozen(trial)
+        frozen = stored_trial(trial)  # as read when it began: inherited attributes too
         first = first_attempt(frozen)
         self.retry = first is not None
         #: Whose seed this attempt trains with: the first attempt's.
