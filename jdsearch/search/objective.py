@@ -84,6 +84,7 @@ from jdsearch.storage.optuna_internals import (
     set_study_system_attr,
     set_trial_attrs,
     set_trial_system_attr,
+    stored_trial,
     trial_by_number,
 )
 from jdsearch.store.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
@@ -394,8 +395,10 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         try:
-            # Set first (a retried trial inherits the killed attempt's system attrs, this one too).
-            set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
+            # Set first (a retried trial inherits the killed attempt's system attrs, this one too),
+            # unless the storage wrote it as the trial started (storage_for's `started`).
+            if stored_trial(trial).system_attrs.get(WORKER_SYSATTR) != worker_id():
+                set_trial_system_attr(trial, WORKER_SYSATTR, worker_id())
             move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
             parent = trial.user_attrs.get(PARENT_ATTR)
             return self._run(trial, move, parent)

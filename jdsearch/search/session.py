@@ -32,8 +32,15 @@ from jdsearch.search.assets import (
     upload_assets,
 )
 from jdsearch.search.notes import note_lost_worker, retry_attrs
-from jdsearch.search.objective import Objective, SearchContext, pool_moves, study_vocabulary
+from jdsearch.search.objective import (
+    Objective,
+    SearchContext,
+    pool_moves,
+    study_vocabulary,
+    worker_id,
+)
 from jdsearch.search.queries import create_or_load
+from jdsearch.search.record import WORKER_SYSATTR
 from jdsearch.search.sampler import HillClimbingSampler
 from jdsearch.search.strategies import (
     KDMode,
@@ -336,7 +343,11 @@ def open_storage(spec: StudySpec, storage_url: str | None = None) -> tuple[Resil
     """
     url = storage_url_for(spec, storage_url)
     try:
-        return storage_for(spec, url, on_stale=note_lost_worker, retry_attrs=retry_attrs), url
+        started = {WORKER_SYSATTR: worker_id()}  # each trial this worker starts says so
+        storage = storage_for(
+            spec, url, on_stale=note_lost_worker, retry_attrs=retry_attrs, started=started
+        )
+        return storage, url
     except JDSearchError:
         raise
     except Exception as e:  # SQLAlchemy/driver errors: unreachable server, bad credentials
