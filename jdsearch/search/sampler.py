@@ -24,6 +24,7 @@ from jdsearch.search.record import (
     FINETUNE_MOVE,
     MOVE_PARAM,
     PARENT_ATTR,
+    SET_ASIDE_PREFIX,
     decision_attrs,
     set_aside_trials,
 )
@@ -41,6 +42,7 @@ from jdsearch.storage.optuna_internals import (
     keep_alive,
     set_running_attrs,
     study_system_attrs,
+    trials_with,
 )
 
 __all__ = ["Decision", "Feasible", "HillClimbingSampler"]
@@ -161,8 +163,9 @@ class HillClimbingSampler(BaseSampler):
         same at once both write their claim before they read the study again, so at least one
         of them sees the other's and chooses again (both may); the parameter itself, which
         Optuna writes after this, cannot change."""
-        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        return d.move in tried_moves(others, d.parent)
+        # Only what tried_moves reads, from the database now (one query where it can).
+        now = trials_with(study, (PARENT_ATTR,), (MOVE_PARAM,), (DECISION_SYSATTR,))
+        return d.move in tried_moves([t for t in now if t.number != trial.number], d.parent)
 
     def sample_independent(
         self,
@@ -194,7 +197,7 @@ class HillClimbingSampler(BaseSampler):
             ]
             others = [t for t in trials if t.number != trial.number]
             # A trial whose checkpoint was found unreadable is never a parent again.
-            aside = set_aside_trials(study_system_attrs(study))
+            aside = set_aside_trials(study_system_attrs(study, SET_ASIDE_PREFIX))
             score = score_mode_of(study.directions)
             if score.rank([t for t in others if t.number not in aside], 1):
                 return self.choose(others, trial.number, aside, score=score), others
