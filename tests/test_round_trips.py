@@ -2,7 +2,8 @@
 
 Each shortcut a worker takes is checked against the long way it replaces: the trial ``ask``
 keeps as created, the waiting trials read without the cache, the note written in one
-transaction, the claim check's narrow read, the set-aside marks read alone.
+transaction, the claim check's narrow read, the set-aside marks read alone, the checkpoint's
+attribute written with the record.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from optuna_dashboard import get_note, save_note
 from sqlalchemy import event
 
+from jdsearch.search import objective
+from jdsearch.search.objective import write_record
 from jdsearch.search.record import (
     BASE_MOVE,
     DECISION_SYSATTR,
@@ -236,3 +240,40 @@ def test_only_the_set_aside_marks_are_read(storage: ResilientStorage) -> None:
     oi.set_study_system_attr(memory, f"{SET_ASIDE_PREFIX}3", "r")
     oi.set_study_system_attr(memory, "other", "r")
     assert oi.study_system_attrs(memory, SET_ASIDE_PREFIX) == {f"{SET_ASIDE_PREFIX}3": "r"}
+
+
+def test_the_checkpoints_attribute_written_with_the_record_names_it(
+    storage: ResilientStorage, tmp_path: Path
+) -> None:
+    study = optuna.create_study(storage=storage, study_name="held")
+    (tmp_path / "store").mkdir()
+    store = FileSystemArtifactStore(str(tmp_path / "store"))
+    trial = study.ask()
+    path = tmp_path / "trial-0.safetensors"
+    path.write_bytes(b"weights")
+    held: dict[str, Any] = {}
+    aid = upload_artifact(
+        study_or_trial=trial, file_path=str(path), artifact_store=store, storage=oi.HeldAttrs(held)
+    )
+    assert list(held) == [f"artifacts:{aid}"]
+    assert get_all_artifact_meta(trial) == []  # held, not written
+    with Statements(storage.engine) as s:
+        write_record(trial, {"h_value": 0.5}, {"jdsearch:arch": {"d": 1}}, held)
+    assert s.writes == 1
+    (meta,) = get_all_artifact_meta(trial)
+    assert (meta.artifact_id, meta.filename) == (aid, "trial-0.safetensors")
+
+
+def test_a_refused_record_still_names_its_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def refuse_the_record(trial: Any, user: dict, system: dict) -> None:
+        calls.append((dict(user), dict(system)))
+        if user:
+            raise ValueError("refused")
+
+    monkeypatch.setattr(objective, "set_trial_attrs", refuse_the_record)
+    held = {"artifacts:a": "{}"}
+    with pytest.raises(ValueError, match="refused"):
+        write_record(optuna.create_study().ask(), {"h_value": 1.0}, {"s": 2}, held)
+    assert calls == [({"h_value": 1.0}, {"artifacts:a": "{}", "s": 2}), ({}, held)]

@@ -80,6 +80,7 @@ from jdsearch.spec.settings import TrainConfig
 from jdsearch.spec.study import StudySpec
 from jdsearch.storage.artifacts import check_artifact_id
 from jdsearch.storage.optuna_internals import (
+    HeldAttrs,
     lost_trial,
     set_study_system_attr,
     set_trial_attrs,
@@ -235,9 +236,12 @@ class SearchContext:
         detector: Detector,
         extra: Mapping[str, Any],
         name: str,
+        held: dict[str, Any] | None = None,
     ) -> str:
         """Store ``detector``'s checkpoint (with ``extra``) as an artifact of ``trial`` (a trial or
-        the study) under the file name ``name``; returns the artifact id."""
+        the study) under the file name ``name``; returns the artifact id. ``held`` (a trial's
+        only): the system attributes that name the artifact go there, for the caller to write
+        with the trial's record, instead of to the storage at once."""
         data = checkpoint_to_bytes(
             detector,
             class_names=self.train_set.class_names,
@@ -249,7 +253,10 @@ class SearchContext:
             path = Path(tmp) / name
             path.write_bytes(data)
             return upload_artifact(
-                study_or_trial=trial, file_path=str(path), artifact_store=self.store
+                study_or_trial=trial,
+                file_path=str(path),
+                artifact_store=self.store,
+                storage=None if held is None else HeldAttrs(held),
             )
 
     # ------------------------------------------------------------------ the pool strategy
@@ -625,12 +632,17 @@ class Objective:
             return False
 
     def _upload_student(
-        self, trial: optuna.Trial, student: Detector, lineage: Mapping[str, Any]
+        self,
+        trial: optuna.Trial,
+        student: Detector,
+        lineage: Mapping[str, Any],
+        held: dict[str, Any],
     ) -> str:
-        """Upload the trained student; a store that fails (I/O, a database down past the retry
-        window) fails this trial only."""
+        """Upload the trained student (the attributes naming it go to ``held``); a store that
+        fails (I/O, a database down past the retry window) fails this trial only."""
+        name = f"trial-{trial.number}.safetensors"
         try:
-            return self.ctx.upload(trial, student, lineage, f"trial-{trial.number}.safetensors")
+            return self.ctx.upload(trial, student, lineage, name, held)
         except (JDSearchError, UpdateFinishedTrialError):  # the second: the trial is lost
             raise
         except Exception as e:
@@ -780,7 +792,8 @@ class Objective:
             "move": move,
             "teacher": "" if pair.teacher is None else str(pair.teacher),
         }
-        artifact_id = self._upload_student(trial, student, lineage)
+        held: dict[str, Any] = {}  # the attribute naming the checkpoint: written with the record
+        artifact_id = self._upload_student(trial, student, lineage, held)
         upload_s = time.perf_counter() - t3
         timings = {
             "train_s": trained.train_s,
@@ -815,8 +828,23 @@ class Objective:
             student_moves=tuple(feasible_actions(student, config=ctx.morph_config)),
         )
         user, system = record.to_attrs()  # system ones: machine-facing, hidden from `optuna trials`
-        set_trial_attrs(trial, user, system)  # in one transaction
+        write_record(trial, user, system, held)
         return record
+
+
+def write_record(
+    trial: optuna.Trial, user: dict[str, Any], system: dict[str, Any], held: dict[str, Any]
+) -> None:
+    """A trial's record (``user`` and ``system`` attributes) and the attributes ``held`` that
+    name its uploaded checkpoint, in one transaction. Where that fails, the checkpoint is still
+    named, alone if the trial takes it (``jdsearch gc`` removes a failed trial's checkpoint but
+    never an unnamed one in a shared ``file:`` store), and the error goes on."""
+    try:
+        set_trial_attrs(trial, user, {**held, **system})
+    except Exception:
+        with contextlib.suppress(Exception):  # a lost trial or a database still down refuses it
+            set_trial_attrs(trial, {}, held)
+        raise
 
 
 def is_out_of_memory(e: BaseException) -> bool:
