@@ -16,8 +16,10 @@ record and downloads its checkpoint, sleeps ``--trial-s`` (the stand-in for trai
 evaluation), uploads a safetensors checkpoint of ``--checkpoint-kb`` KB to the study's artifact
 store, writes a full ``TrialRecord`` and is told. Its H is the parent's plus a step fixed by
 (parent, move), so the hill climb has a lineage to climb. Left out: the resumable training's
-bookkeeping (a read of the trial) and the one-line summary printed per trial. Workers import no
-torch (a real worker does; 32 of them would not fit in this machine's memory).
+bookkeeping (no storage call: it keeps the trial Optuna read as it began, and a trial that saved
+no state removes none), the check that the trial is still this worker's before its upload (one
+heartbeat, ``lost_trial(trial, read=True)``) and the one-line summary printed per trial. Workers
+import no torch (a real worker does; 32 of them would not fit in this machine's memory).
 
 Reported against N, per trial of the N workers (the main thread's wall time, from the end of the
 previous trial to the end of this one: ask, tell and the note included):
@@ -143,19 +145,22 @@ class StandIn:
         )
         from jdsearch.spec.pool_space import SubnetSpace
         from jdsearch.storage.artifacts import check_artifact_id
-        from jdsearch.storage.optuna_internals import set_trial_system_attr
+        from jdsearch.storage.optuna_internals import (
+            HeldAttrs,
+            set_trial_system_attr,
+            stored_trial,
+            trial_by_number,
+        )
 
-        set_trial_system_attr(trial, WORKER_SYSATTR, f"{socket.gethostname()}:{os.getpid()}")
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        if stored_trial(trial).system_attrs.get(WORKER_SYSATTR) != worker:  # as Objective
+            set_trial_system_attr(trial, WORKER_SYSATTR, worker)
         move = trial.suggest_categorical(MOVE_PARAM, self.vocabulary)
         parent_no = trial.user_attrs.get(PARENT_ATTR)
         if move == BASE_MOVE:
             teacher, h = self.kd.root_teacher(self.space), 0.5
         else:
-            parent = next(
-                TrialRecord.from_trial(t)
-                for t in trial.study.get_trials(deepcopy=False)
-                if t.number == parent_no
-            )
+            parent = TrialRecord.from_trial(trial_by_number(trial.study, int(parent_no)))
             with self.clock.phase("artifacts"):
                 aid = check_artifact_id(parent.checkpoint, f"trial {parent_no}")
                 with self.store.open_reader(aid) as reader:
@@ -170,13 +175,17 @@ class StandIn:
 
             path = Path(tmp) / f"trial-{trial.number}.safetensors"
             path.write_bytes(self.checkpoint)
+            held: dict[str, Any] = {}  # as Objective.record: written with the record
             artifact = upload_artifact(
-                study_or_trial=trial, file_path=str(path), artifact_store=self.store
+                study_or_trial=trial,
+                file_path=str(path),
+                artifact_store=self.store,
+                storage=HeldAttrs(held),
             )
-        self.record(trial, artifact, "" if teacher is None else str(teacher), h)
+        self.record(trial, artifact, "" if teacher is None else str(teacher), h, held)
         return h
 
-    def record(self, trial: Any, artifact: str, teacher: str, h: float) -> None:
+    def record(self, trial: Any, artifact: str, teacher: str, h: float, held: dict) -> None:
         """The trial's :class:`TrialRecord`, as large as a real one (four resolutions)."""
         from jdsearch.search.record import TrialRecord
         from jdsearch.storage.optuna_internals import set_trial_attrs
@@ -206,7 +215,7 @@ class StandIn:
             student_moves=tuple(self.student_moves),
         )
         user, system = record.to_attrs()
-        set_trial_attrs(trial, user, system)  # as Objective.record writes them
+        set_trial_attrs(trial, user, {**held, **system})  # as Objective.record writes them
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -217,7 +226,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from jdsearch.core.errors import JDSearchError
     from jdsearch.core.files import read_bytes, read_text
     from jdsearch.search.notes import NoteWriter, note_lost_worker, retry_attrs
-    from jdsearch.search.record import TrialRecord
+    from jdsearch.search.record import WORKER_SYSATTR, TrialRecord
     from jdsearch.search.sampler import HillClimbingSampler
     from jdsearch.search.strategies import kd_mode_named, strategy_named, tried_moves
     from jdsearch.spec.detector import load_spec
@@ -229,7 +238,10 @@ def run_worker(args: argparse.Namespace) -> None:
     quiet_optuna()
     spec = load_study(quickstart_path())
     moves = json.loads(read_text(Path(args.moves)))
-    storage = storage_for(spec, args.url, on_stale=note_lost_worker, retry_attrs=retry_attrs)
+    started = {WORKER_SYSATTR: f"{socket.gethostname()}:{os.getpid()}"}  # as open_storage
+    storage = storage_for(
+        spec, args.url, on_stale=note_lost_worker, retry_attrs=retry_attrs, started=started
+    )
     store = make_artifact_store(spec.search.artifacts, args.url)
     kd, strategy, space = kd_mode_named(spec.kd.mode), strategy_named(spec.search.strategy), None
     space = spec.pool.space
@@ -263,6 +275,9 @@ def run_worker(args: argparse.Namespace) -> None:
     for name in [n for n in dir(BaseStorage) if not n.startswith("_")] + [
         "stale_trial_ids",
         "set_trial_attrs",
+        "save_trial_note",
+        "study_system_attrs_with",
+        "trial_sketches",
     ]:
         if callable(getattr(storage, name, None)):
             setattr(storage, name, clock.wrap("storage", getattr(storage, name), name))

@@ -3,7 +3,7 @@
 Each shortcut a worker takes is checked against the long way it replaces: the trial ``ask``
 keeps as created, the waiting trials read without the cache, the note written in one
 transaction, the claim check's narrow read, the set-aside marks read alone, the checkpoint's
-attribute written with the record.
+attribute written with the record. Then one trial's transactions and statements are bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from optuna_dashboard import get_note, save_note
 from sqlalchemy import event
 
 from jdsearch.search import objective
+from jdsearch.search.notes import NoteWriter
 from jdsearch.search.objective import write_record
 from jdsearch.search.record import (
     BASE_MOVE,
@@ -277,3 +278,32 @@ def test_a_refused_record_still_names_its_checkpoint(monkeypatch: pytest.MonkeyP
     with pytest.raises(ValueError, match="refused"):
         write_record(optuna.create_study().ask(), {"h_value": 1.0}, {"s": 2}, held)
     assert calls == [({"h_value": 1.0}, {"artifacts:a": "{}", "s": 2}), ({}, held)]
+
+
+def _bench_like_trial(trial: optuna.Trial) -> float:
+    """What a search trial does with the storage (``Objective``), training left out."""
+    if oi.stored_trial(trial).system_attrs.get(WORKER_SYSATTR) != "me:1":
+        oi.set_trial_system_attr(trial, WORKER_SYSATTR, "me:1")
+    move = trial.suggest_categorical(MOVE_PARAM, VOCAB)
+    parent = trial.user_attrs[PARENT_ATTR]
+    h = 0.5 if parent is None else oi.trial_by_number(trial.study, parent).value - 0.01
+    user = {"h_value": h, **{f"a{i}": i for i in range(20)}, "move": move}
+    write_record(trial, user, {"jdsearch:arch": {"d": 1}}, {"artifacts:x": "{}"})
+    return h
+
+
+def test_a_trials_transactions_and_reads_are_bounded(storage: ResilientStorage) -> None:
+    """One trial after the root writes in 6 transactions (its creation with the worker's name,
+    the claim, the move, the record with its checkpoint's name, the tell, the note), reads no
+    study attribute it does not need, and sends a bounded number of statements (the study's
+    trials are read twice: the sampler's choice, then the narrow check of its claim). The time
+    it takes: ``bench/load.py``."""
+    study, sampler = make(top_k=2, freeze_student=0)
+    study = optuna.create_study(storage=storage, direction="maximize", sampler=sampler)
+    study.optimize(_bench_like_trial, n_trials=3, callbacks=[NoteWriter()])
+    with Statements(storage.engine) as s:
+        study.optimize(_bench_like_trial, n_trials=1, callbacks=[NoteWriter()])
+    assert study.trials[-1].state == TrialState.COMPLETE
+    assert s.writes == 6, "\n".join(s.sql)
+    assert not s.reads_of_all("study_system_attributes")
+    assert len(s.sql) <= 50, "\n".join(s.sql)
