@@ -175,6 +175,18 @@ def _upsert(
     attribute table; ``owner``: its id column) in one statement, where the dialect has an upsert
     (PostgreSQL, SQLite 3.24+); ``False``, and nothing written, elsewhere. Optuna's own models
     are private (``optuna.storages._rdb.models``)."""
+    statement = _upsert_statement(storage.engine.name, model.__table__, owner)
+    if statement is None:
+        return False
+    rows = [{owner: owner_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    session.execute(statement, rows)  # one statement for all the rows (insertmanyvalues)
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _upsert_statement(dialect: str, table: Any, owner: str) -> Any:
+    """:func:`_upsert`'s statement for ``table``, built once (building it costs more than
+    sending it); ``None`` where ``dialect`` has no upsert."""
     import sqlite3
 
     from sqlalchemy.dialects import postgresql, sqlite
@@ -182,17 +194,13 @@ def _upsert(
     inserts = {"postgresql": postgresql.insert}
     if sqlite3.sqlite_version_info >= (3, 24, 0):
         inserts["sqlite"] = sqlite.insert
-    insert = inserts.get(storage.engine.name)
-    if insert is None:
-        return False
-    rows = [{owner: owner_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
-    stmt = insert(model).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[getattr(model, owner), model.key],
+    if dialect not in inserts:
+        return None
+    stmt = inserts[dialect](table)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c[owner], table.c.key],
         set_={"value_json": stmt.excluded.value_json},
     )
-    session.execute(stmt)
-    return True
 
 
 def write_trial_note(storage: RDBStorage, study_id: int, trial_id: int, body: str) -> bool:
