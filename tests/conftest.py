@@ -67,6 +67,14 @@ def pg_url() -> Iterator[str]:
         conn.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh SQLite file, then the test's PostgreSQL schema: a test that takes it runs on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
 def private_pg() -> Iterator[Any]:
     """A PostgreSQL server of the test's own (:class:`jdsearch.testing.PrivatePostgres`), which it

@@ -48,11 +48,6 @@ def payload(n: int, seed: int = 0) -> bytes:
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'study.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -48,16 +48,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 DIST = {MOVE_PARAM: CategoricalDistribution(VOCAB)}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'r.db'}"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
-def storage(url: str) -> Iterator[ResilientStorage]:
-    s = ResilientStorage(RDBStorage(url), started={WORKER_SYSATTR: "me:1"})
+def storage(db_url: str) -> Iterator[ResilientStorage]:
+    s = ResilientStorage(RDBStorage(db_url), started={WORKER_SYSATTR: "me:1"})
     yield s
     s.remove_session()
     s.engine.dispose()
@@ -216,8 +209,8 @@ def test_the_claim_checks_narrow_read_sees_what_a_full_read_sees(
     assert tried_moves(narrow, 0) == {"layer_prune", "channel_prune", "add_layer:1"}
 
 
-def test_a_claim_made_at_once_elsewhere_is_seen_through_the_narrow_read(url: str) -> None:
-    storage = ResilientStorage(RDBStorage(url))
+def test_a_claim_made_at_once_elsewhere_is_seen_through_the_narrow_read(db_url: str) -> None:
+    storage = ResilientStorage(RDBStorage(db_url))
     study, sampler = make(top_k=1, freeze_student=0)
     study = optuna.create_study(storage=storage, direction="maximize", sampler=sampler)
     add(study, BASE_MOVE, None, 1.0)
