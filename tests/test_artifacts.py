@@ -91,6 +91,36 @@ def test_round_trip_sizes(store: SQLArtifactStore, size: int) -> None:
         assert sink.getvalue() == data
 
 
+@pytest.mark.parametrize(
+    ("size", "transactions"),
+    [
+        (0, 1),
+        (1, 1),
+        (CHUNK - 1, 1),
+        (CHUNK, 1),
+        (CHUNK + 1, 2),
+        (3 * CHUNK, 3),
+        (3 * CHUNK + 1, 4),
+    ],
+)
+def test_an_upload_commits_once_per_chunk(
+    store: SQLArtifactStore, size: int, transactions: int
+) -> None:
+    """The header goes with the first chunk and the publish with the last: content that fits
+    one chunk is one transaction (each commit waits for the disk), n chunks are n."""
+    store.write("a", io.BytesIO(payload(CHUNK + 3, seed=7)))  # a version to replace
+    commits: list[object] = []
+    on_commit = commits.append  # one bound method, to remove the same one
+    sa.event.listen(store.engine, "commit", on_commit)
+    try:
+        store.write("a", io.BytesIO(payload(size, seed=size)))
+    finally:
+        sa.event.remove(store.engine, "commit", on_commit)
+    assert len(commits) == transactions
+    assert store.open_reader("a").read() == payload(size, seed=size)
+    assert count_rows(store) == (1, -(-size // CHUNK))
+
+
 def test_short_reads_from_input_still_make_full_chunks(tmp_path: Path) -> None:
     class Dribble(io.RawIOBase):
         """Returns at most 5 bytes per read, like a pipe or socket."""
@@ -293,8 +323,10 @@ def test_killed_writer_leaves_an_invisible_incomplete_upload(store: SQLArtifactS
     proc.start()
     proc.join(120)
     assert proc.exitcode == 3
-    # The dead process inserted its header and 3 chunks, but never published them.
-    assert count_rows(store) == (2, 2 + 3)
+    # The dead process inserted its header and 2 of its 3 chunks (a chunk is written once the
+    # next one is read: the read that killed it would have said whether the third was the last),
+    # but never published them.
+    assert count_rows(store) == (2, 2 + 2)
     assert store.open_reader("a").read() == old
     assert store.stat("a").size == len(old)
     assert store.list_ids() == ["a"]

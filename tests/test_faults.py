@@ -303,16 +303,21 @@ def test_gc_removes_partial_uploads_and_failed_trials_checkpoints(
     before = set(store.list_ids())
     assert kept <= before
 
-    # A worker killed mid-upload (nothing discards its chunks) ...
+    # A worker killed mid-upload (nothing discards its chunks) ... in chunks of 1 KiB: an upload
+    # that fits one chunk is one transaction, and one killed before it commits leaves nothing.
     class Killed(Exception):
         pass
 
     def dies(*_: Any) -> None:
         raise Killed
 
-    store._discard = dies  # type: ignore[method-assign]
+    chunked = SQLArtifactStore(url, chunk_size=1024)
+    chunked._discard = dies  # type: ignore[method-assign]
     with pytest.raises(Killed):
-        store.write("partial-upload", io.BufferedReader(BreaksAfter(io.BytesIO(b"x" * 9000), 5000)))
+        chunked.write(
+            "partial-upload", io.BufferedReader(BreaksAfter(io.BytesIO(b"x" * 9000), 5000))
+        )
+    chunked.close()
     # ... and a trial that uploaded its checkpoint, then failed.
     failed = study.ask()
     path = _file(Path(url.removeprefix("sqlite:///")).parent)

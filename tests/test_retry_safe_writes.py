@@ -120,28 +120,59 @@ def test_a_waiting_trial_whose_pop_reply_is_lost_is_run_by_its_worker(
 
 
 @pytest.mark.parametrize(
-    ("write", "sql", "pg_copy"),
+    ("write", "sql", "pg_copy", "times"),
     [
-        ("header", "INSERT INTO jdsearch_artifacts ", True),
-        ("chunk by COPY", "COPY ", True),
-        ("chunk by INSERT", "INSERT INTO jdsearch_artifact_chunks ", False),
-        ("publish", "UPDATE jdsearch_artifacts SET complete", True),
+        ("header, with the first chunk", "INSERT INTO jdsearch_artifacts ", True, 1),
+        ("first chunk by COPY", "COPY ", True, 1),
+        ("first chunk and the next by COPY", "COPY ", True, 2),
+        ("first chunk by INSERT", "INSERT INTO jdsearch_artifact_chunks ", False, 1),
+        ("publish, with the last chunk", "UPDATE jdsearch_artifacts SET complete", True, 1),
     ],
 )
 def test_an_upload_whose_write_reply_is_lost_completes(
-    pg_url: str, proxy: CommitCutter, write: str, sql: str, pg_copy: bool
+    pg_url: str, proxy: CommitCutter, write: str, sql: str, pg_copy: bool, times: int
 ) -> None:
-    content = bytes(range(256)) * 3 + b"tail"  # four chunks of 256 bytes and a short one
+    content = bytes(range(256)) * 3 + b"tail"  # three chunks of 256 bytes and a short one
     artifact_id = f"a-{uuid.uuid4().hex}"
     store = SQLArtifactStore(_via(proxy, pg_url), chunk_size=256, pg_copy=pg_copy)
     direct = SQLArtifactStore(pg_url)
     try:
-        proxy.arm(sql)
+        proxy.arm(sql, times=times)
         store.write(artifact_id, io.BytesIO(content))
-        assert len(proxy.cuts) == 1, write
+        assert len(proxy.cuts) == times, write
         with direct.open_reader(artifact_id) as reader:
             assert reader.read() == content
         assert [i.artifact_id for i in direct.complete()].count(artifact_id) == 1
+        assert artifact_id not in [a for a, _ in direct.list_incomplete(older_than_s=-60)]
+    finally:
+        store.close()
+        direct.close()
+
+
+@pytest.mark.parametrize("pg_copy", [True, False])
+def test_a_one_chunk_upload_whose_reply_is_lost_is_found_not_repeated(
+    pg_url: str, proxy: CommitCutter, pg_copy: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint that fits one chunk is one transaction (header, chunk, publish, the old
+    version's removal); its retry after the lost reply finds it published and writes nothing."""
+    artifact_id = f"a-{uuid.uuid4().hex}"
+    store = SQLArtifactStore(_via(proxy, pg_url), chunk_size=256, pg_copy=pg_copy)
+    direct = SQLArtifactStore(pg_url)
+    try:
+        direct.write(artifact_id, io.BytesIO(b"old version"))
+        proxy.arm("INSERT INTO jdsearch_artifacts ")
+        with caplog.at_level("INFO", logger="jdsearch.storage.artifacts"):
+            store.write(artifact_id, io.BytesIO(b"new version"))
+        assert len(proxy.cuts) == 1
+        cut = " ".join(proxy.cuts[0])
+        chunk = "COPY " if pg_copy else "INSERT INTO jdsearch_artifact_chunks "
+        for part in ("INSERT INTO jdsearch_artifacts ", chunk, "DELETE FROM jdsearch_artifacts "):
+            assert part in cut, part
+        assert caplog.text.count("an earlier attempt's write had arrived") == 1
+        with direct.open_reader(artifact_id) as reader:
+            assert reader.read() == b"new version"
+        headers = [i for i in direct.complete() if i.artifact_id == artifact_id]
+        assert len(headers) == 1 and headers[0].n_chunks == 1
         assert artifact_id not in [a for a, _ in direct.list_incomplete(older_than_s=-60)]
     finally:
         store.close()

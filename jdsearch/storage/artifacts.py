@@ -141,6 +141,17 @@ def _read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
             return
 
 
+@dataclass
+class _Upload:
+    """What one :meth:`SQLArtifactStore.write` has written so far."""
+
+    artifact_id: str
+    blob_id: str
+    size: int = 0
+    n_chunks: int = 0
+    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
+
+
 def _info(row: Any) -> ArtifactInfo:
     """The :class:`ArtifactInfo` of a header row."""
     return ArtifactInfo(**{f.name: getattr(row, f.name) for f in dataclasses.fields(ArtifactInfo)})
@@ -341,55 +352,80 @@ class SQLArtifactStore:
 
     # --------------------------------------------------------- ArtifactStore
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        """Store ``content_body`` (read to EOF, chunk by chunk) under ``artifact_id``."""
+        """Store ``content_body`` (read to EOF, chunk by chunk) under ``artifact_id``.
+
+        One transaction per chunk: the first also inserts the (incomplete) header, the last also
+        publishes it, so content that fits one chunk is one transaction. A chunk is written once
+        the next one is read (two chunks are held at most): only then is it known to be last.
+        """
         _check_id(artifact_id)
-        blob_id = uuid.uuid4().hex  # this upload's token: no other writer uses it
-        header = sa.insert(self.headers).values(
-            blob_id=blob_id,
-            artifact_id=artifact_id,
-            complete=False,
-            size=0,
-            sha256="",
-            n_chunks=0,
-            chunk_size=self.chunk_size,
-            created_at=time.time(),
-            completed_at=None,
-        )
-        written = sa.select(self.headers.c.blob_id).where(self.headers.c.blob_id == blob_id)
-        self._write_once(
-            lambda conn: conn.execute(header), lambda conn: conn.scalar(written) is not None
-        )
-        digest = hashlib.sha256()
-        size = 0
-        n_chunks = 0
+        up = _Upload(artifact_id, uuid.uuid4().hex)  # blob_id: this upload's token
+        chunks = _read_chunks(content_body, self.chunk_size)
         try:
-            for data in _read_chunks(content_body, self.chunk_size):
-                digest.update(data)
-                self._insert_chunk(blob_id, n_chunks, data)
-                size += len(data)
-                n_chunks += 1
-            self._transaction(
-                lambda conn: self._publish(
-                    conn, artifact_id, blob_id, size, digest.hexdigest(), n_chunks
-                )
-            )
+            data = next(chunks, None)
+            for following in chunks:
+                self._write_step(up, data)
+                data = following
+            self._write_step(up, data, last=True)
         except BaseException:
-            self._discard(blob_id)
+            self._discard(up.blob_id)
             raise
-        _logger.debug("artifact %s: wrote %d bytes in %d chunks", artifact_id, size, n_chunks)
+        _logger.debug("artifact %s: wrote %d bytes in %d chunks", artifact_id, up.size, up.n_chunks)
 
-    def _insert_chunk(self, blob_id: str, seq: int, data: bytes) -> None:
-        c = self.chunks.c
-        row = sa.insert(self.chunks).values(blob_id=blob_id, seq=seq, data=data)
-        stored = sa.select(sa.func.length(c.data)).where(c.blob_id == blob_id, c.seq == seq)
+    def _write_step(self, up: _Upload, data: bytes | None, last: bool = False) -> None:
+        """One transaction of upload ``up``: its header first if not yet written, then chunk
+        ``data`` (``None``: an empty upload has none), then, if ``last``, the publish. Written
+        once although retried (:meth:`_write_once`): what this step writes is keyed by the
+        upload's ``blob_id``, and a retry looks for it first."""
+        seq, with_header = up.n_chunks, not up.n_chunks
+        if data is not None:
+            up.digest.update(data)
+            up.size += len(data)
+            up.n_chunks += 1
+        final = (up.size, up.digest.hexdigest(), up.n_chunks) if last else None
 
-        def insert(conn: Connection) -> None:
-            if self._pg_copy:
-                _pg_copy_in(conn, self._chunks_sql(), blob_id, seq, data)
-            else:
-                conn.execute(row)
+        def body(conn: Connection) -> None:
+            if with_header:
+                conn.execute(self._header_insert(up, final))
+            if data is not None:
+                self._insert_chunk(conn, up.blob_id, seq, data)
+            if final is not None:
+                self._publish(conn, up, final, inserted=with_header)
 
-        self._write_once(insert, lambda conn: conn.scalar(stored) == len(data))
+        def landed(conn: Connection) -> bool:
+            if final is not None:
+                return self._published(conn, up.blob_id, final[0], final[1])
+            if with_header:
+                h = self.headers.c
+                return conn.scalar(sa.select(h.blob_id).where(h.blob_id == up.blob_id)) is not None
+            c = self.chunks.c
+            stored = sa.select(sa.func.length(c.data)).where(c.blob_id == up.blob_id, c.seq == seq)
+            return conn.scalar(stored) == len(data)  # type: ignore[arg-type]
+
+        self._write_once(body, landed)
+
+    def _header_insert(self, up: _Upload, final: tuple[int, str, int] | None) -> sa.Insert:
+        """The insert of ``up``'s header: published at once when ``final`` (size, sha256,
+        chunks) is known, else incomplete until :meth:`_publish`."""
+        size, sha, n = final if final is not None else (0, "", 0)
+        now = time.time()
+        return sa.insert(self.headers).values(
+            blob_id=up.blob_id,
+            artifact_id=up.artifact_id,
+            complete=final is not None,
+            size=size,
+            sha256=sha,
+            n_chunks=n,
+            chunk_size=self.chunk_size,
+            created_at=now,
+            completed_at=now if final is not None else None,
+        )
+
+    def _insert_chunk(self, conn: Connection, blob_id: str, seq: int, data: bytes) -> None:
+        if self._pg_copy:
+            _pg_copy_in(conn, self._chunks_sql(), blob_id, seq, data)
+        else:
+            conn.execute(sa.insert(self.chunks).values(blob_id=blob_id, seq=seq, data=data))
 
     def _write_once(
         self, body: Callable[[Connection], Any], landed: Callable[[Connection], bool]
@@ -425,25 +461,28 @@ class SQLArtifactStore:
         return self.engine.dialect.identifier_preparer.format_table(self.chunks)
 
     def _publish(
-        self, conn: Connection, artifact_id: str, blob_id: str, size: int, sha: str, n: int
+        self, conn: Connection, up: _Upload, final: tuple[int, str, int], inserted: bool
     ) -> None:
+        """Publish ``up`` with its ``final`` size, sha256 and chunk count (already so when its
+        header was ``inserted`` in this transaction) and delete the artifact's other versions."""
         h = self.headers.c
-        # A write first: on SQLite it takes the file's write lock before anything is read.
-        done = conn.execute(
-            sa.update(self.headers)
-            .where(h.blob_id == blob_id, h.complete.is_(False))
-            .values(complete=True, size=size, sha256=sha, n_chunks=n, completed_at=time.time())
-        )
-        if done.rowcount != 1 and self._published(conn, blob_id, size, sha):
-            return  # this publish's earlier attempt: its commit arrived, the answer was lost
-        if done.rowcount != 1:
-            raise CheckpointError(
-                f"artifact {artifact_id!r}: its incomplete upload {blob_id} vanished before it "
-                "was published (purged by purge_incomplete?); upload it again"
+        if not inserted:
+            size, sha, n = final
+            done = conn.execute(
+                sa.update(self.headers)
+                .where(h.blob_id == up.blob_id, h.complete.is_(False))
+                .values(complete=True, size=size, sha256=sha, n_chunks=n, completed_at=time.time())
             )
+            if done.rowcount != 1 and self._published(conn, up.blob_id, size, sha):
+                return  # an earlier attempt's, committed while this one waited on its row
+            if done.rowcount != 1:
+                raise CheckpointError(
+                    f"artifact {up.artifact_id!r}: its incomplete upload {up.blob_id} vanished "
+                    "before it was published (purged by purge_incomplete?); upload it again"
+                )
         self._delete_where(
             conn,
-            sa.and_(h.artifact_id == artifact_id, h.complete.is_(True), h.blob_id != blob_id),
+            sa.and_(h.artifact_id == up.artifact_id, h.complete.is_(True), h.blob_id != up.blob_id),
         )
 
     def _published(self, conn: Connection, blob_id: str, size: int, sha: str) -> bool:
