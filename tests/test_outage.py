@@ -12,6 +12,7 @@ two real workers; the shared server is never touched.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,14 +73,17 @@ def cut_off(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     when its network is down); the other storages of the test, other workers, are not cut off:
     they fail stale trials without beating."""
     flag = [False]
-    real = rdb_module.beat_if_running
 
-    def beat(backend: RDBStorage, trial_id: int) -> bool:
-        if flag[0]:
-            raise _down()
-        return real(backend, trial_id)
+    def cut(real: Callable[[RDBStorage, int], Any]) -> Callable[[RDBStorage, int], Any]:
+        def call(backend: RDBStorage, trial_id: int) -> Any:
+            if flag[0]:
+                raise _down()
+            return real(backend, trial_id)
 
-    monkeypatch.setattr(rdb_module, "beat_if_running", beat)
+        return call
+
+    for name in ("beat_if_running", "running_beat_age"):  # the beat, and the read of is_lost
+        monkeypatch.setattr(rdb_module, name, cut(getattr(rdb_module, name)))
     return flag
 
 
@@ -112,6 +116,44 @@ def test_a_heartbeat_finds_its_trial_failed_as_stale_and_does_not_beat_it(tmp_pa
     assert not lost_trial(kept, RDBStorage(url), read=True)  # a storage that cannot tell
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 's.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_the_check_before_the_upload_reads_and_beats_only_an_overdue_trial(any_url: str) -> None:
+    """``is_lost(read=True)`` (asked before a trial's upload) reads the trial: no write for a
+    trial whose heartbeat is on time (a commit waits for the disk), a beat for one whose beat is
+    overdue (so that it does not go stale as its worker finishes it), lost for one another
+    worker failed, which it does not beat."""
+    on_time, late = _worker_storage(any_url, heartbeat=30), _worker_storage(any_url, heartbeat=1)
+    study = optuna.create_study(storage=on_time, study_name=f"s{uuid.uuid4().hex[:6]}")
+    mine, overdue, taken = study.ask(), study.ask(), study.ask()
+    for t in (mine, overdue, taken):
+        on_time.record_heartbeat(t._trial_id)
+    RDBStorage(any_url).set_trial_state_values(taken._trial_id, TrialState.FAIL)
+    beats = {t.number: last_heartbeat(study, t) for t in study.get_trials(deepcopy=False)}
+    time.sleep(1.1)  # SQLite's clock counts whole seconds; past `late`'s interval
+    sql: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sql.append(statement.split(None, 1)[0].upper())
+
+    sa.event.listen(on_time.engine, "before_cursor_execute", note)
+    try:
+        assert not on_time.is_lost(mine._trial_id, read=True)
+        assert on_time.is_lost(taken._trial_id, read=True)
+    finally:
+        sa.event.remove(on_time.engine, "before_cursor_execute", note)
+    assert sql and not {"INSERT", "UPDATE", "DELETE"} & set(sql), sql
+    assert not late.is_lost(overdue._trial_id, read=True)
+    after = {t.number: last_heartbeat(study, t) for t in study.get_trials(deepcopy=False)}
+    assert after[mine.number] == beats[mine.number] and after[taken.number] == beats[taken.number]
+    assert after[overdue.number] > beats[overdue.number]
+
+
 def test_a_heartbeat_past_the_retry_window_warns_and_the_next_one_tries_again(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -127,6 +169,10 @@ def test_a_heartbeat_past_the_retry_window_warns_and_the_next_one_tries_again(
     (line,) = [r.getMessage() for r in caplog.records if "still unreachable" in r.getMessage()]
     assert line.startswith("storage: record_heartbeat: the database is still unreachable (")
     assert "\n" not in line and not mine.is_lost(trial._trial_id)
+    caplog.clear()
+    assert not mine.is_lost(trial._trial_id, read=True)  # the read, cut off too: no exception
+    (line,) = [r.getMessage() for r in caplog.records if "still unreachable" in r.getMessage()]
+    assert line.startswith("storage: is_lost: the database is still unreachable (")
     cut_off[0] = False
     mine.record_heartbeat(trial._trial_id)
     assert not mine.is_lost(trial._trial_id)

@@ -40,6 +40,7 @@ __all__ = [
     "muted_trial_failures",
     "pop_waiting_trial",
     "read_study_system_attrs",
+    "running_beat_age",
     "save_dashboard_note",
     "set_running_attrs",
     "set_running_user_attr",
@@ -362,6 +363,32 @@ def beat_if_running(backend: RDBStorage, trial_id: int) -> bool:
         else:
             beat.heartbeat = session.execute(sqlalchemy.func.now()).scalar_one()
     return True
+
+
+def running_beat_age(backend: RDBStorage, trial_id: int) -> tuple[bool, float | None]:
+    """Whether trial ``trial_id`` is RUNNING, and the seconds since its last heartbeat on the
+    database's clock (``None``: it never beat), in one read that writes nothing (a commit waits
+    for the disk, ~4 ms on PostgreSQL; a read ~0.3 ms). The tables are in the private
+    ``optuna.storages._rdb.models``."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    trials, beats = models.TrialModel, models.TrialHeartbeatModel
+    with backend.engine.connect() as conn:
+        row = conn.execute(
+            sqlalchemy.select(trials.state, beats.heartbeat, sqlalchemy.func.now())
+            .select_from(trials)
+            .outerjoin(beats, beats.trial_id == trials.trial_id)
+            .where(trials.trial_id == trial_id)
+        ).first()
+    if row is None:
+        return False, None
+    state, beat, now = row
+    if beat is None:
+        return state == TrialState.RUNNING, None
+    # PostgreSQL's now() is aware, the stored times naive
+    age = now.replace(tzinfo=None) - beat.replace(tzinfo=None)
+    return state == TrialState.RUNNING, age.total_seconds()
 
 
 def lost_trial(trial: optuna.Trial | FrozenTrial, storage: Any = None, read: bool = False) -> bool:

@@ -24,6 +24,7 @@ from jdsearch.storage.optuna_internals import (
     created_trial,
     pop_waiting_trial,
     read_study_system_attrs,
+    running_beat_age,
     stale_trial_ids,
     trial_id_by_system_attr,
     trial_sketches,
@@ -314,28 +315,49 @@ class ResilientStorage(HeartbeatStorage):
         failed as stale meanwhile is not beaten but lost (:meth:`is_lost`). Where the database
         stays unreachable past the retry window, the beat is given up with a warning rather than
         raised: Optuna's heartbeat thread would die of it, and the next beat tries again."""
+        running = self._ask_db(
+            lambda: beat_if_running(self.backend, trial_id),
+            "storage: record_heartbeat",
+            "the next heartbeat tries again",
+        )
+        if running is False:
+            self._lost.add(trial_id)
+
+    def _ask_db(self, call: Callable[[], Any], what: str, then: str) -> Any:
+        """``call()``, retried while the database is unreachable; past the retry window, a
+        warning (``what``, ``then``) and ``None``."""
         try:
-            running = with_reconnect(
-                lambda: beat_if_running(self.backend, trial_id), "storage: record_heartbeat"
-            )
+            return with_reconnect(call, what)
         except Exception as e:
             if not is_disconnect(e):
                 raise
             _log.warning(
-                "storage: record_heartbeat: the database is still unreachable (%s); "
-                "the next heartbeat tries again",
-                root_cause(e),
+                "%s: the database is still unreachable (%s); %s", what, root_cause(e), then
             )
-            return
-        if not running:
-            self._lost.add(trial_id)
+            return None
 
     def is_lost(self, trial_id: int, *, read: bool = False) -> bool:
         """Whether this worker's running trial ``trial_id`` was finished by another worker (failed
         as stale while this one could not beat its heartbeat): as a heartbeat found it, or, with
-        ``read``, as the database says now (retried; a RUNNING trial gets a heartbeat from it).
-        Ask before this worker tells the trial: a trial it told is finished too."""
-        if trial_id not in self._lost and read:
+        ``read``, as the database says now (retried). The read writes nothing, unless the trial
+        is RUNNING and its heartbeat is overdue (older than the interval: the worker was cut
+        off, or its heartbeat thread is late): then it beats it, as the heartbeat thread would,
+        so that the trial does not go stale while this worker finishes it. Ask before this
+        worker tells the trial: a trial it told is finished too."""
+        if trial_id in self._lost or not read:
+            return trial_id in self._lost
+        found = self._ask_db(
+            lambda: running_beat_age(self.backend, trial_id),
+            "storage: is_lost",
+            "the trial is taken as still this worker's",
+        )
+        if found is None:
+            return False
+        running, age = found
+        interval = self.backend.get_heartbeat_interval()
+        if not running:
+            self._lost.add(trial_id)
+        elif interval is not None and (age is None or age >= interval):
             self.record_heartbeat(trial_id)
         return trial_id in self._lost
 
