@@ -13,13 +13,13 @@ KD mode and pool space (a parent's feasible moves are read from its trial record
 ``SearchContext.feasible`` does), ``study.optimize`` with the dashboard notes' callback. Its
 trial sets the worker attribute, asks the sampler for its parent and move, reads the parent's
 record and downloads its checkpoint, sleeps ``--trial-s`` (the stand-in for training and
-evaluation), uploads a safetensors checkpoint of ``--checkpoint-kb`` KB to the study's artifact
+evaluation), checks that the trial is still its own (``lost_trial(trial, read=True)``: one
+read), uploads a safetensors checkpoint of ``--checkpoint-kb`` KB to the study's artifact
 store, writes a full ``TrialRecord`` and is told. Its H is the parent's plus a step fixed by
 (parent, move), so the hill climb has a lineage to climb. Left out: the resumable training's
 bookkeeping (no storage call: it keeps the trial Optuna read as it began, and a trial that saved
-no state removes none), the check that the trial is still this worker's before its upload (one
-heartbeat, ``lost_trial(trial, read=True)``) and the one-line summary printed per trial. Workers
-import no torch (a real worker does; 32 of them would not fit in this machine's memory).
+no state removes none) and the one-line summary printed per trial. Workers import no torch (a
+real worker does; 32 of them would not fit in this machine's memory).
 
 Reported against N, per trial of the N workers (the main thread's wall time, from the end of the
 previous trial to the end of this one: ask, tell and the note included):
@@ -136,6 +136,7 @@ class StandIn:
         self.clock = clock
 
     def __call__(self, trial: Any) -> float:
+        from jdsearch.core.errors import JDSearchError
         from jdsearch.search.record import (
             BASE_MOVE,
             MOVE_PARAM,
@@ -147,6 +148,7 @@ class StandIn:
         from jdsearch.storage.artifacts import check_artifact_id
         from jdsearch.storage.optuna_internals import (
             HeldAttrs,
+            lost_trial,
             set_trial_system_attr,
             stored_trial,
             trial_by_number,
@@ -170,6 +172,8 @@ class StandIn:
                 teacher = self.space.apply_move(teacher, move)
             h = float(parent.value) + step_of(int(parent_no), move)
         time.sleep(self.trial_s)  # training and evaluation
+        if lost_trial(trial, read=True):  # as Objective, before its upload
+            raise JDSearchError(f"trial {trial.number}: another worker failed it as stale")
         with self.clock.phase("artifacts"), tempfile.TemporaryDirectory() as tmp:
             from optuna.artifacts import upload_artifact
 
@@ -274,6 +278,7 @@ def run_worker(args: argparse.Namespace) -> None:
     sampler.sample_relative = clock.wrap("sampler", sampler.sample_relative)  # type: ignore[method-assign]
     for name in [n for n in dir(BaseStorage) if not n.startswith("_")] + [
         "stale_trial_ids",
+        "is_lost",
         "set_trial_attrs",
         "save_trial_note",
         "study_system_attrs_with",
