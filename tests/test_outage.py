@@ -116,24 +116,17 @@ def test_a_heartbeat_finds_its_trial_failed_as_stale_and_does_not_beat_it(tmp_pa
     assert not lost_trial(kept, RDBStorage(url), read=True)  # a storage that cannot tell
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 's.db'}"
-    return request.getfixturevalue("pg_url")
-
-
-def test_the_check_before_the_upload_reads_and_beats_only_an_overdue_trial(any_url: str) -> None:
+def test_the_check_before_the_upload_reads_and_beats_only_an_overdue_trial(db_url: str) -> None:
     """``is_lost(read=True)`` (asked before a trial's upload) reads the trial: no write for a
     trial whose heartbeat is on time (a commit waits for the disk), a beat for one whose beat is
     overdue (so that it does not go stale as its worker finishes it), lost for one another
     worker failed, which it does not beat."""
-    on_time, late = _worker_storage(any_url, heartbeat=30), _worker_storage(any_url, heartbeat=1)
+    on_time, late = _worker_storage(db_url, heartbeat=30), _worker_storage(db_url, heartbeat=1)
     study = optuna.create_study(storage=on_time, study_name=f"s{uuid.uuid4().hex[:6]}")
     mine, overdue, taken = study.ask(), study.ask(), study.ask()
     for t in (mine, overdue, taken):
         on_time.record_heartbeat(t._trial_id)
-    RDBStorage(any_url).set_trial_state_values(taken._trial_id, TrialState.FAIL)
+    RDBStorage(db_url).set_trial_state_values(taken._trial_id, TrialState.FAIL)
     beats = {t.number: last_heartbeat(study, t) for t in study.get_trials(deepcopy=False)}
     time.sleep(1.1)  # SQLite's clock counts whole seconds; past `late`'s interval
     sql: list[str] = []
