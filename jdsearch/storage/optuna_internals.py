@@ -384,11 +384,7 @@ def running_beat_age(backend: RDBStorage, trial_id: int) -> tuple[bool, float | 
     if row is None:
         return False, None
     state, beat, now = row
-    if beat is None:
-        return state == TrialState.RUNNING, None
-    # PostgreSQL's now() is aware, the stored times naive
-    age = now.replace(tzinfo=None) - beat.replace(tzinfo=None)
-    return state == TrialState.RUNNING, age.total_seconds()
+    return state == TrialState.RUNNING, None if beat is None else _seconds_since(beat, now)
 
 
 def lost_trial(trial: optuna.Trial | FrozenTrial, storage: Any = None, read: bool = False) -> bool:
@@ -423,8 +419,13 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
             .where(models.TrialModel.study_id == study._study_id)
             .where(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
         ).all()
-    now = now.replace(tzinfo=None)  # PostgreSQL's now() is aware, the stored times naive
-    return {int(n): (now - beat.replace(tzinfo=None)).total_seconds() for n, beat in rows}
+    return {int(n): _seconds_since(beat, now) for n, beat in rows}
+
+
+def _seconds_since(beat: datetime.datetime, now: datetime.datetime) -> float:
+    """Seconds from a stored heartbeat to the database's ``now()``: PostgreSQL's ``now()`` is
+    aware, the stored times naive, so both lose their time zone first."""
+    return (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds()
 
 
 def last_heartbeat(study: optuna.Study, trial: FrozenTrial) -> datetime.datetime | None:
